@@ -1,0 +1,595 @@
+//! Configuration: serde structs that refuse unknown keys, defaults as named constants, and
+//! [`Config::load`], which reads secrets from files or the environment and checks everything
+//! once, reporting each problem as `PATH: key.path: reason`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::secret::Secret;
+
+/// RFC 9051 section 5.4 asks for an inactivity timer of at least 30 minutes once logged in.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(31 * 60);
+/// Before authentication a client has no business idling: a short timer sheds stray sockets.
+pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_AUTH_SERVER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+pub const DEFAULT_HOSTNAME: &str = "mailgate";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub tokens: TokensConfig,
+    #[serde(default)]
+    pub client_auth: ClientAuthConfig,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Name used in greetings towards clients.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Smtp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Smtp => "smtp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Used in logs and metric labels.
+    pub name: String,
+    pub protocol: Protocol,
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    #[serde(default = "default_pre_auth_timeout", with = "duration")]
+    pub pre_auth_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MechanismSetting {
+    #[default]
+    Auto,
+    Xoauth2,
+    Oauthbearer,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// Extra trust roots (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Whether the system's trust roots are used besides `ca_file`.
+    #[serde(default = "default_true")]
+    pub system_roots: bool,
+    #[serde(default)]
+    pub mechanism: MechanismSetting,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    #[serde(default)]
+    pub auth_server: Option<AuthServerConfig>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthServerConfig {
+    /// `user:pass@` in the URL becomes HTTP basic auth.
+    pub url: Secret<String>,
+    #[serde(default = "default_auth_server_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Basic-auth password from a file (a Kubernetes Secret), overriding the URL's.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Basic-auth password from this environment variable, overriding the URL's.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: u64,
+    /// Lifetime of a token when the source gives none.
+    #[serde(default = "default_token_ttl", with = "duration")]
+    pub default_ttl: Duration,
+    /// A token is never handed out closer than this to its expiry.
+    #[serde(default = "default_refresh_margin", with = "duration")]
+    pub refresh_margin: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_CACHE_ENTRIES,
+            default_ttl: DEFAULT_TOKEN_TTL,
+            refresh_margin: DEFAULT_REFRESH_MARGIN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// The user name is the account id; the password is not checked.
+    #[default]
+    Any,
+    /// Each account has an argon2 PHC hash.
+    Static,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Allows `mode: any` on listeners that are not on loopback.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Account id -> argon2 PHC hash.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, Secret<String>>,
+    /// A YAML map of account id -> hash, merged into `accounts`.
+    #[serde(default)]
+    pub accounts_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `mailgate=debug`; `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// One reason a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}: {}: {}",
+                self.path.display(),
+                problem.key,
+                problem.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses, resolves secret files and validates `path`.
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path; nothing is half-applied.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |key: &str, reason: String| ConfigError {
+            path: path.to_owned(),
+            problems: vec![Problem {
+                key: key.to_owned(),
+                reason,
+            }],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", e.to_string()))?;
+        let mut config = Config::parse(&text).map_err(|p| ConfigError {
+            path: path.to_owned(),
+            problems: vec![p],
+        })?;
+        let problems = config.resolve_and_validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses YAML text; unknown keys and wrong types are reported with their key path.
+    pub fn parse(text: &str) -> Result<Config, Problem> {
+        let outcome = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
+            Ok(serde_path_to_error::deserialize(deserializer))
+        });
+        match outcome {
+            Ok(Ok(config)) => Ok(config),
+            Ok(Err(error)) => Err(Problem {
+                key: key_or_root(error.path().to_string()),
+                reason: first_line(&error.inner().to_string()),
+            }),
+            Err(error) => Err(Problem {
+                key: "(yaml)".to_owned(),
+                reason: first_line(&error.to_string()),
+            }),
+        }
+    }
+
+    /// Loads `*_file` / `*_env` secrets into place and checks every rule; returns all problems.
+    fn resolve_and_validate(&mut self) -> Vec<Problem> {
+        let mut problems = Problems::default();
+        self.validate_listeners(&mut problems);
+        self.resolve_tokens(&mut problems);
+        self.resolve_client_auth(&mut problems);
+        problems.0
+    }
+
+    fn validate_listeners(&self, problems: &mut Problems) {
+        if self.listeners.is_empty() {
+            problems.add("listeners", "at least one listener is required");
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            if !is_label_safe(&listener.name) {
+                problems.add(
+                    format!("{key}.name"),
+                    "must be 1-64 characters of a-z, 0-9, '-' or '_'",
+                );
+            }
+            if self.listeners[..i].iter().any(|l| l.name == listener.name) {
+                problems.add(format!("{key}.name"), "duplicate listener name");
+            }
+            if self.listeners[..i].iter().any(|l| l.listen == listener.listen) {
+                problems.add(format!("{key}.listen"), "address used by another listener");
+            }
+            let upstream = &listener.upstream;
+            if upstream.host.trim().is_empty() {
+                problems.add(format!("{key}.upstream.host"), "must not be empty");
+            }
+            if upstream.port == 0 {
+                problems.add(format!("{key}.upstream.port"), "must not be 0");
+            }
+            if upstream.tls != TlsMode::None {
+                if let Err(error) = crate::tls::client_config(upstream) {
+                    problems.add(format!("{key}.upstream.ca_file"), error.to_string());
+                }
+            }
+        }
+    }
+
+    fn resolve_tokens(&mut self, problems: &mut Problems) {
+        let cache = &self.tokens.cache;
+        if cache.max_entries == 0 {
+            problems.add("tokens.cache.max_entries", "must be at least 1");
+        }
+        if cache.default_ttl <= cache.refresh_margin {
+            problems.add(
+                "tokens.cache.default_ttl",
+                "must be longer than tokens.cache.refresh_margin",
+            );
+        }
+        let Some(auth_server) = &mut self.tokens.auth_server else {
+            problems.add(
+                "tokens",
+                "no token source configured (tokens.auth_server is required)",
+            );
+            return;
+        };
+        match url::Url::parse(auth_server.url.expose()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            // The URL may carry a password: never echo it.
+            _ => problems.add(
+                "tokens.auth_server.url",
+                "must be an absolute http:// or https:// URL",
+            ),
+        }
+        if let Some(path) = &auth_server.password_file {
+            match read_secret_file(path) {
+                Ok(password) => auth_server.url = with_password(&auth_server.url, &password),
+                Err(reason) => problems.add("tokens.auth_server.password_file", reason),
+            }
+        }
+        if let Some(name) = &auth_server.password_env {
+            match std::env::var(name) {
+                Ok(password) => auth_server.url = with_password(&auth_server.url, &password),
+                Err(_) => problems.add(
+                    "tokens.auth_server.password_env",
+                    format!("environment variable {name} is not set"),
+                ),
+            }
+        }
+    }
+
+    fn resolve_client_auth(&mut self, problems: &mut Problems) {
+        let client_auth = &mut self.client_auth;
+        if let Some(path) = &client_auth.accounts_file {
+            match read_secret_file(path).and_then(|text| {
+                serde_saphyr::from_str::<BTreeMap<String, Secret<String>>>(&text)
+                    .map_err(|e| format!("not a map of account to hash: {}", first_line(&e.to_string())))
+            }) {
+                Ok(accounts) => client_auth.accounts.extend(accounts),
+                Err(reason) => problems.add("client_auth.accounts_file", reason),
+            }
+        }
+        for (account, hash) in &client_auth.accounts {
+            if argon2::PasswordHash::new(hash.expose()).is_err() {
+                problems.add(
+                    format!("client_auth.accounts.{account}"),
+                    "not an argon2 PHC string ($argon2id$...)",
+                );
+            }
+        }
+        match client_auth.mode {
+            ClientAuthMode::Static if client_auth.accounts.is_empty() => {
+                problems.add("client_auth.accounts", "mode static needs at least one account");
+            }
+            ClientAuthMode::Any if !client_auth.allow_remote => {
+                for (i, listener) in self.listeners.iter().enumerate() {
+                    if !listener.listen.ip().is_loopback() {
+                        problems.add(
+                            format!("listeners[{i}].listen"),
+                            "client_auth.mode any accepts every password: listen on loopback, or set client_auth.allow_remote: true",
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// Puts `password` into the URL's userinfo; an unparsable URL is reported elsewhere.
+fn with_password(url: &Secret<String>, password: &str) -> Secret<String> {
+    match url::Url::parse(url.expose()) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(Some(password));
+            Secret::new(parsed.to_string())
+        }
+        Err(_) => url.clone(),
+    }
+}
+
+fn is_label_safe(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn key_or_root(path: String) -> String {
+    if path == "." || path.is_empty() {
+        "(root)".to_owned()
+    } else {
+        path
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+fn default_hostname() -> String {
+    DEFAULT_HOSTNAME.to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_pre_auth_timeout() -> Duration {
+    DEFAULT_PRE_AUTH_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_auth_server_timeout() -> Duration {
+    DEFAULT_AUTH_SERVER_TIMEOUT
+}
+fn default_cache_entries() -> u64 {
+    DEFAULT_CACHE_ENTRIES
+}
+fn default_token_ttl() -> Duration {
+    DEFAULT_TOKEN_TTL
+}
+fn default_refresh_margin() -> Duration {
+    DEFAULT_REFRESH_MARGIN
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(deserializer).map(Secret::new)
+    }
+}
+
+/// Secrets print as `[redacted]` when a configuration is shown.
+impl<T> Serialize for Secret<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+/// Durations written as `5s`, `5m`, `1h`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. 5s, 5m, 1h"))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listeners:
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:1143"
+    upstream: { host: mail.example, port: 143, tls: none }
+tokens:
+  auth_server: { url: "http://127.0.0.1:8080/token" }
+"#;
+
+    fn check(text: &str) -> Result<Config, Vec<Problem>> {
+        let mut config = Config::parse(text).map_err(|p| vec![p])?;
+        let problems = config.resolve_and_validate();
+        if problems.is_empty() { Ok(config) } else { Err(problems) }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = check(MINIMAL).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(listener.upstream.mechanism, MechanismSetting::Auto);
+        assert_eq!(config.tokens.cache.refresh_margin, DEFAULT_REFRESH_MARGIN);
+        assert_eq!(config.client_auth.mode, ClientAuthMode::Any);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_path() {
+        let text = MINIMAL.replace("tls: none", "tls: none, colour: blue");
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "listeners[0].upstream");
+        assert!(problems[0].reason.contains("colour"), "{problems:?}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = MINIMAL.replace("url: \"http", "timeout: soon, url: \"http");
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "tokens.auth_server.timeout");
+    }
+
+    #[test]
+    fn any_mode_refuses_remote_listeners() {
+        let text = MINIMAL.replace("127.0.0.1:1143", "0.0.0.0:1143");
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "listeners[0].listen");
+        let allowed = format!("{text}client_auth: {{ allow_remote: true }}\n");
+        assert!(check(&allowed).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = MINIMAL
+            .replace("port: 143", "port: 0")
+            .replace("http://127.0.0.1:8080/token", "ftp://x");
+        let keys: Vec<_> = check(&text).unwrap_err().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["listeners[0].upstream.port", "tokens.auth_server.url"]);
+    }
+
+    #[test]
+    fn url_password_never_in_errors_or_output() {
+        let text = MINIMAL.replace("http://127.0.0.1:8080/token", "nope://u:s3cret@");
+        let problems = check(&text).unwrap_err();
+        assert!(!format!("{problems:?}").contains("s3cret"));
+        let config = Config::parse(&MINIMAL.replace("http://", "http://u:s3cret@")).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn static_mode_needs_valid_hashes() {
+        let text = format!(
+            "{MINIMAL}client_auth:\n  mode: static\n  accounts:\n    alice: not-a-hash\n"
+        );
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "client_auth.accounts.alice");
+    }
+}

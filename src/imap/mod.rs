@@ -1,0 +1,5 @@
+//! IMAP: the client-facing front end before authentication and the upstream login.
+
+pub mod backend;
+pub mod frontend;
+pub mod reply;

@@ -1,0 +1,115 @@
+//! Stream plumbing: a boxed stream type (so STARTTLS can swap what is underneath) and
+//! [`PrefixedIo`], which replays bytes already read before the stream's own.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Any duplex byte stream a session can run over: TCP, TLS over TCP, or an in-memory pipe in tests.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+pub type BoxedIo = Box<dyn Io>;
+
+/// A stream whose first reads return `prefix`, then the inner stream's bytes.
+///
+/// Front ends read ahead of the login command; whatever the client pipelined after it
+/// belongs to the upstream and is replayed from here. The prefix is freed once consumed.
+pub struct PrefixedIo<S> {
+    prefix: Vec<u8>,
+    position: usize,
+    inner: S,
+}
+
+impl<S> PrefixedIo<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            position: 0,
+            inner,
+        }
+    }
+
+    /// True once every prefixed byte has been read.
+    pub fn prefix_consumed(&self) -> bool {
+        self.position >= self.prefix.len()
+    }
+
+    pub fn into_parts(self) -> (Vec<u8>, S) {
+        let mut prefix = self.prefix;
+        prefix.drain(..self.position);
+        (prefix, self.inner)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix_consumed() {
+            let remaining = &this.prefix[this.position..];
+            let n = remaining.len().min(buf.remaining());
+            buf.put_slice(&remaining[..n]);
+            this.position += n;
+            if this.prefix_consumed() {
+                this.prefix = Vec::new();
+                this.position = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn replays_prefix_then_inner() {
+        let (mut near, far) = tokio::io::duplex(64);
+        near.write_all(b" world").await.unwrap();
+        drop(near);
+        let mut io = PrefixedIo::new(b"hello".to_vec(), far);
+        let mut all = String::new();
+        io.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}

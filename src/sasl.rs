@@ -1,0 +1,214 @@
+//! SASL as pure functions: decode what clients send (PLAIN, LOGIN), encode what upstreams
+//! expect (XOAUTH2, OAUTHBEARER per RFC 7628, PLAIN), and pick a mechanism. No I/O here.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::config::MechanismSetting;
+use crate::secret::Secret;
+
+/// What a client presented: the account id and its password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub account: String,
+    pub password: Secret<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SaslError {
+    #[error("invalid base64")]
+    Base64,
+    #[error("malformed PLAIN message")]
+    MalformedPlain,
+    #[error("authorization identity differs from authentication identity")]
+    ProxyAuthorization,
+    #[error("credentials are not UTF-8")]
+    NotUtf8,
+    #[error("empty user name")]
+    EmptyUser,
+}
+
+/// Decodes base64 as sent in SASL exchanges; an empty line or `=` is the empty response.
+pub fn decode_base64(encoded: &[u8]) -> Result<Secret<Vec<u8>>, SaslError> {
+    let trimmed = encoded.trim_ascii();
+    if trimmed == b"=" {
+        return Ok(Secret::new(Vec::new()));
+    }
+    BASE64
+        .decode(trimmed)
+        .map(Secret::new)
+        .map_err(|_| SaslError::Base64)
+}
+
+pub fn encode_base64(raw: &Secret<Vec<u8>>) -> Secret<String> {
+    Secret::new(BASE64.encode(raw.expose()))
+}
+
+/// Decodes a PLAIN message (RFC 4616): `[authzid] NUL authcid NUL passwd`.
+///
+/// An authorization identity is accepted only when empty or equal to the authentication
+/// identity: mailgate does not act on behalf of other accounts.
+pub fn decode_plain(message: &Secret<Vec<u8>>) -> Result<Credentials, SaslError> {
+    let mut parts = message.expose().split(|&b| b == 0);
+    let (Some(authzid), Some(authcid), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(SaslError::MalformedPlain);
+    };
+    if !authzid.is_empty() && authzid != authcid {
+        return Err(SaslError::ProxyAuthorization);
+    }
+    credentials(authcid, password)
+}
+
+/// Builds credentials from a user name and password received separately (IMAP LOGIN, SASL LOGIN).
+pub fn credentials(user: &[u8], password: &[u8]) -> Result<Credentials, SaslError> {
+    let account = std::str::from_utf8(user).map_err(|_| SaslError::NotUtf8)?;
+    let password = std::str::from_utf8(password).map_err(|_| SaslError::NotUtf8)?;
+    if account.is_empty() {
+        return Err(SaslError::EmptyUser);
+    }
+    Ok(Credentials {
+        account: account.to_owned(),
+        password: Secret::new(password.to_owned()),
+    })
+}
+
+/// A bearer-token mechanism spoken towards the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    XOAuth2,
+    OAuthBearer,
+}
+
+impl Mechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+
+    /// The client message carrying the token.
+    pub fn initial_response(
+        self,
+        user: &str,
+        token: &Secret<String>,
+        host: &str,
+        port: u16,
+    ) -> Secret<Vec<u8>> {
+        let token = token.expose();
+        let message = match self {
+            Mechanism::XOAuth2 => format!("user={user}\x01auth=Bearer {token}\x01\x01"),
+            // RFC 7628 section 3.1: gs2 header with the authzid, then key/value pairs.
+            Mechanism::OAuthBearer => format!(
+                "n,a={},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01",
+                gs2_saslname(user)
+            ),
+        };
+        Secret::new(message.into_bytes())
+    }
+
+    /// What the client answers to a server's error challenge so that the server can send
+    /// its final failure: an empty response for XOAUTH2, `%x01` for OAUTHBEARER (RFC 7628 3.2.3).
+    pub fn failure_acknowledgement(self) -> &'static [u8] {
+        match self {
+            Mechanism::XOAuth2 => b"",
+            Mechanism::OAuthBearer => b"\x01",
+        }
+    }
+
+    /// Picks the mechanism to use, given whether the upstream advertises a mechanism by name.
+    ///
+    /// `auto` prefers XOAUTH2, which every large provider speaks, then OAUTHBEARER.
+    pub fn choose(setting: MechanismSetting, offers: impl Fn(&str) -> bool) -> Option<Mechanism> {
+        match setting {
+            MechanismSetting::Xoauth2 => Some(Mechanism::XOAuth2),
+            MechanismSetting::Oauthbearer => Some(Mechanism::OAuthBearer),
+            MechanismSetting::Auto => [Mechanism::XOAuth2, Mechanism::OAuthBearer]
+                .into_iter()
+                .find(|mechanism| offers(mechanism.name())),
+        }
+    }
+}
+
+/// Encodes a PLAIN message for a password login upstream.
+pub fn plain_message(user: &str, password: &Secret<String>) -> Secret<Vec<u8>> {
+    Secret::new(format!("\0{user}\0{}", password.expose()).into_bytes())
+}
+
+/// RFC 5801 saslname: `,` and `=` are escaped.
+fn gs2_saslname(user: &str) -> String {
+    user.replace('=', "=3D").replace(',', "=2C")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(bytes: &[u8]) -> Secret<Vec<u8>> {
+        Secret::new(bytes.to_vec())
+    }
+
+    #[test]
+    fn plain_with_and_without_authzid() {
+        let credentials = decode_plain(&secret(b"\0alice\0pw")).unwrap();
+        assert_eq!(credentials.account, "alice");
+        assert_eq!(credentials.password.expose(), "pw");
+        assert!(decode_plain(&secret(b"alice\0alice\0pw")).is_ok());
+        assert_eq!(
+            decode_plain(&secret(b"bob\0alice\0pw")),
+            Err(SaslError::ProxyAuthorization)
+        );
+        assert_eq!(
+            decode_plain(&secret(b"alice\0pw")),
+            Err(SaslError::MalformedPlain)
+        );
+        assert_eq!(
+            decode_plain(&secret(b"\0\0pw")),
+            Err(SaslError::EmptyUser)
+        );
+        assert_eq!(
+            decode_plain(&secret(b"\0a\0b\0c")),
+            Err(SaslError::MalformedPlain)
+        );
+    }
+
+    #[test]
+    fn base64_empty_response_forms() {
+        assert!(decode_base64(b"=").unwrap().expose().is_empty());
+        assert!(decode_base64(b"").unwrap().expose().is_empty());
+        assert_eq!(decode_base64(b"!!"), Err(SaslError::Base64));
+    }
+
+    #[test]
+    fn xoauth2_message() {
+        let token = Secret::new("tok".to_string());
+        let message = Mechanism::XOAuth2.initial_response("a@b.c", &token, "h", 993);
+        assert_eq!(message.expose(), b"user=a@b.c\x01auth=Bearer tok\x01\x01");
+    }
+
+    #[test]
+    fn oauthbearer_message_escapes_saslname() {
+        let token = Secret::new("tok".to_string());
+        let message = Mechanism::OAuthBearer.initial_response("a=b,c", &token, "mx", 587);
+        assert_eq!(
+            message.expose(),
+            b"n,a=a=3Db=2Cc,\x01host=mx\x01port=587\x01auth=Bearer tok\x01\x01"
+        );
+    }
+
+    #[test]
+    fn auto_prefers_xoauth2() {
+        let both = |name: &str| name == "XOAUTH2" || name == "OAUTHBEARER";
+        assert_eq!(
+            Mechanism::choose(MechanismSetting::Auto, both),
+            Some(Mechanism::XOAuth2)
+        );
+        assert_eq!(
+            Mechanism::choose(MechanismSetting::Auto, |n| n == "OAUTHBEARER"),
+            Some(Mechanism::OAuthBearer)
+        );
+        assert_eq!(Mechanism::choose(MechanismSetting::Auto, |_| false), None);
+    }
+}
