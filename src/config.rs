@@ -39,7 +39,7 @@ pub struct Config {
     pub hostname: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Imap,
@@ -266,20 +266,18 @@ impl Config {
 
     /// Parses YAML text; unknown keys and wrong types are reported with their key path.
     pub fn parse(text: &str) -> Result<Config, Problem> {
-        let outcome = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
-            Ok(serde_path_to_error::deserialize(deserializer))
-        });
-        match outcome {
-            Ok(Ok(config)) => Ok(config),
-            Ok(Err(error)) => Err(Problem {
-                key: key_or_root(error.path().to_string()),
-                reason: first_line(&error.inner().to_string()),
-            }),
-            Err(error) => Err(Problem {
-                key: "(yaml)".to_owned(),
-                reason: first_line(&error.to_string()),
-            }),
-        }
+        // The path is kept aside: the deserializer must see the error to stop cleanly.
+        let mut failed_at = None;
+        serde_saphyr::with_deserializer_from_str(text, |deserializer| {
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                failed_at = Some(error.path().to_string());
+                error.into_inner()
+            })
+        })
+        .map_err(|error| Problem {
+            key: failed_at.map_or_else(|| "(yaml)".to_owned(), key_or_root),
+            reason: first_line(&error.to_string()),
+        })
     }
 
     /// Loads `*_file` / `*_env` secrets into place and checks every rule; returns all problems.
@@ -306,7 +304,10 @@ impl Config {
             if self.listeners[..i].iter().any(|l| l.name == listener.name) {
                 problems.add(format!("{key}.name"), "duplicate listener name");
             }
-            if self.listeners[..i].iter().any(|l| l.listen == listener.listen) {
+            if self.listeners[..i]
+                .iter()
+                .any(|l| l.listen == listener.listen)
+            {
                 problems.add(format!("{key}.listen"), "address used by another listener");
             }
             let upstream = &listener.upstream;
@@ -316,10 +317,10 @@ impl Config {
             if upstream.port == 0 {
                 problems.add(format!("{key}.upstream.port"), "must not be 0");
             }
-            if upstream.tls != TlsMode::None {
-                if let Err(error) = crate::tls::client_config(upstream) {
-                    problems.add(format!("{key}.upstream.ca_file"), error.to_string());
-                }
+            if upstream.tls != TlsMode::None
+                && let Err(error) = crate::tls::client_config(upstream)
+            {
+                problems.add(format!("{key}.upstream.ca_file"), error.to_string());
             }
         }
     }
@@ -371,8 +372,12 @@ impl Config {
         let client_auth = &mut self.client_auth;
         if let Some(path) = &client_auth.accounts_file {
             match read_secret_file(path).and_then(|text| {
-                serde_saphyr::from_str::<BTreeMap<String, Secret<String>>>(&text)
-                    .map_err(|e| format!("not a map of account to hash: {}", first_line(&e.to_string())))
+                serde_saphyr::from_str::<BTreeMap<String, Secret<String>>>(&text).map_err(|e| {
+                    format!(
+                        "not a map of account to hash: {}",
+                        first_line(&e.to_string())
+                    )
+                })
             }) {
                 Ok(accounts) => client_auth.accounts.extend(accounts),
                 Err(reason) => problems.add("client_auth.accounts_file", reason),
@@ -388,7 +393,10 @@ impl Config {
         }
         match client_auth.mode {
             ClientAuthMode::Static if client_auth.accounts.is_empty() => {
-                problems.add("client_auth.accounts", "mode static needs at least one account");
+                problems.add(
+                    "client_auth.accounts",
+                    "mode static needs at least one account",
+                );
             }
             ClientAuthMode::Any if !client_auth.allow_remote => {
                 for (i, listener) in self.listeners.iter().enumerate() {
@@ -503,7 +511,9 @@ mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. 5s, 5m, 1h"))
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. 5s, 5m, 1h"
+            ))
         })
     }
 
@@ -529,7 +539,11 @@ tokens:
     fn check(text: &str) -> Result<Config, Vec<Problem>> {
         let mut config = Config::parse(text).map_err(|p| vec![p])?;
         let problems = config.resolve_and_validate();
-        if problems.is_empty() { Ok(config) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
     }
 
     #[test]
@@ -546,8 +560,8 @@ tokens:
     fn unknown_key_is_refused_with_its_path() {
         let text = MINIMAL.replace("tls: none", "tls: none, colour: blue");
         let problems = check(&text).unwrap_err();
-        assert_eq!(problems[0].key, "listeners[0].upstream");
-        assert!(problems[0].reason.contains("colour"), "{problems:?}");
+        assert_eq!(problems[0].key, "listeners[0].upstream.colour");
+        assert!(problems[0].reason.contains("unknown field"), "{problems:?}");
     }
 
     #[test]
@@ -571,8 +585,15 @@ tokens:
         let text = MINIMAL
             .replace("port: 143", "port: 0")
             .replace("http://127.0.0.1:8080/token", "ftp://x");
-        let keys: Vec<_> = check(&text).unwrap_err().into_iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["listeners[0].upstream.port", "tokens.auth_server.url"]);
+        let keys: Vec<_> = check(&text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["listeners[0].upstream.port", "tokens.auth_server.url"]
+        );
     }
 
     #[test]
@@ -586,9 +607,8 @@ tokens:
 
     #[test]
     fn static_mode_needs_valid_hashes() {
-        let text = format!(
-            "{MINIMAL}client_auth:\n  mode: static\n  accounts:\n    alice: not-a-hash\n"
-        );
+        let text =
+            format!("{MINIMAL}client_auth:\n  mode: static\n  accounts:\n    alice: not-a-hash\n");
         let problems = check(&text).unwrap_err();
         assert_eq!(problems[0].key, "client_auth.accounts.alice");
     }

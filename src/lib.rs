@@ -13,12 +13,18 @@
 //! - [`metrics`], [`admin`]: Prometheus metrics and the HTTP admin endpoints.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod client_auth;
 pub mod config;
 pub mod imap;
 pub mod io;
+pub mod metrics;
 pub mod proxy;
 pub mod sasl;
 pub mod secret;
+pub mod server;
 pub mod smtp;
+pub mod splice;
 pub mod tls;
+pub mod token;
 pub mod upstream;

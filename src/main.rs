@@ -1,1 +1,132 @@
-fn main() {}
+//! The `mailgate` binary: command line, logging, configuration, then [`mailgate::server::run`].
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mailgate::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a configuration that was refused (EX_USAGE from sysexits.h).
+const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code when the configuration was fine but the service could not start.
+const EXIT_START_FAILED: u8 = 1;
+
+/// IMAP/SMTP proxy that turns plain client logins into OAuth2 (XOAUTH2 / OAUTHBEARER) logins upstream.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// YAML configuration file.
+        #[arg(long, short, env = "MAILGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the configuration: exit 0 if it is usable, else print every problem
+    /// as `PATH: key.path: reason` and exit 64.
+    Check {
+        /// YAML configuration file.
+        #[arg(long, short, env = "MAILGATE_CONFIG")]
+        config: PathBuf,
+        /// Print the effective configuration, secrets redacted.
+        #[arg(long)]
+        print: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, print } => check(&config, print),
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn check(path: &std::path::Path, print: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if print {
+        match serde_saphyr::to_string(&config) {
+            Ok(text) => print!("{text}"),
+            Err(error) => {
+                eprintln!("cannot print the configuration: {error}");
+                return ExitCode::from(EXIT_START_FAILED);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    mailgate::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    match runtime.block_on(mailgate::server::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            eprintln!("mailgate: {error}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler at start-up");
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -6,11 +6,19 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client_auth::ClientAuth;
+use crate::config::Protocol;
 use crate::io::{BoxedIo, PrefixedIo};
+use crate::metrics::Metrics;
 use crate::sasl::Credentials;
 use crate::secret::Secret;
+use crate::token::cache::TokenCache;
+use crate::token::{TokenError, TokenKey};
+use crate::upstream::Connector;
+use crate::{imap, smtp};
 
 /// An upstream connection that has authenticated and is ready to be spliced.
 pub struct Upstream {
@@ -120,4 +128,122 @@ pub struct Handoff<S> {
     pub client: PrefixedIo<S>,
     pub upstream: Upstream,
     pub account: String,
+}
+
+/// The [`Authenticator`] of one listener: its upstream, the shared token cache and client check.
+pub struct ListenerProxy {
+    pub listener: String,
+    pub protocol: Protocol,
+    pub connector: Connector,
+    pub tokens: Arc<TokenCache>,
+    pub client_auth: Arc<ClientAuth>,
+    pub metrics: Arc<Metrics>,
+    /// Name mailgate gives in EHLO when probing the upstream's extensions.
+    pub hostname: String,
+    smtp_extensions: tokio::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl ListenerProxy {
+    pub fn new(
+        listener: String,
+        protocol: Protocol,
+        connector: Connector,
+        shared: &Shared,
+        hostname: String,
+    ) -> Self {
+        Self {
+            listener,
+            protocol,
+            connector,
+            tokens: shared.tokens.clone(),
+            client_auth: shared.client_auth.clone(),
+            metrics: shared.metrics.clone(),
+            hostname,
+            smtp_extensions: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn authenticate(&self, request: &LoginRequest) -> Result<Upstream, LoginError> {
+        if !self.client_auth.verify(&request.credentials).await {
+            return Err(LoginError::BadCredentials);
+        }
+        let key = TokenKey {
+            account: request.credentials.account.clone(),
+            protocol: self.protocol,
+        };
+        // A refused token may have been revoked early: drop it, fetch once more, retry once.
+        for attempt in 0..2 {
+            let token = self.tokens.get(&key).await.map_err(|error| {
+                tracing::warn!(%error, "no token");
+                match error {
+                    TokenError::Refused => LoginError::BadCredentials,
+                    TokenError::Unavailable(_) => LoginError::TokenUnavailable,
+                }
+            })?;
+            match self
+                .upstream_login(&token.auth, request.helo.as_deref())
+                .await
+            {
+                Ok(upstream) => return Ok(upstream),
+                Err(error) if error.is_rejection() && attempt == 0 => {
+                    tracing::info!(%error, "token refused upstream; fetching a new one");
+                    self.tokens.invalidate(&key).await;
+                }
+                Err(error) if error.is_rejection() => {
+                    tracing::warn!(%error, "upstream login refused");
+                    return Err(LoginError::UpstreamRejected);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "upstream login failed");
+                    return Err(LoginError::UpstreamUnavailable);
+                }
+            }
+        }
+        Err(LoginError::UpstreamRejected)
+    }
+
+    async fn upstream_login(
+        &self,
+        auth: &UpstreamAuth,
+        helo: Option<&str>,
+    ) -> Result<Upstream, BackendError> {
+        match self.protocol {
+            Protocol::Imap => imap::backend::login(&self.connector, auth).await,
+            Protocol::Smtp => {
+                let helo = helo.unwrap_or(&self.hostname);
+                smtp::backend::login(&self.connector, auth, helo).await
+            }
+        }
+    }
+}
+
+impl Authenticator for ListenerProxy {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        let result = self.authenticate(&request).await;
+        let label = result.as_ref().map_or_else(|error| error.label(), |_| "ok");
+        self.metrics.login(&self.listener, label);
+        result
+    }
+
+    async fn smtp_extensions(&self) -> Vec<String> {
+        // Held across the probe so that concurrent first EHLOs cause one probe.
+        let mut known = self.smtp_extensions.lock().await;
+        if let Some(extensions) = known.as_ref() {
+            return extensions.clone();
+        }
+        match smtp::backend::probe_extensions(&self.connector, &self.hostname).await {
+            Ok(extensions) => known.insert(extensions).clone(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the upstream's SMTP extensions");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// What every listener shares.
+pub struct Shared {
+    pub tokens: Arc<TokenCache>,
+    pub client_auth: Arc<ClientAuth>,
+    pub metrics: Arc<Metrics>,
 }
