@@ -164,10 +164,7 @@ mod tests {
             decode_plain(&secret(b"alice\0pw")),
             Err(SaslError::MalformedPlain)
         );
-        assert_eq!(
-            decode_plain(&secret(b"\0\0pw")),
-            Err(SaslError::EmptyUser)
-        );
+        assert_eq!(decode_plain(&secret(b"\0\0pw")), Err(SaslError::EmptyUser));
         assert_eq!(
             decode_plain(&secret(b"\0a\0b\0c")),
             Err(SaslError::MalformedPlain)
