@@ -3,7 +3,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -11,13 +10,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// What the admin endpoint reports on.
 pub struct Status {
     pub metrics: Arc<Metrics>,
-    /// False until every listener is bound, and again once draining.
-    pub ready: AtomicBool,
+    pub health: Arc<Health>,
 }
 
 /// Serves admin requests on `listener` until `stop` completes.
@@ -64,7 +63,7 @@ fn respond(request: &Request<Incoming>, status: &Status) -> Response<Full<Bytes>
             status.metrics.encode(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if status.ready.load(Ordering::Relaxed) => {
+        "/readyz" if status.health.is_ready() => {
             reply(StatusCode::OK, "text/plain", "ready\n".into())
         }
         "/readyz" => reply(

@@ -22,8 +22,14 @@ pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 pub const DEFAULT_HOSTNAME: &str = "mailgate";
+/// Kubernetes' default terminationGracePeriodSeconds is 30s; finish a little before it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// ConfigMap updates reach the pod within about a minute; a few seconds of polling is plenty.
+pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+/// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
@@ -37,6 +43,12 @@ pub struct Config {
     /// Name used in greetings towards clients.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// How long authenticated sessions may go on after SIGTERM before they are closed.
+    #[serde(default = "default_shutdown_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+    /// How often the config file is checked for changes; `0s` turns watching off (SIGHUP still reloads).
+    #[serde(default = "default_config_watch_interval", with = "duration")]
+    pub config_watch_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -55,7 +67,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Used in logs and metric labels.
@@ -67,6 +79,9 @@ pub struct ListenerConfig {
     pub pre_auth_timeout: Duration,
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+    /// Connections beyond this are greeted with a refusal and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -86,7 +101,7 @@ pub enum MechanismSetting {
     Oauthbearer,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub host: String,
@@ -104,7 +119,7 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensConfig {
     #[serde(default)]
@@ -113,7 +128,7 @@ pub struct TokensConfig {
     pub cache: CacheConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthServerConfig {
     /// `user:pass@` in the URL becomes HTTP basic auth.
@@ -128,7 +143,7 @@ pub struct AuthServerConfig {
     pub password_env: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     #[serde(default = "default_cache_entries")]
@@ -161,7 +176,7 @@ pub enum ClientAuthMode {
     Static,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
@@ -177,7 +192,7 @@ pub struct ClientAuthConfig {
     pub accounts_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
@@ -191,7 +206,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -463,6 +478,15 @@ fn first_line(text: &str) -> String {
 
 fn default_hostname() -> String {
     DEFAULT_HOSTNAME.to_owned()
+}
+fn default_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+fn default_config_watch_interval() -> Duration {
+    DEFAULT_CONFIG_WATCH_INTERVAL
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 fn default_true() -> bool {
     true

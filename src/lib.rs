@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod client_auth;
 pub mod config;
+pub mod health;
 pub mod imap;
 pub mod io;
 pub mod metrics;

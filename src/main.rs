@@ -6,11 +6,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailgate::config::{Config, LogFormat};
+use mailgate::server::Control;
+use tokio::signal::unix::SignalKind;
+use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for a configuration that was refused (EX_USAGE from sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
-/// Exit code when the configuration was fine but the service could not start.
+/// Exit code when the configuration was fine but the service could not start, or on a forced stop.
 const EXIT_START_FAILED: u8 = 1;
 
 /// IMAP/SMTP proxy that turns plain client logins into OAuth2 (XOAUTH2 / OAUTHBEARER) logins upstream.
@@ -87,7 +90,12 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    match runtime.block_on(mailgate::server::run(config, shutdown_signal())) {
+    let outcome = runtime.block_on(async {
+        let (control, commands) = mpsc::channel(4);
+        tokio::spawn(forward_signals(control));
+        mailgate::server::run(config, Some(path.to_owned()), commands).await
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "cannot start");
@@ -114,19 +122,32 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler at start-up");
-        tokio::select! {
-            _ = interrupt => {},
-            _ = terminate.recv() => {},
+/// Turns signals into [`Control`]s: SIGHUP reloads; the first SIGTERM or SIGINT drains;
+/// a second one exits at once.
+async fn forward_signals(control: mpsc::Sender<Control>) {
+    let mut hangup = unix_signal(SignalKind::hangup());
+    let mut terminate = unix_signal(SignalKind::terminate());
+    let mut interrupt = unix_signal(SignalKind::interrupt());
+    let mut stopping = false;
+    loop {
+        let command = tokio::select! {
+            _ = hangup.recv() => Control::Reload,
+            _ = terminate.recv() => Control::Shutdown,
+            _ = interrupt.recv() => Control::Shutdown,
+        };
+        if command == Control::Shutdown {
+            if stopping {
+                tracing::warn!("second stop signal: exiting now");
+                std::process::exit(i32::from(EXIT_START_FAILED));
+            }
+            stopping = true;
+        }
+        if control.send(command).await.is_err() {
+            return;
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+}
+
+fn unix_signal(kind: SignalKind) -> tokio::signal::unix::Signal {
+    tokio::signal::unix::signal(kind).expect("installing signal handlers at start-up")
 }

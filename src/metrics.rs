@@ -36,15 +36,54 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+/// `host:port` of a configured upstream: bounded by the configuration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~16 s: loopback peers answer in milliseconds, remote IdPs and upstreams in hundreds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 s .. ~18 h: sessions range from a single send to an IMAP IDLE held all day.
+    Histogram::new(exponential_buckets(1.0, 2.0, 17))
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ListenerLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
+    pub connections_rejected: Family<ListenerLabels, Counter>,
     pub logins: Family<LoginLabels, Counter>,
     pub token_requests: Family<TokenRequestLabels, Counter>,
     pub token_cache: Family<ResultLabels, Counter>,
+    pub token_cache_evictions: Family<CauseLabels, Counter>,
+    pub token_cache_entries: Gauge,
+    pub token_fetch_seconds: Family<SourceLabels, Histogram>,
+    pub upstream_connect_seconds: Family<UpstreamLabels, Histogram>,
+    pub upstream_auth_seconds: Family<UpstreamLabels, Histogram>,
+    pub tls_handshake_failures: Family<UpstreamLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
-    pub token_fetch_seconds: Histogram,
+    pub session_duration_seconds: Family<ListenerLabels, Histogram>,
+    pub config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,56 +94,108 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("mailgate");
-        let connections = Family::default();
-        let connections_active = Family::default();
-        let logins = Family::default();
-        let token_requests = Family::default();
-        let token_cache = Family::default();
-        let bytes = Family::default();
-        // 1 ms .. ~16 s: loopback auth servers answer in milliseconds, remote IdPs in hundreds.
-        let token_fetch_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let metrics = Self {
+            registry: Registry::with_prefix("mailgate"),
+            connections: Family::default(),
+            connections_active: Family::default(),
+            connections_rejected: Family::default(),
+            logins: Family::default(),
+            token_requests: Family::default(),
+            token_cache: Family::default(),
+            token_cache_evictions: Family::default(),
+            token_cache_entries: Gauge::default(),
+            token_fetch_seconds: Family::new_with_constructor(latency_histogram),
+            upstream_connect_seconds: Family::new_with_constructor(latency_histogram),
+            upstream_auth_seconds: Family::new_with_constructor(latency_histogram),
+            tls_handshake_failures: Family::default(),
+            bytes: Family::default(),
+            session_duration_seconds: Family::new_with_constructor(duration_histogram),
+            config_reloads: Family::default(),
+        };
+        metrics.register_all()
+    }
+
+    fn register_all(mut self) -> Self {
+        let registry = &mut self.registry;
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Version of this build (always 1)", build_info);
         registry.register(
             "connections",
             "Client connections accepted",
-            connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "connections_active",
             "Client connections open now",
-            connections_active.clone(),
+            self.connections_active.clone(),
         );
-        registry.register("logins", "Client logins by result", logins.clone());
+        registry.register(
+            "connections_rejected",
+            "Client connections refused because the listener was at max_connections",
+            self.connections_rejected.clone(),
+        );
+        registry.register("logins", "Client logins by result", self.logins.clone());
         registry.register(
             "token_requests",
             "Requests sent to token sources, by source and result",
-            token_requests.clone(),
+            self.token_requests.clone(),
         );
         registry.register(
             "token_cache",
             "Token cache look-ups by result",
-            token_cache.clone(),
+            self.token_cache.clone(),
         );
         registry.register(
-            "bytes",
-            "Bytes spliced after authentication, by direction",
-            bytes.clone(),
+            "token_cache_evictions",
+            "Tokens dropped from the cache, by cause (expired, size, explicit, replaced)",
+            self.token_cache_evictions.clone(),
+        );
+        registry.register(
+            "token_cache_entries",
+            "Tokens in the cache",
+            self.token_cache_entries.clone(),
         );
         registry.register(
             "token_fetch_seconds",
             "Time to get a token from its source",
-            token_fetch_seconds.clone(),
+            self.token_fetch_seconds.clone(),
         );
-        Self {
-            registry,
-            connections,
-            connections_active,
-            logins,
-            token_requests,
-            token_cache,
-            bytes,
-            token_fetch_seconds,
-        }
+        registry.register(
+            "upstream_connect_seconds",
+            "Time to connect to the upstream, TLS handshake included",
+            self.upstream_connect_seconds.clone(),
+        );
+        registry.register(
+            "upstream_auth_seconds",
+            "Time from starting an upstream connection to its authentication result",
+            self.upstream_auth_seconds.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes with upstreams",
+            self.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes spliced after authentication, by direction",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Lifetime of client sessions that logged in",
+            self.session_duration_seconds.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            self.config_reloads.clone(),
+        );
+        self
     }
 
     pub fn login(&self, listener: &str, result: &'static str) {
@@ -119,6 +210,18 @@ impl Metrics {
     pub fn token_request(&self, source: &'static str, result: &'static str) {
         self.token_requests
             .get_or_create(&TokenRequestLabels { source, result })
+            .inc();
+    }
+
+    pub fn token_fetch(&self, source: &'static str, seconds: f64) {
+        self.token_fetch_seconds
+            .get_or_create(&SourceLabels { source })
+            .observe(seconds);
+    }
+
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
@@ -156,6 +259,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.login("imap", "ok");
         metrics.token_request("auth_server", "ok");
+        metrics.token_fetch("auth_server", 0.01);
         metrics.token_cache("hit");
         metrics
             .bytes_counter("imap", "client_to_upstream")
@@ -174,6 +278,7 @@ mod tests {
             "mailgate_bytes_total{listener=\"imap\",direction=\"client_to_upstream\"} 5",
             "mailgate_connections_total{listener=\"imap\"} 1",
             "mailgate_token_fetch_seconds_bucket",
+            "mailgate_build_info{version=",
         ] {
             assert!(text.contains(expected), "{expected} missing in\n{text}");
         }

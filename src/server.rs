@@ -1,20 +1,23 @@
-//! Listeners: bind, accept, and run one task with its own tracing span per connection:
-//! front end until login, then splice until either side is done.
+//! The running service: binds listeners, accepts connections (one task and tracing span each:
+//! front end until login, then splice), reloads its configuration, and drains on shutdown.
 
-use std::future::Future;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::admin::{self, Status};
 use crate::client_auth::ClientAuth;
 use crate::config::{Config, ListenerConfig, Protocol};
+use crate::health::Health;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{FrontendSettings, Handoff, ListenerProxy, Shared};
 use crate::splice::{Counters, splice};
@@ -25,6 +28,21 @@ use crate::{imap, smtp};
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the token source's reachability is checked for readiness, and how old its last
+/// answer may be: a Kubernetes readiness probe runs every 10 s by default.
+const TOKEN_SOURCE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+const TOKEN_SOURCE_FRESHNESS: Duration = Duration::from_secs(30);
+/// After the grace period, how long closing sessions get to say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the process asks of the running server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the configuration file (SIGHUP).
+    Reload,
+    /// Stop accepting, drain, exit (SIGTERM, SIGINT).
+    Shutdown,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -45,72 +63,317 @@ pub enum StartError {
     TokenSource(String),
 }
 
-/// One listener's fixed parts, shared by its sessions.
+/// Runs mailgate with `config` until told to shut down, then drains.
+///
+/// `config_path` is re-read on [`Control::Reload`] and whenever its content changes.
+///
+/// # Errors
+/// A listener cannot be bound or an upstream's TLS set up at start; nothing keeps running then.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), StartError> {
+    let mut server = Server::start(config, config_path).await?;
+    let mut watch_tick = tokio::time::interval(
+        server
+            .config
+            .config_watch_interval
+            .max(Duration::from_millis(100)),
+    );
+    let mut health_tick = tokio::time::interval(TOKEN_SOURCE_CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            command = control.recv() => match command {
+                Some(Control::Reload) => server.reload().await,
+                Some(Control::Shutdown) | None => break,
+            },
+            _ = watch_tick.tick(), if !server.config.config_watch_interval.is_zero() => {
+                if server.config_file_changed().await {
+                    server.reload().await;
+                }
+            }
+            _ = health_tick.tick() => server.check_token_source().await,
+        }
+    }
+    server.drain().await;
+    Ok(())
+}
+
+struct Server {
+    config: Config,
+    config_path: Option<PathBuf>,
+    /// The file's text when it was last loaded, to notice ConfigMap updates.
+    config_text: Option<String>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shared: Shared,
+    listeners: HashMap<String, RunningListener>,
+    admin: Option<RunningAdmin>,
+    sessions: Sessions,
+}
+
+/// A bound listener; dropping `stop_accepting` closes it for new connections.
+struct RunningListener {
+    address: SocketAddr,
+    runtime: Arc<RwLock<Arc<ListenerRuntime>>>,
+    _stop_accepting: oneshot::Sender<()>,
+}
+
+struct RunningAdmin {
+    address: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Every session holds a clone of `open`; when all are gone, `all_closed` yields `None`.
+struct Sessions {
+    open: Option<mpsc::Sender<()>>,
+    all_closed: mpsc::Receiver<()>,
+    close_now: watch::Sender<bool>,
+}
+
+/// What a session needs to know about the server's life cycle.
+#[derive(Clone)]
+struct SessionHandle {
+    _open: mpsc::Sender<()>,
+    close_now: watch::Receiver<bool>,
+}
+
+/// One listener's fixed parts, shared by its sessions; replaced whole on reload.
 struct ListenerRuntime {
     proxy: ListenerProxy,
     settings: FrontendSettings,
     idle_timeout: Duration,
+    max_connections: usize,
     labels: ListenerLabels,
 }
 
-/// Binds everything in `config`, serves until `shutdown` completes, then stops accepting
-/// and ends the open sessions.
-///
-/// # Errors
-/// A listener cannot be bound or an upstream's TLS set up; nothing is left running then.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let metrics = Arc::new(Metrics::new());
-    let shared = shared_state(&config, &metrics)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut listeners = Vec::new();
-    for listener in &config.listeners {
-        let tcp = TcpListener::bind(listener.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: listener.name.clone(),
-                address: listener.listen,
-                source,
-            })?;
-        listeners.push((tcp, listener_runtime(listener, &shared, &config)?));
+impl Server {
+    async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
+        let shared = shared_state(&config, &metrics, &health)?;
+        let (open, all_closed) = mpsc::channel(1);
+        let (close_now, _) = watch::channel(false);
+        let config_text = match &config_path {
+            Some(path) => tokio::fs::read_to_string(path).await.ok(),
+            None => None,
+        };
+        let mut server = Server {
+            config: config.clone(),
+            config_path,
+            config_text,
+            metrics,
+            health,
+            shared,
+            listeners: HashMap::new(),
+            admin: None,
+            sessions: Sessions {
+                open: Some(open),
+                all_closed,
+                close_now,
+            },
+        };
+        server.apply(config).await?;
+        server.health.set_listening();
+        server.check_token_source().await;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "mailgate started");
+        Ok(server)
     }
-    let status = Arc::new(Status {
-        metrics: metrics.clone(),
-        ready: AtomicBool::new(false),
-    });
-    if let Some(admin_config) = &config.metrics {
-        let tcp = TcpListener::bind(admin_config.listen)
-            .await
-            .map_err(|source| StartError::BindMetrics {
-                address: admin_config.listen,
-                source,
-            })?;
-        tokio::spawn(admin::serve(tcp, status.clone(), stopped(stop_rx.clone())));
+
+    /// Re-reads the configuration; an invalid or unbindable one changes nothing.
+    async fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let text = tokio::fs::read_to_string(&path).await.ok();
+        let result = match Config::load(&path) {
+            Err(error) => {
+                for line in error.to_string().lines() {
+                    tracing::error!(
+                        problem = line,
+                        "configuration refused; keeping the running one"
+                    );
+                }
+                "invalid"
+            }
+            Ok(config) if config == self.config => "unchanged",
+            Ok(config) => match self.apply(config).await {
+                Ok(()) => {
+                    tracing::info!("configuration reloaded");
+                    "ok"
+                }
+                Err(error) => {
+                    tracing::error!(%error, "configuration not applied; keeping the running one");
+                    "failed"
+                }
+            },
+        };
+        self.config_text = text;
+        self.metrics.config_reload(result);
     }
-    for (tcp, runtime) in listeners {
-        tracing::info!(listener = %runtime.labels.listener, address = %tcp.local_addr().map_or(String::new(), |a| a.to_string()), "listening");
+
+    async fn config_file_changed(&self) -> bool {
+        let Some(path) = &self.config_path else {
+            return false;
+        };
+        let text = tokio::fs::read_to_string(path).await.ok();
+        text.is_some() && text != self.config_text
+    }
+
+    /// Makes `config` the running configuration: binds what is new first (all or nothing),
+    /// then swaps listener runtimes and closes removed listeners. Open sessions keep theirs.
+    async fn apply(&mut self, config: Config) -> Result<(), StartError> {
+        let shared = if config.tokens == self.config.tokens && !self.listeners.is_empty() {
+            Shared {
+                tokens: self.shared.tokens.clone(),
+                client_auth: Arc::new(ClientAuth::new(&config.client_auth)),
+                metrics: self.metrics.clone(),
+            }
+        } else {
+            shared_state(&config, &self.metrics, &self.health)?
+        };
+        let mut prepared = Vec::new();
+        for listener in &config.listeners {
+            let runtime = Arc::new(listener_runtime(listener, &shared, &config)?);
+            let moved =
+                self.listeners.get(&listener.name).map(|l| l.address) != Some(listener.listen);
+            let tcp = if moved {
+                Some(bind(listener).await?)
+            } else {
+                None
+            };
+            prepared.push((listener.name.clone(), runtime, tcp));
+        }
+        let admin = self.prepare_admin(&config).await?;
+
+        let mut running = std::mem::take(&mut self.listeners);
+        for (name, runtime, tcp) in prepared {
+            let entry = match tcp {
+                Some(tcp) => self.spawn_listener(tcp, runtime),
+                None => {
+                    let Some(existing) = running.remove(&name) else {
+                        continue;
+                    };
+                    *existing.runtime.write().unwrap_or_else(|e| e.into_inner()) = runtime;
+                    existing
+                }
+            };
+            self.listeners.insert(name, entry);
+        }
+        for (name, _) in running {
+            tracing::info!(listener = %name, "listener closed");
+        }
+        if let Some(admin) = admin {
+            self.admin = Some(admin);
+        }
+        self.shared = shared;
+        self.config = config;
+        Ok(())
+    }
+
+    fn spawn_listener(&self, tcp: TcpListener, runtime: Arc<ListenerRuntime>) -> RunningListener {
+        let address = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        tracing::info!(listener = %runtime.labels.listener, %address, "listening");
+        let runtime = Arc::new(RwLock::new(runtime));
+        let (stop_accepting, stopped) = oneshot::channel();
+        let handle = SessionHandle {
+            _open: self
+                .sessions
+                .open
+                .clone()
+                .expect("sessions are open until drain"),
+            close_now: self.sessions.close_now.subscribe(),
+        };
         tokio::spawn(accept_loop(
             tcp,
-            Arc::new(runtime),
-            metrics.clone(),
-            stop_rx.clone(),
+            runtime.clone(),
+            self.metrics.clone(),
+            handle,
+            stopped,
         ));
+        RunningListener {
+            address,
+            runtime,
+            _stop_accepting: stop_accepting,
+        }
     }
-    status.ready.store(true, Ordering::Relaxed);
-    shutdown.await;
-    tracing::info!("shutting down");
-    status.ready.store(false, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    Ok(())
+
+    /// Binds the admin endpoint if it is new or moved; `None` means keep the current one.
+    async fn prepare_admin(&self, config: &Config) -> Result<Option<RunningAdmin>, StartError> {
+        let Some(admin_config) = &config.metrics else {
+            return Ok(None);
+        };
+        if self.admin.as_ref().map(|a| a.address) == Some(admin_config.listen) {
+            return Ok(None);
+        }
+        let address = admin_config.listen;
+        let tcp = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::BindMetrics { address, source })?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let status = Arc::new(Status {
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+        });
+        tokio::spawn(admin::serve(tcp, status, async {
+            let _ = stopped.await;
+        }));
+        Ok(Some(RunningAdmin {
+            address,
+            _stop: stop,
+        }))
+    }
+
+    async fn check_token_source(&self) {
+        if !self.health.token_source_fresh() {
+            self.shared.tokens.probe_source().await;
+        }
+    }
+
+    /// Stops accepting, lets sessions finish within the grace period, then closes the rest.
+    async fn drain(mut self) {
+        self.health.set_draining();
+        self.listeners.clear();
+        self.sessions.open = None;
+        let grace = self.config.shutdown_grace;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+        if tokio::time::timeout(grace, self.sessions.all_closed.recv())
+            .await
+            .is_err()
+        {
+            tracing::info!("grace period over; closing the remaining sessions");
+            let _ = self.sessions.close_now.send(true);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sessions.all_closed.recv()).await;
+        }
+        tracing::info!("stopped");
+    }
 }
 
-fn shared_state(config: &Config, metrics: &Arc<Metrics>) -> Result<Shared, StartError> {
+async fn bind(listener: &ListenerConfig) -> Result<TcpListener, StartError> {
+    TcpListener::bind(listener.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            name: listener.name.clone(),
+            address: listener.listen,
+            source,
+        })
+}
+
+fn shared_state(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+) -> Result<Shared, StartError> {
     let auth_server_config = config
         .tokens
         .auth_server
         .as_ref()
         .ok_or_else(|| StartError::TokenSource("no token source configured".to_owned()))?;
-    let source =
-        AuthServer::new(auth_server_config, metrics.clone()).map_err(StartError::TokenSource)?;
+    let source = AuthServer::new(auth_server_config, metrics.clone(), health.clone())
+        .map_err(StartError::TokenSource)?;
     Ok(Shared {
         tokens: Arc::new(TokenCache::new(
             &config.tokens.cache,
@@ -127,10 +390,12 @@ fn listener_runtime(
     shared: &Shared,
     config: &Config,
 ) -> Result<ListenerRuntime, StartError> {
-    let connector = Connector::new(&listener.upstream).map_err(|error| StartError::Upstream {
-        name: listener.name.clone(),
-        reason: error.to_string(),
-    })?;
+    let connector = Connector::new(&listener.upstream)
+        .map_err(|error| StartError::Upstream {
+            name: listener.name.clone(),
+            reason: error.to_string(),
+        })?
+        .with_metrics(shared.metrics.clone());
     Ok(ListenerRuntime {
         proxy: ListenerProxy::new(
             listener.name.clone(),
@@ -144,26 +409,21 @@ fn listener_runtime(
             pre_auth_timeout: listener.pre_auth_timeout,
         },
         idle_timeout: listener.idle_timeout,
+        max_connections: listener.max_connections,
         labels: ListenerLabels {
             listener: listener.name.clone(),
         },
     })
 }
 
-/// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
 async fn accept_loop(
     tcp: TcpListener,
-    runtime: Arc<ListenerRuntime>,
+    runtime: Arc<RwLock<Arc<ListenerRuntime>>>,
     metrics: Arc<Metrics>,
-    stop: watch::Receiver<bool>,
+    sessions: SessionHandle,
+    mut stop: oneshot::Receiver<()>,
 ) {
     static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
-    let stop_accepting = stopped(stop.clone());
-    tokio::pin!(stop_accepting);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
@@ -174,8 +434,21 @@ async fn accept_loop(
                     continue;
                 }
             },
-            () = &mut stop_accepting => return,
+            _ = &mut stop => return,
         };
+        let runtime = runtime.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let active = metrics
+            .connections_active
+            .get_or_create(&runtime.labels)
+            .get();
+        if usize::try_from(active).unwrap_or(0) >= runtime.max_connections {
+            metrics
+                .connections_rejected
+                .get_or_create(&runtime.labels)
+                .inc();
+            tokio::spawn(refuse(stream, runtime));
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
@@ -183,11 +456,21 @@ async fn accept_loop(
             id,
             listener = %runtime.labels.listener,
             client = %peer,
+            upstream = %runtime.proxy.connector.labels().upstream,
             account = tracing::field::Empty,
         );
-        let session = run_session(stream, runtime.clone(), metrics.clone(), stop.clone());
+        let session = run_session(stream, runtime, metrics.clone(), sessions.clone());
         tokio::spawn(session.instrument(span));
     }
+}
+
+/// Tells a client over the connection limit to come back later, then closes.
+async fn refuse(mut stream: TcpStream, runtime: Arc<ListenerRuntime>) {
+    let reply = match runtime.proxy.protocol {
+        Protocol::Imap => imap::reply::too_many_connections(),
+        Protocol::Smtp => smtp::reply::too_many_connections(&runtime.settings.hostname),
+    };
+    let _ = stream.write_all(reply.as_bytes()).await;
 }
 
 /// Decrements the active-connection gauge however the session ends.
@@ -203,7 +486,7 @@ async fn run_session(
     stream: TcpStream,
     runtime: Arc<ListenerRuntime>,
     metrics: Arc<Metrics>,
-    stop: watch::Receiver<bool>,
+    sessions: SessionHandle,
 ) {
     metrics.connections.get_or_create(&runtime.labels).inc();
     let active = metrics
@@ -213,27 +496,37 @@ async fn run_session(
     active.inc();
     let _guard = ActiveGuard(active);
     let started = tokio::time::Instant::now();
+    let mut close_now = sessions.close_now.clone();
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
-    let handoff = match runtime.proxy.protocol {
-        Protocol::Imap => {
-            Box::pin(imap::frontend::serve(
-                stream,
-                &runtime.proxy,
-                &runtime.settings,
-            ))
-            .await
+    let front_end = async {
+        match runtime.proxy.protocol {
+            Protocol::Imap => {
+                Box::pin(imap::frontend::serve(
+                    stream,
+                    &runtime.proxy,
+                    &runtime.settings,
+                ))
+                .await
+            }
+            Protocol::Smtp => {
+                Box::pin(smtp::frontend::serve(
+                    stream,
+                    &runtime.proxy,
+                    &runtime.settings,
+                ))
+                .await
+            }
         }
-        Protocol::Smtp => {
-            Box::pin(smtp::frontend::serve(
-                stream,
-                &runtime.proxy,
-                &runtime.settings,
-            ))
-            .await
+    };
+    let handoff = tokio::select! {
+        handoff = front_end => handoff,
+        _ = close_now.wait_for(|close| *close) => {
+            tracing::info!(outcome = "shutdown_before_login", "session closed");
+            return;
         }
     };
     match handoff {
-        Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, stop, started).await,
+        Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, close_now, started).await,
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),
         Err(error) => tracing::info!(outcome = "error_before_login", %error, "session closed"),
     }
@@ -243,7 +536,7 @@ async fn relay(
     mut handoff: Handoff<TcpStream>,
     runtime: &ListenerRuntime,
     metrics: &Metrics,
-    stop: watch::Receiver<bool>,
+    mut close_now: watch::Receiver<bool>,
     started: tokio::time::Instant,
 ) {
     tracing::Span::current().record("account", handoff.account.as_str());
@@ -258,19 +551,34 @@ async fn relay(
         &mut handoff.upstream.io,
         runtime.idle_timeout,
         &counters,
-        stopped(stop),
+        async {
+            let _ = close_now.wait_for(|close| *close).await;
+        },
     )
     .await;
+    if matches!(end, Ok(crate::splice::SpliceEnd::Stopped)) {
+        let goodbye = match runtime.proxy.protocol {
+            Protocol::Imap => imap::reply::shutting_down(),
+            Protocol::Smtp => smtp::reply::shutting_down(&runtime.settings.hostname),
+        };
+        let _ = handoff.client.write_all(goodbye.as_bytes()).await;
+        let _ = handoff.client.shutdown().await;
+    }
+    let duration = started.elapsed();
+    metrics
+        .session_duration_seconds
+        .get_or_create(&runtime.labels)
+        .observe(duration.as_secs_f64());
     let outcome = match &end {
-        Ok(end) => format!("{end:?}").to_lowercase(),
-        Err(_) => "io_error".to_owned(),
+        Ok(end) => end.label(),
+        Err(_) => "io_error",
     };
     tracing::info!(
         outcome,
         error = end.as_ref().err().map(tracing::field::display),
         bytes_client_to_upstream = moved.client_to_upstream,
         bytes_upstream_to_client = moved.upstream_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         "session closed"
     );
 }

@@ -29,6 +29,17 @@ pub enum SpliceEnd {
     Stopped,
 }
 
+impl SpliceEnd {
+    /// The `outcome` field of the session's closing log line.
+    pub fn label(self) -> &'static str {
+        match self {
+            SpliceEnd::Closed => "closed",
+            SpliceEnd::IdleTimeout => "idle_timeout",
+            SpliceEnd::Stopped => "shutdown",
+        }
+    }
+}
+
 /// Bytes moved in each direction, for the session's closing log line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {

@@ -10,6 +10,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{MechanismSetting, TlsMode, UpstreamConfig};
 use crate::io::BoxedIo;
+use crate::metrics::{Metrics, UpstreamLabels};
 use crate::tls::{TlsError, client_config};
 
 /// Everything needed to open a connection to one configured upstream.
@@ -17,6 +18,14 @@ use crate::tls::{TlsError, client_config};
 pub struct Connector {
     config: UpstreamConfig,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    observer: Option<Observer>,
+}
+
+/// Where connect latency and TLS failures are recorded.
+#[derive(Clone)]
+struct Observer {
+    metrics: Arc<Metrics>,
+    labels: UpstreamLabels,
 }
 
 impl Connector {
@@ -38,7 +47,24 @@ impl Connector {
         Ok(Self {
             config: config.clone(),
             tls,
+            observer: None,
         })
+    }
+
+    /// Records connect latency and TLS handshake failures under `upstream="host:port"`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.observer = Some(Observer {
+            metrics,
+            labels: self.labels(),
+        });
+        self
+    }
+
+    /// The metric labels of this upstream.
+    pub fn labels(&self) -> UpstreamLabels {
+        UpstreamLabels {
+            upstream: format!("{}:{}", self.config.host, self.config.port),
+        }
     }
 
     pub fn host(&self) -> &str {
@@ -71,9 +97,18 @@ impl Connector {
                 TlsMode::Starttls | TlsMode::None => Ok(Box::new(tcp) as BoxedIo),
             }
         };
-        tokio::time::timeout(self.config.connect_timeout, connect)
+        let started = tokio::time::Instant::now();
+        let connected = tokio::time::timeout(self.config.connect_timeout, connect)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream connect timed out"))?
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream connect timed out"))?;
+        if let (Ok(_), Some(observer)) = (&connected, &self.observer) {
+            observer
+                .metrics
+                .upstream_connect_seconds
+                .get_or_create(&observer.labels)
+                .observe(started.elapsed().as_secs_f64());
+        }
+        connected
     }
 
     /// Runs the TLS handshake over `io`, after the protocol's STARTTLS exchange.
@@ -84,10 +119,15 @@ impl Connector {
         let Some((connector, name)) = &self.tls else {
             return Err(io::Error::other("TLS is not configured for this upstream"));
         };
-        let stream = connector.connect(name.clone(), io).await?;
+        let stream = connector.connect(name.clone(), io).await.inspect_err(|_| {
+            if let Some(observer) = &self.observer {
+                observer
+                    .metrics
+                    .tls_handshake_failures
+                    .get_or_create(&observer.labels)
+                    .inc();
+            }
+        })?;
         Ok(Box::new(stream))
     }
 }
-
-/// Shared handle, cheap to clone into sessions.
-pub type SharedConnector = Arc<Connector>;

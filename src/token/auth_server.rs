@@ -12,6 +12,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{Token, TokenError, TokenKey};
 use crate::config::AuthServerConfig;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamAuth;
 use crate::secret::Secret;
@@ -25,6 +26,7 @@ pub struct AuthServer {
     url: url::Url,
     basic_auth: Option<(String, Secret<String>)>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 #[derive(Deserialize)]
@@ -40,7 +42,11 @@ struct Answer {
 impl AuthServer {
     /// # Errors
     /// The URL does not parse (already refused by config validation) or the HTTP client cannot be built.
-    pub fn new(config: &AuthServerConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        config: &AuthServerConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Self, String> {
         let mut url = url::Url::parse(config.url.expose())
             .map_err(|_| "tokens.auth_server.url: not a URL".to_owned())?;
         let basic_auth = (!url.username().is_empty()).then(|| {
@@ -60,6 +66,7 @@ impl AuthServer {
             url,
             basic_auth,
             metrics,
+            health,
         })
     }
 
@@ -71,8 +78,7 @@ impl AuthServer {
         let started = tokio::time::Instant::now();
         let result = self.request(key).await;
         self.metrics
-            .token_fetch_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .token_fetch("auth_server", started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(_) => "ok",
             Err(TokenError::Refused) => "refused",
@@ -82,16 +88,28 @@ impl AuthServer {
         result
     }
 
-    async fn request(&self, key: &TokenKey) -> Result<Token, TokenError> {
-        let mut url = self.url.clone();
-        url.query_pairs_mut()
-            .append_pair("account", &key.account)
-            .append_pair("proto", key.protocol.name());
+    /// Checks that the server answers HTTP at all (for readiness); the status does not matter.
+    pub async fn probe(&self) {
+        // A request without an account: real servers answer 4xx, which proves they are up.
+        let _ = self.get(self.url.clone()).await;
+    }
+
+    async fn get(&self, url: url::Url) -> Result<reqwest::Response, TokenError> {
         let mut request = self.client.get(url);
         if let Some((user, password)) = &self.basic_auth {
             request = request.basic_auth(user, Some(password.expose()));
         }
         let response = request.send().await.map_err(describe)?;
+        self.health.token_source_answered();
+        Ok(response)
+    }
+
+    async fn request(&self, key: &TokenKey) -> Result<Token, TokenError> {
+        let mut url = self.url.clone();
+        url.query_pairs_mut()
+            .append_pair("account", &key.account)
+            .append_pair("proto", key.protocol.name());
+        let response = self.get(url).await?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => return Err(TokenError::Refused),

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 
 use super::auth_server::AuthServer;
 use super::{Token, TokenError, TokenKey};
 use crate::config::CacheConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{CauseLabels, Metrics};
 
 pub struct TokenCache {
     entries: Cache<TokenKey, Arc<Token>>,
@@ -39,8 +40,18 @@ impl Expiry<TokenKey, Arc<Token>> for TokenExpiry {
 
 impl TokenCache {
     pub fn new(config: &CacheConfig, source: AuthServer, metrics: Arc<Metrics>) -> Self {
+        let evictions = metrics.token_cache_evictions.clone();
         let entries = Cache::builder()
             .max_capacity(config.max_entries)
+            .eviction_listener(move |_key, _token, cause| {
+                let cause = match cause {
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Explicit => "explicit",
+                    RemovalCause::Replaced => "replaced",
+                    RemovalCause::Size => "size",
+                };
+                evictions.get_or_create(&CauseLabels { cause }).inc();
+            })
             .expire_after(TokenExpiry {
                 default_ttl: config.default_ttl,
                 refresh_margin: config.refresh_margin,
@@ -63,14 +74,29 @@ impl TokenCache {
             return Ok(token);
         }
         self.metrics.token_cache("miss");
-        self.entries
+        let fetched = self
+            .entries
             .try_get_with_by_ref(key, async { self.source.fetch(key).await.map(Arc::new) })
             .await
-            .map_err(|error| (*error).clone())
+            .map_err(|error| (*error).clone());
+        self.update_entry_gauge();
+        fetched
+    }
+
+    /// Checks that the token source answers (for readiness).
+    pub async fn probe_source(&self) {
+        self.source.probe().await;
     }
 
     /// Drops `key`'s token, e.g. after the upstream refused it.
     pub async fn invalidate(&self, key: &TokenKey) {
         self.entries.invalidate(key).await;
+        self.update_entry_gauge();
+    }
+
+    /// moka counts lazily, so the gauge is approximate between look-ups.
+    fn update_entry_gauge(&self) {
+        let count = i64::try_from(self.entries.entry_count()).unwrap_or(i64::MAX);
+        self.metrics.token_cache_entries.set(count);
     }
 }
