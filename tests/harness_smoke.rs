@@ -345,3 +345,24 @@ async fn dovecot_stops_without_leftovers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailgate_config_helper_is_valid() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (support::free_port(), support::free_port());
+        let yaml = up.mailgate_config(imap, smtp);
+        // The library's own loader (the binary's) accepts it, CA file included.
+        let path = up.dovecot.dir().join("mailgate.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        if let Err(e) = mailgate::config::Config::load(&path) {
+            panic!("generated config refused: {e}\n{yaml}");
+        }
+        let addrs = support::mailgate::listen_addrs(&yaml);
+        assert_eq!(
+            addrs,
+            [support::Dovecot::addr(imap), support::Dovecot::addr(smtp)]
+        );
+    })
+    .await;
+}

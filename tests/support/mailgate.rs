@@ -22,7 +22,7 @@ pub struct Mailgate {
 }
 
 /// Every value of a key named `listen` anywhere in the YAML (listeners and metrics).
-fn listen_addrs(config_yaml: &str) -> Vec<SocketAddr> {
+pub fn listen_addrs(config_yaml: &str) -> Vec<SocketAddr> {
     fn walk(value: &serde_json::Value, out: &mut Vec<SocketAddr>) {
         match value {
             serde_json::Value::Object(map) => {

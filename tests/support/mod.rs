@@ -4,12 +4,12 @@
 //! OS-assigned ports, every wait is bounded, and every process is stopped on drop.
 //!
 //! # Layout
-//! - [`process`]: running programs with a timeout (curl, openssl), free ports, signals.
-//! - [`certs`]: [`TestCa`].
-//! - [`http`]: [`Introspection`] and [`AuthServer`].
-//! - [`sink`]: [`SmtpSink`].
-//! - [`dovecot`]: [`Dovecot`].
-//! - [`mailgate`]: [`Mailgate`].
+//! - [`process`] runs programs with a timeout (curl, openssl), finds free ports, sends signals.
+//! - [`certs`] makes a [`TestCa`].
+//! - [`http`] serves [`Introspection`] and [`AuthServer`].
+//! - [`sink`] is the [`SmtpSink`].
+//! - [`dovecot`] runs a [`Dovecot`].
+//! - [`mailgate`] runs the binary as a [`Mailgate`].
 // Not every test file uses every helper or re-export.
 #![allow(dead_code, unused_imports)]
 
@@ -65,6 +65,43 @@ impl TestUpstream {
             sink,
             ca,
         }
+    }
+
+    /// A mailgate config with an IMAP listener on `127.0.0.1:imap_port` (upstream: Dovecot's
+    /// imaps port, implicit TLS) and an SMTP listener on `127.0.0.1:smtp_port` (upstream:
+    /// Dovecot's submission port, STARTTLS), both trusting only the test CA, tokens from the
+    /// auth server. Append or edit lines for other cases.
+    pub fn mailgate_config(&self, imap_port: u16, smtp_port: u16) -> String {
+        let ca = self.ca_path();
+        format!(
+            r#"listeners:
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:{imap_port}"
+    upstream:
+      host: 127.0.0.1
+      port: {imaps}
+      tls: implicit
+      ca_file: "{ca}"
+      system_roots: false
+  - name: smtp
+    protocol: smtp
+    listen: "127.0.0.1:{smtp_port}"
+    upstream:
+      host: 127.0.0.1
+      port: {submission}
+      tls: starttls
+      ca_file: "{ca}"
+      system_roots: false
+tokens:
+  auth_server:
+    url: "{url}"
+    timeout: 5s
+"#,
+            imaps = self.dovecot.imaps_port,
+            submission = self.dovecot.submission_port,
+            url = self.auth.url_with_credentials(),
+        )
     }
 
     /// The CA path as a string, ready for `curl --cacert` or a mailgate `ca_file`.
