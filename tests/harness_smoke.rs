@@ -366,3 +366,21 @@ async fn mailgate_config_helper_is_valid() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_graceful_stop_without_leftovers() {
+    with_timeout(TEST_TIMEOUT, async {
+        let mut up = TestUpstream::start().await;
+        let token = up.auth.grant("acct1", USER);
+        let out = run_curl(&imaps_list(&up, USER, &token)).await;
+        assert!(out.success(), "{out:?}");
+        let started = Instant::now();
+        up.dovecot.stop_gracefully();
+        eprintln!("dovecot graceful stop took {:?}", started.elapsed());
+        assert!(
+            up.dovecot.processes().is_empty(),
+            "Dovecot processes left behind"
+        );
+    })
+    .await;
+}

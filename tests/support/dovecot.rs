@@ -3,7 +3,7 @@
 //! server, and relays submitted mail to an [`SmtpSink`](super::SmtpSink).
 //!
 //! Everything lives in a temp dir (config, base_dir, state, log, mail); the master runs in the
-//! foreground as our child and is stopped (SIGTERM, then SIGKILL) on drop.
+//! foreground as our child and is killed on drop, after which its children exit by themselves.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -16,8 +16,10 @@ use super::process::{free_ports, pgrep, send_signal, stop_child, wait_for_port};
 
 /// How long all four ports may take to accept connections (measured: about 25 ms).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the master may take to exit after SIGTERM (measured: about 1.3 s).
+/// How long the master may take to exit after SIGTERM (measured: about 1.1 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long children may linger after the master is gone before they are killed.
+const CHILDREN_GRACE: Duration = Duration::from_secs(5);
 /// Starts retried when a chosen port was taken by someone else in the meantime.
 const START_ATTEMPTS: usize = 3;
 /// The uid/gid mail processes run as (Dovecot refuses root): nobody/nogroup on Debian.
@@ -272,27 +274,43 @@ submission_relay_trusted = no
         pgrep(&self.instance_name)
     }
 
-    /// Stops the master and waits until every process of this instance is gone (blocking,
-    /// bounded). Called by `Drop`; calling it early lets a test check the cleanup.
+    /// Kills the master (SIGKILL) and waits until every process of this instance is gone
+    /// (blocking, bounded). Called by `Drop`; calling it early lets a test check the cleanup.
+    /// Children notice the master's death through their status pipe and exit on their own
+    /// (measured: about 30 ms, against about 1.1 s for a SIGTERM shutdown); nothing under the
+    /// temp dir needs to survive, so there is no reason to wait for a graceful stop.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        stop_child(&mut child, STOP_GRACE);
-        // Children notice the master's death on their own; give them a moment, then insist.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.wait_for_children();
+        }
+    }
+
+    /// Stops the master with SIGTERM (Dovecot's own shutdown), SIGKILL after 10 s, then waits
+    /// for every process of this instance to be gone.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, STOP_GRACE);
+            self.wait_for_children();
+        }
+    }
+
+    fn wait_for_children(&self) {
+        let deadline = Instant::now() + CHILDREN_GRACE;
         loop {
             let left = self.processes();
             if left.is_empty() {
                 return;
             }
             if Instant::now() >= deadline {
+                // Pids of this instance only: the instance name is our unique temp dir name.
                 for pid in left {
                     send_signal(pid, "KILL");
                 }
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
