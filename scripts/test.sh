@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: installs the end-to-end dependencies if needed, then runs every test
+# (unit tests, and integration tests against a private Dovecot on 127.0.0.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+cargo test --all-targets

@@ -1,0 +1,498 @@
+//! Two in-process HTTP servers on 127.0.0.1: [`Introspection`] (the RFC 7662 token check that
+//! Dovecot calls) and [`AuthServer`] (EmailEngine's authServer contract that mailgate calls).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// A request, read completely, as the handlers see it.
+struct SimpleRequest {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// Status code and JSON body.
+type Reply = (u16, String);
+type Handler =
+    Arc<dyn Fn(SimpleRequest) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+/// Aborts the accept loop (and with it every open connection) when dropped.
+struct ServerTask(JoinHandle<()>);
+
+impl Drop for ServerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn start_server(handler: Handler) -> (SocketAddr, ServerTask) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind HTTP server on 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr");
+    let task = tokio::spawn(async move {
+        // Connection tasks live in the JoinSet so that aborting this task drops them all.
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let handler = handler.clone();
+                    conns.spawn(async move {
+                        let service = service_fn(move |req: Request<Incoming>| {
+                            let handler = handler.clone();
+                            async move {
+                                let (status, body) = match read_request(req).await {
+                                    Some(req) => handler(req).await,
+                                    None => (400, r#"{"error":"unreadable request"}"#.to_owned()),
+                                };
+                                let response = Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .expect("valid response");
+                                Ok::<_, Infallible>(response)
+                            }
+                        });
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    });
+    (addr, ServerTask(task))
+}
+
+async fn read_request(req: Request<Incoming>) -> Option<SimpleRequest> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.ok()?.to_bytes().to_vec();
+    Some(SimpleRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect(),
+        authorization: parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body,
+    })
+}
+
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A fresh random-looking opaque token (`mgt-` and 32 hex digits).
+pub fn mint_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // RandomState is seeded randomly per process; hashing a counter gives unguessable values.
+    let state = std::collections::hash_map::RandomState::new();
+    let mut out = String::from("mgt-");
+    for i in 0..2u64 {
+        let mut h = state.build_hasher();
+        h.write_u64(n);
+        h.write_u64(i);
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct IntrospectionState {
+    /// token -> user
+    tokens: Mutex<HashMap<String, String>>,
+    requests: AtomicUsize,
+    checked: Mutex<Vec<String>>,
+}
+
+/// RFC 7662-style token introspection: `POST /introspect` with the form `token=...` answers
+/// `{"active": true, "email": USER}` for tokens registered with [`Introspection::add_token`],
+/// else `{"active": false}`. Cheap to clone; the server stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Introspection {
+    addr: SocketAddr,
+    state: Arc<IntrospectionState>,
+    _task: Arc<ServerTask>,
+}
+
+impl Introspection {
+    pub async fn start() -> Introspection {
+        let state = Arc::new(IntrospectionState::default());
+        let handler_state = state.clone();
+        let handler: Handler = Arc::new(move |req| {
+            let state = handler_state.clone();
+            Box::pin(async move { state.handle(req) })
+        });
+        let (addr, task) = start_server(handler).await;
+        Introspection {
+            addr,
+            state,
+            _task: Arc::new(task),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/introspect`
+    pub fn url(&self) -> String {
+        format!("http://{}/introspect", self.addr)
+    }
+
+    /// Makes `token` valid for `user`.
+    pub fn add_token(&self, token: &str, user: &str) {
+        self.state
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(token.to_owned(), user.to_owned());
+    }
+
+    /// Makes `token` invalid from now on; returns whether it was valid.
+    pub fn revoke(&self, token: &str) -> bool {
+        self.state.tokens.lock().unwrap().remove(token).is_some()
+    }
+
+    /// Revokes every token of `user`; returns how many there were.
+    pub fn revoke_user(&self, user: &str) -> usize {
+        let mut tokens = self.state.tokens.lock().unwrap();
+        let before = tokens.len();
+        tokens.retain(|_, u| u != user);
+        before - tokens.len()
+    }
+
+    pub fn is_active(&self, token: &str) -> bool {
+        self.state.tokens.lock().unwrap().contains_key(token)
+    }
+
+    /// How many introspection requests arrived (valid or not).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every token asked about, in order.
+    pub fn checked_tokens(&self) -> Vec<String> {
+        self.state.checked.lock().unwrap().clone()
+    }
+}
+
+impl IntrospectionState {
+    fn handle(&self, req: SimpleRequest) -> Reply {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if req.method != "POST" || req.path != "/introspect" {
+            return (404, r#"{"error":"not found"}"#.to_owned());
+        }
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(&req.body)
+            .into_owned()
+            .collect();
+        let Some(token) = param(&form, "token") else {
+            return (400, r#"{"error":"invalid_request"}"#.to_owned());
+        };
+        self.checked.lock().unwrap().push(token.to_owned());
+        match self.tokens.lock().unwrap().get(token) {
+            Some(user) => (
+                200,
+                serde_json::json!({ "active": true, "email": user }).to_string(),
+            ),
+            None => (200, r#"{"active":false}"#.to_owned()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// What the auth server answers for one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthAnswer {
+    /// 200 `{"user": ..., "accessToken": ..., "expiresIn": ...}` (`expiresIn` left out when `None`).
+    Token {
+        user: String,
+        access_token: String,
+        expires_in: Option<u64>,
+    },
+    /// This status code with a small JSON error body.
+    Status(u16),
+    /// Exactly this status and body (for malformed answers).
+    Raw { status: u16, body: String },
+}
+
+/// One request as the auth server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    pub account: Option<String>,
+    pub proto: Option<String>,
+    /// False when basic auth is required and the request did not carry the right credentials.
+    pub authorized: bool,
+}
+
+struct AccountEntry {
+    answer: AuthAnswer,
+    delay: Option<Duration>,
+}
+
+#[derive(Default)]
+struct AuthState {
+    accounts: Mutex<HashMap<String, AccountEntry>>,
+    requests: Mutex<Vec<AuthRequest>>,
+    /// The expected `Authorization` header value, when basic auth is on.
+    expected_authorization: Option<String>,
+}
+
+/// EmailEngine's authServer contract: `GET /token?account=ID&proto=imap|smtp` answers what the
+/// test configured for the account (unknown accounts get 404). Cheap to clone.
+#[derive(Clone)]
+pub struct AuthServer {
+    addr: SocketAddr,
+    state: Arc<AuthState>,
+    basic: Option<(String, String)>,
+    introspection: Option<Introspection>,
+    _task: Arc<ServerTask>,
+}
+
+impl AuthServer {
+    /// Starts without basic auth. With an [`Introspection`], [`AuthServer::grant`] registers
+    /// the tokens it mints there.
+    pub async fn start(introspection: Option<&Introspection>) -> AuthServer {
+        Self::start_inner(introspection, None).await
+    }
+
+    /// Starts requiring HTTP basic auth `user:pass` (else 401).
+    pub async fn start_with_basic_auth(
+        introspection: Option<&Introspection>,
+        user: &str,
+        pass: &str,
+    ) -> AuthServer {
+        Self::start_inner(introspection, Some((user.to_owned(), pass.to_owned()))).await
+    }
+
+    async fn start_inner(
+        introspection: Option<&Introspection>,
+        basic: Option<(String, String)>,
+    ) -> AuthServer {
+        let expected_authorization = basic.as_ref().map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
+        let state = Arc::new(AuthState {
+            expected_authorization,
+            ..AuthState::default()
+        });
+        let handler_state = state.clone();
+        let handler: Handler = Arc::new(move |req| {
+            let state = handler_state.clone();
+            Box::pin(async move { state.handle(req).await })
+        });
+        let (addr, task) = start_server(handler).await;
+        AuthServer {
+            addr,
+            state,
+            basic,
+            introspection: introspection.cloned(),
+            _task: Arc::new(task),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/token` (without credentials).
+    pub fn url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// `http://USER:PASS@127.0.0.1:PORT/token` when basic auth is on, else [`AuthServer::url`].
+    pub fn url_with_credentials(&self) -> String {
+        match &self.basic {
+            Some((u, p)) => format!("http://{u}:{p}@{}/token", self.addr),
+            None => self.url(),
+        }
+    }
+
+    /// Mints a new token for `user`, makes it valid at the introspection server (if any) and
+    /// answers it for `account` from now on (no `expiresIn`). Returns the token.
+    pub fn grant(&self, account: &str, user: &str) -> String {
+        self.grant_inner(account, user, None)
+    }
+
+    /// Like [`AuthServer::grant`], answering `expiresIn: expires_in` (seconds).
+    pub fn grant_with_expiry(&self, account: &str, user: &str, expires_in: u64) -> String {
+        self.grant_inner(account, user, Some(expires_in))
+    }
+
+    fn grant_inner(&self, account: &str, user: &str, expires_in: Option<u64>) -> String {
+        let token = mint_token();
+        if let Some(introspection) = &self.introspection {
+            introspection.add_token(&token, user);
+        }
+        self.set_answer(
+            account,
+            AuthAnswer::Token {
+                user: user.to_owned(),
+                access_token: token.clone(),
+                expires_in,
+            },
+        );
+        token
+    }
+
+    /// Sets the answer for `account`, keeping any delay.
+    pub fn set_answer(&self, account: &str, answer: AuthAnswer) {
+        let mut accounts = self.state.accounts.lock().unwrap();
+        match accounts.get_mut(account) {
+            Some(entry) => entry.answer = answer,
+            None => {
+                accounts.insert(
+                    account.to_owned(),
+                    AccountEntry {
+                        answer,
+                        delay: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Answers `status` (e.g. 403, 404, 500) for `account`.
+    pub fn set_status(&self, account: &str, status: u16) {
+        self.set_answer(account, AuthAnswer::Status(status));
+    }
+
+    /// Waits `delay` before answering for `account` (`None`: answer at once). An account with
+    /// a delay but no answer yet gets 404 after the delay.
+    pub fn set_delay(&self, account: &str, delay: Option<Duration>) {
+        let mut accounts = self.state.accounts.lock().unwrap();
+        accounts
+            .entry(account.to_owned())
+            .or_insert(AccountEntry {
+                answer: AuthAnswer::Status(404),
+                delay: None,
+            })
+            .delay = delay;
+    }
+
+    /// Forgets `account` (404 from now on).
+    pub fn remove(&self, account: &str) {
+        self.state.accounts.lock().unwrap().remove(account);
+    }
+
+    /// The token currently handed out for `account`, if its answer is a token.
+    pub fn current_token(&self, account: &str) -> Option<String> {
+        match &self.state.accounts.lock().unwrap().get(account)?.answer {
+            AuthAnswer::Token { access_token, .. } => Some(access_token.clone()),
+            _ => None,
+        }
+    }
+
+    /// Requests that named `account` (authorized or not).
+    pub fn requests(&self, account: &str) -> usize {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.account.as_deref() == Some(account))
+            .count()
+    }
+
+    pub fn total_requests(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Every request so far, in order.
+    pub fn request_log(&self) -> Vec<AuthRequest> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn introspection(&self) -> Option<&Introspection> {
+        self.introspection.as_ref()
+    }
+}
+
+impl AuthState {
+    async fn handle(&self, req: SimpleRequest) -> Reply {
+        let account = param(&req.query, "account").map(str::to_owned);
+        let proto = param(&req.query, "proto").map(str::to_owned);
+        let authorized = match &self.expected_authorization {
+            Some(expected) => req.authorization.as_deref() == Some(expected.as_str()),
+            None => true,
+        };
+        if req.path != "/token" {
+            return (404, r#"{"error":"not found"}"#.to_owned());
+        }
+        self.requests.lock().unwrap().push(AuthRequest {
+            account: account.clone(),
+            proto,
+            authorized,
+        });
+        if req.method != "GET" {
+            return (405, r#"{"error":"method not allowed"}"#.to_owned());
+        }
+        if !authorized {
+            return (401, r#"{"error":"unauthorized"}"#.to_owned());
+        }
+        let Some(account) = account else {
+            return (400, r#"{"error":"account missing"}"#.to_owned());
+        };
+        let (answer, delay) = match self.accounts.lock().unwrap().get(&account) {
+            Some(entry) => (entry.answer.clone(), entry.delay),
+            None => (AuthAnswer::Status(404), None),
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        match answer {
+            AuthAnswer::Token {
+                user,
+                access_token,
+                expires_in,
+            } => {
+                let mut body = serde_json::json!({ "user": user, "accessToken": access_token });
+                if let Some(secs) = expires_in {
+                    body["expiresIn"] = secs.into();
+                }
+                (200, body.to_string())
+            }
+            AuthAnswer::Status(status) => (
+                status,
+                serde_json::json!({ "error": format!("status {status}") }).to_string(),
+            ),
+            AuthAnswer::Raw { status, body } => (status, body),
+        }
+    }
+}

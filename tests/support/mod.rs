@@ -1,0 +1,111 @@
+//! Test harness shared by the integration tests (`mod support;`): a throwaway CA, an OAuth2
+//! introspection server, an EmailEngine-style auth server, an SMTP sink, a private Dovecot,
+//! the mailgate binary as a child process, and curl. Everything listens on 127.0.0.1 with
+//! OS-assigned ports, every wait is bounded, and every process is stopped on drop.
+//!
+//! # Layout
+//! - [`process`] runs programs with a timeout (curl, openssl), finds free ports, sends signals.
+//! - [`certs`] makes a [`TestCa`].
+//! - [`http`] serves [`Introspection`] and [`AuthServer`].
+//! - [`sink`] is the [`SmtpSink`].
+//! - [`dovecot`] runs a [`Dovecot`].
+//! - [`mailgate`] runs the binary as a [`Mailgate`].
+// Not every test file uses every helper or re-export.
+#![allow(dead_code, unused_imports)]
+
+pub mod certs;
+pub mod dovecot;
+pub mod http;
+pub mod mailgate;
+pub mod process;
+pub mod sink;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use certs::TestCa;
+pub use dovecot::Dovecot;
+pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
+pub use mailgate::Mailgate;
+pub use process::{CmdOutput, curl, curl_with_timeout, free_port, free_ports, wait_for_port};
+pub use sink::{ReceivedMessage, SmtpSink};
+
+/// The overall bound most tests use.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `test` and panics when it takes longer than `limit`.
+pub async fn with_timeout<T>(limit: Duration, test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, test)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
+}
+
+/// Everything upstream of mailgate: CA, introspection, auth server, SMTP sink and Dovecot,
+/// wired together. Fields drop in declaration order: Dovecot stops first.
+pub struct TestUpstream {
+    pub dovecot: Dovecot,
+    pub auth: AuthServer,
+    pub introspection: Introspection,
+    pub sink: SmtpSink,
+    pub ca: TestCa,
+}
+
+impl TestUpstream {
+    /// Starts all parts (about half a second, most of it Dovecot).
+    pub async fn start() -> TestUpstream {
+        let ca = TestCa::create().await;
+        let introspection = Introspection::start().await;
+        let auth = AuthServer::start(Some(&introspection)).await;
+        let sink = SmtpSink::start().await;
+        let dovecot = Dovecot::start(&ca, &introspection.url(), sink.addr()).await;
+        TestUpstream {
+            dovecot,
+            auth,
+            introspection,
+            sink,
+            ca,
+        }
+    }
+
+    /// A mailgate config with an IMAP listener on `127.0.0.1:imap_port` (upstream: Dovecot's
+    /// imaps port, implicit TLS) and an SMTP listener on `127.0.0.1:smtp_port` (upstream:
+    /// Dovecot's submission port, STARTTLS), both trusting only the test CA, tokens from the
+    /// auth server. Append or edit lines for other cases.
+    pub fn mailgate_config(&self, imap_port: u16, smtp_port: u16) -> String {
+        let ca = self.ca_path();
+        format!(
+            r#"listeners:
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:{imap_port}"
+    upstream:
+      host: 127.0.0.1
+      port: {imaps}
+      tls: implicit
+      ca_file: "{ca}"
+      system_roots: false
+  - name: smtp
+    protocol: smtp
+    listen: "127.0.0.1:{smtp_port}"
+    upstream:
+      host: 127.0.0.1
+      port: {submission}
+      tls: starttls
+      ca_file: "{ca}"
+      system_roots: false
+tokens:
+  auth_server:
+    url: "{url}"
+    timeout: 5s
+"#,
+            imaps = self.dovecot.imaps_port,
+            submission = self.dovecot.submission_port,
+            url = self.auth.url_with_credentials(),
+        )
+    }
+
+    /// The CA path as a string, ready for `curl --cacert` or a mailgate `ca_file`.
+    pub fn ca_path(&self) -> String {
+        self.ca.ca_pem().display().to_string()
+    }
+}

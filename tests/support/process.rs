@@ -1,0 +1,157 @@
+//! Running external programs (openssl, curl, pgrep) with a bounded wait, and finding free ports.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Default bound for a curl run; each call also passes `--max-time` to curl itself.
+pub const CURL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a finished program left behind.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    /// Exit code; `None` when killed by a signal (or by our timeout).
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// True when the timeout fired and the program was killed.
+    pub timed_out: bool,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+}
+
+/// Runs `program args...` with stdin closed; kills it when `timeout` passes.
+///
+/// # Panics
+/// When the program cannot be spawned (not installed).
+pub async fn run_command(
+    program: &str,
+    args: &[&str],
+    cwd: Option<&Path>,
+    timeout: Duration,
+) -> CmdOutput {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (run scripts/install-test-deps.sh)"));
+    // Dropping the wait_with_output future drops the child, which kills it (kill_on_drop).
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => CmdOutput {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            timed_out: false,
+        },
+        Ok(Err(e)) => panic!("waiting for {program}: {e}"),
+        Err(_) => CmdOutput {
+            status: None,
+            stdout: String::new(),
+            stderr: format!("{program} killed after {timeout:?}"),
+            timed_out: true,
+        },
+    }
+}
+
+/// Runs the `curl` binary with `args` (add `-sS --max-time N` yourself or use [`curl`]).
+pub async fn curl_with_timeout(args: &[&str], timeout: Duration) -> CmdOutput {
+    run_command("curl", args, None, timeout).await
+}
+
+/// Runs `curl -sS --max-time 20 ARGS...`, bounded by [`CURL_TIMEOUT`].
+pub async fn curl(args: &[&str]) -> CmdOutput {
+    let mut all = vec!["-sS", "--max-time", "20"];
+    all.extend_from_slice(args);
+    curl_with_timeout(&all, CURL_TIMEOUT).await
+}
+
+/// An OS-assigned free port on 127.0.0.1 (bound, read, closed: another process may take it
+/// before you bind it again, so starters retry on a collision).
+pub fn free_port() -> u16 {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 for a free port");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// `n` distinct free ports (all held open until every one is chosen, so they differ).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local_addr").port())
+        .collect()
+}
+
+/// Waits until `addr` accepts a TCP connection or `timeout` passes; polls every 20 ms.
+pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        if let Ok(Ok(_)) = attempt {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pids of processes whose command line contains `pattern` (via `pgrep -f`), excluding pgrep.
+pub fn pgrep(pattern: &str) -> Vec<u32> {
+    let out = std::process::Command::new("pgrep")
+        .arg("-f")
+        .arg(pattern)
+        .output()
+        .expect("run pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Sends `signal` (e.g. "TERM", "KILL") to `pid` with the `kill` command; errors are ignored
+/// (the process may already be gone).
+pub fn send_signal(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Stops `child`: SIGTERM, wait up to `grace`, then SIGKILL and reap. Blocking (for `Drop`).
+pub fn stop_child(child: &mut std::process::Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    send_signal(child.id(), "TERM");
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
