@@ -80,7 +80,6 @@ async fn wrong_or_revoked_token_is_refused() {
         let up = TestUpstream::start().await;
         let token = up.auth.grant("acct1", USER);
 
-        let started = Instant::now();
         let out = run_curl(&imaps_list(&up, USER, "not-a-valid-token")).await;
         assert!(!out.success(), "wrong token accepted: {out:?}");
         assert_eq!(
@@ -109,11 +108,6 @@ async fn wrong_or_revoked_token_is_refused() {
             out.success(),
             "fresh token refused: {out:?}\n{}",
             up.dovecot.log()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "refusals were slow: {:?}",
-            started.elapsed()
         );
         assert!(
             up.dovecot.log().contains("oauth2"),

@@ -48,9 +48,20 @@ impl Dovecot {
     /// # Panics
     /// When Dovecot is not installed or does not come up (the message carries its log).
     pub async fn start(ca: &TestCa, introspection_url: &str, relay: SocketAddr) -> Dovecot {
+        Self::start_tuned(ca, introspection_url, relay, "").await
+    }
+
+    /// Like [`Dovecot::start`], with `tuning` appended to the configuration (e.g. raised
+    /// process and connection limits for the benchmark).
+    pub async fn start_tuned(
+        ca: &TestCa,
+        introspection_url: &str,
+        relay: SocketAddr,
+        tuning: &str,
+    ) -> Dovecot {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(ca, introspection_url, relay).await {
+            match Self::try_start(ca, introspection_url, relay, tuning).await {
                 Ok(dovecot) => return dovecot,
                 Err(e) => last_error = e,
             }
@@ -62,6 +73,7 @@ impl Dovecot {
         ca: &TestCa,
         introspection_url: &str,
         relay: SocketAddr,
+        tuning: &str,
     ) -> Result<Dovecot, String> {
         let dir = tempfile::Builder::new()
             .prefix("mailgate-dovecot-")
@@ -173,6 +185,7 @@ service anvil {{
 submission_relay_host = {relay_ip}
 submission_relay_port = {relay_port}
 submission_relay_trusted = no
+{tuning}
 "#,
             cert = ca.cert_pem().display(),
             key = ca.key_pem().display(),

@@ -10,12 +10,14 @@
 //! - [`sink`] is the [`SmtpSink`].
 //! - [`dovecot`] runs a [`Dovecot`].
 //! - [`mailgate`] runs the binary as a [`Mailgate`].
+//! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
 // Not every test file uses every helper or re-export.
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
 pub mod dovecot;
 pub mod http;
+pub mod imap_client;
 pub mod mailgate;
 pub mod process;
 pub mod sink;

@@ -1,0 +1,146 @@
+//! The command line: `check` accepts good configs and reports every problem of a bad one as
+//! `PATH: key.path: reason` with exit code 64; `serve` refuses a bad config the same way.
+
+mod support;
+
+use std::process::Command;
+
+use support::Mailgate;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+const GOOD: &str = r#"listeners:
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:1143"
+    upstream: { host: mail.example, port: 993, tls: implicit }
+tokens:
+  auth_server: { url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }
+"#;
+
+fn mailgate(args: &[&str]) -> std::process::Output {
+    Command::new(Mailgate::binary())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_a_good_config_and_prints_it_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "good.yaml", GOOD);
+    let out = mailgate(&["check", "--config", &path, "--print"]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("mail.example"), "{printed}");
+    assert!(
+        printed.contains("idle_timeout"),
+        "defaults are shown: {printed}"
+    );
+    assert!(!printed.contains("s3cret-pw"), "{printed}");
+}
+
+#[test]
+fn check_reports_every_problem_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = GOOD
+        .replace("port: 993", "port: 0")
+        .replace("127.0.0.1:1143", "0.0.0.0:1143");
+    let path = write(&dir, "bad.yaml", &bad);
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        errors.contains(&format!(
+            "{path}: listeners[0].upstream.port: must not be 0"
+        )),
+        "{errors}"
+    );
+    assert!(
+        errors.contains(&format!("{path}: listeners[0].listen: ")),
+        "{errors}"
+    );
+    assert!(!errors.contains("s3cret-pw"));
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "typo.yaml",
+        &GOOD.replace("tls: implicit", "tls: implicit, mechanizm: auto"),
+    );
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        errors.starts_with(&format!("{path}: listeners[0].upstream.mechanizm: ")),
+        "{errors}"
+    );
+
+    let path = write(
+        &dir,
+        "duration.yaml",
+        &GOOD.replace("tls: implicit", "tls: implicit, connect_timeout: soon"),
+    );
+    let errors = String::from_utf8(mailgate(&["check", "--config", &path]).stderr).unwrap();
+    assert!(
+        errors.contains("listeners[0].upstream.connect_timeout"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_64_and_the_config_may_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "bad.yaml", "listeners: []\n");
+    let out = mailgate(&["serve", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(errors.contains(&format!("{path}: listeners: ")), "{errors}");
+
+    let good = write(&dir, "good.yaml", GOOD);
+    let out = Command::new(Mailgate::binary())
+        .arg("check")
+        .env("MAILGATE_CONFIG", &good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn secrets_can_come_from_files_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = write(&dir, "pw", "from-file\n");
+    let text = GOOD.replace(
+        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }"#,
+        &format!(r#"url: "http://svc@127.0.0.1:8080/token", password_file: "{password}" }}"#),
+    );
+    let path = write(&dir, "file.yaml", &text);
+    assert!(mailgate(&["check", "--config", &path]).status.success());
+
+    let text = GOOD.replace(
+        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }"#,
+        r#"url: "http://svc@127.0.0.1:8080/token", password_env: MAILGATE_TEST_UNSET_VAR }"#,
+    );
+    let path = write(&dir, "env.yaml", &text);
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("tokens.auth_server.password_env")
+    );
+}
+
+#[test]
+fn help_documents_both_commands() {
+    let out = mailgate(&["--help"]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("serve") && help.contains("check"), "{help}");
+}

@@ -1,0 +1,294 @@
+//! Operating mailgate: metrics that move with real sessions, readiness during drain, a
+//! session that finishes its work after SIGTERM, hot reload (broken and valid), JSON logs.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::imap_client::ImapClient;
+use support::process::send_signal;
+use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, free_port, with_timeout};
+
+const ACCOUNT: &str = "acct1";
+const USER: &str = "alice@example.test";
+
+fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The test upstream's IMAP + SMTP config plus a metrics listener and `extra` top-level keys.
+fn config(up: &TestUpstream, imap: u16, smtp: u16, metrics: u16, extra: &str) -> String {
+    format!(
+        "{}metrics:\n  listen: \"127.0.0.1:{metrics}\"\n{extra}",
+        up.mailgate_config(imap, smtp)
+    )
+}
+
+async fn get(port: u16, path: &str) -> (String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let out = curl(&["-s", "-o", "-", "-w", "\n%{http_code}", &url]).await;
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_owned(), body.to_owned())
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_real_session() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let _mailgate = Mailgate::start(&config(&up, imap, smtp, admin, "")).await;
+
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        assert!(client.command(r#"LIST "" "*""#).await.is_ok());
+        let (code, during) = get(admin, "/metrics").await;
+        assert_eq!(code, "200");
+        assert_eq!(
+            metric(&during, r#"mailgate_connections_active{listener="imap"}"#),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &during,
+                r#"mailgate_logins_total{listener="imap",result="ok"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &during,
+                r#"mailgate_token_requests_total{source="auth_server",result="ok"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(&during, r#"mailgate_token_cache_total{result="miss"}"#),
+            1.0
+        );
+        assert!(
+            metric(
+                &during,
+                r#"mailgate_bytes_total{listener="imap",direction="upstream_to_client"}"#
+            ) > 0.0
+        );
+        assert!(during.contains("mailgate_build_info{version="), "{during}");
+
+        let mut second = ImapClient::connect(localhost(imap)).await;
+        assert!(second.login(ACCOUNT, "pw").await.is_ok());
+        up.auth.set_status("nobody", 404);
+        let mut refused = ImapClient::connect(localhost(imap)).await;
+        assert!(!refused.login("nobody", "pw").await.is_ok());
+        client.command("LOGOUT").await;
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let (_, after) = get(admin, "/metrics").await;
+        assert_eq!(
+            metric(&after, r#"mailgate_token_cache_total{result="hit"}"#),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &after,
+                r#"mailgate_logins_total{listener="imap",result="bad_credentials"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &after,
+                r#"mailgate_token_requests_total{source="auth_server",result="refused"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(&after, r#"mailgate_connections_total{listener="imap"}"#),
+            3.0
+        );
+        assert_eq!(
+            metric(&after, r#"mailgate_connections_active{listener="imap"}"#),
+            2.0
+        );
+        assert!(
+            metric(
+                &after,
+                r#"mailgate_session_duration_seconds_count{listener="imap"}"#
+            ) >= 1.0
+        );
+        assert!(
+            after.contains("mailgate_upstream_connect_seconds_count{upstream=\"127.0.0.1:"),
+            "{after}"
+        );
+        assert!(
+            !after.contains(USER) && !after.contains(ACCOUNT),
+            "no account names in labels"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_working_session_then_exits_zero() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut mailgate =
+            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 20s\n")).await;
+        assert_eq!(get(admin, "/readyz").await.0, "200");
+        assert_eq!(get(admin, "/healthz").await.0, "200");
+
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            get(admin, "/readyz").await.0,
+            "503",
+            "not ready while draining"
+        );
+        assert!(
+            tokio::net::TcpStream::connect(localhost(imap))
+                .await
+                .is_err(),
+            "no new connections while draining"
+        );
+
+        // The open session still works, then ends by itself and mailgate exits.
+        assert!(client.command("SELECT INBOX").await.is_ok());
+        assert!(client.command("LOGOUT").await.is_ok());
+        drop(client);
+        assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(0));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_left_after_the_grace_period_get_bye() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut mailgate =
+            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 1s\n")).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        let bye = client.line().await;
+        assert!(bye.starts_with("* BYE"), "{bye}");
+        assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(0));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let original = config(&up, imap, smtp, admin, "config_watch_interval: 0s\n");
+        let mailgate = Mailgate::start(&original).await;
+        let pid = mailgate.pid().unwrap();
+        let mut old_session = ImapClient::connect(localhost(imap)).await;
+        assert!(old_session.login(ACCOUNT, "pw").await.is_ok());
+
+        std::fs::write(mailgate.config_path(), "listeners: [broken\n").unwrap();
+        send_signal(pid, "HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, text) = get(admin, "/metrics").await;
+        assert_eq!(metric(&text, r#"mailgate_config_reloads_total{result="invalid"}"#), 1.0);
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok(), "old config still serves");
+
+        let extra = free_port();
+        let added = original.replacen(
+            "tokens:",
+            &format!(
+                "  - name: imap2\n    protocol: imap\n    listen: \"127.0.0.1:{extra}\"\n    upstream: {{ host: 127.0.0.1, port: {}, tls: none }}\ntokens:",
+                up.dovecot.imap_port
+            ),
+            1,
+        );
+        std::fs::write(mailgate.config_path(), added).unwrap();
+        send_signal(pid, "HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, text) = get(admin, "/metrics").await;
+        assert_eq!(metric(&text, r#"mailgate_config_reloads_total{result="ok"}"#), 1.0, "{}", mailgate.output());
+        let mut new_listener = ImapClient::connect(localhost(extra)).await;
+        assert!(new_listener.login(ACCOUNT, "pw").await.is_ok(), "{}", mailgate.output());
+        assert!(old_session.command("SELECT INBOX").await.is_ok(), "old session untouched");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_changes_are_picked_up_without_a_signal() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let original = config(&up, imap, smtp, admin, "config_watch_interval: 200ms\n");
+        let mailgate = Mailgate::start(&original).await;
+        let moved = free_port();
+        std::fs::write(
+            mailgate.config_path(),
+            original.replace(&format!("127.0.0.1:{imap}"), &format!("127.0.0.1:{moved}")),
+        )
+        .unwrap();
+        let mut waited = Duration::ZERO;
+        while !support::wait_for_port(localhost(moved), Duration::from_millis(100)).await {
+            waited += Duration::from_millis(100);
+            assert!(waited < Duration::from_secs(10), "{}", mailgate.output());
+        }
+        let mut client = ImapClient::connect(localhost(moved)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_session_fields() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut mailgate =
+            Mailgate::start(&config(&up, imap, smtp, admin, "log:\n  format: json\n")).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        client.command("LOGOUT").await;
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        mailgate.stop();
+
+        let logs = mailgate.stderr();
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let closing = lines
+            .iter()
+            .find(|l| l["message"] == "session closed" && l["outcome"] == "closed")
+            .unwrap_or_else(|| panic!("no closing line in {logs}"));
+        let span = &closing["span"];
+        assert_eq!(span["listener"], "imap");
+        assert_eq!(span["account"], ACCOUNT);
+        assert!(
+            span["id"].is_number() && span["client"].is_string(),
+            "{closing}"
+        );
+        assert!(span["upstream"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(closing["bytes_upstream_to_client"].as_u64().unwrap() > 0);
+        assert!(closing["duration_ms"].is_number());
+    })
+    .await;
+}
