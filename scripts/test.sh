@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs the end-to-end dependencies if needed, then runs every test
-# (unit tests, and integration tests against a private Dovecot on 127.0.0.1).
+# (unit tests, and integration tests against a private Dovecot on 127.0.0.1). Benchmarks
+# are not run here: see bench/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
-cargo test --all-targets
+cargo test --no-fail-fast

@@ -48,9 +48,13 @@ pub fn listen_addrs(config_yaml: &str) -> Vec<SocketAddr> {
 }
 
 impl Mailgate {
-    /// The binary cargo built for this package.
-    pub fn binary() -> &'static Path {
-        Path::new(env!("CARGO_BIN_EXE_mailgate"))
+    /// The binary cargo built for this package: cargo names it to tests and benches; the
+    /// demo example, which cargo does not tell, is given it in `MAILGATE_BIN`.
+    pub fn binary() -> PathBuf {
+        option_env!("CARGO_BIN_EXE_mailgate")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("MAILGATE_BIN").map(PathBuf::from))
+            .expect("MAILGATE_BIN names the mailgate binary")
     }
 
     /// Writes `config_yaml` to a file, starts `mailgate serve --config FILE` and waits until
