@@ -410,7 +410,7 @@ impl Session {
                     name: host.into_owned(),
                     extended: false,
                 });
-                Step::Reply(reply::helo(hostname).to_bytes())
+                Step::Reply(reply::helo(hostname))
             }
             Request::Auth {
                 mechanism,

@@ -125,8 +125,9 @@ pub fn ehlo(hostname: &str, extensions: &[String]) -> Vec<u8> {
     out.into_bytes()
 }
 
-pub fn helo(hostname: &str) -> Reply {
-    Reply::new(250, "2.0.0", hostname)
+/// RFC 2034 3: nor does the reply to HELO.
+pub fn helo(hostname: &str) -> Vec<u8> {
+    format!("250 {hostname}\r\n").into_bytes()
 }
 
 pub fn ok() -> Reply {
