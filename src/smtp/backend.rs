@@ -206,14 +206,39 @@ fn auth_mechanisms(extensions: &[String]) -> Vec<String> {
 }
 
 /// A reply as one line of text for errors and the completion, lines joined by `/`.
+///
+/// Some servers echo the offending command in their error text; long words are dropped so an
+/// echoed token or SASL payload cannot reach a log line.
 fn reply_text(reply: &Response<String>) -> String {
     let [class, subject, detail] = reply.esc;
-    let text = reply.message.replace('\n', " / ");
+    let text = reply
+        .message
+        .split('\n')
+        .map(redact_long_words)
+        .collect::<Vec<_>>()
+        .join(" / ");
     if class == 0 {
         format!("{} {text}", reply.code)
     } else {
         format!("{} {class}.{subject}.{detail} {text}", reply.code)
     }
+}
+
+/// Words longer than this in upstream error texts are replaced: base64 of even a short token is
+/// longer, while human-readable words and host names rarely are.
+const MAX_WORD_IN_REPLY: usize = 40;
+
+fn redact_long_words(line: &str) -> String {
+    line.split(' ')
+        .map(|word| {
+            if word.len() > MAX_WORD_IN_REPLY {
+                "[redacted]"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// An upstream stream with the bytes read past the last reply.
@@ -323,6 +348,11 @@ mod tests {
         );
         let too_long = parse("500 5.5.2 Line too long\r\n");
         assert!(matches!(classify(&too_long), BackendError::Protocol(_)));
+        let echo = format!("500 5.5.2 Unknown: AUTH XOAUTH2 {}\r\n", "QUFB".repeat(20));
+        assert_eq!(
+            classify(&parse(&echo)).to_string(),
+            "upstream protocol error: 500 5.5.2 Unknown: AUTH XOAUTH2 [redacted]"
+        );
         let later = parse("454 4.7.0 Temporary failure\r\n");
         assert!(matches!(classify(&later), BackendError::Protocol(_)));
     }
