@@ -99,56 +99,56 @@ where
             }
         };
         deadline = Instant::now() + settings.pre_auth_timeout;
-        let step = match line {
+        let mut step = match line {
             Line::Complete(line) => session.on_line(&line, hostname),
             Line::TooLong => session.on_too_long(hostname),
         };
-        match step {
-            Step::Reply(bytes) => out.extend(bytes),
-            Step::Ehlo => {
-                let upstream = authenticator.smtp_extensions().await;
-                out.extend(reply::ehlo(hostname, &advertised_extensions(&upstream)));
-            }
-            Step::DiscardChunk { bytes, reply } => {
-                lines.discard(bytes);
-                out.extend(reply);
-            }
-            Step::Close(bytes) => {
-                out.extend(bytes);
-                send(&mut client, &mut out, deadline).await?;
-                return Ok(None);
-            }
-            Step::Login(credentials) => {
-                send(&mut client, &mut out, deadline).await?;
-                let account = credentials.account.clone();
-                let request = LoginRequest {
-                    credentials,
-                    helo: session.helo_name(),
-                };
-                match authenticator.login(request).await {
-                    Ok(upstream) => {
-                        out.extend(reply::authenticated().to_bytes());
-                        deadline = Instant::now() + settings.pre_auth_timeout;
-                        send(&mut client, &mut out, deadline).await?;
-                        tracing::info!(%account, "client authenticated");
-                        return Ok(Some(Handoff {
-                            client: PrefixedIo::new(lines.into_rest(), client),
-                            upstream,
-                            account,
-                        }));
-                    }
-                    Err(error) => {
-                        tracing::info!(%account, %error, "client login failed");
-                        deadline = Instant::now() + settings.pre_auth_timeout;
-                        if let Step::Close(bytes) = session.on_login_failed(error, hostname) {
-                            out.extend(bytes);
+        // A failed login yields a further step, so steps are dispatched until one settles.
+        loop {
+            match step {
+                Step::Reply(bytes) => out.extend(bytes),
+                Step::Ehlo => {
+                    let upstream = authenticator.smtp_extensions().await;
+                    out.extend(reply::ehlo(hostname, &advertised_extensions(&upstream)));
+                }
+                Step::DiscardChunk { bytes, reply } => {
+                    lines.discard(bytes);
+                    out.extend(reply);
+                }
+                Step::Close(bytes) => {
+                    out.extend(bytes);
+                    send(&mut client, &mut out, deadline).await?;
+                    return Ok(None);
+                }
+                Step::Login(credentials) => {
+                    send(&mut client, &mut out, deadline).await?;
+                    let account = credentials.account.clone();
+                    let request = LoginRequest {
+                        credentials,
+                        helo: session.helo_name(),
+                    };
+                    let result = authenticator.login(request).await;
+                    deadline = Instant::now() + settings.pre_auth_timeout;
+                    match result {
+                        Ok(upstream) => {
+                            out.extend(reply::authenticated().to_bytes());
                             send(&mut client, &mut out, deadline).await?;
-                            return Ok(None);
+                            tracing::info!(%account, "client authenticated");
+                            return Ok(Some(Handoff {
+                                client: PrefixedIo::new(lines.into_rest(), client),
+                                upstream,
+                                account,
+                            }));
                         }
-                        out.extend(reply::failure(Failure::Login(error), hostname).to_bytes());
+                        Err(error) => {
+                            tracing::info!(%account, %error, "client login failed");
+                            step = session.on_login_failed(error, hostname);
+                            continue;
+                        }
                     }
                 }
             }
+            break;
         }
     }
 }
