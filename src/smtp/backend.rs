@@ -1,1 +1,359 @@
-//! TODO
+//! The upstream side: greeting, EHLO, optional STARTTLS (RFC 3207), then SASL AUTH with a
+//! bearer token or password (RFC 4954, RFC 7628), leaving an authenticated stream.
+//!
+//! Replies are framed with smtp-proto's incremental `ResponseReceiver`: it handles multi-line
+//! replies, keeps the extension lines as text (`EhloResponse` would fold unknown keywords into
+//! a bitmask) and caps a reply at `MAX_RESPONSE_LENGTH` bytes.
+
+use std::io;
+use std::time::Duration;
+
+use smtp_proto::Response;
+use smtp_proto::response::parser::{MAX_RESPONSE_LENGTH, ResponseReceiver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::TlsMode;
+use crate::io::{BoxedIo, PrefixedIo};
+use crate::proxy::{BackendError, Upstream, UpstreamAuth};
+use crate::sasl::{self, Mechanism};
+use crate::secret::Secret;
+use crate::upstream::Connector;
+
+/// RFC 5321 4.5.3.1.4: servers need not accept command lines over 512 octets (CRLF included);
+/// Dovecot refuses AUTH lines over about 1020. Longer initial responses go after a `334`.
+pub const MAX_INITIAL_RESPONSE_LINE: usize = 512;
+/// How long mailgate waits for any one upstream reply. Dovecot delays a refusal by about 2 s
+/// and up to 15 s under its auth penalty; RFC 5321 4.5.3.2 allows servers minutes, but a
+/// client waiting at a login prompt does not.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read from the upstream at once.
+const READ_CHUNK: usize = 4096;
+
+/// Logs in upstream and returns the authenticated stream with the final `235` reply.
+///
+/// # Errors
+/// [`BackendError::Rejected`] for a refused login (`535` and other non-syntax `5xx`),
+/// [`BackendError::NoMechanism`] when no usable AUTH mechanism is offered,
+/// [`BackendError::Protocol`] for unexpected or temporary (`4xx`) replies,
+/// [`BackendError::Io`] when the connection fails, closes, or a reply times out.
+pub async fn login(
+    connector: &Connector,
+    auth: &UpstreamAuth,
+    helo: &str,
+) -> Result<Upstream, BackendError> {
+    let (mut connection, extensions) = open(connector, helo).await?;
+    let offered = auth_mechanisms(&extensions);
+    let offers = |name: &str| offered.iter().any(|offer| offer == name);
+    let (name, message, acknowledgement) = match auth {
+        UpstreamAuth::Bearer { user, token } => {
+            let mechanism = Mechanism::choose(connector.mechanism(), offers)
+                .ok_or(BackendError::NoMechanism)?;
+            let message =
+                mechanism.initial_response(user, token, connector.host(), connector.port());
+            (
+                mechanism.name(),
+                message,
+                Some(mechanism.failure_acknowledgement()),
+            )
+        }
+        UpstreamAuth::Password { user, password } => {
+            if !offers("PLAIN") {
+                return Err(BackendError::NoMechanism);
+            }
+            ("PLAIN", sasl::plain_message(user, password), None)
+        }
+    };
+    let reply = authenticate(&mut connection, name, &message, acknowledgement).await?;
+    if reply.code != 235 {
+        return Err(classify(&reply));
+    }
+    Ok(Upstream {
+        completion: reply_text(&reply),
+        io: connection.into_io(),
+    })
+}
+
+/// Connects, reads the greeting, says EHLO (again after STARTTLS when configured) and returns
+/// the extension lines as sent, without the host name line; then QUITs.
+///
+/// # Errors
+/// As for [`login`], except that no authentication is attempted.
+pub async fn probe_extensions(
+    connector: &Connector,
+    helo: &str,
+) -> Result<Vec<String>, BackendError> {
+    let (mut connection, extensions) = open(connector, helo).await?;
+    // A polite goodbye; the extensions are already known, so its failure does not matter.
+    if connection.command(b"QUIT\r\n").await.is_err() {
+        tracing::debug!("upstream did not answer QUIT");
+    }
+    Ok(extensions)
+}
+
+/// The part of a session shared by [`login`] and [`probe_extensions`].
+async fn open(
+    connector: &Connector,
+    helo: &str,
+) -> Result<(Connection, Vec<String>), BackendError> {
+    let mut connection = Connection::new(connector.connect().await?);
+    expect(connection.read_reply().await?, 220)?;
+    let ehlo = format!("EHLO {helo}\r\n");
+    let mut extensions = ehlo_extensions(connection.command(ehlo.as_bytes()).await?)?;
+    if connector.tls_mode() == TlsMode::Starttls {
+        expect(connection.command(b"STARTTLS\r\n").await?, 220)?;
+        // RFC 3207 6: bytes received before the handshake must not be trusted after it.
+        if !connection.buffer.is_empty() {
+            return Err(BackendError::Protocol(
+                "upstream sent data after its STARTTLS reply".to_owned(),
+            ));
+        }
+        connection.io = connector.start_tls(connection.io).await?;
+        // RFC 3207 4.2: everything learnt before TLS is discarded.
+        extensions = ehlo_extensions(connection.command(ehlo.as_bytes()).await?)?;
+    }
+    Ok((connection, extensions))
+}
+
+/// Sends the AUTH command and SASL response; returns the final reply.
+async fn authenticate(
+    connection: &mut Connection,
+    name: &str,
+    message: &Secret<Vec<u8>>,
+    acknowledgement: Option<&[u8]>,
+) -> Result<Response<String>, BackendError> {
+    let encoded = sasl::encode_base64(message);
+    let with_initial = Secret::new(format!("AUTH {name} {}\r\n", encoded.expose()));
+    let reply = if with_initial.expose().len() <= MAX_INITIAL_RESPONSE_LINE {
+        connection.command(with_initial.expose().as_bytes()).await?
+    } else {
+        let ready = connection
+            .command(format!("AUTH {name}\r\n").as_bytes())
+            .await?;
+        if ready.code != 334 {
+            return Err(classify(&ready));
+        }
+        let response = Secret::new(format!("{}\r\n", encoded.expose()));
+        connection.command(response.expose().as_bytes()).await?
+    };
+    if reply.code != 334 {
+        return Ok(reply);
+    }
+    // RFC 7628 3.2.3: a challenge after the token reports the error; the client acknowledges
+    // it and the server then sends its final failure. PLAIN has no such step: cancel.
+    let answer = match acknowledgement {
+        Some(bytes) => {
+            let encoded = sasl::encode_base64(&Secret::new(bytes.to_vec()));
+            format!("{}\r\n", encoded.expose())
+        }
+        None => "*\r\n".to_owned(),
+    };
+    let last = connection.command(answer.as_bytes()).await?;
+    if last.code == 235 {
+        return Err(BackendError::Protocol(
+            "upstream accepted after an error challenge".to_owned(),
+        ));
+    }
+    Ok(last)
+}
+
+/// Classifies a reply that is not the expected one.
+///
+/// `5xx` is a refusal, except `50x` (RFC 5321 4.2.1: syntax, or not implemented), which means
+/// mailgate spoke wrongly and a fresh token would not help; `4xx` is temporary.
+fn classify(reply: &Response<String>) -> BackendError {
+    let text = reply_text(reply);
+    match reply.code {
+        500..=509 => BackendError::Protocol(text),
+        510..=599 => BackendError::Rejected(text),
+        _ => BackendError::Protocol(text),
+    }
+}
+
+fn expect(reply: Response<String>, code: u16) -> Result<Response<String>, BackendError> {
+    if reply.code == code {
+        Ok(reply)
+    } else {
+        Err(classify(&reply))
+    }
+}
+
+/// The extension lines of a `250` EHLO reply, after the host name line.
+fn ehlo_extensions(reply: Response<String>) -> Result<Vec<String>, BackendError> {
+    let reply = expect(reply, 250)?;
+    Ok(reply
+        .message
+        .split('\n')
+        .skip(1)
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Upper-cased mechanism names from the `AUTH` extension line (RFC 4954 3).
+fn auth_mechanisms(extensions: &[String]) -> Vec<String> {
+    extensions
+        .iter()
+        .filter_map(|line| {
+            let mut words = line.split_ascii_whitespace();
+            let keyword = words.next()?;
+            keyword
+                .eq_ignore_ascii_case("AUTH")
+                .then(|| words.map(str::to_ascii_uppercase).collect::<Vec<_>>())
+        })
+        .flatten()
+        .collect()
+}
+
+/// A reply as one line of text for errors and the completion, lines joined by `/`.
+///
+/// Some servers echo the offending command in their error text; long words are dropped so an
+/// echoed token or SASL payload cannot reach a log line.
+fn reply_text(reply: &Response<String>) -> String {
+    let [class, subject, detail] = reply.esc;
+    let text = reply
+        .message
+        .split('\n')
+        .map(redact_long_words)
+        .collect::<Vec<_>>()
+        .join(" / ");
+    if class == 0 {
+        format!("{} {text}", reply.code)
+    } else {
+        format!("{} {class}.{subject}.{detail} {text}", reply.code)
+    }
+}
+
+/// Words longer than this in upstream error texts are replaced: base64 of even a short token is
+/// longer, while human-readable words and host names rarely are.
+const MAX_WORD_IN_REPLY: usize = 40;
+
+fn redact_long_words(line: &str) -> String {
+    line.split(' ')
+        .map(|word| {
+            if word.len() > MAX_WORD_IN_REPLY {
+                "[redacted]"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// An upstream stream with the bytes read past the last reply.
+struct Connection {
+    io: BoxedIo,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    fn new(io: BoxedIo) -> Self {
+        Self {
+            io,
+            buffer: Vec::new(),
+        }
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Result<Response<String>, BackendError> {
+        self.io.write_all(line).await?;
+        self.io.flush().await?;
+        self.read_reply().await
+    }
+
+    /// Reads one complete reply, multi-line included; bytes after it stay buffered.
+    async fn read_reply(&mut self) -> Result<Response<String>, BackendError> {
+        tokio::time::timeout(REPLY_TIMEOUT, self.receive())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream reply timed out"))?
+    }
+
+    async fn receive(&mut self) -> Result<Response<String>, BackendError> {
+        let mut receiver = ResponseReceiver::default();
+        loop {
+            let mut bytes = self.buffer.iter();
+            let result = receiver.parse(&mut bytes);
+            let consumed = self.buffer.len() - bytes.len();
+            self.buffer.drain(..consumed);
+            match result {
+                Ok(reply) => return Ok(reply),
+                Err(smtp_proto::Error::NeedsMoreData { .. }) => self.fill().await?,
+                Err(smtp_proto::Error::ResponseTooLong) => {
+                    return Err(BackendError::Protocol(format!(
+                        "upstream reply longer than {MAX_RESPONSE_LENGTH} bytes"
+                    )));
+                }
+                Err(error) => {
+                    return Err(BackendError::Protocol(format!(
+                        "malformed upstream reply: {error:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = self.io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed the connection",
+            ));
+        }
+        self.buffer.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// The stream, replaying anything the upstream sent after the last reply.
+    fn into_io(self) -> BoxedIo {
+        if self.buffer.is_empty() {
+            self.io
+        } else {
+            Box::new(PrefixedIo::new(self.buffer, self.io))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Response<String> {
+        ResponseReceiver::default()
+            .parse(&mut text.as_bytes().iter())
+            .unwrap()
+    }
+
+    #[test]
+    fn multi_line_ehlo_keeps_lines_as_text() {
+        let reply = parse("250-mx.example\r\n250-8BITMIME\r\n250-SIZE 100\r\n250 AUTH XOAUTH2\r\n");
+        assert_eq!(
+            ehlo_extensions(reply).unwrap(),
+            ["8BITMIME", "SIZE 100", "AUTH XOAUTH2"]
+        );
+    }
+
+    #[test]
+    fn mechanisms_from_the_auth_line() {
+        let lines = vec!["SIZE 1".to_owned(), "auth xoauth2 OAuthBearer".to_owned()];
+        assert_eq!(auth_mechanisms(&lines), ["XOAUTH2", "OAUTHBEARER"]);
+    }
+
+    #[test]
+    fn classification() {
+        let refused = parse("535 5.7.8 Authentication failed\r\n");
+        assert!(
+            matches!(classify(&refused), BackendError::Rejected(text) if text == "535 5.7.8 Authentication failed")
+        );
+        let too_long = parse("500 5.5.2 Line too long\r\n");
+        assert!(matches!(classify(&too_long), BackendError::Protocol(_)));
+        let echo = format!("500 5.5.2 Unknown: AUTH XOAUTH2 {}\r\n", "QUFB".repeat(20));
+        assert_eq!(
+            classify(&parse(&echo)).to_string(),
+            "upstream protocol error: 500 5.5.2 Unknown: AUTH XOAUTH2 [redacted]"
+        );
+        let later = parse("454 4.7.0 Temporary failure\r\n");
+        assert!(matches!(classify(&later), BackendError::Protocol(_)));
+    }
+}
