@@ -464,13 +464,34 @@ async fn accept_loop(
     }
 }
 
+/// Why mailgate itself ends a session.
+#[derive(Clone, Copy)]
+enum Closing {
+    TooManyConnections,
+    ShuttingDown,
+}
+
+/// The protocol's untagged goodbye: IMAP `* BYE`, SMTP `421`.
+fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
+    match (runtime.proxy.protocol, closing) {
+        (Protocol::Imap, Closing::TooManyConnections) => {
+            imap::reply::too_many_connections().into_bytes()
+        }
+        (Protocol::Imap, Closing::ShuttingDown) => imap::reply::shutting_down().into_bytes(),
+        (Protocol::Smtp, closing) => {
+            let failure = match closing {
+                Closing::TooManyConnections => smtp::reply::Failure::TooManyConnections,
+                Closing::ShuttingDown => smtp::reply::Failure::ShuttingDown,
+            };
+            smtp::reply::failure(failure, &runtime.settings.hostname).to_bytes()
+        }
+    }
+}
+
 /// Tells a client over the connection limit to come back later, then closes.
 async fn refuse(mut stream: TcpStream, runtime: Arc<ListenerRuntime>) {
-    let reply = match runtime.proxy.protocol {
-        Protocol::Imap => imap::reply::too_many_connections(),
-        Protocol::Smtp => smtp::reply::too_many_connections(&runtime.settings.hostname),
-    };
-    let _ = stream.write_all(reply.as_bytes()).await;
+    let reply = closing_reply(&runtime, Closing::TooManyConnections);
+    let _ = stream.write_all(&reply).await;
 }
 
 /// Decrements the active-connection gauge however the session ends.
@@ -557,11 +578,8 @@ async fn relay(
     )
     .await;
     if matches!(end, Ok(crate::splice::SpliceEnd::Stopped)) {
-        let goodbye = match runtime.proxy.protocol {
-            Protocol::Imap => imap::reply::shutting_down(),
-            Protocol::Smtp => smtp::reply::shutting_down(&runtime.settings.hostname),
-        };
-        let _ = handoff.client.write_all(goodbye.as_bytes()).await;
+        let goodbye = closing_reply(runtime, Closing::ShuttingDown);
+        let _ = handoff.client.write_all(&goodbye).await;
         let _ = handoff.client.shutdown().await;
     }
     let duration = started.elapsed();

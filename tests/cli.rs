@@ -98,7 +98,11 @@ fn unknown_keys_and_bad_values_name_their_path() {
 #[test]
 fn serve_refuses_a_bad_config_with_64_and_the_config_may_come_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(&dir, "bad.yaml", "listeners: []\n");
+    let path = write(
+        &dir,
+        "bad.yaml",
+        "listeners: []\ntokens: { auth_server: { url: \"http://127.0.0.1:1/t\" } }\n",
+    );
     let out = mailgate(&["serve", "--config", &path]);
     assert_eq!(out.status.code(), Some(64));
     let errors = String::from_utf8(out.stderr).unwrap();

@@ -219,7 +219,10 @@ async fn smtp_mail_sent_through_mailgate_arrives() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
         let token = up.auth.grant(ACCOUNT, USER);
-        for route in [&SUBMISSION_STARTTLS_AUTO, &SUBMISSIONS_OAUTHBEARER] {
+        for (sent, route) in [&SUBMISSION_STARTTLS_AUTO, &SUBMISSIONS_OAUTHBEARER]
+            .into_iter()
+            .enumerate()
+        {
             let (mailgate, address) = start(&up, route).await;
             let message = mailgate.dir().join("mail.eml");
             let subject = format!("sent-through-mailgate-{}", route.tls);
@@ -254,17 +257,21 @@ async fn smtp_mail_sent_through_mailgate_arrives() {
             );
             let received = up
                 .sink
-                .wait_for_message(std::time::Duration::from_secs(10))
-                .await;
+                .wait_for_messages(sent + 1, std::time::Duration::from_secs(10))
+                .await
+                .and_then(|mut messages| messages.pop())
+                .expect("the mail arrives at the sink");
             assert!(received.data_str().contains(&subject), "{received:?}");
             assert_eq!(received.rcpts, ["bob@example.test"]);
             mailgate.assert_not_logged(&token);
             mailgate.assert_not_logged(PASSWORD);
         }
+        let log = up.dovecot.log();
         assert!(
-            up.dovecot.log().contains("xoauth2"),
-            "auto picks XOAUTH2 first"
+            log.contains("\tXOAUTH2\tservice=submission"),
+            "auto picks XOAUTH2: {log}"
         );
+        assert!(log.contains("\tOAUTHBEARER\tservice=submission"), "{log}");
     })
     .await;
 }

@@ -68,6 +68,10 @@ pub enum Failure {
     TooManyAuthFailures,
     #[error("pre-authentication timeout")]
     Timeout,
+    #[error("listener at its connection limit")]
+    TooManyConnections,
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 /// The one place deciding how a failure looks on the wire.
@@ -104,6 +108,15 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
             "Too many authentication failures, closing connection",
         ),
         Failure::Timeout => Reply::new(421, "4.4.2", format!("{hostname} Timeout")),
+        Failure::TooManyConnections => Reply::new(
+            421,
+            "4.7.0",
+            format!("{hostname} Too many connections, try again later"),
+        ),
+        // RFC 3463 4.3.2: system not accepting network messages.
+        Failure::ShuttingDown => {
+            Reply::new(421, "4.3.2", format!("{hostname} Service shutting down"))
+        }
     }
 }
 
