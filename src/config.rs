@@ -325,6 +325,24 @@ impl Config {
             {
                 problems.add(format!("{key}.listen"), "address used by another listener");
             }
+            if self.metrics.as_ref().map(|m| m.listen) == Some(listener.listen) {
+                problems.add(format!("{key}.listen"), "address used by metrics.listen");
+            }
+            if listener.max_connections == 0 {
+                problems.add(format!("{key}.max_connections"), "must be at least 1");
+            }
+            for (name, value) in [
+                ("pre_auth_timeout", listener.pre_auth_timeout),
+                ("idle_timeout", listener.idle_timeout),
+                (
+                    "upstream.connect_timeout",
+                    listener.upstream.connect_timeout,
+                ),
+            ] {
+                if value.is_zero() {
+                    problems.add(format!("{key}.{name}"), "must be longer than 0s");
+                }
+            }
             let upstream = &listener.upstream;
             if upstream.host.trim().is_empty() {
                 problems.add(format!("{key}.upstream.host"), "must not be empty");
@@ -342,6 +360,14 @@ impl Config {
 
     fn resolve_tokens(&mut self, problems: &mut Problems) {
         let cache = &self.tokens.cache;
+        if self
+            .tokens
+            .auth_server
+            .as_ref()
+            .is_some_and(|a| a.timeout.is_zero())
+        {
+            problems.add("tokens.auth_server.timeout", "must be longer than 0s");
+        }
         if cache.max_entries == 0 {
             problems.add("tokens.cache.max_entries", "must be at least 1");
         }
@@ -399,7 +425,9 @@ impl Config {
             }
         }
         for (account, hash) in &client_auth.accounts {
-            if argon2::PasswordHash::new(hash.expose()).is_err() {
+            let is_argon2 = argon2::PasswordHash::new(hash.expose())
+                .is_ok_and(|parsed| parsed.algorithm.as_str().starts_with("argon2"));
+            if !is_argon2 {
                 problems.add(
                     format!("client_auth.accounts.{account}"),
                     "not an argon2 PHC string ($argon2id$...)",
@@ -627,6 +655,33 @@ tokens:
         assert!(!format!("{problems:?}").contains("s3cret"));
         let config = Config::parse(&MINIMAL.replace("http://", "http://u:s3cret@")).unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn zero_timeouts_and_shared_addresses_are_refused() {
+        let text = MINIMAL.replace("tls: none", "tls: none, connect_timeout: 0s")
+            + "metrics: { listen: \"127.0.0.1:1143\" }\n";
+        let keys: Vec<_> = check(&text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "listeners[0].upstream.connect_timeout",
+                "listeners[0].listen"
+            ]
+        );
+    }
+
+    #[test]
+    fn static_mode_refuses_other_hash_algorithms() {
+        let text = format!(
+            "{MINIMAL}client_auth:\n  mode: static\n  accounts:\n    alice: \"$pbkdf2-sha256$i=1000$c2FsdA$aGFzaA\"\n"
+        );
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "client_auth.accounts.alice");
     }
 
     #[test]

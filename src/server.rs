@@ -264,7 +264,9 @@ impl Server {
         for (name, _) in running {
             tracing::info!(listener = %name, "listener closed");
         }
-        if let Some(admin) = admin {
+        if config.metrics.is_none() {
+            self.admin = None;
+        } else if let Some(admin) = admin {
             self.admin = Some(admin);
         }
         self.shared = shared;

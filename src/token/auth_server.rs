@@ -49,7 +49,8 @@ impl AuthServer {
     ) -> Result<Self, String> {
         let mut url = url::Url::parse(config.url.expose())
             .map_err(|_| "tokens.auth_server.url: not a URL".to_owned())?;
-        let basic_auth = (!url.username().is_empty()).then(|| {
+        // A password alone (e.g. from password_file) still means basic auth, with an empty user.
+        let basic_auth = (!url.username().is_empty() || url.password().is_some()).then(|| {
             let user = percent_decode(url.username());
             let password = Secret::new(url.password().map(percent_decode).unwrap_or_default());
             (user, password)
