@@ -669,8 +669,8 @@ tokens:
         assert_eq!(
             keys,
             [
-                "listeners[0].upstream.connect_timeout",
-                "listeners[0].listen"
+                "listeners[0].listen",
+                "listeners[0].upstream.connect_timeout"
             ]
         );
     }
