@@ -1,12 +1,14 @@
 //! The IMAP client side before authentication: greeting, the commands of the not-authenticated
 //! state (RFC 9051 6.1, 6.2), LOGIN and AUTHENTICATE PLAIN/LOGIN, then a handoff to the splice.
 
+use std::borrow::Cow;
 use std::io;
 
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::secret::Secret as CodecSecret;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -26,8 +28,8 @@ pub const MAX_MESSAGE_SIZE: u32 = 16 * 1024;
 /// enough to shed a peer that is not speaking IMAP at all.
 pub const MAX_BAD_COMMANDS: u32 = 10;
 
-/// Failed logins per connection before `* BYE`, so guessing passwords costs a reconnect each
-/// time (the same order as Dovecot's imap-login).
+/// Failed logins per connection before `* BYE`: a typo or two is forgiven, while password
+/// guessing costs a reconnect every few tries.
 pub const MAX_LOGIN_FAILURES: u32 = 3;
 
 /// Runs the session until the client has logged in, logged out, closed, or idled too long.
@@ -283,9 +285,7 @@ impl Session {
         &mut self,
         tag: String,
         mechanism: &AuthMechanism<'_>,
-        initial_response: Option<
-            imap_codec::imap_types::secret::Secret<std::borrow::Cow<'_, [u8]>>,
-        >,
+        initial_response: Option<CodecSecret<Cow<'_, [u8]>>>,
     ) -> (State, Action) {
         let initial_response =
             initial_response.map(|response| Secret::new(response.declassify().to_vec()));
