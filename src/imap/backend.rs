@@ -1,1 +1,711 @@
-//! TODO
+//! IMAP upstream login: greeting, STARTTLS if configured, capabilities, then AUTHENTICATE with
+//! a bearer token (XOAUTH2 / OAUTHBEARER) or a password, leaving the stream ready to splice.
+
+use std::io;
+use std::time::Duration;
+
+use imap_codec::decode::Decoder;
+use imap_codec::encode::{Encoder, Fragment};
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::response::{
+    Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
+};
+use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
+use tokio::io::AsyncWriteExt;
+
+use super::framer::Framer;
+use crate::config::TlsMode;
+use crate::io::{BoxedIo, PrefixedIo};
+use crate::proxy::{BackendError, Upstream, UpstreamAuth};
+use crate::sasl::{self, Mechanism};
+use crate::secret::Secret;
+use crate::upstream::Connector;
+
+/// Largest upstream response read during login. Greetings and CAPABILITY lines are a few
+/// hundred bytes; this bounds what a misbehaving server can make us hold.
+const MAX_RESPONSE_SIZE: u32 = 64 * 1024;
+
+/// How long to wait for upstream bytes during login. Dovecot answers a refused token about 2 s
+/// late and delays repeated failures up to 15 s; twice that still catches a dead server.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Logs in upstream and returns the stream in the authenticated state.
+///
+/// [`Upstream::completion`] is the upstream's tagged OK after the tag, e.g.
+/// `OK [CAPABILITY IMAP4rev1 ...] Logged in`, for the front end to relay under the client's tag.
+/// Bytes the upstream sent after that line stay in [`Upstream::io`].
+///
+/// # Errors
+/// - [`BackendError::Rejected`]: the upstream answered the login with `NO`.
+/// - [`BackendError::NoMechanism`]: no mechanism both sides speak.
+/// - [`BackendError::Protocol`]: an unexpected greeting or response, `BAD`, `BYE`.
+/// - [`BackendError::Io`]: connect, TLS, read or write failed, or the upstream went silent.
+pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstream, BackendError> {
+    let mut connection = Connection::new(connector.connect().await?);
+    let mut capabilities = connection.greeting().await?;
+    if connector.tls_mode() == TlsMode::Starttls {
+        let plain = connection.starttls().await?;
+        connection = Connection::new(connector.start_tls(plain).await?);
+        // RFC 9051 6.2.1: capabilities learnt before TLS must be forgotten.
+        capabilities = None;
+    }
+    let capabilities = match capabilities {
+        Some(capabilities) => capabilities,
+        None => connection.capability().await?,
+    };
+    let completion = match auth {
+        UpstreamAuth::Bearer { user, token } => {
+            let mechanism = Mechanism::choose(connector.mechanism(), |name| {
+                capabilities.offers_mechanism(name)
+            })
+            .ok_or(BackendError::NoMechanism)?;
+            let message =
+                mechanism.initial_response(user, token, connector.host(), connector.port());
+            let exchange = Sasl {
+                mechanism: mechanism.name(),
+                response: sasl::encode_base64(&message),
+                initial_response: capabilities.has("SASL-IR"),
+                acknowledgement: Some(mechanism.failure_acknowledgement()),
+            };
+            connection.authenticate(exchange).await?
+        }
+        UpstreamAuth::Password { user, password } => {
+            connection.password(&capabilities, user, password).await?
+        }
+    };
+    let completion = completion.into_result()?;
+    Ok(Upstream {
+        io: connection.into_io(),
+        completion,
+    })
+}
+
+/// Capability names as the upstream advertised them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Capabilities(Vec<String>);
+
+impl Capabilities {
+    fn from_codec(list: &[Capability<'_>]) -> Self {
+        Self(list.iter().map(ToString::to_string).collect())
+    }
+
+    /// Capability names compare case-insensitively (RFC 9051 7.2.2).
+    fn has(&self, name: &str) -> bool {
+        self.0
+            .iter()
+            .any(|offered| offered.eq_ignore_ascii_case(name))
+    }
+
+    fn offers_mechanism(&self, mechanism: &str) -> bool {
+        self.has(&format!("AUTH={mechanism}"))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What one upstream response means to the login.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// A continuation request (`+ ...`).
+    Continue,
+    /// The tagged completion of our command.
+    Done(Completion),
+    /// An untagged CAPABILITY response.
+    Capabilities(Capabilities),
+    /// The upstream is closing.
+    Bye(String),
+    /// Another untagged response, which the login does not need.
+    Other,
+}
+
+/// A tagged completion.
+#[derive(Debug, PartialEq, Eq)]
+struct Completion {
+    kind: StatusKind,
+    /// The line after the tag, without CRLF: `OK [CAPABILITY ...] Logged in`.
+    line: String,
+    /// The text after any response code.
+    text: String,
+    has_code: bool,
+}
+
+impl Completion {
+    /// # Errors
+    /// `NO` is a rejection, `BAD` a protocol error.
+    fn into_result(self) -> Result<String, BackendError> {
+        match self.kind {
+            StatusKind::Ok => Ok(self.line),
+            StatusKind::No => Err(BackendError::Rejected(self.line)),
+            StatusKind::Bad => Err(BackendError::Protocol(self.line)),
+        }
+    }
+
+    /// Adds the capabilities announced in an untagged response to a bare `OK`, so clients that
+    /// only look at the completion (RFC 9051 6.2.2 allows it) still learn them.
+    fn with_capabilities(mut self, capabilities: Option<Capabilities>) -> Self {
+        if let (StatusKind::Ok, false, Some(capabilities)) =
+            (self.kind, self.has_code, capabilities)
+        {
+            self.line = format!("OK [CAPABILITY {}] {}", capabilities.0.join(" "), self.text);
+            self.has_code = true;
+        }
+        self
+    }
+}
+
+/// Interprets a decoded response; `message` is its raw bytes, `tag` the tag we wait for.
+fn classify(response: &Response<'_>, message: &[u8], tag: &str) -> Result<Event, BackendError> {
+    let event = match response {
+        Response::CommandContinuationRequest(_) => Event::Continue,
+        Response::Data(Data::Capability(list)) => {
+            Event::Capabilities(Capabilities::from_codec(list.as_ref()))
+        }
+        Response::Status(Status::Bye(bye)) => Event::Bye(bye.text.as_ref().to_owned()),
+        Response::Status(Status::Tagged(tagged)) if tagged.tag.as_ref() == tag => {
+            let line = message.get(tag.len() + 1..).unwrap_or_default();
+            let line = String::from_utf8_lossy(line).trim_end().to_owned();
+            Event::Done(Completion {
+                kind: tagged.body.kind,
+                line,
+                text: tagged.body.text.as_ref().to_owned(),
+                has_code: tagged.body.code.is_some(),
+            })
+        }
+        Response::Status(Status::Tagged(tagged)) => {
+            return Err(BackendError::Protocol(format!(
+                "response for unknown tag {:?}",
+                tagged.tag.as_ref()
+            )));
+        }
+        Response::Data(_) | Response::Status(Status::Untagged(_)) => Event::Other,
+    };
+    Ok(event)
+}
+
+/// Capabilities from a greeting, if it carried any; `Err` unless the greeting is `OK`.
+fn greeting_capabilities(message: &[u8]) -> Result<Option<Capabilities>, BackendError> {
+    let (_, greeting) = GreetingCodec::new()
+        .decode(message)
+        .map_err(|_| BackendError::Protocol("malformed greeting".to_owned()))?;
+    match greeting.kind {
+        GreetingKind::Ok => Ok(match greeting.code {
+            Some(Code::Capability(list)) => Some(Capabilities::from_codec(list.as_ref())),
+            _ => None,
+        }),
+        // PREAUTH would skip our login; BYE means it will not talk to us.
+        GreetingKind::PreAuth | GreetingKind::Bye => Err(BackendError::Protocol(format!(
+            "greeting: {}",
+            greeting.text.as_ref()
+        ))),
+    }
+}
+
+/// One SASL exchange towards the upstream.
+struct Sasl {
+    mechanism: &'static str,
+    /// The base64 response.
+    response: Secret<String>,
+    /// Whether to send the response with the command (RFC 4959 SASL-IR).
+    initial_response: bool,
+    /// What answers an error challenge; `None` cancels the exchange instead.
+    acknowledgement: Option<&'static [u8]>,
+}
+
+/// The upstream stream during login, with its framer and tag counter.
+struct Connection {
+    io: BoxedIo,
+    framer: Framer,
+    tags: u32,
+    /// Capabilities from untagged responses since the last command.
+    announced: Option<Capabilities>,
+}
+
+impl Connection {
+    fn new(io: BoxedIo) -> Self {
+        Self {
+            io,
+            framer: Framer::new(MAX_RESPONSE_SIZE),
+            tags: 0,
+            announced: None,
+        }
+    }
+
+    fn next_tag(&mut self) -> String {
+        self.tags += 1;
+        format!("M{}", self.tags)
+    }
+
+    async fn greeting(&mut self) -> Result<Option<Capabilities>, BackendError> {
+        self.read_message().await?;
+        greeting_capabilities(self.framer.fragmentizer().message_bytes())
+    }
+
+    /// RFC 9051 6.2.1. Returns the plain stream for the TLS handshake.
+    ///
+    /// # Errors
+    /// The upstream refused, or sent bytes after its OK: those would be read as if they had
+    /// come through TLS (the STARTTLS command injection problem, RFC 9051 11.1).
+    async fn starttls(mut self) -> Result<BoxedIo, BackendError> {
+        let tag = self.next_tag();
+        self.send(format!("{tag} STARTTLS\r\n").as_bytes()).await?;
+        self.completion(&tag).await?.into_result()?;
+        let (rest, io) = (self.framer.into_unparsed(), self.io);
+        if !rest.is_empty() {
+            return Err(BackendError::Protocol(
+                "data after the STARTTLS response".to_owned(),
+            ));
+        }
+        Ok(io)
+    }
+
+    async fn capability(&mut self) -> Result<Capabilities, BackendError> {
+        let tag = self.next_tag();
+        self.send(format!("{tag} CAPABILITY\r\n").as_bytes())
+            .await?;
+        self.completion(&tag).await?.into_result()?;
+        self.announced
+            .take()
+            .filter(|capabilities| !capabilities.is_empty())
+            .ok_or_else(|| BackendError::Protocol("no CAPABILITY response".to_owned()))
+    }
+
+    /// Password login: AUTHENTICATE PLAIN when offered, else LOGIN unless LOGINDISABLED.
+    async fn password(
+        &mut self,
+        capabilities: &Capabilities,
+        user: &str,
+        password: &Secret<String>,
+    ) -> Result<Completion, BackendError> {
+        if capabilities.offers_mechanism("PLAIN") {
+            let message = sasl::plain_message(user, password);
+            return self
+                .authenticate(Sasl {
+                    mechanism: "PLAIN",
+                    response: sasl::encode_base64(&message),
+                    initial_response: capabilities.has("SASL-IR"),
+                    acknowledgement: None,
+                })
+                .await;
+        }
+        if capabilities.has("LOGINDISABLED") {
+            return Err(BackendError::NoMechanism);
+        }
+        self.login_command(user, password).await
+    }
+
+    /// RFC 9051 6.2.2. An error challenge after our response (RFC 7628 3.2.2) is answered
+    /// so the server can send its tagged NO.
+    async fn authenticate(&mut self, exchange: Sasl) -> Result<Completion, BackendError> {
+        let tag = self.next_tag();
+        let mechanism = exchange.mechanism;
+        tracing::debug!(mechanism, "authenticating upstream");
+        // RFC 4959: `=` stands for an empty initial response.
+        let response = match exchange.response.expose().as_str() {
+            "" => "=",
+            response => response,
+        };
+        if exchange.initial_response {
+            let command = Secret::new(format!("{tag} AUTHENTICATE {mechanism} {response}\r\n"));
+            self.send(command.expose().as_bytes()).await?;
+        } else {
+            self.send(format!("{tag} AUTHENTICATE {mechanism}\r\n").as_bytes())
+                .await?;
+            if let Some(completion) = self.until_continue(&tag).await? {
+                return Ok(completion);
+            }
+            let line = Secret::new(format!("{}\r\n", exchange.response.expose()));
+            self.send(line.expose().as_bytes()).await?;
+        }
+        if let Some(completion) = self.until_continue(&tag).await? {
+            return Ok(completion);
+        }
+        tracing::debug!(mechanism, "upstream sent an error challenge");
+        let answer = match exchange.acknowledgement {
+            Some(acknowledgement) => {
+                let encoded = sasl::encode_base64(&Secret::new(acknowledgement.to_vec()));
+                format!("{}\r\n", encoded.expose())
+            }
+            // RFC 9051 6.2.2: `*` cancels; the server answers BAD.
+            None => "*\r\n".to_owned(),
+        };
+        self.send(answer.as_bytes()).await?;
+        match self.until_continue(&tag).await? {
+            Some(completion) => Ok(completion),
+            None => Err(BackendError::Protocol(
+                "second challenge after the failure acknowledgement".to_owned(),
+            )),
+        }
+    }
+
+    /// LOGIN with the user name and password as imap-codec encodes them (atom, quoted or
+    /// literal), waiting for the continuation before each synchronizing literal.
+    async fn login_command(
+        &mut self,
+        user: &str,
+        password: &Secret<String>,
+    ) -> Result<Completion, BackendError> {
+        let tag = self.next_tag();
+        let unsendable = || BackendError::Protocol("credentials not sendable with LOGIN".into());
+        let body =
+            CommandBody::login(user, password.expose().as_str()).map_err(|_| unsendable())?;
+        let command = Command::new(tag.as_str(), body).map_err(|_| unsendable())?;
+        tracing::debug!("logging in upstream with LOGIN");
+        for fragment in CommandCodec::new().encode(&command) {
+            let data = match fragment {
+                Fragment::Line { data }
+                | Fragment::Literal {
+                    data,
+                    mode: LiteralMode::NonSync,
+                } => data,
+                Fragment::Literal {
+                    data,
+                    mode: LiteralMode::Sync,
+                } => match self.until_continue(&tag).await? {
+                    // The server refused the literal.
+                    Some(completion) => return Ok(completion),
+                    None => data,
+                },
+            };
+            self.send(Secret::new(data).expose()).await?;
+        }
+        self.completion(&tag).await
+    }
+
+    /// Reads until our tagged completion, collecting untagged capabilities.
+    async fn completion(&mut self, tag: &str) -> Result<Completion, BackendError> {
+        match self.until_continue(tag).await? {
+            Some(completion) => Ok(completion),
+            None => Err(BackendError::Protocol("unexpected continuation".to_owned())),
+        }
+    }
+
+    /// Reads until a continuation request (`None`) or our tagged completion (`Some`).
+    async fn until_continue(&mut self, tag: &str) -> Result<Option<Completion>, BackendError> {
+        loop {
+            self.read_message().await?;
+            let message = self.framer.fragmentizer().message_bytes();
+            let response = match self
+                .framer
+                .fragmentizer()
+                .decode_message(&ResponseCodec::new())
+            {
+                Ok(response) => response,
+                Err(_) => return Err(BackendError::Protocol("malformed response".to_owned())),
+            };
+            match classify(&response, message, tag)? {
+                Event::Continue => return Ok(None),
+                Event::Done(completion) => {
+                    let announced = self.announced.clone();
+                    return Ok(Some(completion.with_capabilities(announced)));
+                }
+                Event::Capabilities(capabilities) => self.announced = Some(capabilities),
+                Event::Bye(text) => return Err(BackendError::Protocol(format!("BYE {text}"))),
+                Event::Other => {}
+            }
+        }
+    }
+
+    /// Reads until the framer holds one complete message.
+    async fn read_message(&mut self) -> Result<(), BackendError> {
+        loop {
+            match self.framer.progress() {
+                Some(_) if self.framer.fragmentizer().is_message_complete() => return Ok(()),
+                Some(_) => continue,
+                None => {}
+            }
+            let filled = tokio::time::timeout(RESPONSE_TIMEOUT, self.framer.fill(&mut self.io))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream went silent"))??;
+            if !filled {
+                return Err(BackendError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.announced = None;
+        self.io.write_all(bytes).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// The stream, replaying whatever the upstream sent after the last response we read.
+    fn into_io(self) -> BoxedIo {
+        let rest = self.framer.into_unparsed();
+        if rest.is_empty() {
+            self.io
+        } else {
+            Box::new(PrefixedIo::new(rest, self.io))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MechanismSetting, UpstreamConfig};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    const DOVECOT_GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED AUTH=XOAUTH2 AUTH=OAUTHBEARER] Dovecot (Debian) ready.\r\n";
+
+    fn event(line: &[u8]) -> Event {
+        let (_, response) = ResponseCodec::new().decode(line).unwrap();
+        classify(&response, line, "M1").unwrap()
+    }
+
+    #[test]
+    fn greeting_capabilities_are_read_case_insensitively() {
+        let capabilities = greeting_capabilities(DOVECOT_GREETING).unwrap().unwrap();
+        assert!(capabilities.has("sasl-ir"));
+        assert!(capabilities.has("LOGINDISABLED"));
+        assert!(capabilities.offers_mechanism("XOAUTH2"));
+        assert!(capabilities.offers_mechanism("OAUTHBEARER"));
+        assert!(!capabilities.offers_mechanism("PLAIN"));
+        assert_eq!(greeting_capabilities(b"* OK ready\r\n").unwrap(), None);
+        assert!(greeting_capabilities(b"* PREAUTH hi\r\n").is_err());
+        assert!(greeting_capabilities(b"* BYE busy\r\n").is_err());
+    }
+
+    #[test]
+    fn error_challenge_is_a_continuation() {
+        // Dovecot's XOAUTH2 refusal: base64 of {"status":"401","schemes":"bearer","scope":"mail"}
+        let challenge =
+            b"+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n";
+        assert_eq!(event(challenge), Event::Continue);
+        assert_eq!(event(b"+ \r\n"), Event::Continue);
+        assert_eq!(event(b"+\r\n"), Event::Continue);
+    }
+
+    #[test]
+    fn tagged_completion_keeps_the_line_after_the_tag() {
+        let Event::Done(done) = event(b"M1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n") else {
+            panic!("not a completion");
+        };
+        assert_eq!(
+            done.into_result().unwrap(),
+            "OK [CAPABILITY IMAP4rev1 IDLE] Logged in"
+        );
+        let Event::Done(done) = event(b"M1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        else {
+            panic!("not a completion");
+        };
+        assert!(
+            matches!(done.into_result(), Err(BackendError::Rejected(text)) if text.contains("AUTHENTICATIONFAILED"))
+        );
+        assert!(matches!(event(b"* BYE going\r\n"), Event::Bye(_)));
+        assert_eq!(event(b"* 3 EXISTS\r\n"), Event::Other);
+        let (_, other) = ResponseCodec::new().decode(b"M9 OK x\r\n").unwrap();
+        assert!(classify(&other, b"M9 OK x\r\n", "M1").is_err());
+    }
+
+    #[test]
+    fn untagged_capabilities_complete_a_bare_ok() {
+        let Event::Capabilities(capabilities) = event(b"* CAPABILITY IMAP4rev1 IDLE\r\n") else {
+            panic!("not capabilities");
+        };
+        let Event::Done(done) = event(b"M1 OK Logged in\r\n") else {
+            panic!("not a completion");
+        };
+        let line = done
+            .with_capabilities(Some(capabilities))
+            .into_result()
+            .unwrap();
+        assert_eq!(line, "OK [CAPABILITY IMAP4REV1 IDLE] Logged in");
+    }
+
+    // A scripted upstream on loopback.
+
+    async fn upstream(mechanism: MechanismSetting) -> (Connector, TcpListener) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = UpstreamConfig {
+            host: "127.0.0.1".to_owned(),
+            port: listener.local_addr().unwrap().port(),
+            tls: TlsMode::None,
+            ca_file: None,
+            system_roots: false,
+            mechanism,
+            connect_timeout: Duration::from_secs(5),
+        };
+        (Connector::new(&config).unwrap(), listener)
+    }
+
+    /// Accepts one connection, plays `script` (`S:` lines are sent, `C:` lines expected, `C: (any)`
+    /// matches any line), closes.
+    async fn play(listener: TcpListener, script: &'static [&'static str]) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        for step in script {
+            if let Some(line) = step.strip_prefix("S: ") {
+                stream.get_mut().write_all(line.as_bytes()).await.unwrap();
+            } else if let Some(expected) = step.strip_prefix("C: ") {
+                let mut line = String::new();
+                stream.read_line(&mut line).await.unwrap();
+                if expected != "(any)" {
+                    assert_eq!(line, expected);
+                }
+            }
+        }
+    }
+
+    fn bearer(token: &str) -> UpstreamAuth {
+        UpstreamAuth::Bearer {
+            user: "a@b.c".to_owned(),
+            token: Secret::new(token.to_owned()),
+        }
+    }
+
+    async fn run(
+        mechanism: MechanismSetting,
+        auth: UpstreamAuth,
+        script: &'static [&'static str],
+    ) -> Result<Upstream, BackendError> {
+        let (connector, listener) = upstream(mechanism).await;
+        let server = tokio::spawn(play(listener, script));
+        let result = tokio::time::timeout(Duration::from_secs(5), login(&connector, &auth))
+            .await
+            .unwrap();
+        if let Ok(mut upstream) = result {
+            let mut rest = vec![0u8; 64];
+            let n = upstream.io.read(&mut rest).await.unwrap();
+            rest.truncate(n);
+            drop(upstream.io);
+            server.await.unwrap();
+            return Ok(Upstream {
+                io: Box::new(tokio::io::empty()),
+                completion: format!(
+                    "{}|{}",
+                    upstream.completion,
+                    String::from_utf8(rest).unwrap()
+                ),
+            });
+        }
+        server.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn xoauth2_with_initial_response_keeps_bytes_after_the_ok() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            // base64 of "user=a@b.c\x01auth=Bearer tok\x01\x01"
+            "C: M1 AUTHENTICATE XOAUTH2 dXNlcj1hQGIuYwFhdXRoPUJlYXJlciB0b2sBAQ==\r\n",
+            "S: M1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 1 EXISTS\r\n",
+        ];
+        let upstream = run(MechanismSetting::Auto, bearer("tok"), script)
+            .await
+            .unwrap();
+        assert_eq!(
+            upstream.completion,
+            "OK [CAPABILITY IMAP4rev1 IDLE] Logged in|* 1 EXISTS\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_token_acknowledges_the_challenge() {
+        let script = &[
+            "S: * OK ready\r\n",
+            "C: M1 CAPABILITY\r\n",
+            "S: * CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER\r\nM1 OK done\r\n",
+            "C: M2 AUTHENTICATE OAUTHBEARER\r\n",
+            "S: + \r\n",
+            // The OAUTHBEARER message names the port, which differs per run.
+            "C: (any)",
+            "S: + eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n",
+            "C: AQ==\r\n",
+            "S: M2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+        ];
+        let result = run(MechanismSetting::Auto, bearer("tok"), script).await;
+        match result {
+            Err(BackendError::Rejected(text)) => {
+                assert_eq!(text, "NO [AUTHENTICATIONFAILED] Authentication failed.");
+            }
+            Err(other) => panic!("unexpected {other}"),
+            Ok(_) => panic!("unexpected success"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_common_mechanism() {
+        let script = &["S: * OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n"];
+        let result = run(MechanismSetting::Auto, bearer("tok"), script).await;
+        assert!(matches!(result, Err(BackendError::NoMechanism)));
+    }
+
+    #[tokio::test]
+    async fn password_falls_back_to_login_with_literals() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1] ready\r\n",
+            "C: M1 LOGIN a@b.c {5}\r\n",
+            "S: + go\r\n",
+            "C: p\"w\\\n",
+            "S: * CAPABILITY IMAP4rev1 IDLE\r\nM1 OK Logged in\r\n",
+        ];
+        let auth = UpstreamAuth::Password {
+            user: "a@b.c".to_owned(),
+            password: Secret::new("p\"w\\\n".to_owned()),
+        };
+        let upstream = run(MechanismSetting::Auto, auth, script).await.unwrap();
+        assert_eq!(
+            upstream.completion,
+            "OK [CAPABILITY IMAP4REV1 IDLE] Logged in|"
+        );
+    }
+
+    #[tokio::test]
+    async fn xoauth2_without_initial_response_answers_the_challenge_with_an_empty_line() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 AUTH=OAUTHBEARER] ready\r\n",
+            "C: M1 AUTHENTICATE XOAUTH2\r\n",
+            "S: + \r\n",
+            "C: dXNlcj1hQGIuYwFhdXRoPUJlYXJlciB0b2sBAQ==\r\n",
+            "S: + eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n",
+            "C: \r\n",
+            "S: M1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+        ];
+        let result = run(MechanismSetting::Xoauth2, bearer("tok"), script).await;
+        assert!(matches!(result, Err(BackendError::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn password_uses_plain_when_offered_and_respects_logindisabled() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n",
+            // base64 of "\0a@b.c\0pw"
+            "C: M1 AUTHENTICATE PLAIN AGFAYi5jAHB3\r\n",
+            "S: M1 OK Logged in\r\n",
+        ];
+        let password = || UpstreamAuth::Password {
+            user: "a@b.c".to_owned(),
+            password: Secret::new("pw".to_owned()),
+        };
+        let upstream = run(MechanismSetting::Auto, password(), script)
+            .await
+            .unwrap();
+        assert_eq!(upstream.completion, "OK Logged in|");
+        let script = &["S: * OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=XOAUTH2] hi\r\n"];
+        let result = run(MechanismSetting::Auto, password(), script).await;
+        assert!(matches!(result, Err(BackendError::NoMechanism)));
+    }
+
+    #[tokio::test]
+    async fn bye_and_bad_are_protocol_errors() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            "C: (any)",
+            "S: * BYE shutting down\r\n",
+        ];
+        let result = run(MechanismSetting::Auto, bearer("tok"), script).await;
+        assert!(matches!(result, Err(BackendError::Protocol(_))));
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            "C: (any)",
+            "S: M1 BAD what\r\n",
+        ];
+        let result = run(MechanismSetting::Auto, bearer("tok"), script).await;
+        assert!(matches!(result, Err(BackendError::Protocol(_))));
+    }
+}

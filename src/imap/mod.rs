@@ -1,5 +1,6 @@
 //! IMAP: the client-facing front end before authentication and the upstream login.
 
 pub mod backend;
+mod framer;
 pub mod frontend;
 pub mod reply;

@@ -1,1 +1,120 @@
-//! TODO
+//! Every reply the IMAP front end sends on its own, and the one mapping from failures to
+//! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
+
+use crate::proxy::LoginError;
+use crate::sasl::SaslError;
+
+/// What mailgate offers before authentication. No STARTTLS: mailgate offers no client TLS of
+/// its own. No IMAP4rev2: it would oblige us to answer ENABLE and more (RFC 9051 7.2.2).
+pub const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
+
+pub const BYE_LOGOUT: &str = "Logging out";
+pub const BYE_IDLE: &str = "Autologout; idle too long";
+pub const BYE_TOO_MANY_ERRORS: &str = "Too many invalid commands";
+pub const BYE_TOO_MANY_FAILURES: &str = "Too many failed logins";
+
+/// The untagged greeting (RFC 9051 7.1.1), listing capabilities so clients skip a round trip.
+pub fn greeting(hostname: &str) -> String {
+    let hostname: String = hostname.chars().filter(|c| c.is_ascii_graphic()).collect();
+    format!("* OK [CAPABILITY {CAPABILITIES}] {hostname} mailgate ready\r\n")
+}
+
+/// Sent instead of a greeting when the listener is at its connection limit (RFC 9051 7.1.5).
+pub fn too_many_connections() -> String {
+    bye("[UNAVAILABLE] Too many connections, try again later")
+}
+
+/// Sent to spliced sessions when mailgate stops.
+pub fn shutting_down() -> String {
+    bye("Server shutting down")
+}
+
+pub fn capability(tag: &str) -> String {
+    format!("* CAPABILITY {CAPABILITIES}\r\n{tag} OK Capability completed\r\n")
+}
+
+/// RFC 2971: the server's identification; only a name, nothing that helps an attacker.
+pub fn id(tag: &str) -> String {
+    format!("* ID (\"name\" \"mailgate\")\r\n{tag} OK ID completed\r\n")
+}
+
+pub fn ok(tag: &str, text: &str) -> String {
+    format!("{tag} OK {text}\r\n")
+}
+
+/// `tag` is `None` when the tag could not be read from a malformed command.
+pub fn bad(tag: Option<&str>, text: &str) -> String {
+    format!("{} BAD {text}\r\n", tag.unwrap_or("*"))
+}
+
+pub fn no(tag: &str, text: &str) -> String {
+    format!("{tag} NO {text}\r\n")
+}
+
+pub fn bye(text: &str) -> String {
+    format!("* BYE {text}\r\n")
+}
+
+/// An empty continuation request, which AUTHENTICATE uses to ask for the response.
+pub const CONTINUE_EMPTY: &str = "+ \r\n";
+/// Asks for a synchronizing literal (RFC 9051 7.5).
+pub const CONTINUE_LITERAL: &str = "+ Ready for literal data\r\n";
+/// SASL LOGIN's prompts, base64 of `Username:` and `Password:`.
+pub const CONTINUE_USERNAME: &str = "+ VXNlcm5hbWU6\r\n";
+pub const CONTINUE_PASSWORD: &str = "+ UGFzc3dvcmQ6\r\n";
+
+/// The answer to a login the proxy could not complete.
+pub fn login_failed(tag: &str, error: LoginError) -> String {
+    match error {
+        LoginError::BadCredentials | LoginError::UpstreamRejected => {
+            no(tag, "[AUTHENTICATIONFAILED] Authentication failed")
+        }
+        LoginError::TokenUnavailable | LoginError::UpstreamUnavailable => {
+            no(tag, "[UNAVAILABLE] Temporary failure, try again later")
+        }
+    }
+}
+
+/// The answer to credentials that could not be decoded.
+///
+/// Broken encodings are protocol errors (`BAD`, RFC 9051 6.2.2); decodable but unusable
+/// credentials are refused like wrong ones.
+pub fn credentials_refused(tag: &str, error: SaslError) -> String {
+    match error {
+        SaslError::Base64 | SaslError::MalformedPlain => bad(Some(tag), "Invalid SASL response"),
+        SaslError::ProxyAuthorization => no(tag, "[AUTHORIZATIONFAILED] Authorization refused"),
+        SaslError::NotUtf8 | SaslError::EmptyUser => {
+            no(tag, "[AUTHENTICATIONFAILED] Authentication failed")
+        }
+    }
+}
+
+/// Whether [`credentials_refused`] answers `BAD` for this error.
+pub fn is_malformed(error: SaslError) -> bool {
+    matches!(error, SaslError::Base64 | SaslError::MalformedPlain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_failures_map_to_codes() {
+        assert_eq!(
+            login_failed("a", LoginError::UpstreamRejected),
+            "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+        );
+        assert_eq!(
+            login_failed("a", LoginError::TokenUnavailable),
+            "a NO [UNAVAILABLE] Temporary failure, try again later\r\n"
+        );
+    }
+
+    #[test]
+    fn greeting_drops_control_characters_from_the_hostname() {
+        assert_eq!(
+            greeting("mx\r\n* BYE"),
+            format!("* OK [CAPABILITY {CAPABILITIES}] mx*BYE mailgate ready\r\n")
+        );
+    }
+}

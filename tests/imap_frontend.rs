@@ -1,0 +1,540 @@
+//! Transcripts of the IMAP front end before authentication, over in-memory streams.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailgate::imap::frontend::{self, MAX_BAD_COMMANDS, MAX_MESSAGE_SIZE};
+use mailgate::proxy::{
+    Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use tokio::task::JoinHandle;
+
+const GREETING: &str =
+    "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mx.test mailgate ready";
+const COMPLETION: &str = "OK [CAPABILITY IMAP4rev1 IDLE] Logged in";
+const PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every test gives up after this long instead of hanging.
+const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts the password "right" for anyone and fails every other login with `failure`.
+struct StandIn {
+    failure: LoginError,
+    seen: Mutex<Vec<(String, String)>>,
+}
+
+impl Authenticator for StandIn {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        let credentials = request.credentials;
+        let password = credentials.password.expose().clone();
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((credentials.account, password.clone()));
+        }
+        if password != "right" {
+            return Err(self.failure);
+        }
+        let (io, _server) = duplex(64);
+        Ok(Upstream {
+            io: Box::new(io),
+            completion: COMPLETION.to_owned(),
+        })
+    }
+
+    async fn smtp_extensions(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+type Outcome = std::io::Result<Option<Handoff<DuplexStream>>>;
+
+/// The client's end of a session under test.
+struct Client {
+    io: DuplexStream,
+    received: Vec<u8>,
+    session: JoinHandle<Outcome>,
+    authenticator: Arc<StandIn>,
+}
+
+impl Client {
+    async fn start(failure: LoginError) -> Self {
+        let (io, server) = duplex(64 * 1024);
+        let authenticator = Arc::new(StandIn {
+            failure,
+            seen: Mutex::new(Vec::new()),
+        });
+        let settings = FrontendSettings {
+            hostname: "mx.test".to_owned(),
+            pre_auth_timeout: PRE_AUTH_TIMEOUT,
+        };
+        let session_authenticator = Arc::clone(&authenticator);
+        let session = tokio::spawn(async move {
+            frontend::serve(server, session_authenticator.as_ref(), &settings).await
+        });
+        let mut client = Self {
+            io,
+            received: Vec::new(),
+            session,
+            authenticator,
+        };
+        client.expect(GREETING).await;
+        client
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.io.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(end) = self.received.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.received.drain(..end + 2).collect();
+                return String::from_utf8(line[..end].to_vec()).unwrap();
+            }
+            let mut chunk = [0u8; 1024];
+            let n = self.io.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "session closed; had {:?}", self.received);
+            self.received.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn expect(&mut self, line: &str) {
+        assert_eq!(self.line().await, line);
+    }
+
+    /// Sends `command` and expects exactly `replies`.
+    async fn exchange(&mut self, command: &str, replies: &[&str]) {
+        self.send(command).await;
+        for reply in replies {
+            self.expect(reply).await;
+        }
+    }
+
+    /// Waits for the session to end and returns its outcome, checking it sent nothing more.
+    async fn finish(mut self) -> Option<Handoff<DuplexStream>> {
+        let outcome = self.session.await.unwrap().unwrap();
+        if outcome.is_none() {
+            let mut rest = Vec::new();
+            self.io.read_to_end(&mut rest).await.unwrap();
+            self.received.extend_from_slice(&rest);
+        }
+        assert!(self.received.is_empty(), "unread: {:?}", self.received);
+        outcome
+    }
+
+    fn seen(&self) -> Vec<(String, String)> {
+        self.authenticator.seen.lock().unwrap().clone()
+    }
+}
+
+async fn with_timeout<F: Future<Output = ()>>(test: F) {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test timed out");
+}
+
+fn pair(account: &str, password: &str) -> Vec<(String, String)> {
+    vec![(account.to_owned(), password.to_owned())]
+}
+
+#[tokio::test]
+async fn capability_noop_id_logout() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a CAPABILITY\r\n",
+                &[
+                    "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN",
+                    "a OK Capability completed",
+                ],
+            )
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+        client
+            .exchange(
+                "c ID (\"name\" \"client\")\r\n",
+                &["* ID (\"name\" \"mailgate\")", "c OK ID completed"],
+            )
+            .await;
+        client
+            .exchange(
+                "d ID NIL\r\n",
+                &["* ID (\"name\" \"mailgate\")", "d OK ID completed"],
+            )
+            .await;
+        client
+            .exchange(
+                "e LOGOUT\r\n",
+                &["* BYE Logging out", "e OK LOGOUT completed"],
+            )
+            .await;
+        assert!(client.finish().await.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn login_with_quoted_strings() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN \"alice@example.org\" \"right\"\r\n",
+                &[&format!("a {COMPLETION}")],
+            )
+            .await;
+        assert_eq!(client.seen(), pair("alice@example.org", "right"));
+        let handoff = client.finish().await.unwrap();
+        assert_eq!(handoff.account, "alice@example.org");
+        assert_eq!(handoff.upstream.completion, COMPLETION);
+        assert!(handoff.client.prefix_consumed());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn login_with_synchronizing_literals_gets_continuations() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange("a LOGIN {5}\r\n", &["+ Ready for literal data"])
+            .await;
+        client
+            .exchange("alice {5}\r\n", &["+ Ready for literal data"])
+            .await;
+        client
+            .exchange("right\r\n", &[&format!("a {COMPLETION}")])
+            .await;
+        assert_eq!(client.seen(), pair("alice", "right"));
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn login_with_non_synchronizing_literals_gets_no_continuation() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN {5+}\r\nalice {7+}\r\nri ght\"\r\n",
+                &["a NO [AUTHENTICATIONFAILED] Authentication failed"],
+            )
+            .await;
+        assert_eq!(client.seen(), pair("alice", "ri ght\""));
+        client
+            .exchange(
+                "b LOGIN {5+}\r\nalice {5+}\r\nright\r\n",
+                &[&format!("b {COMPLETION}")],
+            )
+            .await;
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pipelined_commands_after_login_become_the_handoff_prefix() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN u right\r\nb SELECT INBOX\r\n",
+                &[&format!("a {COMPLETION}")],
+            )
+            .await;
+        let handoff = client.finish().await.unwrap();
+        let (prefix, _client) = handoff.client.into_parts();
+        assert_eq!(prefix, b"b SELECT INBOX\r\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pipelined_bytes_after_a_literal_login_are_kept_too() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN u {5+}\r\nright\r\nb APPEND x {3+}\r\nabc\r\nc NOOP",
+                &[&format!("a {COMPLETION}")],
+            )
+            .await;
+        let mut handoff = client.finish().await.unwrap();
+        let mut replayed = vec![0u8; 64];
+        let n = handoff.client.read(&mut replayed).await.unwrap();
+        assert_eq!(&replayed[..n], b"b APPEND x {3+}\r\nabc\r\nc NOOP");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authenticate_plain_with_initial_response() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        // base64 of "\0alice\0right"
+        client
+            .exchange(
+                "a AUTHENTICATE PLAIN AGFsaWNlAHJpZ2h0\r\n",
+                &[&format!("a {COMPLETION}")],
+            )
+            .await;
+        assert_eq!(client.seen(), pair("alice", "right"));
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authenticate_plain_with_continuation() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client.exchange("a AUTHENTICATE PLAIN\r\n", &["+ "]).await;
+        client
+            .exchange("AGFsaWNlAHJpZ2h0\r\n", &[&format!("a {COMPLETION}")])
+            .await;
+        assert_eq!(client.seen(), pair("alice", "right"));
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authenticate_cancelled_with_star() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client.exchange("a AUTHENTICATE PLAIN\r\n", &["+ "]).await;
+        client
+            .exchange("*\r\n", &["a BAD AUTHENTICATE cancelled"])
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+        assert!(client.seen().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authenticate_login_prompts_for_user_and_password() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange("a AUTHENTICATE LOGIN\r\n", &["+ VXNlcm5hbWU6"])
+            .await;
+        client.exchange("YWxpY2U=\r\n", &["+ UGFzc3dvcmQ6"]).await;
+        client
+            .exchange("cmlnaHQ=\r\n", &[&format!("a {COMPLETION}")])
+            .await;
+        assert_eq!(client.seen(), pair("alice", "right"));
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authenticate_refuses_bad_base64_and_other_mechanisms() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange("a AUTHENTICATE PLAIN !!!\r\n", &["a BAD Invalid command"])
+            .await;
+        client.exchange("b AUTHENTICATE PLAIN\r\n", &["+ "]).await;
+        client
+            .exchange("%%%\r\n", &["b BAD Invalid SASL response"])
+            .await;
+        client
+            .exchange(
+                "c AUTHENTICATE XOAUTH2\r\n",
+                &["c NO [CANNOT] Unsupported mechanism"],
+            )
+            .await;
+        // PLAIN naming someone else as authorization identity: "bob\0alice\0right".
+        client
+            .exchange(
+                "d AUTHENTICATE PLAIN Ym9iAGFsaWNlAHJpZ2h0\r\n",
+                &["d NO [AUTHORIZATIONFAILED] Authorization refused"],
+            )
+            .await;
+        assert!(client.seen().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_and_the_session_continues() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN alice wrong\r\n",
+                &["a NO [AUTHENTICATIONFAILED] Authentication failed"],
+            )
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+        client
+            .exchange("c LOGIN alice right\r\n", &[&format!("c {COMPLETION}")])
+            .await;
+        assert!(client.finish().await.is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unavailable_upstream_asks_to_try_later() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::UpstreamUnavailable).await;
+        client
+            .exchange(
+                "a LOGIN alice wrong\r\n",
+                &["a NO [UNAVAILABLE] Temporary failure, try again later"],
+            )
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn too_many_failed_logins_end_the_session() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::UpstreamRejected).await;
+        let refused = "NO [AUTHENTICATIONFAILED] Authentication failed";
+        client
+            .exchange("a LOGIN u x\r\n", &[&format!("a {refused}")])
+            .await;
+        client
+            .exchange("b LOGIN u y\r\n", &[&format!("b {refused}")])
+            .await;
+        client
+            .exchange(
+                "c LOGIN u z\r\n",
+                &[&format!("c {refused}"), "* BYE Too many failed logins"],
+            )
+            .await;
+        assert!(client.finish().await.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn commands_of_later_states_and_starttls_are_refused() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a SELECT INBOX\r\n",
+                &["a BAD Command not valid before login"],
+            )
+            .await;
+        client
+            .exchange(
+                "b ENABLE UTF8=ACCEPT\r\n",
+                &["b BAD ENABLE needs a login first"],
+            )
+            .await;
+        client
+            .exchange("c STARTTLS\r\n", &["c BAD Invalid command"])
+            .await;
+        client
+            .exchange("d NOOP\r\n", &["d OK NOOP completed"])
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_gets_bad_and_too_much_of_it_ends_the_session() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange("GET / HTTP/1.1\r\n", &["GET BAD Invalid command"])
+            .await;
+        client
+            .exchange("(junk)\r\n", &["* BAD Invalid command"])
+            .await;
+        client
+            .exchange("a FROB\r\n", &["a BAD Invalid command"])
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+        for _ in 1..MAX_BAD_COMMANDS {
+            client.exchange("\r\n", &["* BAD Invalid command"]).await;
+        }
+        client
+            .exchange(
+                "\r\n",
+                &["* BAD Invalid command", "* BYE Too many invalid commands"],
+            )
+            .await;
+        assert!(client.finish().await.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_line_is_discarded_and_the_session_stays_usable() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        let long = "x".repeat(MAX_MESSAGE_SIZE as usize * 2);
+        client
+            .exchange(&format!("a LOGIN u {long}\r\n"), &["a BAD Invalid command"])
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_literals_are_refused() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        let too_large = MAX_MESSAGE_SIZE + 1;
+        // Synchronizing: refused before the client sends it, no continuation.
+        client
+            .exchange(
+                &format!("a LOGIN u {{{too_large}}}\r\n"),
+                &["a BAD Literal too large"],
+            )
+            .await;
+        client
+            .exchange("b NOOP\r\n", &["b OK NOOP completed"])
+            .await;
+        // Non-synchronizing: arrives anyway and is discarded.
+        let literal = "y".repeat(too_large as usize);
+        client
+            .exchange(
+                &format!("c LOGIN u {{{too_large}+}}\r\n{literal}\r\n"),
+                &["c BAD Invalid command"],
+            )
+            .await;
+        client
+            .exchange("d NOOP\r\n", &["d OK NOOP completed"])
+            .await;
+        assert!(client.seen().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_client_is_logged_out() {
+    let mut client = Client::start(LoginError::BadCredentials).await;
+    client
+        .exchange("a NOOP\r\n", &["a OK NOOP completed"])
+        .await;
+    client.send("b NO").await;
+    tokio::time::sleep(PRE_AUTH_TIMEOUT - Duration::from_secs(1)).await;
+    client.send("OP\r\n").await;
+    client.expect("b OK NOOP completed").await;
+    // Nothing more: time runs out and the session says why.
+    let started = tokio::time::Instant::now();
+    client.expect("* BYE Autologout; idle too long").await;
+    assert!(started.elapsed() >= PRE_AUTH_TIMEOUT);
+    assert!(client.finish().await.is_none());
+}
