@@ -48,7 +48,7 @@ async fn main() {
         "-u",
         &credentials,
         "--login-options",
-        "AUTH=+LOGIN",
+        "AUTH=LOGIN",
         "-X",
         r#"LIST "" "*""#,
     ])
