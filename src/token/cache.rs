@@ -79,7 +79,7 @@ impl TokenCache {
             .try_get_with_by_ref(key, async { self.source.fetch(key).await.map(Arc::new) })
             .await
             .map_err(|error| (*error).clone());
-        self.update_entry_gauge();
+        self.update_entry_gauge().await;
         fetched
     }
 
@@ -91,11 +91,12 @@ impl TokenCache {
     /// Drops `key`'s token, e.g. after the upstream refused it.
     pub async fn invalidate(&self, key: &TokenKey) {
         self.entries.invalidate(key).await;
-        self.update_entry_gauge();
+        self.update_entry_gauge().await;
     }
 
-    /// moka counts lazily, so the gauge is approximate between look-ups.
-    fn update_entry_gauge(&self) {
+    /// moka counts lazily: settle its pending work first (only on misses and invalidations).
+    async fn update_entry_gauge(&self) {
+        self.entries.run_pending_tasks().await;
         let count = i64::try_from(self.entries.entry_count()).unwrap_or(i64::MAX);
         self.metrics.token_cache_entries.set(count);
     }
