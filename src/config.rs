@@ -132,6 +132,7 @@ pub struct TokensConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthServerConfig {
     /// `user:pass@` in the URL becomes HTTP basic auth.
+    #[serde(serialize_with = "serialize_url")]
     pub url: Secret<String>,
     #[serde(default = "default_auth_server_timeout", with = "duration")]
     pub timeout: Duration,
@@ -551,6 +552,22 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
 impl<T> Serialize for Secret<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str("[redacted]")
+    }
+}
+
+/// Shows the URL with only its password masked, so `check --print` stays useful.
+fn serialize_url<S: serde::Serializer>(
+    url: &Secret<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url::Url::parse(url.expose()) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("[redacted]"));
+            }
+            serializer.serialize_str(parsed.as_str())
+        }
+        Err(_) => url.serialize(serializer),
     }
 }
 

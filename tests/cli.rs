@@ -42,6 +42,10 @@ fn check_accepts_a_good_config_and_prints_it_redacted() {
         "defaults are shown: {printed}"
     );
     assert!(!printed.contains("s3cret-pw"), "{printed}");
+    assert!(
+        printed.contains("http://svc:%5Bredacted%5D@127.0.0.1:8080/token"),
+        "{printed}"
+    );
 }
 
 #[test]

@@ -476,3 +476,57 @@ where
     }
     outputs
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_from_the_auth_server_logs_in_with_plain_upstream() {
+    use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let answer = serde_json::json!({ "user": PASSWORD_USER, "pass": PASSWORD_USER_SECRET });
+        up.auth.set_answer(
+            ACCOUNT,
+            AuthAnswer::Raw {
+                status: 200,
+                body: answer.to_string(),
+            },
+        );
+        let (imap, address) = start(&up, &IMAPS_XOAUTH2).await;
+        let mut client = ImapClient::connect(address).await;
+        let login = client.login(ACCOUNT, PASSWORD).await;
+        assert!(login.is_ok(), "{login:?}\n{}", imap.output());
+        assert!(client.command("SELECT INBOX").await.is_ok());
+
+        let (smtp, address) = start(&up, &SUBMISSION_STARTTLS_AUTO).await;
+        let url = format!("smtp://{address}");
+        let user = format!("{ACCOUNT}:{PASSWORD}");
+        let message = smtp.dir().join("legacy.eml");
+        std::fs::write(&message, "Subject: legacy-account\r\n\r\nhi\r\n").unwrap();
+        let out = curl(&[
+            &url,
+            "-u",
+            &user,
+            "--mail-from",
+            PASSWORD_USER,
+            "--mail-rcpt",
+            "bob@example.test",
+            "-T",
+            message.to_str().unwrap(),
+        ])
+        .await;
+        assert!(out.success(), "{out:?}\n{}", smtp.output());
+        let received = up
+            .sink
+            .wait_for_message(std::time::Duration::from_secs(10))
+            .await;
+        assert!(received.data_str().contains("legacy-account"));
+
+        let log = up.dovecot.log();
+        assert!(
+            log.contains("user=<legacy@example.test>, method=PLAIN"),
+            "{log}"
+        );
+        imap.assert_not_logged(PASSWORD_USER_SECRET);
+        smtp.assert_not_logged(PASSWORD_USER_SECRET);
+    })
+    .await;
+}

@@ -192,6 +192,27 @@ async fn sessions_left_after_the_grace_period_get_bye() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_exits_at_once() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut mailgate =
+            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 10m\n")).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        let pid = mailgate.pid().unwrap();
+        send_signal(pid, "TERM");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(get(admin, "/readyz").await.0, "503");
+        send_signal(pid, "INT");
+        // Well inside the ten-minute grace: the second signal did not wait for the session.
+        assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(1));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;

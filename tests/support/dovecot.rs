@@ -24,6 +24,10 @@ const CHILDREN_GRACE: Duration = Duration::from_secs(5);
 const START_ATTEMPTS: usize = 3;
 /// The uid/gid mail processes run as (Dovecot refuses root): nobody/nogroup on Debian.
 const MAIL_UID: u32 = 65534;
+/// The one account that logs in with a password (PLAIN/LOGIN) instead of a token: for the
+/// auth server's `pass` answers, which fleets use for accounts not yet moved to OAuth2.
+pub const PASSWORD_USER: &str = "legacy@example.test";
+pub const PASSWORD_USER_SECRET: &str = "legacy-password-7c1";
 
 /// A running Dovecot. Ports are on 127.0.0.1.
 pub struct Dovecot {
@@ -114,6 +118,11 @@ impl Dovecot {
         )
         .map_err(|e| format!("write oauth2 conf: {e}"))?;
 
+        std::fs::write(
+            root.join("passwd"),
+            format!("{PASSWORD_USER}:{{PLAIN}}{PASSWORD_USER_SECRET}\n"),
+        )
+        .map_err(|e| format!("write passwd: {e}"))?;
         let r = root.display();
         let dh = Path::new("/usr/share/dovecot/dh.pem");
         let ssl_dh = if dh.exists() {
@@ -130,7 +139,7 @@ log_path = {r}/dovecot.log
 listen = 127.0.0.1
 protocols = imap submission lmtp
 hostname = mail.localhost
-auth_mechanisms = xoauth2 oauthbearer
+auth_mechanisms = xoauth2 oauthbearer plain login
 auth_debug = yes
 auth_verbose = yes
 auth_failure_delay = 0
@@ -140,6 +149,11 @@ ssl = yes
 ssl_cert = <{cert}
 ssl_key = <{key}
 {ssl_dh}
+passdb {{
+  driver = passwd-file
+  mechanisms = plain login
+  args = scheme=PLAIN {r}/passwd
+}}
 passdb {{
   driver = oauth2
   mechanisms = xoauth2 oauthbearer
