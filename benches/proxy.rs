@@ -22,6 +22,8 @@ const MESSAGE_BYTES: usize = 1024 * 1024;
 const THROUGHPUT_ROUNDS: usize = 5;
 const LOGIN_SAMPLES: usize = 300;
 const IDLE_SESSIONS: usize = 10_000;
+/// Descriptors mailgate keeps for listeners, the admin port, logs and the auth-server client.
+const SPARE_DESCRIPTORS: usize = 100;
 /// Logins in flight at once while opening the idle sessions.
 const OPEN_CONCURRENCY: usize = 100;
 /// Everything in this program must be done well within this.
@@ -115,11 +117,15 @@ log: {{ level: warn }}
     let direct_latency = median(&mut direct_ms);
     let proxied_latency = median(&mut proxied_ms);
 
-    eprintln!("{IDLE_SESSIONS} idle sessions ...");
     let pid = mailgate.pid().expect("mailgate runs");
+    // Each session is a client and an upstream socket; a sandbox's descriptor limit may not
+    // fit ten thousand of them.
+    let idle_sessions =
+        IDLE_SESSIONS.min(open_file_limit(pid).saturating_sub(SPARE_DESCRIPTORS) / 2);
+    eprintln!("{idle_sessions} idle sessions ...");
     let requests_before = auth.requests(ACCOUNT);
     let rss_before = rss_kib(pid);
-    let sessions = open_idle_sessions(proxied, IDLE_SESSIONS).await;
+    let sessions = open_idle_sessions(proxied, idle_sessions).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(pid);
     let requests = auth.requests(ACCOUNT) - requests_before;
@@ -149,14 +155,14 @@ log: {{ level: warn }}
     );
     println!(
         "{:<44} {:>12} {:>9} KiB {:>7.2} KiB/session",
-        format!("mailgate RSS with {} idle sessions", IDLE_SESSIONS),
+        format!("mailgate RSS with {idle_sessions} idle sessions"),
         "",
         rss_after,
         per_session
     );
     println!(
         "{:<44} {:>12} {:>12}",
-        format!("auth-server requests for {IDLE_SESSIONS} logins of one account"),
+        format!("auth-server requests for {idle_sessions} logins of one account"),
         "",
         requests
     );
@@ -256,6 +262,17 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
+}
+
+/// The soft limit on open files of process `pid`.
+fn open_file_limit(pid: u32) -> usize {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("proc limits");
+    limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse().ok())
+        .expect("Max open files")
 }
 
 fn median(values: &mut [f64]) -> f64 {
