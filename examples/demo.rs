@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Mailgate, TestUpstream, curl, free_port};
+use support::{Mailgate, TestUpstream, curl, curl_send_mail, free_port};
 
 const ACCOUNT: &str = "demo-account";
 const USER: &str = "demo@example.test";
@@ -63,21 +63,8 @@ async fn main() {
         format!("From: {USER}\r\nTo: friend@example.test\r\nSubject: Hello through mailgate\r\n\r\nSent with a password; delivered with OAuth2.\r\n"),
     )
     .expect("write the demo message");
-    let url = format!("smtp://127.0.0.1:{smtp}");
-    let out = curl(&[
-        &url,
-        "-u",
-        &credentials,
-        "--login-options",
-        "AUTH=PLAIN",
-        "--mail-from",
-        USER,
-        "--mail-rcpt",
-        "friend@example.test",
-        "-T",
-        message.to_str().expect("UTF-8 path"),
-    ])
-    .await;
+    let smtp = std::net::SocketAddr::from(([127, 0, 0, 1], smtp));
+    let out = curl_send_mail(smtp, &credentials, USER, "friend@example.test", &message).await;
     check(out.success(), &out.stderr);
     let received = up.sink.wait_for_message(Duration::from_secs(10)).await;
     println!(

@@ -7,7 +7,9 @@ mod support;
 use std::net::SocketAddr;
 
 use support::imap_client::ImapClient;
-use support::{AuthAnswer, Mailgate, TEST_TIMEOUT, TestUpstream, curl, free_port, with_timeout};
+use support::{
+    AuthAnswer, Mailgate, TEST_TIMEOUT, TestUpstream, curl, curl_send_mail, free_port, with_timeout,
+};
 
 const ACCOUNT: &str = "acct1";
 const USER: &str = "alice@example.test";
@@ -230,22 +232,8 @@ async fn smtp_mail_sent_through_mailgate_arrives() {
                 ),
             )
             .unwrap();
-            let url = format!("smtp://{address}");
             let user = format!("{ACCOUNT}:{PASSWORD}");
-            let out = curl(&[
-                &url,
-                "-u",
-                &user,
-                "--login-options",
-                "AUTH=PLAIN",
-                "--mail-from",
-                USER,
-                "--mail-rcpt",
-                "bob@example.test",
-                "-T",
-                message.to_str().unwrap(),
-            ])
-            .await;
+            let out = curl_send_mail(address, &user, USER, "bob@example.test", &message).await;
             assert!(
                 out.success(),
                 "{out:?}\n{}\n{}",
@@ -497,22 +485,10 @@ async fn a_password_from_the_auth_server_logs_in_with_plain_upstream() {
         assert!(client.command("SELECT INBOX").await.is_ok());
 
         let (smtp, address) = start(&up, &SUBMISSION_STARTTLS_AUTO).await;
-        let url = format!("smtp://{address}");
         let user = format!("{ACCOUNT}:{PASSWORD}");
         let message = smtp.dir().join("legacy.eml");
         std::fs::write(&message, "Subject: legacy-account\r\n\r\nhi\r\n").unwrap();
-        let out = curl(&[
-            &url,
-            "-u",
-            &user,
-            "--mail-from",
-            PASSWORD_USER,
-            "--mail-rcpt",
-            "bob@example.test",
-            "-T",
-            message.to_str().unwrap(),
-        ])
-        .await;
+        let out = curl_send_mail(address, &user, PASSWORD_USER, "bob@example.test", &message).await;
         assert!(out.success(), "{out:?}\n{}", smtp.output());
         let received = up
             .sink

@@ -29,7 +29,9 @@ pub use certs::TestCa;
 pub use dovecot::Dovecot;
 pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
 pub use mailgate::Mailgate;
-pub use process::{CmdOutput, curl, curl_with_timeout, free_port, free_ports, wait_for_port};
+pub use process::{
+    CmdOutput, curl, curl_send_mail, curl_with_timeout, free_port, free_ports, wait_for_port,
+};
 pub use sink::{ReceivedMessage, SmtpSink};
 
 /// The overall bound most tests use.

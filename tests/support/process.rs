@@ -77,6 +77,33 @@ pub async fn curl(args: &[&str]) -> CmdOutput {
     curl_with_timeout(&all, CURL_TIMEOUT).await
 }
 
+/// Submits the message file `message` through `smtp` with curl: `AUTH PLAIN` as `credentials`
+/// (`user:password`), envelope `from` and one recipient `to`.
+pub async fn curl_send_mail(
+    smtp: std::net::SocketAddr,
+    credentials: &str,
+    from: &str,
+    to: &str,
+    message: &std::path::Path,
+) -> CmdOutput {
+    let url = format!("smtp://{smtp}");
+    let message = message.to_str().expect("UTF-8 path");
+    curl(&[
+        &url,
+        "-u",
+        credentials,
+        "--login-options",
+        "AUTH=PLAIN",
+        "--mail-from",
+        from,
+        "--mail-rcpt",
+        to,
+        "-T",
+        message,
+    ])
+    .await
+}
+
 /// An OS-assigned free port on 127.0.0.1 (bound, read, closed: another process may take it
 /// before you bind it again, so starters retry on a collision).
 pub fn free_port() -> u16 {
