@@ -20,6 +20,9 @@ use crate::token::{TokenError, TokenKey};
 use crate::upstream::Connector;
 use crate::{imap, smtp};
 
+/// How long a refused client waits for its answer.
+pub const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+
 /// An upstream connection that has authenticated and is ready to be spliced.
 pub struct Upstream {
     pub io: BoxedIo,
@@ -222,6 +225,13 @@ impl Authenticator for ListenerProxy {
         let result = self.authenticate(&request).await;
         let label = result.as_ref().map_or_else(|error| error.label(), |_| "ok");
         self.metrics.login(&self.listener, label);
+        if result
+            .as_ref()
+            .is_err_and(|error| *error == LoginError::BadCredentials)
+        {
+            // Guessing passwords costs time; the front ends also close after a few failures.
+            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+        }
         result
     }
 
