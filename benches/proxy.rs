@@ -29,13 +29,14 @@ const OPEN_CONCURRENCY: usize = 100;
 /// Everything in this program must be done well within this.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// Dovecot's defaults allow 10 sessions per user and IP and one process per IMAP client;
-/// ten thousand idle sessions of one user need both raised.
+/// Dovecot's defaults allow 10 sessions per user and IP and one process per IMAP client
+/// (`service_count = 1`); ten thousand idle sessions of one user need both raised.
 const DOVECOT_TUNING: &str = "
 protocol imap {
   mail_max_userip_connections = 20000
 }
 service imap {
+  service_count = 0
   client_limit = 1000
   process_limit = 100
 }
@@ -117,52 +118,68 @@ log: {{ level: warn }}
     let direct_latency = median(&mut direct_ms);
     let proxied_latency = median(&mut proxied_ms);
 
-    let pid = mailgate.pid().expect("mailgate runs");
-    // Each session is a client and an upstream socket; a sandbox's descriptor limit may not
-    // fit ten thousand of them.
-    let idle_sessions =
-        IDLE_SESSIONS.min(open_file_limit(pid).saturating_sub(SPARE_DESCRIPTORS) / 2);
-    eprintln!("{idle_sessions} idle sessions ...");
-    let requests_before = auth.requests(ACCOUNT);
-    let rss_before = rss_kib(pid);
-    let sessions = open_idle_sessions(proxied, idle_sessions).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_kib(pid);
-    let requests = auth.requests(ACCOUNT) - requests_before;
-    let per_session = (rss_after.saturating_sub(rss_before)) as f64 / sessions.len() as f64;
-    drop(sessions);
-
     let mib = (MESSAGES * MESSAGE_BYTES) as f64 / (1024.0 * 1024.0);
     println!();
     println!("mailgate benchmark (real Dovecot on loopback, plain IMAP both ways, release build)");
     println!(
-        "{:<44} {:>12} {:>12} {:>10}",
+        "{:<52} {:>12} {:>12} {:>12}",
         "", "direct", "mailgate", "ratio/delta"
     );
     println!(
-        "{:<44} {:>9.0} MiB/s {:>7.0} MiB/s {:>10.3}",
+        "{:<52} {:>7.0} MiB/s {:>7.0} MiB/s {:>12.3}",
         format!("bulk FETCH of {mib:.0} MiB (median of {THROUGHPUT_ROUNDS})"),
         direct_rate,
         proxied_rate,
         proxied_rate / direct_rate
     );
     println!(
-        "{:<44} {:>9.3} ms {:>9.3} ms {:>+8.3} ms",
+        "{:<52} {:>9.3} ms {:>9.3} ms {:>+9.3} ms",
         format!("connect+login+NOOP, warm cache (median of {LOGIN_SAMPLES})"),
         direct_latency,
         proxied_latency,
         proxied_latency - direct_latency
     );
+
+    let pid = mailgate.pid().expect("mailgate runs");
+    // Each session is a client and an upstream socket; a sandbox's descriptor limit may not
+    // fit ten thousand of them.
+    let idle_sessions =
+        IDLE_SESSIONS.min(open_file_limit(pid).saturating_sub(SPARE_DESCRIPTORS) / 2);
+    eprintln!("{idle_sessions} idle sessions ...");
+    let rss_before = rss_kib(pid);
+    let sessions = match open_idle_sessions(proxied, idle_sessions).await {
+        Ok(sessions) => sessions,
+        Err((opened, error)) => {
+            let tail = |text: String| {
+                let lines = text.lines().rev();
+                let notable = lines.filter(|l| !l.contains("Disconnected"));
+                notable.take(15).collect::<Vec<_>>().join("\n")
+            };
+            panic!(
+                "login {} of {idle_sessions} failed: {error}\n--- mailgate (newest first)\n{}\n--- dovecot (newest first)\n{}",
+                opened + 1,
+                tail(mailgate.output()),
+                tail(dovecot.log())
+            );
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(pid);
+    // Every proxied login of the run, against the auth-server requests they caused.
+    let proxied_logins = THROUGHPUT_ROUNDS + 1 + LOGIN_SAMPLES + sessions.len();
+    let requests = auth.requests(ACCOUNT);
+    let per_session = (rss_after.saturating_sub(rss_before)) as f64 / sessions.len() as f64;
+    drop(sessions);
     println!(
-        "{:<44} {:>12} {:>9} KiB {:>7.2} KiB/session",
+        "{:<52} {:>12} {:>9} KiB {:>8.2} KiB/session",
         format!("mailgate RSS with {idle_sessions} idle sessions"),
         "",
         rss_after,
         per_session
     );
     println!(
-        "{:<44} {:>12} {:>12}",
-        format!("auth-server requests for {idle_sessions} logins of one account"),
+        "{:<52} {:>12} {:>12}",
+        format!("auth-server requests for {proxied_logins} logins (1 account)"),
         "",
         requests
     );
@@ -178,6 +195,13 @@ enum Login {
 
 /// Connects and logs in; panics if the login fails.
 async fn connect(address: SocketAddr, login: &Login) -> ImapClient {
+    try_connect(address, login)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Connects and logs in; the tagged reply when the login fails.
+async fn try_connect(address: SocketAddr, login: &Login) -> Result<ImapClient, String> {
     let mut client = ImapClient::connect(address).await;
     let done = match login {
         Login::Direct(token) => {
@@ -189,8 +213,11 @@ async fn connect(address: SocketAddr, login: &Login) -> ImapClient {
         }
         Login::Proxied => client.login(ACCOUNT, "any-password").await,
     };
-    assert!(done.is_ok(), "login failed: {}", done.tagged);
-    client
+    if done.is_ok() {
+        Ok(client)
+    } else {
+        Err(format!("login failed: {}", done.tagged))
+    }
 }
 
 async fn fill_mailbox(address: SocketAddr, login: &Login) {
@@ -239,20 +266,28 @@ async fn login_and_noop(address: SocketAddr, login: &Login) -> f64 {
     elapsed
 }
 
-async fn open_idle_sessions(address: SocketAddr, count: usize) -> Vec<ImapClient> {
+/// Opens `count` logged-in sessions, a bounded number at a time; on a failure, how many were
+/// open and why.
+async fn open_idle_sessions(
+    address: SocketAddr,
+    count: usize,
+) -> Result<Vec<ImapClient>, (usize, String)> {
     let mut sessions = Vec::with_capacity(count);
     let mut pending = tokio::task::JoinSet::new();
     let mut started = 0;
     while sessions.len() < count {
         while started < count && pending.len() < OPEN_CONCURRENCY {
-            pending.spawn(async move { connect(address, &Login::Proxied).await });
+            pending.spawn(async move { try_connect(address, &Login::Proxied).await });
             started += 1;
         }
         if let Some(done) = pending.join_next().await {
-            sessions.push(done.expect("login task"));
+            match done.expect("login task") {
+                Ok(session) => sessions.push(session),
+                Err(error) => return Err((sessions.len(), error)),
+            }
         }
     }
-    sessions
+    Ok(sessions)
 }
 
 fn rss_kib(pid: u32) -> u64 {
