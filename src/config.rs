@@ -300,6 +300,14 @@ impl Config {
     fn resolve_and_validate(&mut self) -> Vec<Problem> {
         let mut problems = Problems::default();
         self.validate_listeners(&mut problems);
+        if let Some(level) = &self.log.level
+            && tracing_subscriber::EnvFilter::try_new(level).is_err()
+        {
+            problems.add(
+                "log.level",
+                "not a level or filter such as info or mailgate=debug",
+            );
+        }
         self.resolve_tokens(&mut problems);
         self.resolve_client_auth(&mut problems);
         problems.0
@@ -689,6 +697,18 @@ tokens:
                 "listeners[0].listen",
                 "listeners[0].upstream.connect_timeout"
             ]
+        );
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        let problems = check(&format!("{MINIMAL}log: {{ level: \"=nonsense[\" }}\n")).unwrap_err();
+        assert_eq!(problems[0].key, "log.level");
+        assert!(
+            check(&format!(
+                "{MINIMAL}log: {{ level: \"mailgate=debug,info\" }}\n"
+            ))
+            .is_ok()
         );
     }
 

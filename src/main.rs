@@ -6,11 +6,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailgate::config::{Config, LogFormat};
-use mailgate::server::Control;
+use mailgate::server::{Control, LogLevelHook};
 use tokio::signal::unix::SignalKind;
 use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
+const DEFAULT_LOG_LEVEL: &str = "info";
 /// Exit code for a configuration that was refused (EX_USAGE from sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit code when the configuration was fine but the service could not start, or on a forced stop.
@@ -81,7 +85,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    init_logging(&config);
+    let log_level = init_logging(&config);
     mailgate::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -93,7 +97,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
     let outcome = runtime.block_on(async {
         let (control, commands) = mpsc::channel(4);
         tokio::spawn(forward_signals(control));
-        mailgate::server::run(config, Some(path.to_owned()), commands).await
+        mailgate::server::run(config, Some(path.to_owned()), commands, log_level).await
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,21 +109,35 @@ fn serve(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder
+/// Installs the subscriber; returns how to change the level later, unless `RUST_LOG` decides it.
+fn init_logging(config: &Config) -> Option<LogLevelHook> {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_decides = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| level_filter(config.log.level.as_deref()));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let output = match config.log.format {
+        LogFormat::Json => output
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
+            .boxed(),
+        LogFormat::Text => output.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    let hook = move |level: Option<&str>| {
+        let _ = handle.reload(level_filter(level));
+    };
+    (!env_decides).then(|| Box::new(hook) as LogLevelHook)
+}
+
+/// The filter for `log.level` (checked by config validation), `info` when unset.
+fn level_filter(level: Option<&str>) -> EnvFilter {
+    EnvFilter::try_new(level.unwrap_or(DEFAULT_LOG_LEVEL))
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL))
 }
 
 /// Turns signals into [`Control`]s: SIGHUP reloads; the first SIGTERM or SIGINT drains;

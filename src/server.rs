@@ -35,6 +35,9 @@ const TOKEN_SOURCE_FRESHNESS: Duration = Duration::from_secs(30);
 /// After the grace period, how long closing sessions get to say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Applies a new `log.level` (`None`: the default) to the running subscriber.
+pub type LogLevelHook = Box<dyn Fn(Option<&str>) + Send + Sync>;
+
 /// What the process asks of the running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -65,7 +68,8 @@ pub enum StartError {
 
 /// Runs mailgate with `config` until told to shut down, then drains.
 ///
-/// `config_path` is re-read on [`Control::Reload`] and whenever its content changes.
+/// `config_path` is re-read on [`Control::Reload`] and whenever its content changes; a
+/// changed `log.level` goes to `log_level`, when the process lets configuration decide it.
 ///
 /// # Errors
 /// A listener cannot be bound or an upstream's TLS set up at start; nothing keeps running then.
@@ -73,8 +77,9 @@ pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     mut control: mpsc::Receiver<Control>,
+    log_level: Option<LogLevelHook>,
 ) -> Result<(), StartError> {
-    let mut server = Server::start(config, config_path).await?;
+    let mut server = Server::start(config, config_path, log_level).await?;
     let mut watch_tick = tokio::time::interval(
         server
             .config
@@ -107,6 +112,7 @@ struct Server {
     config_text: Option<String>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    log_level: Option<LogLevelHook>,
     shared: Shared,
     listeners: HashMap<String, RunningListener>,
     admin: Option<RunningAdmin>,
@@ -149,7 +155,11 @@ struct ListenerRuntime {
 }
 
 impl Server {
-    async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Self, StartError> {
+    async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        log_level: Option<LogLevelHook>,
+    ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
         let shared = shared_state(&config, &metrics, &health)?;
@@ -165,6 +175,7 @@ impl Server {
             config_text,
             metrics,
             health,
+            log_level,
             shared,
             listeners: HashMap::new(),
             admin: None,
@@ -268,6 +279,11 @@ impl Server {
             self.admin = None;
         } else if let Some(admin) = admin {
             self.admin = Some(admin);
+        }
+        if let Some(apply_level) = &self.log_level
+            && config.log.level != self.config.log.level
+        {
+            apply_level(config.log.level.as_deref());
         }
         self.shared = shared;
         self.config = config;

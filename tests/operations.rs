@@ -279,6 +279,46 @@ async fn config_file_changes_are_picked_up_without_a_signal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_log_level() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let quiet = config(
+            &up,
+            imap,
+            smtp,
+            admin,
+            "config_watch_interval: 0s\nlog:\n  level: warn\n",
+        );
+        let mailgate = Mailgate::start(&quiet).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        assert!(
+            !mailgate.stderr().contains("logged in"),
+            "info is filtered at warn"
+        );
+
+        std::fs::write(
+            mailgate.config_path(),
+            quiet.replace("level: warn", "level: info"),
+        )
+        .unwrap();
+        send_signal(mailgate.pid().unwrap(), "HUP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            mailgate.stderr().contains("logged in"),
+            "{}",
+            mailgate.stderr()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_session_fields() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
