@@ -5,6 +5,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::config::MechanismSetting;
+use crate::proxy::{BackendError, UpstreamAuth};
 use crate::secret::Secret;
 
 /// What a client presented: the account id and its password.
@@ -137,6 +138,58 @@ pub fn plain_message(user: &str, password: &Secret<String>) -> Secret<Vec<u8>> {
     Secret::new(format!("\0{user}\0{}", password.expose()).into_bytes())
 }
 
+/// One SASL exchange mailgate runs towards an upstream, whatever the protocol.
+pub struct Exchange {
+    pub mechanism: &'static str,
+    /// The client message, before base64.
+    pub message: Secret<Vec<u8>>,
+    /// What answers an error challenge after the message; `None` cancels the exchange.
+    pub acknowledgement: Option<&'static [u8]>,
+}
+
+impl Exchange {
+    /// The exchange for `auth` given what the upstream `offers`: a bearer mechanism picked by
+    /// `setting`, or PLAIN for a password. `Ok(None)`: a password, and no PLAIN on offer.
+    ///
+    /// # Errors
+    /// A token, and no bearer mechanism both sides speak.
+    pub fn for_upstream(
+        auth: &UpstreamAuth,
+        setting: MechanismSetting,
+        (host, port): (&str, u16),
+        offers: impl Fn(&str) -> bool,
+    ) -> Result<Option<Exchange>, BackendError> {
+        match auth {
+            UpstreamAuth::Bearer { user, token } => {
+                let mechanism =
+                    Mechanism::choose(setting, offers).ok_or(BackendError::NoMechanism)?;
+                Ok(Some(Exchange {
+                    mechanism: mechanism.name(),
+                    message: mechanism.initial_response(user, token, host, port),
+                    acknowledgement: Some(mechanism.failure_acknowledgement()),
+                }))
+            }
+            UpstreamAuth::Password { user, password } => Ok(offers("PLAIN").then(|| Exchange {
+                mechanism: "PLAIN",
+                message: plain_message(user, password),
+                acknowledgement: None,
+            })),
+        }
+    }
+
+    /// The line answering an error challenge: the acknowledgement in base64, or `*`, which
+    /// cancels (RFC 4954 4, RFC 9051 6.2.2).
+    pub fn challenge_answer(&self) -> String {
+        match self.acknowledgement {
+            Some(bytes) => {
+                let encoded = encode_base64(&Secret::new(bytes.to_vec()));
+                format!("{}\r\n", encoded.expose())
+            }
+            None => "*\r\n".to_owned(),
+        }
+    }
+}
+
 /// RFC 5801 saslname: `,` and `=` are escaped.
 fn gs2_saslname(user: &str) -> String {
     user.replace('=', "=3D").replace(',', "=2C")
@@ -193,6 +246,40 @@ mod tests {
             message.expose(),
             b"n,a=a=3Db=2Cc,\x01host=mx\x01port=587\x01auth=Bearer tok\x01\x01"
         );
+    }
+
+    #[test]
+    fn exchanges_for_tokens_and_passwords() {
+        let bearer = UpstreamAuth::Bearer {
+            user: "u".into(),
+            token: Secret::new("t".into()),
+        };
+        let offers = |name: &str| name == "OAUTHBEARER" || name == "PLAIN";
+        let exchange = Exchange::for_upstream(&bearer, MechanismSetting::Auto, ("h", 1), offers)
+            .unwrap()
+            .unwrap();
+        assert_eq!(exchange.mechanism, "OAUTHBEARER");
+        assert_eq!(exchange.challenge_answer(), "AQ==\r\n");
+
+        let password = UpstreamAuth::Password {
+            user: "u".into(),
+            password: Secret::new("p".into()),
+        };
+        let exchange = Exchange::for_upstream(&password, MechanismSetting::Auto, ("h", 1), offers)
+            .unwrap()
+            .unwrap();
+        assert_eq!(exchange.message.expose(), b"\0u\0p");
+        assert_eq!(exchange.challenge_answer(), "*\r\n");
+        let none = |_: &str| false;
+        assert!(
+            Exchange::for_upstream(&password, MechanismSetting::Auto, ("h", 1), none)
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            Exchange::for_upstream(&bearer, MechanismSetting::Auto, ("h", 1), none),
+            Err(BackendError::NoMechanism)
+        ));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::framer::Framer;
 use crate::config::TlsMode;
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::proxy::{BackendError, Upstream, UpstreamAuth};
-use crate::sasl::{self, Mechanism};
+use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
 use crate::upstream::Connector;
 
@@ -54,25 +54,19 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
         Some(capabilities) => capabilities,
         None => connection.capability().await?,
     };
-    let completion = match auth {
-        UpstreamAuth::Bearer { user, token } => {
-            let mechanism = Mechanism::choose(connector.mechanism(), |name| {
-                capabilities.offers_mechanism(name)
-            })
-            .ok_or(BackendError::NoMechanism)?;
-            let message =
-                mechanism.initial_response(user, token, connector.host(), connector.port());
-            let exchange = Sasl {
-                mechanism: mechanism.name(),
-                response: sasl::encode_base64(&message),
-                initial_response: capabilities.has("SASL-IR"),
-                acknowledgement: Some(mechanism.failure_acknowledgement()),
-            };
-            connection.authenticate(exchange).await?
+    let offers = |name: &str| capabilities.offers_mechanism(name);
+    let target = (connector.host(), connector.port());
+    let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?;
+    let completion = match (exchange, auth) {
+        (Some(exchange), _) => {
+            let initial_response = capabilities.has("SASL-IR");
+            connection.authenticate(&exchange, initial_response).await?
         }
-        UpstreamAuth::Password { user, password } => {
-            connection.password(&capabilities, user, password).await?
+        // A password without AUTHENTICATE PLAIN: the LOGIN command, unless it is disabled.
+        (None, UpstreamAuth::Password { user, password }) if !capabilities.has("LOGINDISABLED") => {
+            connection.login_command(user, password).await?
         }
+        (None, _) => return Err(BackendError::NoMechanism),
     };
     let completion = completion.into_result()?;
     Ok(Upstream {
@@ -203,17 +197,6 @@ fn greeting_capabilities(message: &[u8]) -> Result<Option<Capabilities>, Backend
     }
 }
 
-/// One SASL exchange towards the upstream.
-struct Sasl {
-    mechanism: &'static str,
-    /// The base64 response.
-    response: Secret<String>,
-    /// Whether to send the response with the command (RFC 4959 SASL-IR).
-    initial_response: bool,
-    /// What answers an error challenge; `None` cancels the exchange instead.
-    acknowledgement: Option<&'static [u8]>,
-}
-
 /// The upstream stream during login, with its framer and tag counter.
 struct Connection {
     io: BoxedIo,
@@ -272,42 +255,23 @@ impl Connection {
             .ok_or_else(|| BackendError::Protocol("no CAPABILITY response".to_owned()))
     }
 
-    /// Password login: AUTHENTICATE PLAIN when offered, else LOGIN unless LOGINDISABLED.
-    async fn password(
-        &mut self,
-        capabilities: &Capabilities,
-        user: &str,
-        password: &Secret<String>,
-    ) -> Result<Completion, BackendError> {
-        if capabilities.offers_mechanism("PLAIN") {
-            let message = sasl::plain_message(user, password);
-            return self
-                .authenticate(Sasl {
-                    mechanism: "PLAIN",
-                    response: sasl::encode_base64(&message),
-                    initial_response: capabilities.has("SASL-IR"),
-                    acknowledgement: None,
-                })
-                .await;
-        }
-        if capabilities.has("LOGINDISABLED") {
-            return Err(BackendError::NoMechanism);
-        }
-        self.login_command(user, password).await
-    }
-
     /// RFC 9051 6.2.2. An error challenge after our response (RFC 7628 3.2.2) is answered
     /// so the server can send its tagged NO.
-    async fn authenticate(&mut self, exchange: Sasl) -> Result<Completion, BackendError> {
+    async fn authenticate(
+        &mut self,
+        exchange: &Exchange,
+        initial_response: bool,
+    ) -> Result<Completion, BackendError> {
         let tag = self.next_tag();
         let mechanism = exchange.mechanism;
         tracing::debug!(mechanism, "authenticating upstream");
+        let encoded = sasl::encode_base64(&exchange.message);
         // RFC 4959: `=` stands for an empty initial response.
-        let response = match exchange.response.expose().as_str() {
+        let response = match encoded.expose().as_str() {
             "" => "=",
             response => response,
         };
-        if exchange.initial_response {
+        if initial_response {
             let command = Secret::new(format!("{tag} AUTHENTICATE {mechanism} {response}\r\n"));
             self.send(command.expose().as_bytes()).await?;
         } else {
@@ -316,21 +280,15 @@ impl Connection {
             if let Some(completion) = self.until_continue(&tag).await? {
                 return Ok(completion);
             }
-            let line = Secret::new(format!("{}\r\n", exchange.response.expose()));
+            let line = Secret::new(format!("{}\r\n", encoded.expose()));
             self.send(line.expose().as_bytes()).await?;
         }
         if let Some(completion) = self.until_continue(&tag).await? {
             return Ok(completion);
         }
         tracing::debug!(mechanism, "upstream sent an error challenge");
-        let answer = match exchange.acknowledgement {
-            Some(acknowledgement) => {
-                let encoded = sasl::encode_base64(&Secret::new(acknowledgement.to_vec()));
-                format!("{}\r\n", encoded.expose())
-            }
-            // RFC 9051 6.2.2: `*` cancels; the server answers BAD.
-            None => "*\r\n".to_owned(),
-        };
+        // RFC 7628 3.2.2 acknowledgement, or RFC 9051 6.2.2 `*` (the server answers BAD).
+        let answer = exchange.challenge_answer();
         self.send(answer.as_bytes()).await?;
         match self.until_continue(&tag).await? {
             Some(completion) => Ok(completion),

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::TlsMode;
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::proxy::{BackendError, Upstream, UpstreamAuth};
-use crate::sasl::{self, Mechanism};
+use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
 use crate::upstream::Connector;
 
@@ -44,26 +44,10 @@ pub async fn login(
     let (mut connection, extensions) = open(connector, helo).await?;
     let offered = auth_mechanisms(&extensions);
     let offers = |name: &str| offered.iter().any(|offer| offer == name);
-    let (name, message, acknowledgement) = match auth {
-        UpstreamAuth::Bearer { user, token } => {
-            let mechanism = Mechanism::choose(connector.mechanism(), offers)
-                .ok_or(BackendError::NoMechanism)?;
-            let message =
-                mechanism.initial_response(user, token, connector.host(), connector.port());
-            (
-                mechanism.name(),
-                message,
-                Some(mechanism.failure_acknowledgement()),
-            )
-        }
-        UpstreamAuth::Password { user, password } => {
-            if !offers("PLAIN") {
-                return Err(BackendError::NoMechanism);
-            }
-            ("PLAIN", sasl::plain_message(user, password), None)
-        }
-    };
-    let reply = authenticate(&mut connection, name, &message, acknowledgement).await?;
+    let target = (connector.host(), connector.port());
+    let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?
+        .ok_or(BackendError::NoMechanism)?;
+    let reply = authenticate(&mut connection, &exchange).await?;
     if reply.code != 235 {
         return Err(classify(&reply));
     }
@@ -117,11 +101,10 @@ async fn open(
 /// Sends the AUTH command and SASL response; returns the final reply.
 async fn authenticate(
     connection: &mut Connection,
-    name: &str,
-    message: &Secret<Vec<u8>>,
-    acknowledgement: Option<&[u8]>,
+    exchange: &Exchange,
 ) -> Result<Response<String>, BackendError> {
-    let encoded = sasl::encode_base64(message);
+    let name = exchange.mechanism;
+    let encoded = sasl::encode_base64(&exchange.message);
     let with_initial = Secret::new(format!("AUTH {name} {}\r\n", encoded.expose()));
     let reply = if with_initial.expose().len() <= MAX_INITIAL_RESPONSE_LINE {
         connection.command(with_initial.expose().as_bytes()).await?
@@ -140,13 +123,7 @@ async fn authenticate(
     }
     // RFC 7628 3.2.3: a challenge after the token reports the error; the client acknowledges
     // it and the server then sends its final failure. PLAIN has no such step: cancel.
-    let answer = match acknowledgement {
-        Some(bytes) => {
-            let encoded = sasl::encode_base64(&Secret::new(bytes.to_vec()));
-            format!("{}\r\n", encoded.expose())
-        }
-        None => "*\r\n".to_owned(),
-    };
+    let answer = exchange.challenge_answer();
     let last = connection.command(answer.as_bytes()).await?;
     if last.code == 235 {
         return Err(BackendError::Protocol(
