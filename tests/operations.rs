@@ -6,6 +6,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
 use support::imap_client::ImapClient;
 use support::process::send_signal;
 use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, free_port, with_timeout};
@@ -30,6 +34,24 @@ async fn get(port: u16, path: &str) -> (String, String) {
     let out = curl(&["-s", "-o", "-", "-w", "\n%{http_code}", &url]).await;
     let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", ""));
     (code.to_owned(), body.to_owned())
+}
+
+/// An SMTP session through mailgate that has said EHLO and authenticated with AUTH PLAIN.
+async fn smtp_logged_in(address: SocketAddr) -> BufReader<TcpStream> {
+    let mut session = BufReader::new(TcpStream::connect(address).await.unwrap());
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{ACCOUNT}\0pw"));
+    session
+        .get_mut()
+        .write_all(format!("EHLO client.test\r\nAUTH PLAIN {plain}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    while !line.starts_with("235 ") {
+        line.clear();
+        session.read_line(&mut line).await.unwrap();
+        assert!(!line.is_empty() && !line.starts_with('5'), "{line}");
+    }
+    session
 }
 
 fn metric(text: &str, series: &str) -> f64 {
@@ -183,9 +205,13 @@ async fn sessions_left_after_the_grace_period_get_bye() {
             Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 1s\n")).await;
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        let mut submission = smtp_logged_in(localhost(smtp)).await;
         send_signal(mailgate.pid().unwrap(), "TERM");
         let bye = client.line().await;
         assert!(bye.starts_with("* BYE"), "{bye}");
+        let mut goodbye = String::new();
+        submission.read_line(&mut goodbye).await.unwrap();
+        assert!(goodbye.starts_with("421 4.3.2 "), "{goodbye}");
         assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(0));
     })
     .await;
