@@ -12,7 +12,10 @@ use tokio::net::TcpStream;
 
 use support::imap_client::ImapClient;
 use support::process::send_signal;
-use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, free_port, with_timeout};
+use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, eventually, free_port, with_timeout};
+
+/// How long an effect of a signal or a close may take to show.
+const WAIT: Duration = Duration::from_secs(10);
 
 const ACCOUNT: &str = "acct1";
 const USER: &str = "alice@example.test";
@@ -52,6 +55,15 @@ async fn smtp_logged_in(address: SocketAddr) -> BufReader<TcpStream> {
         assert!(!line.is_empty() && !line.starts_with('5'), "{line}");
     }
     session
+}
+
+/// Whether a reload with `result` was counted within [`WAIT`].
+async fn reloaded(admin: u16, result: &str) -> bool {
+    let series = format!("mailgate_config_reloads_total{{result=\"{result}\"}}");
+    eventually(WAIT, || async {
+        metric(&get(admin, "/metrics").await.1, &series) == 1.0
+    })
+    .await
 }
 
 fn metric(text: &str, series: &str) -> f64 {
@@ -112,7 +124,13 @@ async fn metrics_follow_a_real_session() {
         assert!(!refused.login("nobody", "pw").await.is_ok());
         client.command("LOGOUT").await;
         drop(client);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let active = r#"mailgate_connections_active{listener="imap"}"#;
+        assert!(
+            eventually(WAIT, || async {
+                metric(&get(admin, "/metrics").await.1, active) == 2.0
+            })
+            .await
+        );
 
         let (_, after) = get(admin, "/metrics").await;
         assert_eq!(
@@ -173,10 +191,8 @@ async fn sigterm_drains_a_working_session_then_exits_zero() {
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         send_signal(mailgate.pid().unwrap(), "TERM");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            get(admin, "/readyz").await.0,
-            "503",
+        assert!(
+            eventually(WAIT, || async { get(admin, "/readyz").await.0 == "503" }).await,
             "not ready while draining"
         );
         assert!(
@@ -229,8 +245,7 @@ async fn a_second_stop_signal_exits_at_once() {
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         let pid = mailgate.pid().unwrap();
         send_signal(pid, "TERM");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(get(admin, "/readyz").await.0, "503");
+        assert!(eventually(WAIT, || async { get(admin, "/readyz").await.0 == "503" }).await);
         send_signal(pid, "INT");
         // Well inside the ten-minute grace: the second signal did not wait for the session.
         assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(1));
@@ -252,9 +267,7 @@ async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid()
 
         std::fs::write(mailgate.config_path(), "listeners: [broken\n").unwrap();
         send_signal(pid, "HUP");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (_, text) = get(admin, "/metrics").await;
-        assert_eq!(metric(&text, r#"mailgate_config_reloads_total{result="invalid"}"#), 1.0);
+        assert!(reloaded(admin, "invalid").await, "{}", mailgate.output());
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok(), "old config still serves");
 
@@ -269,9 +282,7 @@ async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid()
         );
         std::fs::write(mailgate.config_path(), added).unwrap();
         send_signal(pid, "HUP");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (_, text) = get(admin, "/metrics").await;
-        assert_eq!(metric(&text, r#"mailgate_config_reloads_total{result="ok"}"#), 1.0, "{}", mailgate.output());
+        assert!(reloaded(admin, "ok").await, "{}", mailgate.output());
         let mut new_listener = ImapClient::connect(localhost(extra)).await;
         assert!(new_listener.login(ACCOUNT, "pw").await.is_ok(), "{}", mailgate.output());
         assert!(old_session.command("SELECT INBOX").await.is_ok(), "old session untouched");
@@ -293,11 +304,8 @@ async fn config_file_changes_are_picked_up_without_a_signal() {
             original.replace(&format!("127.0.0.1:{imap}"), &format!("127.0.0.1:{moved}")),
         )
         .unwrap();
-        let mut waited = Duration::ZERO;
-        while !support::wait_for_port(localhost(moved), Duration::from_millis(100)).await {
-            waited += Duration::from_millis(100);
-            assert!(waited < Duration::from_secs(10), "{}", mailgate.output());
-        }
+        let listening = support::wait_for_port(localhost(moved), WAIT).await;
+        assert!(listening, "{}", mailgate.output());
         let mut client = ImapClient::connect(localhost(moved)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
     })
@@ -331,12 +339,11 @@ async fn a_reload_changes_the_log_level() {
         )
         .unwrap();
         send_signal(mailgate.pid().unwrap(), "HUP");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(reloaded(admin, "ok").await, "{}", mailgate.output());
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
-        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
-            mailgate.stderr().contains("logged in"),
+            eventually(WAIT, || async { mailgate.stderr().contains("logged in") }).await,
             "{}",
             mailgate.stderr()
         );
@@ -356,7 +363,12 @@ async fn json_logs_carry_the_session_fields() {
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         client.command("LOGOUT").await;
         drop(client);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            eventually(WAIT, || async {
+                mailgate.stderr().contains(r#""outcome":"closed""#)
+            })
+            .await
+        );
         mailgate.stop();
 
         let logs = mailgate.stderr();

@@ -44,6 +44,25 @@ pub async fn with_timeout<T>(limit: Duration, test: impl Future<Output = T>) -> 
         .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
 }
 
+/// Checks `condition` every 50 ms until it holds or `limit` has passed; whether it held.
+/// For effects that happen soon after a signal or a close, without guessing a sleep.
+pub async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Everything upstream of mailgate: CA, introspection, auth server, SMTP sink and Dovecot,
 /// wired together. Fields drop in declaration order: Dovecot stops first.
 pub struct TestUpstream {
