@@ -235,7 +235,7 @@ impl Server {
     /// Makes `config` the running configuration: binds what is new first (all or nothing),
     /// then swaps listener runtimes and closes removed listeners. Open sessions keep theirs.
     async fn apply(&mut self, config: Config) -> Result<(), StartError> {
-        let shared = if config.tokens == self.config.tokens && !self.listeners.is_empty() {
+        let shared = if config.tokens == self.config.tokens {
             Shared {
                 tokens: self.shared.tokens.clone(),
                 client_auth: Arc::new(ClientAuth::new(&config.client_auth)),
