@@ -210,13 +210,19 @@ impl ListenerProxy {
         auth: &UpstreamAuth,
         helo: Option<&str>,
     ) -> Result<Upstream, BackendError> {
-        match self.protocol {
+        let started = tokio::time::Instant::now();
+        let outcome = match self.protocol {
             Protocol::Imap => imap::backend::login(&self.connector, auth).await,
             Protocol::Smtp => {
                 let helo = helo.unwrap_or(&self.hostname);
                 smtp::backend::login(&self.connector, auth, helo).await
             }
-        }
+        };
+        self.metrics
+            .upstream_auth_seconds
+            .get_or_create(&self.connector.labels())
+            .observe(started.elapsed().as_secs_f64());
+        outcome
     }
 }
 

@@ -170,6 +170,10 @@ async fn metrics_follow_a_real_session() {
             "{after}"
         );
         assert!(
+            after.contains("mailgate_upstream_auth_seconds_count{upstream=\"127.0.0.1:"),
+            "{after}"
+        );
+        assert!(
             !after.contains(USER) && !after.contains(ACCOUNT),
             "no account names in labels"
         );
