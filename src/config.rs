@@ -257,26 +257,31 @@ impl Config {
     /// # Errors
     /// Every problem found, each with its key path; nothing is half-applied.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let fail = |key: &str, reason: String| ConfigError {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: path.to_owned(),
             problems: vec![Problem {
-                key: key.to_owned(),
-                reason,
+                key: "(file)".to_owned(),
+                reason: e.to_string(),
             }],
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", e.to_string()))?;
-        let mut config = Config::parse(&text).map_err(|p| ConfigError {
-            path: path.to_owned(),
-            problems: vec![p],
         })?;
+        Config::from_text(path, &text)
+    }
+
+    /// Like [`Config::load`] for text already read from `path` (named in the problems).
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path.
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+        let mut config = Config::parse(text).map_err(|problem| fail(vec![problem]))?;
         let problems = config.resolve_and_validate();
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError {
-                path: path.to_owned(),
-                problems,
-            })
+            Err(fail(problems))
         }
     }
 

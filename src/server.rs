@@ -94,8 +94,8 @@ pub async fn run(
                 Some(Control::Shutdown) | None => break,
             },
             _ = watch_tick.tick(), if !server.config.config_watch_interval.is_zero() => {
-                if server.config_file_changed().await {
-                    server.reload().await;
+                if let Some(text) = server.changed_config_text().await {
+                    server.reload_from(text).await;
                 }
             }
             _ = health_tick.tick() => server.check_token_source().await,
@@ -114,14 +114,14 @@ struct Server {
     health: Arc<Health>,
     log_level: Option<LogLevelHook>,
     shared: Shared,
-    listeners: HashMap<String, RunningListener>,
+    /// Keyed by address: the socket belongs to it, whatever the listener is called.
+    listeners: HashMap<SocketAddr, RunningListener>,
     admin: Option<RunningAdmin>,
     sessions: Sessions,
 }
 
 /// A bound listener; dropping `stop_accepting` closes it for new connections.
 struct RunningListener {
-    address: SocketAddr,
     runtime: Arc<RwLock<Arc<ListenerRuntime>>>,
     _stop_accepting: oneshot::Sender<()>,
 }
@@ -192,13 +192,26 @@ impl Server {
         Ok(server)
     }
 
-    /// Re-reads the configuration; an invalid or unbindable one changes nothing.
+    /// Re-reads the configuration (SIGHUP); an invalid or unbindable one changes nothing.
     async fn reload(&mut self) {
-        let Some(path) = self.config_path.clone() else {
+        let Some(path) = &self.config_path else {
             return;
         };
-        let text = tokio::fs::read_to_string(&path).await.ok();
-        let result = match Config::load(&path) {
+        match tokio::fs::read_to_string(path).await {
+            Ok(text) => self.reload_from(text).await,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the configuration; keeping the running one");
+                self.metrics.config_reload("invalid");
+            }
+        }
+    }
+
+    /// Applies the configuration file's new `text`.
+    async fn reload_from(&mut self, text: String) {
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        let result = match Config::from_text(path, &text) {
             Err(error) => {
                 for line in error.to_string().lines() {
                     tracing::error!(
@@ -220,16 +233,16 @@ impl Server {
                 }
             },
         };
-        self.config_text = text;
+        self.config_text = Some(text);
         self.metrics.config_reload(result);
     }
 
-    async fn config_file_changed(&self) -> bool {
-        let Some(path) = &self.config_path else {
-            return false;
-        };
-        let text = tokio::fs::read_to_string(path).await.ok();
-        text.is_some() && text != self.config_text
+    /// The file's text when it differs from what was last loaded.
+    async fn changed_config_text(&self) -> Option<String> {
+        let text = tokio::fs::read_to_string(self.config_path.as_ref()?)
+            .await
+            .ok()?;
+        (Some(&text) != self.config_text.as_ref()).then_some(text)
     }
 
     /// Makes `config` the running configuration: binds what is new first (all or nothing),
@@ -247,33 +260,29 @@ impl Server {
         let mut prepared = Vec::new();
         for listener in &config.listeners {
             let runtime = Arc::new(listener_runtime(listener, &shared, &config)?);
-            let moved =
-                self.listeners.get(&listener.name).map(|l| l.address) != Some(listener.listen);
-            let tcp = if moved {
-                Some(bind(listener).await?)
-            } else {
+            let tcp = if self.listeners.contains_key(&listener.listen) {
                 None
+            } else {
+                Some(bind(listener).await?)
             };
-            prepared.push((listener.name.clone(), runtime, tcp));
+            prepared.push((listener.listen, runtime, tcp));
         }
         let admin = self.prepare_admin(&config).await?;
 
         let mut running = std::mem::take(&mut self.listeners);
-        for (name, runtime, tcp) in prepared {
-            let entry = match tcp {
-                Some(tcp) => self.spawn_listener(tcp, runtime),
-                None => {
-                    let Some(existing) = running.remove(&name) else {
-                        continue;
-                    };
+        for (address, runtime, tcp) in prepared {
+            let entry = match (tcp, running.remove(&address)) {
+                (Some(tcp), _) => self.spawn_listener(tcp, runtime),
+                (None, Some(existing)) => {
                     *existing.runtime.write().unwrap_or_else(|e| e.into_inner()) = runtime;
                     existing
                 }
+                (None, None) => continue,
             };
-            self.listeners.insert(name, entry);
+            self.listeners.insert(address, entry);
         }
-        for (name, _) in running {
-            tracing::info!(listener = %name, "listener closed");
+        for address in running.keys() {
+            tracing::info!(%address, "listener closed");
         }
         if config.metrics.is_none() {
             self.admin = None;
@@ -313,7 +322,6 @@ impl Server {
             stopped,
         ));
         RunningListener {
-            address,
             runtime,
             _stop_accepting: stop_accepting,
         }

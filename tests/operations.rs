@@ -295,6 +295,27 @@ async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_a_listener_keeps_its_socket() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let original = config(&up, imap, smtp, admin, "config_watch_interval: 0s\n");
+        let mailgate = Mailgate::start(&original).await;
+        let renamed = original.replacen("- name: imap\n", "- name: mailbox\n", 1);
+        std::fs::write(mailgate.config_path(), renamed).unwrap();
+        send_signal(mailgate.pid().unwrap(), "HUP");
+        assert!(reloaded(admin, "ok").await, "{}", mailgate.output());
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        assert!(client.login(ACCOUNT, "pw").await.is_ok());
+        let (_, text) = get(admin, "/metrics").await;
+        let series = r#"mailgate_logins_total{listener="mailbox",result="ok"}"#;
+        assert_eq!(metric(&text, series), 1.0, "{text}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_changes_are_picked_up_without_a_signal() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
