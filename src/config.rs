@@ -628,6 +628,15 @@ tokens:
         }
     }
 
+    /// The keys of every problem in a config that must be refused.
+    fn problem_keys(text: &str) -> Vec<String> {
+        check(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect()
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
         let config = check(MINIMAL).unwrap();
@@ -667,11 +676,7 @@ tokens:
         let text = MINIMAL
             .replace("port: 143", "port: 0")
             .replace("http://127.0.0.1:8080/token", "ftp://x");
-        let keys: Vec<_> = check(&text)
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.key)
-            .collect();
+        let keys = problem_keys(&text);
         assert_eq!(
             keys,
             ["listeners[0].upstream.port", "tokens.auth_server.url"]
@@ -691,11 +696,7 @@ tokens:
     fn zero_timeouts_and_shared_addresses_are_refused() {
         let text = MINIMAL.replace("tls: none", "tls: none, connect_timeout: 0s")
             + "metrics: { listen: \"127.0.0.1:1143\" }\n";
-        let keys: Vec<_> = check(&text)
-            .unwrap_err()
-            .into_iter()
-            .map(|p| p.key)
-            .collect();
+        let keys = problem_keys(&text);
         assert_eq!(
             keys,
             [

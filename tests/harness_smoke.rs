@@ -317,11 +317,7 @@ async fn auth_server_basic_auth() {
 async fn dovecot_stops_without_leftovers() {
     with_timeout(TEST_TIMEOUT, async {
         let mut up = TestUpstream::start().await;
-        let token = up.auth.grant("acct1", USER);
-        // Leave a logged-in session behind so there are mail processes to clean up.
-        let out = run_curl(&imaps_list(&up, USER, &token)).await;
-        assert!(out.success(), "{out:?}");
-        assert!(!up.dovecot.processes().is_empty());
+        leave_a_session(&up).await;
         let started = Instant::now();
         up.dovecot.stop();
         eprintln!("dovecot stop took {:?}", started.elapsed());
@@ -365,9 +361,7 @@ async fn mailgate_config_helper_is_valid() {
 async fn dovecot_graceful_stop_without_leftovers() {
     with_timeout(TEST_TIMEOUT, async {
         let mut up = TestUpstream::start().await;
-        let token = up.auth.grant("acct1", USER);
-        let out = run_curl(&imaps_list(&up, USER, &token)).await;
-        assert!(out.success(), "{out:?}");
+        leave_a_session(&up).await;
         let started = Instant::now();
         up.dovecot.stop_gracefully();
         eprintln!("dovecot graceful stop took {:?}", started.elapsed());
@@ -377,4 +371,12 @@ async fn dovecot_graceful_stop_without_leftovers() {
         );
     })
     .await;
+}
+
+/// Logs in once so that Dovecot has mail processes to clean up on stop.
+async fn leave_a_session(up: &TestUpstream) {
+    let token = up.auth.grant("acct1", USER);
+    let out = run_curl(&imaps_list(up, USER, &token)).await;
+    assert!(out.success(), "{out:?}");
+    assert!(!up.dovecot.processes().is_empty());
 }
