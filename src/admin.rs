@@ -63,14 +63,14 @@ fn respond(request: &Request<Incoming>, status: &Status) -> Response<Full<Bytes>
             status.metrics.encode(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if status.health.is_ready() => {
-            reply(StatusCode::OK, "text/plain", "ready\n".into())
-        }
-        "/readyz" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".into(),
-        ),
+        "/readyz" => match status.health.readiness() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(reason) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

@@ -22,8 +22,27 @@ pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 pub const DEFAULT_HOSTNAME: &str = "mailgate";
-/// Kubernetes' default terminationGracePeriodSeconds is 30s; finish a little before it.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// Kubernetes' default terminationGracePeriodSeconds is 30s: the grace, the goodbyes (3 s)
+/// and a margin of 7 s for slow nodes fit inside it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// However busy a client is before it logs in, this is as long as it may stay unauthenticated:
+/// room for a human typing at a telnet prompt, not for a slot held forever with NOOPs.
+pub const DEFAULT_PRE_AUTH_LIFETIME: Duration = Duration::from_secs(5 * 60);
+/// One deadline around a whole login (token, upstream connect, TLS, SASL, one retry): longer
+/// than Dovecot's 15 s worst-case failure delay, shorter than a client's usual 60 s patience.
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(45);
+/// A password check waits this long for a free worker before the login fails as temporary.
+pub const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first failed login of an address or account is answered after this; each further one
+/// doubles it, up to the maximum.
+pub const DEFAULT_FAILURE_DELAY: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_FAILURE_DELAY: Duration = Duration::from_secs(15);
+/// Failures are forgotten this long after the last one; a block lasts as long.
+pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// A client address that failed this often within the window is refused without a check.
+pub const DEFAULT_BLOCK_ADDRESS_AFTER: u32 = 10;
+/// An account that failed this often is refused from addresses that never logged in to it.
+pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 30;
 /// ConfigMap updates reach the pod within about a minute; a few seconds of polling is plenty.
 pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
@@ -36,8 +55,9 @@ pub struct Config {
     pub tokens: TokensConfig,
     #[serde(default)]
     pub client_auth: ClientAuthConfig,
-    #[serde(default)]
-    pub metrics: Option<MetricsConfig>,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`); `metrics` is its older name.
+    #[serde(default, alias = "metrics")]
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub log: LogConfig,
     /// Name used in greetings towards clients.
@@ -77,6 +97,10 @@ pub struct ListenerConfig {
     pub upstream: UpstreamConfig,
     #[serde(default = "default_pre_auth_timeout", with = "duration")]
     pub pre_auth_timeout: Duration,
+    #[serde(default = "default_pre_auth_lifetime", with = "duration")]
+    pub pre_auth_lifetime: Duration,
+    #[serde(default = "default_login_timeout", with = "duration")]
+    pub login_timeout: Duration,
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
     /// Connections beyond this are greeted with a refusal and closed.
@@ -177,11 +201,18 @@ pub enum ClientAuthMode {
     Static,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
     pub mode: ClientAuthMode,
+    /// Password checks that run at once; by default one per CPU core.
+    #[serde(default)]
+    pub hash_workers: Option<usize>,
+    #[serde(default = "default_hash_queue_timeout", with = "duration")]
+    pub hash_queue_timeout: Duration,
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
     /// Allows `mode: any` on listeners that are not on loopback.
     #[serde(default)]
     pub allow_remote: bool,
@@ -193,9 +224,61 @@ pub struct ClientAuthConfig {
     pub accounts_file: Option<PathBuf>,
 }
 
+impl Default for ClientAuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: ClientAuthMode::default(),
+            hash_workers: None,
+            hash_queue_timeout: DEFAULT_HASH_QUEUE_TIMEOUT,
+            throttle: ThrottleConfig::default(),
+            allow_remote: false,
+            accounts: BTreeMap::new(),
+            accounts_file: None,
+        }
+    }
+}
+
+impl ClientAuthConfig {
+    pub fn hash_workers(&self) -> usize {
+        self.hash_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+}
+
+/// The brute-force defence; see `client_auth::throttle`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
+pub struct ThrottleConfig {
+    #[serde(default = "default_failure_delay", with = "duration")]
+    pub failure_delay: Duration,
+    #[serde(default = "default_max_failure_delay", with = "duration")]
+    pub max_failure_delay: Duration,
+    #[serde(default = "default_failure_window", with = "duration")]
+    pub window: Duration,
+    /// `0` never blocks an address.
+    #[serde(default = "default_block_address_after")]
+    pub block_address_after: u32,
+    /// `0` never blocks an account.
+    #[serde(default = "default_block_account_after")]
+    pub block_account_after: u32,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            failure_delay: DEFAULT_FAILURE_DELAY,
+            max_failure_delay: DEFAULT_MAX_FAILURE_DELAY,
+            window: DEFAULT_FAILURE_WINDOW,
+            block_address_after: DEFAULT_BLOCK_ADDRESS_AFTER,
+            block_account_after: DEFAULT_BLOCK_ACCOUNT_AFTER,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
@@ -207,14 +290,23 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
     pub format: LogFormat,
     /// A tracing filter such as `info` or `mailgate=debug`; `RUST_LOG` wins when set.
-    #[serde(default)]
-    pub level: Option<String>,
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
 }
 
 /// One reason a configuration was refused.
@@ -304,10 +396,14 @@ impl Config {
     /// Loads `*_file` / `*_env` secrets into place and checks every rule; returns all problems.
     fn resolve_and_validate(&mut self) -> Vec<Problem> {
         let mut problems = Problems::default();
+        if !is_host_name(&self.hostname) {
+            problems.add(
+                "hostname",
+                "must be a host name: 1-253 characters of a-z, A-Z, 0-9, '.' and '-'",
+            );
+        }
         self.validate_listeners(&mut problems);
-        if let Some(level) = &self.log.level
-            && tracing_subscriber::EnvFilter::try_new(level).is_err()
-        {
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.add(
                 "log.level",
                 "not a level or filter such as info or mailgate=debug",
@@ -339,14 +435,16 @@ impl Config {
             {
                 problems.add(format!("{key}.listen"), "address used by another listener");
             }
-            if self.metrics.as_ref().map(|m| m.listen) == Some(listener.listen) {
-                problems.add(format!("{key}.listen"), "address used by metrics.listen");
+            if self.admin.as_ref().map(|m| m.listen) == Some(listener.listen) {
+                problems.add(format!("{key}.listen"), "address used by admin.listen");
             }
             if listener.max_connections == 0 {
                 problems.add(format!("{key}.max_connections"), "must be at least 1");
             }
             for (name, value) in [
                 ("pre_auth_timeout", listener.pre_auth_timeout),
+                ("pre_auth_lifetime", listener.pre_auth_lifetime),
+                ("login_timeout", listener.login_timeout),
                 ("idle_timeout", listener.idle_timeout),
                 (
                     "upstream.connect_timeout",
@@ -365,7 +463,8 @@ impl Config {
                 problems.add(format!("{key}.upstream.port"), "must not be 0");
             }
             if upstream.tls != TlsMode::None
-                && let Err(error) = crate::tls::client_config(upstream)
+                && let Err(error) =
+                    crate::tls::client_config(upstream.ca_file.as_deref(), upstream.system_roots)
             {
                 problems.add(format!("{key}.upstream.ca_file"), error.to_string());
             }
@@ -425,6 +524,24 @@ impl Config {
 
     fn resolve_client_auth(&mut self, problems: &mut Problems) {
         let client_auth = &mut self.client_auth;
+        if client_auth.hash_workers == Some(0) {
+            problems.add("client_auth.hash_workers", "must be at least 1");
+        }
+        let throttle = &client_auth.throttle;
+        for (name, value) in [
+            ("hash_queue_timeout", client_auth.hash_queue_timeout),
+            ("throttle.window", throttle.window),
+        ] {
+            if value.is_zero() {
+                problems.add(format!("client_auth.{name}"), "must be longer than 0s");
+            }
+        }
+        if throttle.max_failure_delay < throttle.failure_delay {
+            problems.add(
+                "client_auth.throttle.max_failure_delay",
+                "must not be shorter than client_auth.throttle.failure_delay",
+            );
+        }
         if let Some(path) = &client_auth.accounts_file {
             match read_secret_file(path).and_then(|text| {
                 serde_saphyr::from_str::<BTreeMap<String, Secret<String>>>(&text).map_err(|e| {
@@ -499,6 +616,13 @@ fn with_password(url: &Secret<String>, password: &str) -> Secret<String> {
     }
 }
 
+fn is_host_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
 fn is_label_safe(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -518,6 +642,11 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_owned()
 }
 
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+fn default_log_level() -> String {
+    DEFAULT_LOG_LEVEL.to_owned()
+}
 fn default_hostname() -> String {
     DEFAULT_HOSTNAME.to_owned()
 }
@@ -535,6 +664,30 @@ fn default_true() -> bool {
 }
 fn default_pre_auth_timeout() -> Duration {
     DEFAULT_PRE_AUTH_TIMEOUT
+}
+fn default_pre_auth_lifetime() -> Duration {
+    DEFAULT_PRE_AUTH_LIFETIME
+}
+fn default_login_timeout() -> Duration {
+    DEFAULT_LOGIN_TIMEOUT
+}
+fn default_hash_queue_timeout() -> Duration {
+    DEFAULT_HASH_QUEUE_TIMEOUT
+}
+fn default_failure_delay() -> Duration {
+    DEFAULT_FAILURE_DELAY
+}
+fn default_max_failure_delay() -> Duration {
+    DEFAULT_MAX_FAILURE_DELAY
+}
+fn default_failure_window() -> Duration {
+    DEFAULT_FAILURE_WINDOW
+}
+fn default_block_address_after() -> u32 {
+    DEFAULT_BLOCK_ADDRESS_AFTER
+}
+fn default_block_account_after() -> u32 {
+    DEFAULT_BLOCK_ACCOUNT_AFTER
 }
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
@@ -568,20 +721,44 @@ impl<T> Serialize for Secret<T> {
     }
 }
 
-/// Shows the URL with only its password masked, so `check --print` stays useful.
+/// Shows the URL with its password and every query value masked (either may be a secret),
+/// so `check --print` stays useful.
 fn serialize_url<S: serde::Serializer>(
     url: &Secret<String>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     match url::Url::parse(url.expose()) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("[redacted]"));
-            }
-            serializer.serialize_str(parsed.as_str())
-        }
+        Ok(parsed) => serializer.serialize_str(&redacted_url(&parsed)),
         Err(_) => url.serialize(serializer),
     }
+}
+
+fn redacted_url(url: &url::Url) -> String {
+    let mut shown = format!("{}://", url.scheme());
+    if !url.username().is_empty() || url.password().is_some() {
+        shown.push_str(url.username());
+        if url.password().is_some() {
+            shown.push_str(":[redacted]");
+        }
+        shown.push('@');
+    }
+    shown.push_str(url.host_str().unwrap_or_default());
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    if let Some(query) = url.query() {
+        let keys: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let key = pair.split('=').next().unwrap_or_default();
+                format!("{key}=[redacted]")
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&keys.join("&"));
+    }
+    shown
 }
 
 /// Durations written as `5s`, `5m`, `1h`.
@@ -690,6 +867,19 @@ tokens:
         assert!(!format!("{problems:?}").contains("s3cret"));
         let config = Config::parse(&MINIMAL.replace("http://", "http://u:s3cret@")).unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn printed_urls_mask_the_password_and_query_values() {
+        let url = url::Url::parse("https://u:s3cret@auth.example:8443/token?key=k3y&x").unwrap();
+        assert_eq!(
+            redacted_url(&url),
+            "https://u:[redacted]@auth.example:8443/token?key=[redacted]&x=[redacted]"
+        );
+        let config = Config::parse(&MINIMAL.replace("/token", "/token?key=k3y")).unwrap();
+        let printed = serde_saphyr::to_string(&config).unwrap();
+        assert!(!printed.contains("k3y"), "{printed}");
+        assert!(printed.contains("level: info"), "{printed}");
     }
 
     #[test]

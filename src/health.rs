@@ -1,5 +1,6 @@
 //! Liveness and readiness as `/healthz` and `/readyz` report them.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -14,6 +15,19 @@ pub struct Health {
     token_source_answered: AtomicU64,
     /// How recent that answer must be.
     freshness: Duration,
+    /// The last readiness reported, to log each change once.
+    last: Mutex<Option<Result<(), NotReady>>>,
+}
+
+/// Why mailgate is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("listeners are not bound yet")]
+    Starting,
+    #[error("draining for shutdown")]
+    Draining,
+    #[error("the token source has not answered recently")]
+    TokenSourceSilent,
 }
 
 impl Health {
@@ -24,6 +38,7 @@ impl Health {
             draining: AtomicBool::new(false),
             token_source_answered: AtomicU64::new(0),
             freshness,
+            last: Mutex::new(None),
         }
     }
 
@@ -53,10 +68,26 @@ impl Health {
         }
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed)
-            && !self.draining.load(Ordering::Relaxed)
-            && self.token_source_fresh()
+    /// Ready, or why not; logs every change of the answer with its reason.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        let now = if !self.listening.load(Ordering::Relaxed) {
+            Err(NotReady::Starting)
+        } else if self.draining.load(Ordering::Relaxed) {
+            Err(NotReady::Draining)
+        } else if !self.token_source_fresh() {
+            Err(NotReady::TokenSourceSilent)
+        } else {
+            Ok(())
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != Some(now) {
+            match now {
+                Ok(()) => tracing::info!("ready"),
+                Err(reason) => tracing::warn!(%reason, "not ready"),
+            }
+            *last = Some(now);
+        }
+        now
     }
 }
 
@@ -67,15 +98,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn readiness_follows_listeners_token_source_and_drain() {
         let health = Health::new(Duration::from_secs(30));
-        assert!(!health.is_ready());
+        assert_eq!(health.readiness(), Err(NotReady::Starting));
         health.set_listening();
-        assert!(!health.is_ready(), "token source never answered");
+        assert_eq!(health.readiness(), Err(NotReady::TokenSourceSilent));
         health.token_source_answered();
-        assert!(health.is_ready());
+        assert_eq!(health.readiness(), Ok(()));
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(!health.is_ready(), "answer went stale");
+        assert_eq!(health.readiness(), Err(NotReady::TokenSourceSilent));
         health.token_source_answered();
         health.set_draining();
-        assert!(!health.is_ready());
+        assert_eq!(health.readiness(), Err(NotReady::Draining));
     }
 }

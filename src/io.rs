@@ -5,7 +5,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, timeout_at};
 
 /// Any duplex byte stream a session can run over: TCP, TLS over TCP, or an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -13,6 +14,25 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 pub type BoxedIo = Box<dyn Io>;
+
+/// Writes all of `bytes` and flushes, giving up at `deadline`, so that a peer that never reads
+/// cannot hold a session (and its slot) forever.
+///
+/// # Errors
+/// The write fails, or `TimedOut` when the deadline passes first.
+pub async fn write_all_by<S: AsyncWrite + Unpin + ?Sized>(
+    io: &mut S,
+    bytes: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    let write = async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    };
+    timeout_at(deadline, write)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
+}
 
 /// A stream whose first reads return `prefix`, then the inner stream's bytes.
 ///
@@ -100,7 +120,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn replays_prefix_then_inner() {
@@ -111,5 +131,15 @@ mod tests {
         let mut all = String::new();
         io.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "hello world");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_reads_times_out() {
+        let (mut near, _far) = tokio::io::duplex(8);
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let error = write_all_by(&mut near, &[0u8; 64], deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
     }
 }

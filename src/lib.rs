@@ -5,7 +5,12 @@
 //! - [`config`]: YAML configuration, defaults, validation.
 //! - [`server`]: listeners, accept loop, one task per connection.
 //! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
-//! - [`proxy`]: the protocol-independent login driver and the [`proxy::Authenticator`] trait.
+//! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
+//!   [`login::Authenticator`] trait front ends call).
+//! - [`proxy`]: the protocol-independent login driver.
+//! - [`client_auth`]: checking client passwords in a bounded pool; brute-force defence.
+//! - [`limits`]: what a client may get wrong before authentication.
+//! - [`sanitize`]: foreign text made safe for logs and the wire.
 //! - [`token`]: token sources (authentication server) and the token cache.
 //! - [`upstream`], [`tls`]: connecting to upstreams.
 //! - [`splice`]: copying bytes both ways after authentication.
@@ -19,8 +24,11 @@ pub mod config;
 pub mod health;
 pub mod imap;
 pub mod io;
+pub mod limits;
+pub mod login;
 pub mod metrics;
 pub mod proxy;
+pub mod sanitize;
 pub mod sasl;
 pub mod secret;
 pub mod server;

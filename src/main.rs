@@ -1,12 +1,13 @@
 //! The `mailgate` binary: command line, logging, configuration, then [`mailgate::server::run`].
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mailgate::config::{Config, LogFormat};
-use mailgate::server::{Control, LogLevelHook};
+use mailgate::config::{Config, ConfigError, LogFormat, Problem};
+use mailgate::server::{ConfigFile, Control, LogLevelHook};
 use tokio::signal::unix::SignalKind;
 use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
@@ -14,7 +15,6 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-const DEFAULT_LOG_LEVEL: &str = "info";
 /// Exit code for a configuration that was refused (EX_USAGE from sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit code when the configuration was fine but the service could not start, or on a forced stop.
@@ -56,16 +56,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|error| {
+/// Reads and checks the file; every problem goes to stderr as `PATH: key: reason`.
+fn load(path: &Path) -> Result<(Config, String), ExitCode> {
+    let refused = |error: ConfigError| {
         eprintln!("{error}");
         ExitCode::from(EXIT_BAD_CONFIG)
-    })
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        refused(ConfigError {
+            path: path.to_owned(),
+            problems: vec![Problem {
+                key: "(file)".to_owned(),
+                reason: error.to_string(),
+            }],
+        })
+    })?;
+    let config = Config::from_text(path, &text).map_err(refused)?;
+    Ok((config, text))
 }
 
-fn check(path: &std::path::Path, print: bool) -> ExitCode {
+fn check(path: &Path, print: bool) -> ExitCode {
     let config = match load(path) {
-        Ok(config) => config,
+        Ok((config, _)) => config,
         Err(code) => return code,
     };
     if print {
@@ -76,13 +88,20 @@ fn check(path: &std::path::Path, print: bool) -> ExitCode {
                 return ExitCode::from(EXIT_START_FAILED);
             }
         }
+    } else {
+        println!(
+            "{}: configuration is valid ({} listener{})",
+            path.display(),
+            config.listeners.len(),
+            if config.listeners.len() == 1 { "" } else { "s" }
+        );
     }
     ExitCode::SUCCESS
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(config) => config,
+fn serve(path: &Path) -> ExitCode {
+    let (config, text) = match load(path) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let log_level = init_logging(&config);
@@ -97,13 +116,17 @@ fn serve(path: &std::path::Path) -> ExitCode {
     let outcome = runtime.block_on(async {
         let (control, commands) = mpsc::channel(4);
         tokio::spawn(forward_signals(control));
-        mailgate::server::run(config, Some(path.to_owned()), commands, log_level).await
+        let file = ConfigFile {
+            path: path.to_owned(),
+            text,
+        };
+        mailgate::server::run(config, Some(file), commands, log_level).await
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // Logs go to stderr too: one line is enough.
             tracing::error!(%error, "cannot start");
-            eprintln!("mailgate: {error}");
             ExitCode::from(EXIT_START_FAILED)
         }
     }
@@ -113,9 +136,12 @@ fn serve(path: &std::path::Path) -> ExitCode {
 fn init_logging(config: &Config) -> Option<LogLevelHook> {
     let from_env = EnvFilter::try_from_default_env().ok();
     let env_decides = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| level_filter(config.log.level.as_deref()));
+    let filter = from_env.unwrap_or_else(|| level_filter(&config.log.level));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into files or journals.
+    let output = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let output = match config.log.format {
         LogFormat::Json => output
             .json()
@@ -128,16 +154,16 @@ fn init_logging(config: &Config) -> Option<LogLevelHook> {
         .with(filter)
         .with(output)
         .init();
-    let hook = move |level: Option<&str>| {
+    let hook = move |level: &str| {
         let _ = handle.reload(level_filter(level));
     };
     (!env_decides).then(|| Box::new(hook) as LogLevelHook)
 }
 
-/// The filter for `log.level` (checked by config validation), `info` when unset.
-fn level_filter(level: Option<&str>) -> EnvFilter {
-    EnvFilter::try_new(level.unwrap_or(DEFAULT_LOG_LEVEL))
-        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL))
+/// The filter for `log.level` (checked by config validation).
+fn level_filter(level: &str) -> EnvFilter {
+    EnvFilter::try_new(level)
+        .unwrap_or_else(|_| EnvFilter::new(mailgate::config::DEFAULT_LOG_LEVEL))
 }
 
 /// Turns signals into [`Control`]s: SIGHUP reloads; the first SIGTERM or SIGINT drains;

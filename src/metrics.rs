@@ -53,6 +53,11 @@ pub struct CauseLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -84,6 +89,9 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub session_duration_seconds: Family<ListenerLabels, Histogram>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub failed_login_delay_seconds: Histogram,
+    pub password_checks: Family<ResultLabels, Counter>,
+    pub login_blocks: Family<ScopeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +119,9 @@ impl Metrics {
             bytes: Family::default(),
             session_duration_seconds: Family::new_with_constructor(duration_histogram),
             config_reloads: Family::default(),
+            failed_login_delay_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 8)),
+            password_checks: Family::default(),
+            login_blocks: Family::default(),
         };
         metrics.register_all()
     }
@@ -195,6 +206,21 @@ impl Metrics {
             "Configuration reloads by result",
             self.config_reloads.clone(),
         );
+        registry.register(
+            "failed_login_delay_seconds",
+            "How long refused clients waited for their answer (grows with repeated failures)",
+            self.failed_login_delay_seconds.clone(),
+        );
+        registry.register(
+            "password_checks",
+            "Client password checks by result (ok, wrong_password, unknown_account, overloaded)",
+            self.password_checks.clone(),
+        );
+        registry.register(
+            "login_blocks",
+            "Client addresses or accounts blocked after too many failed logins, by scope",
+            self.login_blocks.clone(),
+        );
         self
     }
 
@@ -217,6 +243,22 @@ impl Metrics {
         self.token_fetch_seconds
             .get_or_create(&SourceLabels { source })
             .observe(seconds);
+    }
+
+    pub fn failure_delay(&self, delay: std::time::Duration) {
+        self.failed_login_delay_seconds.observe(delay.as_secs_f64());
+    }
+
+    pub fn password_check(&self, result: &'static str) {
+        self.password_checks
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn login_block(&self, scope: &'static str) {
+        self.login_blocks
+            .get_or_create(&ScopeLabels { scope })
+            .inc();
     }
 
     pub fn config_reload(&self, result: &'static str) {

@@ -1,19 +1,13 @@
-//! SASL as pure functions: decode what clients send (PLAIN, LOGIN), encode what upstreams
-//! expect (XOAUTH2, OAUTHBEARER per RFC 7628, PLAIN), and pick a mechanism. No I/O here.
+//! SASL as pure functions: the server side mailgate offers clients (PLAIN, LOGIN), what
+//! upstreams expect (XOAUTH2, OAUTHBEARER per RFC 7628, PLAIN), and picking a mechanism.
+//! No I/O here.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::config::MechanismSetting;
-use crate::proxy::{BackendError, UpstreamAuth};
+use crate::login::{BackendError, Credentials, UpstreamAuth};
 use crate::secret::Secret;
-
-/// What a client presented: the account id and its password.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub account: String,
-    pub password: Secret<String>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SaslError {
@@ -25,8 +19,10 @@ pub enum SaslError {
     ProxyAuthorization,
     #[error("credentials are not UTF-8")]
     NotUtf8,
-    #[error("empty user name")]
-    EmptyUser,
+    /// Empty, or holding control characters, which no account id has and which would forge
+    /// log lines.
+    #[error("unusable user name")]
+    BadUser,
 }
 
 /// Decodes base64 as sent in SASL exchanges; an empty line or `=` is the empty response.
@@ -43,6 +39,11 @@ pub fn decode_base64(encoded: &[u8]) -> Result<Secret<Vec<u8>>, SaslError> {
 
 pub fn encode_base64(raw: &Secret<Vec<u8>>) -> Secret<String> {
     Secret::new(BASE64.encode(raw.expose()))
+}
+
+/// Base64 of a server challenge, which holds no secret.
+pub fn encode_challenge(raw: &[u8]) -> String {
+    BASE64.encode(raw)
 }
 
 /// Decodes a PLAIN message (RFC 4616): `[authzid] NUL authcid NUL passwd`.
@@ -66,13 +67,89 @@ pub fn decode_plain(message: &Secret<Vec<u8>>) -> Result<Credentials, SaslError>
 pub fn credentials(user: &[u8], password: &[u8]) -> Result<Credentials, SaslError> {
     let account = std::str::from_utf8(user).map_err(|_| SaslError::NotUtf8)?;
     let password = std::str::from_utf8(password).map_err(|_| SaslError::NotUtf8)?;
-    if account.is_empty() {
-        return Err(SaslError::EmptyUser);
+    if account.is_empty() || account.chars().any(char::is_control) {
+        return Err(SaslError::BadUser);
     }
     Ok(Credentials {
         account: account.to_owned(),
         password: Secret::new(password.to_owned()),
     })
+}
+
+/// A mechanism mailgate offers clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerMechanism {
+    Plain,
+    Login,
+}
+
+/// SASL LOGIN's prompts (not standardised, but every client expects these words).
+const LOGIN_USERNAME_PROMPT: &[u8] = b"Username:";
+const LOGIN_PASSWORD_PROMPT: &[u8] = b"Password:";
+
+/// The server side of one PLAIN or LOGIN exchange with a client, the same for IMAP
+/// AUTHENTICATE (RFC 9051 6.2.2) and SMTP AUTH (RFC 4954 4). Front ends frame the lines,
+/// base64-decode responses, handle `*` (cancel) and encode challenges in their own syntax.
+#[derive(Debug)]
+pub struct SaslServer(Stage);
+
+#[derive(Debug)]
+enum Stage {
+    /// PLAIN without an initial response: waiting for the message.
+    Plain,
+    /// LOGIN: waiting for the user name.
+    User,
+    /// LOGIN: waiting for the password.
+    Password(Secret<Vec<u8>>),
+}
+
+/// What happens after a step of the exchange.
+#[derive(Debug)]
+pub enum SaslStep {
+    /// Send `challenge` (raw, before base64) and feed the client's response to the server.
+    Challenge {
+        server: SaslServer,
+        challenge: &'static [u8],
+    },
+    /// The exchange is over.
+    Done(Result<Credentials, SaslError>),
+}
+
+impl SaslServer {
+    /// Starts an exchange, with the client's initial response if it sent one (RFC 4959,
+    /// RFC 4954 4). LOGIN's initial response is the user name, as clients send it.
+    pub fn start(
+        mechanism: ServerMechanism,
+        initial_response: Option<Secret<Vec<u8>>>,
+    ) -> SaslStep {
+        match (mechanism, initial_response) {
+            (ServerMechanism::Plain, None) => Self::ask(Stage::Plain, b""),
+            (ServerMechanism::Login, None) => Self::ask(Stage::User, LOGIN_USERNAME_PROMPT),
+            (mechanism, Some(response)) => {
+                let first = match mechanism {
+                    ServerMechanism::Plain => Stage::Plain,
+                    ServerMechanism::Login => Stage::User,
+                };
+                SaslServer(first).step(response)
+            }
+        }
+    }
+
+    /// Takes the client's decoded response to the last challenge.
+    pub fn step(self, response: Secret<Vec<u8>>) -> SaslStep {
+        match self.0 {
+            Stage::Plain => SaslStep::Done(decode_plain(&response)),
+            Stage::User => Self::ask(Stage::Password(response), LOGIN_PASSWORD_PROMPT),
+            Stage::Password(user) => SaslStep::Done(credentials(user.expose(), response.expose())),
+        }
+    }
+
+    fn ask(stage: Stage, challenge: &'static [u8]) -> SaslStep {
+        SaslStep::Challenge {
+            server: SaslServer(stage),
+            challenge,
+        }
+    }
 }
 
 /// A bearer-token mechanism spoken towards the upstream.
@@ -217,11 +294,63 @@ mod tests {
             decode_plain(&secret(b"alice\0pw")),
             Err(SaslError::MalformedPlain)
         );
-        assert_eq!(decode_plain(&secret(b"\0\0pw")), Err(SaslError::EmptyUser));
+        assert_eq!(decode_plain(&secret(b"\0\0pw")), Err(SaslError::BadUser));
+        assert_eq!(
+            decode_plain(&secret(b"\0a\nINFO forged\x1b[31m\0pw")),
+            Err(SaslError::BadUser)
+        );
         assert_eq!(
             decode_plain(&secret(b"\0a\0b\0c")),
             Err(SaslError::MalformedPlain)
         );
+    }
+
+    fn done(step: SaslStep) -> Result<Credentials, SaslError> {
+        match step {
+            SaslStep::Done(result) => result,
+            SaslStep::Challenge { challenge, .. } => panic!("challenge {challenge:?}"),
+        }
+    }
+
+    fn challenged(step: SaslStep, expected: &[u8]) -> SaslServer {
+        match step {
+            SaslStep::Challenge { server, challenge } => {
+                assert_eq!(challenge, expected);
+                server
+            }
+            SaslStep::Done(result) => panic!("done {result:?}"),
+        }
+    }
+
+    #[test]
+    fn server_plain_with_and_without_initial_response() {
+        let credentials = done(SaslServer::start(
+            ServerMechanism::Plain,
+            Some(secret(b"\0alice\0pw")),
+        ))
+        .unwrap();
+        assert_eq!(credentials.account, "alice");
+        let server = challenged(SaslServer::start(ServerMechanism::Plain, None), b"");
+        assert_eq!(
+            done(server.step(secret(b"\0bob\0pw"))).unwrap().account,
+            "bob"
+        );
+    }
+
+    #[test]
+    fn server_login_asks_for_user_then_password() {
+        let server = challenged(
+            SaslServer::start(ServerMechanism::Login, None),
+            b"Username:",
+        );
+        let server = challenged(server.step(secret(b"alice")), b"Password:");
+        let credentials = done(server.step(secret(b"pw"))).unwrap();
+        assert_eq!(credentials.password.expose(), "pw");
+        let server = challenged(
+            SaslServer::start(ServerMechanism::Login, Some(secret(b"carol"))),
+            b"Password:",
+        );
+        assert_eq!(done(server.step(secret(b"x"))).unwrap().account, "carol");
     }
 
     #[test]

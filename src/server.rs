@@ -5,22 +5,28 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::admin::{self, Status};
 use crate::client_auth::ClientAuth;
+use crate::client_auth::throttle::Throttle;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::health::Health;
+use crate::io::write_all_by;
+use crate::login::{FrontendSettings, GOODBYE_TIMEOUT, Handoff};
 use crate::metrics::{ListenerLabels, Metrics};
-use crate::proxy::{FrontendSettings, Handoff, ListenerProxy, Shared};
-use crate::splice::{Counters, splice};
+use crate::proxy::{ListenerProxy, Shared};
+use crate::sanitize::Escaped;
+use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
 use crate::token::auth_server::AuthServer;
 use crate::token::cache::TokenCache;
 use crate::upstream::Connector;
@@ -32,11 +38,14 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// answer may be: a Kubernetes readiness probe runs every 10 s by default.
 const TOKEN_SOURCE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const TOKEN_SOURCE_FRESHNESS: Duration = Duration::from_secs(30);
-/// After the grace period, how long closing sessions get to say goodbye.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// When a logged-in session is stopped, how long bytes already read may take to reach their
+/// reader before the goodbye ([`GOODBYE_TIMEOUT`]) or the close.
+const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the grace period, how long closing sessions get to flush and say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Applies a new `log.level` (`None`: the default) to the running subscriber.
-pub type LogLevelHook = Box<dyn Fn(Option<&str>) + Send + Sync>;
+/// Applies a new `log.level` to the running subscriber.
+pub type LogLevelHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// What the process asks of the running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +64,8 @@ pub enum StartError {
         address: SocketAddr,
         source: io::Error,
     },
-    #[error("metrics: cannot listen on {address}: {source}")]
-    BindMetrics {
+    #[error("admin: cannot listen on {address}: {source}")]
+    BindAdmin {
         address: SocketAddr,
         source: io::Error,
     },
@@ -66,20 +75,27 @@ pub enum StartError {
     TokenSource(String),
 }
 
+/// The configuration file and its text as it was loaded.
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
 /// Runs mailgate with `config` until told to shut down, then drains.
 ///
-/// `config_path` is re-read on [`Control::Reload`] and whenever its content changes; a
-/// changed `log.level` goes to `log_level`, when the process lets configuration decide it.
+/// `file` (where `config` came from) is re-read on [`Control::Reload`] and whenever its
+/// content changes; a changed `log.level` goes to `log_level`, when the process lets
+/// configuration decide it.
 ///
 /// # Errors
 /// A listener cannot be bound or an upstream's TLS set up at start; nothing keeps running then.
 pub async fn run(
     config: Config,
-    config_path: Option<PathBuf>,
+    file: Option<ConfigFile>,
     mut control: mpsc::Receiver<Control>,
     log_level: Option<LogLevelHook>,
 ) -> Result<(), StartError> {
-    let mut server = Server::start(config, config_path, log_level).await?;
+    let mut server = Server::start(config, file, log_level).await?;
     let mut watch_tick = tokio::time::interval(
         server
             .config
@@ -98,7 +114,7 @@ pub async fn run(
                     server.reload_from(text).await;
                 }
             }
-            _ = health_tick.tick() => server.check_token_source().await,
+            _ = health_tick.tick() => server.check_health().await,
         }
     }
     server.drain().await;
@@ -107,9 +123,8 @@ pub async fn run(
 
 struct Server {
     config: Config,
-    config_path: Option<PathBuf>,
-    /// The file's text when it was last loaded, to notice ConfigMap updates.
-    config_text: Option<String>,
+    /// The file's path and its text when it was last loaded, to notice ConfigMap updates.
+    file: Option<ConfigFile>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     log_level: Option<LogLevelHook>,
@@ -145,6 +160,13 @@ struct SessionHandle {
     close_now: watch::Receiver<bool>,
 }
 
+impl SessionHandle {
+    /// Completes when open sessions must end.
+    async fn closing(mut self) {
+        let _ = self.close_now.wait_for(|close| *close).await;
+    }
+}
+
 /// One listener's fixed parts, shared by its sessions; replaced whole on reload.
 struct ListenerRuntime {
     proxy: ListenerProxy,
@@ -154,10 +176,47 @@ struct ListenerRuntime {
     labels: ListenerLabels,
 }
 
+/// The sessions open on one listen address. A slot is taken before a session's task is
+/// spawned and moves into it, so the limit holds however fast connections arrive (a gauge
+/// read before the task runs would let a burst through). Counted here rather than with a
+/// semaphore so that a reload can change the limit.
+#[derive(Default)]
+struct Slots {
+    open: AtomicUsize,
+}
+
+/// One session's place under `max_connections`; frees it and lowers the gauge on drop.
+struct Slot {
+    slots: Arc<Slots>,
+    active: Gauge,
+}
+
+impl Slots {
+    fn try_take(self: &Arc<Self>, max: usize, active: Gauge) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()?;
+        active.inc();
+        Some(Slot {
+            slots: self.clone(),
+            active,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.open.fetch_sub(1, Ordering::AcqRel);
+        self.active.dec();
+    }
+}
+
 impl Server {
     async fn start(
         config: Config,
-        config_path: Option<PathBuf>,
+        file: Option<ConfigFile>,
         log_level: Option<LogLevelHook>,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
@@ -165,14 +224,9 @@ impl Server {
         let shared = shared_state(&config, &metrics, &health)?;
         let (open, all_closed) = mpsc::channel(1);
         let (close_now, _) = watch::channel(false);
-        let config_text = match &config_path {
-            Some(path) => tokio::fs::read_to_string(path).await.ok(),
-            None => None,
-        };
         let mut server = Server {
             config: config.clone(),
-            config_path,
-            config_text,
+            file,
             metrics,
             health,
             log_level,
@@ -187,17 +241,17 @@ impl Server {
         };
         server.apply(config).await?;
         server.health.set_listening();
-        server.check_token_source().await;
+        server.check_health().await;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "mailgate started");
         Ok(server)
     }
 
     /// Re-reads the configuration (SIGHUP); an invalid or unbindable one changes nothing.
     async fn reload(&mut self) {
-        let Some(path) = &self.config_path else {
+        let Some(file) = &self.file else {
             return;
         };
-        match tokio::fs::read_to_string(path).await {
+        match tokio::fs::read_to_string(&file.path).await {
             Ok(text) => self.reload_from(text).await,
             Err(error) => {
                 tracing::error!(%error, "cannot read the configuration; keeping the running one");
@@ -208,10 +262,10 @@ impl Server {
 
     /// Applies the configuration file's new `text`.
     async fn reload_from(&mut self, text: String) {
-        let Some(path) = &self.config_path else {
+        let Some(file) = &self.file else {
             return;
         };
-        let result = match Config::from_text(path, &text) {
+        let result = match Config::from_text(&file.path, &text) {
             Err(error) => {
                 for line in error.to_string().lines() {
                     tracing::error!(
@@ -233,16 +287,17 @@ impl Server {
                 }
             },
         };
-        self.config_text = Some(text);
+        if let Some(file) = &mut self.file {
+            file.text = text;
+        }
         self.metrics.config_reload(result);
     }
 
     /// The file's text when it differs from what was last loaded.
     async fn changed_config_text(&self) -> Option<String> {
-        let text = tokio::fs::read_to_string(self.config_path.as_ref()?)
-            .await
-            .ok()?;
-        (Some(&text) != self.config_text.as_ref()).then_some(text)
+        let file = self.file.as_ref()?;
+        let text = tokio::fs::read_to_string(&file.path).await.ok()?;
+        (text != file.text).then_some(text)
     }
 
     /// Makes `config` the running configuration: binds what is new first (all or nothing),
@@ -251,7 +306,8 @@ impl Server {
         let shared = if config.tokens == self.config.tokens {
             Shared {
                 tokens: self.shared.tokens.clone(),
-                client_auth: Arc::new(ClientAuth::new(&config.client_auth)),
+                client_auth: Arc::new(ClientAuth::new(&config.client_auth, self.metrics.clone())),
+                throttle: self.throttle_for(&config),
                 metrics: self.metrics.clone(),
             }
         } else {
@@ -284,7 +340,7 @@ impl Server {
         for address in running.keys() {
             tracing::info!(%address, "listener closed");
         }
-        if config.metrics.is_none() {
+        if config.admin.is_none() {
             self.admin = None;
         } else if let Some(admin) = admin {
             self.admin = Some(admin);
@@ -292,11 +348,23 @@ impl Server {
         if let Some(apply_level) = &self.log_level
             && config.log.level != self.config.log.level
         {
-            apply_level(config.log.level.as_deref());
+            apply_level(&config.log.level);
         }
         self.shared = shared;
         self.config = config;
         Ok(())
+    }
+
+    /// Keeps the failure counts across a reload unless their rules changed.
+    fn throttle_for(&self, config: &Config) -> Arc<Throttle> {
+        if config.client_auth.throttle == self.config.client_auth.throttle {
+            self.shared.throttle.clone()
+        } else {
+            Arc::new(Throttle::new(
+                &config.client_auth.throttle,
+                self.metrics.clone(),
+            ))
+        }
     }
 
     fn spawn_listener(&self, tcp: TcpListener, runtime: Arc<ListenerRuntime>) -> RunningListener {
@@ -329,7 +397,7 @@ impl Server {
 
     /// Binds the admin endpoint if it is new or moved; `None` means keep the current one.
     async fn prepare_admin(&self, config: &Config) -> Result<Option<RunningAdmin>, StartError> {
-        let Some(admin_config) = &config.metrics else {
+        let Some(admin_config) = &config.admin else {
             return Ok(None);
         };
         if self.admin.as_ref().map(|a| a.address) == Some(admin_config.listen) {
@@ -338,7 +406,8 @@ impl Server {
         let address = admin_config.listen;
         let tcp = TcpListener::bind(address)
             .await
-            .map_err(|source| StartError::BindMetrics { address, source })?;
+            .map_err(|source| StartError::BindAdmin { address, source })?;
+        tracing::info!(%address, "admin endpoint listening (/metrics, /healthz, /readyz)");
         let (stop, stopped) = oneshot::channel::<()>();
         let status = Arc::new(Status {
             metrics: self.metrics.clone(),
@@ -353,15 +422,18 @@ impl Server {
         }))
     }
 
-    async fn check_token_source(&self) {
+    /// Probes an idle token source, and logs readiness when it changes.
+    async fn check_health(&self) {
         if !self.health.token_source_fresh() {
             self.shared.tokens.probe_source().await;
         }
+        let _ = self.health.readiness();
     }
 
     /// Stops accepting, lets sessions finish within the grace period, then closes the rest.
     async fn drain(mut self) {
         self.health.set_draining();
+        let _ = self.health.readiness();
         self.listeners.clear();
         self.sessions.open = None;
         let grace = self.config.shutdown_grace;
@@ -403,10 +475,11 @@ fn shared_state(
     Ok(Shared {
         tokens: Arc::new(TokenCache::new(
             &config.tokens.cache,
-            source,
+            Arc::new(source),
             metrics.clone(),
         )),
-        client_auth: Arc::new(ClientAuth::new(&config.client_auth)),
+        client_auth: Arc::new(ClientAuth::new(&config.client_auth, metrics.clone())),
+        throttle: Arc::new(Throttle::new(&config.client_auth.throttle, metrics.clone())),
         metrics: metrics.clone(),
     })
 }
@@ -427,12 +500,15 @@ fn listener_runtime(
             listener.name.clone(),
             listener.protocol,
             connector,
+            listener.login_timeout,
             shared,
             config.hostname.clone(),
         ),
         settings: FrontendSettings {
             hostname: config.hostname.clone(),
             pre_auth_timeout: listener.pre_auth_timeout,
+            pre_auth_lifetime: listener.pre_auth_lifetime,
+            client: None,
         },
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
@@ -450,6 +526,7 @@ async fn accept_loop(
     mut stop: oneshot::Receiver<()>,
 ) {
     static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+    let slots = Arc::new(Slots::default());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
@@ -466,15 +543,15 @@ async fn accept_loop(
         let active = metrics
             .connections_active
             .get_or_create(&runtime.labels)
-            .get();
-        if usize::try_from(active).unwrap_or(0) >= runtime.max_connections {
+            .clone();
+        let Some(slot) = slots.try_take(runtime.max_connections, active) else {
             metrics
                 .connections_rejected
                 .get_or_create(&runtime.labels)
                 .inc();
             tokio::spawn(refuse(stream, runtime));
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
@@ -485,7 +562,14 @@ async fn accept_loop(
             upstream = %runtime.proxy.connector.labels().upstream,
             account = tracing::field::Empty,
         );
-        let session = run_session(stream, runtime, metrics.clone(), sessions.clone());
+        let session = run_session(
+            stream,
+            peer,
+            runtime,
+            metrics.clone(),
+            sessions.clone(),
+            slot,
+        );
         tokio::spawn(session.instrument(span));
     }
 }
@@ -517,63 +601,49 @@ fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
 /// Tells a client over the connection limit to come back later, then closes.
 async fn refuse(mut stream: TcpStream, runtime: Arc<ListenerRuntime>) {
     let reply = closing_reply(&runtime, Closing::TooManyConnections);
-    let _ = stream.write_all(&reply).await;
-}
-
-/// Decrements the active-connection gauge however the session ends.
-struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+    let deadline = Instant::now() + GOODBYE_TIMEOUT;
+    let _ = write_all_by(&mut stream, &reply, deadline).await;
 }
 
 async fn run_session(
     stream: TcpStream,
+    peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
+    _slot: Slot,
 ) {
     metrics.connections.get_or_create(&runtime.labels).inc();
-    let active = metrics
-        .connections_active
-        .get_or_create(&runtime.labels)
-        .clone();
-    active.inc();
-    let _guard = ActiveGuard(active);
-    let started = tokio::time::Instant::now();
-    let mut close_now = sessions.close_now.clone();
+    let started = Instant::now();
+    let settings = FrontendSettings {
+        client: Some(peer),
+        ..runtime.settings.clone()
+    };
+    let closing = sessions.clone().closing();
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
-    let front_end = async {
-        match runtime.proxy.protocol {
-            Protocol::Imap => {
-                Box::pin(imap::frontend::serve(
-                    stream,
-                    &runtime.proxy,
-                    &runtime.settings,
-                ))
-                .await
-            }
-            Protocol::Smtp => {
-                Box::pin(smtp::frontend::serve(
-                    stream,
-                    &runtime.proxy,
-                    &runtime.settings,
-                ))
-                .await
-            }
+    let handoff = match runtime.proxy.protocol {
+        Protocol::Imap => {
+            Box::pin(imap::frontend::serve(
+                stream,
+                &runtime.proxy,
+                &settings,
+                closing,
+            ))
+            .await
+        }
+        Protocol::Smtp => {
+            Box::pin(smtp::frontend::serve(
+                stream,
+                &runtime.proxy,
+                &settings,
+                closing,
+            ))
+            .await
         }
     };
-    let handoff = tokio::select! {
-        handoff = front_end => handoff,
-        _ = close_now.wait_for(|close| *close) => {
-            tracing::info!(outcome = "shutdown_before_login", "session closed");
-            return;
-        }
-    };
+    drop(settings);
     match handoff {
-        Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, close_now, started).await,
+        Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, sessions, started).await,
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),
         Err(error) => tracing::info!(outcome = "error_before_login", %error, "session closed"),
     }
@@ -583,30 +653,44 @@ async fn relay(
     mut handoff: Handoff<TcpStream>,
     runtime: &ListenerRuntime,
     metrics: &Metrics,
-    mut close_now: watch::Receiver<bool>,
-    started: tokio::time::Instant,
+    sessions: SessionHandle,
+    started: Instant,
 ) {
-    tracing::Span::current().record("account", handoff.account.as_str());
+    tracing::Span::current().record(
+        "account",
+        tracing::field::display(Escaped(&handoff.account)),
+    );
     tracing::info!("logged in");
     let listener = &runtime.labels.listener;
     let counters = Counters {
         client_to_upstream: metrics.bytes_counter(listener, "client_to_upstream"),
         upstream_to_client: metrics.bytes_counter(listener, "upstream_to_client"),
     };
+    let mut boundary: Box<dyn Boundary> = match runtime.proxy.protocol {
+        Protocol::Imap => Box::new(imap::boundary::ResponseBoundary::default()),
+        Protocol::Smtp => Box::new(smtp::boundary::ReplyBoundary::default()),
+    };
+    let stop = Stop {
+        signal: sessions.closing(),
+        flush_timeout: STOP_FLUSH_TIMEOUT,
+    };
     let (end, moved) = splice(
         &mut handoff.client,
         &mut handoff.upstream.io,
         runtime.idle_timeout,
         &counters,
-        async {
-            let _ = close_now.wait_for(|close| *close).await;
-        },
+        boundary.as_mut(),
+        stop,
     )
     .await;
-    if matches!(end, Ok(crate::splice::SpliceEnd::Stopped)) {
-        let goodbye = closing_reply(runtime, Closing::ShuttingDown);
-        let _ = handoff.client.write_all(&goodbye).await;
-        let _ = handoff.client.shutdown().await;
+    if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
+        // A goodbye inside a response would corrupt it: then the close says it all.
+        if at_boundary {
+            let goodbye = closing_reply(runtime, Closing::ShuttingDown);
+            let deadline = Instant::now() + GOODBYE_TIMEOUT;
+            let _ = write_all_by(&mut handoff.client, &goodbye, deadline).await;
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, handoff.client.shutdown()).await;
     }
     let duration = started.elapsed();
     metrics

@@ -1,4 +1,5 @@
-//! Copying bytes both ways after authentication, with an idle timeout and byte counters.
+//! Copying bytes both ways after authentication, with an idle timeout, byte counters, and a
+//! stop that ends at a point where a goodbye does not corrupt the stream.
 //!
 //! An idle session holds no copy buffer: each read lands in a buffer on the polling thread's
 //! stack and is written straight on; only when the writer pushes back is the remainder moved
@@ -27,8 +28,12 @@ pub enum SpliceEnd {
     /// Both sides closed (or one closed and the other followed).
     Closed,
     IdleTimeout,
-    /// The `stop` future completed (shutdown).
-    Stopped,
+    /// The `stop` future completed (shutdown). `at_boundary`: everything read from the
+    /// upstream reached the client and ended between two responses, so a goodbye of our own
+    /// can follow without corrupting the stream.
+    Stopped {
+        at_boundary: bool,
+    },
 }
 
 impl SpliceEnd {
@@ -37,9 +42,18 @@ impl SpliceEnd {
         match self {
             SpliceEnd::Closed => "closed",
             SpliceEnd::IdleTimeout => "idle_timeout",
-            SpliceEnd::Stopped => "shutdown",
+            SpliceEnd::Stopped { .. } => "shutdown",
         }
     }
+}
+
+/// Follows the upstream-to-client byte stream to tell whether it is between two responses.
+/// Protocols implement it (IMAP: not inside a line or literal; SMTP: after a final reply line).
+pub trait Boundary: Send {
+    /// Sees every chunk on its way to the client, in order.
+    fn observe(&mut self, bytes: &[u8]);
+    /// Whether the bytes seen so far end exactly between two responses.
+    fn at_boundary(&self) -> bool;
 }
 
 /// Bytes moved in each direction, for the session's closing log line.
@@ -55,8 +69,18 @@ pub struct Counters {
     pub upstream_to_client: Counter,
 }
 
+/// How a splice ends when asked to stop.
+pub struct Stop<F> {
+    /// Completes when the splice should stop.
+    pub signal: F,
+    /// After the signal, how long bytes already read may take to reach their reader; reading
+    /// stops at once.
+    pub flush_timeout: Duration,
+}
+
 /// Copies `client` <-> `upstream` until both directions end, nothing moves for `idle_timeout`,
-/// or `stop` completes. EOF on one side is passed on as a write shutdown to the other.
+/// or `stop.signal` completes. EOF on one side is passed on as a write shutdown to the other.
+/// Every chunk towards the client is shown to `boundary` first.
 ///
 /// # Errors
 /// The first I/O error on either side.
@@ -65,7 +89,8 @@ pub async fn splice<C, U>(
     upstream: &mut U,
     idle_timeout: Duration,
     counters: &Counters,
-    stop: impl Future<Output = ()>,
+    boundary: &mut dyn Boundary,
+    stop: Stop<impl Future<Output = ()>>,
 ) -> (io::Result<SpliceEnd>, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -75,26 +100,47 @@ where
     let mut inbound = Pump::default();
     let mut last_activity = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle, stop);
+    let signal = stop.signal;
+    let flush_deadline = tokio::time::sleep(Duration::MAX);
+    let mut stopping = false;
+    tokio::pin!(idle, signal, flush_deadline);
     let result = poll_fn(|cx| {
+        if !stopping && signal.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            flush_deadline
+                .as_mut()
+                .reset(Instant::now() + stop.flush_timeout);
+        }
+        if stopping {
+            // Only what was already read goes on; the goodbye depends on where it ended.
+            let up = outbound.deliver(cx, &mut *upstream)?;
+            let down = inbound.deliver(cx, &mut *client)?;
+            if up.is_ready() && down.is_ready() {
+                let at_boundary = boundary.at_boundary();
+                return Poll::Ready(Ok(SpliceEnd::Stopped { at_boundary }));
+            }
+            if flush_deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(SpliceEnd::Stopped { at_boundary: false }));
+            }
+            return Poll::Pending;
+        }
         let before = (outbound.total, inbound.total);
         let up = outbound.poll(
             cx,
             &mut *client,
             &mut *upstream,
             &counters.client_to_upstream,
+            &mut NoBoundary,
         )?;
         let down = inbound.poll(
             cx,
             &mut *upstream,
             &mut *client,
             &counters.upstream_to_client,
+            boundary,
         )?;
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Ok(SpliceEnd::Closed));
-        }
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ok(SpliceEnd::Stopped));
         }
         if before != (outbound.total, inbound.total) {
             last_activity = Instant::now();
@@ -117,6 +163,17 @@ where
     (result, transferred)
 }
 
+/// For the client-to-upstream direction, whose boundaries do not matter.
+struct NoBoundary;
+
+impl Boundary for NoBoundary {
+    fn observe(&mut self, _bytes: &[u8]) {}
+
+    fn at_boundary(&self) -> bool {
+        true
+    }
+}
+
 /// One direction of the copy.
 #[derive(Default)]
 struct Pump {
@@ -137,6 +194,7 @@ impl Pump {
         reader: &mut R,
         writer: &mut W,
         counter: &Counter,
+        boundary: &mut dyn Boundary,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
@@ -171,6 +229,7 @@ impl Pump {
             }
             self.total += data.len() as u64;
             counter.inc_by(data.len() as u64);
+            boundary.observe(data);
             self.needs_flush = true;
             let sent = match write_all_ready(cx, writer, data)? {
                 WriteProgress::All => continue,
@@ -198,6 +257,20 @@ impl Pump {
         if !self.backlog.is_empty() {
             self.backlog = Vec::new();
             self.written = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes out what was read but not yet delivered, and flushes it.
+    fn deliver<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.drain_backlog(cx, writer))?;
+        if self.needs_flush {
+            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+            self.needs_flush = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -238,6 +311,29 @@ mod tests {
         }
     }
 
+    /// Between responses when the last byte seen ended a line.
+    #[derive(Default)]
+    struct Lines {
+        last: Option<u8>,
+    }
+
+    impl Boundary for Lines {
+        fn observe(&mut self, bytes: &[u8]) {
+            self.last = bytes.last().copied().or(self.last);
+        }
+
+        fn at_boundary(&self) -> bool {
+            self.last.is_none_or(|b| b == b'\n')
+        }
+    }
+
+    fn never() -> Stop<std::future::Pending<()>> {
+        Stop {
+            signal: std::future::pending(),
+            flush_timeout: Duration::from_secs(1),
+        }
+    }
+
     #[tokio::test]
     async fn copies_both_ways_through_a_small_pipe_and_counts() {
         let (mut client_far, mut client) = duplex(7);
@@ -264,7 +360,8 @@ mod tests {
             &mut upstream,
             Duration::from_secs(5),
             &counters,
-            std::future::pending(),
+            &mut Lines::default(),
+            never(),
         )
         .await;
         assert_eq!(end.unwrap(), SpliceEnd::Closed);
@@ -292,7 +389,8 @@ mod tests {
             &mut upstream,
             Duration::from_secs(10),
             &counters,
-            std::future::pending(),
+            &mut Lines::default(),
+            never(),
         )
         .await;
         assert_eq!(end.unwrap(), SpliceEnd::IdleTimeout);
@@ -300,18 +398,47 @@ mod tests {
         drop(talker);
     }
 
-    #[tokio::test]
-    async fn stop_ends_the_splice() {
-        let (_client_far, mut client) = duplex(64);
-        let (mut upstream, _upstream_far) = duplex(64);
+    /// Splices `sent` from the upstream to a client whose pipe holds `room` bytes and who
+    /// reads nothing until the splice has ended; stops after 100 ms. Returns the end and what
+    /// the client then finds in its pipe.
+    async fn stop_after(sent: &[u8], room: usize) -> (SpliceEnd, Vec<u8>) {
+        let (mut client_far, mut client) = duplex(room);
+        let (mut upstream, mut upstream_far) = duplex(256 * 1024);
+        upstream_far.write_all(sent).await.unwrap();
+        let stop = Stop {
+            signal: tokio::time::sleep(Duration::from_millis(100)),
+            flush_timeout: Duration::from_millis(200),
+        };
         let (end, _) = splice(
             &mut client,
             &mut upstream,
             Duration::from_secs(60),
             &counters(),
-            async {},
+            &mut Lines::default(),
+            stop,
         )
         .await;
-        assert_eq!(end.unwrap(), SpliceEnd::Stopped);
+        drop(client);
+        let mut received = Vec::new();
+        client_far.read_to_end(&mut received).await.unwrap();
+        (end.unwrap(), received)
+    }
+
+    #[tokio::test]
+    async fn a_stop_delivers_what_was_read_and_says_where_it_ended() {
+        let (end, received) = stop_after(b"* 1 EXISTS\r\n", 1024).await;
+        assert_eq!(end, SpliceEnd::Stopped { at_boundary: true });
+        assert_eq!(received, b"* 1 EXISTS\r\n");
+        let (end, _) = stop_after(b"* 1 FETCH (BODY[] {10}\r\n01234", 1024).await;
+        assert_eq!(end, SpliceEnd::Stopped { at_boundary: false });
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_not_waited_for_past_the_flush_timeout() {
+        let sent = vec![b'x'; 100_000];
+        let started = Instant::now();
+        let (end, _) = stop_after(&sent, 16).await;
+        assert_eq!(end, SpliceEnd::Stopped { at_boundary: false });
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

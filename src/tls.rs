@@ -2,14 +2,13 @@
 //! CA files. No OpenSSL anywhere.
 
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-
-use crate::config::UpstreamConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -33,18 +32,22 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds the TLS client configuration for one upstream.
+/// Builds a TLS client configuration trusting the system's roots (when `system_roots`) and
+/// the certificates in `ca_file`.
 ///
 /// # Errors
 /// An unreadable or empty `ca_file`, or no roots at all.
-pub fn client_config(upstream: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca_file: Option<&Path>,
+    system_roots: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    if upstream.system_roots {
+    if system_roots {
         // Unreadable individual system certificates are skipped, as every TLS stack does.
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
     }
-    if let Some(path) = &upstream.ca_file {
+    if let Some(path) = ca_file {
         let ca_error = |reason: String| TlsError::CaFile {
             path: path.display().to_string(),
             reason,

@@ -41,7 +41,13 @@ impl Connector {
                         config.host
                     )))
                 })?;
-                Some((TlsConnector::from(client_config(config)?), name))
+                Some((
+                    TlsConnector::from(client_config(
+                        config.ca_file.as_deref(),
+                        config.system_roots,
+                    )?),
+                    name,
+                ))
             }
         };
         Ok(Self {

@@ -19,7 +19,7 @@ const GOOD: &str = r#"listeners:
     listen: "127.0.0.1:1143"
     upstream: { host: mail.example, port: 993, tls: implicit }
 tokens:
-  auth_server: { url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }
+  auth_server: { url: "http://svc:s3cret-pw@127.0.0.1:8080/token?key=qu3ry-key" }
 "#;
 
 fn mailgate(args: &[&str]) -> std::process::Output {
@@ -42,9 +42,23 @@ fn check_accepts_a_good_config_and_prints_it_redacted() {
         "defaults are shown: {printed}"
     );
     assert!(!printed.contains("s3cret-pw"), "{printed}");
+    assert!(!printed.contains("qu3ry-key"), "{printed}");
     assert!(
-        printed.contains("http://svc:%5Bredacted%5D@127.0.0.1:8080/token"),
+        printed.contains("http://svc:[redacted]@127.0.0.1:8080/token?key=[redacted]"),
         "{printed}"
+    );
+    assert!(printed.contains("level: info"), "{printed}");
+}
+
+#[test]
+fn check_says_so_when_a_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "good.yaml", GOOD);
+    let out = mailgate(&["check", "--config", &path]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{path}: configuration is valid (1 listener)\n")
     );
 }
 
@@ -126,14 +140,14 @@ fn secrets_can_come_from_files_and_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let password = write(&dir, "pw", "from-file\n");
     let text = GOOD.replace(
-        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }"#,
+        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token?key=qu3ry-key" }"#,
         &format!(r#"url: "http://svc@127.0.0.1:8080/token", password_file: "{password}" }}"#),
     );
     let path = write(&dir, "file.yaml", &text);
     assert!(mailgate(&["check", "--config", &path]).status.success());
 
     let text = GOOD.replace(
-        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token" }"#,
+        r#"url: "http://svc:s3cret-pw@127.0.0.1:8080/token?key=qu3ry-key" }"#,
         r#"url: "http://svc@127.0.0.1:8080/token", password_env: MAILGATE_TEST_UNSET_VAR }"#,
     );
     let path = write(&dir, "env.yaml", &text);

@@ -352,16 +352,34 @@ async fn fifty_concurrent_logins_make_one_auth_server_request() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
-        // Slow enough that all fifty logins wait on the same fetch.
-        up.auth
-            .set_delay(ACCOUNT, Some(std::time::Duration::from_millis(500)));
-        let (mailgate, address) = start(&up, &IMAPS_XOAUTH2).await;
-        let logins = (0..50).map(|_| async move {
+        let (port, admin) = (free_port(), free_port());
+        let text = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            config(&up, port, &IMAPS_XOAUTH2, &up.auth.url())
+        );
+        let mailgate = Mailgate::start(&text).await;
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        // The auth server answers nothing until all fifty logins wait on the same fetch.
+        let hold = up.auth.hold();
+        let logins = tokio::spawn(futures_join_all((0..50).map(move |_| async move {
             let mut client = ImapClient::connect(address).await;
             client.login(ACCOUNT, PASSWORD).await
-        });
-        let results = futures_join_all(logins).await;
-        for login in &results {
+        })));
+        let all_waiting = support::eventually(std::time::Duration::from_secs(20), || async {
+            let metrics = curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).await;
+            up.auth.waiting() == 1
+                && metrics
+                    .stdout
+                    .contains("mailgate_token_cache_total{result=\"miss\"} 50")
+        })
+        .await;
+        assert!(
+            all_waiting,
+            "fifty logins never waited together\n{}",
+            mailgate.output()
+        );
+        drop(hold);
+        for login in &logins.await.unwrap() {
             assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
         }
         assert_eq!(up.auth.requests(ACCOUNT), 1);

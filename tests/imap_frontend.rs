@@ -3,8 +3,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mailgate::imap::frontend::{self, MAX_BAD_COMMANDS, MAX_MESSAGE_SIZE};
-use mailgate::proxy::{
+use mailgate::imap::frontend::{self, MAX_MESSAGE_SIZE};
+use mailgate::limits::MAX_ERRORS;
+use mailgate::login::{
     Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
@@ -14,6 +15,7 @@ const GREETING: &str =
     "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mx.test mailgate ready";
 const COMPLETION: &str = "OK [CAPABILITY IMAP4rev1 IDLE] Logged in";
 const PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+const PRE_AUTH_LIFETIME: Duration = Duration::from_secs(300);
 /// Every test gives up after this long instead of hanging.
 const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,7 +42,7 @@ impl Authenticator for StandIn {
         })
     }
 
-    async fn smtp_extensions(&self) -> Vec<String> {
+    fn smtp_extensions(&self) -> Vec<String> {
         Vec::new()
     }
 }
@@ -53,6 +55,8 @@ struct Client {
     received: Vec<u8>,
     session: JoinHandle<Outcome>,
     authenticator: Arc<StandIn>,
+    /// Dropping it tells the session that mailgate is shutting down.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Client {
@@ -65,16 +69,23 @@ impl Client {
         let settings = FrontendSettings {
             hostname: "mx.test".to_owned(),
             pre_auth_timeout: PRE_AUTH_TIMEOUT,
+            pre_auth_lifetime: PRE_AUTH_LIFETIME,
+            client: None,
         };
         let session_authenticator = Arc::clone(&authenticator);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let session = tokio::spawn(async move {
-            frontend::serve(server, session_authenticator.as_ref(), &settings).await
+            let stop = async {
+                let _ = stopped.await;
+            };
+            frontend::serve(server, session_authenticator.as_ref(), &settings, stop).await
         });
         let mut client = Self {
             io,
             received: Vec::new(),
             session,
             authenticator,
+            stop: Some(stop),
         };
         client.expect(GREETING).await;
         client
@@ -119,6 +130,11 @@ impl Client {
         }
         assert!(self.received.is_empty(), "unread: {:?}", self.received);
         outcome
+    }
+
+    /// Tells the session that mailgate is shutting down.
+    fn shut_down(&mut self) {
+        self.stop.take();
     }
 
     fn seen(&self) -> Vec<(String, String)> {
@@ -462,7 +478,8 @@ async fn garbage_gets_bad_and_too_much_of_it_ends_the_session() {
         client
             .exchange("b NOOP\r\n", &["b OK NOOP completed"])
             .await;
-        for _ in 1..MAX_BAD_COMMANDS {
+        // Counted in total: the NOOP in between does not start the count again.
+        for _ in 4..MAX_ERRORS {
             client.exchange("\r\n", &["* BAD Invalid command"]).await;
         }
         client
@@ -537,4 +554,82 @@ async fn idle_client_is_logged_out() {
     client.expect("* BYE Autologout; idle too long").await;
     assert!(started.elapsed() >= PRE_AUTH_TIMEOUT);
     assert!(client.finish().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_client_is_still_logged_out_when_its_lifetime_ends() {
+    let mut client = Client::start(LoginError::BadCredentials).await;
+    let started = tokio::time::Instant::now();
+    // A NOOP well within every idle timeout, again and again.
+    while started.elapsed() < PRE_AUTH_LIFETIME - Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        client
+            .exchange("a NOOP\r\n", &["a OK NOOP completed"])
+            .await;
+    }
+    client
+        .expect("* BYE Autologout; too long without logging in")
+        .await;
+    assert!(started.elapsed() >= PRE_AUTH_LIFETIME - Duration::from_secs(1));
+    assert!(client.finish().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_loses_its_session() {
+    // A pipe of 64 bytes that the client never reads from.
+    let (mut io, server) = duplex(64);
+    let settings = FrontendSettings {
+        hostname: "mx.test".to_owned(),
+        pre_auth_timeout: PRE_AUTH_TIMEOUT,
+        pre_auth_lifetime: PRE_AUTH_LIFETIME,
+        client: None,
+    };
+    let authenticator = StandIn {
+        failure: LoginError::BadCredentials,
+        seen: Mutex::new(Vec::new()),
+    };
+    let session = tokio::spawn(async move {
+        frontend::serve(server, &authenticator, &settings, std::future::pending()).await
+    });
+    let started = tokio::time::Instant::now();
+    // Pipelined CAPABILITYs whose replies fill the pipe; the writes must give up.
+    for _ in 0..100 {
+        if io.write_all(b"a CAPABILITY\r\n").await.is_err() {
+            break;
+        }
+    }
+    let outcome = session.await.unwrap();
+    let error = outcome.err().expect("the session fails");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+    assert!(started.elapsed() <= PRE_AUTH_TIMEOUT + Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn shutting_down_says_bye_between_commands() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange("a NOOP\r\n", &["a OK NOOP completed"])
+            .await;
+        client.send("b NO").await;
+        client.shut_down();
+        client.expect("* BYE Server shutting down").await;
+        assert!(client.finish().await.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn control_characters_in_a_user_name_are_refused() {
+    with_timeout(async {
+        let mut client = Client::start(LoginError::BadCredentials).await;
+        client
+            .exchange(
+                "a LOGIN {15+}\r\nbob\nINFO forged \"x\"\r\n",
+                &["a NO [AUTHENTICATIONFAILED] Authentication failed"],
+            )
+            .await;
+        assert!(client.seen().is_empty());
+    })
+    .await;
 }

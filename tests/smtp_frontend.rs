@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{MechanismSetting, TlsMode, UpstreamConfig};
-use mailgate::proxy::{
+use mailgate::login::{
     Authenticator, BackendError, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
     UpstreamAuth,
 };
@@ -20,8 +20,11 @@ use tokio::io::{
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// What the stand-in upstream answers a login; relayed to the client as is.
+const UPSTREAM_COMPLETION: &str = "235 2.7.0 Logged in (upstream)";
 /// Every wait in these tests is bounded by this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+const PRE_AUTH_LIFETIME: Duration = Duration::from_secs(300);
 const UPSTREAM_EXTENSIONS: [&str; 6] = [
     "SIZE 1000",
     "8BITMIME",
@@ -45,7 +48,7 @@ impl Authenticator for StandIn {
                 let (near, _far) = tokio::io::duplex(64);
                 Ok(Upstream {
                     io: Box::new(near),
-                    completion: "235 2.7.0 Authentication successful".to_owned(),
+                    completion: UPSTREAM_COMPLETION.to_owned(),
                 })
             }
             "down" => Err(LoginError::UpstreamUnavailable),
@@ -53,7 +56,7 @@ impl Authenticator for StandIn {
         }
     }
 
-    async fn smtp_extensions(&self) -> Vec<String> {
+    fn smtp_extensions(&self) -> Vec<String> {
         UPSTREAM_EXTENSIONS
             .iter()
             .map(|s| (*s).to_owned())
@@ -68,6 +71,8 @@ struct Transcript {
     writer: WriteHalf<DuplexStream>,
     session: JoinHandle<Outcome>,
     authenticator: Arc<StandIn>,
+    /// Dropping it tells the session that mailgate is shutting down.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Transcript {
@@ -77,16 +82,24 @@ impl Transcript {
         let settings = FrontendSettings {
             hostname: "mx".to_owned(),
             pre_auth_timeout,
+            pre_auth_lifetime: PRE_AUTH_LIFETIME,
+            client: None,
         };
         let shared = Arc::clone(&authenticator);
-        let session =
-            tokio::spawn(async move { frontend::serve(server, shared.as_ref(), &settings).await });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let session = tokio::spawn(async move {
+            let stop = async {
+                let _ = stopped.await;
+            };
+            frontend::serve(server, shared.as_ref(), &settings, stop).await
+        });
         let (read, writer) = tokio::io::split(client);
         Self {
             reader: BufReader::new(read),
             writer,
             session,
             authenticator,
+            stop: Some(stop),
         }
     }
 
@@ -189,7 +202,7 @@ async fn ehlo_relays_upstream_extensions_but_offers_its_own_auth() {
 async fn auth_plain_with_initial_response() {
     let mut t = Transcript::greeted().await;
     t.send(&format!("AUTH PLAIN {ALICE_RIGHT}\r\n")).await;
-    t.expect("235 2.7.0 Authentication successful").await;
+    t.expect(UPSTREAM_COMPLETION).await;
     let authenticator = Arc::clone(&t.authenticator);
     let handoff = handoff(t.finish().await);
     assert_eq!(handoff.account, "alice");
@@ -205,7 +218,7 @@ async fn auth_plain_after_empty_challenge() {
     t.send("AUTH PLAIN\r\n").await;
     t.expect("334 ").await;
     t.send(&format!("{ALICE_RIGHT}\r\n")).await;
-    t.expect("235 2.7.0 Authentication successful").await;
+    t.expect(UPSTREAM_COMPLETION).await;
     assert_eq!(handoff(t.finish().await).account, "alice");
 }
 
@@ -217,7 +230,7 @@ async fn auth_login() {
     t.send("YWxpY2U=\r\n").await;
     t.expect("334 UGFzc3dvcmQ6").await;
     t.send("cmlnaHQ=\r\n").await;
-    t.expect("235 2.7.0 Authentication successful").await;
+    t.expect(UPSTREAM_COMPLETION).await;
     assert_eq!(handoff(t.finish().await).account, "alice");
 }
 
@@ -255,7 +268,7 @@ async fn wrong_password_then_right_one() {
     t.expect("535 5.7.8 Authentication credentials invalid")
         .await;
     t.send(&format!("AUTH PLAIN {ALICE_RIGHT}\r\n")).await;
-    t.expect("235 2.7.0 Authentication successful").await;
+    t.expect(UPSTREAM_COMPLETION).await;
     assert_eq!(handoff(t.finish().await).account, "alice");
 }
 
@@ -303,7 +316,8 @@ async fn garbage_and_oversized_lines() {
     t.send("BLAH\r\n").await;
     t.expect("500 5.5.2 Command unrecognized").await;
     t.send("\x01\x02\x03\r\n").await;
-    t.expect("500 5.5.2 Command unrecognized").await;
+    t.expect("501 5.5.2 Control characters are not allowed")
+        .await;
     t.send(&format!("NOOP {}\r\n", "x".repeat(600))).await;
     t.expect("500 5.5.2 Line too long").await;
     t.send(&format!("NOOP {}\r\n", "x".repeat(100_000))).await;
@@ -322,7 +336,7 @@ async fn pipelined_commands_after_auth_reach_the_upstream() {
     .await;
     t.expect_until("250 AUTH PLAIN LOGIN").await;
     t.expect("250 2.0.0 OK").await;
-    t.expect("235 2.7.0 Authentication successful").await;
+    t.expect(UPSTREAM_COMPLETION).await;
     let (prefix, _client) = handoff(t.finish().await).client.into_parts();
     assert_eq!(prefix, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<b");
 }
@@ -332,6 +346,51 @@ async fn client_closing_ends_the_session() {
     let mut t = Transcript::greeted().await;
     t.writer.shutdown().await.unwrap();
     assert!(t.finish().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn ehlo_names_with_control_characters_or_nothing_are_refused() {
+    let mut t = Transcript::start(Duration::from_secs(30));
+    t.expect("220 mx ESMTP mailgate").await;
+    t.send("EHLO evil\0name\r\n").await;
+    t.expect("501 5.5.2 Control characters are not allowed")
+        .await;
+    t.send("EHLO a\rb\r\n").await;
+    t.expect("501 5.5.2 Control characters are not allowed")
+        .await;
+    t.send("EHLO \u{85}name\r\n").await;
+    t.expect("501 5.5.4 Invalid domain name").await;
+    // Not greeted: AUTH still needs a good EHLO.
+    t.send(&format!("AUTH PLAIN {ALICE_RIGHT}\r\n")).await;
+    t.expect("503 5.5.1 Send EHLO first").await;
+    t.send("EHLO [192.0.2.1]\r\n").await;
+    t.expect_until("250 AUTH PLAIN LOGIN").await;
+}
+
+#[tokio::test]
+async fn shutting_down_says_421_between_commands() {
+    let mut t = Transcript::greeted().await;
+    t.send("NOO").await;
+    t.stop.take();
+    t.expect("421 4.3.2 mx Service shutting down").await;
+    assert!(t.expect_closed().await.unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_client_is_closed_when_its_lifetime_ends() {
+    let mut t = Transcript::start(Duration::from_secs(60));
+    t.expect("220 mx ESMTP mailgate").await;
+    let started = tokio::time::Instant::now();
+    // A NOOP well within every idle timeout, again and again.
+    while started.elapsed() < PRE_AUTH_LIFETIME - Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        t.send("NOOP\r\n").await;
+        t.expect("250 2.0.0 OK").await;
+    }
+    let line = t.line_within(Duration::from_secs(3600)).await;
+    assert_eq!(line, "421 4.4.2 mx Too long without authenticating\r\n");
+    assert!(started.elapsed() >= PRE_AUTH_LIFETIME - Duration::from_secs(1));
+    assert!(t.expect_closed().await.unwrap().is_none());
 }
 
 #[tokio::test(start_paused = true)]

@@ -17,7 +17,8 @@ use tokio::io::AsyncWriteExt;
 use super::framer::Framer;
 use crate::config::TlsMode;
 use crate::io::{BoxedIo, PrefixedIo};
-use crate::proxy::{BackendError, Upstream, UpstreamAuth};
+use crate::login::{BackendError, Upstream, UpstreamAuth};
+use crate::sanitize;
 use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
 use crate::upstream::Connector;
@@ -71,7 +72,7 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
     let completion = completion.into_result()?;
     Ok(Upstream {
         io: connection.into_io(),
-        completion,
+        completion: sanitize::for_wire(&completion),
     })
 }
 
@@ -128,13 +129,23 @@ struct Completion {
 
 impl Completion {
     /// # Errors
-    /// `NO` is a rejection, `BAD` a protocol error.
+    /// `NO` is a rejection, `BAD` a protocol error; their text is made safe to log, since
+    /// some servers echo the command (and with it the token).
     fn into_result(self) -> Result<String, BackendError> {
         match self.kind {
             StatusKind::Ok => Ok(self.line),
-            StatusKind::No => Err(BackendError::Rejected(self.line)),
-            StatusKind::Bad => Err(BackendError::Protocol(self.line)),
+            StatusKind::No => Err(BackendError::Rejected(sanitize::for_log(&self.line))),
+            StatusKind::Bad => Err(BackendError::Protocol(sanitize::for_log(&self.line))),
         }
+    }
+
+    /// For commands other than the login, a `NO` is not about credentials: the upstream is
+    /// unusable (e.g. it refuses STARTTLS), so a fresh token would not help.
+    fn into_protocol_result(self) -> Result<String, BackendError> {
+        self.into_result().map_err(|error| match error {
+            BackendError::Rejected(text) => BackendError::Protocol(text),
+            other => other,
+        })
     }
 
     /// Adds the capabilities announced in an untagged response to a bare `OK`, so clients that
@@ -170,8 +181,8 @@ fn classify(response: &Response<'_>, message: &[u8], tag: &str) -> Result<Event,
         }
         Response::Status(Status::Tagged(tagged)) => {
             return Err(BackendError::Protocol(format!(
-                "response for unknown tag {:?}",
-                tagged.tag.as_ref()
+                "response for unknown tag {}",
+                sanitize::for_log(tagged.tag.as_ref())
             )));
         }
         Response::Data(_) | Response::Status(Status::Untagged(_)) => Event::Other,
@@ -192,7 +203,7 @@ fn greeting_capabilities(message: &[u8]) -> Result<Option<Capabilities>, Backend
         // PREAUTH would skip our login; BYE means it will not talk to us.
         GreetingKind::PreAuth | GreetingKind::Bye => Err(BackendError::Protocol(format!(
             "greeting: {}",
-            greeting.text.as_ref()
+            sanitize::for_log(greeting.text.as_ref())
         ))),
     }
 }
@@ -234,7 +245,7 @@ impl Connection {
     async fn starttls(mut self) -> Result<BoxedIo, BackendError> {
         let tag = self.next_tag();
         self.send(format!("{tag} STARTTLS\r\n").as_bytes()).await?;
-        self.completion(&tag).await?.into_result()?;
+        self.completion(&tag).await?.into_protocol_result()?;
         let (rest, io) = (self.framer.into_unparsed(), self.io);
         if !rest.is_empty() {
             return Err(BackendError::Protocol(
@@ -248,7 +259,7 @@ impl Connection {
         let tag = self.next_tag();
         self.send(format!("{tag} CAPABILITY\r\n").as_bytes())
             .await?;
-        self.completion(&tag).await?.into_result()?;
+        self.completion(&tag).await?.into_protocol_result()?;
         self.announced
             .take()
             .filter(|capabilities| !capabilities.is_empty())
@@ -360,7 +371,10 @@ impl Connection {
                     return Ok(Some(completion.with_capabilities(announced)));
                 }
                 Event::Capabilities(capabilities) => self.announced = Some(capabilities),
-                Event::Bye(text) => return Err(BackendError::Protocol(format!("BYE {text}"))),
+                Event::Bye(text) => {
+                    let text = sanitize::for_log(&text);
+                    return Err(BackendError::Protocol(format!("BYE {text}")));
+                }
                 Event::Other => {}
             }
         }
@@ -477,14 +491,14 @@ mod tests {
 
     // A scripted upstream on loopback.
 
-    async fn upstream(mechanism: MechanismSetting) -> (Connector, TcpListener) {
+    async fn upstream(mechanism: MechanismSetting, tls: TlsMode) -> (Connector, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = UpstreamConfig {
             host: "127.0.0.1".to_owned(),
             port: listener.local_addr().unwrap().port(),
-            tls: TlsMode::None,
+            tls,
             ca_file: None,
-            system_roots: false,
+            system_roots: tls != TlsMode::None,
             mechanism,
             connect_timeout: Duration::from_secs(5),
         };
@@ -521,7 +535,16 @@ mod tests {
         auth: UpstreamAuth,
         script: &'static [&'static str],
     ) -> Result<Upstream, BackendError> {
-        let (connector, listener) = upstream(mechanism).await;
+        run_with(mechanism, TlsMode::None, auth, script).await
+    }
+
+    async fn run_with(
+        mechanism: MechanismSetting,
+        tls: TlsMode,
+        auth: UpstreamAuth,
+        script: &'static [&'static str],
+    ) -> Result<Upstream, BackendError> {
+        let (connector, listener) = upstream(mechanism, tls).await;
         let server = tokio::spawn(play(listener, script));
         let result = tokio::time::timeout(Duration::from_secs(5), login(&connector, &auth))
             .await
@@ -647,6 +670,47 @@ mod tests {
         let script = &["S: * OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=XOAUTH2] hi\r\n"];
         let result = run(MechanismSetting::Auto, password(), script).await;
         assert!(matches!(result, Err(BackendError::NoMechanism)));
+    }
+
+    #[tokio::test]
+    async fn a_refused_starttls_is_an_unavailable_upstream_not_bad_credentials() {
+        crate::tls::install_crypto_provider();
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=XOAUTH2] ready\r\n",
+            "C: M1 STARTTLS\r\n",
+            "S: M1 NO [UNAVAILABLE] TLS not available now\r\n",
+        ];
+        let result = run_with(
+            MechanismSetting::Auto,
+            TlsMode::Starttls,
+            bearer("tok"),
+            script,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(BackendError::Protocol(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_echoed_token_in_a_refusal_is_redacted() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            "C: (any)",
+            // The server quotes the client's SASL message (base64 of user=a@b.c ... secret-token).
+            "S: M1 NO [AUTHENTICATIONFAILED] refused dXNlcj1hQGIuYwFhdXRoPUJlYXJlciBzZWNyZXQtdG9rZW4BAQ== \x1b[31m\r\n",
+        ];
+        let result = run(MechanismSetting::Auto, bearer("secret-token"), script).await;
+        let Err(BackendError::Rejected(text)) = result else {
+            panic!("expected a rejection");
+        };
+        assert!(!text.contains("dXNlcj1"), "{text}");
+        assert!(
+            text.contains("[redacted]") && !text.contains('\x1b'),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! IMAP: the client-facing front end before authentication and the upstream login.
 
 pub mod backend;
+pub mod boundary;
 mod framer;
 pub mod frontend;
 pub mod reply;

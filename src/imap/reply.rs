@@ -1,8 +1,9 @@
 //! Every reply the IMAP front end sends on its own, and the one mapping from failures to
 //! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
 
-use crate::proxy::LoginError;
-use crate::sasl::SaslError;
+use crate::login::LoginError;
+use crate::sanitize;
+use crate::sasl::{self, SaslError};
 
 /// What mailgate offers before authentication. No STARTTLS: mailgate offers no client TLS of
 /// its own. No IMAP4rev2: it would oblige us to answer ENABLE and more (RFC 9051 7.2.2).
@@ -10,12 +11,13 @@ pub const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LO
 
 pub const BYE_LOGOUT: &str = "Logging out";
 pub const BYE_IDLE: &str = "Autologout; idle too long";
+pub const BYE_LIFETIME: &str = "Autologout; too long without logging in";
 pub const BYE_TOO_MANY_ERRORS: &str = "Too many invalid commands";
 pub const BYE_TOO_MANY_FAILURES: &str = "Too many failed logins";
 
 /// The untagged greeting (RFC 9051 7.1.1), listing capabilities so clients skip a round trip.
 pub fn greeting(hostname: &str) -> String {
-    let hostname: String = hostname.chars().filter(|c| c.is_ascii_graphic()).collect();
+    let hostname = sanitize::for_wire(hostname);
     format!("* OK [CAPABILITY {CAPABILITIES}] {hostname} mailgate ready\r\n")
 }
 
@@ -55,13 +57,13 @@ pub fn bye(text: &str) -> String {
     format!("* BYE {text}\r\n")
 }
 
-/// An empty continuation request, which AUTHENTICATE uses to ask for the response.
-pub const CONTINUE_EMPTY: &str = "+ \r\n";
 /// Asks for a synchronizing literal (RFC 9051 7.5).
 pub const CONTINUE_LITERAL: &str = "+ Ready for literal data\r\n";
-/// SASL LOGIN's prompts, base64 of `Username:` and `Password:`.
-pub const CONTINUE_USERNAME: &str = "+ VXNlcm5hbWU6\r\n";
-pub const CONTINUE_PASSWORD: &str = "+ UGFzc3dvcmQ6\r\n";
+
+/// An AUTHENTICATE challenge (RFC 9051 7.5): `+ `, the base64 text, CRLF.
+pub fn challenge(raw: &[u8]) -> String {
+    format!("+ {}\r\n", sasl::encode_challenge(raw))
+}
 
 /// The answer to a login the proxy could not complete.
 pub fn login_failed(tag: &str, error: LoginError) -> String {
@@ -69,7 +71,11 @@ pub fn login_failed(tag: &str, error: LoginError) -> String {
         LoginError::BadCredentials | LoginError::UpstreamRejected => {
             no(tag, "[AUTHENTICATIONFAILED] Authentication failed")
         }
-        LoginError::TokenUnavailable | LoginError::UpstreamUnavailable => {
+        LoginError::NeedsReauthorization => {
+            no(tag, "[AUTHENTICATIONFAILED] account needs re-authorization")
+        }
+        LoginError::Throttled => no(tag, "[UNAVAILABLE] Too many failed logins, try again later"),
+        LoginError::Overloaded | LoginError::TokenUnavailable | LoginError::UpstreamUnavailable => {
             no(tag, "[UNAVAILABLE] Temporary failure, try again later")
         }
     }
@@ -83,7 +89,7 @@ pub fn credentials_refused(tag: &str, error: SaslError) -> String {
     match error {
         SaslError::Base64 | SaslError::MalformedPlain => bad(Some(tag), "Invalid SASL response"),
         SaslError::ProxyAuthorization => no(tag, "[AUTHORIZATIONFAILED] Authorization refused"),
-        SaslError::NotUtf8 | SaslError::EmptyUser => {
+        SaslError::NotUtf8 | SaslError::BadUser => {
             no(tag, "[AUTHENTICATIONFAILED] Authentication failed")
         }
     }
@@ -114,7 +120,7 @@ mod tests {
     fn greeting_drops_control_characters_from_the_hostname() {
         assert_eq!(
             greeting("mx\r\n* BYE"),
-            format!("* OK [CAPABILITY {CAPABILITIES}] mx*BYE mailgate ready\r\n")
+            format!("* OK [CAPABILITY {CAPABILITIES}] mx* BYE mailgate ready\r\n")
         );
     }
 }

@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::TlsMode;
 use crate::io::{BoxedIo, PrefixedIo};
-use crate::proxy::{BackendError, Upstream, UpstreamAuth};
+use crate::login::{BackendError, Upstream, UpstreamAuth};
+use crate::sanitize;
 use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
 use crate::upstream::Connector;
@@ -52,7 +53,7 @@ pub async fn login(
         return Err(classify(&reply));
     }
     Ok(Upstream {
-        completion: reply_text(&reply),
+        completion: completion_line(&reply),
         io: connection.into_io(),
     })
 }
@@ -182,40 +183,31 @@ fn auth_mechanisms(extensions: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A reply as one line of text for errors and the completion, lines joined by `/`.
-///
-/// Some servers echo the offending command in their error text; long words are dropped so an
-/// echoed token or SASL payload cannot reach a log line.
+/// A reply as one line of text for errors and logs, lines joined by `/`, made safe to log:
+/// some servers echo the offending command, and with it the token, in their error text.
 fn reply_text(reply: &Response<String>) -> String {
-    let [class, subject, detail] = reply.esc;
     let text = reply
         .message
         .split('\n')
-        .map(redact_long_words)
+        .map(sanitize::for_log)
         .collect::<Vec<_>>()
         .join(" / ");
-    if class == 0 {
-        format!("{} {text}", reply.code)
-    } else {
-        format!("{} {class}.{subject}.{detail} {text}", reply.code)
-    }
+    format!("{}{text}", status_prefix(reply))
 }
 
-/// Words longer than this in upstream error texts are replaced: base64 of even a short token is
-/// longer, while human-readable words and host names rarely are.
-const MAX_WORD_IN_REPLY: usize = 40;
+/// The upstream's final reply to relay to the client as one line: its first line, printable
+/// ASCII only, e.g. `235 2.7.0 Logged in.`.
+fn completion_line(reply: &Response<String>) -> String {
+    let first = reply.message.split('\n').next().unwrap_or_default();
+    sanitize::for_wire(&format!("{}{first}", status_prefix(reply)))
+}
 
-fn redact_long_words(line: &str) -> String {
-    line.split(' ')
-        .map(|word| {
-            if word.len() > MAX_WORD_IN_REPLY {
-                "[redacted]"
-            } else {
-                word
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// `235 2.7.0 ` or, without an enhanced status code, `235 `.
+fn status_prefix(reply: &Response<String>) -> String {
+    match reply.esc {
+        [0, _, _] => format!("{} ", reply.code),
+        [class, subject, detail] => format!("{} {class}.{subject}.{detail} ", reply.code),
+    }
 }
 
 /// An upstream stream with the bytes read past the last reply.

@@ -1,15 +1,21 @@
 //! The SMTP session with a client before authentication (RFC 5321, AUTH per RFC 4954,
 //! pipelining per RFC 2920): greeting, EHLO, AUTH PLAIN/LOGIN, then a [`Handoff`].
 
+use std::future::Future;
 use std::io;
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{Instant, timeout_at};
 
-use crate::io::PrefixedIo;
-use crate::proxy::{Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest};
-use crate::sasl::{self, Credentials};
+use crate::io::{PrefixedIo, write_all_by};
+use crate::limits::{Strikes, Verdict};
+use crate::login::{
+    Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
+    LoginRequest,
+};
+use crate::sanitize::Escaped;
+use crate::sasl::{self, SaslServer, SaslStep, ServerMechanism};
 use crate::secret::Secret;
 use crate::smtp::reply::{self, Failure};
 
@@ -19,17 +25,10 @@ pub const MAX_COMMAND_LINE: usize = 512;
 /// client's SASL responses; that also bounds every buffered line, since the framer cannot
 /// know the verb before the line ends.
 pub const MAX_AUTH_LINE: usize = 12288;
-/// Errors of any kind before authentication after which the session is closed. Counted in
-/// total rather than consecutively, so that interleaving NOOPs does not reset the count.
-pub const MAX_ERRORS: u32 = 10;
-/// Failed logins after which the session is closed (RFC 4954 leaves the number to servers).
-pub const MAX_AUTH_FAILURES: u32 = 3;
+/// RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.
+const MAX_DOMAIN: usize = 255;
 /// Bytes read from the client at once; the line buffer holds at most this plus one line.
 const READ_CHUNK: usize = 4096;
-
-/// RFC 4954 4 (AUTH LOGIN is not standardised, but every client expects these prompts).
-const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
-const LOGIN_PASSWORD_PROMPT: &str = "UGFzc3dvcmQ6";
 
 /// Extensions relayed from the upstream's EHLO. Anything else is dropped: AUTH and STARTTLS
 /// describe the upstream hop, REQUIRETLS (RFC 8689) would promise TLS on a hop mailgate does
@@ -62,43 +61,50 @@ const FALLBACK_EXTENSIONS: &[&str] = &["PIPELINING", "8BITMIME", ENHANCED_STATUS
 
 /// Runs the client session until it authenticates, quits, or is closed.
 ///
-/// Waits at most `settings.pre_auth_timeout` for each complete line. Bytes the client sent
-/// after the last line of a successful AUTH exchange are replayed by the handoff's stream.
+/// Waits at most `settings.pre_auth_timeout` for each line and for each reply to be read, and
+/// ends the session when `settings.pre_auth_lifetime` passes or `stop` completes (mailgate is
+/// shutting down), with a `421` saying why. Bytes the client sent after the last line of a
+/// successful AUTH exchange are replayed by the handoff's stream.
 ///
-/// Returns `Ok(None)` on QUIT, when the client closes, after a timeout (having sent `421`),
-/// and after too many errors or failed logins.
+/// Returns `Ok(None)` on QUIT, when the client closes, after a timeout, a stop, and after too
+/// many errors or failed logins.
 ///
 /// # Errors
 /// Reading from or writing to the client fails, or a write does not finish before the deadline.
 pub async fn serve<S, A>(
-    mut client: S,
+    client: S,
     authenticator: &A,
     settings: &FrontendSettings,
+    stop: impl Future<Output = ()>,
 ) -> io::Result<Option<Handoff<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     A: Authenticator,
 {
+    tokio::pin!(stop);
     let hostname = settings.hostname.as_str();
+    let mut conn = Conn {
+        client,
+        out: reply::greeting(hostname),
+        lifetime_end: settings.lifetime_end(),
+        settings,
+    };
     let mut session = Session::default();
     let mut lines = LineBuffer::default();
-    let mut out = reply::greeting(hostname);
-    let mut deadline = Instant::now() + settings.pre_auth_timeout;
     loop {
         let Some(line) = lines.next_line() else {
-            send(&mut client, &mut out, deadline).await?;
-            match read_more(&mut client, &mut lines, deadline).await? {
+            conn.flush().await?;
+            let deadline = conn.deadline();
+            let read = tokio::select! {
+                read = read_more(&mut conn.client, &mut lines, deadline) => read?,
+                () = &mut stop => return conn.goodbye(Failure::ShuttingDown).await,
+            };
+            match read {
                 Input::Data => continue,
                 Input::Closed => return Ok(None),
-                Input::TimedOut => {
-                    out.extend(reply::failure(Failure::Timeout, hostname).to_bytes());
-                    let grace = Instant::now() + settings.pre_auth_timeout;
-                    send(&mut client, &mut out, grace).await?;
-                    return Ok(None);
-                }
+                Input::TimedOut => return conn.goodbye(Failure::Timeout).await,
             }
         };
-        deadline = Instant::now() + settings.pre_auth_timeout;
         let mut step = match line {
             Line::Complete(line) => session.on_line(&line, hostname),
             Line::TooLong => session.on_too_long(hostname),
@@ -106,42 +112,47 @@ where
         // A failed login yields a further step, so steps are dispatched until one settles.
         loop {
             match step {
-                Step::Reply(bytes) => out.extend(bytes),
+                Step::Reply(bytes) => conn.out.extend(bytes),
                 Step::Ehlo => {
-                    let upstream = authenticator.smtp_extensions().await;
-                    out.extend(reply::ehlo(hostname, &advertised_extensions(&upstream)));
+                    let upstream = authenticator.smtp_extensions();
+                    conn.out
+                        .extend(reply::ehlo(hostname, &advertised_extensions(&upstream)));
                 }
                 Step::DiscardChunk { bytes, reply } => {
                     lines.discard(bytes);
-                    out.extend(reply);
+                    conn.out.extend(reply);
                 }
                 Step::Close(bytes) => {
-                    out.extend(bytes);
-                    send(&mut client, &mut out, deadline).await?;
+                    conn.out.extend(bytes);
+                    conn.flush().await?;
                     return Ok(None);
                 }
                 Step::Login(credentials) => {
-                    send(&mut client, &mut out, deadline).await?;
+                    conn.flush().await?;
                     let account = credentials.account.clone();
                     let request = LoginRequest {
                         credentials,
                         helo: session.helo_name(),
+                        client: settings.client,
                     };
-                    let result = authenticator.login(request).await;
-                    deadline = Instant::now() + settings.pre_auth_timeout;
+                    let result = tokio::select! {
+                        result = authenticator.login(request) => result,
+                        () = &mut stop => return conn.goodbye(Failure::ShuttingDown).await,
+                    };
                     match result {
                         Ok(upstream) => {
-                            out.extend(reply::authenticated().to_bytes());
-                            send(&mut client, &mut out, deadline).await?;
-                            tracing::info!(%account, "client authenticated");
+                            conn.out
+                                .extend(format!("{}\r\n", upstream.completion).into_bytes());
+                            conn.flush().await?;
+                            tracing::info!(account = %Escaped(&account), "client authenticated");
                             return Ok(Some(Handoff {
-                                client: PrefixedIo::new(lines.into_rest(), client),
+                                client: PrefixedIo::new(lines.into_rest(), conn.client),
                                 upstream,
                                 account,
                             }));
                         }
                         Err(error) => {
-                            tracing::info!(%account, %error, "client login failed");
+                            tracing::info!(account = %Escaped(&account), %error, "client login failed");
                             step = session.on_login_failed(error, hostname);
                             continue;
                         }
@@ -150,6 +161,44 @@ where
             }
             break;
         }
+    }
+}
+
+/// The client stream, the replies not yet sent, and the session's deadlines.
+struct Conn<'a, S> {
+    client: S,
+    out: Vec<u8>,
+    lifetime_end: Instant,
+    settings: &'a FrontendSettings,
+}
+
+impl<S: AsyncWrite + Unpin> Conn<'_, S> {
+    fn deadline(&self) -> Instant {
+        self.settings.next_deadline(self.lifetime_end)
+    }
+
+    /// Sends the pending replies, giving up at the deadline so a client that never reads
+    /// cannot pin the session.
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let deadline = self.deadline();
+            write_all_by(&mut self.client, &self.out, deadline).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends the pending replies and a `421` saying why the session ends, briefly.
+    async fn goodbye<T>(&mut self, failure: Failure) -> io::Result<Option<T>> {
+        let failure = match failure {
+            Failure::Timeout if Instant::now() >= self.lifetime_end => Failure::LifetimeOver,
+            failure => failure,
+        };
+        self.out
+            .extend(reply::failure(failure, &self.settings.hostname).to_bytes());
+        let deadline = Instant::now() + GOODBYE_TIMEOUT;
+        write_all_by(&mut self.client, &self.out, deadline).await?;
+        Ok(None)
     }
 }
 
@@ -185,27 +234,6 @@ fn keyword(line: &str) -> String {
         .next()
         .unwrap_or_default()
         .to_ascii_uppercase()
-}
-
-/// Writes and clears `out`, giving up at `deadline` so a client that never reads cannot pin
-/// the session.
-async fn send<S: AsyncWrite + Unpin>(
-    client: &mut S,
-    out: &mut Vec<u8>,
-    deadline: Instant,
-) -> io::Result<()> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let write = async {
-        client.write_all(out).await?;
-        client.flush().await
-    };
-    timeout_at(deadline, write)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read replies"))??;
-    out.clear();
-    Ok(())
 }
 
 enum Input {
@@ -300,12 +328,8 @@ enum State {
     /// Waiting for a command.
     #[default]
     Command,
-    /// `AUTH PLAIN` without an initial response: the next line is the PLAIN message.
-    PlainResponse,
-    /// `AUTH LOGIN`: the next line is the user name.
-    LoginUser,
-    /// `AUTH LOGIN`: the next line is the password.
-    LoginPassword { user: Secret<Vec<u8>> },
+    /// AUTH sent a `334` challenge: the next line is the client's response.
+    Authenticating(SaslServer),
 }
 
 /// What the I/O loop does after a line.
@@ -334,8 +358,7 @@ struct Helo {
 struct Session {
     state: State,
     helo: Option<Helo>,
-    errors: u32,
-    auth_failures: u32,
+    strikes: Strikes,
 }
 
 impl Session {
@@ -347,22 +370,8 @@ impl Session {
     fn on_line(&mut self, line: &[u8], hostname: &str) -> Step {
         match std::mem::take(&mut self.state) {
             State::Command => self.on_command(line, hostname),
-            State::PlainResponse => match sasl_response(line) {
-                Ok(message) => self.login(sasl::decode_plain(&message), hostname),
-                Err(failure) => self.fail(failure, hostname),
-            },
-            State::LoginUser => match sasl_response(line) {
-                Ok(user) => {
-                    self.state = State::LoginPassword { user };
-                    Step::Reply(reply::challenge(LOGIN_PASSWORD_PROMPT))
-                }
-                Err(failure) => self.fail(failure, hostname),
-            },
-            State::LoginPassword { user } => match sasl_response(line) {
-                Ok(password) => {
-                    let credentials = sasl::credentials(user.expose(), password.expose());
-                    self.login(credentials, hostname)
-                }
+            State::Authenticating(server) => match sasl_response(line) {
+                Ok(response) => self.sasl(server.step(response), hostname),
                 Err(failure) => self.fail(failure, hostname),
             },
         }
@@ -375,16 +384,20 @@ impl Session {
     }
 
     fn on_login_failed(&mut self, error: LoginError, hostname: &str) -> Step {
-        self.auth_failures += 1;
-        if self.auth_failures >= MAX_AUTH_FAILURES {
-            let mut bytes = reply::failure(Failure::Login(error), hostname).to_bytes();
-            bytes.extend(reply::failure(Failure::TooManyAuthFailures, hostname).to_bytes());
-            return Step::Close(bytes);
-        }
-        Step::Reply(reply::failure(Failure::Login(error), hostname).to_bytes())
+        self.refuse_login(Failure::Login(error), hostname)
     }
 
     fn on_command(&mut self, line: &[u8], hostname: &str) -> Step {
+        // RFC 5321 2.3.8: no bare CR or other control characters in a command line.
+        if line
+            .strip_suffix(b"\n")
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .unwrap_or(line)
+            .iter()
+            .any(|&b| b.is_ascii_control() && b != b'\t')
+        {
+            return self.fail(Failure::ControlCharacters, hostname);
+        }
         let request = Request::parse(&mut line.iter());
         // RFC 4954 4 allows AUTH lines up to MAX_AUTH_LINE; every other command gets 512.
         if line.len() > MAX_COMMAND_LINE && !matches!(request, Ok(Request::Auth { .. })) {
@@ -398,20 +411,8 @@ impl Session {
             Err(_) => return self.fail(Failure::Syntax, hostname),
         };
         match request {
-            Request::Ehlo { host } => {
-                self.helo = Some(Helo {
-                    name: host.into_owned(),
-                    extended: true,
-                });
-                Step::Ehlo
-            }
-            Request::Helo { host } => {
-                self.helo = Some(Helo {
-                    name: host.into_owned(),
-                    extended: false,
-                });
-                Step::Reply(reply::helo(hostname))
-            }
+            Request::Ehlo { host } => self.on_helo(&host, true, hostname),
+            Request::Helo { host } => self.on_helo(&host, false, hostname),
             Request::Auth {
                 mechanism,
                 initial_response,
@@ -440,51 +441,84 @@ impl Session {
         }
     }
 
+    /// EHLO and HELO: the name is repeated upstream, so it must be one (RFC 5321 4.1.1.1: a
+    /// domain or an address literal, never empty or with spaces).
+    fn on_helo(&mut self, name: &str, extended: bool, hostname: &str) -> Step {
+        if name.is_empty()
+            || name.len() > MAX_DOMAIN
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return self.fail(Failure::BadDomain, hostname);
+        }
+        self.helo = Some(Helo {
+            name: name.to_owned(),
+            extended,
+        });
+        if extended {
+            Step::Ehlo
+        } else {
+            Step::Reply(reply::helo(hostname))
+        }
+    }
+
     fn on_auth(&mut self, mechanism: u64, initial_response: &[u8], hostname: &str) -> Step {
         // RFC 4954 4: AUTH is an ESMTP command, so it needs a prior EHLO.
         if !self.helo.as_ref().is_some_and(|helo| helo.extended) {
             return self.fail(Failure::BadSequence, hostname);
         }
-        match (mechanism, initial_response.is_empty()) {
-            (AUTH_PLAIN, true) => {
-                self.state = State::PlainResponse;
-                Step::Reply(reply::challenge(""))
+        let mechanism = match mechanism {
+            AUTH_PLAIN => ServerMechanism::Plain,
+            AUTH_LOGIN => ServerMechanism::Login,
+            _ => return self.fail(Failure::UnsupportedMechanism, hostname),
+        };
+        let initial_response = if initial_response.is_empty() {
+            None
+        } else {
+            match sasl_response(initial_response) {
+                Ok(response) => Some(response),
+                Err(failure) => return self.fail(failure, hostname),
             }
-            (AUTH_PLAIN, false) => match sasl_response(initial_response) {
-                Ok(message) => self.login(sasl::decode_plain(&message), hostname),
-                Err(failure) => self.fail(failure, hostname),
-            },
-            (AUTH_LOGIN, true) => {
-                self.state = State::LoginUser;
-                Step::Reply(reply::challenge(LOGIN_USERNAME_PROMPT))
+        };
+        self.sasl(SaslServer::start(mechanism, initial_response), hostname)
+    }
+
+    /// Goes on with an AUTH exchange: a challenge, a login, or a refusal.
+    fn sasl(&mut self, step: SaslStep, hostname: &str) -> Step {
+        match step {
+            SaslStep::Challenge { server, challenge } => {
+                self.state = State::Authenticating(server);
+                Step::Reply(reply::challenge(&sasl::encode_challenge(challenge)))
             }
-            // An initial response to LOGIN carries the user name.
-            (AUTH_LOGIN, false) => match sasl_response(initial_response) {
-                Ok(user) => {
-                    self.state = State::LoginPassword { user };
-                    Step::Reply(reply::challenge(LOGIN_PASSWORD_PROMPT))
-                }
-                Err(failure) => self.fail(failure, hostname),
-            },
-            _ => self.fail(Failure::UnsupportedMechanism, hostname),
+            SaslStep::Done(Ok(credentials)) => Step::Login(credentials),
+            // A message that does not decode is a protocol error; a refused identity is a
+            // failed login (RFC 4954 6).
+            SaslStep::Done(Err(error)) if reply::is_malformed(error) => {
+                self.fail(Failure::Sasl(error), hostname)
+            }
+            SaslStep::Done(Err(error)) => self.refuse_login(Failure::Sasl(error), hostname),
         }
     }
 
-    fn login(&mut self, credentials: Result<Credentials, sasl::SaslError>, hostname: &str) -> Step {
-        match credentials {
-            Ok(credentials) => Step::Login(credentials),
-            Err(error) => self.fail(Failure::Sasl(error), hostname),
+    /// Counts a failed login; past the limit the reply is followed by `421` and the end.
+    fn refuse_login(&mut self, failure: Failure, hostname: &str) -> Step {
+        let refusal = reply::failure(failure, hostname).to_bytes();
+        match self.strikes.login_failed() {
+            Verdict::Continue => Step::Reply(refusal),
+            _ => {
+                let mut bytes = refusal;
+                bytes.extend(reply::failure(Failure::TooManyAuthFailures, hostname).to_bytes());
+                Step::Close(bytes)
+            }
         }
     }
 
-    /// Counts an error; past [`MAX_ERRORS`] the reply is `421` and the session ends
+    /// Counts an error; past the limit the reply is `421` and the session ends
     /// (RFC 5321 3.8 lets a server send 421 in place of any reply).
     fn fail(&mut self, failure: Failure, hostname: &str) -> Step {
-        self.errors += 1;
-        if self.errors >= MAX_ERRORS {
-            return Step::Close(reply::failure(Failure::TooManyErrors, hostname).to_bytes());
+        match self.strikes.error() {
+            Verdict::Continue => Step::Reply(reply::failure(failure, hostname).to_bytes()),
+            _ => Step::Close(reply::failure(Failure::TooManyErrors, hostname).to_bytes()),
         }
-        Step::Reply(reply::failure(failure, hostname).to_bytes())
     }
 }
 
@@ -591,7 +625,7 @@ mod tests {
     #[test]
     fn too_many_errors_close() {
         let mut session = Session::default();
-        for _ in 1..MAX_ERRORS {
+        for _ in 1..crate::limits::MAX_ERRORS {
             assert!(reply_text(session.on_line(b"BOGUS\r\n", "mx")).starts_with("500 5.5.2"));
         }
         match session.on_line(b"BOGUS\r\n", "mx") {

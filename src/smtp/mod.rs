@@ -1,5 +1,6 @@
 //! SMTP submission: the client-facing front end before authentication and the upstream login.
 
 pub mod backend;
+pub mod boundary;
 pub mod frontend;
 pub mod reply;

@@ -3,7 +3,8 @@
 
 use std::fmt;
 
-use crate::proxy::LoginError;
+use crate::login::LoginError;
+use crate::sanitize;
 use crate::sasl::SaslError;
 
 /// One single-line SMTP reply: code, enhanced status code, text.
@@ -21,10 +22,6 @@ impl Reply {
             status,
             text: text.into(),
         }
-    }
-
-    pub fn code(&self) -> u16 {
-        self.code
     }
 
     /// The reply as sent, CRLF included.
@@ -60,6 +57,10 @@ pub enum Failure {
     UnknownCommand,
     #[error("syntax error in arguments")]
     Syntax,
+    #[error("control characters in a command")]
+    ControlCharacters,
+    #[error("EHLO or HELO without a usable domain")]
+    BadDomain,
     #[error("line too long")]
     LineTooLong,
     #[error("too many errors")]
@@ -68,6 +69,8 @@ pub enum Failure {
     TooManyAuthFailures,
     #[error("pre-authentication timeout")]
     Timeout,
+    #[error("pre-authentication lifetime over")]
+    LifetimeOver,
     #[error("listener at its connection limit")]
     TooManyConnections,
     #[error("shutting down")]
@@ -80,15 +83,21 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
         Failure::Login(LoginError::BadCredentials | LoginError::UpstreamRejected) => {
             Reply::new(535, "5.7.8", "Authentication credentials invalid")
         }
-        Failure::Login(LoginError::TokenUnavailable | LoginError::UpstreamUnavailable) => {
-            Reply::new(454, "4.7.0", "Temporary authentication failure")
+        Failure::Login(LoginError::NeedsReauthorization) => {
+            Reply::new(535, "5.7.8", "account needs re-authorization")
         }
+        Failure::Login(LoginError::Throttled) => {
+            Reply::new(454, "4.7.0", "Too many failed logins, try again later")
+        }
+        Failure::Login(
+            LoginError::Overloaded | LoginError::TokenUnavailable | LoginError::UpstreamUnavailable,
+        ) => Reply::new(454, "4.7.0", "Temporary authentication failure"),
         Failure::Sasl(SaslError::Base64) => Reply::new(501, "5.5.2", "Invalid base64 data"),
         Failure::Sasl(SaslError::MalformedPlain | SaslError::NotUtf8) => {
             Reply::new(501, "5.5.4", "Malformed SASL message")
         }
         // RFC 4954 6: a refused identity is an invalid credential, not a syntax problem.
-        Failure::Sasl(SaslError::ProxyAuthorization | SaslError::EmptyUser) => {
+        Failure::Sasl(SaslError::ProxyAuthorization | SaslError::BadUser) => {
             Reply::new(535, "5.7.8", "Authentication credentials invalid")
         }
         Failure::AuthCancelled => Reply::new(501, "5.7.0", "Authentication cancelled"),
@@ -100,6 +109,10 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
         Failure::NotImplemented => Reply::new(502, "5.5.1", "Command not implemented"),
         Failure::UnknownCommand => Reply::new(500, "5.5.2", "Command unrecognized"),
         Failure::Syntax => Reply::new(501, "5.5.4", "Syntax error in parameters"),
+        Failure::ControlCharacters => {
+            Reply::new(501, "5.5.2", "Control characters are not allowed")
+        }
+        Failure::BadDomain => Reply::new(501, "5.5.4", "Invalid domain name"),
         Failure::LineTooLong => Reply::new(500, "5.5.2", "Line too long"),
         Failure::TooManyErrors => Reply::new(421, "4.7.0", "Too many errors, closing connection"),
         Failure::TooManyAuthFailures => Reply::new(
@@ -108,6 +121,11 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
             "Too many authentication failures, closing connection",
         ),
         Failure::Timeout => Reply::new(421, "4.4.2", format!("{hostname} Timeout")),
+        Failure::LifetimeOver => Reply::new(
+            421,
+            "4.4.2",
+            format!("{hostname} Too long without authenticating"),
+        ),
         Failure::TooManyConnections => Reply::new(
             421,
             "4.7.0",
@@ -122,7 +140,15 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
 
 /// RFC 2034 3: the greeting carries no enhanced status code.
 pub fn greeting(hostname: &str) -> Vec<u8> {
-    format!("220 {hostname} ESMTP mailgate\r\n").into_bytes()
+    format!("220 {} ESMTP mailgate\r\n", sanitize::for_wire(hostname)).into_bytes()
+}
+
+/// Whether a SASL error is a protocol error (`501`) rather than refused credentials (`535`).
+pub fn is_malformed(error: SaslError) -> bool {
+    matches!(
+        error,
+        SaslError::Base64 | SaslError::MalformedPlain | SaslError::NotUtf8
+    )
 }
 
 /// The EHLO reply (RFC 5321 4.1.1.1): the host name, then one keyword line each.
@@ -155,10 +181,6 @@ pub fn bye() -> Reply {
     Reply::new(221, "2.0.0", "Bye")
 }
 
-pub fn authenticated() -> Reply {
-    Reply::new(235, "2.7.0", "Authentication successful")
-}
-
 /// RFC 4954 4: a server challenge is `334` and base64 text, with no status code.
 pub fn challenge(base64: &str) -> Vec<u8> {
     format!("334 {base64}\r\n").into_bytes()
@@ -186,6 +208,11 @@ mod tests {
             Failure::TooManyErrors,
             Failure::TooManyAuthFailures,
             Failure::Timeout,
+            Failure::LifetimeOver,
+            Failure::ControlCharacters,
+            Failure::BadDomain,
+            Failure::Login(LoginError::NeedsReauthorization),
+            Failure::Login(LoginError::Throttled),
         ];
         for item in all {
             let reply = failure(item, "mx").to_string();

@@ -3,10 +3,12 @@
 pub mod auth_server;
 pub mod cache;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::config::Protocol;
-use crate::proxy::UpstreamAuth;
+use crate::login::UpstreamAuth;
 
 /// What a token source hands out for one account.
 #[derive(Debug, Clone)]
@@ -24,6 +26,19 @@ pub enum TokenError {
     /// The source could not answer now (unreachable, timeout, bad answer).
     #[error("token source unavailable: {0}")]
     Unavailable(String),
+}
+
+/// A boxed future, so that sources can sit behind one `dyn TokenSource`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the credentials for an account come from. The cache in front of it provides single
+/// flight, per-token expiry and invalidation for every source alike.
+pub trait TokenSource: Send + Sync {
+    /// Gets fresh credentials for `key`.
+    fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, TokenError>>;
+
+    /// Checks, for readiness, that the source answers at all.
+    fn probe(&self) -> BoxFuture<'_, ()>;
 }
 
 /// Cache key: the same account may get different tokens per protocol.

@@ -269,6 +269,19 @@ struct AuthState {
     requests: Mutex<Vec<AuthRequest>>,
     /// The expected `Authorization` header value, when basic auth is on.
     expected_authorization: Option<String>,
+    /// While true, token answers wait (see [`AuthServer::hold`]).
+    held: tokio::sync::watch::Sender<bool>,
+    /// Requests waiting because of a hold.
+    waiting: AtomicUsize,
+}
+
+/// Keeps the auth server's answers back until dropped.
+pub struct AuthHold(Arc<AuthState>);
+
+impl Drop for AuthHold {
+    fn drop(&mut self) {
+        self.0.held.send_replace(false);
+    }
 }
 
 /// EmailEngine's authServer contract: `GET /token?account=ID&proto=imap|smtp` answers what the
@@ -439,6 +452,18 @@ impl AuthServer {
         self.state.requests.lock().unwrap().clone()
     }
 
+    /// Holds every token answer back until the returned guard is dropped: a barrier for tests
+    /// that need many logins waiting on one fetch at once.
+    pub fn hold(&self) -> AuthHold {
+        self.state.held.send_replace(true);
+        AuthHold(self.state.clone())
+    }
+
+    /// Requests waiting on a [`AuthServer::hold`].
+    pub fn waiting(&self) -> usize {
+        self.state.waiting.load(Ordering::SeqCst)
+    }
+
     pub fn introspection(&self) -> Option<&Introspection> {
         self.introspection.as_ref()
     }
@@ -475,6 +500,12 @@ impl AuthState {
         };
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
+        }
+        let mut held = self.held.subscribe();
+        if *held.borrow() {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _ = held.wait_for(|held| !*held).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         match answer {
             AuthAnswer::Token {

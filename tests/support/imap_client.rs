@@ -36,6 +36,21 @@ impl ImapClient {
     /// Connects and reads the greeting.
     pub async fn connect(address: SocketAddr) -> ImapClient {
         let stream = TcpStream::connect(address).await.expect("connect");
+        Self::greeted(stream).await
+    }
+
+    /// Connects from `source` (another loopback address, such as 127.0.0.2, to look like a
+    /// different client) and reads the greeting.
+    pub async fn connect_from(address: SocketAddr, source: std::net::IpAddr) -> ImapClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind source");
+        let stream = socket.connect(address).await.expect("connect");
+        Self::greeted(stream).await
+    }
+
+    async fn greeted(stream: TcpStream) -> ImapClient {
         stream.set_nodelay(true).expect("nodelay");
         let mut client = ImapClient {
             reader: BufReader::with_capacity(256 * 1024, stream),

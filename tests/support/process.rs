@@ -104,23 +104,48 @@ pub async fn curl_send_mail(
     .await
 }
 
-/// An OS-assigned free port on 127.0.0.1 (bound, read, closed: another process may take it
-/// before you bind it again, so starters retry on a collision).
-pub fn free_port() -> u16 {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 for a free port");
-    listener.local_addr().expect("local_addr").port()
+/// Listening ports for test processes come from just below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), which the kernel never hands out by itself:
+/// neither to `bind(0)` nor to outgoing connections. Each port is handed out once per test
+/// process, and one still in use by anything else is skipped, so a port chosen here cannot be
+/// taken by someone else between choosing it and the server binding it.
+const TEST_PORT_SPAN: u16 = 12_000;
+
+fn test_port_range() -> std::ops::Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let end = ephemeral_start.max(TEST_PORT_SPAN + 1024);
+    end - TEST_PORT_SPAN..end
 }
 
-/// `n` distinct free ports (all held open until every one is chosen, so they differ).
+/// A free port on 127.0.0.1 that no other caller in this process gets (see `TEST_PORT_SPAN`).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let range = test_port_range();
+    let span = u32::from(range.end - range.start);
+    // Start somewhere different per process, so that processes running at once rarely meet.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = range.start + offset as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free test port in {range:?}");
+}
+
+/// `n` distinct free ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local_addr").port())
-        .collect()
+    (0..n).map(|_| free_port()).collect()
 }
 
 /// Waits until `addr` accepts a TCP connection or `timeout` passes; polls every 20 ms.

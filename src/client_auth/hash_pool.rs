@@ -1,0 +1,200 @@
+//! A bounded pool for argon2 password checks: a few dedicated threads, each reusing one memory
+//! buffer, behind a semaphore that callers wait on with a deadline.
+//!
+//! Argon2 is built to be expensive (19 MiB and tens of milliseconds with the default
+//! parameters). Unbounded, parallel wrong-password logins ran hundreds at once and the
+//! allocator kept gigabytes afterwards; here at most `workers` checks run, each in memory its
+//! thread keeps for the next one, so memory stays flat however many clients guess.
+
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::secret::Secret;
+
+/// The pool could not take the check before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("password checks are overloaded")]
+pub struct Overloaded;
+
+struct Job {
+    hash: Secret<String>,
+    password: Secret<String>,
+    answer: oneshot::Sender<bool>,
+    /// Released when the worker is done, so a permit always means a free worker.
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct HashPool {
+    permits: Arc<Semaphore>,
+    jobs: SyncSender<Job>,
+    queue_timeout: Duration,
+}
+
+impl HashPool {
+    /// Starts `workers` threads; a check waits at most `queue_timeout` for one of them.
+    ///
+    /// # Panics
+    /// When the operating system refuses to start a thread (at start-up or reload).
+    pub fn new(workers: usize, queue_timeout: Duration) -> Self {
+        let workers = workers.max(1);
+        let (jobs, queue) = sync_channel(workers);
+        let queue = Arc::new(Mutex::new(queue));
+        for index in 0..workers {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("mailgate-hash-{index}"))
+                .spawn(move || work(&queue))
+                .expect("starting a password-check thread");
+        }
+        Self {
+            permits: Arc::new(Semaphore::new(workers)),
+            jobs,
+            queue_timeout,
+        }
+    }
+
+    /// Waits for a free worker, at most the queue timeout. Holding the returned permit, the
+    /// caller may still decide not to check (e.g. the client got blocked while it waited).
+    ///
+    /// # Errors
+    /// [`Overloaded`] when no worker became free in time.
+    pub async fn admit(&self) -> Result<Admitted, Overloaded> {
+        let permit = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| Overloaded)?
+            .map_err(|_| Overloaded)?;
+        Ok(Admitted(permit))
+    }
+
+    /// Whether `password` matches the argon2 PHC string `hash`, checked in constant time by
+    /// the worker `admitted` stands for.
+    ///
+    /// # Errors
+    /// [`Overloaded`] if the workers are gone (never while the pool lives).
+    pub async fn verify(
+        &self,
+        admitted: Admitted,
+        hash: &Secret<String>,
+        password: &Secret<String>,
+    ) -> Result<bool, Overloaded> {
+        let (answer, answered) = oneshot::channel();
+        let job = Job {
+            hash: hash.clone(),
+            password: password.clone(),
+            answer,
+            _permit: admitted.0,
+        };
+        // Holding a permit means a worker is idle, so this never blocks.
+        self.jobs.send(job).map_err(|_| Overloaded)?;
+        answered.await.map_err(|_| Overloaded)
+    }
+}
+
+/// A free worker, reserved.
+pub struct Admitted(OwnedSemaphorePermit);
+
+/// A worker: takes jobs until the pool is dropped, reusing its memory between them.
+fn work(queue: &Mutex<Receiver<Job>>) {
+    let mut memory: Vec<Block> = Vec::new();
+    loop {
+        let job = match queue.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let matches = matches(&job.hash, &job.password, &mut memory);
+        let _ = job.answer.send(matches);
+    }
+}
+
+/// Computes the hash of `password` with `hash`'s parameters and salt into `memory`, grown
+/// to the parameters' block count when needed, and compares in constant time.
+fn matches(hash: &Secret<String>, password: &Secret<String>, memory: &mut Vec<Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash.expose()) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params), Some(expected), Some(salt)) = (
+        Algorithm::try_from(parsed.algorithm),
+        Params::try_from(&parsed),
+        parsed.hash,
+        parsed.salt,
+    ) else {
+        return false;
+    };
+    let version = parsed
+        .version
+        .map_or(Ok(Version::default()), Version::try_from);
+    let Ok(version) = version else { return false };
+    let mut salt_buffer = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buffer) else {
+        return false;
+    };
+    if memory.len() < params.block_count() {
+        memory.resize(params.block_count(), Block::new());
+    }
+    let mut output = vec![0u8; expected.len()];
+    let argon2 = Argon2::new(algorithm, version, params);
+    argon2
+        .hash_password_into_with_memory(
+            password.expose().as_bytes(),
+            salt,
+            &mut output,
+            &mut memory[..],
+        )
+        .is_ok()
+        && bool::from(output.ct_eq(expected.as_bytes()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use argon2::PasswordHasher as _;
+    use argon2::password_hash::SaltString;
+
+    /// A cheap hash (64 KiB, one pass) so tests stay fast.
+    pub(crate) fn test_hash(password: &str) -> Secret<String> {
+        let params = Params::new(64, 1, 1, None).unwrap();
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let salt = SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").unwrap();
+        Secret::new(
+            argon2
+                .hash_password(password.as_bytes(), &salt)
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn checks_passwords_in_the_pool() {
+        let pool = HashPool::new(2, Duration::from_secs(5));
+        let check = |hash: Secret<String>, password: &str| {
+            let password = Secret::new(password.to_owned());
+            let pool = &pool;
+            async move {
+                let admitted = pool.admit().await.unwrap();
+                pool.verify(admitted, &hash, &password).await
+            }
+        };
+        assert_eq!(check(test_hash("right"), "right").await, Ok(true));
+        assert_eq!(check(test_hash("right"), "wrong").await, Ok(false));
+        let broken = Secret::new("$argon2id$nonsense".to_owned());
+        assert_eq!(check(broken, "x").await, Ok(false));
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_refuses_after_the_queue_timeout() {
+        let pool = HashPool::new(1, Duration::from_millis(50));
+        let held = pool.admit().await.unwrap();
+        assert!(pool.admit().await.is_err());
+        drop(held);
+        let admitted = pool.admit().await.unwrap();
+        let right = Secret::new("right".to_owned());
+        let matches = pool.verify(admitted, &test_hash("right"), &right).await;
+        assert_eq!(matches, Ok(true));
+    }
+}

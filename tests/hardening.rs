@@ -1,0 +1,447 @@
+//! Attacks on a running mailgate and the limits that hold against them: parallel password
+//! guessing, connection bursts, clients that never read, black-hole upstreams, a stop in the
+//! middle of a transfer, and sessions that never logged in when mailgate shuts down.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use argon2::PasswordHasher as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::imap_client::ImapClient;
+use support::process::send_signal;
+use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, eventually, free_port, with_timeout};
+
+const ACCOUNT: &str = "acct1";
+const USER: &str = "alice@example.test";
+const RIGHT: &str = "correct horse";
+
+fn localhost(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// An argon2id hash with the crate's default (production) parameters: 19 MiB, 2 passes.
+fn production_hash(password: &str) -> String {
+    let salt = argon2::password_hash::SaltString::from_b64("bWFpbGdhdGUtdGVzdC1zYWx0").unwrap();
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+async fn metrics(admin: u16) -> String {
+    curl(&[&format!("http://127.0.0.1:{admin}/metrics")])
+        .await
+        .stdout
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_password_guessing_is_bounded_and_does_not_lock_others_out() {
+    with_timeout(Duration::from_secs(120), async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\nclient_auth:\n  mode: static\n  hash_workers: 2\n  throttle: {{ max_failure_delay: 2s }}\n  accounts:\n    {ACCOUNT}: \"{}\"\n",
+            up.mailgate_config(imap, smtp),
+            production_hash(RIGHT),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let pid = mailgate.pid().unwrap();
+        let idle_rss = rss_kib(pid);
+
+        // Fifty connections from one address, three wrong passwords each, all at once.
+        let guesses: Vec<_> = (0..50)
+            .map(|n| {
+                tokio::spawn(async move {
+                    let mut client = ImapClient::connect(localhost(imap)).await;
+                    let mut answers = Vec::new();
+                    for attempt in 0..3 {
+                        answers.push(client.login(ACCOUNT, &format!("guess-{n}-{attempt}")).await);
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let mut peak_rss = 0;
+        while !guesses.iter().all(|guess| guess.is_finished()) {
+            peak_rss = peak_rss.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for guess in guesses {
+            for answer in guess.await.unwrap() {
+                assert!(answer.tagged.contains(" NO "), "{answer:?}");
+            }
+        }
+        // At most two checks ran at once, each in memory its worker keeps: about 2 x 19 MiB.
+        assert!(
+            peak_rss < idle_rss + 100 * 1024,
+            "RSS went from {idle_rss} KiB to {peak_rss} KiB"
+        );
+        let text = metrics(admin).await;
+        assert_eq!(
+            metric(&text, "mailgate_login_blocks_total{scope=\"address\"}"),
+            1.0,
+            "{text}"
+        );
+        let checked = metric(&text, "mailgate_password_checks_total{result=\"wrong_password\"}");
+        assert!(checked <= 12.0, "a blocked address still got {checked} checks");
+
+        // Someone else, from another address, logs in with the right password meanwhile.
+        let other = IpAddr::from([127, 0, 0, 2]);
+        let mut client = ImapClient::connect_from(localhost(imap), other).await;
+        let login = client.login(ACCOUNT, RIGHT).await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        // The blocked address is refused without a check, as a temporary failure.
+        let mut blocked = ImapClient::connect(localhost(imap)).await;
+        let refused = blocked.login(ACCOUNT, RIGHT).await;
+        assert!(
+            refused.tagged.contains("NO [UNAVAILABLE] Too many failed logins"),
+            "{refused:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_burst_never_gets_past_max_connections() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let config = up.mailgate_config(imap, smtp).replace(
+            "    protocol: imap\n",
+            "    protocol: imap\n    max_connections: 50\n",
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let connections: Vec<_> = (0..400)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let stream = TcpStream::connect(localhost(imap)).await.ok()?;
+                    let mut reader = BufReader::new(stream);
+                    let mut first = String::new();
+                    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut first))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    Some((first, reader))
+                })
+            })
+            .collect();
+        // Every connection stays open until all have their first line.
+        let mut open = Vec::new();
+        for connection in connections {
+            open.push(connection.await.unwrap());
+        }
+        let greeted = open
+            .iter()
+            .flatten()
+            .filter(|(first, _)| first.starts_with("* OK"))
+            .count();
+        let refused = open
+            .iter()
+            .flatten()
+            .filter(|(first, _)| first.starts_with("* BYE [UNAVAILABLE] Too many connections"))
+            .count();
+        assert_eq!(greeted, 50, "{}", mailgate.output());
+        assert_eq!(greeted + refused, 400);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_lose_their_slots() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let config = up.mailgate_config(imap, smtp).replace(
+            "    protocol: imap\n",
+            "    protocol: imap\n    max_connections: 5\n    pre_auth_timeout: 2s\n",
+        );
+        let mailgate = Mailgate::start(&config).await;
+        // Five clients with tiny receive buffers pipeline commands and never read a reply.
+        let mut stuck = Vec::new();
+        for _ in 0..5 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(1024).unwrap();
+            let mut stream = socket.connect(localhost(imap)).await.unwrap();
+            stuck.push(tokio::spawn(async move {
+                let commands = "a CAPABILITY\r\n".repeat(1000);
+                for _ in 0..100 {
+                    let write = stream.write_all(commands.as_bytes());
+                    if !matches!(
+                        tokio::time::timeout(Duration::from_secs(1), write).await,
+                        Ok(Ok(()))
+                    ) {
+                        break;
+                    }
+                }
+                // Hold the socket open, unread, for the rest of the test.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(stream);
+            }));
+        }
+        // Soon the listener is full; within a few write deadlines a slot is free again.
+        let greeted = eventually(Duration::from_secs(20), || async {
+            let Ok(stream) = TcpStream::connect(localhost(imap)).await else {
+                return false;
+            };
+            let mut first = String::new();
+            let mut reader = BufReader::new(stream);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut first)).await;
+            first.starts_with("* OK")
+        })
+        .await;
+        assert!(
+            greeted,
+            "the stuck clients kept every slot\n{}",
+            mailgate.output()
+        );
+        for task in stuck {
+            task.abort();
+        }
+    })
+    .await;
+}
+
+/// A TCP server that accepts connections and never says a word.
+async fn black_hole() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (port, task)
+}
+
+async fn smtp_line(reader: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .expect("a reply within 10 s")
+        .unwrap();
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_upstream_holds_up_neither_ehlo_nor_a_login_for_long() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (hole, _task) = black_hole().await;
+        let smtp = free_port();
+        let config = format!(
+            r#"listeners:
+  - name: smtp
+    protocol: smtp
+    listen: "127.0.0.1:{smtp}"
+    login_timeout: 2s
+    upstream: {{ host: 127.0.0.1, port: {hole}, tls: none }}
+tokens:
+  auth_server: {{ url: "{}" }}
+"#,
+            up.auth.url()
+        );
+        let _mailgate = Mailgate::start(&config).await;
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let mut reader = BufReader::new(TcpStream::connect(localhost(smtp)).await.unwrap());
+            assert!(smtp_line(&mut reader).await.starts_with("220 "));
+            reader
+                .get_mut()
+                .write_all(b"EHLO client.test\r\n")
+                .await
+                .unwrap();
+            sessions.push(reader);
+        }
+        // Both answered at once with what mailgate can vouch for itself.
+        for reader in &mut sessions {
+            let mut lines = Vec::new();
+            loop {
+                let line = smtp_line(reader).await;
+                let last = line.starts_with("250 ");
+                lines.push(line);
+                if last {
+                    break;
+                }
+            }
+            assert!(lines.iter().any(|l| l.contains("PIPELINING")), "{lines:?}");
+            assert_eq!(lines.last().unwrap(), "250 AUTH PLAIN LOGIN\r\n");
+        }
+        // The login gives up after login_timeout, not after every read's own timeout.
+        let reader = &mut sessions[0];
+        reader
+            .get_mut()
+            .write_all(b"AUTH PLAIN AGFjY3QxAHB3\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            smtp_line(reader).await,
+            "454 4.7.0 Temporary authentication failure\r\n"
+        );
+    })
+    .await;
+}
+
+/// The IMAP config with an admin endpoint and `shutdown_grace: 1s`.
+fn draining_config(up: &TestUpstream, imap: u16, smtp: u16, admin: u16) -> String {
+    format!(
+        "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\nshutdown_grace: 1s\n",
+        up.mailgate_config(imap, smtp)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_never_logged_in_are_told_goodbye_when_the_grace_ends() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let mut mailgate = Mailgate::start(&draining_config(&up, imap, smtp, admin)).await;
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        let mut submission = BufReader::new(TcpStream::connect(localhost(smtp)).await.unwrap());
+        assert!(smtp_line(&mut submission).await.starts_with("220 "));
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        assert_eq!(client.line().await, "* BYE Server shutting down\r\n");
+        assert!(
+            smtp_line(&mut submission)
+                .await
+                .starts_with("421 4.3.2 mailgate Service shutting down")
+        );
+        assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(0));
+        let output = mailgate.output();
+        assert!(
+            output.contains("not ready") && output.contains("draining for shutdown"),
+            "{output}"
+        );
+        assert!(output.contains("admin endpoint listening"), "{output}");
+        assert!(
+            !output.contains('\u{1b}'),
+            "colour codes in a log file:\n{output}"
+        );
+    })
+    .await;
+}
+
+/// Appends a message of `size` bytes through mailgate, then FETCHes it with a client whose
+/// receive buffer holds `receive_buffer` bytes and who reads nothing until mailgate stopped.
+/// Returns everything the client then finds, and the message size as announced.
+async fn stopped_mid_fetch(size: usize, receive_buffer: u32) -> Vec<u8> {
+    let up = TestUpstream::start().await;
+    up.auth.grant(ACCOUNT, USER);
+    let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+    let mut mailgate = Mailgate::start(&draining_config(&up, imap, smtp, admin)).await;
+    let mut writer = ImapClient::connect(localhost(imap)).await;
+    assert!(writer.login(ACCOUNT, "pw").await.is_ok());
+    let body = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(size));
+    writer
+        .send_raw(format!("a APPEND INBOX {{{}+}}\r\n", body.len()).as_bytes())
+        .await;
+    writer.send_raw(body.as_bytes()).await;
+    writer.send_raw(b"\r\n").await;
+    assert!(writer.until_tagged("a").await.is_ok());
+    drop(writer);
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(receive_buffer).unwrap();
+    let mut stream = socket.connect(localhost(imap)).await.unwrap();
+    let login = b"a LOGIN acct1 pw\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n";
+    stream.write_all(login).await.unwrap();
+    // Let the FETCH get under way, then stop mailgate while nobody reads.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_signal(mailgate.pid().unwrap(), "TERM");
+    assert_eq!(mailgate.wait_exit(Duration::from_secs(15)).await, Some(0));
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("mailgate closed the connection")
+        .unwrap();
+    received
+}
+
+/// Where the FETCH literal ends in `received`, if its announcement arrived.
+fn literal_end(received: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(received);
+    let fetch = text.find("BODY[] {")?;
+    let open = fetch + "BODY[] {".len();
+    let close = open + text[open..].find('}')?;
+    let size: usize = text[open..close].parse().ok()?;
+    Some(close + "}\r\n".len() + size)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_never_puts_a_goodbye_inside_a_response() {
+    with_timeout(Duration::from_secs(120), async {
+        // The whole response fits the client's buffers: it is delivered, then the goodbye.
+        let received = stopped_mid_fetch(64 * 1024, 1024 * 1024).await;
+        let text = String::from_utf8_lossy(&received);
+        let bye = text.find("* BYE Server shutting down").expect("a goodbye");
+        let end = literal_end(&received).unwrap_or_else(|| {
+            panic!(
+                "no FETCH response in {:?}",
+                String::from_utf8_lossy(&received[..received.len().min(2000)])
+            )
+        });
+        assert!(
+            bye > end,
+            "goodbye at {bye}, inside the literal ending at {end}"
+        );
+        assert!(
+            text.contains("c OK"),
+            "the FETCH completed before the goodbye"
+        );
+
+        // A large response to a client that does not read: cut off, with no goodbye inside.
+        let received = stopped_mid_fetch(16 * 1024 * 1024, 16 * 1024).await;
+        let text = String::from_utf8_lossy(&received);
+        let end = literal_end(&received).expect("the FETCH response began");
+        assert!(received.len() < end, "the whole literal arrived after all");
+        assert!(!text.contains("* BYE"), "a goodbye inside a literal");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_own_smtp_completion_reaches_the_client() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp) = (free_port(), free_port());
+        let _mailgate = Mailgate::start(&up.mailgate_config(imap, smtp)).await;
+        let mut reader = BufReader::new(TcpStream::connect(localhost(smtp)).await.unwrap());
+        assert!(smtp_line(&mut reader).await.starts_with("220 "));
+        reader
+            .get_mut()
+            .write_all(b"EHLO client.test\r\nAUTH PLAIN AGFjY3QxAHB3\r\n")
+            .await
+            .unwrap();
+        let mut line = smtp_line(&mut reader).await;
+        while line.starts_with("250") {
+            line = smtp_line(&mut reader).await;
+        }
+        // Dovecot's words, not mailgate's.
+        assert_eq!(line, "235 2.7.0 Logged in.\r\n");
+    })
+    .await;
+}
