@@ -65,7 +65,9 @@ impl TestKeys {
                 "key-pkcs1.pem",
             ],
             &[
-                "pkey",
+                "pkcs8",
+                "-topk8",
+                "-nocrypt",
                 "-in",
                 "key.pem",
                 "-outform",
