@@ -291,6 +291,11 @@ fn fresh_jti() -> String {
     )
 }
 
+/// Removes member `name` from a JWT header or claims object.
+fn drop_claim(object: &mut Value, name: &str) {
+    object.as_object_mut().expect("JSON object").remove(name);
+}
+
 fn unsigned_jwt(header: &Value, claims: &Value) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     format!(
@@ -478,12 +483,12 @@ async fn bad_certificate_assertions_are_refused() {
         let other_keys = TestKeys::rsa(s.dir.path()).await;
         let now = unix_now();
         type Tamper = fn(&mut Value, &mut Value, i64);
-        let cases: [(&str, Tamper); 11] = [
+        let cases: [(&str, Tamper); 12] = [
             ("x5t#S256 of another certificate", |h, _, _| {
                 h["x5t#S256"] = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU".into()
             }),
             ("no x5t#S256", |h, _, _| {
-                h.as_object_mut().unwrap().remove("x5t#S256");
+                drop_claim(h, "x5t#S256");
             }),
             ("typ not JWT", |h, _, _| h["typ"] = "at+jwt".into()),
             ("expired", |_, c, now| {
@@ -495,7 +500,7 @@ async fn bad_certificate_assertions_are_refused() {
                 c["exp"] = (now + 3600).into()
             }),
             ("no exp", |_, c, _| {
-                c.as_object_mut().unwrap().remove("exp");
+                drop_claim(c, "exp");
             }),
             ("nbf in the future", |_, c, now| {
                 c["nbf"] = (now + 120).into()
@@ -505,9 +510,12 @@ async fn bad_certificate_assertions_are_refused() {
             }),
             ("sub another client", |_, c, _| c["sub"] = APP.into()),
             ("no jti", |_, c, _| {
-                c.as_object_mut().unwrap().remove("jti");
+                drop_claim(c, "jti");
             }),
             ("alg HS256", |h, _, _| h["alg"] = "HS256".into()),
+            ("an unknown crit extension", |h, _, _| {
+                h["crit"] = json!(["exp"])
+            }),
         ];
         for (what, tamper) in cases {
             let (mut header, mut claims) = s.assertion_parts();
@@ -1230,7 +1238,7 @@ async fn service_account_jwt_bearer() {
             (
                 "no iat",
                 tampered(&|c| {
-                    c.as_object_mut().unwrap().remove("iat");
+                    drop_claim(c, "iat");
                 }),
                 "invalid_grant",
             ),
@@ -1247,7 +1255,7 @@ async fn service_account_jwt_bearer() {
             (
                 "no scope",
                 tampered(&|c| {
-                    c.as_object_mut().unwrap().remove("scope");
+                    drop_claim(c, "scope");
                 }),
                 "invalid_scope",
             ),
@@ -1273,7 +1281,7 @@ async fn service_account_jwt_bearer() {
 
         // Without sub the token is for the service account itself (Google's behaviour).
         let own = grant(tampered(&|c| {
-            c.as_object_mut().unwrap().remove("sub");
+            drop_claim(c, "sub");
         }))
         .await
         .assert_token();

@@ -185,6 +185,10 @@ pub(super) fn verify_rs256(jwt: &str, rsa_public_key: &[u8]) -> Result<VerifiedJ
     if header.get("alg").and_then(Value::as_str) != Some("RS256") {
         return Err("alg is not RS256");
     }
+    // RFC 7515 section 4.1.11: extensions listed in `crit` must be understood; none are here.
+    if header.contains_key("crit") {
+        return Err("unsupported crit header");
+    }
     let sig = URL_SAFE_NO_PAD
         .decode(sig_b64)
         .map_err(|_| "signature is not base64url")?;
