@@ -1,7 +1,8 @@
 //! Test harness shared by the integration tests (`mod support;`): a throwaway CA, an OAuth2
 //! introspection server, an EmailEngine-style auth server, an OAuth2 provider, an SMTP sink, a
-//! private Dovecot, the mailgate binary as a child process, and curl. Everything listens on 127.0.0.1 with
-//! OS-assigned ports, every wait is bounded, and every process is stopped on drop.
+//! private Dovecot, the mailgate binary as a child process, and curl. Everything listens on
+//! 127.0.0.1 with OS-assigned ports, every wait is bounded, and every process is stopped on
+//! drop.
 //!
 //! # Layout
 //! - [`process`] runs programs with a timeout (curl, openssl), finds free ports, sends signals.
