@@ -36,7 +36,7 @@ type Handler =
     Arc<dyn Fn(SimpleRequest) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
 
 /// Aborts the accept loop (and with it every open connection) when dropped.
-struct ServerTask(JoinHandle<()>);
+pub(super) struct ServerTask(pub(super) JoinHandle<()>);
 
 impl Drop for ServerTask {
     fn drop(&mut self) {

@@ -1,7 +1,8 @@
 //! Test harness shared by the integration tests (`mod support;`): a throwaway CA, an OAuth2
-//! introspection server, an EmailEngine-style auth server, an SMTP sink, a private Dovecot,
-//! the mailgate binary as a child process, and curl. Everything listens on 127.0.0.1 with
-//! OS-assigned ports, every wait is bounded, and every process is stopped on drop.
+//! introspection server, an EmailEngine-style auth server, an OAuth2 provider, an SMTP sink, a
+//! private Dovecot, the mailgate binary as a child process, and curl. Everything listens on
+//! 127.0.0.1 with OS-assigned ports, every wait is bounded, and every process is stopped on
+//! drop.
 //!
 //! # Layout
 //! - [`process`] runs programs with a timeout (curl, openssl), finds free ports, sends signals.
@@ -10,6 +11,8 @@
 //! - [`sink`] is the [`SmtpSink`].
 //! - [`dovecot`] runs a [`Dovecot`].
 //! - [`mailgate`] runs the binary as a [`Mailgate`].
+//! - [`oauth2`] is an [`OAuthProvider`], a local OAuth2 authorization server whose tokens the
+//!   test Dovecot accepts.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
 // Not every test file uses every helper or re-export.
 #![allow(dead_code, unused_imports)]
@@ -19,6 +22,7 @@ pub mod dovecot;
 pub mod http;
 pub mod imap_client;
 pub mod mailgate;
+pub mod oauth2;
 pub mod process;
 pub mod sink;
 
@@ -29,6 +33,7 @@ pub use certs::TestCa;
 pub use dovecot::Dovecot;
 pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
 pub use mailgate::Mailgate;
+pub use oauth2::{ClientCredential, OAuthProvider, TestKeys, TokenRequestRecord};
 pub use process::{
     CmdOutput, curl, curl_send_mail, curl_with_timeout, free_port, free_ports, wait_for_port,
 };
