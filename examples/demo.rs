@@ -31,28 +31,34 @@ async fn main() {
 
     let (imap, smtp, admin) = (free_port(), free_port(), free_port());
     let config = format!(
-        "{}metrics:\n  listen: \"127.0.0.1:{admin}\"\n",
+        "{}admin:\n  listen: \"127.0.0.1:{admin}\"\n",
         up.mailgate_config(imap, smtp)
     );
     let mailgate = Mailgate::start(&config).await;
     step("mailgate configuration");
     print!("{config}");
+    println!(
+        "\nNo client_auth section: mode `any`, so mailgate takes the user name as the account id and\n\
+         accepts any password (allowed only on loopback). For real clients use client_auth.mode: static\n\
+         with argon2 hashes (docs/configuration.md)."
+    );
 
     step(&format!(
-        "IMAP: curl logs in to mailgate as {ACCOUNT} with a password and lists folders"
+        "IMAP: curl logs in to mailgate as {ACCOUNT} (any password) and lists folders"
     ));
     let url = format!("imap://127.0.0.1:{imap}/");
     let credentials = format!("{ACCOUNT}:any-password");
-    let out = curl(&[
-        &url,
+    let args = [
+        url.as_str(),
         "-u",
         &credentials,
         "--login-options",
         "AUTH=LOGIN",
         "-X",
         r#"LIST "" "*""#,
-    ])
-    .await;
+    ];
+    println!("$ curl {}", shell_words(&args));
+    let out = curl(&args).await;
     print!("{}", out.stdout);
     check(out.success(), &out.stderr);
 
@@ -64,6 +70,10 @@ async fn main() {
     )
     .expect("write the demo message");
     let smtp = std::net::SocketAddr::from(([127, 0, 0, 1], smtp));
+    println!(
+        "$ curl smtp://{smtp} -u {credentials} --login-options AUTH=PLAIN --mail-from {USER} --mail-rcpt friend@example.test -T {}",
+        message.display()
+    );
     let out = curl_send_mail(smtp, &credentials, USER, "friend@example.test", &message).await;
     check(out.success(), &out.stderr);
     let received = up.sink.wait_for_message(Duration::from_secs(10)).await;
@@ -98,6 +108,31 @@ async fn main() {
     println!(
         "\nDemo finished: one password login over IMAP, one mail sent over SMTP, both through OAuth2 upstream."
     );
+    println!(
+        "Everything stops now. To try by hand, run the commands above while a demo runs, e.g. with\n\
+         `scripts/demo.sh --keep` (it then waits for Ctrl-C)."
+    );
+    if std::env::args().any(|arg| arg == "--keep") {
+        println!("Waiting for Ctrl-C ...");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Arguments quoted for a POSIX shell, so a printed command can be pasted.
+fn shell_words(args: &[&str]) -> String {
+    args.iter()
+        .map(|arg| {
+            if arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@".contains(c))
+            {
+                (*arg).to_owned()
+            } else {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn step(title: &str) {

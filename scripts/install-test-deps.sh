@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests need (Debian/Ubuntu): a real Dovecot as the upstream,
-# curl as the client, openssl for the throwaway CA. Idempotent: installs only what is missing.
-# As root it uses apt-get; otherwise it lists what is missing and exits 1.
+# Installs what the end-to-end tests and the demo need (Debian/Ubuntu): a real Dovecot as the
+# upstream, curl as the client, openssl for the throwaway CA, and a C compiler for ring. Checks
+# that Rust is new enough first. Idempotent: installs only what is missing. As root it uses
+# apt-get; otherwise it lists what is missing and exits 1.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl)
+# The minimum Rust comes from Cargo.toml (rust-version); Debian's own rustc is far older.
+required_rust=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-test-deps: cargo not found. Install Rust $required_rust or newer with rustup:" >&2
+    echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\"" >&2
+    exit 1
+fi
+have_rust=$(cargo --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" != "$required_rust" ]; then
+    echo "install-test-deps: Rust $have_rust is too old; mailgate needs $required_rust or newer: rustup update stable" >&2
+    exit 1
+fi
+
+packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -166,3 +166,19 @@ fn help_documents_both_commands() {
     let help = String::from_utf8(out.stdout).unwrap();
     assert!(help.contains("serve") && help.contains("check"), "{help}");
 }
+
+#[test]
+fn a_start_failure_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = write(
+        &dir,
+        "taken.yaml",
+        &GOOD.replace("127.0.0.1:1143", &format!("127.0.0.1:{port}")),
+    );
+    let out = mailgate(&["serve", "--config", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(errors.matches("cannot listen").count(), 1, "{errors}");
+}

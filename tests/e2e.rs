@@ -261,12 +261,43 @@ async fn smtp_mail_sent_through_mailgate_arrives() {
     .await;
 }
 
+/// The EHLO reply of a fresh SMTP session.
+async fn smtp_ehlo(address: SocketAddr) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut reply = String::new();
+    reader.read_line(&mut reply).await.unwrap();
+    reader
+        .get_mut()
+        .write_all(b"EHLO c.test\r\n")
+        .await
+        .unwrap();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap() == 0 {
+            return reply;
+        }
+        reply.push_str(&line);
+        if line.starts_with("250 ") {
+            return reply;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_auth_login_and_ehlo_shows_upstream_extensions() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let (mailgate, address) = start(&up, &SUBMISSION_STARTTLS_AUTO).await;
+        // mailgate reads the upstream's extensions in the background after it starts; until
+        // then EHLO offers only what mailgate vouches for itself.
+        let learnt = support::eventually(std::time::Duration::from_secs(10), || async {
+            smtp_ehlo(address).await.contains("SIZE")
+        })
+        .await;
+        assert!(learnt, "{}", mailgate.output());
         let url = format!("smtp://{address}");
         let user = format!("{ACCOUNT}:{PASSWORD}");
         let out = curl(&[
