@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: YAML configuration, defaults, validation.
+//! - [`commands`]: `authorize`, `accounts`, `test-login` for people.
 //! - [`server`]: listeners, accept loop, one task per connection.
 //! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
@@ -11,7 +12,9 @@
 //! - [`client_auth`]: checking client passwords in a bounded pool; brute-force defence.
 //! - [`limits`]: what a client may get wrong before authentication.
 //! - [`sanitize`]: foreign text made safe for logs and the wire.
-//! - [`token`]: token sources (authentication server) and the token cache.
+//! - [`token`]: token sources (authentication server, OAuth2 accounts) and the token cache.
+//! - [`jwt`], [`http`]: signed assertions; HTTP towards token sources and providers.
+//! - [`sessions`]: logged-in sessions by account, to end them when an account is revoked.
 //! - [`upstream`], [`tls`]: connecting to upstreams.
 //! - [`splice`]: copying bytes both ways after authentication.
 //! - [`sasl`]: SASL encoding and decoding as pure functions.
@@ -20,10 +23,13 @@
 
 pub mod admin;
 pub mod client_auth;
+pub mod commands;
 pub mod config;
 pub mod health;
+pub mod http;
 pub mod imap;
 pub mod io;
+pub mod jwt;
 pub mod limits;
 pub mod login;
 pub mod metrics;
@@ -32,6 +38,7 @@ pub mod sanitize;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod sessions;
 pub mod smtp;
 pub mod splice;
 pub mod tls;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mailgate::commands;
 use mailgate::config::{Config, ConfigError, LogFormat, Problem};
 use mailgate::server::{ConfigFile, Control, LogLevelHook};
 use tokio::signal::unix::SignalKind;
@@ -46,6 +47,50 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// Get a refresh token for an OAuth2 account: prints a URL to open in a browser and waits
+    /// for the provider's redirect (or, with --device, shows a code to enter elsewhere).
+    Authorize {
+        #[arg(long, short, env = "MAILGATE_CONFIG")]
+        config: PathBuf,
+        /// The account id in tokens.oauth2.accounts.
+        #[arg(long)]
+        account: String,
+        /// Use the device flow (RFC 8628) instead of a browser redirect.
+        #[arg(long)]
+        device: bool,
+    },
+    /// List the OAuth2 accounts with their source, grant and state; no secret is printed.
+    Accounts {
+        #[arg(long, short, env = "MAILGATE_CONFIG")]
+        config: PathBuf,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<AccountsAction>,
+    },
+    /// Get a token for ACCOUNT and log in upstream once through a listener's settings,
+    /// printing every step (never the token), for setting up and for support tickets.
+    TestLogin {
+        #[arg(long, short, env = "MAILGATE_CONFIG")]
+        config: PathBuf,
+        account: String,
+        /// The listener whose upstream to log in to.
+        #[arg(long)]
+        listener: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsAction {
+    /// Seed the token store with an existing refresh token (from another tool).
+    Import {
+        #[arg(long)]
+        account: String,
+        /// A file holding the refresh token, or `-` for standard input.
+        #[arg(long)]
+        refresh_token_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,7 +98,73 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, print } => check(&config, print),
         Command::Serve { config } => serve(&config),
+        Command::Authorize {
+            config,
+            account,
+            device,
+        } => run_command(&config, false, |config| async move {
+            commands::authorize(&config, &account, device).await
+        }),
+        Command::Accounts {
+            config,
+            json,
+            action: None,
+        } => run_command(&config, false, |config| async move {
+            commands::accounts(&config, json)
+        }),
+        Command::Accounts {
+            config,
+            action:
+                Some(AccountsAction::Import {
+                    account,
+                    refresh_token_file,
+                }),
+            ..
+        } => run_command(&config, false, |config| async move {
+            commands::import(&config, &account, &refresh_token_file).await
+        }),
+        Command::TestLogin {
+            config,
+            account,
+            listener,
+        } => run_command(&config, true, |config| async move {
+            commands::test_login(&config, &account, &listener).await
+        }),
     }
+}
+
+/// Loads the configuration and runs a command on a runtime; `verbose` shows mailgate's own
+/// debug events (the upstream dialogue) on standard output.
+fn run_command<F, Fut>(path: &Path, verbose: bool, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    let config = match load(path) {
+        Ok((config, _)) => config,
+        Err(code) => return code,
+    };
+    let level = if verbose {
+        "mailgate=debug"
+    } else {
+        "mailgate=warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(level))
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_target(false)
+        .without_time()
+        .init();
+    mailgate::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    ExitCode::from(runtime.block_on(command(config)))
 }
 
 /// Reads and checks the file; every problem goes to stderr as `PATH: key: reason`.

@@ -58,6 +58,11 @@ pub struct ScopeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -92,6 +97,11 @@ pub struct Metrics {
     pub failed_login_delay_seconds: Histogram,
     pub password_checks: Family<ResultLabels, Counter>,
     pub login_blocks: Family<ScopeLabels, Counter>,
+    pub oauth2_accounts: Family<StateLabels, Gauge>,
+    pub token_refreshes_ahead: Family<ResultLabels, Counter>,
+    pub token_store_write_failures: Counter,
+    pub reauthorizations_needed: Counter,
+    pub sessions_revoked: Counter,
 }
 
 impl Default for Metrics {
@@ -122,6 +132,11 @@ impl Metrics {
             failed_login_delay_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 8)),
             password_checks: Family::default(),
             login_blocks: Family::default(),
+            oauth2_accounts: Family::default(),
+            token_refreshes_ahead: Family::default(),
+            token_store_write_failures: Counter::default(),
+            reauthorizations_needed: Counter::default(),
+            sessions_revoked: Counter::default(),
         };
         metrics.register_all()
     }
@@ -217,6 +232,31 @@ impl Metrics {
             self.password_checks.clone(),
         );
         registry.register(
+            "oauth2_accounts",
+            "OAuth2 accounts by state (ok, never_authorized, needs_reauthorization, store_error, failing)",
+            self.oauth2_accounts.clone(),
+        );
+        registry.register(
+            "token_refreshes_ahead",
+            "Tokens renewed in the background before they expire, by result",
+            self.token_refreshes_ahead.clone(),
+        );
+        registry.register(
+            "token_store_write_failures",
+            "Failed writes of the refresh-token store (the token is kept in memory)",
+            self.token_store_write_failures.clone(),
+        );
+        registry.register(
+            "reauthorizations_needed",
+            "Refresh tokens refused by their provider (invalid_grant)",
+            self.reauthorizations_needed.clone(),
+        );
+        registry.register(
+            "sessions_revoked",
+            "Open sessions ended because their account was refused for good",
+            self.sessions_revoked.clone(),
+        );
+        registry.register(
             "login_blocks",
             "Client addresses or accounts blocked after too many failed logins, by scope",
             self.login_blocks.clone(),
@@ -253,6 +293,26 @@ impl Metrics {
         self.password_checks
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn oauth2_accounts(&self, state: &'static str, count: i64) {
+        self.oauth2_accounts
+            .get_or_create(&StateLabels { state })
+            .set(count);
+    }
+
+    pub fn refresh_ahead(&self, result: &'static str) {
+        self.token_refreshes_ahead
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn store_write_failure(&self) {
+        self.token_store_write_failures.inc();
+    }
+
+    pub fn reauthorization_needed(&self) {
+        self.reauthorizations_needed.inc();
     }
 
     pub fn login_block(&self, scope: &'static str) {

@@ -14,8 +14,9 @@ use crate::client_auth::{ClientAuth, NotChecked};
 use crate::config::Protocol;
 use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
 use crate::metrics::Metrics;
-use crate::token::cache::TokenCache;
-use crate::token::{Token, TokenError, TokenKey};
+use crate::token::cache::{Cached, TokenCache};
+use crate::token::oauth2::OAuth2;
+use crate::token::{TokenError, TokenKey};
 use crate::upstream::Connector;
 use crate::{imap, smtp};
 
@@ -27,6 +28,8 @@ const EXTENSION_PROBE_RETRY: Duration = Duration::from_secs(60);
 /// What every listener shares.
 pub struct Shared {
     pub tokens: Arc<TokenCache>,
+    /// mailgate's own OAuth2 accounts, when configured.
+    pub oauth2: Option<Arc<OAuth2>>,
     pub client_auth: Arc<ClientAuth>,
     pub throttle: Arc<Throttle>,
     pub metrics: Arc<Metrics>,
@@ -110,12 +113,8 @@ impl ListenerProxy {
                 return Err(LoginError::Overloaded);
             }
         }
-        let key = TokenKey {
-            account: account.clone(),
-            protocol: self.protocol,
-        };
         let helo = request.helo.as_deref();
-        tokio::time::timeout(self.login_timeout, self.token_and_upstream(&key, helo))
+        tokio::time::timeout(self.login_timeout, self.token_and_upstream(account, helo))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(
@@ -130,38 +129,42 @@ impl ListenerProxy {
     /// is dropped and the login is tried once more with a fresh one.
     async fn token_and_upstream(
         &self,
-        key: &TokenKey,
+        account: &str,
         helo: Option<&str>,
     ) -> Result<Upstream, LoginError> {
-        let token = self.token(key).await?;
-        match self.upstream_login(&token.auth, helo).await {
+        let (key, token) = self.token(account).await?;
+        match self.upstream_login(&token.token.auth, helo).await {
             Ok(upstream) => return Ok(upstream),
             Err(error) if error.is_rejection() => {
                 tracing::info!(%error, "token refused upstream; fetching a new one");
-                self.tokens.invalidate(key, &token).await;
+                self.tokens.invalidate(&key, &token).await;
             }
             Err(error) => return Err(unavailable(&error)),
         }
-        let token = self.token(key).await?;
-        match self.upstream_login(&token.auth, helo).await {
+        let (key, token) = self.token(account).await?;
+        match self.upstream_login(&token.token.auth, helo).await {
             Ok(upstream) => Ok(upstream),
             Err(error) if error.is_rejection() => {
                 tracing::warn!(%error, "upstream login refused");
-                self.tokens.invalidate(key, &token).await;
+                self.tokens.invalidate(&key, &token).await;
                 Err(LoginError::UpstreamRejected)
             }
             Err(error) => Err(unavailable(&error)),
         }
     }
 
-    async fn token(&self, key: &TokenKey) -> Result<Arc<Token>, LoginError> {
-        self.tokens.get(key).await.map_err(|error| {
-            tracing::warn!(%error, "no token");
-            match error {
-                TokenError::Refused => LoginError::BadCredentials,
-                TokenError::Unavailable(_) => LoginError::TokenUnavailable,
-            }
-        })
+    async fn token(&self, account: &str) -> Result<(TokenKey, Arc<Cached>), LoginError> {
+        self.tokens
+            .get(account, self.protocol)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "no token");
+                match error {
+                    TokenError::Refused => LoginError::BadCredentials,
+                    TokenError::NeedsReauthorization => LoginError::NeedsReauthorization,
+                    TokenError::Unavailable(_) => LoginError::TokenUnavailable,
+                }
+            })
     }
 
     async fn upstream_login(

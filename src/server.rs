@@ -26,9 +26,10 @@ use crate::login::{FrontendSettings, GOODBYE_TIMEOUT, Handoff};
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
 use crate::sanitize::Escaped;
+use crate::sessions::SessionRegistry;
 use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
-use crate::token::auth_server::AuthServer;
 use crate::token::cache::TokenCache;
+use crate::token::sources::Sources;
 use crate::upstream::Connector;
 use crate::{imap, smtp};
 
@@ -128,6 +129,8 @@ struct Server {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     log_level: Option<LogLevelHook>,
+    /// Logged-in sessions by account, across reloads.
+    registry: Arc<SessionRegistry>,
     shared: Shared,
     /// Keyed by address: the socket belongs to it, whatever the listener is called.
     listeners: HashMap<SocketAddr, RunningListener>,
@@ -158,6 +161,7 @@ struct Sessions {
 struct SessionHandle {
     _open: mpsc::Sender<()>,
     close_now: watch::Receiver<bool>,
+    registry: Arc<SessionRegistry>,
 }
 
 impl SessionHandle {
@@ -221,7 +225,8 @@ impl Server {
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
-        let shared = shared_state(&config, &metrics, &health)?;
+        let registry = Arc::new(SessionRegistry::new(metrics.clone()));
+        let shared = shared_state(&config, &metrics, &health, &registry)?;
         let (open, all_closed) = mpsc::channel(1);
         let (close_now, _) = watch::channel(false);
         let mut server = Server {
@@ -230,6 +235,7 @@ impl Server {
             metrics,
             health,
             log_level,
+            registry,
             shared,
             listeners: HashMap::new(),
             admin: None,
@@ -306,12 +312,13 @@ impl Server {
         let shared = if config.tokens == self.config.tokens {
             Shared {
                 tokens: self.shared.tokens.clone(),
+                oauth2: self.shared.oauth2.clone(),
                 client_auth: Arc::new(ClientAuth::new(&config.client_auth, self.metrics.clone())),
                 throttle: self.throttle_for(&config),
                 metrics: self.metrics.clone(),
             }
         } else {
-            shared_state(&config, &self.metrics, &self.health)?
+            shared_state(&config, &self.metrics, &self.health, &self.registry)?
         };
         let mut prepared = Vec::new();
         for listener in &config.listeners {
@@ -381,6 +388,7 @@ impl Server {
                 .clone()
                 .expect("sessions are open until drain"),
             close_now: self.sessions.close_now.subscribe(),
+            registry: self.registry.clone(),
         };
         tokio::spawn(accept_loop(
             tcp,
@@ -464,20 +472,22 @@ fn shared_state(
     config: &Config,
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
+    sessions: &Arc<SessionRegistry>,
 ) -> Result<Shared, StartError> {
-    let auth_server_config = config
+    let sources = Sources::new(&config.tokens, metrics, health).map_err(StartError::TokenSource)?;
+    let oauth2 = sources.oauth2.clone();
+    let end_sessions = config
         .tokens
-        .auth_server
-        .as_ref()
-        .ok_or_else(|| StartError::TokenSource("no token source configured".to_owned()))?;
-    let source = AuthServer::new(auth_server_config, metrics.clone(), health.clone())
-        .map_err(StartError::TokenSource)?;
+        .end_sessions_on_revoke
+        .then(|| sessions.clone());
     Ok(Shared {
         tokens: Arc::new(TokenCache::new(
             &config.tokens.cache,
-            Arc::new(source),
+            Arc::new(sources),
             metrics.clone(),
+            end_sessions,
         )),
+        oauth2,
         client_auth: Arc::new(ClientAuth::new(&config.client_auth, metrics.clone())),
         throttle: Arc::new(Throttle::new(&config.client_auth.throttle, metrics.clone())),
         metrics: metrics.clone(),
@@ -579,6 +589,8 @@ async fn accept_loop(
 enum Closing {
     TooManyConnections,
     ShuttingDown,
+    /// The account's token source refused it for good.
+    Revoked,
 }
 
 /// The protocol's untagged goodbye: IMAP `* BYE`, SMTP `421`.
@@ -588,10 +600,12 @@ fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
             imap::reply::too_many_connections().into_bytes()
         }
         (Protocol::Imap, Closing::ShuttingDown) => imap::reply::shutting_down().into_bytes(),
+        (Protocol::Imap, Closing::Revoked) => imap::reply::revoked().into_bytes(),
         (Protocol::Smtp, closing) => {
             let failure = match closing {
                 Closing::TooManyConnections => smtp::reply::Failure::TooManyConnections,
                 Closing::ShuttingDown => smtp::reply::Failure::ShuttingDown,
+                Closing::Revoked => smtp::reply::Failure::Revoked,
             };
             smtp::reply::failure(failure, &runtime.settings.hostname).to_bytes()
         }
@@ -670,8 +684,15 @@ async fn relay(
         Protocol::Imap => Box::new(imap::boundary::ResponseBoundary::default()),
         Protocol::Smtp => Box::new(smtp::boundary::ReplyBoundary::default()),
     };
+    let registration = sessions.registry.clone().register(&handoff.account);
+    let closing = sessions.closing();
     let stop = Stop {
-        signal: sessions.closing(),
+        signal: async {
+            tokio::select! {
+                () = closing => {}
+                () = registration.revoked() => {}
+            }
+        },
         flush_timeout: STOP_FLUSH_TIMEOUT,
     };
     let (end, moved) = splice(
@@ -686,7 +707,12 @@ async fn relay(
     if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
         // A goodbye inside a response would corrupt it: then the close says it all.
         if at_boundary {
-            let goodbye = closing_reply(runtime, Closing::ShuttingDown);
+            let why = if registration.was_revoked() {
+                Closing::Revoked
+            } else {
+                Closing::ShuttingDown
+            };
+            let goodbye = closing_reply(runtime, why);
             let deadline = Instant::now() + GOODBYE_TIMEOUT;
             let _ = write_all_by(&mut handoff.client, &goodbye, deadline).await;
         }
@@ -698,6 +724,7 @@ async fn relay(
         .get_or_create(&runtime.labels)
         .observe(duration.as_secs_f64());
     let outcome = match &end {
+        Ok(_) if registration.was_revoked() => "revoked",
         Ok(end) => end.label(),
         Err(_) => "io_error",
     };

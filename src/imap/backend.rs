@@ -55,6 +55,10 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
         Some(capabilities) => capabilities,
         None => connection.capability().await?,
     };
+    tracing::debug!(
+        capabilities = sanitize::for_log(&capabilities.0.join(" ")),
+        "upstream capabilities"
+    );
     let offers = |name: &str| capabilities.offers_mechanism(name);
     let target = (connector.host(), connector.port());
     let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?;

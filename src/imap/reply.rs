@@ -31,6 +31,11 @@ pub fn shutting_down() -> String {
     bye("Server shutting down")
 }
 
+/// Sent to spliced sessions whose account its token source refused for good.
+pub fn revoked() -> String {
+    bye("Access to this account was revoked; log in again")
+}
+
 pub fn capability(tag: &str) -> String {
     format!("* CAPABILITY {CAPABILITIES}\r\n{tag} OK Capability completed\r\n")
 }

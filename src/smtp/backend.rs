@@ -43,6 +43,10 @@ pub async fn login(
     helo: &str,
 ) -> Result<Upstream, BackendError> {
     let (mut connection, extensions) = open(connector, helo).await?;
+    tracing::debug!(
+        extensions = sanitize::for_log(&extensions.join(", ")),
+        "upstream EHLO extensions"
+    );
     let offered = auth_mechanisms(&extensions);
     let offers = |name: &str| offered.iter().any(|offer| offer == name);
     let target = (connector.host(), connector.port());
@@ -105,6 +109,7 @@ async fn authenticate(
     exchange: &Exchange,
 ) -> Result<Response<String>, BackendError> {
     let name = exchange.mechanism;
+    tracing::debug!(mechanism = name, "authenticating upstream");
     let encoded = sasl::encode_base64(&exchange.message);
     let with_initial = Secret::new(format!("AUTH {name} {}\r\n", encoded.expose()));
     let reply = if with_initial.expose().len() <= MAX_INITIAL_RESPONSE_LINE {

@@ -75,6 +75,8 @@ pub enum Failure {
     TooManyConnections,
     #[error("shutting down")]
     ShuttingDown,
+    #[error("account access revoked")]
+    Revoked,
 }
 
 /// The one place deciding how a failure looks on the wire.
@@ -135,6 +137,11 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
         Failure::ShuttingDown => {
             Reply::new(421, "4.3.2", format!("{hostname} Service shutting down"))
         }
+        Failure::Revoked => Reply::new(
+            421,
+            "4.7.0",
+            format!("{hostname} Access to this account was revoked"),
+        ),
     }
 }
 

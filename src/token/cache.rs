@@ -1,22 +1,47 @@
-//! The token cache: moka, one entry per account and protocol, each living until its own
-//! expiry less the refresh margin; concurrent misses for one key share a single fetch.
+//! The token cache: moka, one entry per account (and protocol, where tokens differ), each
+//! living until its own expiry less the refresh margin; concurrent misses for one key share a
+//! single fetch. Tokens of accounts in use are renewed in the background before they expire,
+//! so a login never waits for a token source; an account refused for good has its open
+//! sessions ended.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use tokio::time::Instant;
 
 use super::{Token, TokenError, TokenKey, TokenSource};
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, Protocol};
 use crate::metrics::{CauseLabels, Metrics};
+use crate::sessions::SessionRegistry;
+
+/// A background renewal that failed is tried again after this, doubling, up to the maximum,
+/// while the cached token is still good.
+const RENEWAL_RETRY_START: Duration = Duration::from_secs(2);
+const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A cached token and when it was last handed out.
+pub struct Cached {
+    pub token: Token,
+    fetched: Instant,
+    /// Milliseconds after the cache's epoch.
+    last_used: AtomicU64,
+}
 
 pub struct TokenCache {
-    entries: Cache<TokenKey, Arc<Token>>,
+    entries: Cache<TokenKey, Arc<Cached>>,
     source: Arc<dyn TokenSource>,
     metrics: Arc<Metrics>,
+    default_ttl: Duration,
+    refresh_margin: Duration,
+    refresh_window: Duration,
+    /// Sessions to end when an account is refused for good; `None`: leave them be.
+    sessions: Option<Arc<SessionRegistry>>,
+    epoch: Instant,
 }
 
 /// Per-entry lifetime: the token's own (or the default) minus the margin, so a token is
@@ -26,20 +51,44 @@ struct TokenExpiry {
     refresh_margin: Duration,
 }
 
-impl Expiry<TokenKey, Arc<Token>> for TokenExpiry {
+impl TokenExpiry {
+    fn cached_for(&self, token: &Token) -> Duration {
+        token
+            .lifetime
+            .unwrap_or(self.default_ttl)
+            .saturating_sub(self.refresh_margin)
+    }
+}
+
+impl Expiry<TokenKey, Arc<Cached>> for TokenExpiry {
     fn expire_after_create(
         &self,
         _key: &TokenKey,
-        token: &Arc<Token>,
-        _created_at: Instant,
+        cached: &Arc<Cached>,
+        _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        let lifetime = token.lifetime.unwrap_or(self.default_ttl);
-        Some(lifetime.saturating_sub(self.refresh_margin))
+        Some(self.cached_for(&cached.token))
+    }
+
+    /// A renewed token replaces the entry: it lives by its own lifetime, not the old one's.
+    fn expire_after_update(
+        &self,
+        _key: &TokenKey,
+        cached: &Arc<Cached>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.cached_for(&cached.token))
     }
 }
 
 impl TokenCache {
-    pub fn new(config: &CacheConfig, source: Arc<dyn TokenSource>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &CacheConfig,
+        source: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
+        sessions: Option<Arc<SessionRegistry>>,
+    ) -> Self {
         let evictions = metrics.token_cache_evictions.clone();
         let entries = Cache::builder()
             .max_capacity(config.max_entries)
@@ -61,26 +110,58 @@ impl TokenCache {
             entries,
             source,
             metrics,
+            default_ttl: config.default_ttl,
+            refresh_margin: config.refresh_margin,
+            refresh_window: config.refresh_window,
+            sessions,
+            epoch: Instant::now(),
         }
     }
 
-    /// A valid token for `key`, from the cache or fetched once for all concurrent callers.
+    /// A valid token for `account` over `protocol`, from the cache or fetched once for all
+    /// concurrent callers.
     ///
     /// # Errors
     /// What the source reported; errors are not cached.
-    pub async fn get(&self, key: &TokenKey) -> Result<Arc<Token>, TokenError> {
-        if let Some(token) = self.entries.get(key).await {
+    pub async fn get(
+        self: &Arc<Self>,
+        account: &str,
+        protocol: Protocol,
+    ) -> Result<(TokenKey, Arc<Cached>), TokenError> {
+        let key = self.source.key(account, protocol);
+        if let Some(cached) = self.entries.get(&key).await {
             self.metrics.token_cache("hit");
-            return Ok(token);
+            self.touch(&cached);
+            return Ok((key, cached));
         }
         self.metrics.token_cache("miss");
         let fetched = self
             .entries
-            .try_get_with_by_ref(key, async { self.source.fetch(key).await.map(Arc::new) })
-            .await
-            .map_err(|error| (*error).clone());
+            .entry_by_ref(&key)
+            .or_try_insert_with(async {
+                self.source
+                    .fetch(&key)
+                    .await
+                    .map(|token| self.cached(token, self.now_ms()))
+            })
+            .await;
         self.update_entry_gauge().await;
-        fetched
+        match fetched {
+            Ok(entry) => {
+                let cached = entry.value().clone();
+                self.touch(&cached);
+                if entry.is_fresh() {
+                    self.renew_later(key.clone(), cached.clone());
+                }
+                Ok((key, cached))
+            }
+            Err(error) => {
+                if error.is_revocation() {
+                    self.revoked(&key.account);
+                }
+                Err((*error).clone())
+            }
+        }
     }
 
     /// Checks that the token source answers (for readiness).
@@ -90,7 +171,7 @@ impl TokenCache {
 
     /// Drops `key`'s token after the upstream refused it, but only if the cache still holds
     /// that very token: another session may already have fetched a fresh one.
-    pub async fn invalidate(&self, key: &TokenKey, refused: &Arc<Token>) {
+    pub async fn invalidate(&self, key: &TokenKey, refused: &Arc<Cached>) {
         self.entries
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
@@ -103,6 +184,63 @@ impl TokenCache {
         self.update_entry_gauge().await;
     }
 
+    fn cached(&self, token: Token, last_used: u64) -> Arc<Cached> {
+        Arc::new(Cached {
+            token,
+            fetched: Instant::now(),
+            last_used: AtomicU64::new(last_used),
+        })
+    }
+
+    fn touch(&self, cached: &Cached) {
+        cached.last_used.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Ends the open sessions of an account its source refused for good.
+    fn revoked(&self, account: &str) {
+        if let Some(sessions) = &self.sessions {
+            sessions.revoke(account);
+        }
+    }
+
+    /// Renews `cached` in the background before it leaves the cache, as long as its account
+    /// was used within `refresh_window`; then the fresh token is renewed the same way.
+    fn renew_later(self: &Arc<Self>, key: TokenKey, cached: Arc<Cached>) {
+        let cache = Arc::downgrade(self);
+        tokio::spawn(renew(cache, key, cached));
+    }
+
+    /// When to renew: `refresh_margin` before the token leaves the cache, but not in the
+    /// first half of its time there.
+    fn renewal_due(&self, cached: &Cached) -> (Instant, Instant) {
+        let expiry = TokenExpiry {
+            default_ttl: self.default_ttl,
+            refresh_margin: self.refresh_margin,
+        };
+        let cached_for = expiry.cached_for(&cached.token);
+        let lead = cached_for
+            .saturating_sub(self.refresh_margin)
+            .max(cached_for / 2);
+        (cached.fetched + lead, cached.fetched + cached_for)
+    }
+
+    fn idle_for(&self, cached: &Cached) -> Duration {
+        let last_used = cached.last_used.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(last_used))
+    }
+
+    /// Whether `cached` is still the entry for `key` (not replaced, dropped or expired).
+    async fn is_current(&self, key: &TokenKey, cached: &Arc<Cached>) -> bool {
+        self.entries
+            .get(key)
+            .await
+            .is_some_and(|current| Arc::ptr_eq(&current, cached))
+    }
+
     /// moka counts lazily: settle its pending work first (only on misses and invalidations).
     async fn update_entry_gauge(&self) {
         self.entries.run_pending_tasks().await;
@@ -111,19 +249,62 @@ impl TokenCache {
     }
 }
 
+/// The renewal task of one entry; ends when the entry is replaced or dropped, its account
+/// idle, the cache gone, or the source refuses the account for good.
+async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) {
+    let mut retry = RENEWAL_RETRY_START;
+    let Some((mut due, _)) = cache.upgrade().map(|cache| cache.renewal_due(&cached)) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep_until(due).await;
+        let Some(cache) = cache.upgrade() else { return };
+        if !cache.is_current(&key, &cached).await || cache.idle_for(&cached) > cache.refresh_window
+        {
+            return;
+        }
+        match cache.source.fetch(&key).await {
+            Ok(token) => {
+                let last_used = cached.last_used.load(Ordering::Relaxed);
+                let fresh = cache.cached(token, last_used);
+                cache.entries.insert(key.clone(), fresh.clone()).await;
+                cache.metrics.refresh_ahead("ok");
+                cached = fresh;
+                due = cache.renewal_due(&cached).0;
+                retry = RENEWAL_RETRY_START;
+            }
+            Err(error) if error.is_revocation() => {
+                cache.metrics.refresh_ahead("refused");
+                cache.invalidate(&key, &cached).await;
+                cache.revoked(&key.account);
+                return;
+            }
+            Err(error) => {
+                cache.metrics.refresh_ahead("error");
+                tracing::warn!(%error, "renewing a token ahead of its expiry failed; trying again");
+                let leaves = cache.renewal_due(&cached).1;
+                due = Instant::now() + retry;
+                if due >= leaves {
+                    return;
+                }
+                retry = (retry * 2).min(RENEWAL_RETRY_MAX);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::config::Protocol;
     use crate::login::UpstreamAuth;
     use crate::secret::Secret;
     use crate::token::BoxFuture;
 
-    /// Hands out `token-1`, `token-2`, ... and counts the requests.
+    /// Hands out `token-1`, `token-2`, ... with the given lifetime, and counts the requests.
     #[derive(Default)]
-    struct Counting(AtomicUsize);
+    struct Counting(AtomicUsize, Option<Duration>);
 
     impl TokenSource for Counting {
         fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, TokenError>> {
@@ -134,7 +315,7 @@ mod tests {
                         user: "u".into(),
                         token: Secret::new(format!("token-{n}")),
                     },
-                    lifetime: None,
+                    lifetime: self.1,
                 })
             })
         }
@@ -154,24 +335,101 @@ mod tests {
     #[tokio::test]
     async fn a_late_invalidation_leaves_a_fresher_token_alone() {
         let source = Arc::new(Counting::default());
-        let cache = TokenCache::new(
+        let cache = Arc::new(TokenCache::new(
             &CacheConfig::default(),
             source.clone(),
             Arc::new(Metrics::new()),
-        );
-        let key = TokenKey {
-            account: "a".into(),
-            protocol: Protocol::Imap,
-        };
-        let first = cache.get(&key).await.unwrap();
-        let seen_by_late_session = cache.get(&key).await.unwrap();
+            None,
+        ));
+        let (key, first) = cache.get("a", Protocol::Imap).await.unwrap();
+        let (_, seen_by_late_session) = cache.get("a", Protocol::Imap).await.unwrap();
         // One session finds the token refused and replaces it...
         cache.invalidate(&key, &first).await;
-        let fresh = cache.get(&key).await.unwrap();
-        assert_eq!(token_text(&fresh), "token-2");
+        let (_, fresh) = cache.get("a", Protocol::Imap).await.unwrap();
+        assert_eq!(token_text(&fresh.token), "token-2");
         // ...then another session, holding the same old token, reports it refused too.
         cache.invalidate(&key, &seen_by_late_session).await;
-        assert_eq!(token_text(&cache.get(&key).await.unwrap()), "token-2");
+        let (_, kept) = cache.get("a", Protocol::Imap).await.unwrap();
+        assert_eq!(token_text(&kept.token), "token-2");
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::login::UpstreamAuth;
+    use crate::secret::Secret;
+    use crate::token::BoxFuture;
+
+    /// Hands out two-second tokens and counts the requests.
+    #[derive(Default)]
+    struct Source(AtomicUsize);
+
+    impl TokenSource for Source {
+        fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, TokenError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                Ok(Token {
+                    auth: UpstreamAuth::Bearer {
+                        user: "u".into(),
+                        token: Secret::new("t".into()),
+                    },
+                    lifetime: Some(Duration::from_secs(2)),
+                })
+            })
+        }
+
+        fn probe(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// Real time: moka's expiry does not follow tokio's paused clock. Tokens stay in the
+    /// cache for one second and are renewed half a second after they were fetched.
+    fn cache(source: Arc<Source>, metrics: Arc<Metrics>) -> Arc<TokenCache> {
+        let config = CacheConfig {
+            refresh_margin: Duration::from_secs(1),
+            refresh_window: Duration::from_secs(1),
+            ..CacheConfig::default()
+        };
+        Arc::new(TokenCache::new(&config, source, metrics, None))
+    }
+
+    #[tokio::test]
+    async fn tokens_in_use_are_renewed_before_they_leave_the_cache() {
+        let source = Arc::new(Source::default());
+        let metrics = Arc::new(Metrics::new());
+        let cache = cache(source.clone(), metrics.clone());
+        // A login every 100 ms for three seconds: after the first, none may miss.
+        for _ in 0..30 {
+            cache.get("a", Protocol::Imap).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains("mailgate_token_cache_total{result=\"miss\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            source.0.load(Ordering::SeqCst) >= 4,
+            "renewed about every 0.5 s"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_accounts_are_left_to_expire() {
+        let source = Arc::new(Source::default());
+        let cache = cache(source.clone(), Arc::new(Metrics::new()));
+        cache.get("a", Protocol::Imap).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Renewed while within the one-second window of the one use, then left alone.
+        assert!(
+            source.0.load(Ordering::SeqCst) <= 4,
+            "{}",
+            source.0.load(Ordering::SeqCst)
+        );
     }
 }

@@ -1,7 +1,10 @@
-//! Where access tokens come from ([`auth_server`]) and how they are kept ([`cache`]).
+//! Where access tokens come from (an [`auth_server`], mailgate's own [`oauth2`] client, one
+//! per account as [`sources`] decides) and how they are kept ([`cache`]).
 
 pub mod auth_server;
 pub mod cache;
+pub mod oauth2;
+pub mod sources;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +23,13 @@ pub struct Token {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    /// The source refused this account for good (auth server 403/404).
+    /// The source refused this account for good (auth server 403/404, no such account).
     #[error("account refused by the token source")]
     Refused,
+    /// The account's refresh token was refused (`invalid_grant`): someone must authorize it
+    /// again; until then its logins fail at once.
+    #[error("account needs re-authorization")]
+    NeedsReauthorization,
     /// The source could not answer now (unreachable, timeout, bad answer).
     #[error("token source unavailable: {0}")]
     Unavailable(String),
@@ -39,11 +46,37 @@ pub trait TokenSource: Send + Sync {
 
     /// Checks, for readiness, that the source answers at all.
     fn probe(&self) -> BoxFuture<'_, ()>;
+
+    /// The cache key for `account` logging in over `protocol`: by default one token per
+    /// protocol; a source whose tokens serve both says `protocol: None`.
+    fn key(&self, account: &str, protocol: Protocol) -> TokenKey {
+        TokenKey {
+            account: account.to_owned(),
+            protocol: Some(protocol),
+        }
+    }
 }
 
 /// Cache key: the same account may get different tokens per protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     pub account: String,
-    pub protocol: Protocol,
+    /// `None` when one token serves every protocol.
+    pub protocol: Option<Protocol>,
+}
+
+impl TokenError {
+    /// Whether the account is refused for good, so its open sessions may be ended.
+    pub fn is_revocation(&self) -> bool {
+        matches!(self, TokenError::Refused | TokenError::NeedsReauthorization)
+    }
+
+    /// The `result` label of `mailgate_token_requests_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TokenError::Refused => "refused",
+            TokenError::NeedsReauthorization => "invalid_grant",
+            TokenError::Unavailable(_) => "error",
+        }
+    }
 }

@@ -12,15 +12,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::Secret;
 
+pub mod tokens;
+pub use tokens::*;
+
 /// RFC 9051 section 5.4 asks for an inactivity timer of at least 30 minutes once logged in.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(31 * 60);
 /// Before authentication a client has no business idling: a short timer sheds stray sockets.
 pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_AUTH_SERVER_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
-pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 pub const DEFAULT_HOSTNAME: &str = "mailgate";
 /// Kubernetes' default terminationGracePeriodSeconds is 30s: the grace, the goodbyes (3 s)
 /// and a margin of 7 s for slow nodes fit inside it.
@@ -141,54 +140,6 @@ pub struct UpstreamConfig {
     pub mechanism: MechanismSetting,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokensConfig {
-    #[serde(default)]
-    pub auth_server: Option<AuthServerConfig>,
-    #[serde(default)]
-    pub cache: CacheConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthServerConfig {
-    /// `user:pass@` in the URL becomes HTTP basic auth.
-    #[serde(serialize_with = "serialize_url")]
-    pub url: Secret<String>,
-    #[serde(default = "default_auth_server_timeout", with = "duration")]
-    pub timeout: Duration,
-    /// Basic-auth password from a file (a Kubernetes Secret), overriding the URL's.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// Basic-auth password from this environment variable, overriding the URL's.
-    #[serde(default)]
-    pub password_env: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {
-    #[serde(default = "default_cache_entries")]
-    pub max_entries: u64,
-    /// Lifetime of a token when the source gives none.
-    #[serde(default = "default_token_ttl", with = "duration")]
-    pub default_ttl: Duration,
-    /// A token is never handed out closer than this to its expiry.
-    #[serde(default = "default_refresh_margin", with = "duration")]
-    pub refresh_margin: Duration,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            max_entries: DEFAULT_CACHE_ENTRIES,
-            default_ttl: DEFAULT_TOKEN_TTL,
-            refresh_margin: DEFAULT_REFRESH_MARGIN,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -409,7 +360,7 @@ impl Config {
                 "not a level or filter such as info or mailgate=debug",
             );
         }
-        self.resolve_tokens(&mut problems);
+        self.tokens.resolve(&mut problems);
         self.resolve_client_auth(&mut problems);
         problems.0
     }
@@ -467,57 +418,6 @@ impl Config {
                     crate::tls::client_config(upstream.ca_file.as_deref(), upstream.system_roots)
             {
                 problems.add(format!("{key}.upstream.ca_file"), error.to_string());
-            }
-        }
-    }
-
-    fn resolve_tokens(&mut self, problems: &mut Problems) {
-        let cache = &self.tokens.cache;
-        if self
-            .tokens
-            .auth_server
-            .as_ref()
-            .is_some_and(|a| a.timeout.is_zero())
-        {
-            problems.add("tokens.auth_server.timeout", "must be longer than 0s");
-        }
-        if cache.max_entries == 0 {
-            problems.add("tokens.cache.max_entries", "must be at least 1");
-        }
-        if cache.default_ttl <= cache.refresh_margin {
-            problems.add(
-                "tokens.cache.default_ttl",
-                "must be longer than tokens.cache.refresh_margin",
-            );
-        }
-        let Some(auth_server) = &mut self.tokens.auth_server else {
-            problems.add(
-                "tokens",
-                "no token source configured (tokens.auth_server is required)",
-            );
-            return;
-        };
-        match url::Url::parse(auth_server.url.expose()) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            // The URL may carry a password: never echo it.
-            _ => problems.add(
-                "tokens.auth_server.url",
-                "must be an absolute http:// or https:// URL",
-            ),
-        }
-        if let Some(path) = &auth_server.password_file {
-            match read_secret_file(path) {
-                Ok(password) => auth_server.url = with_password(&auth_server.url, &password),
-                Err(reason) => problems.add("tokens.auth_server.password_file", reason),
-            }
-        }
-        if let Some(name) = &auth_server.password_env {
-            match std::env::var(name) {
-                Ok(password) => auth_server.url = with_password(&auth_server.url, &password),
-                Err(_) => problems.add(
-                    "tokens.auth_server.password_env",
-                    format!("environment variable {name} is not set"),
-                ),
             }
         }
     }
@@ -588,10 +488,10 @@ impl Config {
 }
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.0.push(Problem {
             key: key.into(),
             reason: reason.into(),
@@ -599,14 +499,14 @@ impl Problems {
     }
 }
 
-fn read_secret_file(path: &Path) -> Result<String, String> {
+pub(crate) fn read_secret_file(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path)
         .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Puts `password` into the URL's userinfo; an unparsable URL is reported elsewhere.
-fn with_password(url: &Secret<String>, password: &str) -> Secret<String> {
+pub(crate) fn with_password(url: &Secret<String>, password: &str) -> Secret<String> {
     match url::Url::parse(url.expose()) {
         Ok(mut parsed) => {
             let _ = parsed.set_password(Some(password));
@@ -695,18 +595,6 @@ fn default_idle_timeout() -> Duration {
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
-fn default_auth_server_timeout() -> Duration {
-    DEFAULT_AUTH_SERVER_TIMEOUT
-}
-fn default_cache_entries() -> u64 {
-    DEFAULT_CACHE_ENTRIES
-}
-fn default_token_ttl() -> Duration {
-    DEFAULT_TOKEN_TTL
-}
-fn default_refresh_margin() -> Duration {
-    DEFAULT_REFRESH_MARGIN
-}
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -723,7 +611,7 @@ impl<T> Serialize for Secret<T> {
 
 /// Shows the URL with its password and every query value masked (either may be a secret),
 /// so `check --print` stays useful.
-fn serialize_url<S: serde::Serializer>(
+pub(crate) fn serialize_url<S: serde::Serializer>(
     url: &Secret<String>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
@@ -762,7 +650,7 @@ fn redacted_url(url: &url::Url) -> String {
 }
 
 /// Durations written as `5s`, `5m`, `1h`.
-mod duration {
+pub(crate) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -1,0 +1,386 @@
+//! The commands for people besides `serve` and `check`: authorizing an account, listing
+//! accounts, importing a refresh token, and one test login with every step shown. Each prints
+//! for a person (or JSON for scripts) and returns the process exit code.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, Grant, ListenerConfig, Protocol};
+use crate::health::Health;
+use crate::login::UpstreamAuth;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+use crate::token::auth_server::is_usable_token;
+use crate::token::oauth2::flows::{self, FlowError};
+use crate::token::oauth2::{AccountState, AccountStatus, OAuth2};
+use crate::token::sources::Sources;
+use crate::token::{TokenError, TokenSource};
+use crate::upstream::Connector;
+use crate::{imap, smtp};
+
+/// Exit codes, as `check` uses them.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 64;
+
+/// How long `authorize` waits for the browser to come back.
+const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+fn oauth2(config: &Config) -> Result<OAuth2, u8> {
+    let Some(oauth2) = &config.tokens.oauth2 else {
+        eprintln!("no tokens.oauth2 section in the configuration");
+        return Err(EXIT_USAGE);
+    };
+    OAuth2::new(oauth2, Arc::new(Metrics::new())).map_err(|error| {
+        eprintln!("cannot set up OAuth2: {error}");
+        EXIT_FAILED
+    })
+}
+
+/// `mailgate authorize --account ID [--device]`.
+pub async fn authorize(config: &Config, account: &str, device: bool) -> u8 {
+    let oauth2 = match oauth2(config) {
+        Ok(oauth2) => oauth2,
+        Err(code) => return code,
+    };
+    let Some((provider, settings)) = oauth2.account(account) else {
+        eprintln!("no account {account} in tokens.oauth2.accounts");
+        return EXIT_USAGE;
+    };
+    if settings.grant != Grant::RefreshToken {
+        eprintln!(
+            "account {account} uses the {} grant, which needs no authorization",
+            settings.grant.name()
+        );
+        return EXIT_USAGE;
+    }
+    let answer = if device {
+        flows::device(&provider, settings.scope.as_deref(), |code| {
+            println!("To authorize {account} ({}):", settings.user);
+            println!(
+                "  open {} and enter the code {}",
+                code.verification_uri, code.user_code
+            );
+            if let Some(complete) = &code.verification_uri_complete {
+                println!("  (or open {complete})");
+            }
+            println!("Waiting for the sign-in to finish ...");
+        })
+        .await
+    } else {
+        code_flow(&provider, account, &settings).await
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("authorization failed: {error}");
+            return EXIT_FAILED;
+        }
+    };
+    let Some(refresh_token) = answer.refresh_token.clone() else {
+        eprintln!("authorization failed: {}", FlowError::NoRefreshToken);
+        return EXIT_FAILED;
+    };
+    match oauth2
+        .authorized(account, refresh_token, Some(&answer))
+        .await
+    {
+        Ok(()) => {
+            println!("Authorized {account}; its refresh token is in the token store.");
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("cannot store the refresh token: {error}");
+            EXIT_FAILED
+        }
+    }
+}
+
+async fn code_flow(
+    provider: &crate::token::oauth2::provider::Provider,
+    account: &str,
+    settings: &crate::config::AccountConfig,
+) -> Result<crate::token::oauth2::provider::TokenAnswer, FlowError> {
+    let pending = flows::start(
+        provider,
+        settings.scope.as_deref(),
+        Some(&settings.user),
+        None,
+    )?;
+    println!(
+        "To authorize {account} ({}), open this URL in a browser:",
+        settings.user
+    );
+    println!();
+    println!("  {}", pending.url);
+    println!();
+    println!(
+        "mailgate waits for the provider to redirect back to {} ...",
+        pending.redirect_uri
+    );
+    let code = flows::wait_for_code(&pending, AUTHORIZE_TIMEOUT).await?;
+    pending.finish(provider, code.expose()).await
+}
+
+/// `mailgate accounts [--json]`.
+pub fn accounts(config: &Config, json: bool) -> u8 {
+    let statuses = match &config.tokens.oauth2 {
+        Some(_) => match oauth2(config) {
+            Ok(oauth2) => oauth2.statuses(),
+            Err(code) => return code,
+        },
+        None => Vec::new(),
+    };
+    let now = crate::token::oauth2::provider::unix_now();
+    if json {
+        let rows: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|(id, provider, grant, status)| {
+                serde_json::json!({
+                    "account": id,
+                    "source": format!("oauth2/{provider}"),
+                    "grant": grant.name(),
+                    "state": status.state.label(),
+                    "refreshed_at": status.refreshed_at,
+                    "access_expires_at": status.access_expires_at,
+                    "refresh_expires_at": status.refresh_expires_at,
+                    "last_error": status.last_error,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return EXIT_OK;
+    }
+    let rows: Vec<[String; 4]> = statuses
+        .iter()
+        .map(|(id, provider, grant, status)| {
+            [
+                id.clone(),
+                format!("oauth2/{provider}"),
+                grant.name().to_owned(),
+                describe(status, *grant, now),
+            ]
+        })
+        .collect();
+    print_table(&["ACCOUNT", "SOURCE", "GRANT", "STATE"], &rows);
+    if config.tokens.auth_server.is_some() {
+        println!("Other accounts: from the authentication server (tokens.auth_server).");
+    } else {
+        println!("Other accounts: refused (no tokens.auth_server).");
+    }
+    EXIT_OK
+}
+
+fn describe(status: &AccountStatus, grant: Grant, now: u64) -> String {
+    let mut text = match status.state {
+        AccountState::Ok => "ok".to_owned(),
+        AccountState::NeverAuthorized => "never authorized (mailgate authorize)".to_owned(),
+        AccountState::NeedsReauthorization => {
+            "needs re-authorization (mailgate authorize)".to_owned()
+        }
+        AccountState::StoreError => "store error".to_owned(),
+        AccountState::Failing => "failing".to_owned(),
+    };
+    if status.state == AccountState::Ok && grant == Grant::RefreshToken {
+        if let Some(at) = status.access_expires_at {
+            text.push_str(&format!(", access token {}", relative(at, now)));
+        }
+        if let Some(at) = status.refreshed_at {
+            text.push_str(&format!(", refreshed {}", relative(at, now)));
+        }
+        if let Some(at) = status.refresh_expires_at {
+            text.push_str(&format!(", refresh token {}", relative(at, now)));
+        }
+    }
+    if let Some(error) = &status.last_error {
+        text.push_str(&format!(" ({error})"));
+    }
+    text
+}
+
+/// `expires in 42m` / `expired 3m ago` / `5m ago` for a Unix time.
+fn relative(at: u64, now: u64) -> String {
+    let span = |seconds: u64| {
+        humantime::format_duration(Duration::from_secs(seconds / 60 * 60)).to_string()
+    };
+    match at.cmp(&now) {
+        std::cmp::Ordering::Greater => {
+            format!("expires in {}", span(at - now).replace("0s", "<1m"))
+        }
+        _ => format!("{} ago", span(now - at).replace("0s", "<1m")),
+    }
+}
+
+fn print_table(header: &[&str; 4], rows: &[[String; 4]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 4]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(*header);
+    for row in rows {
+        line([&row[0], &row[1], &row[2], &row[3]]);
+    }
+}
+
+/// `mailgate accounts import --account ID --refresh-token-file FILE` (`-`: standard input).
+pub async fn import(config: &Config, account: &str, file: &Path) -> u8 {
+    let oauth2 = match oauth2(config) {
+        Ok(oauth2) => oauth2,
+        Err(code) => return code,
+    };
+    let mut text = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::read_to_string(file).map(|read| text = read)
+    };
+    if let Err(error) = read {
+        eprintln!("cannot read {}: {error}", file.display());
+        return EXIT_USAGE;
+    }
+    let token = Secret::new(text.trim().to_owned());
+    if !is_usable_token(token.expose()) {
+        eprintln!(
+            "{}: not a refresh token (printable ASCII without spaces)",
+            file.display()
+        );
+        return EXIT_USAGE;
+    }
+    match oauth2.authorized(account, token, None).await {
+        Ok(()) => {
+            println!("Stored the refresh token for {account}; it is used at the next login.");
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// `mailgate test-login ACCOUNT --listener NAME`: a token and one upstream login, each step
+/// printed (never the token itself), with mailgate's debug events for the upstream dialogue.
+pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
+    let Some(listener) = config.listeners.iter().find(|l| l.name == listener) else {
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        eprintln!(
+            "no listener {listener}; the configuration has: {}",
+            names.join(", ")
+        );
+        return EXIT_USAGE;
+    };
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(Duration::from_secs(30)));
+    let sources = match Sources::new(&config.tokens, &metrics, &health) {
+        Ok(sources) => sources,
+        Err(error) => {
+            eprintln!("cannot set up the token sources: {error}");
+            return EXIT_FAILED;
+        }
+    };
+    let source = match sources.oauth2.as_ref().and_then(|o| o.account(account)) {
+        Some((provider, settings)) => {
+            format!(
+                "OAuth2 provider {} ({} grant)",
+                provider.name,
+                settings.grant.name()
+            )
+        }
+        None if sources.auth_server.is_some() => "the authentication server".to_owned(),
+        None => {
+            "none: the account is neither an OAuth2 account nor served by an authentication server"
+                .to_owned()
+        }
+    };
+    println!("1. Token for {account} from {source}");
+    let key = sources.key(account, listener.protocol);
+    let token = match sources.fetch(&key).await {
+        Ok(token) => token,
+        Err(error) => {
+            println!("   failed: {error}");
+            if error == TokenError::NeedsReauthorization {
+                println!("   run: mailgate authorize --account {account}");
+            }
+            return EXIT_FAILED;
+        }
+    };
+    let user = match &token.auth {
+        UpstreamAuth::Bearer {
+            user,
+            token: secret,
+        } => {
+            println!(
+                "   ok: user {user}, bearer token of {} characters (not shown)",
+                secret.expose().len()
+            );
+            user
+        }
+        UpstreamAuth::Password { user, .. } => {
+            println!("   ok: user {user}, a password (not shown)");
+            user
+        }
+    };
+    match token.lifetime {
+        Some(lifetime) => println!("   expires in {}", humantime::format_duration(lifetime)),
+        None => println!("   no expiry given"),
+    }
+    println!(
+        "2. Upstream login as {user} to {}:{} ({:?} TLS, {} listener)",
+        listener.upstream.host,
+        listener.upstream.port,
+        listener.upstream.tls,
+        listener.protocol.name()
+    );
+    upstream_login(listener, &token.auth, &config.hostname).await
+}
+
+async fn upstream_login(listener: &ListenerConfig, auth: &UpstreamAuth, hostname: &str) -> u8 {
+    let connector = match Connector::new(&listener.upstream) {
+        Ok(connector) => connector,
+        Err(error) => {
+            println!("   failed: {error}");
+            return EXIT_FAILED;
+        }
+    };
+    let result = match listener.protocol {
+        Protocol::Imap => imap::backend::login(&connector, auth).await,
+        Protocol::Smtp => smtp::backend::login(&connector, auth, hostname).await,
+    };
+    match result {
+        Ok(upstream) => {
+            println!("   ok: the upstream answered: {}", upstream.completion);
+            EXIT_OK
+        }
+        Err(error) => {
+            println!("   failed: {error}");
+            EXIT_FAILED
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_like_a_person_would_say_them() {
+        assert_eq!(relative(1_000 + 42 * 60, 1_000), "expires in 42m");
+        assert_eq!(relative(1_000, 1_000 + 3 * 3600), "3h ago");
+        assert_eq!(relative(1_000, 1_010), "<1m ago");
+    }
+}
