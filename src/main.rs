@@ -25,6 +25,9 @@ const EXIT_START_FAILED: u8 = 1;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// YAML configuration file (every command needs one).
+    #[arg(long, short, env = "MAILGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,17 +35,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Serve {
-        /// YAML configuration file.
-        #[arg(long, short, env = "MAILGATE_CONFIG")]
-        config: PathBuf,
-    },
+    Serve,
     /// Validate the configuration: exit 0 if it is usable, else print every problem
     /// as `PATH: key.path: reason` and exit 64.
     Check {
-        /// YAML configuration file.
-        #[arg(long, short, env = "MAILGATE_CONFIG")]
-        config: PathBuf,
         /// Print the effective configuration, secrets redacted.
         #[arg(long)]
         print: bool,
@@ -50,8 +46,6 @@ enum Command {
     /// Get a refresh token for an OAuth2 account: prints a URL to open in a browser and waits
     /// for the provider's redirect (or, with --device, shows a code to enter elsewhere).
     Authorize {
-        #[arg(long, short, env = "MAILGATE_CONFIG")]
-        config: PathBuf,
         /// The account id in tokens.oauth2.accounts.
         #[arg(long)]
         account: String,
@@ -61,8 +55,6 @@ enum Command {
     },
     /// List the OAuth2 accounts with their source, grant and state; no secret is printed.
     Accounts {
-        #[arg(long, short, env = "MAILGATE_CONFIG")]
-        config: PathBuf,
         /// JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -72,8 +64,6 @@ enum Command {
     /// Get a token for ACCOUNT and log in upstream once through a listener's settings,
     /// printing every step (never the token), for setting up and for support tickets.
     TestLogin {
-        #[arg(long, short, env = "MAILGATE_CONFIG")]
-        config: PathBuf,
         account: String,
         /// The listener whose upstream to log in to.
         #[arg(long)]
@@ -95,25 +85,24 @@ enum AccountsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let Some(config) = cli.config else {
+        eprintln!("mailgate: --config FILE (or MAILGATE_CONFIG) is required");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
     match cli.command {
-        Command::Check { config, print } => check(&config, print),
-        Command::Serve { config } => serve(&config),
-        Command::Authorize {
-            config,
-            account,
-            device,
-        } => run_command(&config, false, |config| async move {
-            commands::authorize(&config, &account, device).await
-        }),
+        Command::Check { print } => check(&config, print),
+        Command::Serve => serve(&config),
+        Command::Authorize { account, device } => {
+            run_command(&config, false, |config| async move {
+                commands::authorize(&config, &account, device).await
+            })
+        }
+        Command::Accounts { json, action: None } => {
+            run_command(&config, false, |config| async move {
+                commands::accounts(&config, json)
+            })
+        }
         Command::Accounts {
-            config,
-            json,
-            action: None,
-        } => run_command(&config, false, |config| async move {
-            commands::accounts(&config, json)
-        }),
-        Command::Accounts {
-            config,
             action:
                 Some(AccountsAction::Import {
                     account,
@@ -123,13 +112,11 @@ fn main() -> ExitCode {
         } => run_command(&config, false, |config| async move {
             commands::import(&config, &account, &refresh_token_file).await
         }),
-        Command::TestLogin {
-            config,
-            account,
-            listener,
-        } => run_command(&config, true, |config| async move {
-            commands::test_login(&config, &account, &listener).await
-        }),
+        Command::TestLogin { account, listener } => {
+            run_command(&config, true, |config| async move {
+                commands::test_login(&config, &account, &listener).await
+            })
+        }
     }
 }
 

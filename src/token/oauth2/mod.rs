@@ -447,7 +447,8 @@ impl OAuth2 {
                     state = why.label(),
                     "no refresh token for this account: authorize it with mailgate authorize --account ..."
                 );
-                self.set_state(account, why, lock(&account.status).last_error.clone());
+                let last_error = lock(&account.status).last_error.clone();
+                self.set_state(account, why, last_error);
                 TokenError::NeedsReauthorization
             }
             Failure::Store(error) => {
@@ -466,7 +467,8 @@ impl OAuth2 {
                     backoff_ms = u64::try_from(state.backoff.as_millis()).unwrap_or(u64::MAX),
                     "token grant failed"
                 );
-                if lock(&account.status).state != AccountState::StoreError {
+                let store_error = lock(&account.status).state == AccountState::StoreError;
+                if !store_error {
                     self.set_state(account, AccountState::Failing, Some(detail.clone()));
                 }
                 TokenError::Unavailable(detail)

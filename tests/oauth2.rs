@@ -1,0 +1,777 @@
+//! End to end with mailgate's own OAuth2 client: a local OAuth2 provider (real HTTP, real
+//! grants) issues tokens that the real Dovecot accepts; clients log in to mailgate with plain
+//! credentials and mailgate gets, renews, rotates, stores and loses tokens as the provider says.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::imap_client::ImapClient;
+use support::oauth2::{ClientCredential, OAuthProvider, TestKeys};
+use support::process::send_signal;
+use support::{Mailgate, TestUpstream, curl, curl_send_mail, eventually, free_port, with_timeout};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const CLIENT: &str = "mailgate";
+const CLIENT_SECRET: &str = "client-secret-4f1e";
+const SCOPE: &str = "mail offline_access";
+const ALICE: &str = "alice@example.test";
+const BOB: &str = "bob@example.test";
+const PRINTER: &str = "printer@example.test";
+
+/// Everything a test needs: the upstream, the provider, a directory for secrets and the
+/// store, and mailgate's ports.
+struct Setup {
+    up: TestUpstream,
+    provider: OAuthProvider,
+    dir: tempfile::TempDir,
+    imap: u16,
+    smtp: u16,
+    admin: u16,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let up = TestUpstream::start().await;
+        let provider = OAuthProvider::start(&up.introspection).await;
+        provider.add_client(CLIENT, ClientCredential::Secret(CLIENT_SECRET.to_owned()));
+        provider.set_mailbox(CLIENT, PRINTER);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("client-secret"), CLIENT_SECRET).unwrap();
+        // 32 bytes, base64.
+        std::fs::write(
+            dir.path().join("store-key"),
+            "bWFpbGdhdGUtdGVzdC1zdG9yZS1rZXktMzItYnl0ZXM=\n",
+        )
+        .unwrap();
+        Setup {
+            up,
+            provider,
+            dir,
+            imap: free_port(),
+            smtp: free_port(),
+            admin: free_port(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn imap_address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.imap))
+    }
+
+    /// Seeds a refresh token for `user` at the provider, as if they had consented earlier.
+    fn consented(&self, user: &str) -> String {
+        self.provider.issue_refresh_token(CLIENT, user, SCOPE)
+    }
+
+    /// Seeds a refresh token for `user` at the provider and puts it in mailgate's store for
+    /// `account` with `mailgate accounts import`.
+    async fn onboarded(&self, config: &str, account: &str, user: &str) -> String {
+        let token = self.consented(user);
+        let file = self.path(&format!("{account}.rt"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        let file = file.display().to_string();
+        let (code, out, err) = command(
+            config,
+            &[
+                "accounts",
+                "import",
+                "--account",
+                account,
+                "--refresh-token-file",
+                &file,
+            ],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{out}{err}");
+        token
+    }
+
+    /// mailgate's config: the test upstream's listeners, an admin endpoint, and an OAuth2
+    /// provider `local` whose `extra` lines (indented six spaces) and `accounts` are given.
+    fn config(&self, provider_extra: &str, accounts: &str, tail: &str) -> String {
+        let listeners = self.up.mailgate_config(self.imap, self.smtp);
+        let listeners = listeners.split("tokens:").next().unwrap();
+        format!(
+            r#"{listeners}admin: {{ listen: "127.0.0.1:{admin}" }}
+tokens:
+  oauth2:
+    timeout: 5s
+    store: {{ dir: "{store}", key_file: "{key}" }}
+    providers:
+      local:
+        preset: custom
+        token_url: "{token_url}"
+        authorize_url: "{authorize_url}"
+        device_url: "{device_url}"
+        client_id: {CLIENT}
+        scope: "{SCOPE}"
+{provider_extra}    accounts:
+{accounts}{tail}"#,
+            admin = self.admin,
+            store = self.path("tokens").display(),
+            key = self.path("store-key").display(),
+            token_url = self.provider.token_url(),
+            authorize_url = self.provider.authorize_url(),
+            device_url = self.provider.device_url(),
+        )
+    }
+
+    /// The provider with a client secret sent as `method`.
+    fn secret(&self, method: &str) -> String {
+        format!(
+            "        client_secret_file: \"{}\"\n        client_auth_method: {method}\n",
+            self.path("client-secret").display()
+        )
+    }
+
+    async fn metrics(&self) -> String {
+        curl(&[&format!("http://127.0.0.1:{}/metrics", self.admin)])
+            .await
+            .stdout
+    }
+}
+
+fn account(id: &str, grant: &str, user: &str) -> String {
+    format!("      {id}: {{ provider: local, grant: {grant}, user: \"{user}\" }}\n")
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn imap_login(
+    address: SocketAddr,
+    account: &str,
+) -> (ImapClient, support::imap_client::Completion) {
+    let mut client = ImapClient::connect(address).await;
+    let login = client.login(account, "any-password").await;
+    (client, login)
+}
+
+/// Runs `mailgate ARGS --config FILE` to completion; returns its exit code and stdout.
+async fn command(config: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut run = Mailgate::spawn(config, args, &[]);
+    let code = run.wait_exit(MINUTE).await;
+    (code, run.stdout(), run.stderr())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_log_in_over_imap_and_smtp_with_post_and_basic() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        for (method, protocol) in [("post", "imap"), ("basic", "smtp")] {
+            let config = s.config(
+                &s.secret(method),
+                &account("printer", "client_credentials", PRINTER),
+                "",
+            );
+            let mailgate = Mailgate::start_with_env(&config, &[("RUST_LOG", "trace")]).await;
+            if protocol == "imap" {
+                let (mut client, login) = imap_login(s.imap_address(), "printer").await;
+                assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+                assert!(client.command("SELECT INBOX").await.is_ok());
+            } else {
+                let message = s.path("note.eml");
+                std::fs::write(&message, "Subject: from the printer\r\n\r\nscan\r\n").unwrap();
+                let smtp = SocketAddr::from(([127, 0, 0, 1], s.smtp));
+                let out =
+                    curl_send_mail(smtp, "printer:x", PRINTER, "boss@example.test", &message).await;
+                assert!(out.success(), "{out:?}\n{}", mailgate.output());
+                let received = s.up.sink.wait_for_message(Duration::from_secs(10)).await;
+                assert!(received.data_str().contains("from the printer"));
+            }
+            let request = s.provider.token_requests().pop().unwrap();
+            assert_eq!(request.grant_type, "client_credentials");
+            assert_eq!(request.client_auth.as_str(), method);
+            assert_eq!(request.scope.as_deref(), Some(SCOPE));
+            // Nothing secret in the trace-level log.
+            mailgate.assert_not_logged(CLIENT_SECRET);
+            mailgate.assert_not_logged(request.access_token.as_deref().unwrap());
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_assertion_and_a_service_account_get_tokens() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let keys = TestKeys::rsa(s.dir.path()).await;
+        s.provider.add_client(
+            "cert-app",
+            ClientCredential::Certificate {
+                cert_der: keys.cert_der_bytes(),
+            },
+        );
+        s.provider.set_mailbox("cert-app", PRINTER);
+        let service = "mailer@project.iam.example";
+        s.provider
+            .add_service_account(service, &keys.public_key_der_bytes());
+        let key_file = keys.service_account_json(service, &s.provider.token_url());
+        let config = s
+            .config(
+                &format!(
+                    "        client_certificate: {{ cert_file: \"{}\", key_file: \"{}\" }}\n      google-like:\n        preset: custom\n        token_url: \"{}\"\n        service_account_file: \"{}\"\n        scope: \"https://mail.google.com/\"\n",
+                    keys.cert_pem.display(),
+                    keys.key_pkcs1_pem.display(),
+                    s.provider.token_url(),
+                    key_file.display()
+                ),
+                &format!(
+                    "{}      delegated: {{ provider: google-like, grant: jwt_bearer, user: \"{BOB}\" }}\n",
+                    account("printer", "client_credentials", PRINTER)
+                ),
+                "",
+            )
+            .replace("client_id: mailgate", "client_id: cert-app");
+        let mailgate = Mailgate::start(&config).await;
+        for account in ["printer", "delegated"] {
+            let (_client, login) = imap_login(s.imap_address(), account).await;
+            assert!(login.is_ok(), "{account}: {login:?}\n{}", mailgate.output());
+        }
+        let requests = s.provider.token_requests();
+        assert_eq!(requests[0].client_auth.as_str(), "assertion");
+        assert_eq!(requests[0].client_id.as_deref(), Some("cert-app"));
+        assert_eq!(requests[1].grant_type, "urn:ietf:params:oauth:grant-type:jwt-bearer");
+        assert_eq!(requests[1].user.as_deref(), Some(BOB));
+        assert!(requests.iter().all(|r| r.result == "ok"), "{requests:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_in_use_are_renewed_so_logins_never_wait_on_the_provider() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        s.provider
+            .set_access_token_lifetime(Duration::from_secs(20));
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "  cache: { refresh_margin: 10s }\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        // A login every five seconds for a minute.
+        for _ in 0..12 {
+            let (_client, login) = imap_login(s.imap_address(), "alice").await;
+            assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let text = s.metrics().await;
+        // Only the very first login waited for a token; the others found a renewed one.
+        assert_eq!(
+            metric(&text, "mailgate_token_cache_total{result=\"miss\"}"),
+            1.0,
+            "{text}"
+        );
+        assert!(
+            metric(&text, "mailgate_token_refreshes_ahead_total{result=\"ok\"}") >= 6.0,
+            "{text}"
+        );
+        assert!(s.provider.count("refresh_token") >= 7);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_survives_a_restart() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let first = s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        let rotated = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+        assert_ne!(rotated, first);
+        let stored = std::fs::read(s.path("tokens").join("alice.token")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&stored).contains(&rotated),
+            "stored in clear"
+        );
+        mailgate.stop();
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        let last = s.provider.token_requests().pop().unwrap();
+        assert_eq!(last.refresh_token.as_deref(), Some(rotated.as_str()));
+        assert_eq!(last.result, "ok");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_while_the_provider_answers_loses_no_token() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let first = s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let hold = s.provider.hold();
+        let address = s.imap_address();
+        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider.held_requests() == 1
+            })
+            .await,
+            "the refresh never reached the provider"
+        );
+        send_signal(mailgate.pid().unwrap(), "KILL");
+        mailgate.wait_exit(Duration::from_secs(5)).await;
+        drop(hold);
+        let _ = login.await;
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        let requests = s.provider.token_requests();
+        let results: Vec<&str> = requests.iter().map(|r| r.result.as_str()).collect();
+        assert_eq!(results, ["abandoned", "ok"]);
+        assert_eq!(requests[1].refresh_token.as_deref(), Some(first.as_str()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_ends_that_accounts_sessions_and_spares_the_others() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        // Short tokens, so that renewal (and with it the refusal) comes within seconds.
+        s.provider.set_access_token_lifetime(Duration::from_secs(6));
+        let accounts =
+            account("alice", "refresh_token", ALICE) + &account("bob", "refresh_token", BOB);
+        let config = s.config(
+            &s.secret("post"),
+            &accounts,
+            "  cache: { refresh_margin: 2s }\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        s.onboarded(&config, "bob", BOB).await;
+        let mailgate = Mailgate::start(&config).await;
+        let (mut alice, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}");
+        let (mut bob, login) = imap_login(s.imap_address(), "bob").await;
+        assert!(login.is_ok(), "{login:?}");
+        assert!(alice.command("SELECT INBOX").await.is_ok());
+
+        s.provider.revoke_refresh_tokens(ALICE);
+        let bye = alice.line().await;
+        assert_eq!(
+            bye,
+            "* BYE Access to this account was revoked; log in again\r\n",
+            "{}",
+            mailgate.output()
+        );
+        assert!(bob.command("NOOP").await.is_ok(), "bob's session goes on");
+
+        let (_client, again) = imap_login(s.imap_address(), "alice").await;
+        assert_eq!(
+            again.tagged,
+            "t1 NO [AUTHENTICATIONFAILED] account needs re-authorization"
+        );
+        let (_client, other) = imap_login(s.imap_address(), "bob").await;
+        assert!(other.is_ok());
+        let text = s.metrics().await;
+        assert_eq!(
+            metric(&text, "mailgate_sessions_revoked_total"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "mailgate_oauth2_accounts{state=\"needs_reauthorization\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "mailgate_logins_total{listener=\"imap\",result=\"needs_reauthorization\"}"
+            ),
+            1.0
+        );
+        assert!(mailgate.output().contains("needs re-authorization"));
+
+        let (code, listing, _) = command(&config, &["accounts"]).await;
+        assert_eq!(code, Some(0));
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with("alice") && l.contains("needs re-authorization")),
+            "{listing}"
+        );
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with("bob") && l.contains(" ok")),
+            "{listing}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_outage_is_a_temporary_failure_until_it_recovers() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        s.provider.fail_next(1, 500, "server_error");
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.tagged.contains("NO [UNAVAILABLE]"), "{login:?}");
+        let recovered = eventually(Duration::from_secs(10), || async {
+            imap_login(s.imap_address(), "alice").await.1.is_ok()
+        })
+        .await;
+        assert!(recovered, "{}", mailgate.output());
+        // The refresh token survived the outage.
+        assert!(s.provider.token_requests().iter().any(|r| r.result == "ok"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_store_key_or_a_corrupted_file_fails_that_account_only() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let accounts = account("alice", "refresh_token", ALICE)
+            + &account("printer", "client_credentials", PRINTER);
+        let config = s.config(&s.secret("post"), &accounts, "");
+        let token = s.onboarded(&config, "alice", ALICE).await;
+
+        // Another key: alice's file no longer decrypts; the printer is unaffected.
+        std::fs::write(
+            s.path("other-key"),
+            "b3RoZXItbWFpbGdhdGUtc3RvcmUta2V5LTMyLWJ5dGU=\n",
+        )
+        .unwrap();
+        let wrong = config.replace("store-key", "other-key");
+        let mailgate = Mailgate::start(&wrong).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.tagged.contains("NO [UNAVAILABLE]"), "{login:?}");
+        let (_client, login) = imap_login(s.imap_address(), "printer").await;
+        assert!(login.is_ok());
+        assert!(
+            mailgate.output().contains("does not decrypt"),
+            "{}",
+            mailgate.output()
+        );
+        let (_, listing, _) = command(&wrong, &["accounts"]).await;
+        assert!(listing.contains("store error"), "{listing}");
+        drop(mailgate);
+
+        std::fs::write(s.path("tokens").join("alice.token"), b"MGT1 garbage").unwrap();
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.tagged.contains("NO [UNAVAILABLE]"), "{login:?}");
+        assert!(
+            mailgate.output().contains("corrupted"),
+            "{}",
+            mailgate.output()
+        );
+        mailgate.assert_not_logged(&token);
+    })
+    .await;
+}
+
+/// Plain HTTP with redirects left to the test.
+fn browser() -> reqwest::Client {
+    mailgate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Follows the authorization URL through the provider's consent page (approving) and returns
+/// where the provider redirects the browser.
+async fn consent(url: &str) -> String {
+    let browser = browser();
+    let page = browser.get(url).send().await.unwrap().text().await.unwrap();
+    let mut form = support::oauth2::hidden_fields(&page);
+    form.push(("decision".to_owned(), "approve".to_owned()));
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let answer = browser
+        .post(url.split('?').next().unwrap())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 302, "{:?}", answer.text().await);
+    answer.headers()["location"].to_str().unwrap().to_owned()
+}
+
+/// Starts `mailgate authorize` and returns it with the URL it printed.
+async fn authorize(config: &str) -> (Mailgate, String) {
+    let run = Mailgate::spawn(config, &["authorize", "--account", "alice"], &[]);
+    let mut url = None;
+    for _ in 0..100 {
+        url = run.stdout().lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("http")
+                .map(|rest| format!("http{rest}"))
+        });
+        if url.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = url.unwrap_or_else(|| panic!("no URL printed:\n{}", run.output()));
+    (run, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_runs_the_code_flow_with_pkce_and_refuses_a_forged_state() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+        s.provider
+            .add_client("public-app", ClientCredential::Public);
+        s.provider.add_redirect_uri("public-app", &redirect);
+        s.provider.set_consenting_user(ALICE);
+        let config = s
+            .config(
+                &format!("        redirect_url: \"{redirect}\"\n"),
+                &account("alice", "refresh_token", ALICE),
+                "",
+            )
+            .replace("client_id: mailgate", "client_id: public-app");
+
+        // A forged state is refused and nothing is stored.
+        let (mut run, url) = authorize(&config).await;
+        assert!(
+            url.contains("code_challenge_method=S256") && url.contains("state="),
+            "{url}"
+        );
+        let location = consent(&url).await;
+        let forged = regex_replace_state(&location, "forged");
+        let _ = browser().get(&forged).send().await;
+        assert_eq!(run.wait_exit(Duration::from_secs(10)).await, Some(1));
+        assert!(
+            run.stderr().contains("state does not match"),
+            "{}",
+            run.output()
+        );
+        assert!(!s.path("tokens").join("alice.token").exists());
+
+        // The real redirect completes the flow; alice can then log in through mailgate.
+        let (mut run, url) = authorize(&config).await;
+        let location = consent(&url).await;
+        let page = browser().get(&location).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert_eq!(
+            run.wait_exit(Duration::from_secs(10)).await,
+            Some(0),
+            "{}",
+            run.output()
+        );
+        let exchange = s.provider.token_requests().pop().unwrap();
+        assert_eq!(exchange.grant_type, "authorization_code");
+        assert_eq!(exchange.result, "ok");
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+/// `location` with its `state` parameter replaced.
+fn regex_replace_state(location: &str, state: &str) -> String {
+    let mut url = url::Url::parse(location).unwrap();
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "state" {
+                state.to_owned()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    url.query_pairs_mut().clear().extend_pairs(pairs);
+    url.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_device_waits_through_pending_and_slow_down() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_device_interval(1);
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let mut run = Mailgate::spawn(
+            &config,
+            &["authorize", "--account", "alice", "--device"],
+            &[],
+        );
+        let code = async {
+            loop {
+                if let Some(code) = s.provider.pending_user_codes().pop() {
+                    return code;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let user_code = tokio::time::timeout(Duration::from_secs(10), code)
+            .await
+            .expect("a device code");
+        // Let it poll while pending, then ask it to slow down once.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider
+                    .count("urn:ietf:params:oauth:grant-type:device_code")
+                    >= 2
+            })
+            .await
+        );
+        s.provider.fail_next(1, 400, "slow_down");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider
+                    .token_requests()
+                    .iter()
+                    .any(|r| r.result == "slow_down")
+            })
+            .await
+        );
+        assert!(s.provider.approve_device(&user_code, ALICE));
+        assert_eq!(
+            run.wait_exit(Duration::from_secs(30)).await,
+            Some(0),
+            "{}",
+            run.output()
+        );
+        assert!(
+            run.stdout().contains(&user_code),
+            "the code was shown:\n{}",
+            run.stdout()
+        );
+        let results: Vec<String> = s
+            .provider
+            .token_requests()
+            .into_iter()
+            .map(|r| r.result)
+            .collect();
+        assert!(
+            results.contains(&"authorization_pending".to_owned()),
+            "{results:?}"
+        );
+        assert_eq!(results.last().map(String::as_str), Some("ok"));
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_and_test_login_describe_without_secrets() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let accounts = account("alice", "refresh_token", ALICE)
+            + &account("printer", "client_credentials", PRINTER)
+            + &account("newbie", "refresh_token", BOB);
+        let config = s.config(&s.secret("basic"), &accounts, "");
+        let token = s.onboarded(&config, "alice", ALICE).await;
+        let file = s.path("alice.rt").display().to_string();
+        let (code, _, err) = command(
+            &config,
+            &[
+                "accounts",
+                "import",
+                "--account",
+                "printer",
+                "--refresh-token-file",
+                &file,
+            ],
+        )
+        .await;
+        assert_eq!(
+            code,
+            Some(64),
+            "a client_credentials account takes no refresh token: {err}"
+        );
+
+        let (code, listing, _) = command(&config, &["accounts"]).await;
+        assert_eq!(code, Some(0));
+        let line = |id: &str| {
+            listing
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            line("alice").contains("oauth2/local") && line("alice").contains("refresh_token"),
+            "{listing}"
+        );
+        assert!(line("printer").contains("client_credentials"), "{listing}");
+        assert!(line("newbie").contains("never authorized"), "{listing}");
+        let (_, json, _) = command(&config, &["accounts", "--json"]).await;
+        let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let newbie = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["account"] == "newbie");
+        assert_eq!(newbie.unwrap()["state"], "never_authorized", "{json}");
+
+        let (code, report, _) =
+            command(&config, &["test-login", "alice", "--listener", "imap"]).await;
+        assert_eq!(code, Some(0), "{report}");
+        assert!(
+            report.contains("1. Token for alice from OAuth2 provider local"),
+            "{report}"
+        );
+        assert!(report.contains(&format!("user {ALICE}")), "{report}");
+        assert!(report.contains("upstream capabilities"), "{report}");
+        assert!(report.contains("authenticating upstream"), "{report}");
+        assert!(report.contains("ok: the upstream answered: OK"), "{report}");
+        let (code, report, _) =
+            command(&config, &["test-login", "newbie", "--listener", "smtp"]).await;
+        assert_eq!(code, Some(1));
+        assert!(
+            report.contains("mailgate authorize --account newbie"),
+            "{report}"
+        );
+        for output in [&listing, &json, &report] {
+            assert!(!output.contains(&token) && !output.contains(CLIENT_SECRET));
+        }
+        for issued in s.provider.access_tokens_issued(ALICE) {
+            assert!(!report.contains(&issued));
+        }
+    })
+    .await;
+}
