@@ -438,10 +438,20 @@ impl Server {
         let _ = self.health.readiness();
     }
 
-    /// Stops accepting, lets sessions finish within the grace period, then closes the rest.
+    /// Reports not ready at once, keeps accepting for the drain delay (while load balancers
+    /// catch up), stops accepting, lets sessions finish within the grace period, then closes
+    /// the rest.
     async fn drain(mut self) {
         self.health.set_draining();
         let _ = self.health.readiness();
+        let delay = self.config.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "not ready; still accepting during the drain delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
         self.listeners.clear();
         self.sessions.open = None;
         let grace = self.config.shutdown_grace;

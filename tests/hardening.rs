@@ -308,7 +308,7 @@ tokens:
 /// The IMAP config with an admin endpoint and `shutdown_grace: 1s`.
 fn draining_config(up: &TestUpstream, imap: u16, smtp: u16, admin: u16) -> String {
     format!(
-        "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\nshutdown_grace: 1s\n",
+        "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\ndrain_delay: 0s\nshutdown_grace: 1s\n",
         up.mailgate_config(imap, smtp)
     )
 }

@@ -187,8 +187,14 @@ async fn sigterm_drains_a_working_session_then_exits_zero() {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let (imap, smtp, admin) = (free_port(), free_port(), free_port());
-        let mut mailgate =
-            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 20s\n")).await;
+        let mut mailgate = Mailgate::start(&config(
+            &up,
+            imap,
+            smtp,
+            admin,
+            "drain_delay: 0s\nshutdown_grace: 20s\n",
+        ))
+        .await;
         assert_eq!(get(admin, "/readyz").await.0, "200");
         assert_eq!(get(admin, "/healthz").await.0, "200");
 
@@ -221,8 +227,14 @@ async fn sessions_left_after_the_grace_period_get_bye() {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let (imap, smtp, admin) = (free_port(), free_port(), free_port());
-        let mut mailgate =
-            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 1s\n")).await;
+        let mut mailgate = Mailgate::start(&config(
+            &up,
+            imap,
+            smtp,
+            admin,
+            "drain_delay: 0s\nshutdown_grace: 1s\n",
+        ))
+        .await;
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         let mut submission = smtp_logged_in(localhost(smtp)).await;
@@ -243,8 +255,14 @@ async fn a_second_stop_signal_exits_at_once() {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let (imap, smtp, admin) = (free_port(), free_port(), free_port());
-        let mut mailgate =
-            Mailgate::start(&config(&up, imap, smtp, admin, "shutdown_grace: 10m\n")).await;
+        let mut mailgate = Mailgate::start(&config(
+            &up,
+            imap,
+            smtp,
+            admin,
+            "drain_delay: 0s\nshutdown_grace: 10m\n",
+        ))
+        .await;
         let mut client = ImapClient::connect(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         let pid = mailgate.pid().unwrap();
@@ -415,6 +433,41 @@ async fn json_logs_carry_the_session_fields() {
         assert!(span["upstream"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(closing["bytes_upstream_to_client"].as_u64().unwrap() > 0);
         assert!(closing["duration_ms"].is_number());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_not_ready_at_once_but_accepts_during_the_drain_delay() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let extra = "drain_delay: 3s\nshutdown_grace: 1s\n";
+        let mut mailgate = Mailgate::start(&config(&up, imap, smtp, admin, extra)).await;
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        assert!(
+            eventually(WAIT, || async { get(admin, "/readyz").await.0 == "503" }).await,
+            "not ready at once"
+        );
+        // Clients that the load balancer still sends are served meanwhile.
+        let mut late = ImapClient::connect(localhost(imap)).await;
+        assert!(late.greeting.starts_with("* OK"), "{}", late.greeting);
+        assert!(late.login(ACCOUNT, "pw").await.is_ok());
+        // After the delay the listener closes.
+        let closed = eventually(WAIT, || async {
+            tokio::net::TcpStream::connect(localhost(imap))
+                .await
+                .is_err()
+        })
+        .await;
+        assert!(closed, "still accepting after the drain delay");
+        assert_eq!(mailgate.wait_exit(Duration::from_secs(10)).await, Some(0));
+        assert!(
+            mailgate
+                .output()
+                .contains("still accepting during the drain delay")
+        );
     })
     .await;
 }

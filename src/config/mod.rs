@@ -21,8 +21,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(31 * 60);
 pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HOSTNAME: &str = "mailgate";
-/// Kubernetes' default terminationGracePeriodSeconds is 30s: the grace, the goodbyes (3 s)
-/// and a margin of 7 s for slow nodes fit inside it.
+/// Endpoint removal takes a few seconds to reach every kube-proxy and load balancer.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Kubernetes' default terminationGracePeriodSeconds is 30s: the drain delay, the grace, the
+/// goodbyes (3 s) and a margin of 2 s fit inside it (give pods 35 s for 7 s of margin).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// However busy a client is before it logs in, this is as long as it may stay unauthenticated:
 /// room for a human typing at a telnet prompt, not for a slot held forever with NOOPs.
@@ -62,7 +64,11 @@ pub struct Config {
     /// Name used in greetings towards clients.
     #[serde(default = "default_hostname")]
     pub hostname: String,
-    /// How long authenticated sessions may go on after SIGTERM before they are closed.
+    /// After SIGTERM: how long mailgate still accepts connections while it reports not ready,
+    /// so that load balancers and Kubernetes endpoints stop sending clients first.
+    #[serde(default = "default_drain_delay", with = "duration")]
+    pub drain_delay: Duration,
+    /// How long sessions may go on after the drain delay before they are closed.
     #[serde(default = "default_shutdown_grace", with = "duration")]
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes; `0s` turns watching off (SIGHUP still reloads).
@@ -549,6 +555,9 @@ fn default_log_level() -> String {
 }
 fn default_hostname() -> String {
     DEFAULT_HOSTNAME.to_owned()
+}
+fn default_drain_delay() -> Duration {
+    DEFAULT_DRAIN_DELAY
 }
 fn default_shutdown_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE

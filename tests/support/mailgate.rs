@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::process::{stop_child, wait_for_port};
+use super::process::{send_signal, stop_child, wait_for_port};
 
 /// How long every listen address in the config may take to accept connections.
 pub const MAILGATE_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,9 +197,17 @@ impl Mailgate {
         }
     }
 
-    /// SIGTERM, wait up to 10 s, then SIGKILL. Blocking; called by `Drop`.
+    /// Stops at once: SIGTERM, then a second stop signal (SIGINT), which makes mailgate exit
+    /// without its drain delay and grace period; SIGKILL if it is still there after 10 s.
+    /// Blocking; called by `Drop`. Tests of the graceful stop send their own signals.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                send_signal(child.id(), "TERM");
+                // The second signal is only a second one once the first was handled.
+                std::thread::sleep(Duration::from_millis(50));
+                send_signal(child.id(), "INT");
+            }
             stop_child(&mut child, STOP_GRACE);
         }
     }
