@@ -129,8 +129,3 @@ def validate(obj: dict, kube_version: str = NEWEST_KUBERNETES) -> None:
         assert again == obj, f"{obj['kind']} has fields its CRD does not know:\n{obj}\nvs\n{again}"
         return
     kubernetes_validate.validate(obj, kube_version, strict=True)
-
-
-@pytest.fixture(scope="session")
-def default_render() -> Rendered:
-    return render()
