@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
 cargo test --no-fail-fast
+# Deployment checks (tests/chart/): the Helm chart rendered through Helm's library and validated
+# strictly, the sidecar manifest, the systemd unit via systemd-analyze, packaging metadata.
+scripts/test-deploy.sh

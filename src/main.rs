@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailgate::commands;
-use mailgate::config::{Config, ConfigError, LogFormat, Problem};
+use mailgate::config::{Config, ConfigError, Files, LogFormat, Problem};
 use mailgate::server::{ConfigFile, Control, LogLevelHook};
 use tokio::signal::unix::SignalKind;
 use tokio::sync::mpsc;
@@ -42,6 +42,10 @@ enum Command {
         /// Print the effective configuration, secrets redacted.
         #[arg(long)]
         print: bool,
+        /// Do not read the files and environment variables the configuration names (secrets,
+        /// CA files, keys): for checking an example away from its production secrets.
+        #[arg(long)]
+        no_files: bool,
     },
     /// Get a refresh token for an OAuth2 account: prints a URL to open in a browser and waits
     /// for the provider's redirect (or, with --device, shows a code to enter elsewhere).
@@ -90,7 +94,7 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
     match cli.command {
-        Command::Check { print } => check(&config, print),
+        Command::Check { print, no_files } => check(&config, print, no_files),
         Command::Serve => serve(&config),
         Command::Authorize { account, device } => {
             run_command(&config, false, |config| async move {
@@ -156,6 +160,10 @@ where
 
 /// Reads and checks the file; every problem goes to stderr as `PATH: key: reason`.
 fn load(path: &Path) -> Result<(Config, String), ExitCode> {
+    load_with(path, Files::Read)
+}
+
+fn load_with(path: &Path, files: Files) -> Result<(Config, String), ExitCode> {
     let refused = |error: ConfigError| {
         eprintln!("{error}");
         ExitCode::from(EXIT_BAD_CONFIG)
@@ -169,12 +177,13 @@ fn load(path: &Path) -> Result<(Config, String), ExitCode> {
             }],
         })
     })?;
-    let config = Config::from_text(path, &text).map_err(refused)?;
+    let config = Config::from_text_with(path, &text, files).map_err(refused)?;
     Ok((config, text))
 }
 
-fn check(path: &Path, print: bool) -> ExitCode {
-    let config = match load(path) {
+fn check(path: &Path, print: bool, no_files: bool) -> ExitCode {
+    let files = if no_files { Files::Skip } else { Files::Read };
+    let config = match load_with(path, files) {
         Ok((config, _)) => config,
         Err(code) => return code,
     };

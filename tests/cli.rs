@@ -182,3 +182,38 @@ fn a_start_failure_is_reported_once() {
     let errors = String::from_utf8(out.stderr).unwrap();
     assert_eq!(errors.matches("cannot listen").count(), 1, "{errors}");
 }
+
+/// The example configurations shipped in deploy/ (files, and the one inside the sidecar
+/// manifest) pass `check --no-files`, which leaves out their production secret files.
+#[test]
+fn shipped_examples_pass_check_without_their_secret_files() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = std::fs::read_to_string(root.join("deploy/kubernetes-sidecar.yaml")).unwrap();
+    let embedded = manifest
+        .split("\n---")
+        .find(|document| document.contains("kind: ConfigMap"))
+        .and_then(|document| document.split("config.yaml: |\n").nth(1))
+        .expect("the sidecar manifest's ConfigMap");
+    let embedded: String = embedded
+        .lines()
+        .take_while(|line| line.starts_with("    ") || line.is_empty())
+        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+        .collect();
+    let mut examples = vec![write(&dir, "sidecar.yaml", &embedded)];
+    for example in [
+        "deploy/config.example.yaml",
+        "deploy/config.dovecot.yaml",
+        "deploy/systemd/mailgate.yaml",
+    ] {
+        examples.push(root.join(example).display().to_string());
+    }
+    for example in examples {
+        let out = mailgate(&["check", "--no-files", "--config", &example]);
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -321,12 +321,22 @@ impl Config {
     /// # Errors
     /// Every problem found, each with its key path.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::from_text_with(path, text, Files::Read)
+    }
+
+    /// Like [`Config::from_text`]; with [`Files::Skip`], files and environment variables the
+    /// configuration refers to (secrets, CA files, keys) are not read or checked, so that an
+    /// example can be checked away from its production secrets (`check --no-files`).
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path.
+    pub fn from_text_with(path: &Path, text: &str, files: Files) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             path: path.to_owned(),
             problems,
         };
         let mut config = Config::parse(text).map_err(|problem| fail(vec![problem]))?;
-        let problems = config.resolve_and_validate();
+        let problems = config.resolve_and_validate(files);
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -351,8 +361,11 @@ impl Config {
     }
 
     /// Loads `*_file` / `*_env` secrets into place and checks every rule; returns all problems.
-    fn resolve_and_validate(&mut self) -> Vec<Problem> {
-        let mut problems = Problems::default();
+    fn resolve_and_validate(&mut self, files: Files) -> Vec<Problem> {
+        let mut problems = Problems {
+            found: Vec::new(),
+            files,
+        };
         if !is_host_name(&self.hostname) {
             problems.add(
                 "hostname",
@@ -368,7 +381,7 @@ impl Config {
         }
         self.tokens.resolve(&mut problems);
         self.resolve_client_auth(&mut problems);
-        problems.0
+        problems.found
     }
 
     fn validate_listeners(&self, problems: &mut Problems) {
@@ -420,6 +433,7 @@ impl Config {
                 problems.add(format!("{key}.upstream.port"), "must not be 0");
             }
             if upstream.tls != TlsMode::None
+                && problems.reads_files()
                 && let Err(error) =
                     crate::tls::client_config(upstream.ca_file.as_deref(), upstream.system_roots)
             {
@@ -448,7 +462,11 @@ impl Config {
                 "must not be shorter than client_auth.throttle.failure_delay",
             );
         }
-        if let Some(path) = &client_auth.accounts_file {
+        if let Some(path) = client_auth
+            .accounts_file
+            .as_ref()
+            .filter(|_| problems.reads_files())
+        {
             match read_secret_file(path).and_then(|text| {
                 serde_saphyr::from_str::<BTreeMap<String, Secret<String>>>(&text).map_err(|e| {
                     format!(
@@ -472,7 +490,10 @@ impl Config {
             }
         }
         match client_auth.mode {
-            ClientAuthMode::Static if client_auth.accounts.is_empty() => {
+            ClientAuthMode::Static
+                if client_auth.accounts.is_empty()
+                    && (problems.reads_files() || client_auth.accounts_file.is_none()) =>
+            {
                 problems.add(
                     "client_auth.accounts",
                     "mode static needs at least one account",
@@ -493,15 +514,29 @@ impl Config {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct Problems(Vec<Problem>);
+/// Whether checking a configuration reads the files and environment variables it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    Read,
+    Skip,
+}
+
+/// The problems found so far, and how to look for more.
+pub(crate) struct Problems {
+    found: Vec<Problem>,
+    files: Files,
+}
 
 impl Problems {
     pub(crate) fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(Problem {
+        self.found.push(Problem {
             key: key.into(),
             reason: reason.into(),
         });
+    }
+
+    pub(crate) fn reads_files(&self) -> bool {
+        self.files == Files::Read
     }
 }
 
@@ -694,7 +729,7 @@ tokens:
 
     fn check(text: &str) -> Result<Config, Vec<Problem>> {
         let mut config = Config::parse(text).map_err(|p| vec![p])?;
-        let problems = config.resolve_and_validate();
+        let problems = config.resolve_and_validate(Files::Read);
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -322,7 +322,9 @@ impl OAuth2Config {
             );
             return;
         };
-        let has_client_secret = provider.client_secret.is_some() || provider.certificate.is_some();
+        let has_client_secret = provider.client_secret_file.is_some()
+            || provider.client_secret_env.is_some()
+            || provider.client_certificate.is_some();
         match account.grant {
             Grant::ClientCredentials if !has_client_secret => problems.add(
                 format!("{key}.grant"),
@@ -418,19 +420,28 @@ impl ProviderConfig {
             &format!("{key}.client_secret"),
             problems,
         );
-        if let Some(certificate) = &self.client_certificate {
+        if let Some(certificate) = self
+            .client_certificate
+            .as_ref()
+            .filter(|_| problems.reads_files())
+        {
             match jwt::load_certificate(&certificate.cert_file, &certificate.key_file) {
                 Ok(loaded) => self.certificate = Some(loaded),
                 Err(reason) => problems.add(format!("{key}.client_certificate"), reason),
             }
         }
-        if self.client_secret.is_some() && self.certificate.is_some() {
+        let gives_secret = self.client_secret_file.is_some() || self.client_secret_env.is_some();
+        if gives_secret && self.client_certificate.is_some() {
             problems.add(
                 format!("{key}.client_certificate"),
                 "give either a client secret or a client certificate, not both",
             );
         }
-        if let Some(path) = &self.service_account_file {
+        if let Some(path) = self
+            .service_account_file
+            .as_ref()
+            .filter(|_| problems.reads_files())
+        {
             match read_secret_file(path).and_then(|text| jwt::load_service_account(&text)) {
                 Ok(account) => self.service_account = Some(account),
                 Err(reason) => problems.add(format!("{key}.service_account_file"), reason),
@@ -463,6 +474,9 @@ fn secret_from(
     key: &str,
     problems: &mut Problems,
 ) -> Option<Secret<String>> {
+    if !problems.reads_files() {
+        return None;
+    }
     let mut secret = None;
     if let Some(path) = file {
         match read_secret_file(path) {
@@ -484,6 +498,7 @@ fn secret_from(
 
 fn check_ca_file(path: Option<&PathBuf>, key: &str, problems: &mut Problems) {
     if path.is_some()
+        && problems.reads_files()
         && let Err(error) = crate::tls::client_config(path.map(PathBuf::as_path), true)
     {
         problems.add(key, error.to_string());
