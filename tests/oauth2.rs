@@ -418,7 +418,9 @@ async fn invalid_grant_ends_that_accounts_sessions_and_spares_the_others() {
             listing
                 .lines()
                 .any(|l| l.starts_with("alice") && l.contains("needs re-authorization")),
-            "{listing}"
+            "{listing}\n{}\n{:?}",
+            mailgate.output(),
+            s.provider.token_requests()
         );
         assert!(
             listing

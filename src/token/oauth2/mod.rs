@@ -303,7 +303,17 @@ impl OAuth2 {
                 state.backoff = Duration::ZERO;
                 Ok(self.granted(account, answer))
             }
-            Err(error) => Err(self.failed(id, account, &mut state, error)),
+            Err(error) => {
+                let refused = matches!(error, Failure::Grant(GrantError::InvalidGrant(_)))
+                    && account.config.grant == Grant::RefreshToken;
+                let error = self.failed(id, account, &mut state, error);
+                if refused {
+                    // Recorded before the account's next grant can start: a restart must not
+                    // try the refused token again, nor find an older one.
+                    self.forget(id).await;
+                }
+                Err(error)
+            }
         }
     }
 
@@ -436,7 +446,6 @@ impl OAuth2 {
                     "refresh token refused: the account needs re-authorization (mailgate authorize --account ...)"
                 );
                 state.refresh_token = None;
-                self.forget(id);
                 self.metrics.reauthorization_needed();
                 self.set_state(account, AccountState::NeedsReauthorization, Some(detail));
                 TokenError::NeedsReauthorization
@@ -477,21 +486,17 @@ impl OAuth2 {
     }
 
     /// Records in the store that the refresh token is gone, so a restart does not retry it.
-    fn forget(&self, id: &str) {
-        let (Some(store), id) = (self.store.clone(), id.to_owned()) else {
-            return;
-        };
+    async fn forget(&self, id: &str) {
         let record = Stored {
             refresh_token: None,
             refreshed_at: provider::unix_now(),
             access_expires_at: None,
             refresh_expires_at: None,
         };
-        tokio::task::spawn_blocking(move || {
-            if let Err(error) = store.save(&id, &record) {
-                tracing::error!(account = id.as_str(), %error, "cannot write the token store");
-            }
-        });
+        if let Err(error) = self.save(id, record).await {
+            self.metrics.store_write_failure();
+            tracing::error!(account = id, %error, "cannot write the token store");
+        }
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {
