@@ -292,10 +292,18 @@ async fn a_rotated_refresh_token_survives_a_restart() {
             "",
         );
         let first = s.onboarded(&config, "alice", ALICE).await;
-        let mut mailgate = Mailgate::start(&config).await;
+        let trace = [("RUST_LOG", "trace")];
+        let mut mailgate = Mailgate::start_with_env(&config, &trace).await;
         let (_client, login) = imap_login(s.imap_address(), "alice").await;
         assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
         let rotated = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+        let store_key = std::fs::read_to_string(s.path("store-key")).unwrap();
+        for secret in [&first, &rotated, store_key.trim(), CLIENT_SECRET] {
+            mailgate.assert_not_logged(secret);
+        }
+        for issued in s.provider.access_tokens_issued(ALICE) {
+            mailgate.assert_not_logged(&issued);
+        }
         assert_ne!(rotated, first);
         let stored = std::fs::read(s.path("tokens").join("alice.token")).unwrap();
         assert!(

@@ -840,6 +840,71 @@ tokens:
         );
     }
 
+    /// A config with only OAuth2 accounts, the `oauth2` section given as YAML lines.
+    fn oauth2_config(oauth2: &str) -> String {
+        let listeners = MINIMAL.split("tokens:").next().unwrap();
+        format!("{listeners}tokens:\n  oauth2:\n{oauth2}")
+    }
+
+    #[test]
+    fn oauth2_problems_name_their_keys() {
+        let text = oauth2_config(
+            r#"    providers:
+      m365: { preset: microsoft, client_id: app }
+      idp: { preset: custom, token_url: "http://idp.example/token" }
+    accounts:
+      printer: { provider: m365, grant: client_credentials, user: "scanner@contoso.com" }
+      alice: { provider: idp, grant: refresh_token, user: "alice@example.com" }
+      "bad id": { provider: nowhere, grant: jwt_bearer, user: "x" }
+"#,
+        );
+        let keys = problem_keys(&text);
+        for expected in [
+            "tokens.oauth2.providers.idp.token_url",
+            "tokens.oauth2.providers.m365.tenant",
+            "tokens.oauth2.accounts.printer.grant",
+            "tokens.oauth2.accounts.alice.grant",
+            "tokens.oauth2.providers.idp.client_id",
+            "tokens.oauth2.accounts.bad id",
+            "tokens.oauth2.accounts.bad id.provider",
+        ] {
+            assert!(
+                keys.iter().any(|key| key == expected),
+                "{expected} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_store_needs_a_key_of_32_bytes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "c2hvcnQ=\n").unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, format!("{}\n", "QUFB".repeat(10) + "QUE=")).unwrap();
+        let with_key = |key: &str| {
+            oauth2_config(&format!(
+                "    store: {{ dir: /tmp/x{key} }}\n    providers:\n      p: {{ preset: google, client_id: c }}\n    accounts:\n      a: {{ provider: p, grant: refresh_token, user: a@b }}\n"
+            ))
+        };
+        assert_eq!(problem_keys(&with_key("")), ["tokens.oauth2.store"]);
+        let text = with_key(&format!(", key_file: \"{}\"", short.display()));
+        assert_eq!(problem_keys(&text), ["tokens.oauth2.store.key"]);
+        let text = with_key(&format!(", key_file: \"{}\"", good.display()));
+        let config = check(&text).unwrap();
+        let printed = serde_saphyr::to_string(&config).unwrap();
+        assert!(!printed.contains("QUFB"), "{printed}");
+    }
+
+    #[test]
+    fn provider_endpoints_must_be_https_except_on_loopback() {
+        assert!(tokens::check_endpoint("https://login.example/token").is_ok());
+        assert!(tokens::check_endpoint("http://127.0.0.1:8080/token").is_ok());
+        assert!(tokens::check_endpoint("http://localhost/token").is_ok());
+        assert!(tokens::check_endpoint("http://idp.example/token").is_err());
+        assert!(tokens::check_endpoint("ftp://idp.example/token").is_err());
+    }
+
     #[test]
     fn static_mode_refuses_other_hash_algorithms() {
         let text = format!(

@@ -444,6 +444,41 @@ pub fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
+    fn provider(preset: &str) -> Provider {
+        let config: ProviderConfig = serde_saphyr::from_str(&format!(
+            "{{ preset: {preset}, tenant: contoso.onmicrosoft.com, client_id: app }}"
+        ))
+        .unwrap();
+        crate::tls::install_crypto_provider();
+        Provider::new("p", &config, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn presets_fill_endpoints_and_scopes() {
+        let microsoft = provider("microsoft");
+        assert_eq!(
+            microsoft.token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            microsoft.scope(None, Grant::ClientCredentials).unwrap(),
+            "https://outlook.office365.com/.default"
+        );
+        assert!(
+            microsoft
+                .scope(None, Grant::RefreshToken)
+                .unwrap()
+                .contains("IMAP.AccessAsUser.All")
+        );
+        let google = provider("google");
+        assert_eq!(google.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(
+            google.scope(Some("custom"), Grant::RefreshToken).as_deref(),
+            Some("custom")
+        );
+        assert_eq!(google.authorize_extras()[0], ("access_type", "offline"));
+    }
+
     #[test]
     fn answers_are_validated() {
         let good = parse_answer(
