@@ -80,6 +80,7 @@ async fn run() {
     protocol: imap
     listen: "127.0.0.1:{imap_port}"
     max_connections: 50000
+    max_connections_per_client: 50000
     upstream: {{ host: 127.0.0.1, port: {port}, tls: none, mechanism: xoauth2 }}
 tokens:
   auth_server: {{ url: "{url}" }}

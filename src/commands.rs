@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
 use crate::token::oauth2::flows::{self, FlowError};
-use crate::token::oauth2::{AccountState, AccountStatus, OAuth2};
+use crate::token::oauth2::{AccountState, AccountStatus, GrantStates, OAuth2};
 use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
@@ -33,7 +33,7 @@ fn oauth2(config: &Config) -> Result<OAuth2, u8> {
         eprintln!("no tokens.oauth2 section in the configuration");
         return Err(EXIT_USAGE);
     };
-    OAuth2::new(oauth2, Arc::new(Metrics::new())).map_err(|error| {
+    OAuth2::new(oauth2, &GrantStates::default(), Arc::new(Metrics::new())).map_err(|error| {
         eprintln!("cannot set up OAuth2: {error}");
         EXIT_FAILED
     })
@@ -286,7 +286,7 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Duration::from_secs(30)));
-    let sources = match Sources::new(&config.tokens, &metrics, &health) {
+    let sources = match Sources::new(&config.tokens, &GrantStates::default(), &metrics, &health) {
         Ok(sources) => sources,
         Err(error) => {
             eprintln!("cannot set up the token sources: {error}");
@@ -339,11 +339,15 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
         Some(lifetime) => println!("   expires in {}", humantime::format_duration(lifetime)),
         None => println!("   no expiry given"),
     }
+    let tls = match listener.upstream.tls {
+        crate::config::TlsMode::Implicit => "implicit TLS",
+        crate::config::TlsMode::Starttls => "STARTTLS",
+        crate::config::TlsMode::None => "no TLS",
+    };
     println!(
-        "2. Upstream login as {user} to {}:{} ({:?} TLS, {} listener)",
+        "2. Upstream login as {user} to {}:{} ({tls}, {} listener)",
         listener.upstream.host,
         listener.upstream.port,
-        listener.upstream.tls,
         listener.protocol.name()
     );
     upstream_login(listener, &token.auth, &config.hostname).await

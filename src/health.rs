@@ -15,8 +15,12 @@ pub struct Health {
     token_source_answered: AtomicU64,
     /// How recent that answer must be.
     freshness: Duration,
+    /// The token source's last answer refused mailgate's own credentials (401/403).
+    token_source_refused: AtomicBool,
     /// The last readiness reported, to log each change once.
     last: Mutex<Option<Result<(), NotReady>>>,
+    /// A probe of the token source is under way.
+    pub probing: AtomicBool,
 }
 
 /// Why mailgate is not ready.
@@ -28,6 +32,8 @@ pub enum NotReady {
     Draining,
     #[error("the token source has not answered recently")]
     TokenSourceSilent,
+    #[error("the token source refuses mailgate's credentials (HTTP 401/403)")]
+    TokenSourceRefuses,
 }
 
 impl Health {
@@ -38,7 +44,9 @@ impl Health {
             draining: AtomicBool::new(false),
             token_source_answered: AtomicU64::new(0),
             freshness,
+            token_source_refused: AtomicBool::new(false),
             last: Mutex::new(None),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -55,10 +63,23 @@ impl Health {
         let millis = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.token_source_answered
             .store(millis.saturating_add(1), Ordering::Relaxed);
+        self.token_source_refused.store(false, Ordering::Relaxed);
+    }
+
+    /// The source answered, but refuses mailgate itself: no login can get a token.
+    pub fn token_source_refused(&self) {
+        self.token_source_answered();
+        self.token_source_refused.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the token source should be probed: it has not answered recently, or it
+    /// refused mailgate (so a fixed password shows soon).
+    pub fn token_source_needs_probe(&self) -> bool {
+        !self.token_source_fresh() || self.token_source_refused.load(Ordering::Relaxed)
     }
 
     /// Whether the token source answered within the freshness window.
-    pub fn token_source_fresh(&self) -> bool {
+    fn token_source_fresh(&self) -> bool {
         match self.token_source_answered.load(Ordering::Relaxed) {
             0 => false,
             stamp => {
@@ -76,6 +97,8 @@ impl Health {
             Err(NotReady::Draining)
         } else if !self.token_source_fresh() {
             Err(NotReady::TokenSourceSilent)
+        } else if self.token_source_refused.load(Ordering::Relaxed) {
+            Err(NotReady::TokenSourceRefuses)
         } else {
             Ok(())
         };
@@ -105,7 +128,10 @@ mod tests {
         assert_eq!(health.readiness(), Ok(()));
         tokio::time::advance(Duration::from_secs(31)).await;
         assert_eq!(health.readiness(), Err(NotReady::TokenSourceSilent));
+        health.token_source_refused();
+        assert_eq!(health.readiness(), Err(NotReady::TokenSourceRefuses));
         health.token_source_answered();
+        assert_eq!(health.readiness(), Ok(()));
         health.set_draining();
         assert_eq!(health.readiness(), Err(NotReady::Draining));
     }

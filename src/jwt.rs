@@ -1,14 +1,15 @@
-//! The JWTs mailgate signs (RS256): client assertions that authenticate it at a token endpoint
-//! with a certificate (RFC 7523 2.2, as Microsoft Entra takes them), and service-account
-//! assertions that ask for a mailbox's token (RFC 7523 2.1, Google domain-wide delegation);
-//! and loading the keys they are signed with.
+//! The JWTs mailgate signs: client assertions that authenticate it at a token endpoint with a
+//! certificate (RFC 7523 2.2; PS256 with the `x5t#S256` thumbprint, as Microsoft Entra now
+//! asks, and the older SHA-1 `x5t` too), and service-account assertions that ask for a
+//! mailbox's token (RFC 7523 2.1, Google domain-wide delegation; RS256, as Google asks); and
+//! loading the keys they are signed with.
 
 use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use ring::rand::{SecureRandom as _, SystemRandom};
-use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+use ring::signature::{RSA_PKCS1_SHA256, RSA_PSS_SHA256, RsaEncoding, RsaKeyPair};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -27,6 +28,8 @@ const SERVICE_ASSERTION_LIFETIME_SECS: u64 = 3600;
 pub struct LoadedCertificate {
     /// SHA-256 of the certificate's DER: the assertion's `x5t#S256` header.
     pub sha256: Vec<u8>,
+    /// SHA-1 of the certificate's DER: the `x5t` header that older endpoints read.
+    sha1: Vec<u8>,
     key: RsaKeyDer,
 }
 
@@ -66,10 +69,14 @@ pub fn load_certificate(cert_file: &Path, key_file: &Path) -> Result<LoadedCerti
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|_| format!("no RSA private key (PEM) in {}", key_file.display()))?;
     let key = rsa_key(key).map_err(|reason| format!("{}: {reason}", key_file.display()))?;
-    Ok(LoadedCertificate {
-        sha256: ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+    let digest = |algorithm| {
+        ring::digest::digest(algorithm, cert.as_ref())
             .as_ref()
-            .to_vec(),
+            .to_vec()
+    };
+    Ok(LoadedCertificate {
+        sha256: digest(&ring::digest::SHA256),
+        sha1: digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY),
         key,
     })
 }
@@ -122,9 +129,10 @@ pub fn client_assertion(
     now: u64,
 ) -> Result<Secret<String>, String> {
     let header = json!({
-        "alg": "RS256",
+        "alg": "PS256",
         "typ": "JWT",
         "x5t#S256": BASE64URL.encode(&certificate.sha256),
+        "x5t": BASE64URL.encode(&certificate.sha1),
     });
     let claims = json!({
         "aud": token_url,
@@ -135,7 +143,7 @@ pub fn client_assertion(
         "iat": now,
         "exp": now + ASSERTION_LIFETIME_SECS,
     });
-    sign(&certificate.key, &header, &claims)
+    sign(&certificate.key, &RSA_PSS_SHA256, &header, &claims)
 }
 
 /// An assertion asking `token_url` for a token for `mailbox` with `scope` (RFC 7523 2.1).
@@ -161,11 +169,12 @@ pub fn service_account_assertion(
         "iat": now,
         "exp": now + SERVICE_ASSERTION_LIFETIME_SECS,
     });
-    sign(&account.key, &header, &claims)
+    sign(&account.key, &RSA_PKCS1_SHA256, &header, &claims)
 }
 
 fn sign(
     key: &RsaKeyDer,
+    padding: &'static dyn RsaEncoding,
     header: &serde_json::Value,
     claims: &serde_json::Value,
 ) -> Result<Secret<String>, String> {
@@ -177,7 +186,7 @@ fn sign(
     let pair = key.pair()?;
     let mut signature = vec![0u8; pair.public().modulus_len()];
     pair.sign(
-        &RSA_PKCS1_SHA256,
+        padding,
         &SystemRandom::new(),
         signing_input.as_bytes(),
         &mut signature,
@@ -242,8 +251,13 @@ mod tests {
         let loaded = load_certificate(&cert, &key).unwrap();
         let jwt = client_assertion(&loaded, "app", "https://idp.example/token", 1000).unwrap();
         let (header, claims) = parts(&jwt);
-        assert_eq!(header["alg"], "RS256");
+        assert_eq!(header["alg"], "PS256");
         assert_eq!(header["x5t#S256"], BASE64URL.encode(&loaded.sha256));
+        assert_eq!(
+            header["x5t"].as_str().unwrap().len(),
+            27,
+            "SHA-1, base64url"
+        );
         assert_eq!(claims["aud"], "https://idp.example/token");
         assert_eq!(claims["iss"], "app");
         assert_eq!(claims["sub"], "app");

@@ -62,6 +62,23 @@ impl BackendError {
     pub fn is_rejection(&self) -> bool {
         matches!(self, BackendError::Rejected(_))
     }
+
+    /// The error with every occurrence of what mailgate sent (`sent`: the token or password,
+    /// the SASL message as base64) replaced: servers may quote the command they refuse, and
+    /// a short token slips past the long-word redaction of [`crate::sanitize::for_log`].
+    pub fn without(self, sent: &[Secret<String>]) -> Self {
+        let scrub = |mut text: String| {
+            for secret in sent.iter().filter(|secret| !secret.expose().is_empty()) {
+                text = text.replace(secret.expose().as_str(), "[redacted]");
+            }
+            text
+        };
+        match self {
+            BackendError::Rejected(text) => BackendError::Rejected(scrub(text)),
+            BackendError::Protocol(text) => BackendError::Protocol(scrub(text)),
+            other => other,
+        }
+    }
 }
 
 /// Why a login failed, as the client will be told. One reply per protocol for each.

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::login::LoginError;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
@@ -138,7 +140,83 @@ impl Metrics {
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
         };
-        metrics.register_all()
+        let metrics = metrics.register_all();
+        metrics.export_fixed_series();
+        metrics
+    }
+
+    /// Prometheus' advice: series whose labels are known up front are exported at 0 from the
+    /// start, so that `increase()` and `rate()` see the first event. These are the ones
+    /// whose labels do not depend on the configuration.
+    fn export_fixed_series(&self) {
+        for result in ["ok", "unchanged", "invalid", "failed"] {
+            let _ = self.config_reloads.get_or_create(&ResultLabels { result });
+        }
+        for result in ["hit", "miss"] {
+            let _ = self.token_cache.get_or_create(&ResultLabels { result });
+        }
+        for cause in ["expired", "explicit", "replaced", "size"] {
+            let _ = self
+                .token_cache_evictions
+                .get_or_create(&CauseLabels { cause });
+        }
+        for result in ["ok", "refused", "error"] {
+            let _ = self
+                .token_refreshes_ahead
+                .get_or_create(&ResultLabels { result });
+        }
+        for scope in ["address", "account"] {
+            let _ = self.login_blocks.get_or_create(&ScopeLabels { scope });
+        }
+    }
+
+    /// Exports a listener's series at 0 (see [`Metrics::export_fixed_series`]).
+    pub fn export_listener(&self, listener: &str) {
+        let labels = ListenerLabels {
+            listener: listener.to_owned(),
+        };
+        let _ = self.connections.get_or_create(&labels);
+        let _ = self.connections_active.get_or_create(&labels);
+        let _ = self.connections_rejected.get_or_create(&labels);
+        let _ = self.session_duration_seconds.get_or_create(&labels);
+        for result in std::iter::once("ok").chain(LoginError::ALL.iter().map(|e| e.label())) {
+            let _ = self.logins.get_or_create(&LoginLabels {
+                listener: listener.to_owned(),
+                result,
+            });
+        }
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            let _ = self.bytes_counter(listener, direction);
+        }
+    }
+
+    /// Exports the series of the configured token sources and password checks at 0.
+    pub fn export_sources(&self, auth_server: bool, oauth2: bool, password_checks: bool) {
+        let sources: [(bool, &'static str, &[&'static str]); 2] = [
+            (auth_server, "auth_server", &["ok", "refused", "error"]),
+            (
+                oauth2,
+                "oauth2",
+                &["ok", "invalid_grant", "refused", "error"],
+            ),
+        ];
+        for (configured, source, results) in sources {
+            if configured {
+                for &result in results {
+                    let _ = self
+                        .token_requests
+                        .get_or_create(&TokenRequestLabels { source, result });
+                }
+                let _ = self
+                    .token_fetch_seconds
+                    .get_or_create(&SourceLabels { source });
+            }
+        }
+        if password_checks {
+            for result in ["ok", "wrong_password", "unknown_account", "overloaded"] {
+                let _ = self.password_checks.get_or_create(&ResultLabels { result });
+            }
+        }
     }
 
     fn register_all(mut self) -> Self {

@@ -14,6 +14,7 @@ use crate::client_auth::{ClientAuth, NotChecked};
 use crate::config::Protocol;
 use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
 use crate::metrics::Metrics;
+use crate::sanitize::Escaped;
 use crate::token::cache::{Cached, TokenCache};
 use crate::token::oauth2::OAuth2;
 use crate::token::{TokenError, TokenKey};
@@ -158,7 +159,7 @@ impl ListenerProxy {
             .get(account, self.protocol)
             .await
             .map_err(|error| {
-                tracing::warn!(%error, "no token");
+                tracing::warn!(account = %Escaped(account), %error, "no token");
                 match error {
                     TokenError::Refused => LoginError::BadCredentials,
                     TokenError::NeedsReauthorization => LoginError::NeedsReauthorization,

@@ -24,21 +24,37 @@ pub fn for_log(text: &str) -> String {
         .join(" ")
 }
 
+/// Client-supplied values longer than this are cut when logged: an account id is short, and
+/// a 9 KB one must not fill the logs.
+const MAX_LOGGED_VALUE: usize = 128;
+
 /// Displays a client-supplied value (an account id, an EHLO name) with control characters
-/// escaped as `\n`, `\u{1b}` and so on; everything else as is.
+/// and invisible formatting characters escaped as `\n`, `\u{1b}`, `\u{2028}` and so on,
+/// cut after [`MAX_LOGGED_VALUE`] characters; everything else as is.
 pub struct Escaped<'a>(pub &'a str);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == MAX_LOGGED_VALUE {
+                return f.write_str("...");
+            }
+            if is_hidden(c) {
+                write!(f, "{}", c.escape_unicode())?;
             } else {
                 f.write_fmt(format_args!("{c}"))?;
             }
         }
         Ok(())
     }
+}
+
+/// Control characters, and the Unicode characters that break or reorder lines on a screen
+/// without showing: line and paragraph separators, bidirectional controls, zero-width
+/// characters and the byte-order mark.
+pub fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
 }
 
 /// Text to put on the wire in a reply of our own: printable ASCII and spaces only, so it can
@@ -57,9 +73,14 @@ mod tests {
     fn control_characters_are_escaped_for_logs() {
         assert_eq!(
             for_log("a\nINFO forged \u{1b}[31m"),
-            "a\\nINFO forged \\u{1b}[31m"
+            "a\\u{a}INFO forged \\u{1b}[31m"
         );
-        assert_eq!(Escaped("bob\r\n").to_string(), "bob\\r\\n");
+        assert_eq!(Escaped("bob\r\n").to_string(), "bob\\u{d}\\u{a}");
+        assert_eq!(
+            Escaped("mallory\u{2028} INFO forged\u{202e}").to_string(),
+            "mallory\\u{2028} INFO forged\\u{202e}"
+        );
+        assert_eq!(Escaped(&"x".repeat(500)).to_string().len(), 131);
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub fn decode_plain(message: &Secret<Vec<u8>>) -> Result<Credentials, SaslError>
 pub fn credentials(user: &[u8], password: &[u8]) -> Result<Credentials, SaslError> {
     let account = std::str::from_utf8(user).map_err(|_| SaslError::NotUtf8)?;
     let password = std::str::from_utf8(password).map_err(|_| SaslError::NotUtf8)?;
-    if account.is_empty() || account.chars().any(char::is_control) {
+    if account.is_empty() || account.chars().any(crate::sanitize::is_hidden) {
         return Err(SaslError::BadUser);
     }
     Ok(Credentials {
@@ -265,6 +265,19 @@ impl Exchange {
             None => "*\r\n".to_owned(),
         }
     }
+}
+
+/// Everything of `auth` that goes on the wire in a login, as it may come back in an error
+/// text: the token or password itself, and the SASL message in base64.
+pub fn sent_forms(auth: &UpstreamAuth, exchange: Option<&Exchange>) -> Vec<Secret<String>> {
+    let mut sent = vec![match auth {
+        UpstreamAuth::Bearer { token, .. } => token.clone(),
+        UpstreamAuth::Password { password, .. } => password.clone(),
+    }];
+    if let Some(exchange) = exchange {
+        sent.push(encode_base64(&exchange.message));
+    }
+    sent
 }
 
 /// RFC 5801 saslname: `,` and `=` are escaped.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use crate::sanitize::Escaped;
 use crate::sessions::SessionRegistry;
 use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
 use crate::token::cache::TokenCache;
+use crate::token::oauth2::{GrantStates, OAuth2};
 use crate::token::sources::Sources;
 use crate::upstream::Connector;
 use crate::{imap, smtp};
@@ -82,6 +83,29 @@ pub struct ConfigFile {
     pub text: String,
 }
 
+/// What the files a configuration reads held when it was applied: a hash of each file's
+/// content (`None`: unreadable). Reading through the path follows symlinks, so Kubernetes'
+/// swap of a Secret volume's `..data` link shows as a change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Fingerprints(Vec<(PathBuf, Option<u64>)>);
+
+impl Fingerprints {
+    async fn of(paths: Vec<PathBuf>) -> Self {
+        let mut all = Vec::with_capacity(paths.len());
+        for path in paths {
+            let content = tokio::fs::read(&path).await.ok().map(|bytes| {
+                use std::hash::BuildHasher as _;
+                // A fixed-key hash: only compared within this process.
+                std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default(
+                )
+                .hash_one(&bytes)
+            });
+            all.push((path, content));
+        }
+        Self(all)
+    }
+}
+
 /// Runs mailgate with `config` until told to shut down, then drains.
 ///
 /// `file` (where `config` came from) is re-read on [`Control::Reload`] and whenever its
@@ -104,6 +128,7 @@ pub async fn run(
             .max(Duration::from_millis(100)),
     );
     let mut health_tick = tokio::time::interval(TOKEN_SOURCE_CHECK_INTERVAL);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             command = control.recv() => match command {
@@ -111,11 +136,9 @@ pub async fn run(
                 Some(Control::Shutdown) | None => break,
             },
             _ = watch_tick.tick(), if !server.config.config_watch_interval.is_zero() => {
-                if let Some(text) = server.changed_config_text().await {
-                    server.reload_from(text).await;
-                }
+                server.watch().await;
             }
-            _ = health_tick.tick() => server.check_health().await,
+            _ = health_tick.tick() => server.check_health(),
         }
     }
     server.drain().await;
@@ -126,11 +149,10 @@ struct Server {
     config: Config,
     /// The file's path and its text when it was last loaded, to notice ConfigMap updates.
     file: Option<ConfigFile>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    /// The files the running configuration reads, as they were when it was applied.
+    fingerprints: Fingerprints,
+    lasting: Lasting,
     log_level: Option<LogLevelHook>,
-    /// Logged-in sessions by account, across reloads.
-    registry: Arc<SessionRegistry>,
     shared: Shared,
     /// Keyed by address: the socket belongs to it, whatever the listener is called.
     listeners: HashMap<SocketAddr, RunningListener>,
@@ -177,34 +199,60 @@ struct ListenerRuntime {
     settings: FrontendSettings,
     idle_timeout: Duration,
     max_connections: usize,
+    max_connections_per_client: usize,
     labels: ListenerLabels,
 }
 
-/// The sessions open on one listen address. A slot is taken before a session's task is
-/// spawned and moves into it, so the limit holds however fast connections arrive (a gauge
-/// read before the task runs would let a burst through). Counted here rather than with a
-/// semaphore so that a reload can change the limit.
+/// The sessions open on one listen address, in total and per client address (IPv6: /64).
+/// A slot is taken before a session's task is spawned and moves into it, so the limits hold
+/// however fast connections arrive (a gauge read before the task runs would let a burst
+/// through). Counted here rather than with semaphores so that a reload can change them.
 #[derive(Default)]
 struct Slots {
-    open: AtomicUsize,
+    counts: std::sync::Mutex<SlotCounts>,
 }
 
-/// One session's place under `max_connections`; frees it and lowers the gauge on drop.
+#[derive(Default)]
+struct SlotCounts {
+    open: usize,
+    by_client: HashMap<std::net::IpAddr, usize>,
+}
+
+/// Why no slot was free.
+enum Full {
+    Listener,
+    Client,
+}
+
+/// One session's place under the limits; frees it and lowers the gauge on drop.
 struct Slot {
     slots: Arc<Slots>,
+    client: std::net::IpAddr,
     active: Gauge,
 }
 
 impl Slots {
-    fn try_take(self: &Arc<Self>, max: usize, active: Gauge) -> Option<Slot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < max).then_some(open + 1)
-            })
-            .ok()?;
+    fn try_take(
+        self: &Arc<Self>,
+        runtime: &ListenerRuntime,
+        peer: SocketAddr,
+        active: Gauge,
+    ) -> Result<Slot, Full> {
+        let client = crate::client_auth::throttle::address_group(peer.ip());
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.open >= runtime.max_connections {
+            return Err(Full::Listener);
+        }
+        let of_client = counts.by_client.entry(client).or_default();
+        if *of_client >= runtime.max_connections_per_client {
+            return Err(Full::Client);
+        }
+        *of_client += 1;
+        counts.open += 1;
         active.inc();
-        Some(Slot {
+        Ok(Slot {
             slots: self.clone(),
+            client,
             active,
         })
     }
@@ -212,7 +260,14 @@ impl Slots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.slots.open.fetch_sub(1, Ordering::AcqRel);
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.open -= 1;
+        if let Some(of_client) = counts.by_client.get_mut(&self.client) {
+            *of_client -= 1;
+            if *of_client == 0 {
+                counts.by_client.remove(&self.client);
+            }
+        }
         self.active.dec();
     }
 }
@@ -224,18 +279,34 @@ impl Server {
         log_level: Option<LogLevelHook>,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
-        let registry = Arc::new(SessionRegistry::new(metrics.clone()));
-        let shared = shared_state(&config, &metrics, &health, &registry)?;
+        let lasting = Lasting {
+            health: Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS)),
+            registry: Arc::new(SessionRegistry::new(metrics.clone())),
+            grants: GrantStates::default(),
+            metrics,
+        };
+        let (tokens, oauth2) = token_state(&config, &lasting)?;
+        let shared = Shared {
+            tokens,
+            oauth2,
+            client_auth: Arc::new(ClientAuth::new(
+                &config.client_auth,
+                lasting.metrics.clone(),
+            )),
+            throttle: Arc::new(Throttle::new(
+                &config.client_auth.throttle,
+                lasting.metrics.clone(),
+            )),
+            metrics: lasting.metrics.clone(),
+        };
         let (open, all_closed) = mpsc::channel(1);
         let (close_now, _) = watch::channel(false);
         let mut server = Server {
             config: config.clone(),
+            fingerprints: Fingerprints::of(config.referenced_files()).await,
             file,
-            metrics,
-            health,
+            lasting,
             log_level,
-            registry,
             shared,
             listeners: HashMap::new(),
             admin: None,
@@ -245,9 +316,10 @@ impl Server {
                 close_now,
             },
         };
+        warn_if_descriptors_are_short(&config);
         server.apply(config).await?;
-        server.health.set_listening();
-        server.check_health().await;
+        server.lasting.health.set_listening();
+        server.check_health();
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "mailgate started");
         Ok(server)
     }
@@ -258,16 +330,35 @@ impl Server {
             return;
         };
         match tokio::fs::read_to_string(&file.path).await {
-            Ok(text) => self.reload_from(text).await,
+            Ok(text) => self.reload_from(text, false).await,
             Err(error) => {
                 tracing::error!(%error, "cannot read the configuration; keeping the running one");
-                self.metrics.config_reload("invalid");
+                self.lasting.metrics.config_reload("invalid");
             }
         }
     }
 
-    /// Applies the configuration file's new `text`.
-    async fn reload_from(&mut self, text: String) {
+    /// Reloads when the configuration file or a file it reads has changed.
+    async fn watch(&mut self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let Ok(text) = tokio::fs::read_to_string(&file.path).await else {
+            return;
+        };
+        let files_changed =
+            Fingerprints::of(self.config.referenced_files()).await != self.fingerprints;
+        if files_changed || text != file.text {
+            if files_changed {
+                tracing::info!("a file the configuration reads has changed; reloading");
+            }
+            self.reload_from(text, files_changed).await;
+        }
+    }
+
+    /// Applies the configuration file's new `text`; with `files_changed` even when the text
+    /// is the same (the secrets, keys or CA files it names changed).
+    async fn reload_from(&mut self, text: String, files_changed: bool) {
         let Some(file) = &self.file else {
             return;
         };
@@ -281,7 +372,7 @@ impl Server {
                 }
                 "invalid"
             }
-            Ok(config) if config == self.config => "unchanged",
+            Ok(config) if config == self.config && !files_changed => "unchanged",
             Ok(config) => match self.apply(config).await {
                 Ok(()) => {
                     tracing::info!("configuration reloaded");
@@ -296,29 +387,25 @@ impl Server {
         if let Some(file) = &mut self.file {
             file.text = text;
         }
-        self.metrics.config_reload(result);
-    }
-
-    /// The file's text when it differs from what was last loaded.
-    async fn changed_config_text(&self) -> Option<String> {
-        let file = self.file.as_ref()?;
-        let text = tokio::fs::read_to_string(&file.path).await.ok()?;
-        (text != file.text).then_some(text)
+        // Noted whatever the outcome: a broken file is reported once, not on every tick.
+        self.fingerprints = Fingerprints::of(self.config.referenced_files()).await;
+        self.lasting.metrics.config_reload(result);
     }
 
     /// Makes `config` the running configuration: binds what is new first (all or nothing),
     /// then swaps listener runtimes and closes removed listeners. Open sessions keep theirs.
     async fn apply(&mut self, config: Config) -> Result<(), StartError> {
-        let shared = if config.tokens == self.config.tokens {
-            Shared {
-                tokens: self.shared.tokens.clone(),
-                oauth2: self.shared.oauth2.clone(),
-                client_auth: Arc::new(ClientAuth::new(&config.client_auth, self.metrics.clone())),
-                throttle: self.throttle_for(&config),
-                metrics: self.metrics.clone(),
-            }
+        let (tokens, oauth2) = if config.tokens == self.config.tokens {
+            (self.shared.tokens.clone(), self.shared.oauth2.clone())
         } else {
-            shared_state(&config, &self.metrics, &self.health, &self.registry)?
+            token_state(&config, &self.lasting)?
+        };
+        let shared = Shared {
+            tokens,
+            oauth2,
+            client_auth: self.client_auth_for(&config),
+            throttle: self.throttle_for(&config),
+            metrics: self.lasting.metrics.clone(),
         };
         let mut prepared = Vec::new();
         for listener in &config.listeners {
@@ -357,9 +444,24 @@ impl Server {
         {
             apply_level(&config.log.level);
         }
+        if !Arc::ptr_eq(&self.shared.tokens, &shared.tokens) {
+            self.shared.tokens.retire();
+        }
         self.shared = shared;
         self.config = config;
         Ok(())
+    }
+
+    /// Keeps the password checks (and their workers' memory) unless their settings changed.
+    fn client_auth_for(&self, config: &Config) -> Arc<ClientAuth> {
+        if config.client_auth == self.config.client_auth {
+            self.shared.client_auth.clone()
+        } else {
+            Arc::new(ClientAuth::new(
+                &config.client_auth,
+                self.lasting.metrics.clone(),
+            ))
+        }
     }
 
     /// Keeps the failure counts across a reload unless their rules changed.
@@ -369,7 +471,7 @@ impl Server {
         } else {
             Arc::new(Throttle::new(
                 &config.client_auth.throttle,
-                self.metrics.clone(),
+                self.lasting.metrics.clone(),
             ))
         }
     }
@@ -388,12 +490,12 @@ impl Server {
                 .clone()
                 .expect("sessions are open until drain"),
             close_now: self.sessions.close_now.subscribe(),
-            registry: self.registry.clone(),
+            registry: self.lasting.registry.clone(),
         };
         tokio::spawn(accept_loop(
             tcp,
             runtime.clone(),
-            self.metrics.clone(),
+            self.lasting.metrics.clone(),
             handle,
             stopped,
         ));
@@ -418,8 +520,8 @@ impl Server {
         tracing::info!(%address, "admin endpoint listening (/metrics, /healthz, /readyz)");
         let (stop, stopped) = oneshot::channel::<()>();
         let status = Arc::new(Status {
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
+            metrics: self.lasting.metrics.clone(),
+            health: self.lasting.health.clone(),
         });
         tokio::spawn(admin::serve(tcp, status, async {
             let _ = stopped.await;
@@ -431,19 +533,27 @@ impl Server {
     }
 
     /// Probes an idle token source, and logs readiness when it changes.
-    async fn check_health(&self) {
-        if !self.health.token_source_fresh() {
-            self.shared.tokens.probe_source().await;
+    /// Probes an idle token source in the background (a slow one must not hold up signals
+    /// and reloads), and logs readiness when it changes.
+    fn check_health(&self) {
+        let health = &self.lasting.health;
+        if health.token_source_needs_probe() && !health.probing.swap(true, Ordering::AcqRel) {
+            let (tokens, health) = (self.shared.tokens.clone(), health.clone());
+            tokio::spawn(async move {
+                tokens.probe_source().await;
+                health.probing.store(false, Ordering::Release);
+                let _ = health.readiness();
+            });
         }
-        let _ = self.health.readiness();
+        let _ = health.readiness();
     }
 
     /// Reports not ready at once, keeps accepting for the drain delay (while load balancers
     /// catch up), stops accepting, lets sessions finish within the grace period, then closes
     /// the rest.
     async fn drain(mut self) {
-        self.health.set_draining();
-        let _ = self.health.readiness();
+        self.lasting.health.set_draining();
+        let _ = self.lasting.health.readiness();
         let delay = self.config.drain_delay;
         if !delay.is_zero() {
             tracing::info!(
@@ -468,40 +578,96 @@ impl Server {
     }
 }
 
+/// Connections the kernel queues for a listener before mailgate accepts them. tokio's
+/// default of 128 drops part of a burst of reconnecting clients without a word (the attack
+/// tests lost up to half of 1,000 simultaneous connects); the kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(listener: &ListenerConfig) -> Result<TcpListener, StartError> {
-    TcpListener::bind(listener.listen)
-        .await
+    let address = listener.listen;
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| StartError::Bind {
             name: listener.name.clone(),
-            address: listener.listen,
+            address,
             source,
         })
 }
 
-fn shared_state(
+/// What outlives configuration reloads.
+struct Lasting {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Logged-in sessions by account.
+    registry: Arc<SessionRegistry>,
+    /// OAuth2 grant states by account.
+    grants: GrantStates,
+}
+
+/// Every session holds two descriptors (client and upstream): say so at start when the
+/// listeners' limits ask for more than the process may open, before accept fails under load.
+fn warn_if_descriptors_are_short(config: &Config) {
+    let Some(limit) = open_file_limit() else {
+        return;
+    };
+    let wanted: usize = config
+        .listeners
+        .iter()
+        .map(|listener| listener.max_connections.saturating_mul(2))
+        .sum();
+    if wanted > limit {
+        tracing::warn!(
+            open_file_limit = limit,
+            needed = wanted,
+            "the listeners' max_connections need more descriptors than the process may open: raise the limit (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
+    }
+}
+
+/// The soft limit on open files, from /proc (Linux).
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The token cache in front of the sources `config` names, and its OAuth2 accounts.
+fn token_state(
     config: &Config,
-    metrics: &Arc<Metrics>,
-    health: &Arc<Health>,
-    sessions: &Arc<SessionRegistry>,
-) -> Result<Shared, StartError> {
-    let sources = Sources::new(&config.tokens, metrics, health).map_err(StartError::TokenSource)?;
+    lasting: &Lasting,
+) -> Result<(Arc<TokenCache>, Option<Arc<OAuth2>>), StartError> {
+    let metrics = &lasting.metrics;
+    let sources = Sources::new(&config.tokens, &lasting.grants, metrics, &lasting.health)
+        .map_err(StartError::TokenSource)?;
+    metrics.export_sources(
+        sources.auth_server.is_some(),
+        sources.oauth2.is_some(),
+        config.client_auth.mode == crate::config::ClientAuthMode::Static,
+    );
     let oauth2 = sources.oauth2.clone();
     let end_sessions = config
         .tokens
         .end_sessions_on_revoke
-        .then(|| sessions.clone());
-    Ok(Shared {
-        tokens: Arc::new(TokenCache::new(
-            &config.tokens.cache,
-            Arc::new(sources),
-            metrics.clone(),
-            end_sessions,
-        )),
-        oauth2,
-        client_auth: Arc::new(ClientAuth::new(&config.client_auth, metrics.clone())),
-        throttle: Arc::new(Throttle::new(&config.client_auth.throttle, metrics.clone())),
-        metrics: metrics.clone(),
-    })
+        .then(|| lasting.registry.clone());
+    let tokens = TokenCache::new(
+        &config.tokens.cache,
+        Arc::new(sources),
+        metrics.clone(),
+        end_sessions,
+    );
+    Ok((Arc::new(tokens), oauth2))
 }
 
 fn listener_runtime(
@@ -515,6 +681,7 @@ fn listener_runtime(
             reason: error.to_string(),
         })?
         .with_metrics(shared.metrics.clone());
+    shared.metrics.export_listener(&listener.name);
     Ok(ListenerRuntime {
         proxy: ListenerProxy::new(
             listener.name.clone(),
@@ -532,6 +699,7 @@ fn listener_runtime(
         },
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
+        max_connections_per_client: listener.max_connections_per_client,
         labels: ListenerLabels {
             listener: listener.name.clone(),
         },
@@ -564,13 +732,19 @@ async fn accept_loop(
             .connections_active
             .get_or_create(&runtime.labels)
             .clone();
-        let Some(slot) = slots.try_take(runtime.max_connections, active) else {
-            metrics
-                .connections_rejected
-                .get_or_create(&runtime.labels)
-                .inc();
-            tokio::spawn(refuse(stream, runtime));
-            continue;
+        let slot = match slots.try_take(&runtime, peer, active) {
+            Ok(slot) => slot,
+            Err(full) => {
+                if matches!(full, Full::Client) {
+                    tracing::debug!(client = %peer, "client at max_connections_per_client");
+                }
+                metrics
+                    .connections_rejected
+                    .get_or_create(&runtime.labels)
+                    .inc();
+                tokio::spawn(refuse(stream, runtime));
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);

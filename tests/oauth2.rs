@@ -785,3 +785,45 @@ async fn accounts_and_test_login_describe_without_secrets() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_by_another_process_is_picked_up_from_the_store() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_access_token_lifetime(Duration::from_secs(6));
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "  cache: { refresh_margin: 2s }\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        let (mut session, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}");
+        // A second process redeems (and so rotates) the refresh token the service holds.
+        let (code, report, _) =
+            command(&config, &["test-login", "alice", "--listener", "imap"]).await;
+        assert_eq!(code, Some(0), "{report}");
+        let rotated = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+        // The service's next renewal finds its token used, takes the stored one, and goes on.
+        let renewed = eventually(Duration::from_secs(20), || async {
+            s.provider.token_requests().last().is_some_and(|last| {
+                last.result == "ok" && last.refresh_token.as_deref() == Some(rotated.as_str())
+            })
+        })
+        .await;
+        assert!(
+            renewed,
+            "{:?}\n{}",
+            s.provider.token_requests(),
+            mailgate.output()
+        );
+        assert!(
+            session.command("NOOP").await.is_ok(),
+            "the session was not revoked"
+        );
+        let (_client, again) = imap_login(s.imap_address(), "alice").await;
+        assert!(again.is_ok(), "{again:?}");
+    })
+    .await;
+}

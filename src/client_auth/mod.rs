@@ -7,7 +7,7 @@ pub mod throttle;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{ClientAuthConfig, ClientAuthMode};
 use crate::login::Credentials;
@@ -34,8 +34,51 @@ pub enum ClientAuth {
         /// answer time does not tell which accounts exist.
         decoy: Secret<String>,
         pool: HashPool,
+        /// Checks waiting or running per client address (IPv6: per /64), at most `share`.
+        per_address: Mutex<HashMap<IpAddr, usize>>,
+        share: usize,
         metrics: Arc<Metrics>,
     },
+}
+
+/// A check counted against its address; uncounted on drop.
+struct AddressTurn<'a> {
+    per_address: &'a Mutex<HashMap<IpAddr, usize>>,
+    address: IpAddr,
+}
+
+impl Drop for AddressTurn<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Takes a turn for `client`'s address, or `None` when it has its share already.
+fn take_turn(
+    per_address: &Mutex<HashMap<IpAddr, usize>>,
+    share: usize,
+    client: Option<IpAddr>,
+) -> Option<Option<AddressTurn<'_>>> {
+    let Some(client) = client else {
+        return Some(None);
+    };
+    let address = throttle::address_group(client);
+    let mut counts = per_address.lock().unwrap_or_else(|e| e.into_inner());
+    let count = counts.entry(address).or_default();
+    if *count >= share {
+        return None;
+    }
+    *count += 1;
+    Some(Some(AddressTurn {
+        per_address,
+        address,
+    }))
 }
 
 impl ClientAuth {
@@ -50,10 +93,13 @@ impl ClientAuth {
                     .collect();
                 // Validation guarantees at least one account; its parameters are the decoy's.
                 let decoy = config.accounts.values().next().cloned().unwrap_or_default();
+                warn_on_mixed_parameters(config.accounts.values());
                 ClientAuth::Static {
                     accounts,
                     decoy,
                     pool: HashPool::new(config.hash_workers(), config.hash_queue_timeout),
+                    per_address: Mutex::new(HashMap::new()),
+                    share: config.checks_per_address,
                     metrics,
                 }
             }
@@ -78,10 +124,16 @@ impl ClientAuth {
             accounts,
             decoy,
             pool,
+            per_address,
+            share,
             metrics,
         } = self
         else {
             return Ok(true);
+        };
+        let Some(_turn) = take_turn(per_address, *share, client) else {
+            metrics.password_check("overloaded");
+            return Err(NotChecked::Overloaded);
         };
         let Ok(admitted) = pool.admit().await else {
             metrics.password_check("overloaded");
@@ -105,6 +157,25 @@ impl ClientAuth {
         };
         metrics.password_check(label);
         Ok(known && matches)
+    }
+}
+
+/// An unknown account is checked against one decoy, so it answers as fast as accounts with
+/// the decoy's parameters and no others: say so when the hashes differ.
+fn warn_on_mixed_parameters<'a>(hashes: impl Iterator<Item = &'a Secret<String>>) {
+    let mut parameters: Vec<String> = hashes
+        .filter_map(|hash| {
+            let parsed = argon2::PasswordHash::new(hash.expose()).ok()?;
+            Some(format!("{}${}", parsed.algorithm, parsed.params))
+        })
+        .collect();
+    parameters.sort();
+    parameters.dedup();
+    if parameters.len() > 1 {
+        tracing::warn!(
+            kinds = parameters.len(),
+            "client_auth accounts use different argon2 parameters: answer times can tell which accounts exist; hash them all with the same parameters"
+        );
     }
 }
 

@@ -44,6 +44,15 @@ enum AddressKey {
     V6(u64),
 }
 
+/// The address that stands for `address` in per-address counts: itself for IPv4 (an
+/// IPv4-mapped IPv6 address included), its /64 for IPv6.
+pub fn address_group(address: IpAddr) -> IpAddr {
+    match AddressKey::of(address) {
+        AddressKey::V4(v4) => IpAddr::V4(v4.into()),
+        AddressKey::V6(prefix) => IpAddr::V6((u128::from(prefix) << 64).into()),
+    }
+}
+
 impl AddressKey {
     fn of(address: IpAddr) -> Self {
         match address {

@@ -34,6 +34,9 @@ pub const DEFAULT_PRE_AUTH_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(45);
 /// A password check waits this long for a free worker before the login fails as temporary.
 pub const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough for a mail client's few parallel connections (or a few behind one NAT), too few for
+/// one address to take the whole pool, or to slip many guesses past a block being reached.
+pub const DEFAULT_CHECKS_PER_ADDRESS: usize = 4;
 /// The first failed login of an address or account is answered after this; each further one
 /// doubles it, up to the maximum.
 pub const DEFAULT_FAILURE_DELAY: Duration = Duration::from_secs(1);
@@ -48,6 +51,9 @@ pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 30;
 pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// One client address may hold this share of a listener: far more than a mail client uses,
+/// far less than all of it. A sidecar's app on loopback with more needs a higher value.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 500;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +104,7 @@ pub struct ListenerConfig {
     /// Used in logs and metric labels.
     pub name: String,
     pub protocol: Protocol,
+    #[serde(with = "listen_address")]
     pub listen: SocketAddr,
     pub upstream: UpstreamConfig,
     #[serde(default = "default_pre_auth_timeout", with = "duration")]
@@ -111,6 +118,9 @@ pub struct ListenerConfig {
     /// Connections beyond this are greeted with a refusal and closed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections from one client address (IPv6: /64) beyond this are refused the same way.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -168,6 +178,9 @@ pub struct ClientAuthConfig {
     pub hash_workers: Option<usize>,
     #[serde(default = "default_hash_queue_timeout", with = "duration")]
     pub hash_queue_timeout: Duration,
+    /// Password checks one client address (IPv6: /64) may have waiting or running at once.
+    #[serde(default = "default_checks_per_address")]
+    pub checks_per_address: usize,
     #[serde(default)]
     pub throttle: ThrottleConfig,
     /// Allows `mode: any` on listeners that are not on loopback.
@@ -187,6 +200,7 @@ impl Default for ClientAuthConfig {
             mode: ClientAuthMode::default(),
             hash_workers: None,
             hash_queue_timeout: DEFAULT_HASH_QUEUE_TIMEOUT,
+            checks_per_address: DEFAULT_CHECKS_PER_ADDRESS,
             throttle: ThrottleConfig::default(),
             allow_remote: false,
             accounts: BTreeMap::new(),
@@ -236,6 +250,7 @@ impl Default for ThrottleConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    #[serde(with = "listen_address")]
     pub listen: SocketAddr,
 }
 
@@ -344,6 +359,36 @@ impl Config {
         }
     }
 
+    /// Every file this configuration reads besides itself (secrets, keys, certificates, CA
+    /// files), so that a change to one (a rotated Kubernetes Secret) can be noticed.
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut add = |path: &Option<PathBuf>| files.extend(path.iter().cloned());
+        for listener in &self.listeners {
+            add(&listener.upstream.ca_file);
+        }
+        add(&self.client_auth.accounts_file);
+        if let Some(auth_server) = &self.tokens.auth_server {
+            add(&auth_server.password_file);
+            add(&auth_server.ca_file);
+        }
+        if let Some(oauth2) = &self.tokens.oauth2 {
+            if let Some(store) = &oauth2.store {
+                add(&store.key_file);
+            }
+            for provider in oauth2.providers.values() {
+                add(&provider.client_secret_file);
+                add(&provider.service_account_file);
+                add(&provider.ca_file);
+                if let Some(certificate) = &provider.client_certificate {
+                    add(&Some(certificate.cert_file.clone()));
+                    add(&Some(certificate.key_file.clone()));
+                }
+            }
+        }
+        files
+    }
+
     /// Parses YAML text; unknown keys and wrong types are reported with their key path.
     pub fn parse(text: &str) -> Result<Config, Problem> {
         // The path is kept aside: the deserializer must see the error to stop cleanly.
@@ -411,6 +456,12 @@ impl Config {
             if listener.max_connections == 0 {
                 problems.add(format!("{key}.max_connections"), "must be at least 1");
             }
+            if listener.max_connections_per_client == 0 {
+                problems.add(
+                    format!("{key}.max_connections_per_client"),
+                    "must be at least 1",
+                );
+            }
             for (name, value) in [
                 ("pre_auth_timeout", listener.pre_auth_timeout),
                 ("pre_auth_lifetime", listener.pre_auth_lifetime),
@@ -446,6 +497,9 @@ impl Config {
         let client_auth = &mut self.client_auth;
         if client_auth.hash_workers == Some(0) {
             problems.add("client_auth.hash_workers", "must be at least 1");
+        }
+        if client_auth.checks_per_address == 0 {
+            problems.add("client_auth.checks_per_address", "must be at least 1");
         }
         let throttle = &client_auth.throttle;
         for (name, value) in [
@@ -603,6 +657,9 @@ fn default_config_watch_interval() -> Duration {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
+fn default_max_connections_per_client() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+}
 fn default_true() -> bool {
     true
 }
@@ -614,6 +671,9 @@ fn default_pre_auth_lifetime() -> Duration {
 }
 fn default_login_timeout() -> Duration {
     DEFAULT_LOGIN_TIMEOUT
+}
+fn default_checks_per_address() -> usize {
+    DEFAULT_CHECKS_PER_ADDRESS
 }
 fn default_hash_queue_timeout() -> Duration {
     DEFAULT_HASH_QUEUE_TIMEOUT
@@ -691,6 +751,45 @@ fn redacted_url(url: &url::Url) -> String {
         shown.push_str(&keys.join("&"));
     }
     shown
+}
+
+/// Listen addresses: `IP:port`, explained when they are not.
+mod listen_address {
+    use std::net::{IpAddr, SocketAddr};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(value: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
+        value.to_string().serialize(serializer)
+    }
+
+    fn parse(text: &str) -> Result<SocketAddr, String> {
+        if let Ok(address) = text.parse() {
+            return Ok(address);
+        }
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!(
+                "{text:?} has no port: write IP:port, e.g. 127.0.0.1:1587"
+            ));
+        };
+        if port.parse::<u16>().is_err() {
+            return Err(format!("port {port:?} is not a number from 1 to 65535"));
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<IpAddr>().is_err() {
+            return Err(format!(
+                "{host:?} is not an IP address: listen addresses are not resolved; write 127.0.0.1:{port} (or [::1]:{port}, 0.0.0.0:{port})"
+            ));
+        }
+        Err(format!(
+            "{text:?} is not IP:port; IPv6 addresses go in brackets: [::1]:{port}"
+        ))
+    }
 }
 
 /// Durations written as `5s`, `5m`, `1h`.
@@ -903,6 +1002,19 @@ tokens:
         assert!(tokens::check_endpoint("http://localhost/token").is_ok());
         assert!(tokens::check_endpoint("http://idp.example/token").is_err());
         assert!(tokens::check_endpoint("ftp://idp.example/token").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_say_what_the_rule_is() {
+        let reason = |listen: &str| {
+            check(&MINIMAL.replace("127.0.0.1:1143", listen)).unwrap_err()[0]
+                .reason
+                .clone()
+        };
+        assert!(reason("localhost:1587").contains("not resolved; write 127.0.0.1:1587"));
+        assert!(reason("127.0.0.1:70000").contains("from 1 to 65535"));
+        assert!(reason("127.0.0.1").contains("has no port"));
+        assert!(check(&MINIMAL.replace("127.0.0.1:1143", "[::1]:1143")).is_ok());
     }
 
     #[test]

@@ -62,18 +62,21 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
     let offers = |name: &str| capabilities.offers_mechanism(name);
     let target = (connector.host(), connector.port());
     let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?;
+    let sent = sasl::sent_forms(auth, exchange.as_ref());
     let completion = match (exchange, auth) {
         (Some(exchange), _) => {
             let initial_response = capabilities.has("SASL-IR");
-            connection.authenticate(&exchange, initial_response).await?
+            connection.authenticate(&exchange, initial_response).await
         }
         // A password without AUTHENTICATE PLAIN: the LOGIN command, unless it is disabled.
         (None, UpstreamAuth::Password { user, password }) if !capabilities.has("LOGINDISABLED") => {
-            connection.login_command(user, password).await?
+            connection.login_command(user, password).await
         }
         (None, _) => return Err(BackendError::NoMechanism),
     };
-    let completion = completion.into_result()?;
+    let completion = completion
+        .and_then(Completion::into_result)
+        .map_err(|error| error.without(&sent))?;
     Ok(Upstream {
         io: connection.into_io(),
         completion: sanitize::for_wire(&completion),
@@ -713,6 +716,28 @@ mod tests {
         assert!(!text.contains("dXNlcj1"), "{text}");
         assert!(
             text.contains("[redacted]") && !text.contains('\x1b'),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_password_echoed_in_a_refusal_is_redacted() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n",
+            "C: (any)",
+            // base64 of "\0a@b.c\0Tr0ub4dor&3x", and the password itself.
+            "S: M1 NO [AUTHENTICATIONFAILED] no for AGFAYi5jAFRyMHViNGRvciYzeA== (Tr0ub4dor&3x)\r\n",
+        ];
+        let auth = UpstreamAuth::Password {
+            user: "a@b.c".to_owned(),
+            password: Secret::new("Tr0ub4dor&3x".to_owned()),
+        };
+        let Err(BackendError::Rejected(text)) = run(MechanismSetting::Auto, auth, script).await
+        else {
+            panic!("expected a rejection");
+        };
+        assert!(
+            !text.contains("Tr0ub4dor") && !text.contains("AGFAYi5j"),
             "{text}"
         );
     }

@@ -70,6 +70,11 @@ impl Framer {
         self.unparsed.extend_from_slice(bytes);
     }
 
+    /// Bytes received and not yet framed.
+    pub(crate) fn buffered(&self) -> usize {
+        self.unparsed.len()
+    }
+
     /// Bytes of the current message so far, including any dropped beyond the size limit.
     pub(crate) fn message_len(&self) -> usize {
         self.message_position

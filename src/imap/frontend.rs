@@ -20,6 +20,7 @@ use crate::login::{
     Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
     LoginRequest,
 };
+use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
 use crate::secret::Secret;
 
@@ -90,9 +91,14 @@ where
                     helo: None,
                     client: settings.client,
                 };
+                let lifetime_end = conn.lifetime_end;
                 let result = tokio::select! {
                     result = authenticator.login(request) => result,
                     () = &mut stop => return conn.goodbye(&reply::shutting_down()).await,
+                    () = tokio::time::sleep_until(lifetime_end) => {
+                        return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
+                    }
+                    () = hung_up(&mut conn.client, &mut framer) => return Ok(None),
                 };
                 match result {
                     Ok(upstream) => {
@@ -105,7 +111,10 @@ where
                             account,
                         }));
                     }
-                    Err(error) => session.on_login_failed(&tag, error),
+                    Err(error) => {
+                        tracing::info!(account = %Escaped(&account), %error, "client login failed");
+                        session.on_login_failed(&tag, error)
+                    }
                 }
             }
         };
@@ -147,6 +156,19 @@ impl<S: AsyncWrite + Unpin> Conn<'_, S> {
             reply::bye(reply::BYE_IDLE)
         }
     }
+}
+
+/// Completes when the client hangs up while its login runs, so that the login (its password
+/// check, its token fetch) is dropped instead of finishing for no one. What the client
+/// pipelines meanwhile is kept for the upstream, up to [`MAX_MESSAGE_SIZE`]; past that,
+/// reading waits for the login.
+async fn hung_up<S: AsyncRead + Unpin>(client: &mut S, framer: &mut Framer) {
+    while framer.buffered() < MAX_MESSAGE_SIZE as usize {
+        if !matches!(framer.fill(client).await, Ok(true)) {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 fn literal_announcement(fragment: FragmentInfo) -> Option<LiteralAnnouncement> {
@@ -327,7 +349,6 @@ impl Session {
     }
 
     fn on_login_failed(&mut self, tag: &str, error: LoginError) -> Reply {
-        tracing::debug!(reason = error.label(), "IMAP login failed");
         self.strike_failure(reply::login_failed(tag, error))
     }
 

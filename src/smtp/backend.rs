@@ -52,10 +52,14 @@ pub async fn login(
     let target = (connector.host(), connector.port());
     let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?
         .ok_or(BackendError::NoMechanism)?;
-    let reply = authenticate(&mut connection, &exchange).await?;
-    if reply.code != 235 {
-        return Err(classify(&reply));
-    }
+    let sent = sasl::sent_forms(auth, Some(&exchange));
+    let reply = authenticate(&mut connection, &exchange)
+        .await
+        .and_then(|reply| match reply.code {
+            235 => Ok(reply),
+            _ => Err(classify(&reply)),
+        })
+        .map_err(|error| error.without(&sent))?;
     Ok(Upstream {
         completion: completion_line(&reply),
         io: connection.into_io(),
@@ -160,7 +164,9 @@ fn expect(reply: Response<String>, code: u16) -> Result<Response<String>, Backen
     }
 }
 
-/// The extension lines of a `250` EHLO reply, after the host name line.
+/// The extension lines of a `250` EHLO reply, after the host name line. Lines with anything
+/// but printable ASCII are dropped: they may be relayed to clients (RFC 5321 4.1.1.1 allows
+/// nothing else in an ehlo-line).
 fn ehlo_extensions(reply: Response<String>) -> Result<Vec<String>, BackendError> {
     let reply = expect(reply, 250)?;
     Ok(reply
@@ -168,7 +174,7 @@ fn ehlo_extensions(reply: Response<String>) -> Result<Vec<String>, BackendError>
         .split('\n')
         .skip(1)
         .map(str::trim)
-        .filter(|line| !line.is_empty())
+        .filter(|line| !line.is_empty() && line.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
         .map(str::to_owned)
         .collect())
 }
@@ -306,6 +312,14 @@ mod tests {
             ehlo_extensions(reply).unwrap(),
             ["8BITMIME", "SIZE 100", "AUTH XOAUTH2"]
         );
+    }
+
+    #[test]
+    fn extension_lines_with_control_characters_are_dropped() {
+        let reply = parse(
+            "250-mx\r\n250-SIZE 1000 \x1b]0;owned\x07\r\n250-8BITMIME \x00nul\r\n250 PIPELINING\r\n",
+        );
+        assert_eq!(ehlo_extensions(reply).unwrap(), ["PIPELINING"]);
     }
 
     #[test]

@@ -135,9 +135,14 @@ where
                         helo: session.helo_name(),
                         client: settings.client,
                     };
+                    let lifetime_end = conn.lifetime_end;
                     let result = tokio::select! {
                         result = authenticator.login(request) => result,
                         () = &mut stop => return conn.goodbye(Failure::ShuttingDown).await,
+                        () = tokio::time::sleep_until(lifetime_end) => {
+                            return conn.goodbye(Failure::LifetimeOver).await;
+                        }
+                        () = hung_up(&mut conn.client, &mut lines) => return Ok(None),
                     };
                     match result {
                         Ok(upstream) => {
@@ -236,6 +241,20 @@ fn keyword(line: &str) -> String {
         .to_ascii_uppercase()
 }
 
+/// Completes when the client hangs up while its login runs, so that the login is dropped
+/// instead of finishing for no one. What the client pipelines meanwhile is kept for the
+/// upstream, up to [`MAX_AUTH_LINE`]; past that, reading waits for the login.
+async fn hung_up<S: AsyncRead + Unpin>(client: &mut S, lines: &mut LineBuffer) {
+    let mut chunk = [0u8; READ_CHUNK];
+    while lines.buffered() < MAX_AUTH_LINE {
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => lines.push(&chunk[..n]),
+        }
+    }
+    std::future::pending().await
+}
+
 enum Input {
     Data,
     Closed,
@@ -282,6 +301,10 @@ struct LineBuffer {
 impl LineBuffer {
     fn push(&mut self, bytes: &[u8]) {
         self.buffer.extend_from_slice(bytes);
+    }
+
+    fn buffered(&self) -> usize {
+        self.buffer.len()
     }
 
     fn discard(&mut self, bytes: usize) {

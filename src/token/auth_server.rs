@@ -81,17 +81,27 @@ impl AuthServer {
 
     /// Checks that the server answers HTTP at all (for readiness); the status does not matter.
     async fn probe_once(&self) {
-        // A request without an account: real servers answer 4xx, which proves they are up.
-        let _ = self.get(self.url.clone()).await;
+        // A request without an account: real servers answer 400 or 404, which proves they are
+        // up; 401 or 403 says they refuse mailgate's own credentials.
+        if let Ok(response) = self.get(self.url.clone()).await
+            && response.status() == StatusCode::FORBIDDEN
+        {
+            self.health.token_source_refused();
+        }
     }
 
+    /// Sends a GET; any answer counts for readiness, except 401 (wrong basic auth).
     async fn get(&self, url: url::Url) -> Result<reqwest::Response, TokenError> {
         let mut request = self.client.get(url);
         if let Some((user, password)) = &self.basic_auth {
             request = request.basic_auth(user, Some(password.expose()));
         }
         let response = request.send().await.map_err(unavailable)?;
-        self.health.token_source_answered();
+        if response.status() == StatusCode::UNAUTHORIZED {
+            self.health.token_source_refused();
+        } else {
+            self.health.token_source_answered();
+        }
         Ok(response)
     }
 

@@ -42,6 +42,9 @@ pub struct TokenCache {
     /// Sessions to end when an account is refused for good; `None`: leave them be.
     sessions: Option<Arc<SessionRegistry>>,
     epoch: Instant,
+    /// Set when a reload replaced this cache: its renewals stop (sessions still holding it
+    /// keep their tokens until they expire).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// Per-entry lifetime: the token's own (or the default) minus the margin, so a token is
@@ -115,7 +118,13 @@ impl TokenCache {
             refresh_window: config.refresh_window,
             sessions,
             epoch: Instant::now(),
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops renewing tokens: a reload put another cache in this one's place.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// A valid token for `account` over `protocol`, from the cache or fetched once for all

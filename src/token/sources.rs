@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::auth_server::AuthServer;
-use super::oauth2::OAuth2;
+use super::oauth2::{GrantStates, OAuth2};
 use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
 use crate::config::{Protocol, TokensConfig};
 use crate::health::Health;
@@ -23,6 +23,7 @@ impl Sources {
     /// An HTTP client or the token store cannot be set up.
     pub fn new(
         config: &TokensConfig,
+        grants: &GrantStates,
         metrics: &Arc<Metrics>,
         health: &Arc<Health>,
     ) -> Result<Self, String> {
@@ -34,7 +35,7 @@ impl Sources {
         let oauth2 = config
             .oauth2
             .as_ref()
-            .map(|oauth2| OAuth2::new(oauth2, metrics.clone()).map(Arc::new))
+            .map(|oauth2| OAuth2::new(oauth2, grants, metrics.clone()).map(Arc::new))
             .transpose()?;
         Ok(Self {
             oauth2,

@@ -83,8 +83,8 @@ pub struct AccountStatus {
 struct Account {
     config: AccountConfig,
     provider: Arc<Provider>,
-    /// Held during a grant: one grant per account at a time.
-    grant: tokio::sync::Mutex<GrantState>,
+    /// Held during a grant: one grant per account at a time, across reloads too.
+    grant: Arc<tokio::sync::Mutex<GrantState>>,
     status: Mutex<AccountStatus>,
 }
 
@@ -104,8 +104,20 @@ impl From<GrantError> for Failure {
     }
 }
 
+/// The grant state of every account, kept across configuration reloads: a reload builds a
+/// new [`OAuth2`], and its grants must queue behind the old one's and use the refresh token
+/// the old one rotated to, or the provider would see a used token and refuse the account.
 #[derive(Default)]
-struct GrantState {
+pub struct GrantStates(Mutex<HashMap<String, Arc<tokio::sync::Mutex<GrantState>>>>);
+
+impl GrantStates {
+    fn of(&self, account: &str) -> Arc<tokio::sync::Mutex<GrantState>> {
+        lock(&self.0).entry(account.to_owned()).or_default().clone()
+    }
+}
+
+#[derive(Default)]
+pub struct GrantState {
     /// The refresh token in use, once loaded from the store.
     refresh_token: Option<Secret<String>>,
     /// Whether the store was read for this account.
@@ -124,7 +136,11 @@ pub struct OAuth2 {
 impl OAuth2 {
     /// # Errors
     /// A provider's HTTP client or the store cannot be set up.
-    pub fn new(config: &OAuth2Config, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        config: &OAuth2Config,
+        grants: &GrantStates,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let mut providers = BTreeMap::new();
         for (name, provider) in &config.providers {
             providers.insert(
@@ -152,7 +168,7 @@ impl OAuth2 {
                 Account {
                     config: account.clone(),
                     provider,
-                    grant: tokio::sync::Mutex::new(GrantState::default()),
+                    grant: grants.of(id),
                     status: Mutex::new(AccountStatus {
                         state: AccountState::Ok,
                         refreshed_at: None,
@@ -293,6 +309,8 @@ impl OAuth2 {
             let label = match &result {
                 Ok(_) => "ok",
                 Err(Failure::Grant(GrantError::InvalidGrant(_))) => "invalid_grant",
+                // invalid_client, unauthorized_client, ...: a configuration to fix.
+                Err(Failure::Grant(GrantError::Refused(_))) => "refused",
                 Err(_) => "error",
             };
             self.metrics.token_request("oauth2", label);
@@ -304,13 +322,19 @@ impl OAuth2 {
                 Ok(self.granted(account, answer))
             }
             Err(error) => {
-                let refused = matches!(error, Failure::Grant(GrantError::InvalidGrant(_)))
-                    && account.config.grant == Grant::RefreshToken;
+                let refused = match (&error, &state.refresh_token) {
+                    (Failure::Grant(GrantError::InvalidGrant(_)), Some(token))
+                        if account.config.grant == Grant::RefreshToken =>
+                    {
+                        Some(token.clone())
+                    }
+                    _ => None,
+                };
                 let error = self.failed(id, account, &mut state, error);
-                if refused {
+                if let Some(refused) = refused {
                     // Recorded before the account's next grant can start: a restart must not
-                    // try the refused token again, nor find an older one.
-                    self.forget(id).await;
+                    // try the refused token again.
+                    self.forget(id, &refused).await;
                 }
                 Err(error)
             }
@@ -341,11 +365,21 @@ impl OAuth2 {
             }
             Grant::RefreshToken => {
                 let refresh_token = self.refresh_token(id, state).await?;
-                let mut params = vec![("refresh_token", refresh_token)];
-                if let Some(scope) = scope {
-                    params.push(("scope", Secret::new(scope)));
-                }
-                let answer = provider.grant(GRANT_REFRESH_TOKEN, params).await?;
+                let answer = match refresh(provider, &refresh_token, scope.as_deref()).await {
+                    // Another process (mailgate authorize, test-login, a second replica) may
+                    // have rotated the token since: try once with what the store holds now.
+                    Err(GrantError::InvalidGrant(detail)) => {
+                        let stored = self.load(id).await.map_err(Failure::Store)?;
+                        match stored.and_then(|stored| stored.refresh_token) {
+                            Some(newer) if newer != refresh_token => {
+                                state.refresh_token = Some(newer.clone());
+                                refresh(provider, &newer, scope.as_deref()).await?
+                            }
+                            _ => return Err(Failure::Grant(GrantError::InvalidGrant(detail))),
+                        }
+                    }
+                    other => other?,
+                };
                 self.remember(id, account, state, &answer).await;
                 Ok(answer)
             }
@@ -485,8 +519,17 @@ impl OAuth2 {
         }
     }
 
-    /// Records in the store that the refresh token is gone, so a restart does not retry it.
-    async fn forget(&self, id: &str) {
+    /// Records in the store that the refresh token is gone, so a restart does not retry it;
+    /// unless the store holds another one by now (authorized again meanwhile).
+    async fn forget(&self, id: &str, refused: &Secret<String>) {
+        if let Ok(Some(stored)) = self.load(id).await
+            && stored
+                .refresh_token
+                .as_ref()
+                .is_some_and(|token| token != refused)
+        {
+            return;
+        }
         let record = Stored {
             refresh_token: None,
             refreshed_at: provider::unix_now(),
@@ -564,6 +607,19 @@ impl TokenSource for OAuth2 {
             protocol: None,
         }
     }
+}
+
+/// A refresh-token grant (RFC 6749 6).
+async fn refresh(
+    provider: &Provider,
+    refresh_token: &Secret<String>,
+    scope: Option<&str>,
+) -> Result<TokenAnswer, GrantError> {
+    let mut params = vec![("refresh_token", refresh_token.clone())];
+    if let Some(scope) = scope {
+        params.push(("scope", Secret::new(scope.to_owned())));
+    }
+    provider.grant(GRANT_REFRESH_TOKEN, params).await
 }
 
 fn apply_stored(status: &mut AccountStatus, stored: &Stored) {

@@ -73,7 +73,7 @@ pub struct TokenAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     /// `invalid_grant`: the refresh token (or code, or assertion) is no good, for good.
-    #[error("invalid_grant: {0}")]
+    #[error("{0}")]
     InvalidGrant(String),
     /// 5xx, a timeout, `temporarily_unavailable`: try again later.
     #[error("temporary failure: {0}")]

@@ -177,14 +177,18 @@ pub(super) fn peek_claims(jwt: &str) -> Result<Map<String, Value>, &'static str>
     decode_object(split_jws(jwt)?[1])
 }
 
-/// Verifies `jwt` as RS256 under `rsa_public_key` (PKCS#1 `RSAPublicKey` DER, from
-/// [`rsa_public_key`]). Refuses any other `alg`, including `none`; claims are not checked.
+/// Verifies `jwt` as RS256 or PS256 (RSASSA-PSS, what Microsoft now asks of client
+/// assertions) under `rsa_public_key` (PKCS#1 `RSAPublicKey` DER, from [`rsa_public_key`]).
+/// Refuses any other `alg`, including `none`; claims are not checked.
 pub(super) fn verify_rs256(jwt: &str, rsa_public_key: &[u8]) -> Result<VerifiedJwt, &'static str> {
     let [header_b64, claims_b64, sig_b64] = split_jws(jwt)?;
     let header = decode_object(header_b64)?;
-    if header.get("alg").and_then(Value::as_str) != Some("RS256") {
-        return Err("alg is not RS256");
-    }
+    let algorithm: &dyn signature::VerificationAlgorithm =
+        match header.get("alg").and_then(Value::as_str) {
+            Some("RS256") => &signature::RSA_PKCS1_2048_8192_SHA256,
+            Some("PS256") => &signature::RSA_PSS_2048_8192_SHA256,
+            _ => return Err("alg is neither RS256 nor PS256"),
+        };
     // RFC 7515 section 4.1.11: extensions listed in `crit` must be understood; none are here.
     if header.contains_key("crit") {
         return Err("unsupported crit header");
@@ -193,7 +197,7 @@ pub(super) fn verify_rs256(jwt: &str, rsa_public_key: &[u8]) -> Result<VerifiedJ
         .decode(sig_b64)
         .map_err(|_| "signature is not base64url")?;
     let signing_input = &jwt[..header_b64.len() + 1 + claims_b64.len()];
-    UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, rsa_public_key)
+    UnparsedPublicKey::new(algorithm, rsa_public_key)
         .verify(signing_input.as_bytes(), &sig)
         .map_err(|_| "bad signature")?;
     let claims = decode_object(claims_b64)?;
