@@ -22,7 +22,9 @@ use crate::client_auth::throttle::Throttle;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::health::Health;
 use crate::io::write_all_by;
-use crate::login::{FrontendSettings, GOODBYE_TIMEOUT, Handoff};
+use crate::login::{
+    Authenticator, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
+};
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
 use crate::sanitize::Escaped;
@@ -376,6 +378,8 @@ impl Server {
             Ok(config) => match self.apply(config).await {
                 Ok(()) => {
                     tracing::info!("configuration reloaded");
+                    // New credentials for the token source show in readiness at once.
+                    self.check_health();
                     "ok"
                 }
                 Err(error) => {
@@ -708,7 +712,7 @@ fn listener_runtime(
 
 async fn accept_loop(
     tcp: TcpListener,
-    runtime: Arc<RwLock<Arc<ListenerRuntime>>>,
+    listener_handle: Arc<RwLock<Arc<ListenerRuntime>>>,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
     mut stop: oneshot::Receiver<()>,
@@ -727,7 +731,10 @@ async fn accept_loop(
             },
             _ = &mut stop => return,
         };
-        let runtime = runtime.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let runtime = listener_handle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let active = metrics
             .connections_active
             .get_or_create(&runtime.labels)
@@ -756,10 +763,15 @@ async fn accept_loop(
             upstream = %runtime.proxy.connector.labels().upstream,
             account = tracing::field::Empty,
         );
+        let live = CurrentProxy {
+            listener: listener_handle.clone(),
+            started_with: runtime.clone(),
+        };
         let session = run_session(
             stream,
             peer,
             runtime,
+            live,
             metrics.clone(),
             sessions.clone(),
             slot,
@@ -803,10 +815,45 @@ async fn refuse(mut stream: TcpStream, runtime: Arc<ListenerRuntime>) {
     let _ = write_all_by(&mut stream, &reply, deadline).await;
 }
 
+/// Logs in with the listener's configuration as it is at the moment of the login, so that a
+/// session opened before a reload (a rotated auth-server password, a new upstream) logs in
+/// with the new settings; the front end keeps the limits it started with.
+struct CurrentProxy {
+    listener: Arc<RwLock<Arc<ListenerRuntime>>>,
+    started_with: Arc<ListenerRuntime>,
+}
+
+impl CurrentProxy {
+    fn current(&self) -> Arc<ListenerRuntime> {
+        let current = self
+            .listener
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A reload may have given the address another protocol: keep the session's own.
+        if current.proxy.protocol == self.started_with.proxy.protocol {
+            current
+        } else {
+            self.started_with.clone()
+        }
+    }
+}
+
+impl Authenticator for CurrentProxy {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        self.current().proxy.login(request).await
+    }
+
+    fn smtp_extensions(&self) -> Vec<String> {
+        self.current().proxy.smtp_extensions()
+    }
+}
+
 async fn run_session(
     stream: TcpStream,
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
+    live: CurrentProxy,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
     _slot: Slot,
@@ -820,26 +867,10 @@ async fn run_session(
     let closing = sessions.clone().closing();
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
     let handoff = match runtime.proxy.protocol {
-        Protocol::Imap => {
-            Box::pin(imap::frontend::serve(
-                stream,
-                &runtime.proxy,
-                &settings,
-                closing,
-            ))
-            .await
-        }
-        Protocol::Smtp => {
-            Box::pin(smtp::frontend::serve(
-                stream,
-                &runtime.proxy,
-                &settings,
-                closing,
-            ))
-            .await
-        }
+        Protocol::Imap => Box::pin(imap::frontend::serve(stream, &live, &settings, closing)).await,
+        Protocol::Smtp => Box::pin(smtp::frontend::serve(stream, &live, &settings, closing)).await,
     };
-    drop(settings);
+    drop((settings, live));
     match handoff {
         Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, sessions, started).await,
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),

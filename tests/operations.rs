@@ -471,3 +471,96 @@ async fn sigterm_turns_not_ready_at_once_but_accepts_during_the_drain_delay() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_known_series_is_exported_at_zero_before_any_traffic() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let _mailgate = Mailgate::start(&config(&up, imap, smtp, admin, "")).await;
+        let text = get(admin, "/metrics").await.1;
+        for series in [
+            "mailgate_logins_total{listener=\"imap\",result=\"ok\"} 0",
+            "mailgate_logins_total{listener=\"smtp\",result=\"bad_credentials\"} 0",
+            "mailgate_logins_total{listener=\"imap\",result=\"upstream_unavailable\"} 0",
+            "mailgate_connections_rejected_total{listener=\"smtp\"} 0",
+            "mailgate_token_requests_total{source=\"auth_server\",result=\"error\"} 0",
+            "mailgate_token_cache_total{result=\"miss\"} 0",
+            "mailgate_config_reloads_total{result=\"invalid\"} 0",
+            "mailgate_bytes_total{listener=\"imap\",direction=\"upstream_to_client\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    })
+    .await;
+}
+
+/// Kubernetes mounts a Secret as `NAME -> ..data/NAME` with `..data -> ..TIMESTAMP`, and
+/// rotates it by pointing `..data` at a new directory in one rename.
+fn kubernetes_secret(dir: &std::path::Path, generation: &str, name: &str, value: &str) {
+    let target = dir.join(format!("..{generation}"));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join(name), value).unwrap();
+    let staged = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&staged);
+    std::os::unix::fs::symlink(format!("..{generation}"), &staged).unwrap();
+    std::fs::rename(&staged, dir.join("..data")).unwrap();
+    let link = dir.join(name);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_is_picked_up_and_readiness_says_when_the_auth_server_refuses() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let auth = support::AuthServer::start_with_basic_auth(
+            Some(&up.introspection),
+            "mailgate",
+            "new-secret",
+        )
+        .await;
+        auth.grant(ACCOUNT, USER);
+        let secrets = tempfile::tempdir().unwrap();
+        kubernetes_secret(secrets.path(), "2026_11_24_01", "password", "old-secret\n");
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let text = config(&up, imap, smtp, admin, "config_watch_interval: 200ms\n").replace(
+            &format!("url: \"{}\"", up.auth.url_with_credentials()),
+            &format!(
+                "url: \"http://mailgate@{}/token\"\n    password_file: \"{}\"",
+                auth.addr(),
+                secrets.path().join("password").display()
+            ),
+        );
+        let mailgate = Mailgate::start(&text).await;
+        // Wrong credentials: the auth server answers 401, so mailgate is not ready.
+        let refused = eventually(WAIT, || async {
+            let (code, body) = get(admin, "/readyz").await;
+            code == "503" && body.contains("refuses mailgate's credentials")
+        })
+        .await;
+        assert!(refused, "{}", mailgate.output());
+        // A session that started before the rotation.
+        let mut before = ImapClient::connect(localhost(imap)).await;
+
+        kubernetes_secret(secrets.path(), "2026_11_24_02", "password", "new-secret\n");
+        assert!(
+            eventually(WAIT, || async { get(admin, "/readyz").await.0 == "200" }).await,
+            "{}",
+            mailgate.output()
+        );
+        assert!(reloaded(admin, "ok").await);
+        assert!(
+            before.command("NOOP").await.is_ok(),
+            "the old session survived the reload"
+        );
+        assert!(
+            before.login(ACCOUNT, "pw").await.is_ok(),
+            "{}",
+            mailgate.output()
+        );
+        mailgate.assert_not_logged("new-secret");
+    })
+    .await;
+}
