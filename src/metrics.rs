@@ -104,6 +104,7 @@ pub struct Metrics {
     pub token_store_write_failures: Counter,
     pub reauthorizations_needed: Counter,
     pub sessions_revoked: Counter,
+    pub token_service_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -139,6 +140,7 @@ impl Metrics {
             token_store_write_failures: Counter::default(),
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
+            token_service_requests: Family::default(),
         };
         let metrics = metrics.register_all();
         metrics.export_fixed_series();
@@ -335,6 +337,11 @@ impl Metrics {
             self.sessions_revoked.clone(),
         );
         registry.register(
+            "token_service_requests",
+            "Requests to this mailgate's token service, by result (ok, refused, unauthorized, error)",
+            self.token_service_requests.clone(),
+        );
+        registry.register(
             "login_blocks",
             "Client addresses or accounts blocked after too many failed logins, by scope",
             self.login_blocks.clone(),
@@ -391,6 +398,12 @@ impl Metrics {
 
     pub fn reauthorization_needed(&self) {
         self.reauthorizations_needed.inc();
+    }
+
+    pub fn token_service(&self, result: &'static str) {
+        self.token_service_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn login_block(&self, scope: &'static str) {

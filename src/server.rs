@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::admin::{self, Status};
+use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::config::{Config, ListenerConfig, Protocol};
@@ -73,6 +73,8 @@ pub enum StartError {
         address: SocketAddr,
         source: io::Error,
     },
+    #[error("admin TLS: {0}")]
+    AdminTls(crate::tls::TlsError),
     #[error("listener {name}: upstream TLS: {reason}")]
     Upstream { name: String, reason: String },
     #[error("token source: {0}")]
@@ -281,8 +283,10 @@ impl Server {
         log_level: Option<LogLevelHook>,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
         let lasting = Lasting {
-            health: Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS)),
+            admin: Arc::new(Admin::new(metrics.clone(), health.clone())),
+            health,
             registry: Arc::new(SessionRegistry::new(metrics.clone())),
             grants: GrantStates::default(),
             metrics,
@@ -448,6 +452,9 @@ impl Server {
         {
             apply_level(&config.log.level);
         }
+        self.lasting
+            .admin
+            .update(admin_runtime(&config, &shared).map_err(StartError::AdminTls)?);
         if !Arc::ptr_eq(&self.shared.tokens, &shared.tokens) {
             self.shared.tokens.retire();
         }
@@ -523,11 +530,7 @@ impl Server {
             .map_err(|source| StartError::BindAdmin { address, source })?;
         tracing::info!(%address, "admin endpoint listening (/metrics, /healthz, /readyz)");
         let (stop, stopped) = oneshot::channel::<()>();
-        let status = Arc::new(Status {
-            metrics: self.lasting.metrics.clone(),
-            health: self.lasting.health.clone(),
-        });
-        tokio::spawn(admin::serve(tcp, status, async {
+        tokio::spawn(admin::serve(tcp, self.lasting.admin.clone(), async {
             let _ = stopped.await;
         }));
         Ok(Some(RunningAdmin {
@@ -610,12 +613,48 @@ async fn bind(listener: &ListenerConfig) -> Result<TcpListener, StartError> {
 
 /// What outlives configuration reloads.
 struct Lasting {
+    /// The admin endpoint's state (its flows under way), whatever its settings.
+    admin: Arc<Admin>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// Logged-in sessions by account.
     registry: Arc<SessionRegistry>,
     /// OAuth2 grant states by account.
     grants: GrantStates,
+}
+
+/// The admin endpoint's settings for `config`: TLS, the onboarding page and the token
+/// service over the shared OAuth2 accounts and token cache.
+fn admin_runtime(config: &Config, shared: &Shared) -> Result<AdminRuntime, crate::tls::TlsError> {
+    let Some(admin) = &config.admin else {
+        return Ok(AdminRuntime::default());
+    };
+    let tls = match &admin.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            &files.cert_file,
+            &files.key_file,
+        )?)),
+        None => None,
+    };
+    let providers = shared
+        .oauth2
+        .as_ref()
+        .map(|oauth2| oauth2.providers())
+        .unwrap_or_default();
+    Ok(AdminRuntime {
+        tls,
+        onboarding: admin
+            .onboarding
+            .as_ref()
+            .map(|onboarding| admin::onboarding::Settings::new(onboarding, &providers)),
+        token_service: admin
+            .token_service
+            .as_ref()
+            .map(admin::token_service::Settings::new),
+        oauth2: shared.oauth2.clone(),
+        tokens: Some(shared.tokens.clone()),
+        throttle: Some(shared.throttle.clone()),
+    })
 }
 
 /// Every session holds two descriptors (client and upstream): say so at start when the

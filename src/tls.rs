@@ -1,14 +1,16 @@
-//! Client-side TLS towards upstreams: rustls with the ring provider, system roots plus extra
-//! CA files. No OpenSSL anywhere.
+//! TLS with rustls and the ring provider (no OpenSSL anywhere): client configurations towards
+//! upstreams and HTTP services (system roots plus extra CA files), and server configurations
+//! whose certificate a reload can replace without touching open sessions.
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use rustls::ClientConfig;
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -18,6 +20,10 @@ pub enum TlsError {
     NoRoots,
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("cannot read certificate {path}: {reason}")]
+    Certificate { path: String, reason: String },
+    #[error("cannot read private key {path}: {reason}")]
+    PrivateKey { path: String, reason: String },
 }
 
 impl From<TlsError> for io::Error {
@@ -72,4 +78,88 @@ pub fn client_config(
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// A server certificate that a reload can replace: new handshakes get the new one, sessions
+/// already established keep theirs.
+#[derive(Debug)]
+pub struct CertificateSlot(RwLock<Arc<CertifiedKey>>);
+
+impl CertificateSlot {
+    /// Loads the PEM certificate chain and private key.
+    ///
+    /// # Errors
+    /// A file is unreadable, holds no certificate or key, or the key does not fit.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
+        Ok(Self(RwLock::new(Arc::new(certified_key(
+            cert_file, key_file,
+        )?))))
+    }
+
+    /// Replaces the certificate; on error the current one stays.
+    ///
+    /// # Errors
+    /// As for [`CertificateSlot::load`].
+    pub fn replace(&self, cert_file: &Path, key_file: &Path) -> Result<(), TlsError> {
+        let loaded = Arc::new(certified_key(cert_file, key_file)?);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
+    let certificate_error = |reason: String| TlsError::Certificate {
+        path: cert_file.display().to_string(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| certificate_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| certificate_error(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(certificate_error("no PEM certificate in it".to_owned()));
+    }
+    let key_error = |reason: String| TlsError::PrivateKey {
+        path: key_file.display().to_string(),
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| key_error(e.to_string()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| key_error(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signer);
+    // The key must belong to the first certificate, or every handshake would fail.
+    certified
+        .keys_match()
+        .map_err(|e| key_error(format!("does not belong to the certificate: {e}")))?;
+    Ok(certified)
+}
+
+/// A server configuration (TLS 1.2 and 1.3 only) presenting whatever `slot` holds.
+///
+/// # Errors
+/// The provider refuses the protocol versions (never with ring).
+pub fn server_config_for(slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(slot);
+    Ok(Arc::new(config))
+}
+
+/// Checks that `cert_file` and `key_file` make a server configuration.
+///
+/// # Errors
+/// As for [`CertificateSlot::load`].
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_for(Arc::new(CertificateSlot::load(cert_file, key_file)?))
 }

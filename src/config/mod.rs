@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::Secret;
 
+mod admin;
 pub mod tokens;
 pub use tokens::*;
 
@@ -252,6 +253,60 @@ impl Default for ThrottleConfig {
 pub struct AdminConfig {
     #[serde(with = "listen_address")]
     pub listen: SocketAddr,
+    /// Serve the admin endpoint over TLS (required for onboarding off loopback).
+    #[serde(default)]
+    pub tls: Option<CertificateFiles>,
+    /// The onboarding page (`/accounts`), for authorizing OAuth2 accounts in a browser.
+    #[serde(default)]
+    pub onboarding: Option<OnboardingConfig>,
+    /// The token service (`/token`): other mailgates use this one as their auth server.
+    #[serde(default)]
+    pub token_service: Option<TokenServiceConfig>,
+}
+
+/// A certificate chain and its private key, PEM.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The onboarding page: HTTP basic auth with `user` and a password from a file or the
+/// environment.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnboardingConfig {
+    #[serde(default = "default_onboarding_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
+    /// Where providers send the browser back after consent: this endpoint's
+    /// `/oauth/callback`, e.g. `https://mailgate.example:9443/oauth/callback`, as registered
+    /// with the provider. Without it, only the device flow is offered.
+    #[serde(default)]
+    pub redirect_url: Option<String>,
+}
+
+/// The token service: HTTP basic auth with `user` and a password from a file or the
+/// environment, as the auth servers of other mailgates send them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenServiceConfig {
+    #[serde(default = "default_token_service_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -368,6 +423,18 @@ impl Config {
             add(&listener.upstream.ca_file);
         }
         add(&self.client_auth.accounts_file);
+        if let Some(admin) = &self.admin {
+            if let Some(tls) = &admin.tls {
+                add(&Some(tls.cert_file.clone()));
+                add(&Some(tls.key_file.clone()));
+            }
+            if let Some(onboarding) = &admin.onboarding {
+                add(&onboarding.password_file);
+            }
+            if let Some(service) = &admin.token_service {
+                add(&service.password_file);
+            }
+        }
         if let Some(auth_server) = &self.tokens.auth_server {
             add(&auth_server.password_file);
             add(&auth_server.ca_file);
@@ -425,6 +492,9 @@ impl Config {
             );
         }
         self.tokens.resolve(&mut problems);
+        if let Some(admin) = &mut self.admin {
+            admin.resolve(&mut problems);
+        }
         self.resolve_client_auth(&mut problems);
         problems.found
     }
@@ -659,6 +729,12 @@ fn default_max_connections() -> usize {
 }
 fn default_max_connections_per_client() -> usize {
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+}
+fn default_onboarding_user() -> String {
+    "admin".to_owned()
+}
+fn default_token_service_user() -> String {
+    "mailgate".to_owned()
 }
 fn default_true() -> bool {
     true
@@ -1002,6 +1078,27 @@ tokens:
         assert!(tokens::check_endpoint("http://localhost/token").is_ok());
         assert!(tokens::check_endpoint("http://idp.example/token").is_err());
         assert!(tokens::check_endpoint("ftp://idp.example/token").is_err());
+    }
+
+    #[test]
+    fn onboarding_needs_a_password_and_tls_off_loopback() {
+        let text = format!(
+            "{MINIMAL}admin:\n  listen: \"0.0.0.0:9090\"\n  onboarding: {{ redirect_url: \"https://mx.example/callback\" }}\n  token_service: {{}}\n"
+        );
+        let keys = problem_keys(&text);
+        assert_eq!(
+            keys,
+            [
+                "admin.onboarding",
+                "admin.onboarding.redirect_url",
+                "admin.token_service",
+                "admin.tls"
+            ]
+        );
+        let text = format!(
+            "{MINIMAL}metrics:\n  listen: \"127.0.0.1:9090\"\n  onboarding: {{ password_env: MAILGATE_TEST_NO_SUCH_VARIABLE }}\n"
+        );
+        assert_eq!(problem_keys(&text), ["admin.onboarding.password_env"]);
     }
 
     #[test]

@@ -468,7 +468,7 @@ pub fn check_endpoint(text: &str) -> Result<(), String> {
 }
 
 /// A secret from a file or an environment variable (the variable wins when both are given).
-fn secret_from(
+pub(crate) fn secret_from(
     file: Option<&PathBuf>,
     env: Option<&str>,
     key: &str,
@@ -496,7 +496,7 @@ fn secret_from(
     secret
 }
 
-fn check_ca_file(path: Option<&PathBuf>, key: &str, problems: &mut Problems) {
+pub(crate) fn check_ca_file(path: Option<&PathBuf>, key: &str, problems: &mut Problems) {
     if path.is_some()
         && problems.reads_files()
         && let Err(error) = crate::tls::client_config(path.map(PathBuf::as_path), true)

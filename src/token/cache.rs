@@ -32,6 +32,15 @@ pub struct Cached {
     last_used: AtomicU64,
 }
 
+impl Cached {
+    /// How long the token is still valid, if its source said how long it lives.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.token
+            .lifetime
+            .map(|lifetime| lifetime.saturating_sub(self.fetched.elapsed()))
+    }
+}
+
 pub struct TokenCache {
     entries: Cache<TokenKey, Arc<Cached>>,
     source: Arc<dyn TokenSource>,

@@ -240,6 +240,20 @@ impl OAuth2 {
         Ok(())
     }
 
+    /// The providers of the accounts, each once.
+    pub fn providers(&self) -> Vec<Arc<Provider>> {
+        let mut providers: Vec<Arc<Provider>> = Vec::new();
+        for account in self.accounts.values() {
+            if !providers
+                .iter()
+                .any(|known| Arc::ptr_eq(known, &account.provider))
+            {
+                providers.push(account.provider.clone());
+            }
+        }
+        providers
+    }
+
     /// Whether `account` is one of this source's accounts.
     pub fn has(&self, account: &str) -> bool {
         self.accounts.contains_key(account)

@@ -1,0 +1,289 @@
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus text), `/healthz`, `/readyz`; with
+//! `admin.onboarding`, the [`onboarding`] page; with `admin.token_service`, the
+//! [`token_service`]. Optionally over TLS, whose certificate a reload can replace.
+
+pub mod onboarding;
+pub mod token_service;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::client_auth::throttle::Throttle;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+use crate::token::cache::TokenCache;
+use crate::token::oauth2::OAuth2;
+
+/// Scrapers, probes and a person at the onboarding page need a handful of connections; more
+/// are refused, so that no one can hold the process's descriptors through this port.
+const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (a half-sent request holds nothing longer).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection lives, keep-alive included; clients reconnect.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Forms on the onboarding page are a few hundred bytes.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub type Reply = Response<Full<Bytes>>;
+
+/// What the admin endpoint serves; lives as long as the process, its settings replaced on
+/// reload ([`Admin::update`]).
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    current: RwLock<Arc<AdminRuntime>>,
+    /// Authorizations and device flows under way, kept across reloads.
+    flows: onboarding::Flows,
+}
+
+/// The parts of the admin endpoint that a reload replaces.
+#[derive(Default)]
+pub struct AdminRuntime {
+    pub tls: Option<TlsAcceptor>,
+    pub onboarding: Option<onboarding::Settings>,
+    pub token_service: Option<token_service::Settings>,
+    pub oauth2: Option<Arc<OAuth2>>,
+    pub tokens: Option<Arc<TokenCache>>,
+    /// Counts failed basic-auth attempts like failed logins.
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+impl Admin {
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Self {
+            metrics,
+            health,
+            current: RwLock::new(Arc::new(AdminRuntime::default())),
+            flows: onboarding::Flows::default(),
+        }
+    }
+
+    /// Puts a reload's settings in place; requests under way finish with the old ones.
+    pub fn update(&self, runtime: AdminRuntime) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
+    }
+
+    fn runtime(&self) -> Arc<AdminRuntime> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Serves admin requests on `listener` until `stop` completes.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut stop => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin endpoint at its connection limit; closing a connection");
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let serving = serve_connection(stream, peer, admin);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
+        });
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, admin: Arc<Admin>) {
+    let tls = admin.runtime().tls.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let admin = admin.clone();
+        async move { Ok::<_, Infallible>(respond(request, peer.ip(), &admin).await) }
+    });
+    let builder = {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
+        builder
+    };
+    let result = match tls {
+        Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await
+        {
+            Ok(Ok(stream)) => {
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "admin TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+        None => {
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "admin connection ended with an error");
+    }
+}
+
+/// A request with its body read (bounded).
+pub struct AdminRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+    pub client: IpAddr,
+}
+
+async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin) -> Reply {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
+        return plain(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n");
+    };
+    let request = AdminRequest {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        headers: parts.headers,
+        body: body.to_bytes(),
+        client,
+    };
+    let runtime = admin.runtime();
+    match request.path.as_str() {
+        "/metrics" | "/healthz" | "/readyz" => status_page(&request, admin),
+        "/token" => match &runtime.token_service {
+            Some(settings) => token_service::respond(&request, settings, &runtime, admin).await,
+            None => not_found(),
+        },
+        _ => match &runtime.onboarding {
+            Some(settings) => onboarding::respond(&request, settings, &runtime, &admin.flows).await,
+            None => not_found(),
+        },
+    }
+}
+
+fn status_page(request: &AdminRequest, admin: &Admin) -> Reply {
+    if request.method != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match request.path.as_str() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            admin.metrics.encode(),
+        ),
+        "/healthz" => plain(StatusCode::OK, "ok\n"),
+        _ => match admin.health.readiness() {
+            Ok(()) => plain(StatusCode::OK, "ready\n"),
+            Err(reason) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
+    }
+}
+
+/// Whether the request carries `user` and `password` in HTTP basic auth. Failures count
+/// against the client's address like failed logins (growing delays, then a block).
+///
+/// # Errors
+/// The reply to send instead: 401 with a challenge, or 429 while the address is blocked.
+pub async fn check_basic_auth(
+    request: &AdminRequest,
+    user: &str,
+    password: Option<&Secret<String>>,
+    realm: &str,
+    throttle: Option<&Throttle>,
+) -> Result<(), Box<Reply>> {
+    const ACCOUNT: &str = "(admin endpoint)";
+    if let Some(throttle) = throttle
+        && throttle.check(Some(request.client), ACCOUNT).is_err()
+    {
+        return Err(Box::new(plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts; try later\n",
+        )));
+    }
+    let presented = request
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Basic "))
+        .and_then(|encoded| {
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .ok()
+        })
+        .map(Secret::new);
+    let expected = password.map(|password| Secret::new(format!("{user}:{}", password.expose())));
+    let matches = match (presented, expected) {
+        (Some(presented), Some(expected)) => {
+            bool::from(presented.expose().ct_eq(expected.expose().as_bytes()))
+        }
+        _ => false,
+    };
+    if matches {
+        return Ok(());
+    }
+    if request.headers.contains_key(header::AUTHORIZATION)
+        && let Some(throttle) = throttle
+    {
+        tokio::time::sleep(throttle.failed(Some(request.client), ACCOUNT)).await;
+    }
+    let mut refused = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
+    let challenge = format!("Basic realm=\"{realm}\", charset=\"UTF-8\"");
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        refused
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    Err(Box::new(refused))
+}
+
+pub fn reply(code: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+pub fn plain(code: StatusCode, text: &'static str) -> Reply {
+    reply(code, "text/plain; charset=utf-8", text.to_owned())
+}
+
+pub fn not_found() -> Reply {
+    plain(StatusCode::NOT_FOUND, "not found\n")
+}

@@ -1,0 +1,331 @@
+//! The admin endpoint's onboarding page and token service, against the local OAuth2 provider
+//! and the real Dovecot: authorizing an account over HTTP (the browser test is in
+//! tests/onboarding_browser.rs), the refusals that protect it, and one mailgate serving
+//! tokens to another.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::imap_client::ImapClient;
+use support::oauth2::{ClientCredential, OAuthProvider, hidden_fields};
+use support::{Mailgate, TestUpstream, curl, free_port, with_timeout};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const CLIENT: &str = "mailgate";
+const CLIENT_SECRET: &str = "client-secret-77a1";
+const ADMIN_PASSWORD: &str = "onboarding-pw-3c9";
+const SERVICE_PASSWORD: &str = "token-service-pw-51e";
+const SCOPE: &str = "mail offline_access";
+const ALICE: &str = "alice@example.test";
+const PRINTER: &str = "printer@example.test";
+
+struct Setup {
+    up: TestUpstream,
+    provider: OAuthProvider,
+    dir: tempfile::TempDir,
+    imap: u16,
+    smtp: u16,
+    admin: u16,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let up = TestUpstream::start().await;
+        let provider = OAuthProvider::start(&up.introspection).await;
+        provider.add_client(CLIENT, ClientCredential::Secret(CLIENT_SECRET.to_owned()));
+        provider.set_mailbox(CLIENT, PRINTER);
+        provider.set_consenting_user(ALICE);
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in [
+            ("client-secret", CLIENT_SECRET),
+            ("admin-password", ADMIN_PASSWORD),
+            ("service-password", SERVICE_PASSWORD),
+            ("store-key", "bWFpbGdhdGUtdGVzdC1zdG9yZS1rZXktMzItYnl0ZXM="),
+        ] {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let admin = free_port();
+        provider.add_redirect_uri(CLIENT, &format!("http://127.0.0.1:{admin}/oauth/callback"));
+        Setup {
+            up,
+            provider,
+            dir,
+            imap: free_port(),
+            smtp: free_port(),
+            admin,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    /// The upstream's listeners, OAuth2 accounts `alice` (refresh token) and `printer`
+    /// (client credentials), the onboarding page and the token service.
+    fn config(&self) -> String {
+        let listeners = self.up.mailgate_config(self.imap, self.smtp);
+        let listeners = listeners.split("tokens:").next().unwrap();
+        format!(
+            r#"{listeners}admin:
+  listen: "127.0.0.1:{admin}"
+  onboarding:
+    password_file: "{admin_password}"
+    redirect_url: "{base}/oauth/callback"
+  token_service:
+    password_file: "{service_password}"
+tokens:
+  oauth2:
+    store: {{ dir: "{store}", key_file: "{key}" }}
+    providers:
+      local:
+        preset: custom
+        token_url: "{token_url}"
+        authorize_url: "{authorize_url}"
+        device_url: "{device_url}"
+        client_id: {CLIENT}
+        client_secret_file: "{secret}"
+        scope: "{SCOPE}"
+    accounts:
+      alice: {{ provider: local, grant: refresh_token, user: "{ALICE}" }}
+      printer: {{ provider: local, grant: client_credentials, user: "{PRINTER}" }}
+"#,
+            admin = self.admin,
+            base = self.base(),
+            admin_password = self.path("admin-password"),
+            service_password = self.path("service-password"),
+            store = self.path("tokens"),
+            key = self.path("store-key"),
+            secret = self.path("client-secret"),
+            token_url = self.provider.token_url(),
+            authorize_url = self.provider.authorize_url(),
+            device_url = self.provider.device_url(),
+        )
+    }
+}
+
+fn http() -> reqwest::Client {
+    mailgate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The value of the hidden `csrf` field of the accounts page.
+async fn csrf_token(s: &Setup) -> String {
+    let page = http()
+        .get(format!("{}/accounts", s.base()))
+        .basic_auth("admin", Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    hidden_fields(&page)
+        .into_iter()
+        .find(|(name, _)| name == "csrf")
+        .map(|(_, value)| value)
+        .expect("a CSRF token in the page")
+}
+
+async fn post_form(s: &Setup, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    http()
+        .post(format!("{}{path}", s.base()))
+        .basic_auth("admin", Some(ADMIN_PASSWORD))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Consents at the provider's page and returns where it sends the browser.
+async fn consent(url: &str) -> String {
+    let page = http().get(url).send().await.unwrap().text().await.unwrap();
+    let mut form = hidden_fields(&page);
+    form.push(("decision".to_owned(), "approve".to_owned()));
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let answer = http()
+        .post(url.split('?').next().unwrap())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 302);
+    answer.headers()["location"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_authorizes_an_account_and_refuses_what_it_did_not_start() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let mailgate = Mailgate::start(&s.config()).await;
+        let accounts = format!("{}/accounts", s.base());
+
+        // Without the password: 401 with a challenge.
+        let anonymous = http().get(&accounts).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401);
+        assert!(
+            anonymous.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Basic")
+        );
+
+        let page = http()
+            .get(&accounts)
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.headers()["cache-control"], "no-store");
+        let policy = page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            policy.contains("default-src 'none'") && policy.contains("form-action 'self'"),
+            "{policy}"
+        );
+        let text = page.text().await.unwrap();
+        assert!(text.contains("never authorized"), "{text}");
+
+        // A form without the CSRF token is refused.
+        let forged = post_form(&s, "/accounts/connect", &[("account", "alice")]).await;
+        assert_eq!(forged.status(), 403);
+
+        let csrf = csrf_token(&s).await;
+        let started = post_form(
+            &s,
+            "/accounts/connect",
+            &[("account", "alice"), ("csrf", &csrf)],
+        )
+        .await;
+        assert_eq!(started.status(), 303);
+        let to_provider = started.headers()["location"].to_str().unwrap().to_owned();
+        assert!(
+            to_provider.starts_with(&s.provider.authorize_url()),
+            "{to_provider}"
+        );
+        let back = consent(&to_provider).await;
+
+        // A redirect whose state this mailgate never sent is refused; nothing is stored.
+        let mut forged = url::Url::parse(&back).unwrap();
+        let pairs: Vec<(String, String)> = forged
+            .query_pairs()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    if k == "state" {
+                        "forged".to_owned()
+                    } else {
+                        v.to_string()
+                    },
+                )
+            })
+            .collect();
+        forged.query_pairs_mut().clear().extend_pairs(pairs);
+        let refused = http()
+            .get(forged.as_str())
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400);
+
+        let landed = http()
+            .get(&back)
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(landed.status(), 303, "{:?}", landed.text().await);
+        let list = landed.headers()["location"].to_str().unwrap().to_owned();
+        assert_eq!(list, "/accounts?authorized=alice");
+        let text = http()
+            .get(format!("{}{list}", s.base()))
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("Authorized") && text.contains("ok"), "{text}");
+
+        // Alice logs in through mailgate with the token the page obtained.
+        let mut client = ImapClient::connect(SocketAddr::from(([127, 0, 0, 1], s.imap))).await;
+        assert!(
+            client.login("alice", "x").await.is_ok(),
+            "{}",
+            mailgate.output()
+        );
+
+        // No secret in any page or log line.
+        let refresh = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+        for secret in [refresh.as_str(), CLIENT_SECRET, ADMIN_PASSWORD] {
+            assert!(!text.contains(secret));
+            mailgate.assert_not_logged(secret);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mailgate_serves_tokens_to_another_with_one_request_for_fifty_logins() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let central = Mailgate::start(&s.config()).await;
+        // Wrong password: 401.
+        let refused = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", "mailgate:wrong", &format!("{}/token?account=printer&proto=imap", s.base())]).await;
+        assert_eq!(refused.stdout, "401");
+
+        // The sidecar: its auth server is the central mailgate's token service.
+        let (imap, smtp) = (free_port(), free_port());
+        let listeners = s.up.mailgate_config(imap, smtp);
+        let listeners = listeners.split("tokens:").next().unwrap();
+        let sidecar_config = format!(
+            "{listeners}tokens:\n  auth_server:\n    url: \"http://mailgate@127.0.0.1:{}/token\"\n    password_file: \"{}\"\n",
+            s.admin,
+            s.path("service-password")
+        );
+        let sidecar = Mailgate::start(&sidecar_config).await;
+        let address = SocketAddr::from(([127, 0, 0, 1], imap));
+        let logins: Vec<_> = (0..50)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut client = ImapClient::connect(address).await;
+                    client.login("printer", "x").await
+                })
+            })
+            .collect();
+        for login in logins {
+            let login = login.await.unwrap();
+            assert!(login.is_ok(), "{login:?}\n{}\n{}", sidecar.output(), central.output());
+        }
+        let metrics = curl(&[&format!("{}/metrics", s.base())]).await.stdout;
+        assert!(
+            metrics.contains("mailgate_token_service_requests_total{result=\"ok\"} 1"),
+            "{metrics}"
+        );
+        assert_eq!(s.provider.count("client_credentials"), 1);
+        // An account the central mailgate does not hold is refused, as an auth server would.
+        let unknown = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", &format!("mailgate:{SERVICE_PASSWORD}"), &format!("{}/token?account=nobody", s.base())]).await;
+        assert_eq!(unknown.stdout, "404");
+        central.assert_not_logged(SERVICE_PASSWORD);
+    })
+    .await;
+}
