@@ -451,6 +451,7 @@ fn connector(port: u16, mechanism: MechanismSetting) -> Connector {
         system_roots: false,
         mechanism,
         connect_timeout: STEP_TIMEOUT,
+        forward_client: mailgate::config::ForwardClient::None,
     })
     .unwrap()
 }

@@ -73,7 +73,7 @@ fn require_password(
 }
 
 /// A readable certificate chain and private key (checked when files are read).
-pub(super) fn check_certificate(files: &CertificateFiles, key: &str, problems: &mut Problems) {
+pub(crate) fn check_certificate(files: &CertificateFiles, key: &str, problems: &mut Problems) {
     if problems.reads_files()
         && let Err(error) = crate::tls::server_config(&files.cert_file, &files.key_file)
     {

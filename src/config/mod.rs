@@ -122,6 +122,43 @@ pub struct ListenerConfig {
     /// Connections from one client address (IPv6: /64) beyond this are refused the same way.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// TLS towards clients.
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
+    /// Load balancers (CIDRs) whose PROXY protocol v2 header gives the real client address.
+    /// From these addresses the header is required; from others it is refused.
+    #[serde(default)]
+    pub accept_proxy: Vec<String>,
+}
+
+/// TLS towards the clients of one listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// `implicit`: TLS from the first byte (993, 465); `starttls`: plain, upgraded by the
+    /// client's STARTTLS (143, 587); `none`: plain.
+    pub mode: TlsMode,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// With `starttls`: no login before TLS (LOGINDISABLED / `530 5.7.0`).
+    #[serde(default = "default_true")]
+    pub require: bool,
+}
+
+/// How the upstream learns the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardClient {
+    #[default]
+    None,
+    /// IMAP `ID ("x-originating-ip" ...)` before the login (Dovecot, login_trusted_networks).
+    Id,
+    /// SMTP `XCLIENT ADDR= PORT=` before the login (Dovecot, Postfix).
+    Xclient,
+    /// A PROXY protocol v2 header at connect (Dovecot haproxy_trusted_networks, Postfix, nginx).
+    ProxyV2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -157,6 +194,9 @@ pub struct UpstreamConfig {
     pub mechanism: MechanismSetting,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// Tell the upstream the client's address (it must trust mailgate's address for that).
+    #[serde(default)]
+    pub forward_client: ForwardClient,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -421,6 +461,10 @@ impl Config {
         let mut add = |path: &Option<PathBuf>| files.extend(path.iter().cloned());
         for listener in &self.listeners {
             add(&listener.upstream.ca_file);
+            if let Some(tls) = &listener.tls {
+                add(&tls.cert_file);
+                add(&tls.key_file);
+            }
         }
         add(&self.client_auth.accounts_file);
         if let Some(admin) = &self.admin {
@@ -552,6 +596,44 @@ impl Config {
             }
             if upstream.port == 0 {
                 problems.add(format!("{key}.upstream.port"), "must not be 0");
+            }
+            match (upstream.forward_client, listener.protocol) {
+                (ForwardClient::Id, Protocol::Smtp) => problems.add(
+                    format!("{key}.upstream.forward_client"),
+                    "id is for IMAP listeners; SMTP uses xclient (or proxy_v2)",
+                ),
+                (ForwardClient::Xclient, Protocol::Imap) => problems.add(
+                    format!("{key}.upstream.forward_client"),
+                    "xclient is for SMTP listeners; IMAP uses id (or proxy_v2)",
+                ),
+                _ => {}
+            }
+            for (j, network) in listener.accept_proxy.iter().enumerate() {
+                if network.parse::<ipnet::IpNet>().is_err()
+                    && network.parse::<std::net::IpAddr>().is_err()
+                {
+                    problems.add(
+                        format!("{key}.accept_proxy[{j}]"),
+                        "not an address or a network in CIDR form (10.0.0.0/8, 2001:db8::/32)",
+                    );
+                }
+            }
+            if let Some(tls) = &listener.tls {
+                match (tls.mode, &tls.cert_file, &tls.key_file) {
+                    (TlsMode::None, _, _) => {}
+                    (_, Some(cert_file), Some(key_file)) => admin::check_certificate(
+                        &CertificateFiles {
+                            cert_file: cert_file.clone(),
+                            key_file: key_file.clone(),
+                        },
+                        &format!("{key}.tls"),
+                        problems,
+                    ),
+                    _ => problems.add(
+                        format!("{key}.tls"),
+                        "implicit and starttls need cert_file and key_file",
+                    ),
+                }
             }
             if upstream.tls != TlsMode::None
                 && problems.reads_files()

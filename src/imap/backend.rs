@@ -508,6 +508,7 @@ mod tests {
             system_roots: tls != TlsMode::None,
             mechanism,
             connect_timeout: Duration::from_secs(5),
+            forward_client: crate::config::ForwardClient::None,
         };
         (Connector::new(&config).unwrap(), listener)
     }
