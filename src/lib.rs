@@ -5,6 +5,8 @@
 //! - [`config`]: YAML configuration, defaults, validation.
 //! - [`commands`]: `authorize`, `accounts`, `test-login` for people.
 //! - [`server`]: listeners, accept loop, one task per connection.
+//! - [`client_tls`], [`proxy_protocol`]: what comes before a front end: TLS towards clients,
+//!   the PROXY header of a load balancer.
 //! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
 //!   [`login::Authenticator`] trait front ends call).
@@ -23,6 +25,7 @@
 
 pub mod admin;
 pub mod client_auth;
+pub mod client_tls;
 pub mod commands;
 pub mod config;
 pub mod health;
@@ -34,6 +37,7 @@ pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod sanitize;
 pub mod sasl;
 pub mod secret;

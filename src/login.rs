@@ -7,10 +7,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::client_tls::ClientTls;
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::secret::Secret;
 
@@ -167,9 +169,21 @@ pub struct FrontendSettings {
     pub pre_auth_lifetime: Duration,
     /// The client's address, as the listener saw it.
     pub client: Option<SocketAddr>,
+    /// TLS the client may start with STARTTLS; `None` when the listener has none or the
+    /// session runs over TLS already.
+    pub starttls: Option<Arc<ClientTls>>,
 }
 
 impl FrontendSettings {
+    /// What the session offers before the client starts TLS.
+    pub fn tls_offer(&self) -> TlsOffer {
+        match &self.starttls {
+            None => TlsOffer::None,
+            Some(tls) if tls.required => TlsOffer::Required,
+            Some(_) => TlsOffer::Optional,
+        }
+    }
+
     /// When the session's lifetime before authentication runs out, for a session started now.
     pub fn lifetime_end(&self) -> Instant {
         Instant::now() + self.pre_auth_lifetime
@@ -180,6 +194,18 @@ impl FrontendSettings {
     pub fn next_deadline(&self, lifetime_end: Instant) -> Instant {
         (Instant::now() + self.pre_auth_timeout).min(lifetime_end)
     }
+}
+
+/// Whether a front end offers STARTTLS, and whether logins wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsOffer {
+    /// No STARTTLS: the listener has no TLS, or the session has it already.
+    #[default]
+    None,
+    /// STARTTLS offered; logins allowed without it.
+    Optional,
+    /// STARTTLS offered; no login before it.
+    Required,
 }
 
 /// A session that authenticated: the client stream (replaying whatever it pipelined after the

@@ -16,7 +16,7 @@ pub struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LoginLabels {
+pub struct ListenerResultLabels {
     pub listener: String,
     pub result: &'static str,
 }
@@ -84,7 +84,7 @@ pub struct Metrics {
     pub connections: Family<ListenerLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_rejected: Family<ListenerLabels, Counter>,
-    pub logins: Family<LoginLabels, Counter>,
+    pub logins: Family<ListenerResultLabels, Counter>,
     pub token_requests: Family<TokenRequestLabels, Counter>,
     pub token_cache: Family<ResultLabels, Counter>,
     pub token_cache_evictions: Family<CauseLabels, Counter>,
@@ -105,6 +105,8 @@ pub struct Metrics {
     pub reauthorizations_needed: Counter,
     pub sessions_revoked: Counter,
     pub token_service_requests: Family<ResultLabels, Counter>,
+    pub client_tls_handshakes: Family<ListenerResultLabels, Counter>,
+    pub proxy_headers: Family<ListenerResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -141,6 +143,8 @@ impl Metrics {
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
             token_service_requests: Family::default(),
+            client_tls_handshakes: Family::default(),
+            proxy_headers: Family::default(),
         };
         let metrics = metrics.register_all();
         metrics.export_fixed_series();
@@ -182,7 +186,7 @@ impl Metrics {
         let _ = self.connections_rejected.get_or_create(&labels);
         let _ = self.session_duration_seconds.get_or_create(&labels);
         for result in std::iter::once("ok").chain(LoginError::ALL.iter().map(|e| e.label())) {
-            let _ = self.logins.get_or_create(&LoginLabels {
+            let _ = self.logins.get_or_create(&ListenerResultLabels {
                 listener: listener.to_owned(),
                 result,
             });
@@ -342,6 +346,16 @@ impl Metrics {
             self.token_service_requests.clone(),
         );
         registry.register(
+            "client_tls_handshakes",
+            "TLS handshakes with clients, by result (ok, timeout, closed, not_tls, incompatible, certificate_refused, error)",
+            self.client_tls_handshakes.clone(),
+        );
+        registry.register(
+            "proxy_headers",
+            "PROXY protocol headers from load balancers, by result (ok, local, invalid, timeout)",
+            self.proxy_headers.clone(),
+        );
+        registry.register(
             "login_blocks",
             "Client addresses or accounts blocked after too many failed logins, by scope",
             self.login_blocks.clone(),
@@ -351,11 +365,31 @@ impl Metrics {
 
     pub fn login(&self, listener: &str, result: &'static str) {
         self.logins
-            .get_or_create(&LoginLabels {
+            .get_or_create(&ListenerResultLabels {
                 listener: listener.to_owned(),
                 result,
             })
             .inc();
+    }
+
+    /// Counts `count` handshakes (0 exports the series).
+    pub fn client_tls_handshake(&self, listener: &str, result: &'static str, count: u64) {
+        self.client_tls_handshakes
+            .get_or_create(&ListenerResultLabels {
+                listener: listener.to_owned(),
+                result,
+            })
+            .inc_by(count);
+    }
+
+    /// Counts `count` PROXY headers (0 exports the series).
+    pub fn proxy_header(&self, listener: &str, result: &'static str, count: u64) {
+        self.proxy_headers
+            .get_or_create(&ListenerResultLabels {
+                listener: listener.to_owned(),
+                result,
+            })
+            .inc_by(count);
     }
 
     pub fn token_request(&self, source: &'static str, result: &'static str) {

@@ -19,14 +19,16 @@ use tracing::Instrument;
 use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
-use crate::config::{Config, ListenerConfig, Protocol};
+use crate::client_tls::ClientTls;
+use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::health::Health;
-use crate::io::write_all_by;
+use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::login::{
     Authenticator, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
 };
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
+use crate::proxy_protocol::TrustedProxies;
 use crate::sanitize::Escaped;
 use crate::sessions::SessionRegistry;
 use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
@@ -77,6 +79,8 @@ pub enum StartError {
     AdminTls(crate::tls::TlsError),
     #[error("listener {name}: upstream TLS: {reason}")]
     Upstream { name: String, reason: String },
+    #[error("listener {name}: TLS towards clients: {reason}")]
+    ClientTls { name: String, reason: String },
     #[error("token source: {0}")]
     TokenSource(String),
 }
@@ -201,6 +205,9 @@ impl SessionHandle {
 struct ListenerRuntime {
     proxy: ListenerProxy,
     settings: FrontendSettings,
+    /// TLS from the first byte (implicit TLS); STARTTLS is in `settings`.
+    implicit_tls: Option<Arc<ClientTls>>,
+    trusted_proxies: TrustedProxies,
     idle_timeout: Duration,
     max_connections: usize,
     max_connections_per_client: usize,
@@ -231,27 +238,29 @@ enum Full {
 /// One session's place under the limits; frees it and lowers the gauge on drop.
 struct Slot {
     slots: Arc<Slots>,
-    client: std::net::IpAddr,
+    /// The address group it counts against, once known.
+    client: Option<std::net::IpAddr>,
     active: Gauge,
 }
 
 impl Slots {
+    /// A slot for a connection from `peer`, counted against the client's address unless
+    /// `client` is `None` (a load balancer's connection, counted once its header names the
+    /// client: [`Slot::charge_client`]).
     fn try_take(
         self: &Arc<Self>,
         runtime: &ListenerRuntime,
-        peer: SocketAddr,
+        client: Option<std::net::IpAddr>,
         active: Gauge,
     ) -> Result<Slot, Full> {
-        let client = crate::client_auth::throttle::address_group(peer.ip());
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.open >= runtime.max_connections {
             return Err(Full::Listener);
         }
-        let of_client = counts.by_client.entry(client).or_default();
-        if *of_client >= runtime.max_connections_per_client {
-            return Err(Full::Client);
-        }
-        *of_client += 1;
+        let client = match client {
+            Some(client) => Some(counts.charge(client, runtime.max_connections_per_client)?),
+            None => None,
+        };
         counts.open += 1;
         active.inc();
         Ok(Slot {
@@ -262,14 +271,38 @@ impl Slots {
     }
 }
 
+impl SlotCounts {
+    /// Counts one more connection of `client`'s address group, if under `limit`.
+    fn charge(&mut self, client: std::net::IpAddr, limit: usize) -> Result<std::net::IpAddr, Full> {
+        let group = crate::client_auth::throttle::address_group(client);
+        let of_client = self.by_client.entry(group).or_default();
+        if *of_client >= limit {
+            return Err(Full::Client);
+        }
+        *of_client += 1;
+        Ok(group)
+    }
+}
+
+impl Slot {
+    /// Counts the slot against `client` once a load balancer's header has named it.
+    fn charge_client(&mut self, client: std::net::IpAddr, limit: usize) -> Result<(), Full> {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
+        self.client = Some(counts.charge(client, limit)?);
+        Ok(())
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.open -= 1;
-        if let Some(of_client) = counts.by_client.get_mut(&self.client) {
+        if let Some(client) = self.client
+            && let Some(of_client) = counts.by_client.get_mut(&client)
+        {
             *of_client -= 1;
             if *of_client == 0 {
-                counts.by_client.remove(&self.client);
+                counts.by_client.remove(&client);
             }
         }
         self.active.dec();
@@ -725,6 +758,18 @@ fn listener_runtime(
         })?
         .with_metrics(shared.metrics.clone());
     shared.metrics.export_listener(&listener.name);
+    let client_tls = client_tls(listener, &shared.metrics)?;
+    let (implicit_tls, starttls) = match listener.tls.as_ref().map(|tls| tls.mode) {
+        Some(TlsMode::Implicit) => (client_tls, None),
+        Some(TlsMode::Starttls) => (None, client_tls),
+        Some(TlsMode::None) | None => (None, None),
+    };
+    let trusted_proxies = TrustedProxies::new(&listener.accept_proxy);
+    if !listener.accept_proxy.is_empty() {
+        for result in crate::proxy_protocol::RESULTS {
+            shared.metrics.proxy_header(&listener.name, result, 0);
+        }
+    }
     Ok(ListenerRuntime {
         proxy: ListenerProxy::new(
             listener.name.clone(),
@@ -739,7 +784,10 @@ fn listener_runtime(
             pre_auth_timeout: listener.pre_auth_timeout,
             pre_auth_lifetime: listener.pre_auth_lifetime,
             client: None,
+            starttls,
         },
+        implicit_tls,
+        trusted_proxies,
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
         max_connections_per_client: listener.max_connections_per_client,
@@ -747,6 +795,34 @@ fn listener_runtime(
             listener: listener.name.clone(),
         },
     })
+}
+
+/// The listener's TLS towards clients, with the certificate as its files hold it now (a
+/// reload builds a new one: new handshakes get the new certificate, open sessions keep theirs).
+fn client_tls(
+    listener: &ListenerConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<ClientTls>>, StartError> {
+    let Some(tls) = &listener.tls else {
+        return Ok(None);
+    };
+    let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) else {
+        return Ok(None);
+    };
+    if tls.mode == TlsMode::None {
+        return Ok(None);
+    }
+    let config =
+        crate::tls::server_config(cert_file, key_file).map_err(|error| StartError::ClientTls {
+            name: listener.name.clone(),
+            reason: error.to_string(),
+        })?;
+    Ok(Some(Arc::new(ClientTls::new(
+        config,
+        tls.require,
+        &listener.name,
+        metrics.clone(),
+    ))))
 }
 
 async fn accept_loop(
@@ -778,7 +854,10 @@ async fn accept_loop(
             .connections_active
             .get_or_create(&runtime.labels)
             .clone();
-        let slot = match slots.try_take(&runtime, peer, active) {
+        // A load balancer's connections count against the client its header names.
+        let behind_proxy = runtime.trusted_proxies.trusts(peer.ip());
+        let client = (!behind_proxy).then_some(peer.ip());
+        let slot = match slots.try_take(&runtime, client, active) {
             Ok(slot) => slot,
             Err(full) => {
                 if matches!(full, Full::Client) {
@@ -788,7 +867,7 @@ async fn accept_loop(
                     .connections_rejected
                     .get_or_create(&runtime.labels)
                     .inc();
-                tokio::spawn(refuse(stream, runtime));
+                tokio::spawn(async move { refuse(stream, &runtime).await });
                 continue;
             }
         };
@@ -798,10 +877,13 @@ async fn accept_loop(
             "session",
             id,
             listener = %runtime.labels.listener,
-            client = %peer,
+            client = tracing::field::Empty,
             upstream = %runtime.proxy.connector.labels().upstream,
             account = tracing::field::Empty,
         );
+        if !behind_proxy {
+            span.record("client", tracing::field::display(peer));
+        }
         let live = CurrentProxy {
             listener: listener_handle.clone(),
             started_with: runtime.clone(),
@@ -847,9 +929,13 @@ fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
     }
 }
 
-/// Tells a client over the connection limit to come back later, then closes.
-async fn refuse(mut stream: TcpStream, runtime: Arc<ListenerRuntime>) {
-    let reply = closing_reply(&runtime, Closing::TooManyConnections);
+/// Tells a client over the connection limit to come back later, then closes. An implicit-TLS
+/// client could not read a plaintext goodbye, so it just sees the close.
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, runtime: &ListenerRuntime) {
+    if runtime.implicit_tls.is_some() {
+        return;
+    }
+    let reply = closing_reply(runtime, Closing::TooManyConnections);
     let deadline = Instant::now() + GOODBYE_TIMEOUT;
     let _ = write_all_by(&mut stream, &reply, deadline).await;
 }
@@ -895,12 +981,20 @@ async fn run_session(
     live: CurrentProxy,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
-    _slot: Slot,
+    mut slot: Slot,
 ) {
     metrics.connections.get_or_create(&runtime.labels).inc();
     let started = Instant::now();
+    let opened = tokio::select! {
+        opened = open(stream, peer, &runtime, &metrics, &mut slot) => opened,
+        () = sessions.clone().closing() => None,
+    };
+    let Some((stream, client)) = opened else {
+        tracing::info!(outcome = "closed_before_login", "session closed");
+        return;
+    };
     let settings = FrontendSettings {
-        client: Some(peer),
+        client: Some(client),
         ..runtime.settings.clone()
     };
     let closing = sessions.clone().closing();
@@ -917,8 +1011,62 @@ async fn run_session(
     }
 }
 
+/// What comes before the front end: a load balancer's PROXY header (from trusted addresses),
+/// then the TLS handshake of an implicit-TLS listener. Returns the stream the protocol runs
+/// over and the client's address; `None` when the session ends here (counted and logged).
+async fn open(
+    stream: TcpStream,
+    peer: SocketAddr,
+    runtime: &ListenerRuntime,
+    metrics: &Metrics,
+    slot: &mut Slot,
+) -> Option<(BoxedIo, SocketAddr)> {
+    let deadline = Instant::now() + runtime.settings.pre_auth_timeout;
+    let mut client = peer;
+    let mut io: BoxedIo = Box::new(stream);
+    if runtime.trusted_proxies.trusts(peer.ip()) {
+        let listener = &runtime.labels.listener;
+        let header = match crate::proxy_protocol::read_header(&mut io, deadline).await {
+            Ok(header) => header,
+            Err(error) => {
+                metrics.proxy_header(listener, error.label(), 1);
+                tracing::info!(balancer = %peer, %error, "PROXY header refused");
+                return None;
+            }
+        };
+        let result = match header.addresses {
+            Some((source, _)) => {
+                client = source;
+                "ok"
+            }
+            None => "local",
+        };
+        metrics.proxy_header(listener, result, 1);
+        tracing::Span::current().record("client", tracing::field::display(client));
+        if slot
+            .charge_client(client.ip(), runtime.max_connections_per_client)
+            .is_err()
+        {
+            tracing::debug!(%client, "client at max_connections_per_client");
+            metrics
+                .connections_rejected
+                .get_or_create(&runtime.labels)
+                .inc();
+            refuse(io, runtime).await;
+            return None;
+        }
+        if !header.rest.is_empty() {
+            io = Box::new(PrefixedIo::new(header.rest, io));
+        }
+    }
+    if let Some(tls) = &runtime.implicit_tls {
+        io = tls.accept(io, deadline).await?;
+    }
+    Some((io, client))
+}
+
 async fn relay(
-    mut handoff: Handoff<TcpStream>,
+    mut handoff: Handoff<BoxedIo>,
     runtime: &ListenerRuntime,
     metrics: &Metrics,
     sessions: SessionHandle,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{MechanismSetting, TlsMode, UpstreamConfig};
+use mailgate::io::BoxedIo;
 use mailgate::login::{
     Authenticator, BackendError, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
     UpstreamAuth,
@@ -64,7 +65,7 @@ impl Authenticator for StandIn {
     }
 }
 
-type Outcome = io::Result<Option<Handoff<DuplexStream>>>;
+type Outcome = io::Result<Option<Handoff<BoxedIo>>>;
 
 struct Transcript {
     reader: BufReader<ReadHalf<DuplexStream>>,
@@ -84,6 +85,7 @@ impl Transcript {
             pre_auth_timeout,
             pre_auth_lifetime: PRE_AUTH_LIFETIME,
             client: None,
+            starttls: None,
         };
         let shared = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -91,7 +93,7 @@ impl Transcript {
             let stop = async {
                 let _ = stopped.await;
             };
-            frontend::serve(server, shared.as_ref(), &settings, stop).await
+            frontend::serve(Box::new(server), shared.as_ref(), &settings, stop).await
         });
         let (read, writer) = tokio::io::split(client);
         Self {
@@ -169,7 +171,7 @@ const ALICE_WRONG: &str = "AGFsaWNlAHdyb25n";
 /// `\0alice\0down`
 const ALICE_DOWN: &str = "AGFsaWNlAGRvd24=";
 
-fn handoff(outcome: Outcome) -> Handoff<DuplexStream> {
+fn handoff(outcome: Outcome) -> Handoff<BoxedIo> {
     outcome.unwrap().expect("a handoff")
 }
 

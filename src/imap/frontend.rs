@@ -1,5 +1,6 @@
 //! The IMAP client side before authentication: greeting, the commands of the not-authenticated
-//! state (RFC 9051 6.1, 6.2), LOGIN and AUTHENTICATE PLAIN/LOGIN, then a handoff to the splice.
+//! state (RFC 9051 6.1, 6.2), STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN, then a handoff to
+//! the splice.
 
 use std::future::Future;
 use std::io;
@@ -9,16 +10,16 @@ use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 use tokio::time::{Instant, timeout_at};
 
 use super::framer::Framer;
 use super::reply;
-use crate::io::{PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
     Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
-    LoginRequest,
+    LoginRequest, TlsOffer,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
@@ -35,29 +36,27 @@ pub const MAX_MESSAGE_SIZE: u32 = 16 * 1024;
 /// session ended: the client sent LOGOUT or closed the stream; it was silent for
 /// `settings.pre_auth_timeout` or did not log in within `settings.pre_auth_lifetime`; it sent
 /// too many bad commands or failed logins; or `stop` completed (mailgate is shutting down).
-/// Each of those but the client's own close is answered with `* BYE`.
+/// Each of those but the client's own close is answered with `* BYE`. A failed STARTTLS
+/// handshake ends the session too.
 ///
 /// # Errors
 /// Reading from or writing to the client failed, or a reply was not read in time.
-pub async fn serve<S, A>(
-    client: S,
+pub async fn serve<A: Authenticator>(
+    client: BoxedIo,
     authenticator: &A,
     settings: &FrontendSettings,
     stop: impl Future<Output = ()>,
-) -> io::Result<Option<Handoff<S>>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    A: Authenticator,
-{
+) -> io::Result<Option<Handoff<BoxedIo>>> {
     tokio::pin!(stop);
     let mut conn = Conn {
         client,
         lifetime_end: settings.lifetime_end(),
         settings,
     };
-    conn.send(&reply::greeting(&settings.hostname)).await?;
+    let mut session = Session::new(settings.tls_offer());
+    conn.send(&reply::greeting(&settings.hostname, session.tls))
+        .await?;
     let mut framer = Framer::new(MAX_MESSAGE_SIZE);
-    let mut session = Session::default();
     loop {
         let Some(fragment) = framer.progress() else {
             let deadline = conn.deadline();
@@ -84,6 +83,22 @@ where
         };
         let reply = match action {
             Action::Reply(reply) => reply,
+            Action::StartTls { tag } => {
+                conn.send(&reply::begin_tls(&tag)).await?;
+                // Whatever came after STARTTLS was sent in the clear: it is never acted on
+                // (the CVE-2011-0411 class of injection).
+                framer = Framer::new(MAX_MESSAGE_SIZE);
+                let Some(tls) = &settings.starttls else {
+                    return Ok(None);
+                };
+                let deadline = conn.deadline();
+                let Some(client) = tls.accept(conn.client, deadline).await else {
+                    return Ok(None);
+                };
+                conn = Conn { client, ..conn };
+                session.tls = TlsOffer::None;
+                continue;
+            }
             Action::Login { tag, credentials } => {
                 let account = credentials.account.clone();
                 let request = LoginRequest {
@@ -126,13 +141,13 @@ where
 }
 
 /// The client stream with the session's deadlines.
-struct Conn<'a, S> {
-    client: S,
+struct Conn<'a> {
+    client: BoxedIo,
     lifetime_end: Instant,
     settings: &'a FrontendSettings,
 }
 
-impl<S: AsyncWrite + Unpin> Conn<'_, S> {
+impl Conn<'_> {
     fn deadline(&self) -> Instant {
         self.settings.next_deadline(self.lifetime_end)
     }
@@ -215,6 +230,10 @@ enum State {
 /// What the I/O loop does next.
 enum Action {
     Reply(Reply),
+    /// Answer under `tag` and run the TLS handshake.
+    StartTls {
+        tag: String,
+    },
     /// Log in with these credentials and answer under `tag`.
     Login {
         tag: String,
@@ -245,9 +264,18 @@ impl Reply {
 struct Session {
     state: State,
     strikes: Strikes,
+    /// STARTTLS on offer until the client takes it.
+    tls: TlsOffer,
 }
 
 impl Session {
+    fn new(tls: TlsOffer) -> Self {
+        Self {
+            tls,
+            ..Self::default()
+        }
+    }
+
     /// Handles the complete message in `fragmentizer`, decoded as the state expects.
     fn on_message(&mut self, fragmentizer: &Fragmentizer) -> Action {
         match std::mem::take(&mut self.state) {
@@ -282,7 +310,14 @@ impl Session {
         );
         let tag = command.tag.as_ref().to_owned();
         match command.body {
-            CommandBody::Capability => Reply::more(reply::capability(&tag)).into(),
+            CommandBody::Capability => Reply::more(reply::capability(&tag, self.tls)).into(),
+            CommandBody::StartTLS if self.tls != TlsOffer::None => Action::StartTls { tag },
+            CommandBody::StartTLS => self.refuse(Some(&tag), "STARTTLS not available").into(),
+            CommandBody::Login { .. } | CommandBody::Authenticate { .. }
+                if self.tls == TlsOffer::Required =>
+            {
+                self.strike_error(reply::privacy_required(&tag)).into()
+            }
             CommandBody::Noop => Reply::more(reply::ok(&tag, "NOOP completed")).into(),
             CommandBody::Id { .. } => Reply::more(reply::id(&tag)).into(),
             CommandBody::Logout => {

@@ -1,13 +1,24 @@
 //! Every reply the IMAP front end sends on its own, and the one mapping from failures to
 //! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
 
-use crate::login::LoginError;
+use crate::login::{LoginError, TlsOffer};
 use crate::sanitize;
 use crate::sasl::{self, SaslError};
 
-/// What mailgate offers before authentication. No STARTTLS: mailgate offers no client TLS of
-/// its own. No IMAP4rev2: it would oblige us to answer ENABLE and more (RFC 9051 7.2.2).
-pub const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
+/// What mailgate offers before authentication. No IMAP4rev2: it would oblige us to answer
+/// ENABLE and more (RFC 9051 7.2.2).
+const BASE_CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID";
+const AUTH_CAPABILITIES: &str = "AUTH=PLAIN AUTH=LOGIN";
+
+/// The capabilities for a session's TLS state: STARTTLS only before TLS (RFC 9051 6.2.1), and
+/// LOGINDISABLED without any AUTH= while a login must wait for it (RFC 9051 6.2.3, 7.2.2).
+pub fn capabilities(offer: TlsOffer) -> String {
+    match offer {
+        TlsOffer::None => format!("{BASE_CAPABILITIES} {AUTH_CAPABILITIES}"),
+        TlsOffer::Optional => format!("{BASE_CAPABILITIES} STARTTLS {AUTH_CAPABILITIES}"),
+        TlsOffer::Required => format!("{BASE_CAPABILITIES} STARTTLS LOGINDISABLED"),
+    }
+}
 
 pub const BYE_LOGOUT: &str = "Logging out";
 pub const BYE_IDLE: &str = "Autologout; idle too long";
@@ -16,9 +27,10 @@ pub const BYE_TOO_MANY_ERRORS: &str = "Too many invalid commands";
 pub const BYE_TOO_MANY_FAILURES: &str = "Too many failed logins";
 
 /// The untagged greeting (RFC 9051 7.1.1), listing capabilities so clients skip a round trip.
-pub fn greeting(hostname: &str) -> String {
+pub fn greeting(hostname: &str, offer: TlsOffer) -> String {
     let hostname = sanitize::for_wire(hostname);
-    format!("* OK [CAPABILITY {CAPABILITIES}] {hostname} mailgate ready\r\n")
+    let capabilities = capabilities(offer);
+    format!("* OK [CAPABILITY {capabilities}] {hostname} mailgate ready\r\n")
 }
 
 /// Sent instead of a greeting when the listener is at its connection limit (RFC 9051 7.1.5).
@@ -36,8 +48,19 @@ pub fn revoked() -> String {
     bye("Access to this account was revoked; log in again")
 }
 
-pub fn capability(tag: &str) -> String {
-    format!("* CAPABILITY {CAPABILITIES}\r\n{tag} OK Capability completed\r\n")
+pub fn capability(tag: &str, offer: TlsOffer) -> String {
+    let capabilities = capabilities(offer);
+    format!("* CAPABILITY {capabilities}\r\n{tag} OK Capability completed\r\n")
+}
+
+/// RFC 9051 6.2.1: the client starts the handshake after this line.
+pub fn begin_tls(tag: &str) -> String {
+    ok(tag, "Begin TLS negotiation now")
+}
+
+/// A login before STARTTLS where TLS is required (RFC 5530 PRIVACYREQUIRED).
+pub fn privacy_required(tag: &str) -> String {
+    no(tag, "[PRIVACYREQUIRED] Log in after STARTTLS")
 }
 
 /// RFC 2971: the server's identification; only a name, nothing that helps an attacker.
@@ -124,8 +147,8 @@ mod tests {
     #[test]
     fn greeting_drops_control_characters_from_the_hostname() {
         assert_eq!(
-            greeting("mx\r\n* BYE"),
-            format!("* OK [CAPABILITY {CAPABILITIES}] mx* BYE mailgate ready\r\n")
+            greeting("mx\r\n* BYE", TlsOffer::None),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mx* BYE mailgate ready\r\n"
         );
     }
 }

@@ -1,18 +1,19 @@
 //! The SMTP session with a client before authentication (RFC 5321, AUTH per RFC 4954,
-//! pipelining per RFC 2920): greeting, EHLO, AUTH PLAIN/LOGIN, then a [`Handoff`].
+//! pipelining per RFC 2920, STARTTLS per RFC 3207): greeting, EHLO, AUTH PLAIN/LOGIN, then a
+//! [`Handoff`].
 
 use std::future::Future;
 use std::io;
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::io::{PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
     Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
-    LoginRequest,
+    LoginRequest, TlsOffer,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslServer, SaslStep, ServerMechanism};
@@ -55,6 +56,7 @@ const RELAYED_EXTENSIONS: &[&str] = &[
 
 /// What mailgate offers clients itself, whatever the upstream says.
 const AUTH_EXTENSION: &str = "AUTH PLAIN LOGIN";
+const STARTTLS_EXTENSION: &str = "STARTTLS";
 const ENHANCED_STATUS_CODES: &str = "ENHANCEDSTATUSCODES";
 /// Offered when the upstream's extensions are unknown: only what mailgate honours itself.
 const FALLBACK_EXTENSIONS: &[&str] = &["PIPELINING", "8BITMIME", ENHANCED_STATUS_CODES];
@@ -66,21 +68,17 @@ const FALLBACK_EXTENSIONS: &[&str] = &["PIPELINING", "8BITMIME", ENHANCED_STATUS
 /// shutting down), with a `421` saying why. Bytes the client sent after the last line of a
 /// successful AUTH exchange are replayed by the handoff's stream.
 ///
-/// Returns `Ok(None)` on QUIT, when the client closes, after a timeout, a stop, and after too
-/// many errors or failed logins.
+/// Returns `Ok(None)` on QUIT, when the client closes, after a timeout, a stop, after too
+/// many errors or failed logins, and after a failed STARTTLS handshake.
 ///
 /// # Errors
 /// Reading from or writing to the client fails, or a write does not finish before the deadline.
-pub async fn serve<S, A>(
-    client: S,
+pub async fn serve<A: Authenticator>(
+    client: BoxedIo,
     authenticator: &A,
     settings: &FrontendSettings,
     stop: impl Future<Output = ()>,
-) -> io::Result<Option<Handoff<S>>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    A: Authenticator,
-{
+) -> io::Result<Option<Handoff<BoxedIo>>> {
     tokio::pin!(stop);
     let hostname = settings.hostname.as_str();
     let mut conn = Conn {
@@ -89,7 +87,7 @@ where
         lifetime_end: settings.lifetime_end(),
         settings,
     };
-    let mut session = Session::default();
+    let mut session = Session::new(settings.tls_offer());
     let mut lines = LineBuffer::default();
     loop {
         let Some(line) = lines.next_line() else {
@@ -115,8 +113,24 @@ where
                 Step::Reply(bytes) => conn.out.extend(bytes),
                 Step::Ehlo => {
                     let upstream = authenticator.smtp_extensions();
-                    conn.out
-                        .extend(reply::ehlo(hostname, &advertised_extensions(&upstream)));
+                    let extensions = advertised_extensions(&upstream, session.tls);
+                    conn.out.extend(reply::ehlo(hostname, &extensions));
+                }
+                Step::StartTls => {
+                    conn.out.extend(reply::ready_for_tls().to_bytes());
+                    conn.flush().await?;
+                    // Whatever came after STARTTLS was sent in the clear: it is never acted
+                    // on (the CVE-2011-0411 class of injection).
+                    lines = LineBuffer::default();
+                    let Some(tls) = &settings.starttls else {
+                        return Ok(None);
+                    };
+                    let deadline = conn.deadline();
+                    let Some(client) = tls.accept(conn.client, deadline).await else {
+                        return Ok(None);
+                    };
+                    conn = Conn { client, ..conn };
+                    session.tls_started();
                 }
                 Step::DiscardChunk { bytes, reply } => {
                     lines.discard(bytes);
@@ -170,14 +184,14 @@ where
 }
 
 /// The client stream, the replies not yet sent, and the session's deadlines.
-struct Conn<'a, S> {
-    client: S,
+struct Conn<'a> {
+    client: BoxedIo,
     out: Vec<u8>,
     lifetime_end: Instant,
     settings: &'a FrontendSettings,
 }
 
-impl<S: AsyncWrite + Unpin> Conn<'_, S> {
+impl Conn<'_> {
     fn deadline(&self) -> Instant {
         self.settings.next_deadline(self.lifetime_end)
     }
@@ -209,8 +223,8 @@ impl<S: AsyncWrite + Unpin> Conn<'_, S> {
 
 /// The EHLO keywords shown to clients: the upstream's relayable lines as sent (so parameters
 /// such as `SIZE 35882577` survive), `ENHANCEDSTATUSCODES` because mailgate's own replies carry
-/// them, and `AUTH PLAIN LOGIN` last.
-pub fn advertised_extensions(upstream: &[String]) -> Vec<String> {
+/// them, `STARTTLS` before TLS, and `AUTH PLAIN LOGIN` last unless a login must wait for TLS.
+pub fn advertised_extensions(upstream: &[String], tls: TlsOffer) -> Vec<String> {
     let mut extensions: Vec<String> = if upstream.is_empty() {
         FALLBACK_EXTENSIONS
             .iter()
@@ -229,7 +243,12 @@ pub fn advertised_extensions(upstream: &[String]) -> Vec<String> {
     {
         extensions.push(ENHANCED_STATUS_CODES.to_owned());
     }
-    extensions.push(AUTH_EXTENSION.to_owned());
+    if tls != TlsOffer::None {
+        extensions.push(STARTTLS_EXTENSION.to_owned());
+    }
+    if tls != TlsOffer::Required {
+        extensions.push(AUTH_EXTENSION.to_owned());
+    }
     extensions
 }
 
@@ -360,6 +379,8 @@ enum Step {
     Reply(Vec<u8>),
     /// Send the EHLO reply, which needs the upstream's extensions.
     Ehlo,
+    /// Send `220`, then run the TLS handshake.
+    StartTls,
     /// Reply, then drop the next `bytes` bytes of input.
     DiscardChunk {
         bytes: usize,
@@ -382,9 +403,27 @@ struct Session {
     state: State,
     helo: Option<Helo>,
     strikes: Strikes,
+    /// STARTTLS on offer until the client takes it.
+    tls: TlsOffer,
+    tls_active: bool,
 }
 
 impl Session {
+    fn new(tls: TlsOffer) -> Self {
+        Self {
+            tls,
+            ..Self::default()
+        }
+    }
+
+    /// RFC 3207 4.2: after the handshake the client starts over with EHLO.
+    fn tls_started(&mut self) {
+        self.state = State::Command;
+        self.helo = None;
+        self.tls = TlsOffer::None;
+        self.tls_active = true;
+    }
+
     fn helo_name(&self) -> Option<String> {
         self.helo.as_ref().map(|helo| helo.name.clone())
     }
@@ -433,8 +472,21 @@ impl Session {
             }
             Err(_) => return self.fail(Failure::Syntax, hostname),
         };
+        let tls_first = self.tls == TlsOffer::Required;
         match request {
             Request::Ehlo { host } => self.on_helo(&host, true, hostname),
+            Request::StartTls if self.tls != TlsOffer::None => Step::StartTls,
+            Request::StartTls if self.tls_active => self.fail(Failure::TlsActive, hostname),
+            // RFC 3207 4: with TLS required, only NOOP, EHLO, STARTTLS and QUIT come first.
+            Request::Auth { .. }
+            | Request::Mail { .. }
+            | Request::Rcpt { .. }
+            | Request::Data
+            | Request::Burl { .. }
+                if tls_first =>
+            {
+                self.fail(Failure::StartTlsRequired, hostname)
+            }
             Request::Helo { host } => self.on_helo(&host, false, hostname),
             Request::Auth {
                 mechanism,
@@ -443,18 +495,25 @@ impl Session {
             Request::Noop { .. } | Request::Rset => Step::Reply(reply::ok().to_bytes()),
             Request::Help { .. } => Step::Reply(reply::help().to_bytes()),
             Request::Quit => Step::Close(reply::bye().to_bytes()),
-            Request::Bdat { chunk_size, .. } => match self.fail(Failure::AuthRequired, hostname) {
-                // RFC 3030 2: a refused chunk is still read and thrown away.
-                Step::Reply(reply) => Step::DiscardChunk {
-                    bytes: chunk_size,
-                    reply,
-                },
-                other => other,
-            },
+            Request::Bdat { chunk_size, .. } => {
+                let failure = if tls_first {
+                    Failure::StartTlsRequired
+                } else {
+                    Failure::AuthRequired
+                };
+                match self.fail(failure, hostname) {
+                    // RFC 3030 2: a refused chunk is still read and thrown away.
+                    Step::Reply(reply) => Step::DiscardChunk {
+                        bytes: chunk_size,
+                        reply,
+                    },
+                    other => other,
+                }
+            }
             Request::Mail { .. } | Request::Rcpt { .. } | Request::Data | Request::Burl { .. } => {
                 self.fail(Failure::AuthRequired, hostname)
             }
-            // Not advertised: mailgate offers no TLS itself and no address verification.
+            // Not advertised: no TLS on this listener, and no address verification.
             Request::StartTls
             | Request::Vrfy { .. }
             | Request::Expn { .. }
@@ -563,6 +622,7 @@ mod tests {
             Step::Reply(bytes) | Step::Close(bytes) => String::from_utf8(bytes).unwrap(),
             Step::DiscardChunk { reply, .. } => String::from_utf8(reply).unwrap(),
             Step::Ehlo => "EHLO".to_owned(),
+            Step::StartTls => "STARTTLS".to_owned(),
             Step::Login(credentials) => format!("LOGIN {}", credentials.account),
         }
     }
@@ -664,11 +724,15 @@ mod tests {
             .map(|s| (*s).to_owned())
             .collect();
         assert_eq!(
-            advertised_extensions(&upstream),
+            advertised_extensions(&upstream, TlsOffer::None),
             ["SIZE 1000", "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN"]
         );
         assert_eq!(
-            advertised_extensions(&[]),
+            advertised_extensions(&upstream, TlsOffer::Required),
+            ["SIZE 1000", "ENHANCEDSTATUSCODES", "STARTTLS"]
+        );
+        assert_eq!(
+            advertised_extensions(&[], TlsOffer::None),
             [
                 "PIPELINING",
                 "8BITMIME",

@@ -51,6 +51,10 @@ pub enum Failure {
     BadSequence,
     #[error("command needs authentication")]
     AuthRequired,
+    #[error("command needs STARTTLS first")]
+    StartTlsRequired,
+    #[error("STARTTLS while TLS is active")]
+    TlsActive,
     #[error("command not implemented")]
     NotImplemented,
     #[error("unknown command")]
@@ -108,6 +112,11 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
         }
         Failure::BadSequence => Reply::new(503, "5.5.1", "Send EHLO first"),
         Failure::AuthRequired => Reply::new(530, "5.7.0", "Authentication required"),
+        // RFC 3207 4.
+        Failure::StartTlsRequired => {
+            Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
+        }
+        Failure::TlsActive => Reply::new(503, "5.5.1", "TLS already active"),
         Failure::NotImplemented => Reply::new(502, "5.5.1", "Command not implemented"),
         Failure::UnknownCommand => Reply::new(500, "5.5.2", "Command unrecognized"),
         Failure::Syntax => Reply::new(501, "5.5.4", "Syntax error in parameters"),
@@ -174,6 +183,11 @@ pub fn ehlo(hostname: &str, extensions: &[String]) -> Vec<u8> {
 /// RFC 2034 3: nor does the reply to HELO.
 pub fn helo(hostname: &str) -> Vec<u8> {
     format!("250 {hostname}\r\n").into_bytes()
+}
+
+/// RFC 3207 4: the client starts the handshake after this reply.
+pub fn ready_for_tls() -> Reply {
+    Reply::new(220, "2.0.0", "Ready to start TLS")
 }
 
 pub fn ok() -> Reply {

@@ -35,18 +35,41 @@ pub async fn run_command(
     cwd: Option<&Path>,
     timeout: Duration,
 ) -> CmdOutput {
+    run_command_with_input(program, args, cwd, None, timeout).await
+}
+
+/// Like [`run_command`], writing `input` (when given) to the program's stdin, then closing it.
+///
+/// # Panics
+/// When the program cannot be spawned (not installed).
+pub async fn run_command_with_input(
+    program: &str,
+    args: &[&str],
+    cwd: Option<&Path>,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> CmdOutput {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e} (run scripts/install-test-deps.sh)"));
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt as _;
+        // A program that exits early closes its end: what it did not read does not matter.
+        let _ = stdin.write_all(input).await;
+    }
     // Dropping the wait_with_output future drops the child, which kills it (kill_on_drop).
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => CmdOutput {
