@@ -172,9 +172,18 @@ pub struct FrontendSettings {
     /// TLS the client may start with STARTTLS; `None` when the listener has none or the
     /// session runs over TLS already.
     pub starttls: Option<Arc<ClientTls>>,
+    /// Longest command line, CRLF included.
+    pub max_line_length: usize,
+    /// IMAP: longest literal.
+    pub max_literal_size: usize,
 }
 
 impl FrontendSettings {
+    /// IMAP: the most one command (line plus literals) may hold.
+    pub fn max_message_size(&self) -> usize {
+        self.max_line_length.saturating_add(self.max_literal_size)
+    }
+
     /// What the session offers before the client starts TLS.
     pub fn tls_offer(&self) -> TlsOffer {
         match &self.starttls {

@@ -785,6 +785,8 @@ fn listener_runtime(
             pre_auth_lifetime: listener.pre_auth_lifetime,
             client: None,
             starttls,
+            max_line_length: listener.max_line_length,
+            max_literal_size: listener.max_literal_size,
         },
         implicit_tls,
         trusted_proxies,

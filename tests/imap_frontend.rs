@@ -3,7 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mailgate::imap::frontend::{self, MAX_MESSAGE_SIZE};
+use mailgate::config::{DEFAULT_MAX_LINE_LENGTH, DEFAULT_MAX_LITERAL_SIZE};
+use mailgate::imap::frontend;
 use mailgate::io::BoxedIo;
 use mailgate::limits::MAX_ERRORS;
 use mailgate::login::{
@@ -73,6 +74,8 @@ impl Client {
             pre_auth_lifetime: PRE_AUTH_LIFETIME,
             client: None,
             starttls: None,
+            max_line_length: DEFAULT_MAX_LINE_LENGTH,
+            max_literal_size: DEFAULT_MAX_LITERAL_SIZE,
         };
         let session_authenticator = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -505,9 +508,12 @@ async fn garbage_gets_bad_and_too_much_of_it_ends_the_session() {
 async fn oversized_line_is_discarded_and_the_session_stays_usable() {
     with_timeout(async {
         let mut client = Client::start(LoginError::BadCredentials).await;
-        let long = "x".repeat(MAX_MESSAGE_SIZE as usize * 2);
+        let long = "x".repeat(DEFAULT_MAX_LINE_LENGTH * 2);
         client
-            .exchange(&format!("a LOGIN u {long}\r\n"), &["a BAD Invalid command"])
+            .exchange(
+                &format!("a LOGIN u {long}\r\n"),
+                &["a BAD Command too long"],
+            )
             .await;
         client
             .exchange("b NOOP\r\n", &["b OK NOOP completed"])
@@ -520,7 +526,7 @@ async fn oversized_line_is_discarded_and_the_session_stays_usable() {
 async fn oversized_literals_are_refused() {
     with_timeout(async {
         let mut client = Client::start(LoginError::BadCredentials).await;
-        let too_large = MAX_MESSAGE_SIZE + 1;
+        let too_large = DEFAULT_MAX_LITERAL_SIZE + 1;
         // Synchronizing: refused before the client sends it, no continuation.
         client
             .exchange(
@@ -532,11 +538,11 @@ async fn oversized_literals_are_refused() {
             .exchange("b NOOP\r\n", &["b OK NOOP completed"])
             .await;
         // Non-synchronizing: arrives anyway and is discarded.
-        let literal = "y".repeat(too_large as usize);
+        let literal = "y".repeat(too_large);
         client
             .exchange(
                 &format!("c LOGIN u {{{too_large}+}}\r\n{literal}\r\n"),
-                &["c BAD Invalid command"],
+                &["c BAD Command too long"],
             )
             .await;
         client
@@ -592,6 +598,8 @@ async fn a_client_that_never_reads_loses_its_session() {
         pre_auth_lifetime: PRE_AUTH_LIFETIME,
         client: None,
         starttls: None,
+        max_line_length: DEFAULT_MAX_LINE_LENGTH,
+        max_literal_size: DEFAULT_MAX_LITERAL_SIZE,
     };
     let authenticator = StandIn {
         failure: LoginError::BadCredentials,

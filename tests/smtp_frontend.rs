@@ -86,6 +86,8 @@ impl Transcript {
             pre_auth_lifetime: PRE_AUTH_LIFETIME,
             client: None,
             starttls: None,
+            max_line_length: mailgate::config::DEFAULT_MAX_LINE_LENGTH,
+            max_literal_size: mailgate::config::DEFAULT_MAX_LITERAL_SIZE,
         };
         let shared = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -55,6 +55,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// One client address may hold this share of a listener: far more than a mail client uses,
 /// far less than all of it. A sidecar's app on loopback with more needs a higher value.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 500;
+/// RFC 4954 4: an SMTP AUTH line (and each SASL response) may be 12288 octets; the same bound
+/// serves IMAP command lines before login, which hold at most a user name and a password.
+pub const DEFAULT_MAX_LINE_LENGTH: usize = 12_288;
+/// IMAP: a literal before login carries a user name or a password; 8 KiB is plenty and keeps
+/// a pre-login command (line plus literals) near 20 KiB.
+pub const DEFAULT_MAX_LITERAL_SIZE: usize = 8_192;
+/// Bounds for both, so that a typo cannot make pre-login input unbounded.
+const LINE_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 512..=1_048_576;
+const MAX_LITERAL_SIZE_LIMIT: usize = 1_048_576;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +131,13 @@ pub struct ListenerConfig {
     /// Connections from one client address (IPv6: /64) beyond this are refused the same way.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// Longest command line before login, CRLF included (SMTP commands other than AUTH keep
+    /// RFC 5321's 512). Longer ones get `BAD` / `500 5.5.2` and are discarded.
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+    /// IMAP: longest literal before login; larger ones are refused before they are sent.
+    #[serde(default = "default_max_literal_size")]
+    pub max_literal_size: usize,
     /// TLS towards clients.
     #[serde(default)]
     pub tls: Option<ClientTlsConfig>,
@@ -567,6 +583,22 @@ impl Config {
             if self.admin.as_ref().map(|m| m.listen) == Some(listener.listen) {
                 problems.add(format!("{key}.listen"), "address used by admin.listen");
             }
+            if !LINE_LENGTH_RANGE.contains(&listener.max_line_length) {
+                problems.add(
+                    format!("{key}.max_line_length"),
+                    format!(
+                        "must be between {} and {} bytes",
+                        LINE_LENGTH_RANGE.start(),
+                        LINE_LENGTH_RANGE.end()
+                    ),
+                );
+            }
+            if listener.max_literal_size > MAX_LITERAL_SIZE_LIMIT {
+                problems.add(
+                    format!("{key}.max_literal_size"),
+                    format!("must be at most {MAX_LITERAL_SIZE_LIMIT} bytes"),
+                );
+            }
             if listener.max_connections == 0 {
                 problems.add(format!("{key}.max_connections"), "must be at least 1");
             }
@@ -811,6 +843,12 @@ fn default_max_connections() -> usize {
 }
 fn default_max_connections_per_client() -> usize {
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+}
+fn default_max_line_length() -> usize {
+    DEFAULT_MAX_LINE_LENGTH
+}
+fn default_max_literal_size() -> usize {
+    DEFAULT_MAX_LITERAL_SIZE
 }
 fn default_onboarding_user() -> String {
     "admin".to_owned()
@@ -1081,6 +1119,27 @@ tokens:
             [
                 "listeners[0].listen",
                 "listeners[0].upstream.connect_timeout"
+            ]
+        );
+    }
+
+    #[test]
+    fn client_facing_settings_are_checked() {
+        let listener = "    upstream: { host: mail.example, port: 143, tls: none }\n";
+        let extra = "    max_line_length: 100\n    max_literal_size: 2000000\n    \
+                     accept_proxy: [\"10.0.0.0/8\", \"lb.example\"]\n    \
+                     tls: { mode: starttls }\n";
+        let text = MINIMAL
+            .replace(listener, &format!("{listener}{extra}"))
+            .replace("tls: none }", "tls: none, forward_client: xclient }");
+        assert_eq!(
+            problem_keys(&text),
+            [
+                "listeners[0].max_line_length",
+                "listeners[0].max_literal_size",
+                "listeners[0].upstream.forward_client",
+                "listeners[0].accept_proxy[1]",
+                "listeners[0].tls",
             ]
         );
     }

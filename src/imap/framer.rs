@@ -87,6 +87,11 @@ impl Framer {
         self.message_position = 0;
     }
 
+    /// Marks the current message as refused once complete.
+    pub(crate) fn poison_message(&mut self) {
+        self.fragmentizer.poison_message();
+    }
+
     pub(crate) fn fragmentizer(&self) -> &Fragmentizer {
         &self.fragmentizer
     }

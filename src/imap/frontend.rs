@@ -25,10 +25,6 @@ use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
 use crate::secret::Secret;
 
-/// Largest message (command line plus literals) accepted before authentication. Dovecot takes
-/// up to about 8 KiB of base64 in AUTHENTICATE; twice that leaves room and still bounds memory.
-pub const MAX_MESSAGE_SIZE: u32 = 16 * 1024;
-
 /// Runs the session until the client has logged in, logged out, closed, or was closed.
 ///
 /// Returns `Ok(Some(_))` after a successful login, with everything the client pipelined after
@@ -56,7 +52,7 @@ pub async fn serve<A: Authenticator>(
     let mut session = Session::new(settings.tls_offer());
     conn.send(&reply::greeting(&settings.hostname, session.tls))
         .await?;
-    let mut framer = Framer::new(MAX_MESSAGE_SIZE);
+    let mut framer = new_framer(settings);
     loop {
         let Some(fragment) = framer.progress() else {
             let deadline = conn.deadline();
@@ -71,13 +67,32 @@ pub async fn serve<A: Authenticator>(
                 Err(_elapsed) => return conn.goodbye(&conn.timed_out()).await,
             }
         };
+        let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
+            && fragment.range().len() > settings.max_line_length;
         let action = if let Some(announcement) = literal_announcement(fragment) {
-            match accept_literal(&mut framer, announcement, &mut session) {
+            match accept_literal(
+                &mut framer,
+                announcement,
+                line_too_long,
+                &mut session,
+                settings,
+            ) {
                 Some(reply) => Action::Reply(reply),
                 None => continue,
             }
         } else if framer.fragmentizer().is_message_complete() {
-            session.on_message(framer.fragmentizer())
+            let fragmentizer = framer.fragmentizer();
+            if line_too_long
+                || fragmentizer.is_message_poisoned()
+                || fragmentizer.is_max_message_size_exceeded()
+            {
+                let tag = fragmentizer.decode_tag();
+                session
+                    .refuse(tag.as_ref().map(AsRef::as_ref), "Command too long")
+                    .into()
+            } else {
+                session.on_message(framer.fragmentizer())
+            }
         } else {
             continue;
         };
@@ -87,7 +102,7 @@ pub async fn serve<A: Authenticator>(
                 conn.send(&reply::begin_tls(&tag)).await?;
                 // Whatever came after STARTTLS was sent in the clear: it is never acted on
                 // (the CVE-2011-0411 class of injection).
-                framer = Framer::new(MAX_MESSAGE_SIZE);
+                framer = new_framer(settings);
                 let Some(tls) = &settings.starttls else {
                     return Ok(None);
                 };
@@ -113,7 +128,7 @@ pub async fn serve<A: Authenticator>(
                     () = tokio::time::sleep_until(lifetime_end) => {
                         return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
                     }
-                    () = hung_up(&mut conn.client, &mut framer) => return Ok(None),
+                    () = hung_up(&mut conn.client, &mut framer, settings) => return Ok(None),
                 };
                 match result {
                     Ok(upstream) => {
@@ -175,10 +190,14 @@ impl Conn<'_> {
 
 /// Completes when the client hangs up while its login runs, so that the login (its password
 /// check, its token fetch) is dropped instead of finishing for no one. What the client
-/// pipelines meanwhile is kept for the upstream, up to [`MAX_MESSAGE_SIZE`]; past that,
-/// reading waits for the login.
-async fn hung_up<S: AsyncRead + Unpin>(client: &mut S, framer: &mut Framer) {
-    while framer.buffered() < MAX_MESSAGE_SIZE as usize {
+/// pipelines meanwhile is kept for the upstream, up to one command's size; past that, reading
+/// waits for the login.
+async fn hung_up<S: AsyncRead + Unpin>(
+    client: &mut S,
+    framer: &mut Framer,
+    settings: &FrontendSettings,
+) {
+    while framer.buffered() < settings.max_message_size() {
         if !matches!(framer.fill(client).await, Ok(true)) {
             return;
         }
@@ -193,23 +212,37 @@ fn literal_announcement(fragment: FragmentInfo) -> Option<LiteralAnnouncement> {
     }
 }
 
+/// A framer bounded by the listener's limits; the limits are validated to fit in a `u32`.
+fn new_framer(settings: &FrontendSettings) -> Framer {
+    Framer::new(u32::try_from(settings.max_message_size()).unwrap_or(u32::MAX))
+}
+
 /// Decides on a literal announced at the end of a line: `Some(reply)` to send, `None` to read
-/// on. A synchronizing literal that would not fit is refused before the client sends it
-/// (RFC 9051 7.5), so its bytes never arrive and the message can be skipped. A non-synchronizing
-/// one arrives anyway (RFC 7888 4): the `Fragmentizer` discards it and the message fails to decode.
+/// on. A synchronizing literal that would not fit (or follows a line too long) is refused
+/// before the client sends it (RFC 9051 7.5), so its bytes never arrive and the message can be
+/// skipped. A non-synchronizing one arrives anyway (RFC 7888 4): the message is marked, read to
+/// its end (the `Fragmentizer` keeps at most its size limit) and refused then.
 fn accept_literal(
     framer: &mut Framer,
     announcement: LiteralAnnouncement,
+    line_too_long: bool,
     session: &mut Session,
+    settings: &FrontendSettings,
 ) -> Option<Reply> {
-    if announcement.mode == LiteralMode::NonSync {
-        return None;
-    }
-    let size = framer
-        .message_len()
-        .saturating_add(announcement.length as usize);
-    if size <= MAX_MESSAGE_SIZE as usize {
-        return Some(Reply::more(reply::CONTINUE_LITERAL.to_owned()));
+    let length = announcement.length as usize;
+    let fits = !line_too_long
+        && length <= settings.max_literal_size
+        && framer.message_len().saturating_add(length) <= settings.max_message_size();
+    match (announcement.mode, fits) {
+        (LiteralMode::NonSync, true) => return None,
+        (LiteralMode::NonSync, false) => {
+            framer.poison_message();
+            return None;
+        }
+        (LiteralMode::Sync, true) => {
+            return Some(Reply::more(reply::CONTINUE_LITERAL.to_owned()));
+        }
+        (LiteralMode::Sync, false) => {}
     }
     let tag = framer.fragmentizer().decode_tag();
     let tag = tag.as_ref().map(|tag| tag.as_ref().to_owned());

@@ -22,10 +22,6 @@ use crate::smtp::reply::{self, Failure};
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
-/// RFC 4954 4 raises the limit to 12288 octets (CRLF included) for the AUTH command and the
-/// client's SASL responses; that also bounds every buffered line, since the framer cannot
-/// know the verb before the line ends.
-pub const MAX_AUTH_LINE: usize = 12288;
 /// RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.
 const MAX_DOMAIN: usize = 255;
 /// Bytes read from the client at once; the line buffer holds at most this plus one line.
@@ -88,7 +84,7 @@ pub async fn serve<A: Authenticator>(
         settings,
     };
     let mut session = Session::new(settings.tls_offer());
-    let mut lines = LineBuffer::default();
+    let mut lines = LineBuffer::new(settings.max_line_length);
     loop {
         let Some(line) = lines.next_line() else {
             conn.flush().await?;
@@ -121,7 +117,7 @@ pub async fn serve<A: Authenticator>(
                     conn.flush().await?;
                     // Whatever came after STARTTLS was sent in the clear: it is never acted
                     // on (the CVE-2011-0411 class of injection).
-                    lines = LineBuffer::default();
+                    lines = LineBuffer::new(settings.max_line_length);
                     let Some(tls) = &settings.starttls else {
                         return Ok(None);
                     };
@@ -262,10 +258,10 @@ fn keyword(line: &str) -> String {
 
 /// Completes when the client hangs up while its login runs, so that the login is dropped
 /// instead of finishing for no one. What the client pipelines meanwhile is kept for the
-/// upstream, up to [`MAX_AUTH_LINE`]; past that, reading waits for the login.
+/// upstream, up to one line's limit; past that, reading waits for the login.
 async fn hung_up<S: AsyncRead + Unpin>(client: &mut S, lines: &mut LineBuffer) {
     let mut chunk = [0u8; READ_CHUNK];
-    while lines.buffered() < MAX_AUTH_LINE {
+    while lines.buffered() < lines.max_line {
         match client.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => lines.push(&chunk[..n]),
@@ -302,14 +298,16 @@ async fn read_more<S: AsyncRead + Unpin>(
 enum Line {
     /// Up to and including the LF.
     Complete(Vec<u8>),
-    /// A line longer than [`MAX_AUTH_LINE`], already discarded up to its LF.
+    /// A line longer than the limit, already discarded up to its LF.
     TooLong,
 }
 
-/// Frames client input into lines without I/O, holding at most [`MAX_AUTH_LINE`] bytes of an
-/// unfinished line plus one read.
-#[derive(Default)]
+/// Frames client input into lines without I/O, holding at most `max_line` bytes of an
+/// unfinished line plus one read. The limit bounds every line (RFC 4954 4 lets AUTH lines and
+/// SASL responses be longer than other commands), since the framer cannot know the verb
+/// before the line ends.
 struct LineBuffer {
+    max_line: usize,
     buffer: Vec<u8>,
     /// Inside an oversized line: drop everything up to the next LF.
     overflowing: bool,
@@ -318,6 +316,15 @@ struct LineBuffer {
 }
 
 impl LineBuffer {
+    fn new(max_line: usize) -> Self {
+        Self {
+            max_line,
+            buffer: Vec::new(),
+            overflowing: false,
+            skip: 0,
+        }
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.buffer.extend_from_slice(bytes);
     }
@@ -342,14 +349,14 @@ impl LineBuffer {
         match self.buffer.iter().position(|&b| b == b'\n') {
             Some(end) => {
                 let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                if std::mem::take(&mut self.overflowing) || line.len() > MAX_AUTH_LINE {
+                if std::mem::take(&mut self.overflowing) || line.len() > self.max_line {
                     Some(Line::TooLong)
                 } else {
                     Some(Line::Complete(line))
                 }
             }
             None => {
-                if self.overflowing || self.buffer.len() > MAX_AUTH_LINE {
+                if self.overflowing || self.buffer.len() > self.max_line {
                     self.overflowing = true;
                     self.buffer.clear();
                 }
@@ -461,7 +468,7 @@ impl Session {
             return self.fail(Failure::ControlCharacters, hostname);
         }
         let request = Request::parse(&mut line.iter());
-        // RFC 4954 4 allows AUTH lines up to MAX_AUTH_LINE; every other command gets 512.
+        // RFC 4954 4 allows longer AUTH lines; every other command gets 512.
         if line.len() > MAX_COMMAND_LINE && !matches!(request, Ok(Request::Auth { .. })) {
             return self.fail(Failure::LineTooLong, hostname);
         }
@@ -638,7 +645,7 @@ mod tests {
 
     #[test]
     fn frames_lines_and_keeps_the_rest() {
-        let mut lines = LineBuffer::default();
+        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
         lines.push(b"NOOP\r\nMAIL FROM:<a>\r\nRCPT");
         assert_eq!(
             lines.next_line(),
@@ -654,8 +661,8 @@ mod tests {
 
     #[test]
     fn oversized_line_is_dropped_to_its_end() {
-        let mut lines = LineBuffer::default();
-        lines.push(&vec![b'x'; MAX_AUTH_LINE + 1]);
+        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
+        lines.push(&vec![b'x'; crate::config::DEFAULT_MAX_LINE_LENGTH + 1]);
         assert_eq!(lines.next_line(), None);
         assert!(lines.buffer.is_empty());
         lines.push(b"xxxx\r\nNOOP\r\n");
@@ -668,7 +675,7 @@ mod tests {
 
     #[test]
     fn discards_a_refused_chunk() {
-        let mut lines = LineBuffer::default();
+        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
         lines.discard(5);
         lines.push(b"ab");
         assert_eq!(lines.next_line(), None);
