@@ -742,7 +742,8 @@ fn token_state(
         Arc::new(sources),
         metrics.clone(),
         end_sessions,
-    );
+    )
+    .with_max_concurrent_fetches(config.tokens.max_concurrent_fetches);
     Ok((Arc::new(tokens), oauth2))
 }
 

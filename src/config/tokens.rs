@@ -14,6 +14,10 @@ use crate::secret::Secret;
 
 pub const DEFAULT_AUTH_SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
+/// Token requests in flight at once, over all accounts: logins of one account share one
+/// request already; this bounds a burst of many accounts (after a restart, or an attacker
+/// cycling through account names) so the token source is not flooded.
+pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 64;
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// Accounts used this recently get their tokens renewed before they expire.
@@ -33,6 +37,9 @@ pub struct TokensConfig {
     pub oauth2: Option<OAuth2Config>,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Token requests in flight at once; more wait their turn (within the login's timeout).
+    #[serde(default = "default_max_concurrent_fetches")]
+    pub max_concurrent_fetches: usize,
     /// End an account's open sessions when its source refuses it for good.
     #[serde(default = "default_true")]
     pub end_sessions_on_revoke: bool,
@@ -240,6 +247,9 @@ impl TokensConfig {
     }
 
     fn check_cache(&self, problems: &mut Problems) {
+        if self.max_concurrent_fetches == 0 {
+            problems.add("tokens.max_concurrent_fetches", "must be at least 1");
+        }
         let cache = &self.cache;
         if cache.max_entries == 0 {
             problems.add("tokens.cache.max_entries", "must be at least 1");
@@ -516,6 +526,10 @@ fn decode_key(encoded: &str) -> Option<Secret<Vec<u8>>> {
 /// Account ids and mailboxes: what a client types as its user name, and what goes into SASL.
 pub fn is_usable_name(name: &str) -> bool {
     (1..=320).contains(&name.len()) && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn default_max_concurrent_fetches() -> usize {
+    DEFAULT_MAX_CONCURRENT_FETCHES
 }
 
 fn default_true() -> bool {

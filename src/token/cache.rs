@@ -15,7 +15,7 @@ use moka::ops::compute::Op;
 use tokio::time::Instant;
 
 use super::{Token, TokenError, TokenKey, TokenSource};
-use crate::config::{CacheConfig, Protocol};
+use crate::config::{CacheConfig, DEFAULT_MAX_CONCURRENT_FETCHES, Protocol};
 use crate::metrics::{CauseLabels, Metrics};
 use crate::sessions::SessionRegistry;
 
@@ -54,6 +54,8 @@ pub struct TokenCache {
     /// Set when a reload replaced this cache: its renewals stop (sessions still holding it
     /// keep their tokens until they expire).
     retired: std::sync::atomic::AtomicBool,
+    /// Bounds the token requests in flight, renewals included.
+    fetches: tokio::sync::Semaphore,
 }
 
 /// Per-entry lifetime: the token's own (or the default) minus the margin, so a token is
@@ -128,7 +130,21 @@ impl TokenCache {
             sessions,
             epoch: Instant::now(),
             retired: std::sync::atomic::AtomicBool::new(false),
+            fetches: tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_FETCHES),
         }
+    }
+
+    /// At most `limit` token requests in flight at once.
+    pub fn with_max_concurrent_fetches(mut self, limit: usize) -> Self {
+        self.fetches = tokio::sync::Semaphore::new(limit.max(1));
+        self
+    }
+
+    /// One request to the source, when a turn is free.
+    async fn fetch(&self, key: &TokenKey) -> Result<Token, TokenError> {
+        // The semaphore is never closed, so a permit always comes.
+        let _turn = self.fetches.acquire().await;
+        self.source.fetch(key).await
     }
 
     /// Stops renewing tokens: a reload put another cache in this one's place.
@@ -157,8 +173,7 @@ impl TokenCache {
             .entries
             .entry_by_ref(&key)
             .or_try_insert_with(async {
-                self.source
-                    .fetch(&key)
+                self.fetch(&key)
                     .await
                     .map(|token| self.cached(token, self.now_ms()))
             })
@@ -281,7 +296,7 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
         {
             return;
         }
-        match cache.source.fetch(&key).await {
+        match cache.fetch(&key).await {
             Ok(token) => {
                 let last_used = cached.last_used.load(Ordering::Relaxed);
                 let fresh = cache.cached(token, last_used);
@@ -370,6 +385,55 @@ mod tests {
         let (_, kept) = cache.get("a", Protocol::Imap).await.unwrap();
         assert_eq!(token_text(&kept.token), "token-2");
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+
+    /// Answers after a pause, recording how many requests were in flight at most.
+    #[derive(Default)]
+    struct Slow {
+        in_flight: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl TokenSource for Slow {
+        fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, TokenError>> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                Err(TokenError::Refused)
+            })
+        }
+
+        fn probe(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_for_many_accounts_take_turns() {
+        let source = Arc::new(Slow::default());
+        let cache = Arc::new(
+            TokenCache::new(
+                &CacheConfig::default(),
+                source.clone(),
+                Arc::new(Metrics::new()),
+                None,
+            )
+            .with_max_concurrent_fetches(3),
+        );
+        let logins: Vec<_> = (0..12)
+            .map(|i| {
+                let cache = cache.clone();
+                tokio::spawn(
+                    async move { cache.get(&format!("account-{i}"), Protocol::Imap).await },
+                )
+            })
+            .collect();
+        for login in logins {
+            assert!(login.await.unwrap().is_err());
+        }
+        assert_eq!(source.most.load(Ordering::SeqCst), 3);
     }
 }
 
