@@ -39,7 +39,8 @@ pub const VIEWPORT: (u32, u32) = (1280, 900);
 
 /// How long chromedriver may take to answer `/status` (measured: about 50 ms).
 const DRIVER_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long creating the session (starting Chromium) may take (measured: 0.5 to 1.5 s).
+/// How long creating the session (starting Chromium) may take (measured: about 1 s; the whole
+/// start, 1.4 to 1.8 s, 2.5 s with other browsers starting at the same time).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// The deadline of any one WebDriver command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,7 +63,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const SOURCE_SNIPPET_CHARS: usize = 2_000;
 /// Answers larger than this are refused. A 1280x900 screenshot is well below 5 MB in base64.
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
-/// The key under which W3C WebDriver returns an element reference (WebDriver §12.1).
+/// The key under which W3C WebDriver returns an element reference (its "web element
+/// identifier").
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Chromium's command line besides `--user-data-dir` (and `--log-net-log`), each for a reason.
@@ -121,12 +123,12 @@ pub struct BrowserOptions {
 
 /// An error answer from chromedriver, or no answer.
 #[derive(Debug, Clone)]
-pub struct WebDriverError {
+struct WebDriverError {
     /// The HTTP status, when there was an answer.
-    pub status: Option<u16>,
+    status: Option<u16>,
     /// The W3C error code (`no such element`, `timeout`, ...), or `transport`/`bad answer`.
-    pub error: String,
-    pub message: String,
+    error: String,
+    message: String,
 }
 
 impl std::fmt::Display for WebDriverError {
@@ -445,7 +447,8 @@ impl Browser {
 
     // ---- the WebDriver wire -----------------------------------------------------------------
 
-    /// One HTTP request to chromedriver; the answer's `value` (WebDriver §6.3 and §6.6).
+    /// One HTTP request to chromedriver; the answer's `value`. Success is HTTP 200 with
+    /// `{"value": ...}`; an error has another status and `{"value": {"error", "message", ...}}`.
     async fn send(
         &self,
         method: Method,
