@@ -17,6 +17,7 @@
 // Not every test file uses every helper or re-export.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod certs;
 pub mod dovecot;
 pub mod http;
@@ -29,6 +30,7 @@ pub mod sink;
 use std::future::Future;
 use std::time::Duration;
 
+pub use browser::{Browser, BrowserOptions, Element};
 pub use certs::TestCa;
 pub use dovecot::Dovecot;
 pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
