@@ -137,6 +137,9 @@ pub struct LoginRequest {
     pub helo: Option<String>,
     /// The client's address, for per-address failure counting; `None` over in-memory streams.
     pub client: Option<SocketAddr>,
+    /// The address of mailgate the client connected to, for `forward_client`; `None` over
+    /// in-memory streams.
+    pub local: Option<SocketAddr>,
 }
 
 /// The one thing front ends need from the rest of mailgate.
@@ -167,6 +170,8 @@ pub struct FrontendSettings {
     pub pre_auth_lifetime: Duration,
     /// The client's address, as the listener saw it.
     pub client: Option<SocketAddr>,
+    /// The listener's address the client connected to.
+    pub local: Option<SocketAddr>,
 }
 
 impl FrontendSettings {

@@ -739,6 +739,7 @@ fn listener_runtime(
             pre_auth_timeout: listener.pre_auth_timeout,
             pre_auth_lifetime: listener.pre_auth_lifetime,
             client: None,
+            local: None,
         },
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
@@ -901,6 +902,7 @@ async fn run_session(
     let started = Instant::now();
     let settings = FrontendSettings {
         client: Some(peer),
+        local: stream.local_addr().ok(),
         ..runtime.settings.clone()
     };
     let closing = sessions.clone().closing();

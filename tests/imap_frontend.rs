@@ -71,6 +71,7 @@ impl Client {
             pre_auth_timeout: PRE_AUTH_TIMEOUT,
             pre_auth_lifetime: PRE_AUTH_LIFETIME,
             client: None,
+            local: None,
         };
         let session_authenticator = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -583,6 +584,7 @@ async fn a_client_that_never_reads_loses_its_session() {
         pre_auth_timeout: PRE_AUTH_TIMEOUT,
         pre_auth_lifetime: PRE_AUTH_LIFETIME,
         client: None,
+        local: None,
     };
     let authenticator = StandIn {
         failure: LoginError::BadCredentials,

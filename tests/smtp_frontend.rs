@@ -84,6 +84,7 @@ impl Transcript {
             pre_auth_timeout,
             pre_auth_lifetime: PRE_AUTH_LIFETIME,
             client: None,
+            local: None,
         };
         let shared = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -492,9 +493,14 @@ async fn short_token_goes_on_the_auth_line() {
     ])
     .await;
     let connector = connector(port, MechanismSetting::Auto);
-    let mut upstream = within(backend::login(&connector, &bearer("tok"), "client.example"))
-        .await
-        .unwrap();
+    let mut upstream = within(backend::login(
+        &connector,
+        &bearer("tok"),
+        "client.example",
+        None,
+    ))
+    .await
+    .unwrap();
     assert_eq!(upstream.completion, "235 2.7.0 Accepted");
     // Nothing is lost between the login and the splice.
     upstream.io.write_all(b"MAIL FROM:<a@b>\r\n").await.unwrap();
@@ -524,6 +530,7 @@ async fn long_token_goes_after_the_challenge() {
         &connector,
         &bearer(&token),
         "client.example",
+        None,
     ))
     .await
     .unwrap();
@@ -542,10 +549,15 @@ async fn refused_with_challenge(mechanism: MechanismSetting, acknowledgement: &s
     ])
     .await;
     let connector = connector(port, mechanism);
-    let error = within(backend::login(&connector, &bearer("tok"), "client.example"))
-        .await
-        .err()
-        .unwrap();
+    let error = within(backend::login(
+        &connector,
+        &bearer("tok"),
+        "client.example",
+        None,
+    ))
+    .await
+    .err()
+    .unwrap();
     assert!(
         matches!(&error, BackendError::Rejected(text) if text == "535 5.7.8 Authentication failed"),
         "{error:?}"
@@ -579,7 +591,7 @@ async fn password_login_uses_plain() {
         password: password.clone(),
     };
     drop(
-        within(backend::login(&connector, &auth, "client.example"))
+        within(backend::login(&connector, &auth, "client.example", None))
             .await
             .unwrap(),
     );
@@ -600,6 +612,7 @@ async fn temporary_refusal_and_missing_mechanism() {
         &connector(port, MechanismSetting::Auto),
         &bearer("tok"),
         "client.example",
+        None,
     ))
     .await
     .err()
@@ -618,6 +631,7 @@ async fn temporary_refusal_and_missing_mechanism() {
         &connector(port, MechanismSetting::Auto),
         &bearer("tok"),
         "client.example",
+        None,
     ))
     .await
     .err()

@@ -90,6 +90,7 @@ where
                     credentials,
                     helo: None,
                     client: settings.client,
+                    local: settings.local,
                 };
                 let lifetime_end = conn.lifetime_end;
                 let result = tokio::select! {

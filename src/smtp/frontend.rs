@@ -134,6 +134,7 @@ where
                         credentials,
                         helo: session.helo_name(),
                         client: settings.client,
+                        local: settings.local,
                     };
                     let lifetime_end = conn.lifetime_end;
                     let result = tokio::select! {
