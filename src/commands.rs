@@ -362,8 +362,9 @@ async fn upstream_login(listener: &ListenerConfig, auth: &UpstreamAuth, hostname
         }
     };
     let result = match listener.protocol {
-        Protocol::Imap => imap::backend::login(&connector, auth).await,
-        Protocol::Smtp => smtp::backend::login(&connector, auth, hostname).await,
+        // No client: a proxy_v2 upstream gets a LOCAL header, id and xclient send nothing.
+        Protocol::Imap => imap::backend::login(&connector, auth, None).await,
+        Protocol::Smtp => smtp::backend::login(&connector, auth, hostname, None).await,
     };
     match result {
         Ok(upstream) => {

@@ -18,6 +18,7 @@
 //! - [`jwt`], [`http`]: signed assertions; HTTP towards token sources and providers.
 //! - [`sessions`]: logged-in sessions by account, to end them when an account is revoked.
 //! - [`upstream`], [`tls`]: connecting to upstreams.
+//! - [`forward`]: telling upstreams the client's address (PROXY v2 header, outcomes).
 //! - [`splice`]: copying bytes both ways after authentication.
 //! - [`sasl`]: SASL encoding and decoding as pure functions.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the HTTP admin endpoints.
@@ -28,6 +29,7 @@ pub mod client_auth;
 pub mod client_tls;
 pub mod commands;
 pub mod config;
+pub mod forward;
 pub mod health;
 pub mod http;
 pub mod imap;

@@ -139,6 +139,9 @@ pub struct LoginRequest {
     pub helo: Option<String>,
     /// The client's address, for per-address failure counting; `None` over in-memory streams.
     pub client: Option<SocketAddr>,
+    /// The address of mailgate the client connected to, for `forward_client`; `None` over
+    /// in-memory streams.
+    pub local: Option<SocketAddr>,
 }
 
 /// The one thing front ends need from the rest of mailgate.
@@ -176,6 +179,8 @@ pub struct FrontendSettings {
     pub max_line_length: usize,
     /// IMAP: longest literal.
     pub max_literal_size: usize,
+    /// The listener's address the client connected to.
+    pub local: Option<SocketAddr>,
 }
 
 impl FrontendSettings {

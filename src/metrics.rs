@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::config::ForwardClient;
+use crate::forward::Forwarded;
 use crate::login::LoginError;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +49,12 @@ pub struct SourceLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    pub upstream: String,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +101,7 @@ pub struct Metrics {
     pub upstream_connect_seconds: Family<UpstreamLabels, Histogram>,
     pub upstream_auth_seconds: Family<UpstreamLabels, Histogram>,
     pub tls_handshake_failures: Family<UpstreamLabels, Counter>,
+    pub forward_client: Family<ForwardLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub session_duration_seconds: Family<ListenerLabels, Histogram>,
     pub config_reloads: Family<ResultLabels, Counter>,
@@ -131,6 +140,7 @@ impl Metrics {
             upstream_connect_seconds: Family::new_with_constructor(latency_histogram),
             upstream_auth_seconds: Family::new_with_constructor(latency_histogram),
             tls_handshake_failures: Family::default(),
+            forward_client: Family::default(),
             bytes: Family::default(),
             session_duration_seconds: Family::new_with_constructor(duration_histogram),
             config_reloads: Family::default(),
@@ -194,6 +204,21 @@ impl Metrics {
         for direction in ["client_to_upstream", "upstream_to_client"] {
             let _ = self.bytes_counter(listener, direction);
         }
+    }
+
+    /// Exports the forwarding series of an upstream at 0 (see [`Metrics::export_fixed_series`]).
+    pub fn export_forwarding(&self, upstream: &UpstreamLabels, mode: ForwardClient) {
+        for &outcome in Forwarded::possible(mode) {
+            let _ = self
+                .forward_client
+                .get_or_create(&forward_labels(upstream, outcome));
+        }
+    }
+
+    pub fn forwarded(&self, upstream: &UpstreamLabels, outcome: Forwarded) {
+        self.forward_client
+            .get_or_create(&forward_labels(upstream, outcome))
+            .inc();
     }
 
     /// Exports the series of the configured token sources and password checks at 0.
@@ -289,6 +314,11 @@ impl Metrics {
             "tls_handshake_failures",
             "Failed TLS handshakes with upstreams",
             self.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "forward_client",
+            "Client addresses told to upstreams (forward_client), by result (sent, not_offered, refused)",
+            self.forward_client.clone(),
         );
         registry.register(
             "bytes",
@@ -477,6 +507,13 @@ impl Metrics {
     }
 }
 
+fn forward_labels(upstream: &UpstreamLabels, outcome: Forwarded) -> ForwardLabels {
+    ForwardLabels {
+        upstream: upstream.upstream.clone(),
+        result: outcome.label(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,6 +525,11 @@ mod tests {
         metrics.token_request("auth_server", "ok");
         metrics.token_fetch("auth_server", 0.01);
         metrics.token_cache("hit");
+        let upstream = UpstreamLabels {
+            upstream: "mx:25".into(),
+        };
+        metrics.export_forwarding(&upstream, ForwardClient::Xclient);
+        metrics.forwarded(&upstream, Forwarded::Sent);
         metrics
             .bytes_counter("imap", "client_to_upstream")
             .inc_by(5);
@@ -504,6 +546,8 @@ mod tests {
             "mailgate_token_cache_total{result=\"hit\"} 1",
             "mailgate_bytes_total{listener=\"imap\",direction=\"client_to_upstream\"} 5",
             "mailgate_connections_total{listener=\"imap\"} 1",
+            "mailgate_forward_client_total{upstream=\"mx:25\",result=\"sent\"} 1",
+            "mailgate_forward_client_total{upstream=\"mx:25\",result=\"not_offered\"} 0",
             "mailgate_token_fetch_seconds_bucket",
             "mailgate_build_info{version=",
         ] {

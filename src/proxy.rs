@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::client_auth::throttle::Throttle;
 use crate::client_auth::{ClientAuth, NotChecked};
 use crate::config::Protocol;
+use crate::forward::Origin;
 use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
 use crate::metrics::Metrics;
 use crate::sanitize::Escaped;
@@ -114,8 +115,7 @@ impl ListenerProxy {
                 return Err(LoginError::Overloaded);
             }
         }
-        let helo = request.helo.as_deref();
-        tokio::time::timeout(self.login_timeout, self.token_and_upstream(account, helo))
+        tokio::time::timeout(self.login_timeout, self.token_and_upstream(request))
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(
@@ -128,13 +128,10 @@ impl ListenerProxy {
 
     /// Gets a token and logs in upstream; a refused token may have been revoked early, so it
     /// is dropped and the login is tried once more with a fresh one.
-    async fn token_and_upstream(
-        &self,
-        account: &str,
-        helo: Option<&str>,
-    ) -> Result<Upstream, LoginError> {
+    async fn token_and_upstream(&self, request: &LoginRequest) -> Result<Upstream, LoginError> {
+        let account = &request.credentials.account;
         let (key, token) = self.token(account).await?;
-        match self.upstream_login(&token.token.auth, helo).await {
+        match self.upstream_login(&token.token.auth, request).await {
             Ok(upstream) => return Ok(upstream),
             Err(error) if error.is_rejection() => {
                 tracing::info!(%error, "token refused upstream; fetching a new one");
@@ -143,7 +140,7 @@ impl ListenerProxy {
             Err(error) => return Err(unavailable(&error)),
         }
         let (key, token) = self.token(account).await?;
-        match self.upstream_login(&token.token.auth, helo).await {
+        match self.upstream_login(&token.token.auth, request).await {
             Ok(upstream) => Ok(upstream),
             Err(error) if error.is_rejection() => {
                 tracing::warn!(%error, "upstream login refused");
@@ -171,14 +168,16 @@ impl ListenerProxy {
     async fn upstream_login(
         &self,
         auth: &UpstreamAuth,
-        helo: Option<&str>,
+        request: &LoginRequest,
     ) -> Result<Upstream, BackendError> {
         let started = Instant::now();
+        let origin = Origin::new(request.client, request.local);
+        let origin = origin.as_ref();
         let outcome = match self.protocol {
-            Protocol::Imap => imap::backend::login(&self.connector, auth).await,
+            Protocol::Imap => imap::backend::login(&self.connector, auth, origin).await,
             Protocol::Smtp => {
-                let helo = helo.unwrap_or(&self.hostname);
-                smtp::backend::login(&self.connector, auth, helo).await
+                let helo = request.helo.as_deref().unwrap_or(&self.hostname);
+                smtp::backend::login(&self.connector, auth, helo, origin).await
             }
         };
         self.metrics

@@ -788,6 +788,7 @@ fn listener_runtime(
             starttls,
             max_line_length: listener.max_line_length,
             max_literal_size: listener.max_literal_size,
+            local: None,
         },
         implicit_tls,
         trusted_proxies,
@@ -992,12 +993,18 @@ async fn run_session(
         opened = open(stream, peer, &runtime, &metrics, &mut slot) => opened,
         () = sessions.clone().closing() => None,
     };
-    let Some((stream, client)) = opened else {
+    let Some(Opened {
+        io: stream,
+        client,
+        local,
+    }) = opened
+    else {
         tracing::info!(outcome = "closed_before_login", "session closed");
         return;
     };
     let settings = FrontendSettings {
         client: Some(client),
+        local,
         ..runtime.settings.clone()
     };
     let closing = sessions.clone().closing();
@@ -1015,17 +1022,18 @@ async fn run_session(
 }
 
 /// What comes before the front end: a load balancer's PROXY header (from trusted addresses),
-/// then the TLS handshake of an implicit-TLS listener. Returns the stream the protocol runs
-/// over and the client's address; `None` when the session ends here (counted and logged).
+/// then the TLS handshake of an implicit-TLS listener. `None` when the session ends here
+/// (counted and logged).
 async fn open(
     stream: TcpStream,
     peer: SocketAddr,
     runtime: &ListenerRuntime,
     metrics: &Metrics,
     slot: &mut Slot,
-) -> Option<(BoxedIo, SocketAddr)> {
+) -> Option<Opened> {
     let deadline = Instant::now() + runtime.settings.pre_auth_timeout;
     let mut client = peer;
+    let mut local = stream.local_addr().ok();
     let mut io: BoxedIo = Box::new(stream);
     if runtime.trusted_proxies.trusts(peer.ip()) {
         let listener = &runtime.labels.listener;
@@ -1038,8 +1046,9 @@ async fn open(
             }
         };
         let result = match header.addresses {
-            Some((source, _)) => {
+            Some((source, destination)) => {
                 client = source;
+                local = Some(destination);
                 "ok"
             }
             None => "local",
@@ -1065,7 +1074,16 @@ async fn open(
     if let Some(tls) = &runtime.implicit_tls {
         io = tls.accept(io, deadline).await?;
     }
-    Some((io, client))
+    Some(Opened { io, client, local })
+}
+
+/// A connection ready for its front end.
+struct Opened {
+    io: BoxedIo,
+    /// The client's address, as its load balancer named it when there is one.
+    client: SocketAddr,
+    /// The address the client connected to, likewise.
+    local: Option<SocketAddr>,
 }
 
 async fn relay(

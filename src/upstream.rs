@@ -1,14 +1,18 @@
-//! Connecting to an upstream server: TCP with a timeout, then implicit TLS, or STARTTLS on request.
-//! Protocol dialogue lives in `imap::backend` and `smtp::backend`.
+//! Connecting to an upstream server: TCP with a timeout, a PROXY protocol header if configured,
+//! then implicit TLS, or STARTTLS on request. Protocol dialogue lives in `imap::backend` and
+//! `smtp::backend`.
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{MechanismSetting, TlsMode, UpstreamConfig};
+use crate::config::{ForwardClient, MechanismSetting, TlsMode, UpstreamConfig};
+use crate::forward::{self, Forwarded, Origin};
 use crate::io::BoxedIo;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::tls::{TlsError, client_config};
@@ -19,9 +23,12 @@ pub struct Connector {
     config: UpstreamConfig,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     observer: Option<Observer>,
+    /// Whether a failed forwarding was logged at warn already: once per listener (and reload)
+    /// tells the operator; every login would flood the log.
+    warned: Arc<AtomicBool>,
 }
 
-/// Where connect latency and TLS failures are recorded.
+/// Where connect latency, TLS failures and forwardings are recorded.
 #[derive(Clone)]
 struct Observer {
     metrics: Arc<Metrics>,
@@ -54,11 +61,14 @@ impl Connector {
             config: config.clone(),
             tls,
             observer: None,
+            warned: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Records connect latency and TLS handshake failures under `upstream="host:port"`.
+    /// Records connect latency, TLS handshake failures and forwardings under
+    /// `upstream="host:port"`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        metrics.export_forwarding(&self.labels(), self.config.forward_client);
         self.observer = Some(Observer {
             metrics,
             labels: self.labels(),
@@ -89,15 +99,47 @@ impl Connector {
         self.config.mechanism
     }
 
-    /// Opens TCP and, for implicit TLS, completes the handshake; all within `connect_timeout`.
+    pub fn forward_client(&self) -> ForwardClient {
+        self.config.forward_client
+    }
+
+    /// Counts a forwarding of the client's address; the first failure is logged at warn, since
+    /// the upstream then sees mailgate's address (and penalises it for everyone's failures).
+    pub fn forwarded(&self, outcome: Forwarded) {
+        if let Some(observer) = &self.observer {
+            observer.metrics.forwarded(&observer.labels, outcome);
+        }
+        let mode = self.config.forward_client;
+        match outcome {
+            Forwarded::Sent => tracing::debug!(?mode, "client address forwarded upstream"),
+            _ if !self.warned.swap(true, Ordering::Relaxed) => tracing::warn!(
+                ?mode,
+                result = outcome.label(),
+                "the upstream does not take the client's address; it sees mailgate's \
+                 (is mailgate's address among the upstream's trusted networks?)"
+            ),
+            _ => tracing::debug!(
+                ?mode,
+                result = outcome.label(),
+                "client address not forwarded"
+            ),
+        }
+    }
+
+    /// Opens TCP, sends the PROXY header (`forward_client: proxy_v2`) and, for implicit TLS,
+    /// completes the handshake; all within `connect_timeout`. `origin` is the client's, for
+    /// the header; without it the header is LOCAL (a connection on mailgate's own behalf).
     ///
     /// # Errors
     /// Unreachable host, timeout, or a failed handshake (certificate included).
-    pub async fn connect(&self) -> io::Result<BoxedIo> {
+    pub async fn connect(&self, origin: Option<&Origin>) -> io::Result<BoxedIo> {
         let address = (self.config.host.as_str(), self.config.port);
         let connect = async {
-            let tcp = TcpStream::connect(address).await?;
+            let mut tcp = TcpStream::connect(address).await?;
             tcp.set_nodelay(true)?;
+            if self.config.forward_client == ForwardClient::ProxyV2 {
+                self.send_proxy_header(&mut tcp, origin).await?;
+            }
             match self.config.tls {
                 TlsMode::Implicit => self.start_tls(Box::new(tcp)).await,
                 TlsMode::Starttls | TlsMode::None => Ok(Box::new(tcp) as BoxedIo),
@@ -115,6 +157,25 @@ impl Connector {
                 .observe(started.elapsed().as_secs_f64());
         }
         connected
+    }
+
+    /// The header goes before anything else, TLS included: the upstream's listener reads it,
+    /// not its TLS layer.
+    async fn send_proxy_header(
+        &self,
+        tcp: &mut TcpStream,
+        origin: Option<&Origin>,
+    ) -> io::Result<()> {
+        let header = match origin {
+            Some(origin) => forward::proxy_v2_header(origin)?,
+            None => forward::proxy_v2_local()?,
+        };
+        // One write, one segment, as the PROXY protocol asks: Dovecot peeks at it in one recv.
+        tcp.write_all(&header).await?;
+        if origin.is_some() {
+            self.forwarded(Forwarded::Sent);
+        }
+        Ok(())
     }
 
     /// Runs the TLS handshake over `io`, after the protocol's STARTTLS exchange.

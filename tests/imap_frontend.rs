@@ -76,6 +76,7 @@ impl Client {
             starttls: None,
             max_line_length: DEFAULT_MAX_LINE_LENGTH,
             max_literal_size: DEFAULT_MAX_LITERAL_SIZE,
+            local: None,
         };
         let session_authenticator = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -600,6 +601,7 @@ async fn a_client_that_never_reads_loses_its_session() {
         starttls: None,
         max_line_length: DEFAULT_MAX_LINE_LENGTH,
         max_literal_size: DEFAULT_MAX_LITERAL_SIZE,
+        local: None,
     };
     let authenticator = StandIn {
         failure: LoginError::BadCredentials,

@@ -88,6 +88,7 @@ impl Transcript {
             starttls: None,
             max_line_length: mailgate::config::DEFAULT_MAX_LINE_LENGTH,
             max_literal_size: mailgate::config::DEFAULT_MAX_LITERAL_SIZE,
+            local: None,
         };
         let shared = Arc::clone(&authenticator);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -496,9 +497,14 @@ async fn short_token_goes_on_the_auth_line() {
     ])
     .await;
     let connector = connector(port, MechanismSetting::Auto);
-    let mut upstream = within(backend::login(&connector, &bearer("tok"), "client.example"))
-        .await
-        .unwrap();
+    let mut upstream = within(backend::login(
+        &connector,
+        &bearer("tok"),
+        "client.example",
+        None,
+    ))
+    .await
+    .unwrap();
     assert_eq!(upstream.completion, "235 2.7.0 Accepted");
     // Nothing is lost between the login and the splice.
     upstream.io.write_all(b"MAIL FROM:<a@b>\r\n").await.unwrap();
@@ -528,6 +534,7 @@ async fn long_token_goes_after_the_challenge() {
         &connector,
         &bearer(&token),
         "client.example",
+        None,
     ))
     .await
     .unwrap();
@@ -546,10 +553,15 @@ async fn refused_with_challenge(mechanism: MechanismSetting, acknowledgement: &s
     ])
     .await;
     let connector = connector(port, mechanism);
-    let error = within(backend::login(&connector, &bearer("tok"), "client.example"))
-        .await
-        .err()
-        .unwrap();
+    let error = within(backend::login(
+        &connector,
+        &bearer("tok"),
+        "client.example",
+        None,
+    ))
+    .await
+    .err()
+    .unwrap();
     assert!(
         matches!(&error, BackendError::Rejected(text) if text == "535 5.7.8 Authentication failed"),
         "{error:?}"
@@ -583,7 +595,7 @@ async fn password_login_uses_plain() {
         password: password.clone(),
     };
     drop(
-        within(backend::login(&connector, &auth, "client.example"))
+        within(backend::login(&connector, &auth, "client.example", None))
             .await
             .unwrap(),
     );
@@ -604,6 +616,7 @@ async fn temporary_refusal_and_missing_mechanism() {
         &connector(port, MechanismSetting::Auto),
         &bearer("tok"),
         "client.example",
+        None,
     ))
     .await
     .err()
@@ -622,6 +635,7 @@ async fn temporary_refusal_and_missing_mechanism() {
         &connector(port, MechanismSetting::Auto),
         &bearer("tok"),
         "client.example",
+        None,
     ))
     .await
     .err()

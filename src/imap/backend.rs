@@ -15,7 +15,8 @@ use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
 use tokio::io::AsyncWriteExt;
 
 use super::framer::Framer;
-use crate::config::TlsMode;
+use crate::config::{ForwardClient, TlsMode};
+use crate::forward::{Forwarded, Origin};
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
@@ -31,7 +32,9 @@ const MAX_RESPONSE_SIZE: u32 = 64 * 1024;
 /// late and delays repeated failures up to 15 s; twice that still catches a dead server.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Logs in upstream and returns the stream in the authenticated state.
+/// Logs in upstream and returns the stream in the authenticated state. With
+/// `forward_client: id` and the client's `origin`, an `ID` with the client's address goes
+/// first, in the same write as the login command, if the upstream offers ID.
 ///
 /// [`Upstream::completion`] is the upstream's tagged OK after the tag, e.g.
 /// `OK [CAPABILITY IMAP4rev1 ...] Logged in`, for the front end to relay under the client's tag.
@@ -42,8 +45,12 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// - [`BackendError::NoMechanism`]: no mechanism both sides speak.
 /// - [`BackendError::Protocol`]: an unexpected greeting or response, `BAD`, `BYE`.
 /// - [`BackendError::Io`]: connect, TLS, read or write failed, or the upstream went silent.
-pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstream, BackendError> {
-    let mut connection = Connection::new(connector.connect().await?);
+pub async fn login(
+    connector: &Connector,
+    auth: &UpstreamAuth,
+    origin: Option<&Origin>,
+) -> Result<Upstream, BackendError> {
+    let mut connection = Connection::new(connector.connect(origin).await?);
     let mut capabilities = connection.greeting().await?;
     if connector.tls_mode() == TlsMode::Starttls {
         let plain = connection.starttls().await?;
@@ -59,6 +66,14 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
         capabilities = sanitize::for_log(&capabilities.0.join(" ")),
         "upstream capabilities"
     );
+    if let Some(origin) = origin.filter(|_| connector.forward_client() == ForwardClient::Id) {
+        // RFC 2971 3: servers that take ID say so in CAPABILITY; others would answer BAD.
+        if capabilities.has("ID") {
+            connection.queue_id(origin);
+        } else {
+            connector.forwarded(Forwarded::NotOffered);
+        }
+    }
     let offers = |name: &str| capabilities.offers_mechanism(name);
     let target = (connector.host(), connector.port());
     let exchange = Exchange::for_upstream(auth, connector.mechanism(), target, offers)?;
@@ -74,6 +89,9 @@ pub async fn login(connector: &Connector, auth: &UpstreamAuth) -> Result<Upstrea
         }
         (None, _) => return Err(BackendError::NoMechanism),
     };
+    if let Some(outcome) = connection.id_outcome() {
+        connector.forwarded(outcome);
+    }
     let completion = completion
         .and_then(Completion::into_result)
         .map_err(|error| error.without(&sent))?;
@@ -215,6 +233,31 @@ fn greeting_capabilities(message: &[u8]) -> Result<Option<Capabilities>, Backend
     }
 }
 
+/// RFC 2971 `ID` with the keys Dovecot takes from trusted peers (`login_trusted_networks`) as
+/// the client's: the values are socket addresses and ports, which need no escaping in a quoted
+/// string (RFC 9051 4.3).
+fn id_command(tag: &str, origin: &Origin) -> String {
+    let (client, local) = (origin.client, origin.local);
+    format!(
+        "{tag} ID (\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \
+         \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\")\r\n",
+        client.ip(),
+        client.port(),
+        local.ip(),
+        local.port()
+    )
+}
+
+/// The client-address `ID` (`forward_client: id`) through its life: it is written with the
+/// login's first line (RFC 9051 5.5 pipelining: ID changes no state the login depends on),
+/// and its completion, which arrives first, is read before the login's responses.
+enum PipelinedId {
+    None,
+    Queued { tag: String, command: String },
+    Sent { tag: String },
+    Answered(StatusKind),
+}
+
 /// The upstream stream during login, with its framer and tag counter.
 struct Connection {
     io: BoxedIo,
@@ -222,6 +265,7 @@ struct Connection {
     tags: u32,
     /// Capabilities from untagged responses since the last command.
     announced: Option<Capabilities>,
+    id: PipelinedId,
 }
 
 impl Connection {
@@ -231,6 +275,23 @@ impl Connection {
             framer: Framer::new(MAX_RESPONSE_SIZE),
             tags: 0,
             announced: None,
+            id: PipelinedId::None,
+        }
+    }
+
+    /// Makes the next command go out after an `ID` with the client's addresses.
+    fn queue_id(&mut self, origin: &Origin) {
+        let tag = self.next_tag();
+        let command = id_command(&tag, origin);
+        self.id = PipelinedId::Queued { tag, command };
+    }
+
+    /// What became of the queued `ID`, once the upstream answered it.
+    fn id_outcome(&self) -> Option<Forwarded> {
+        match self.id {
+            PipelinedId::Answered(StatusKind::Ok) => Some(Forwarded::Sent),
+            PipelinedId::Answered(_) => Some(Forwarded::Refused),
+            PipelinedId::None | PipelinedId::Queued { .. } | PipelinedId::Sent { .. } => None,
         }
     }
 
@@ -352,14 +413,32 @@ impl Connection {
 
     /// Reads until our tagged completion, collecting untagged capabilities.
     async fn completion(&mut self, tag: &str) -> Result<Completion, BackendError> {
-        match self.until_continue(tag).await? {
-            Some(completion) => Ok(completion),
-            None => Err(BackendError::Protocol("unexpected continuation".to_owned())),
-        }
+        let completion = self.until_continue(tag).await?;
+        completion.ok_or_else(|| BackendError::Protocol("unexpected continuation".to_owned()))
     }
 
-    /// Reads until a continuation request (`None`) or our tagged completion (`Some`).
+    /// Reads until a continuation request (`None`) or our tagged completion (`Some`), after
+    /// the completion of a pipelined `ID`.
     async fn until_continue(&mut self, tag: &str) -> Result<Option<Completion>, BackendError> {
+        if let PipelinedId::Sent { tag: id_tag } =
+            std::mem::replace(&mut self.id, PipelinedId::None)
+        {
+            let answer = self
+                .responses_until(&id_tag)
+                .await?
+                .ok_or_else(|| BackendError::Protocol("continuation request for ID".to_owned()))?;
+            if answer.kind != StatusKind::Ok {
+                tracing::debug!(
+                    reply = sanitize::for_log(&answer.line),
+                    "upstream refused ID"
+                );
+            }
+            self.id = PipelinedId::Answered(answer.kind);
+        }
+        self.responses_until(tag).await
+    }
+
+    async fn responses_until(&mut self, tag: &str) -> Result<Option<Completion>, BackendError> {
         loop {
             self.read_message().await?;
             let message = self.framer.fragmentizer().message_bytes();
@@ -406,6 +485,12 @@ impl Connection {
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.announced = None;
+        if let PipelinedId::Queued { tag, command } =
+            std::mem::replace(&mut self.id, PipelinedId::None)
+        {
+            self.io.write_all(command.as_bytes()).await?;
+            self.id = PipelinedId::Sent { tag };
+        }
         self.io.write_all(bytes).await?;
         self.io.flush().await?;
         Ok(())
@@ -425,7 +510,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{MechanismSetting, UpstreamConfig};
+    use crate::config::{ForwardClient, MechanismSetting, UpstreamConfig};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
 
@@ -498,7 +583,11 @@ mod tests {
 
     // A scripted upstream on loopback.
 
-    async fn upstream(mechanism: MechanismSetting, tls: TlsMode) -> (Connector, TcpListener) {
+    async fn upstream(
+        mechanism: MechanismSetting,
+        tls: TlsMode,
+        forward_client: ForwardClient,
+    ) -> (Connector, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = UpstreamConfig {
             host: "127.0.0.1".to_owned(),
@@ -508,7 +597,7 @@ mod tests {
             system_roots: tls != TlsMode::None,
             mechanism,
             connect_timeout: Duration::from_secs(5),
-            forward_client: crate::config::ForwardClient::None,
+            forward_client,
         };
         (Connector::new(&config).unwrap(), listener)
     }
@@ -552,9 +641,28 @@ mod tests {
         auth: UpstreamAuth,
         script: &'static [&'static str],
     ) -> Result<Upstream, BackendError> {
-        let (connector, listener) = upstream(mechanism, tls).await;
+        let (connector, listener) = upstream(mechanism, tls, ForwardClient::None).await;
+        run_on(connector, listener, auth, None, script).await
+    }
+
+    /// A login with `forward_client: id` from a client at 127.0.0.2:50000 to 127.0.0.1:143.
+    async fn run_forwarding(script: &'static [&'static str]) -> Result<Upstream, BackendError> {
+        let (connector, listener) =
+            upstream(MechanismSetting::Auto, TlsMode::None, ForwardClient::Id).await;
+        let origin = Origin::new("127.0.0.2:50000".parse().ok(), "127.0.0.1:143".parse().ok());
+        run_on(connector, listener, bearer("tok"), origin, script).await
+    }
+
+    async fn run_on(
+        connector: Connector,
+        listener: TcpListener,
+        auth: UpstreamAuth,
+        origin: Option<Origin>,
+        script: &'static [&'static str],
+    ) -> Result<Upstream, BackendError> {
         let server = tokio::spawn(play(listener, script));
-        let result = tokio::time::timeout(Duration::from_secs(5), login(&connector, &auth))
+        let login = login(&connector, &auth, origin.as_ref());
+        let result = tokio::time::timeout(Duration::from_secs(5), login)
             .await
             .unwrap();
         if let Ok(mut upstream) = result {
@@ -591,6 +699,59 @@ mod tests {
             upstream.completion,
             "OK [CAPABILITY IMAP4rev1 IDLE] Logged in|* 1 EXISTS\r\n"
         );
+    }
+
+    #[test]
+    fn id_line_carries_both_addresses() {
+        let origin = Origin::new(
+            "[2001:db8::2]:50000".parse().ok(),
+            "[2001:db8::1]:993".parse().ok(),
+        )
+        .unwrap();
+        assert_eq!(
+            id_command("M1", &origin),
+            "M1 ID (\"x-originating-ip\" \"2001:db8::2\" \"x-originating-port\" \"50000\" \
+             \"x-connected-ip\" \"2001:db8::1\" \"x-connected-port\" \"993\")\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn id_is_pipelined_with_the_login_and_answered_first() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=XOAUTH2] ready\r\n",
+            "C: M1 ID (\"x-originating-ip\" \"127.0.0.2\" \"x-originating-port\" \"50000\" \"x-connected-ip\" \"127.0.0.1\" \"x-connected-port\" \"143\")\r\n",
+            "C: M2 AUTHENTICATE XOAUTH2 dXNlcj1hQGIuYwFhdXRoPUJlYXJlciB0b2sBAQ==\r\n",
+            "S: * ID (\"name\" \"Dovecot\")\r\nM1 OK ID completed.\r\n",
+            "S: M2 OK [CAPABILITY IMAP4rev1] Logged in\r\n",
+        ];
+        let upstream = run_forwarding(script).await.unwrap();
+        assert_eq!(upstream.completion, "OK [CAPABILITY IMAP4rev1] Logged in|");
+    }
+
+    #[tokio::test]
+    async fn id_goes_before_the_first_line_of_a_login_without_initial_response() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 ID AUTH=XOAUTH2] ready\r\n",
+            "C: (any)",
+            "C: M2 AUTHENTICATE XOAUTH2\r\n",
+            "S: * ID NIL\r\nM1 BAD not now\r\n+ \r\n",
+            "C: dXNlcj1hQGIuYwFhdXRoPUJlYXJlciB0b2sBAQ==\r\n",
+            "S: M2 OK Logged in\r\n",
+        ];
+        // A refused ID does not stop the login.
+        let upstream = run_forwarding(script).await.unwrap();
+        assert_eq!(upstream.completion, "OK Logged in|");
+    }
+
+    #[tokio::test]
+    async fn no_id_to_a_server_that_does_not_offer_it() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            "C: M1 AUTHENTICATE XOAUTH2 dXNlcj1hQGIuYwFhdXRoPUJlYXJlciB0b2sBAQ==\r\n",
+            "S: M1 OK Logged in\r\n",
+        ];
+        let upstream = run_forwarding(script).await.unwrap();
+        assert_eq!(upstream.completion, "OK Logged in|");
     }
 
     #[tokio::test]

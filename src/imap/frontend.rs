@@ -120,6 +120,7 @@ pub async fn serve<A: Authenticator>(
                     credentials,
                     helo: None,
                     client: settings.client,
+                    local: settings.local,
                 };
                 let lifetime_end = conn.lifetime_end;
                 let result = tokio::select! {

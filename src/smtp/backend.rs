@@ -6,13 +6,16 @@
 //! a bitmask) and caps a reply at `MAX_RESPONSE_LENGTH` bytes.
 
 use std::io;
+use std::net::IpAddr;
+use std::str::SplitAsciiWhitespace;
 use std::time::Duration;
 
 use smtp_proto::Response;
 use smtp_proto::response::parser::{MAX_RESPONSE_LENGTH, ResponseReceiver};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::TlsMode;
+use crate::config::{ForwardClient, TlsMode};
+use crate::forward::{Forwarded, Origin};
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
@@ -30,7 +33,9 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the upstream at once.
 const READ_CHUNK: usize = 4096;
 
-/// Logs in upstream and returns the authenticated stream with the final `235` reply.
+/// Logs in upstream and returns the authenticated stream with the final `235` reply. With
+/// `forward_client: xclient` and the client's `origin`, the upstream learns the client's
+/// address by XCLIENT first, if it offers it.
 ///
 /// # Errors
 /// [`BackendError::Rejected`] for a refused login (`535` and other non-syntax `5xx`),
@@ -41,8 +46,9 @@ pub async fn login(
     connector: &Connector,
     auth: &UpstreamAuth,
     helo: &str,
+    origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    let (mut connection, extensions) = open(connector, helo).await?;
+    let (mut connection, extensions) = open(connector, helo, origin).await?;
     tracing::debug!(
         extensions = sanitize::for_log(&extensions.join(", ")),
         "upstream EHLO extensions"
@@ -67,7 +73,8 @@ pub async fn login(
 }
 
 /// Connects, reads the greeting, says EHLO (again after STARTTLS when configured) and returns
-/// the extension lines as sent, without the host name line; then QUITs.
+/// the extension lines as sent, without the host name line; then QUITs. There is no client,
+/// so nothing is forwarded (`proxy_v2`: a LOCAL header).
 ///
 /// # Errors
 /// As for [`login`], except that no authentication is attempted.
@@ -75,7 +82,7 @@ pub async fn probe_extensions(
     connector: &Connector,
     helo: &str,
 ) -> Result<Vec<String>, BackendError> {
-    let (mut connection, extensions) = open(connector, helo).await?;
+    let (mut connection, extensions) = open(connector, helo, None).await?;
     // A polite goodbye; the extensions are already known, so its failure does not matter.
     if connection.command(b"QUIT\r\n").await.is_err() {
         tracing::debug!("upstream did not answer QUIT");
@@ -87,8 +94,9 @@ pub async fn probe_extensions(
 async fn open(
     connector: &Connector,
     helo: &str,
+    origin: Option<&Origin>,
 ) -> Result<(Connection, Vec<String>), BackendError> {
-    let mut connection = Connection::new(connector.connect().await?);
+    let mut connection = Connection::new(connector.connect(origin).await?);
     expect(connection.read_reply().await?, 220)?;
     let ehlo = format!("EHLO {helo}\r\n");
     let mut extensions = ehlo_extensions(connection.command(ehlo.as_bytes()).await?)?;
@@ -104,7 +112,46 @@ async fn open(
         // RFC 3207 4.2: everything learnt before TLS is discarded.
         extensions = ehlo_extensions(connection.command(ehlo.as_bytes()).await?)?;
     }
+    if let Some(origin) = origin.filter(|_| connector.forward_client() == ForwardClient::Xclient) {
+        extensions = xclient(&mut connection, connector, origin, &ehlo, extensions).await?;
+    }
     Ok((connection, extensions))
+}
+
+/// Postfix's XCLIENT (XCLIENT_README): the upstream takes the client's address as the
+/// session's, greets anew (`220`) and expects EHLO again. Not offered or refused, the session
+/// goes on as it was: the login still works, the operator is told once and the metric counts.
+async fn xclient(
+    connection: &mut Connection,
+    connector: &Connector,
+    origin: &Origin,
+    ehlo: &str,
+    extensions: Vec<String>,
+) -> Result<Vec<String>, BackendError> {
+    if extension(&extensions, "XCLIENT").next().is_none() {
+        connector.forwarded(Forwarded::NotOffered);
+        return Ok(extensions);
+    }
+    let reply = connection
+        .command(xclient_command(origin).as_bytes())
+        .await?;
+    if reply.code != 220 {
+        tracing::debug!(reply = reply_text(&reply), "upstream refused XCLIENT");
+        connector.forwarded(Forwarded::Refused);
+        return Ok(extensions);
+    }
+    connector.forwarded(Forwarded::Sent);
+    ehlo_extensions(connection.command(ehlo.as_bytes()).await?)
+}
+
+/// `XCLIENT ADDR=... PORT=...`, IPv6 addresses prefixed `IPV6:`. The values are socket
+/// addresses, so they need no xtext encoding (RFC 3461 4: only `+`, `=` and controls do).
+fn xclient_command(origin: &Origin) -> String {
+    let address = match origin.client.ip() {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("IPV6:{ip}"),
+    };
+    format!("XCLIENT ADDR={address} PORT={}\r\n", origin.client.port())
 }
 
 /// Sends the AUTH command and SASL response; returns the final reply.
@@ -179,18 +226,23 @@ fn ehlo_extensions(reply: Response<String>) -> Result<Vec<String>, BackendError>
         .collect())
 }
 
+/// The parameters of each extension line with `keyword`, compared case-insensitively
+/// (RFC 5321 2.4).
+fn extension<'a>(
+    extensions: &'a [String],
+    keyword: &'a str,
+) -> impl Iterator<Item = SplitAsciiWhitespace<'a>> {
+    extensions.iter().filter_map(move |line| {
+        let mut words = line.split_ascii_whitespace();
+        words.next()?.eq_ignore_ascii_case(keyword).then_some(words)
+    })
+}
+
 /// Upper-cased mechanism names from the `AUTH` extension line (RFC 4954 3).
 fn auth_mechanisms(extensions: &[String]) -> Vec<String> {
-    extensions
-        .iter()
-        .filter_map(|line| {
-            let mut words = line.split_ascii_whitespace();
-            let keyword = words.next()?;
-            keyword
-                .eq_ignore_ascii_case("AUTH")
-                .then(|| words.map(str::to_ascii_uppercase).collect::<Vec<_>>())
-        })
+    extension(extensions, "AUTH")
         .flatten()
+        .map(str::to_ascii_uppercase)
         .collect()
 }
 
@@ -326,6 +378,31 @@ mod tests {
     fn mechanisms_from_the_auth_line() {
         let lines = vec!["SIZE 1".to_owned(), "auth xoauth2 OAuthBearer".to_owned()];
         assert_eq!(auth_mechanisms(&lines), ["XOAUTH2", "OAUTHBEARER"]);
+    }
+
+    #[test]
+    fn xclient_lines() {
+        let origin =
+            |client: &str| Origin::new(client.parse().ok(), "127.0.0.1:587".parse().ok()).unwrap();
+        assert_eq!(
+            xclient_command(&origin("127.0.0.2:50000")),
+            "XCLIENT ADDR=127.0.0.2 PORT=50000\r\n"
+        );
+        assert_eq!(
+            xclient_command(&origin("[2001:db8::2]:1025")),
+            "XCLIENT ADDR=IPV6:2001:db8::2 PORT=1025\r\n"
+        );
+        assert_eq!(
+            xclient_command(&origin("[::ffff:192.0.2.1]:7")),
+            "XCLIENT ADDR=192.0.2.1 PORT=7\r\n"
+        );
+    }
+
+    #[test]
+    fn extension_keywords_are_case_insensitive() {
+        let lines = vec!["xclient ADDR PORT".to_owned(), "SIZE 1".to_owned()];
+        assert_eq!(extension(&lines, "XCLIENT").count(), 1);
+        assert_eq!(extension(&lines, "AUTH").count(), 0);
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub async fn serve<A: Authenticator>(
                         credentials,
                         helo: session.helo_name(),
                         client: settings.client,
+                        local: settings.local,
                     };
                     let lifetime_end = conn.lifetime_end;
                     let result = tokio::select! {

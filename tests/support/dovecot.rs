@@ -1,6 +1,8 @@
 //! [`Dovecot`]: a private Dovecot 2.3 instance on 127.0.0.1 that only accepts OAuth2 bearer
 //! logins (XOAUTH2/OAUTHBEARER) checked against an [`Introspection`](super::Introspection)
-//! server, and relays submitted mail to an [`SmtpSink`](super::SmtpSink).
+//! server, and relays submitted mail to an [`SmtpSink`](super::SmtpSink). [`DovecotOptions`]
+//! make it trust a peer to name the client (IMAP `ID`, `XCLIENT`, PROXY headers) and keep its
+//! auth-failure penalty.
 //!
 //! Everything lives in a temp dir (config, base_dir, state, log, mail); the master runs in the
 //! foreground as our child and is killed on drop, after which its children exit by themselves.
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::certs::TestCa;
 use super::process::{free_ports, pgrep, send_signal, stop_child, wait_for_port};
 
-/// How long all four ports may take to accept connections (measured: about 25 ms).
+/// How long the ports may take to accept connections (measured: about 25 ms).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the master may take to exit after SIGTERM (measured: about 1.1 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -28,6 +30,44 @@ const MAIL_UID: u32 = 65534;
 /// auth server's `pass` answers, which fleets use for accounts not yet moved to OAuth2.
 pub const PASSWORD_USER: &str = "legacy@example.test";
 pub const PASSWORD_USER_SECRET: &str = "legacy-password-7c1";
+
+/// Settings a test may change. The default is a Dovecot that trusts no one to name the client
+/// and has no auth-failure penalty.
+#[derive(Debug, Clone, Default)]
+pub struct DovecotOptions {
+    /// `login_trusted_networks`: peers whose IMAP `ID` (`x-originating-ip` ...) and submission
+    /// `XCLIENT` name the client (e.g. `127.0.0.1`, mailgate's address towards Dovecot).
+    pub login_trusted_networks: Option<String>,
+    /// `haproxy_trusted_networks`: peers whose PROXY header Dovecot takes on the `haproxy = yes`
+    /// listeners (`imaps_haproxy_port`, `submission_haproxy_port`), which require one.
+    pub haproxy_trusted_networks: Option<String>,
+    /// Keeps Dovecot's auth-failure penalty per client address (2, 4, 8 ... 15 s).
+    pub auth_penalty: bool,
+    /// Appended to the configuration (e.g. raised process and connection limits).
+    pub tuning: String,
+}
+
+impl DovecotOptions {
+    /// The lines these options add to the configuration, before `tuning`.
+    fn settings(&self) -> String {
+        let mut lines = String::new();
+        for (name, value) in [
+            ("login_trusted_networks", &self.login_trusted_networks),
+            ("haproxy_trusted_networks", &self.haproxy_trusted_networks),
+        ] {
+            if let Some(value) = value {
+                lines.push_str(&format!("{name} = {value}\n"));
+            }
+        }
+        if !self.auth_penalty {
+            // Tests try wrong tokens on purpose, all from 127.0.0.1.
+            lines.push_str(
+                "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n",
+            );
+        }
+        lines
+    }
+}
 
 /// A running Dovecot. Ports are on 127.0.0.1.
 pub struct Dovecot {
@@ -43,6 +83,10 @@ pub struct Dovecot {
     pub submission_port: u16,
     /// Submission over implicit TLS.
     pub submissions_port: u16,
+    /// IMAP over implicit TLS after a PROXY header (`haproxy = yes`).
+    pub imaps_haproxy_port: u16,
+    /// Submission with STARTTLS after a PROXY header (`haproxy = yes`).
+    pub submission_haproxy_port: u16,
 }
 
 impl Dovecot {
@@ -52,7 +96,7 @@ impl Dovecot {
     /// # Panics
     /// When Dovecot is not installed or does not come up (the message carries its log).
     pub async fn start(ca: &TestCa, introspection_url: &str, relay: SocketAddr) -> Dovecot {
-        Self::start_tuned(ca, introspection_url, relay, "").await
+        Self::start_with(ca, introspection_url, relay, &DovecotOptions::default()).await
     }
 
     /// Like [`Dovecot::start`], with `tuning` appended to the configuration (e.g. raised
@@ -63,9 +107,23 @@ impl Dovecot {
         relay: SocketAddr,
         tuning: &str,
     ) -> Dovecot {
+        let options = DovecotOptions {
+            tuning: tuning.to_owned(),
+            ..DovecotOptions::default()
+        };
+        Self::start_with(ca, introspection_url, relay, &options).await
+    }
+
+    /// Like [`Dovecot::start`], with `options`.
+    pub async fn start_with(
+        ca: &TestCa,
+        introspection_url: &str,
+        relay: SocketAddr,
+        options: &DovecotOptions,
+    ) -> Dovecot {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(ca, introspection_url, relay, tuning).await {
+            match Self::try_start(ca, introspection_url, relay, options).await {
                 Ok(dovecot) => return dovecot,
                 Err(e) => last_error = e,
             }
@@ -77,7 +135,7 @@ impl Dovecot {
         ca: &TestCa,
         introspection_url: &str,
         relay: SocketAddr,
-        tuning: &str,
+        options: &DovecotOptions,
     ) -> Result<Dovecot, String> {
         let dir = tempfile::Builder::new()
             .prefix("mailgate-dovecot-")
@@ -102,8 +160,9 @@ impl Dovecot {
             .to_owned();
         // The instance name prefixes every process title, so `pgrep -f` finds all of them.
         let instance_name = dir_name.clone();
-        let ports = free_ports(4);
+        let ports = free_ports(6);
         let (imap, imaps, submission, submissions) = (ports[0], ports[1], ports[2], ports[3]);
+        let (imaps_haproxy, submission_haproxy) = (ports[4], ports[5]);
 
         std::fs::write(
             root.join("dovecot-oauth2.conf.ext"),
@@ -144,6 +203,8 @@ auth_debug = yes
 auth_verbose = yes
 auth_failure_delay = 0
 disable_plaintext_auth = no
+# rport and lport too, so tests see which ports a forwarded client had.
+login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l lport=%{{lport}} mpid=%e %c session=<%{{session}}>
 mail_location = maildir:~/Maildir
 ssl = yes
 ssl_cert = <{cert}
@@ -173,6 +234,12 @@ service imap-login {{
     port = {imaps}
     ssl = yes
   }}
+  inet_listener imaps_haproxy {{
+    address = 127.0.0.1
+    port = {imaps_haproxy}
+    ssl = yes
+    haproxy = yes
+  }}
 }}
 service submission-login {{
   inet_listener submission {{
@@ -184,27 +251,28 @@ service submission-login {{
     port = {submissions}
     ssl = yes
   }}
+  inet_listener submission_haproxy {{
+    address = 127.0.0.1
+    port = {submission_haproxy}
+    haproxy = yes
+  }}
 }}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0600
   }}
 }}
-# No auth-failure penalty: tests try wrong tokens on purpose, all from 127.0.0.1.
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
 submission_relay_host = {relay_ip}
 submission_relay_port = {relay_port}
 submission_relay_trusted = no
-{tuning}
+{settings}{tuning}
 "#,
             cert = ca.cert_pem().display(),
             key = ca.key_pem().display(),
             relay_ip = relay.ip(),
             relay_port = relay.port(),
+            settings = options.settings(),
+            tuning = options.tuning,
         );
         let config_path = root.join("dovecot.conf");
         std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
@@ -231,9 +299,18 @@ submission_relay_trusted = no
             imaps_port: imaps,
             submission_port: submission,
             submissions_port: submissions,
+            imaps_haproxy_port: imaps_haproxy,
+            submission_haproxy_port: submission_haproxy,
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        for port in [imap, imaps, submission, submissions] {
+        for port in [
+            imap,
+            imaps,
+            submission,
+            submissions,
+            imaps_haproxy,
+            submission_haproxy,
+        ] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             loop {
                 if let Some(status) = dovecot.child.as_mut().and_then(|c| c.try_wait().ok()?) {

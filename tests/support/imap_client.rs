@@ -61,6 +61,11 @@ impl ImapClient {
         client
     }
 
+    /// The client's end of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().expect("local address")
+    }
+
     /// Reads one line (with its CRLF); panics on EOF or timeout.
     pub async fn line(&mut self) -> String {
         let mut line = String::new();

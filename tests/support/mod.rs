@@ -32,7 +32,7 @@ use std::time::Duration;
 
 pub use browser::{Browser, BrowserOptions, Element};
 pub use certs::TestCa;
-pub use dovecot::Dovecot;
+pub use dovecot::{Dovecot, DovecotOptions};
 pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
 pub use mailgate::Mailgate;
 pub use oauth2::{ClientCredential, OAuthProvider, TestKeys, TokenRequestRecord};
@@ -83,11 +83,16 @@ pub struct TestUpstream {
 impl TestUpstream {
     /// Starts all parts (about half a second, most of it Dovecot).
     pub async fn start() -> TestUpstream {
+        Self::start_with(&DovecotOptions::default()).await
+    }
+
+    /// Like [`TestUpstream::start`], with Dovecot started with `options`.
+    pub async fn start_with(options: &DovecotOptions) -> TestUpstream {
         let ca = TestCa::create().await;
         let introspection = Introspection::start().await;
         let auth = AuthServer::start(Some(&introspection)).await;
         let sink = SmtpSink::start().await;
-        let dovecot = Dovecot::start(&ca, &introspection.url(), sink.addr()).await;
+        let dovecot = Dovecot::start_with(&ca, &introspection.url(), sink.addr(), options).await;
         TestUpstream {
             dovecot,
             auth,
