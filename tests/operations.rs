@@ -195,7 +195,8 @@ async fn sigterm_drains_a_working_session_then_exits_zero() {
             "drain_delay: 0s\nshutdown_grace: 20s\n",
         ))
         .await;
-        assert_eq!(get(admin, "/readyz").await.0, "200");
+        // Ready once the auth server has answered the first probe.
+        assert!(eventually(WAIT, || async { get(admin, "/readyz").await.0 == "200" }).await);
         assert_eq!(get(admin, "/healthz").await.0, "200");
 
         let mut client = ImapClient::connect(localhost(imap)).await;
