@@ -217,3 +217,45 @@ fn shipped_examples_pass_check_without_their_secret_files() {
         );
     }
 }
+
+/// Every complete configuration in README.md and docs/ (a YAML block with both `listeners:`
+/// and `tokens:` at the top level) passes `check --no-files`: the docs cannot drift from
+/// what mailgate accepts.
+#[test]
+fn complete_configs_in_the_docs_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut documents = vec![root.join("README.md")];
+    let mut folders = vec![root.join("docs")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                documents.push(path);
+            }
+        }
+    }
+    let mut checked = 0;
+    for document in documents {
+        let text = std::fs::read_to_string(&document).unwrap();
+        for (i, block) in text.split("```yaml\n").skip(1).enumerate() {
+            let block = block.split("```").next().unwrap();
+            let top_level = |key: &str| block.lines().any(|line| line.starts_with(key));
+            if !(top_level("listeners:") && top_level("tokens:")) {
+                continue;
+            }
+            let path = write(&dir, &format!("block-{checked}.yaml"), block);
+            let out = mailgate(&["check", "--no-files", "--config", &path]);
+            assert!(
+                out.status.success(),
+                "{} block {i}: {}",
+                document.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "only {checked} complete configs found");
+}

@@ -1,7 +1,7 @@
 //! The admin endpoint's onboarding page and token service, against the local OAuth2 provider
-//! and the real Dovecot: authorizing an account over HTTP (the browser test is in
-//! tests/onboarding_browser.rs), the refusals that protect it, and one mailgate serving
-//! tokens to another.
+//! and the real Dovecot: authorizing an account over HTTP and in a real browser (headless
+//! Chromium: code flow and device flow, screenshots), the refusals that protect it, and one
+//! mailgate serving tokens to another.
 
 mod support;
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::imap_client::ImapClient;
 use support::oauth2::{ClientCredential, OAuthProvider, hidden_fields};
-use support::{Mailgate, TestUpstream, curl, free_port, with_timeout};
+use support::{Browser, Mailgate, TestUpstream, curl, free_port, with_timeout};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const CLIENT: &str = "mailgate";
@@ -326,6 +326,91 @@ async fn one_mailgate_serves_tokens_to_another_with_one_request_for_fifty_logins
         let unknown = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", &format!("mailgate:{SERVICE_PASSWORD}"), &format!("{}/token?account=nobody", s.base())]).await;
         assert_eq!(unknown.stdout, "404");
         central.assert_not_logged(SERVICE_PASSWORD);
+    })
+    .await;
+}
+
+/// Where the browser test leaves its screenshots (the docs' images come from here).
+fn screenshot_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("onboarding-screenshots")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_connects_accounts_in_a_browser_with_both_flows() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_device_interval(1);
+        let mailgate = Mailgate::start(&s.config()).await;
+        let shots = screenshot_dir();
+        let browser = Browser::start().await;
+        let accounts = format!("{}/accounts", s.base());
+
+        // Without the password the page shows nothing (the browser cancels the prompt).
+        browser.goto(&accounts).await;
+        assert!(browser.try_find("#connect-alice").await.is_none());
+        browser.console_errors().await;
+
+        browser.set_basic_auth("admin", ADMIN_PASSWORD).await;
+        browser.goto(&accounts).await;
+        assert!(browser.page_source().await.contains("never authorized"));
+        browser.screenshot(&shots.join("accounts-before.png")).await;
+
+        // The code flow: Connect, consent at the provider, back on the list.
+        browser.find("#connect-alice").await.click().await;
+        let approve = browser.wait_for("#approve", MINUTE).await;
+        browser.screenshot(&shots.join("provider-consent.png")).await;
+        approve.click().await;
+        let landed = browser
+            .wait_until_url(|url| url.contains("/accounts?authorized=alice"), MINUTE)
+            .await;
+        assert!(landed.starts_with(&s.base()), "{landed}");
+        let page = browser.page_source().await;
+        assert!(page.contains("Authorized") && page.contains("state ok"), "{page}");
+        browser.screenshot(&shots.join("accounts-after.png")).await;
+        let mut client = ImapClient::connect(SocketAddr::from(([127, 0, 0, 1], s.imap))).await;
+        assert!(client.login("alice", "x").await.is_ok(), "{}", mailgate.output());
+
+        // The device flow re-authorizes the same account: a code on mailgate's page, entered
+        // at the provider's.
+        browser.find("#device-alice").await.click().await;
+        let code = browser.wait_for("#user-code", MINUTE).await.text().await;
+        browser.screenshot(&shots.join("device-code.png")).await;
+        let verification = browser.find("main a[href^='http']").await;
+        let device_page = browser.current_url().await;
+        verification.click().await;
+        browser.fill("#user_code", &code).await;
+        browser.find("#approve").await.click().await;
+        browser.goto(&device_page).await;
+        browser.wait_for("#device-done", MINUTE).await;
+        assert_eq!(s.provider.count_ok("urn:ietf:params:oauth:grant-type:device_code"), 1);
+
+        // No CSP violation or failed load on mailgate's pages (the refusals below log their
+        // status; the provider's pages are not mailgate's).
+        let errors = browser.console_errors().await;
+        let ours: Vec<_> = errors.iter().filter(|e| e.contains(&s.base())).collect();
+        assert!(ours.is_empty(), "{ours:?}");
+
+        // A redirect this mailgate never started is refused, and a form without its CSRF
+        // token (removed through DevTools, as a forged form would lack it) too.
+        browser
+            .goto(&format!("{}/oauth/callback?state=forged&code=x", s.base()))
+            .await;
+        assert!(browser.page_source().await.contains("was not started here"));
+        browser.goto(&accounts).await;
+        browser
+            .cdp(
+                "Runtime.evaluate",
+                serde_json::json!({
+                    "expression": "document.querySelectorAll('input[name=csrf]').forEach(e => e.remove())"
+                }),
+            )
+            .await;
+        browser.find("#connect-alice").await.click().await;
+        let refused = browser.page_source().await;
+        assert!(!refused.contains("#approve") && !refused.contains("Approve"), "{refused}");
+        assert!(browser.current_url().await.ends_with("/accounts/connect"));
+        mailgate.assert_not_logged(ADMIN_PASSWORD);
+        mailgate.assert_not_logged(CLIENT_SECRET);
     })
     .await;
 }
