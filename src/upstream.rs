@@ -26,6 +26,8 @@ pub struct Connector {
     /// Whether a failed forwarding was logged at warn already: once per listener (and reload)
     /// tells the operator; every login would flood the log.
     warned: Arc<AtomicBool>,
+    /// Bounds the connects under way (`max_concurrent_connects`), shared by clones.
+    connects: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where connect latency, TLS failures and forwardings are recorded.
@@ -62,6 +64,9 @@ impl Connector {
             tls,
             observer: None,
             warned: Arc::new(AtomicBool::new(false)),
+            connects: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_connects.max(1),
+            )),
         })
     }
 
@@ -135,6 +140,8 @@ impl Connector {
     pub async fn connect(&self, origin: Option<&Origin>) -> io::Result<BoxedIo> {
         let address = (self.config.host.as_str(), self.config.port);
         let connect = async {
+            // Never closed, so a turn always comes (or the timeout ends the wait).
+            let _turn = self.connects.acquire().await;
             let mut tcp = TcpStream::connect(address).await?;
             tcp.set_nodelay(true)?;
             if self.config.forward_client == ForwardClient::ProxyV2 {
@@ -196,5 +203,54 @@ impl Connector {
             }
         })?;
         Ok(Box::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient};
+
+    #[tokio::test]
+    async fn connects_beyond_the_limit_wait_within_the_timeout() {
+        crate::tls::install_crypto_provider();
+        // Accepts and never answers the TLS handshake: each connect holds its turn.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        let config = UpstreamConfig {
+            host: "127.0.0.1".to_owned(),
+            port,
+            tls: TlsMode::Implicit,
+            ca_file: None,
+            system_roots: true,
+            mechanism: MechanismSetting::Auto,
+            connect_timeout: Duration::from_millis(500),
+            max_concurrent_connects: 1,
+            forward_client: ForwardClient::None,
+        };
+        assert!(DEFAULT_MAX_CONCURRENT_CONNECTS > 1);
+        let connector = Connector::new(&config).unwrap();
+        let watch = async {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Both are under way; the second waits for its turn.
+            accepted.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let (first, second, midway) =
+            tokio::join!(connector.connect(None), connector.connect(None), watch);
+        assert_eq!(midway, 1);
+        for result in [first, second] {
+            assert!(matches!(result, Err(e) if e.kind() == io::ErrorKind::TimedOut));
+        }
     }
 }

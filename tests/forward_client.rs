@@ -403,6 +403,7 @@ fn connector(port: u16, forward_client: ForwardClient) -> Connector {
         mechanism: MechanismSetting::Auto,
         connect_timeout: Duration::from_secs(5),
         forward_client,
+        max_concurrent_connects: mailgate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
     })
     .unwrap()
 }

@@ -457,6 +457,7 @@ fn connector(port: u16, mechanism: MechanismSetting) -> Connector {
         mechanism,
         connect_timeout: STEP_TIMEOUT,
         forward_client: mailgate::config::ForwardClient::None,
+        max_concurrent_connects: mailgate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
     })
     .unwrap()
 }

@@ -21,6 +21,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(31 * 60);
 /// Before authentication a client has no business idling: a short timer sheds stray sockets.
 pub const DEFAULT_PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A burst of logins (clients reconnecting after a restart) opens at most this many upstream
+/// connections at once per listener, so mailgate never floods its upstream with handshakes;
+/// each connect takes milliseconds, so the queue drains fast.
+pub const DEFAULT_MAX_CONCURRENT_CONNECTS: usize = 256;
 pub const DEFAULT_HOSTNAME: &str = "mailgate";
 /// Endpoint removal takes a few seconds to reach every kube-proxy and load balancer.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
@@ -210,6 +214,10 @@ pub struct UpstreamConfig {
     pub mechanism: MechanismSetting,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// Connects (TCP plus an implicit-TLS handshake) under way at once to this upstream;
+    /// more wait, within `connect_timeout`.
+    #[serde(default = "default_max_concurrent_connects")]
+    pub max_concurrent_connects: usize,
     /// Tell the upstream the client's address (it must trust mailgate's address for that).
     #[serde(default)]
     pub forward_client: ForwardClient,
@@ -629,6 +637,12 @@ impl Config {
             if upstream.port == 0 {
                 problems.add(format!("{key}.upstream.port"), "must not be 0");
             }
+            if upstream.max_concurrent_connects == 0 {
+                problems.add(
+                    format!("{key}.upstream.max_concurrent_connects"),
+                    "must be at least 1",
+                );
+            }
             match (upstream.forward_client, listener.protocol) {
                 (ForwardClient::Id, Protocol::Smtp) => problems.add(
                     format!("{key}.upstream.forward_client"),
@@ -891,6 +905,9 @@ fn default_block_account_after() -> u32 {
 }
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
+}
+fn default_max_concurrent_connects() -> usize {
+    DEFAULT_MAX_CONCURRENT_CONNECTS
 }
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT

@@ -598,6 +598,7 @@ mod tests {
             mechanism,
             connect_timeout: Duration::from_secs(5),
             forward_client,
+            max_concurrent_connects: crate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
         };
         (Connector::new(&config).unwrap(), listener)
     }
