@@ -282,10 +282,7 @@ mod tests {
             Arc::new(Health::new(Duration::from_secs(30))),
         )
         .unwrap();
-        let key = TokenKey {
-            account: "acct".into(),
-            protocol: Some(crate::config::Protocol::Imap),
-        };
+        let key = TokenKey::shared("acct", Some(crate::config::Protocol::Imap));
         let error = source.fetch(&key).await.unwrap_err();
         assert!(
             matches!(&error, TokenError::Unavailable(reason) if reason.contains("redirects are not followed")),
