@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use certs::TestCa;
 pub use dovecot::Dovecot;
-pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
+pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, PasswordCheck, mint_token};
 pub use mailgate::Mailgate;
 pub use oauth2::{ClientCredential, OAuthProvider, TestKeys, TokenRequestRecord};
 pub use process::{
