@@ -271,6 +271,44 @@ async fn an_auth_server_that_cannot_answer_is_a_temporary_failure_not_a_failed_l
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_passwords_are_throttled_as_in_static_mode() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.add_password(LOGIN, RIGHT, Some(ACCOUNT));
+        up.auth.grant(ACCOUNT, MAILBOX);
+        let ports = Ports::new();
+        let client_auth = format!(
+            "  mode: auth_server\n  auth_server: {{ url: \"{}\" }}\n  throttle: {{ failure_delay: 200ms, max_failure_delay: 400ms, block_address_after: 3 }}\n",
+            up.auth.check_url()
+        );
+        let config = ports.config(&up, &client_auth).replace(THROTTLE, "");
+        let mailgate = Mailgate::start(&config).await;
+        let mut waited = Vec::new();
+        for _ in 0..3 {
+            let started = tokio::time::Instant::now();
+            let (_client, login) = ports.imap_login(LOGIN, WRONG).await;
+            assert!(login.contains("NO [AUTHENTICATIONFAILED]"), "{login}");
+            waited.push(started.elapsed());
+        }
+        // The answer waits longer the more often the address failed.
+        assert!(waited[0] >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited[2] >= Duration::from_millis(400), "{waited:?}");
+        // Blocked now: even the right password is refused without asking the auth server.
+        let (_client, login) = ports.imap_login(LOGIN, RIGHT).await;
+        assert!(login.contains("NO [UNAVAILABLE]"), "{login}");
+        assert_eq!(up.auth.password_checks().len(), 3);
+        let text = ports.metrics().await;
+        assert_eq!(
+            metric(&text, "mailgate_login_blocks_total{scope=\"address\"}"),
+            1.0,
+            "{text}"
+        );
+        mailgate.assert_not_logged(WRONG);
+    })
+    .await;
+}
+
 /// The test upstream, an OAuth2 provider whose tokens Dovecot accepts, and mailgate's config
 /// checking passwords with the provider's password grant.
 async fn password_grant_setup() -> (

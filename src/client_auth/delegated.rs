@@ -191,7 +191,8 @@ mod tests {
     use crate::secret::Secret;
 
     /// An auth server on 127.0.0.1 that accepts the password `right` (answering `account`
-    /// `acct-7`) and refuses others with 403; counts the requests.
+    /// `acct-7`), answers `slow` after a second, and refuses others with 403; counts the
+    /// requests.
     async fn auth_server(requests: Arc<AtomicUsize>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/check", listener.local_addr().unwrap());
@@ -199,22 +200,27 @@ mod tests {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 requests.fetch_add(1, Ordering::SeqCst);
-                let mut request = vec![0u8; 4096];
-                let n = stream.read(&mut request).await.unwrap();
-                let text = String::from_utf8_lossy(&request[..n]);
-                let answer = if text.contains(r#""password":"right""#) {
-                    "200 OK\r\nContent-Length: 20\r\n\r\n{\"account\":\"acct-7\"}"
-                } else {
-                    "403 Forbidden\r\nContent-Length: 0\r\n\r\n"
-                };
-                let answer = format!("HTTP/1.1 {answer}");
-                stream.write_all(answer.as_bytes()).await.unwrap();
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 4096];
+                    let n = stream.read(&mut request).await.unwrap();
+                    let text = String::from_utf8_lossy(&request[..n]).into_owned();
+                    if text.contains(r#""password":"slow""#) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    let answer = if text.contains(r#""password":"right""#) {
+                        "200 OK\r\nContent-Length: 20\r\n\r\n{\"account\":\"acct-7\"}"
+                    } else {
+                        "403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+                    };
+                    let answer = format!("HTTP/1.1 {answer}");
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
             }
         });
         url
     }
 
-    async fn delegated(remember: Duration) -> (Delegated, Arc<AtomicUsize>, Arc<Metrics>) {
+    async fn delegated(config: ClientAuthConfig) -> (Delegated, Arc<AtomicUsize>, Arc<Metrics>) {
         crate::tls::install_crypto_provider();
         let requests = Arc::new(AtomicUsize::new(0));
         let section = AuthServerConfig {
@@ -224,15 +230,19 @@ mod tests {
             password_env: None,
             ca_file: None,
         };
-        let config = ClientAuthConfig {
+        let metrics = Arc::new(Metrics::new());
+        let server = AuthServerCheck::new(&section).unwrap();
+        let check = Check::auth_server(server, config.remember);
+        let delegated = Delegated::new(check, &config, metrics.clone()).unwrap();
+        (delegated, requests, metrics)
+    }
+
+    fn remembering(remember: Duration) -> ClientAuthConfig {
+        ClientAuthConfig {
             mode: ClientAuthMode::AuthServer,
             remember,
             ..ClientAuthConfig::default()
-        };
-        let metrics = Arc::new(Metrics::new());
-        let check = Check::auth_server(AuthServerCheck::new(&section).unwrap(), remember);
-        let delegated = Delegated::new(check, &config, metrics.clone()).unwrap();
-        (delegated, requests, metrics)
+        }
     }
 
     async fn verify(
@@ -240,13 +250,22 @@ mod tests {
         metrics: &Arc<Metrics>,
         password: &str,
     ) -> Result<String, CheckError> {
+        verify_from(delegated, metrics, password, "192.0.2.1").await
+    }
+
+    async fn verify_from(
+        delegated: &Delegated,
+        metrics: &Arc<Metrics>,
+        password: &str,
+        client: &str,
+    ) -> Result<String, CheckError> {
         let credentials = Credentials {
             account: "alice".into(),
             password: Secret::new(password.into()),
         };
         let attempt = Attempt {
             credentials: &credentials,
-            client: Some("192.0.2.1".parse().unwrap()),
+            client: Some(client.parse().unwrap()),
             protocol: Protocol::Imap,
         };
         let throttle = Throttle::new(&Default::default(), metrics.clone());
@@ -265,7 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_an_accepted_password_is_remembered() {
-        let (delegated, requests, metrics) = delegated(Duration::from_secs(60)).await;
+        let (delegated, requests, metrics) = delegated(remembering(Duration::from_secs(60))).await;
         assert_eq!(
             verify(&delegated, &metrics, "right").await,
             Ok("acct-7".into())
@@ -294,7 +313,7 @@ mod tests {
 
     #[tokio::test]
     async fn remember_zero_checks_every_login() {
-        let (delegated, requests, metrics) = delegated(Duration::ZERO).await;
+        let (delegated, requests, metrics) = delegated(remembering(Duration::ZERO)).await;
         for _ in 0..3 {
             assert_eq!(
                 verify(&delegated, &metrics, "right").await,
@@ -302,5 +321,42 @@ mod tests {
             );
         }
         assert_eq!(requests.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn checks_wait_for_their_share_and_a_slot() {
+        let config = ClientAuthConfig {
+            checks_per_address: 1,
+            delegated_checks: 2,
+            hash_queue_timeout: Duration::from_millis(100),
+            ..remembering(Duration::ZERO)
+        };
+        let (delegated, _, metrics) = delegated(config).await;
+        let busy = async {
+            let (a, b) = tokio::join!(
+                verify_from(&delegated, &metrics, "slow", "192.0.2.1"),
+                verify_from(&delegated, &metrics, "slow", "192.0.2.2"),
+            );
+            assert_eq!((a, b), (Err(CheckError::Refused), Err(CheckError::Refused)));
+        };
+        let squeezed = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // 192.0.2.1 has its one check running; 192.0.2.3 finds both slots taken.
+            let own_address = verify_from(&delegated, &metrics, "right", "192.0.2.1").await;
+            let no_slot = verify_from(&delegated, &metrics, "right", "192.0.2.3").await;
+            (own_address, no_slot)
+        };
+        let ((), (own_address, no_slot)) = tokio::join!(busy, squeezed);
+        assert_eq!(own_address, Err(CheckError::Overloaded));
+        assert_eq!(no_slot, Err(CheckError::Overloaded));
+        let text = metrics.encode();
+        assert!(
+            text.contains("mailgate_password_checks_total{result=\"overloaded\"} 2"),
+            "{text}"
+        );
+        assert_eq!(
+            verify(&delegated, &metrics, "right").await,
+            Ok("acct-7".into())
+        );
     }
 }
