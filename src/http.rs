@@ -1,8 +1,11 @@
-//! HTTP towards token sources and identity providers: one way to build a client (a deadline,
-//! no redirects, no Referer, optional extra trust roots) and to read an answer (bounded).
+//! HTTP towards token sources, password checks and identity providers: one way to build a
+//! client (a deadline, no redirects, no Referer, optional extra trust roots), to send a URL's
+//! credentials (as basic auth, never in the URL) and to read an answer (bounded).
 
 use std::path::Path;
 use std::time::Duration;
+
+use crate::secret::Secret;
 
 /// Answers larger than this are not tokens; refuse them instead of buffering.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -63,5 +66,58 @@ pub fn classify(error: reqwest::Error) -> HttpError {
         HttpError::Connect
     } else {
         HttpError::Other
+    }
+}
+
+/// A configured URL whose `user:pass@` travels as HTTP basic auth only: the URL kept here,
+/// which requests and logs see, has none.
+pub struct Endpoint {
+    pub url: url::Url,
+    basic_auth: Option<(String, Secret<String>)>,
+}
+
+impl Endpoint {
+    /// # Errors
+    /// `url` does not parse (configuration checks refuse that first); the text never quotes it.
+    pub fn new(url: &Secret<String>) -> Result<Self, String> {
+        let mut url = url::Url::parse(url.expose()).map_err(|_| "not a URL".to_owned())?;
+        // A password alone (e.g. from password_file) still means basic auth, with an empty user.
+        let basic_auth = (!url.username().is_empty() || url.password().is_some()).then(|| {
+            let user = percent_decode(url.username());
+            let password = Secret::new(url.password().map(percent_decode).unwrap_or_default());
+            (user, password)
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(Self { url, basic_auth })
+    }
+
+    /// `request` with the endpoint's basic auth, if it has one.
+    pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.basic_auth {
+            Some((user, password)) => request.basic_auth(user, Some(password.expose())),
+            None => request,
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    url::form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_leaves_the_url_percent_decoded() {
+        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
+        let endpoint = Endpoint::new(&Secret::new("http://u:p%40ss@127.0.0.1/x".into())).unwrap();
+        assert_eq!(endpoint.url.as_str(), "http://127.0.0.1/x");
+        let (user, password) = endpoint.basic_auth.unwrap();
+        assert_eq!((user.as_str(), password.expose().as_str()), ("u", "p@ss"));
     }
 }

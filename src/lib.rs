@@ -11,11 +11,13 @@
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
 //!   [`login::Authenticator`] trait front ends call).
 //! - [`proxy`]: the protocol-independent login driver.
-//! - [`client_auth`]: checking client passwords in a bounded pool; brute-force defence.
+//! - [`client_auth`]: checking client passwords (argon2 in a bounded pool, or delegated to an
+//!   auth server or an OAuth2 password grant, bounded too); brute-force defence.
 //! - [`limits`]: what a client may get wrong before authentication.
 //! - [`sanitize`]: foreign text made safe for logs and the wire.
 //! - [`token`]: token sources (authentication server, OAuth2 accounts) and the token cache.
-//! - [`jwt`], [`http`]: signed assertions; HTTP towards token sources and providers.
+//! - [`jwt`], [`http`]: signed assertions; HTTP towards token sources, password checks and
+//!   providers.
 //! - [`sessions`]: logged-in sessions by account, to end them when an account is revoked.
 //! - [`upstream`], [`tls`]: connecting to upstreams.
 //! - [`forward`]: telling upstreams the client's address (PROXY v2 header, outcomes).

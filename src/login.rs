@@ -97,6 +97,9 @@ pub enum LoginError {
     /// Password checks are all busy: try again shortly.
     #[error("password checks overloaded")]
     Overloaded,
+    /// The auth server or identity provider that checks passwords gave no usable answer.
+    #[error("password check unavailable")]
+    CheckUnavailable,
     #[error("token source unavailable")]
     TokenUnavailable,
     #[error("upstream refused the token")]
@@ -113,6 +116,7 @@ impl LoginError {
             LoginError::NeedsReauthorization => "needs_reauthorization",
             LoginError::Throttled => "throttled",
             LoginError::Overloaded => "overloaded",
+            LoginError::CheckUnavailable => "check_unavailable",
             LoginError::TokenUnavailable => "token_unavailable",
             LoginError::UpstreamRejected => "upstream_rejected",
             LoginError::UpstreamUnavailable => "upstream_unavailable",
@@ -120,11 +124,12 @@ impl LoginError {
     }
 
     /// Every label, for exporting each series from the start.
-    pub const ALL: [LoginError; 7] = [
+    pub const ALL: [LoginError; 8] = [
         LoginError::BadCredentials,
         LoginError::NeedsReauthorization,
         LoginError::Throttled,
         LoginError::Overloaded,
+        LoginError::CheckUnavailable,
         LoginError::TokenUnavailable,
         LoginError::UpstreamRejected,
         LoginError::UpstreamUnavailable,

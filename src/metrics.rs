@@ -221,8 +221,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Exports the series of the configured token sources and password checks at 0.
-    pub fn export_sources(&self, auth_server: bool, oauth2: bool, password_checks: bool) {
+    /// Exports the series of the configured token sources at 0.
+    pub fn export_sources(&self, auth_server: bool, oauth2: bool) {
         let sources: [(bool, &'static str, &[&'static str]); 2] = [
             (auth_server, "auth_server", &["ok", "refused", "error"]),
             (
@@ -243,11 +243,11 @@ impl Metrics {
                     .get_or_create(&SourceLabels { source });
             }
         }
-        if password_checks {
-            for result in ["ok", "wrong_password", "unknown_account", "overloaded"] {
-                let _ = self.password_checks.get_or_create(&ResultLabels { result });
-            }
-        }
+    }
+
+    /// Exports one series of the configured password checks at 0.
+    pub fn export_password_check(&self, result: &'static str) {
+        let _ = self.password_checks.get_or_create(&ResultLabels { result });
     }
 
     fn register_all(mut self) -> Self {
@@ -342,7 +342,7 @@ impl Metrics {
         );
         registry.register(
             "password_checks",
-            "Client password checks by result (ok, wrong_password, unknown_account, overloaded)",
+            "Client password checks by result (ok, remembered, wrong_password, unknown_account, unavailable, overloaded)",
             self.password_checks.clone(),
         );
         registry.register(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client_auth::throttle::Throttle;
-use crate::client_auth::{ClientAuth, NotChecked};
+use crate::client_auth::{Accepted, Attempt, ClientAuth};
 use crate::config::Protocol;
 use crate::forward::Origin;
 use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
@@ -99,38 +99,48 @@ impl ListenerProxy {
             );
             return Err(LoginError::Throttled);
         }
-        let verified = self
-            .client_auth
-            .verify(&request.credentials, client, &self.throttle)
-            .await;
-        match verified {
-            Ok(true) => {}
-            Ok(false) => return Err(LoginError::BadCredentials),
-            Err(error @ NotChecked::Blocked(_)) => {
-                tracing::warn!(%error, "password not checked");
-                return Err(LoginError::Throttled);
-            }
-            Err(error @ NotChecked::Overloaded) => {
-                tracing::warn!(%error, "password not checked");
-                return Err(LoginError::Overloaded);
-            }
-        }
-        tokio::time::timeout(self.login_timeout, self.token_and_upstream(request))
+        let accepted = self.check_client(request).await?;
+        tokio::time::timeout(
+            self.login_timeout,
+            self.token_and_upstream(request, accepted),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(
+                timeout_ms = u64::try_from(self.login_timeout.as_millis()).unwrap_or(u64::MAX),
+                "login did not finish within login_timeout"
+            );
+            Err(LoginError::UpstreamUnavailable)
+        })
+    }
+
+    /// The client's password checked: accepted, and where the session's token comes from.
+    async fn check_client(&self, request: &LoginRequest) -> Result<Accepted, LoginError> {
+        let attempt = Attempt {
+            credentials: &request.credentials,
+            client: request.client.map(|address| address.ip()),
+            protocol: self.protocol,
+        };
+        self.client_auth
+            .verify(&attempt, &self.throttle, &self.tokens)
             .await
-            .unwrap_or_else(|_| {
-                tracing::warn!(
-                    timeout_ms = u64::try_from(self.login_timeout.as_millis()).unwrap_or(u64::MAX),
-                    "login did not finish within login_timeout"
-                );
-                Err(LoginError::UpstreamUnavailable)
+            .map_err(|error| {
+                let login_error = error.login_error();
+                if login_error != LoginError::BadCredentials {
+                    tracing::warn!(%error, "password not checked");
+                }
+                login_error
             })
     }
 
     /// Gets a token and logs in upstream; a refused token may have been revoked early, so it
     /// is dropped and the login is tried once more with a fresh one.
-    async fn token_and_upstream(&self, request: &LoginRequest) -> Result<Upstream, LoginError> {
-        let account = &request.credentials.account;
-        let (key, token) = self.token(account).await?;
+    async fn token_and_upstream(
+        &self,
+        request: &LoginRequest,
+        accepted: Accepted,
+    ) -> Result<Upstream, LoginError> {
+        let (key, token) = self.token(accepted.clone()).await?;
         match self.upstream_login(&token.token.auth, request).await {
             Ok(upstream) => return Ok(upstream),
             Err(error) if error.is_rejection() => {
@@ -139,7 +149,12 @@ impl ListenerProxy {
             }
             Err(error) => return Err(unavailable(&error)),
         }
-        let (key, token) = self.token(account).await?;
+        let accepted = match accepted {
+            // Only the client's password gets another token: a fresh grant, checked again.
+            Accepted::Granted(..) => self.check_client(request).await?,
+            account @ Accepted::Account(_) => account,
+        };
+        let (key, token) = self.token(accepted).await?;
         match self.upstream_login(&token.token.auth, request).await {
             Ok(upstream) => Ok(upstream),
             Err(error) if error.is_rejection() => {
@@ -151,12 +166,17 @@ impl ListenerProxy {
         }
     }
 
-    async fn token(&self, account: &str) -> Result<(TokenKey, Arc<Cached>), LoginError> {
+    /// The session's token: the one the password grant got, or one from the token sources.
+    async fn token(&self, accepted: Accepted) -> Result<(TokenKey, Arc<Cached>), LoginError> {
+        let account = match accepted {
+            Accepted::Granted(key, token) => return Ok((key, token)),
+            Accepted::Account(account) => account,
+        };
         self.tokens
-            .get(account, self.protocol)
+            .get(&account, self.protocol)
             .await
             .map_err(|error| {
-                tracing::warn!(account = %Escaped(account), %error, "no token");
+                tracing::warn!(account = %Escaped(&account), %error, "no token");
                 match error {
                     TokenError::Refused => LoginError::BadCredentials,
                     TokenError::NeedsReauthorization => LoginError::NeedsReauthorization,

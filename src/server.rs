@@ -83,6 +83,8 @@ pub enum StartError {
     ClientTls { name: String, reason: String },
     #[error("token source: {0}")]
     TokenSource(String),
+    #[error("client_auth: {0}")]
+    ClientAuth(String),
 }
 
 /// The configuration file and its text as it was loaded.
@@ -328,10 +330,10 @@ impl Server {
         let shared = Shared {
             tokens,
             oauth2,
-            client_auth: Arc::new(ClientAuth::new(
-                &config.client_auth,
-                lasting.metrics.clone(),
-            )),
+            client_auth: Arc::new(
+                ClientAuth::new(&config.client_auth, lasting.metrics.clone())
+                    .map_err(StartError::ClientAuth)?,
+            ),
             throttle: Arc::new(Throttle::new(
                 &config.client_auth.throttle,
                 lasting.metrics.clone(),
@@ -444,7 +446,7 @@ impl Server {
         let shared = Shared {
             tokens,
             oauth2,
-            client_auth: self.client_auth_for(&config),
+            client_auth: self.client_auth_for(&config)?,
             throttle: self.throttle_for(&config),
             metrics: self.lasting.metrics.clone(),
         };
@@ -497,15 +499,13 @@ impl Server {
     }
 
     /// Keeps the password checks (and their workers' memory) unless their settings changed.
-    fn client_auth_for(&self, config: &Config) -> Arc<ClientAuth> {
+    fn client_auth_for(&self, config: &Config) -> Result<Arc<ClientAuth>, StartError> {
         if config.client_auth == self.config.client_auth {
-            self.shared.client_auth.clone()
-        } else {
-            Arc::new(ClientAuth::new(
-                &config.client_auth,
-                self.lasting.metrics.clone(),
-            ))
+            return Ok(self.shared.client_auth.clone());
         }
+        ClientAuth::new(&config.client_auth, self.lasting.metrics.clone())
+            .map(Arc::new)
+            .map_err(StartError::ClientAuth)
     }
 
     /// Keeps the failure counts across a reload unless their rules changed.
@@ -727,11 +727,7 @@ fn token_state(
     let metrics = &lasting.metrics;
     let sources = Sources::new(&config.tokens, &lasting.grants, metrics, &lasting.health)
         .map_err(StartError::TokenSource)?;
-    metrics.export_sources(
-        sources.auth_server.is_some(),
-        sources.oauth2.is_some(),
-        config.client_auth.mode == crate::config::ClientAuthMode::Static,
-    );
+    metrics.export_sources(sources.auth_server.is_some(), sources.oauth2.is_some());
     let oauth2 = sources.oauth2.clone();
     let end_sessions = config
         .tokens

@@ -12,14 +12,10 @@ use std::time::Duration;
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use subtle::ConstantTimeEq as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
+use super::admission::{Overloaded, Slots};
 use crate::secret::Secret;
-
-/// The pool could not take the check before its deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("password checks are overloaded")]
-pub struct Overloaded;
 
 struct Job {
     hash: Secret<String>,
@@ -30,9 +26,9 @@ struct Job {
 }
 
 pub struct HashPool {
-    permits: Arc<Semaphore>,
+    /// One per worker.
+    slots: Slots,
     jobs: SyncSender<Job>,
-    queue_timeout: Duration,
 }
 
 impl HashPool {
@@ -52,9 +48,8 @@ impl HashPool {
                 .expect("starting a password-check thread");
         }
         Self {
-            permits: Arc::new(Semaphore::new(workers)),
+            slots: Slots::new(workers, queue_timeout),
             jobs,
-            queue_timeout,
         }
     }
 
@@ -64,11 +59,7 @@ impl HashPool {
     /// # Errors
     /// [`Overloaded`] when no worker became free in time.
     pub async fn admit(&self) -> Result<Admitted, Overloaded> {
-        let permit = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| Overloaded)?
-            .map_err(|_| Overloaded)?;
-        Ok(Admitted(permit))
+        self.slots.take().await.map(Admitted)
     }
 
     /// Whether `password` matches the argon2 PHC string `hash`, checked in constant time by

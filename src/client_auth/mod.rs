@@ -1,162 +1,216 @@
 //! Checking the password a client presents: `any` (the user name is the account id and the
-//! password is not checked) or `static` (argon2 PHC hashes per account, checked in a bounded
-//! [`hash_pool`]); and the brute-force defence around every login ([`throttle`]).
+//! password is not checked), `static` (argon2 PHC hashes per account, checked in a bounded
+//! [`hash_pool`]), or delegated to an [`auth_server`] or an identity provider's
+//! [`password_grant`] ([`delegated`]); and the brute-force defence around every login
+//! ([`throttle`]). Every check is admitted first ([`admission`]).
 
+pub mod admission;
+pub mod auth_server;
+pub mod delegated;
 pub mod hash_pool;
+pub mod password_grant;
+pub mod proof;
 pub mod throttle;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::config::{ClientAuthConfig, ClientAuthMode};
-use crate::login::Credentials;
+use crate::config::{ClientAuthConfig, ClientAuthMode, Protocol};
+use crate::login::{Credentials, LoginError};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::token::TokenKey;
+use crate::token::cache::{Cached, TokenCache};
+use admission::{Overloaded, PerAddress};
+use delegated::{Check, Delegated};
 use hash_pool::HashPool;
 use throttle::{Scope, Throttle};
 
-/// Why a password was not checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotChecked {
+/// `mailgate_password_checks_total{result}` labels of mode `static`.
+const STATIC_RESULTS: [&str; 4] = ["ok", "wrong_password", "unknown_account", "overloaded"];
+
+/// One login as the client check sees it.
+pub struct Attempt<'a> {
+    pub credentials: &'a Credentials,
+    /// The client's address; `None` over in-memory streams.
+    pub client: Option<IpAddr>,
+    pub protocol: Protocol,
+}
+
+/// A password accepted, and where the session's token comes from.
+#[derive(Clone)]
+pub enum Accepted {
+    /// From the token sources, for this account id.
+    Account(String),
+    /// From the password grant that checked it, kept in the token cache under this key.
+    Granted(TokenKey, Arc<Cached>),
+}
+
+/// Why a password was not accepted. Classified once in [`CheckError::login_error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// A wrong password or an unknown account: a failed login.
+    #[error("wrong password or unknown account")]
+    Refused,
     #[error("password checks are overloaded")]
     Overloaded,
-    /// The client's address or the account got blocked while the check waited for a worker.
+    /// The client's address or the account got blocked while the check waited for its turn.
     #[error("blocked after too many failed logins ({})", .0.label())]
     Blocked(Scope),
+    /// The auth server or identity provider gave no usable answer; the text holds no secret.
+    #[error("password check unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl CheckError {
+    pub fn login_error(&self) -> LoginError {
+        match self {
+            CheckError::Refused => LoginError::BadCredentials,
+            CheckError::Overloaded => LoginError::Overloaded,
+            CheckError::Blocked(_) => LoginError::Throttled,
+            CheckError::Unavailable(_) => LoginError::CheckUnavailable,
+        }
+    }
+}
+
+impl From<Overloaded> for CheckError {
+    fn from(_: Overloaded) -> Self {
+        CheckError::Overloaded
+    }
 }
 
 pub enum ClientAuth {
     Any,
-    Static {
-        accounts: HashMap<String, Secret<String>>,
-        /// Checked for unknown accounts, so that they take as long as known ones and the
-        /// answer time does not tell which accounts exist.
-        decoy: Secret<String>,
-        pool: HashPool,
-        /// Checks waiting or running per client address (IPv6: per /64), at most `share`.
-        per_address: Mutex<HashMap<IpAddr, usize>>,
-        share: usize,
-        metrics: Arc<Metrics>,
-    },
+    Static(Hashes),
+    Delegated(Box<Delegated>),
 }
 
-/// A check counted against its address; uncounted on drop.
-struct AddressTurn<'a> {
-    per_address: &'a Mutex<HashMap<IpAddr, usize>>,
-    address: IpAddr,
-}
-
-impl Drop for AddressTurn<'_> {
-    fn drop(&mut self) {
-        let mut counts = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.address);
-            }
-        }
-    }
-}
-
-/// Takes a turn for `client`'s address, or `None` when it has its share already.
-fn take_turn(
-    per_address: &Mutex<HashMap<IpAddr, usize>>,
-    share: usize,
-    client: Option<IpAddr>,
-) -> Option<Option<AddressTurn<'_>>> {
-    let Some(client) = client else {
-        return Some(None);
-    };
-    let address = throttle::address_group(client);
-    let mut counts = per_address.lock().unwrap_or_else(|e| e.into_inner());
-    let count = counts.entry(address).or_default();
-    if *count >= share {
-        return None;
-    }
-    *count += 1;
-    Some(Some(AddressTurn {
-        per_address,
-        address,
-    }))
+/// Mode `static`.
+pub struct Hashes {
+    accounts: HashMap<String, Secret<String>>,
+    /// Checked for unknown accounts, so that they take as long as known ones and the answer
+    /// time does not tell which accounts exist.
+    decoy: Secret<String>,
+    pool: HashPool,
+    per_address: PerAddress,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientAuth {
-    pub fn new(config: &ClientAuthConfig, metrics: Arc<Metrics>) -> Self {
-        match config.mode {
-            ClientAuthMode::Any => ClientAuth::Any,
-            ClientAuthMode::Static => {
-                let accounts: HashMap<_, _> = config
-                    .accounts
-                    .iter()
-                    .map(|(account, hash)| (account.clone(), hash.clone()))
-                    .collect();
-                // Validation guarantees at least one account; its parameters are the decoy's.
-                let decoy = config.accounts.values().next().cloned().unwrap_or_default();
-                warn_on_mixed_parameters(config.accounts.values());
-                ClientAuth::Static {
-                    accounts,
-                    decoy,
-                    pool: HashPool::new(config.hash_workers(), config.hash_queue_timeout),
-                    per_address: Mutex::new(HashMap::new()),
-                    share: config.checks_per_address,
-                    metrics,
-                }
+    /// The check `config` describes, its `mailgate_password_checks_total` series at 0.
+    ///
+    /// # Errors
+    /// An HTTP client cannot be built, or no random key drawn.
+    pub fn new(config: &ClientAuthConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let (auth, results): (_, &[&str]) = match config.mode {
+            ClientAuthMode::Any => (ClientAuth::Any, &[]),
+            ClientAuthMode::Static => (
+                ClientAuth::Static(Hashes::new(config, metrics.clone())),
+                &STATIC_RESULTS,
+            ),
+            ClientAuthMode::AuthServer => {
+                let section = config.auth_server.as_ref().ok_or(MISSING_SECTION)?;
+                let server = auth_server::AuthServerCheck::new(section)?;
+                let check = Check::auth_server(server, config.remember);
+                let delegated = Delegated::new(check, config, metrics.clone())?;
+                (
+                    ClientAuth::Delegated(Box::new(delegated)),
+                    &delegated::RESULTS,
+                )
             }
+            ClientAuthMode::OAuth2Password => {
+                let section = config.oauth2_password.as_ref().ok_or(MISSING_SECTION)?;
+                let check = Check::PasswordGrant(password_grant::PasswordGrant::new(section)?);
+                let delegated = Delegated::new(check, config, metrics.clone())?;
+                (
+                    ClientAuth::Delegated(Box::new(delegated)),
+                    &delegated::RESULTS,
+                )
+            }
+        };
+        for result in results {
+            metrics.export_password_check(result);
+        }
+        Ok(auth)
+    }
+
+    /// Whether the client may log in with `attempt`'s credentials, and as which account.
+    ///
+    /// # Errors
+    /// See [`CheckError`].
+    pub async fn verify(
+        &self,
+        attempt: &Attempt<'_>,
+        throttle: &Throttle,
+        tokens: &TokenCache,
+    ) -> Result<Accepted, CheckError> {
+        match self {
+            ClientAuth::Any => Ok(Accepted::Account(attempt.credentials.account.clone())),
+            ClientAuth::Static(hashes) => hashes.verify(attempt, throttle).await,
+            ClientAuth::Delegated(delegated) => delegated.verify(attempt, throttle, tokens).await,
+        }
+    }
+}
+
+/// Configuration checks refuse a delegated mode without its section first.
+const MISSING_SECTION: &str = "client_auth: the mode's section is missing";
+
+impl Hashes {
+    fn new(config: &ClientAuthConfig, metrics: Arc<Metrics>) -> Self {
+        let accounts: HashMap<_, _> = config
+            .accounts
+            .iter()
+            .map(|(account, hash)| (account.clone(), hash.clone()))
+            .collect();
+        // Validation guarantees at least one account; its parameters are the decoy's.
+        let decoy = config.accounts.values().next().cloned().unwrap_or_default();
+        warn_on_mixed_parameters(config.accounts.values());
+        Self {
+            accounts,
+            decoy,
+            pool: HashPool::new(config.hash_workers(), config.hash_queue_timeout),
+            per_address: PerAddress::new(config.checks_per_address),
+            metrics,
         }
     }
 
-    /// Whether the client at `client` may act as `credentials.account`.
-    ///
     /// Parallel guesses all pass a check of the `throttle` made before they queue, so it is
     /// made again once a worker is free: a block reached meanwhile stops the rest unhashed.
-    ///
-    /// # Errors
-    /// [`NotChecked`] when the password could not be checked in time, or the throttle
-    /// blocked the client while it waited.
-    pub async fn verify(
+    async fn verify(
         &self,
-        credentials: &Credentials,
-        client: Option<IpAddr>,
+        attempt: &Attempt<'_>,
         throttle: &Throttle,
-    ) -> Result<bool, NotChecked> {
-        let ClientAuth::Static {
-            accounts,
-            decoy,
-            pool,
-            per_address,
-            share,
-            metrics,
-        } = self
-        else {
-            return Ok(true);
+    ) -> Result<Accepted, CheckError> {
+        let credentials = attempt.credentials;
+        let overloaded = |_| {
+            self.metrics.password_check("overloaded");
+            CheckError::Overloaded
         };
-        let Some(_turn) = take_turn(per_address, *share, client) else {
-            metrics.password_check("overloaded");
-            return Err(NotChecked::Overloaded);
-        };
-        let Ok(admitted) = pool.admit().await else {
-            metrics.password_check("overloaded");
-            return Err(NotChecked::Overloaded);
-        };
+        let _turn = self.per_address.take(attempt.client).map_err(overloaded)?;
+        let admitted = self.pool.admit().await.map_err(overloaded)?;
         throttle
-            .check(client, &credentials.account)
-            .map_err(NotChecked::Blocked)?;
-        let (hash, known) = match accounts.get(&credentials.account) {
+            .check(attempt.client, &credentials.account)
+            .map_err(CheckError::Blocked)?;
+        let (hash, known) = match self.accounts.get(&credentials.account) {
             Some(hash) => (hash, true),
-            None => (decoy, false),
+            None => (&self.decoy, false),
         };
-        let matches = pool
+        let matches = self
+            .pool
             .verify(admitted, hash, &credentials.password)
-            .await
-            .map_err(|_| NotChecked::Overloaded)?;
+            .await?;
         let label = match (known, matches) {
             (true, true) => "ok",
             (true, false) => "wrong_password",
             (false, _) => "unknown_account",
         };
-        metrics.password_check(label);
-        Ok(known && matches)
+        self.metrics.password_check(label);
+        if known && matches {
+            Ok(Accepted::Account(credentials.account.clone()))
+        } else {
+            Err(CheckError::Refused)
+        }
     }
 }
 
@@ -199,18 +253,27 @@ mod tests {
             ..ClientAuthConfig::default()
         };
         let metrics = Arc::new(Metrics::new());
-        let auth = ClientAuth::new(&config, metrics.clone());
+        let auth = ClientAuth::new(&config, metrics.clone()).unwrap();
         let throttle = Throttle::new(&config.throttle, metrics.clone());
-        let verify = |account: &str, password: &str| {
+        let tokens = TokenCache::without_sources(metrics.clone());
+        let verify = |account: &'static str, password: &str| {
             let credentials = credentials(account, password);
-            let (auth, throttle) = (&auth, &throttle);
-            async move { auth.verify(&credentials, None, throttle).await }
+            let (auth, throttle, tokens) = (&auth, &throttle, &tokens);
+            async move {
+                let attempt = Attempt {
+                    credentials: &credentials,
+                    client: None,
+                    protocol: Protocol::Imap,
+                };
+                let verified = auth.verify(&attempt, throttle, tokens).await;
+                verified.map(|accepted| matches!(accepted, Accepted::Account(a) if a == account))
+            }
         };
         assert_eq!(verify("alice", "right").await, Ok(true));
-        assert_eq!(verify("alice", "wrong").await, Ok(false));
+        assert_eq!(verify("alice", "wrong").await, Err(CheckError::Refused));
         // Unknown accounts cost a check too (so they answer as slowly), against a decoy
         // that is alice's hash but never lets anyone in.
-        assert_eq!(verify("bob", "right").await, Ok(false));
+        assert_eq!(verify("bob", "right").await, Err(CheckError::Refused));
         let text = metrics.encode();
         assert!(
             text.contains("mailgate_password_checks_total{result=\"unknown_account\"} 1"),
@@ -218,6 +281,11 @@ mod tests {
         );
         let any = ClientAuth::Any;
         let anyone = credentials("x", "");
-        assert_eq!(any.verify(&anyone, None, &throttle).await, Ok(true));
+        let attempt = Attempt {
+            credentials: &anyone,
+            client: None,
+            protocol: Protocol::Smtp,
+        };
+        assert!(any.verify(&attempt, &throttle, &tokens).await.is_ok());
     }
 }

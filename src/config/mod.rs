@@ -39,6 +39,12 @@ pub const DEFAULT_PRE_AUTH_LIFETIME: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(45);
 /// A password check waits this long for a free worker before the login fails as temporary.
 pub const DEFAULT_HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A verified password is remembered this long (as a keyed hash): long enough for the burst of
+/// connections a mail client opens, short enough that a changed password soon stops working.
+pub const DEFAULT_REMEMBER: Duration = Duration::from_secs(5 * 60);
+/// Checks sent to an auth server or identity provider at once: each waits on the network, not
+/// a CPU, so more than the hash workers; few enough that a guessing flood cannot hammer it.
+pub const DEFAULT_DELEGATED_CHECKS: usize = 16;
 /// Enough for a mail client's few parallel connections (or a few behind one NAT), too few for
 /// one address to take the whole pool, or to slip many guesses past a block being reached.
 pub const DEFAULT_CHECKS_PER_ADDRESS: usize = 4;
@@ -224,13 +230,47 @@ pub struct UpstreamConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
     /// The user name is the account id; the password is not checked.
     #[default]
     Any,
     /// Each account has an argon2 PHC hash.
     Static,
+    /// An HTTP service checks user name and password (docs/auth-server.md).
+    AuthServer,
+    /// An OAuth2 password grant (RFC 6749 4.3) checks them and yields the session's token.
+    #[serde(rename = "oauth2_password")]
+    OAuth2Password,
+}
+
+impl ClientAuthMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientAuthMode::Any => "any",
+            ClientAuthMode::Static => "static",
+            ClientAuthMode::AuthServer => "auth_server",
+            ClientAuthMode::OAuth2Password => "oauth2_password",
+        }
+    }
+}
+
+/// Mode `oauth2_password`: which provider's token endpoint checks passwords.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordGrantConfig {
+    /// A name in `tokens.oauth2.providers`.
+    pub provider: String,
+    /// Replaces the provider's scope for these grants.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// The provider's settings, copied from `tokens.oauth2` once validated (so that a change
+    /// there rebuilds the check on reload).
+    #[serde(skip)]
+    pub resolved: Option<ProviderConfig>,
+    /// `tokens.oauth2.timeout`: each request to the provider.
+    #[serde(skip)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -257,6 +297,18 @@ pub struct ClientAuthConfig {
     /// A YAML map of account id -> hash, merged into `accounts`.
     #[serde(default)]
     pub accounts_file: Option<PathBuf>,
+    /// Mode `auth_server`: where user names and passwords are checked.
+    #[serde(default)]
+    pub auth_server: Option<AuthServerConfig>,
+    /// Mode `oauth2_password`: the provider that checks them.
+    #[serde(default)]
+    pub oauth2_password: Option<PasswordGrantConfig>,
+    /// Delegated modes: how long a verified password is remembered; `0s`: never.
+    #[serde(default = "default_remember", with = "duration")]
+    pub remember: Duration,
+    /// Delegated modes: checks sent at once.
+    #[serde(default = "default_delegated_checks")]
+    pub delegated_checks: usize,
 }
 
 impl Default for ClientAuthConfig {
@@ -270,6 +322,10 @@ impl Default for ClientAuthConfig {
             allow_remote: false,
             accounts: BTreeMap::new(),
             accounts_file: None,
+            auth_server: None,
+            oauth2_password: None,
+            remember: DEFAULT_REMEMBER,
+            delegated_checks: DEFAULT_DELEGATED_CHECKS,
         }
     }
 }
@@ -491,6 +547,10 @@ impl Config {
             }
         }
         add(&self.client_auth.accounts_file);
+        if let Some(auth_server) = &self.client_auth.auth_server {
+            add(&auth_server.password_file);
+            add(&auth_server.ca_file);
+        }
         if let Some(admin) = &self.admin {
             if let Some(tls) = &admin.tls {
                 add(&Some(tls.cert_file.clone()));
@@ -559,7 +619,8 @@ impl Config {
                 "not a level or filter such as info or mailgate=debug",
             );
         }
-        self.tokens.resolve(&mut problems);
+        let password_grants = self.client_auth.mode == ClientAuthMode::OAuth2Password;
+        self.tokens.resolve(&mut problems, password_grants);
         if let Some(admin) = &mut self.admin {
             admin.resolve(&mut problems);
         }
@@ -741,6 +802,8 @@ impl Config {
                 );
             }
         }
+        self.resolve_delegated(problems);
+        let client_auth = &self.client_auth;
         match client_auth.mode {
             ClientAuthMode::Static
                 if client_auth.accounts.is_empty()
@@ -763,6 +826,73 @@ impl Config {
             }
             _ => {}
         }
+    }
+}
+
+impl Config {
+    /// The sections of the delegated modes: the one the mode needs, resolved; a section of
+    /// another mode is refused, since leaving out `mode` would silently accept every password.
+    fn resolve_delegated(&mut self, problems: &mut Problems) {
+        let client_auth = &mut self.client_auth;
+        let mode = client_auth.mode;
+        if client_auth.delegated_checks == 0 {
+            problems.add("client_auth.delegated_checks", "must be at least 1");
+        }
+        let unused = |section: &str| {
+            format!(
+                "used only by mode {section}, but client_auth.mode is {}",
+                mode.name()
+            )
+        };
+        match (&mut client_auth.auth_server, mode) {
+            (Some(auth_server), ClientAuthMode::AuthServer) => {
+                auth_server.resolve("client_auth.auth_server", true, problems);
+            }
+            (None, ClientAuthMode::AuthServer) => problems.add(
+                "client_auth.auth_server",
+                "mode auth_server needs it: the url that checks user names and passwords",
+            ),
+            (Some(_), _) => problems.add("client_auth.auth_server", unused("auth_server")),
+            (None, _) => {}
+        }
+        match (&mut client_auth.oauth2_password, mode) {
+            (Some(grant), ClientAuthMode::OAuth2Password) => {
+                grant.resolve(self.tokens.oauth2.as_ref(), problems);
+            }
+            (None, ClientAuthMode::OAuth2Password) => problems.add(
+                "client_auth.oauth2_password",
+                "mode oauth2_password needs it: the provider in tokens.oauth2.providers that checks passwords",
+            ),
+            (Some(_), _) => {
+                problems.add("client_auth.oauth2_password", unused("oauth2_password"));
+            }
+            (None, _) => {}
+        }
+    }
+}
+
+impl PasswordGrantConfig {
+    /// Copies the named provider's settings from `tokens.oauth2`, already resolved.
+    fn resolve(&mut self, oauth2: Option<&OAuth2Config>, problems: &mut Problems) {
+        let provider = oauth2.and_then(|oauth2| oauth2.providers.get(&self.provider));
+        let (Some(oauth2), Some(provider)) = (oauth2, provider) else {
+            problems.add(
+                "client_auth.oauth2_password.provider",
+                format!(
+                    "no provider named {:?} in tokens.oauth2.providers",
+                    self.provider
+                ),
+            );
+            return;
+        };
+        if provider.client_id.is_none() {
+            problems.add(
+                format!("tokens.oauth2.providers.{}.client_id", self.provider),
+                "required by client_auth.oauth2_password",
+            );
+        }
+        self.resolved = Some(provider.clone());
+        self.timeout = oauth2.timeout;
     }
 }
 
@@ -881,6 +1011,12 @@ fn default_pre_auth_lifetime() -> Duration {
 }
 fn default_login_timeout() -> Duration {
     DEFAULT_LOGIN_TIMEOUT
+}
+fn default_remember() -> Duration {
+    DEFAULT_REMEMBER
+}
+fn default_delegated_checks() -> usize {
+    DEFAULT_DELEGATED_CHECKS
 }
 fn default_checks_per_address() -> usize {
     DEFAULT_CHECKS_PER_ADDRESS
@@ -1279,6 +1415,85 @@ tokens:
         );
         let problems = check(&text).unwrap_err();
         assert_eq!(problems[0].key, "client_auth.accounts.alice");
+    }
+
+    /// The minimal config with these `client_auth` lines (indented two spaces).
+    fn with_client_auth(lines: &str) -> String {
+        format!("{MINIMAL}client_auth:\n{lines}")
+    }
+
+    #[test]
+    fn auth_server_mode_checks_its_section() {
+        let text = with_client_auth("  mode: auth_server\n");
+        assert_eq!(problem_keys(&text), ["client_auth.auth_server"]);
+        let text = with_client_auth(
+            "  mode: auth_server\n  delegated_checks: 0\n  auth_server:\n    url: \"http://u:s3cret@auth.example/check\"\n    timeout: 0s\n    password_file: /nonexistent/mailgate-password\n",
+        );
+        let problems = check(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "client_auth.delegated_checks",
+                "client_auth.auth_server.timeout",
+                "client_auth.auth_server.url",
+                "client_auth.auth_server.password_file",
+            ]
+        );
+        assert!(problems[2].reason.contains("https"), "{problems:?}");
+        assert!(!format!("{problems:?}").contains("s3cret"));
+        let text = with_client_auth(
+            "  mode: auth_server\n  remember: 0s\n  auth_server: { url: \"http://mailgate:pw@127.0.0.1:8080/check\" }\n",
+        );
+        let config = check(&text).unwrap();
+        assert_eq!(config.client_auth.remember, Duration::ZERO);
+        let printed = serde_saphyr::to_string(&config).unwrap();
+        assert!(!printed.contains("pw@"), "{printed}");
+    }
+
+    #[test]
+    fn a_delegated_section_without_its_mode_is_refused() {
+        // Left as `any`, every password would be accepted.
+        let text = with_client_auth("  auth_server: { url: \"https://auth.example/check\" }\n");
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "client_auth.auth_server");
+        assert!(problems[0].reason.contains("mode is any"), "{problems:?}");
+        let text = with_client_auth(
+            "  mode: static\n  oauth2_password: { provider: idp }\n  accounts_file: /nonexistent\n",
+        );
+        assert!(problem_keys(&text).contains(&"client_auth.oauth2_password".to_owned()));
+    }
+
+    #[test]
+    fn oauth2_password_mode_needs_a_provider_with_a_client_id() {
+        let listeners = MINIMAL.split("tokens:").next().unwrap();
+        let config = |provider: &str, grant: &str| {
+            format!(
+                "{listeners}tokens:\n  oauth2:\n    providers:\n      idp: {{ preset: custom, token_url: \"https://idp.example/token\"{provider} }}\nclient_auth:\n  mode: oauth2_password\n  oauth2_password: {{ {grant} }}\n"
+            )
+        };
+        // The clients' own grants are the token source: no other is needed.
+        let good = check(&config(
+            ", client_id: mailgate",
+            "provider: idp, scope: mail",
+        ))
+        .unwrap();
+        let grant = good.client_auth.oauth2_password.unwrap();
+        assert_eq!(
+            grant.resolved.unwrap().client_id.as_deref(),
+            Some("mailgate")
+        );
+        assert_eq!(grant.timeout, DEFAULT_PROVIDER_TIMEOUT);
+        assert_eq!(
+            problem_keys(&config("", "provider: idp")),
+            ["tokens.oauth2.providers.idp.client_id"]
+        );
+        assert_eq!(
+            problem_keys(&config(", client_id: mailgate", "provider: nowhere")),
+            ["client_auth.oauth2_password.provider"]
+        );
+        let text = with_client_auth("  mode: oauth2_password\n");
+        assert_eq!(problem_keys(&text), ["client_auth.oauth2_password"]);
     }
 
     #[test]

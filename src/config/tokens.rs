@@ -229,16 +229,18 @@ pub struct AccountConfig {
 
 impl TokensConfig {
     /// Loads secrets into place and checks every rule of the section.
-    pub(super) fn resolve(&mut self, problems: &mut Problems) {
+    /// With `password_grants` (client_auth mode `oauth2_password`), tokens come from the
+    /// clients' own grants, so no other source is needed.
+    pub(super) fn resolve(&mut self, problems: &mut Problems, password_grants: bool) {
         self.check_cache(problems);
         if let Some(auth_server) = &mut self.auth_server {
-            auth_server.resolve(problems);
+            auth_server.resolve("tokens.auth_server", false, problems);
         }
         if let Some(oauth2) = &mut self.oauth2 {
             oauth2.resolve(problems);
         }
         let has_accounts = self.oauth2.as_ref().is_some_and(|o| !o.accounts.is_empty());
-        if self.auth_server.is_none() && !has_accounts {
+        if self.auth_server.is_none() && !has_accounts && !password_grants {
             problems.add(
                 "tokens",
                 "no token source configured: add tokens.auth_server or tokens.oauth2.accounts",
@@ -264,31 +266,36 @@ impl TokensConfig {
 }
 
 impl AuthServerConfig {
-    fn resolve(&mut self, problems: &mut Problems) {
+    /// Checks the section at `key`; with `carries_passwords` (client passwords go in its
+    /// requests) the URL must be https, except on loopback.
+    pub(super) fn resolve(&mut self, key: &str, carries_passwords: bool, problems: &mut Problems) {
         if self.timeout.is_zero() {
-            problems.add("tokens.auth_server.timeout", "must be longer than 0s");
+            problems.add(format!("{key}.timeout"), "must be longer than 0s");
         }
         match url::Url::parse(self.url.expose()) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                if carries_passwords && let Err(reason) = check_endpoint(self.url.expose()) {
+                    problems.add(
+                        format!("{key}.url"),
+                        format!("{reason}: client passwords must not cross a network in clear"),
+                    );
+                }
+            }
             // The URL may carry a password: never echo it.
             _ => problems.add(
-                "tokens.auth_server.url",
+                format!("{key}.url"),
                 "must be an absolute http:// or https:// URL",
             ),
         }
         if let Some(password) = secret_from(
             self.password_file.as_ref(),
             self.password_env.as_deref(),
-            "tokens.auth_server.password",
+            &format!("{key}.password"),
             problems,
         ) {
             self.url = with_password(&self.url, password.expose());
         }
-        check_ca_file(
-            self.ca_file.as_ref(),
-            "tokens.auth_server.ca_file",
-            problems,
-        );
+        check_ca_file(self.ca_file.as_ref(), &format!("{key}.ca_file"), problems);
     }
 }
 

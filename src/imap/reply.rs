@@ -103,7 +103,10 @@ pub fn login_failed(tag: &str, error: LoginError) -> String {
             no(tag, "[AUTHENTICATIONFAILED] account needs re-authorization")
         }
         LoginError::Throttled => no(tag, "[UNAVAILABLE] Too many failed logins, try again later"),
-        LoginError::Overloaded | LoginError::TokenUnavailable | LoginError::UpstreamUnavailable => {
+        LoginError::Overloaded
+        | LoginError::CheckUnavailable
+        | LoginError::TokenUnavailable
+        | LoginError::UpstreamUnavailable => {
             no(tag, "[UNAVAILABLE] Temporary failure, try again later")
         }
     }

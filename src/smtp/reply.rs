@@ -96,7 +96,10 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
             Reply::new(454, "4.7.0", "Too many failed logins, try again later")
         }
         Failure::Login(
-            LoginError::Overloaded | LoginError::TokenUnavailable | LoginError::UpstreamUnavailable,
+            LoginError::Overloaded
+            | LoginError::CheckUnavailable
+            | LoginError::TokenUnavailable
+            | LoginError::UpstreamUnavailable,
         ) => Reply::new(454, "4.7.0", "Temporary authentication failure"),
         Failure::Sasl(SaslError::Base64) => Reply::new(501, "5.5.2", "Invalid base64 data"),
         Failure::Sasl(SaslError::MalformedPlain | SaslError::NotUtf8) => {

@@ -20,9 +20,7 @@ use crate::secret::Secret;
 
 pub struct AuthServer {
     client: reqwest::Client,
-    /// Without userinfo: credentials travel in the Authorization header only.
-    url: url::Url,
-    basic_auth: Option<(String, Secret<String>)>,
+    endpoint: http::Endpoint,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -45,21 +43,12 @@ impl AuthServer {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<Self, String> {
-        let mut url = url::Url::parse(config.url.expose())
-            .map_err(|_| "tokens.auth_server.url: not a URL".to_owned())?;
-        // A password alone (e.g. from password_file) still means basic auth, with an empty user.
-        let basic_auth = (!url.username().is_empty() || url.password().is_some()).then(|| {
-            let user = percent_decode(url.username());
-            let password = Secret::new(url.password().map(percent_decode).unwrap_or_default());
-            (user, password)
-        });
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
+        let endpoint = http::Endpoint::new(&config.url)
+            .map_err(|reason| format!("tokens.auth_server.url: {reason}"))?;
         let client = http::client(config.timeout, config.ca_file.as_deref())?;
         Ok(Self {
             client,
-            url,
-            basic_auth,
+            endpoint,
             metrics,
             health,
         })
@@ -83,7 +72,7 @@ impl AuthServer {
     async fn probe_once(&self) {
         // A request without an account: real servers answer 400 or 404, which proves they are
         // up; 401 or 403 says they refuse mailgate's own credentials.
-        if let Ok(response) = self.get(self.url.clone()).await
+        if let Ok(response) = self.get(self.endpoint.url.clone()).await
             && response.status() == StatusCode::FORBIDDEN
         {
             self.health.token_source_refused();
@@ -92,10 +81,7 @@ impl AuthServer {
 
     /// Sends a GET; any answer counts for readiness, except 401 (wrong basic auth).
     async fn get(&self, url: url::Url) -> Result<reqwest::Response, TokenError> {
-        let mut request = self.client.get(url);
-        if let Some((user, password)) = &self.basic_auth {
-            request = request.basic_auth(user, Some(password.expose()));
-        }
+        let request = self.endpoint.authorize(self.client.get(url));
         let response = request.send().await.map_err(unavailable)?;
         if response.status() == StatusCode::UNAUTHORIZED {
             self.health.token_source_refused();
@@ -106,7 +92,7 @@ impl AuthServer {
     }
 
     async fn request(&self, key: &TokenKey) -> Result<Token, TokenError> {
-        let mut url = self.url.clone();
+        let mut url = self.endpoint.url.clone();
         url.query_pairs_mut().append_pair("account", &key.account);
         if let Some(protocol) = key.protocol {
             url.query_pairs_mut().append_pair("proto", protocol.name());
@@ -210,13 +196,6 @@ fn unavailable(error: reqwest::Error) -> TokenError {
     TokenError::Unavailable(http::classify(error).to_string())
 }
 
-fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={text}").as_bytes())
-        .next()
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,10 +282,7 @@ mod tests {
             Arc::new(Health::new(Duration::from_secs(30))),
         )
         .unwrap();
-        let key = TokenKey {
-            account: "acct".into(),
-            protocol: Some(crate::config::Protocol::Imap),
-        };
+        let key = TokenKey::shared("acct", Some(crate::config::Protocol::Imap));
         let error = source.fetch(&key).await.unwrap_err();
         assert!(
             matches!(&error, TokenError::Unavailable(reason) if reason.contains("redirects are not followed")),
@@ -315,10 +291,5 @@ mod tests {
         server.await.unwrap();
         let followed = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
         assert!(followed.is_err(), "the redirect was followed");
-    }
-
-    #[test]
-    fn userinfo_is_percent_decoded() {
-        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
     }
 }

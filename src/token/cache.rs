@@ -2,8 +2,10 @@
 //! living until its own expiry less the refresh margin; concurrent misses for one key share a
 //! single fetch. Tokens of accounts in use are renewed in the background before they expire,
 //! so a login never waits for a token source; an account refused for good has its open
-//! sessions ended.
+//! sessions ended. Tokens a client's own password got live under a key with its proof, at
+//! most as long as a verified password is remembered, and are never renewed.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -30,6 +32,8 @@ pub struct Cached {
     fetched: Instant,
     /// Milliseconds after the cache's epoch.
     last_used: AtomicU64,
+    /// How long it may stay cached, whatever its lifetime (a password grant's token).
+    max_age: Option<Duration>,
 }
 
 impl Cached {
@@ -66,11 +70,15 @@ struct TokenExpiry {
 }
 
 impl TokenExpiry {
-    fn cached_for(&self, token: &Token) -> Duration {
-        token
+    fn cached_for(&self, cached: &Cached) -> Duration {
+        let by_lifetime = cached
+            .token
             .lifetime
             .unwrap_or(self.default_ttl)
-            .saturating_sub(self.refresh_margin)
+            .saturating_sub(self.refresh_margin);
+        cached
+            .max_age
+            .map_or(by_lifetime, |max| by_lifetime.min(max))
     }
 }
 
@@ -81,7 +89,7 @@ impl Expiry<TokenKey, Arc<Cached>> for TokenExpiry {
         cached: &Arc<Cached>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(self.cached_for(&cached.token))
+        Some(self.cached_for(cached))
     }
 
     /// A renewed token replaces the entry: it lives by its own lifetime, not the old one's.
@@ -92,7 +100,7 @@ impl Expiry<TokenKey, Arc<Cached>> for TokenExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.cached_for(&cached.token))
+        Some(self.cached_for(cached))
     }
 }
 
@@ -175,7 +183,7 @@ impl TokenCache {
             .or_try_insert_with(async {
                 self.fetch(&key)
                     .await
-                    .map(|token| self.cached(token, self.now_ms()))
+                    .map(|token| self.cached(token, self.now_ms(), None))
             })
             .await;
         self.update_entry_gauge().await;
@@ -195,6 +203,44 @@ impl TokenCache {
                 Err((*error).clone())
             }
         }
+    }
+
+    /// The token a password grant got for `key` (whose proof stands for the password), or
+    /// else `grant`'s, run once for all concurrent callers with that key. It stays at most
+    /// `max_age` and is never renewed in the background: only the password gets another.
+    /// Returns the token and whether this call's `grant` got it.
+    ///
+    /// # Errors
+    /// What `grant` reported, shared with the callers that waited on it; never cached.
+    pub async fn get_or_grant<E>(
+        &self,
+        key: &TokenKey,
+        max_age: Duration,
+        grant: impl Future<Output = Result<Token, E>>,
+    ) -> Result<(Arc<Cached>, bool), Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        if let Some(cached) = self.entries.get(key).await {
+            self.metrics.token_cache("hit");
+            self.touch(&cached);
+            return Ok((cached, false));
+        }
+        self.metrics.token_cache("miss");
+        let entry = self
+            .entries
+            .entry_by_ref(key)
+            .or_try_insert_with(async {
+                let token = grant.await?;
+                Ok(self.cached(token, self.now_ms(), Some(max_age)))
+            })
+            .await;
+        self.update_entry_gauge().await;
+        let entry = entry?;
+        let fresh = entry.is_fresh();
+        let cached = entry.into_value();
+        self.touch(&cached);
+        Ok((cached, fresh))
     }
 
     /// Checks that the token source answers (for readiness).
@@ -217,11 +263,12 @@ impl TokenCache {
         self.update_entry_gauge().await;
     }
 
-    fn cached(&self, token: Token, last_used: u64) -> Arc<Cached> {
+    fn cached(&self, token: Token, last_used: u64, max_age: Option<Duration>) -> Arc<Cached> {
         Arc::new(Cached {
             token,
             fetched: Instant::now(),
             last_used: AtomicU64::new(last_used),
+            max_age,
         })
     }
 
@@ -254,7 +301,7 @@ impl TokenCache {
             default_ttl: self.default_ttl,
             refresh_margin: self.refresh_margin,
         };
-        let cached_for = expiry.cached_for(&cached.token);
+        let cached_for = expiry.cached_for(cached);
         let lead = cached_for
             .saturating_sub(self.refresh_margin)
             .max(cached_for / 2);
@@ -299,7 +346,7 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
         match cache.fetch(&key).await {
             Ok(token) => {
                 let last_used = cached.last_used.load(Ordering::Relaxed);
-                let fresh = cache.cached(token, last_used);
+                let fresh = cache.cached(token, last_used, None);
                 cache.entries.insert(key.clone(), fresh.clone()).await;
                 cache.metrics.refresh_ahead("ok");
                 cached = fresh;
@@ -323,6 +370,29 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
                 retry = (retry * 2).min(RENEWAL_RETRY_MAX);
             }
         }
+    }
+}
+
+/// A token source that refuses every account.
+#[cfg(test)]
+struct Nowhere;
+
+#[cfg(test)]
+impl TokenSource for Nowhere {
+    fn fetch<'a>(&'a self, _key: &'a TokenKey) -> super::BoxFuture<'a, Result<Token, TokenError>> {
+        Box::pin(async { Err(TokenError::Refused) })
+    }
+
+    fn probe(&self) -> super::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+impl TokenCache {
+    /// A cache without token sources, for tests of the parts around it.
+    pub(crate) fn without_sources(metrics: Arc<Metrics>) -> Self {
+        Self::new(&CacheConfig::default(), Arc::new(Nowhere), metrics, None)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod oauth2;
 pub mod sources;
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -50,19 +51,42 @@ pub trait TokenSource: Send + Sync {
     /// The cache key for `account` logging in over `protocol`: by default one token per
     /// protocol; a source whose tokens serve both says `protocol: None`.
     fn key(&self, account: &str, protocol: Protocol) -> TokenKey {
-        TokenKey {
-            account: account.to_owned(),
-            protocol: Some(protocol),
-        }
+        TokenKey::shared(account, Some(protocol))
     }
 }
 
-/// Cache key: the same account may get different tokens per protocol.
+/// Cache key: the same account may get different tokens per protocol, and a token got with a
+/// client's password is kept apart for that password.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     pub account: String,
     /// `None` when one token serves every protocol.
     pub protocol: Option<Protocol>,
+    /// Set for a token a client's own password got (an OAuth2 password grant): only a login
+    /// with the same password finds it.
+    pub proof: Option<Proof>,
+}
+
+impl TokenKey {
+    /// The key of a token from the configured sources, which any verified login may use.
+    pub fn shared(account: &str, protocol: Option<Protocol>) -> Self {
+        Self {
+            account: account.to_owned(),
+            protocol,
+            proof: None,
+        }
+    }
+}
+
+/// A keyed hash standing for a verified password (never the password itself): the key is
+/// random per process, so the value means nothing outside it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Proof(pub [u8; 32]);
+
+impl fmt::Debug for Proof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Proof([keyed hash])")
+    }
 }
 
 impl TokenError {

@@ -75,10 +75,7 @@ impl TokenSource for Sources {
     fn key(&self, account: &str, protocol: Protocol) -> TokenKey {
         match self.oauth2_for(account) {
             Some(oauth2) => oauth2.key(account, protocol),
-            None => TokenKey {
-                account: account.to_owned(),
-                protocol: Some(protocol),
-            },
+            None => TokenKey::shared(account, Some(protocol)),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Two in-process HTTP servers on 127.0.0.1: [`Introspection`] (the RFC 7662 token check that
-//! Dovecot calls) and [`AuthServer`] (EmailEngine's authServer contract that mailgate calls).
+//! Dovecot calls) and [`AuthServer`] (EmailEngine's authServer contract that mailgate calls
+//! for tokens, and the password check of `client_auth.mode: auth_server`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,6 +28,7 @@ struct SimpleRequest {
     path: String,
     query: Vec<(String, String)>,
     authorization: Option<String>,
+    content_type: Option<String>,
     body: Vec<u8>,
 }
 
@@ -97,6 +99,11 @@ async fn read_request(req: Request<Incoming>) -> Option<SimpleRequest> {
         authorization: parts
             .headers
             .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        content_type: parts
+            .headers
+            .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         body,
@@ -263,6 +270,28 @@ struct AccountEntry {
     delay: Option<Duration>,
 }
 
+/// One password check (`POST /check`) as the auth server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordCheck {
+    pub method: String,
+    pub content_type: Option<String>,
+    /// Whether the URL carried a query (where a password must never go).
+    pub has_query: bool,
+    pub authorized: bool,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub protocol: Option<String>,
+    pub client: Option<String>,
+    /// Whether the password was the user's (and the check was otherwise answered 200).
+    pub accepted: bool,
+}
+
+/// A user of the password check: the password, and the account id answered (`None`: none).
+struct PasswordEntry {
+    password: String,
+    account: Option<String>,
+}
+
 #[derive(Default)]
 struct AuthState {
     accounts: Mutex<HashMap<String, AccountEntry>>,
@@ -273,6 +302,10 @@ struct AuthState {
     held: tokio::sync::watch::Sender<bool>,
     /// Requests waiting because of a hold.
     waiting: AtomicUsize,
+    passwords: Mutex<HashMap<String, PasswordEntry>>,
+    checks: Mutex<Vec<PasswordCheck>>,
+    /// When set, every password check is answered this status.
+    check_status: Mutex<Option<u16>>,
 }
 
 /// Keeps the auth server's answers back until dropped.
@@ -285,7 +318,9 @@ impl Drop for AuthHold {
 }
 
 /// EmailEngine's authServer contract: `GET /token?account=ID&proto=imap|smtp` answers what the
-/// test configured for the account (unknown accounts get 404). Cheap to clone.
+/// test configured for the account (unknown accounts get 404). And mailgate's password check:
+/// `POST /check` with `{"user", "password", "protocol", "client"}` answers 200 (with
+/// `{"account": ...}` when one is set) for a user's password, else 403. Cheap to clone.
 #[derive(Clone)]
 pub struct AuthServer {
     addr: SocketAddr,
@@ -355,6 +390,32 @@ impl AuthServer {
             Some((u, p)) => format!("http://{u}:{p}@{}/token", self.addr),
             None => self.url(),
         }
+    }
+
+    /// `http://127.0.0.1:PORT/check`: the password check (without credentials).
+    pub fn check_url(&self) -> String {
+        format!("http://{}/check", self.addr)
+    }
+
+    /// Accepts `password` for `user` in password checks, answering `account` when given.
+    pub fn add_password(&self, user: &str, password: &str, account: Option<&str>) {
+        self.state.passwords.lock().unwrap().insert(
+            user.to_owned(),
+            PasswordEntry {
+                password: password.to_owned(),
+                account: account.map(str::to_owned),
+            },
+        );
+    }
+
+    /// Answers every password check with `status` from now on (`None`: as configured).
+    pub fn set_check_status(&self, status: Option<u16>) {
+        *self.state.check_status.lock().unwrap() = status;
+    }
+
+    /// Every password check so far, in order.
+    pub fn password_checks(&self) -> Vec<PasswordCheck> {
+        self.state.checks.lock().unwrap().clone()
     }
 
     /// Mints a new token for `user`, makes it valid at the introspection server (if any) and
@@ -477,6 +538,9 @@ impl AuthState {
             Some(expected) => req.authorization.as_deref() == Some(expected.as_str()),
             None => true,
         };
+        if req.path == "/check" {
+            return self.check_password(&req, authorized);
+        }
         if req.path != "/token" {
             return (404, r#"{"error":"not found"}"#.to_owned());
         }
@@ -525,5 +589,54 @@ impl AuthState {
             ),
             AuthAnswer::Raw { status, body } => (status, body),
         }
+    }
+
+    /// `POST /check`: 200 for a known user's password (JSON body, no query, basic auth when
+    /// required), 403 for any other, 401 without the right basic auth, 400 for a bad request.
+    fn check_password(&self, req: &SimpleRequest, authorized: bool) -> Reply {
+        let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+        let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+        let mut check = PasswordCheck {
+            method: req.method.clone(),
+            content_type: req.content_type.clone(),
+            has_query: !req.query.is_empty(),
+            authorized,
+            user: field("user"),
+            password: field("password"),
+            protocol: field("protocol"),
+            client: field("client"),
+            accepted: false,
+        };
+        let account = match (&check.user, &check.password) {
+            (Some(user), Some(password)) => {
+                let passwords = self.passwords.lock().unwrap();
+                passwords
+                    .get(user)
+                    .filter(|entry| entry.password == *password)
+                    .map(|entry| entry.account.clone())
+            }
+            _ => None,
+        };
+        let reply = if let Some(status) = *self.check_status.lock().unwrap() {
+            (
+                status,
+                serde_json::json!({ "error": format!("status {status}") }).to_string(),
+            )
+        } else if !authorized {
+            (401, r#"{"error":"unauthorized"}"#.to_owned())
+        } else if req.method != "POST" || check.has_query || check.user.is_none() {
+            (400, r#"{"error":"bad request"}"#.to_owned())
+        } else if let Some(account) = account {
+            check.accepted = true;
+            let body = match account {
+                Some(account) => serde_json::json!({ "account": account }),
+                None => serde_json::json!({}),
+            };
+            (200, body.to_string())
+        } else {
+            (403, r#"{"error":"wrong password"}"#.to_owned())
+        };
+        self.checks.lock().unwrap().push(check);
+        reply
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 pub use browser::{Browser, BrowserOptions, Element};
 pub use certs::TestCa;
 pub use dovecot::{Dovecot, DovecotOptions};
-pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, mint_token};
+pub use http::{AuthAnswer, AuthRequest, AuthServer, Introspection, PasswordCheck, mint_token};
 pub use mailgate::Mailgate;
 pub use oauth2::{ClientCredential, OAuthProvider, TestKeys, TokenRequestRecord};
 pub use process::{

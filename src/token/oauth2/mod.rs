@@ -616,10 +616,7 @@ impl TokenSource for OAuth2 {
 
     /// One token serves IMAP and SMTP alike: the scopes cover both.
     fn key(&self, account: &str, _protocol: Protocol) -> TokenKey {
-        TokenKey {
-            account: account.to_owned(),
-            protocol: None,
-        }
+        TokenKey::shared(account, None)
     }
 }
 
