@@ -39,7 +39,7 @@ impl Setup {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let certs = tempfile::tempdir().unwrap();
-        install_certificate(&up.ca, certs.path());
+        install_certificate(&up.ca, certs.path(), "1");
         let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
         let mailgate = Mailgate::start(&config(&up, certs.path(), &ports)).await;
         let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
@@ -66,13 +66,12 @@ impl Setup {
     }
 }
 
-/// Copies `ca`'s server certificate and key into `dir` (as a cert-manager Secret would hold them).
-fn install_certificate(ca: &TestCa, dir: &Path) {
-    for (from, to) in [(ca.cert_pem(), "tls.crt"), (ca.key_pem(), "tls.key")] {
-        let staged = dir.join(format!(".{to}.new"));
-        std::fs::copy(from, &staged).unwrap();
-        std::fs::rename(staged, dir.join(to)).unwrap();
-    }
+/// Mounts `ca`'s server certificate and key in `dir` as Kubernetes mounts a cert-manager
+/// Secret (`tls.crt`, `tls.key` through the `..data` link); a later call rotates both at once.
+fn install_certificate(ca: &TestCa, dir: &Path, generation: &str) {
+    let cert = std::fs::read(ca.cert_pem()).unwrap();
+    let key = std::fs::read(ca.key_pem()).unwrap();
+    support::kubernetes_secret(dir, generation, &[("tls.crt", &cert), ("tls.key", &key)]);
 }
 
 fn config(up: &TestUpstream, certs: &Path, ports: &[u16]) -> String {
@@ -412,7 +411,7 @@ async fn a_rotated_certificate_serves_new_sessions_and_open_ones_go_on() {
         assert!(open.line_tagged("a").await.starts_with("a OK"));
 
         let renewed = TestCa::create().await;
-        install_certificate(&renewed, s.certs.path());
+        install_certificate(&renewed, s.certs.path(), "2");
         let new_ca = TlsClient::trusting(&renewed.ca_pem());
         let picked_up = eventually(Duration::from_secs(10), || async {
             new_ca.try_connect(s.imaps).await.is_some()
@@ -429,7 +428,13 @@ async fn a_rotated_certificate_serves_new_sessions_and_open_ones_go_on() {
 
         // A broken pair (this key belongs to another certificate) keeps the current one.
         let before = s.metrics().await;
-        std::fs::copy(s.up.ca.key_pem(), s.certs.path().join("tls.key")).unwrap();
+        let mismatched = std::fs::read(s.up.ca.key_pem()).unwrap();
+        let current = std::fs::read(renewed.cert_pem()).unwrap();
+        support::kubernetes_secret(
+            s.certs.path(),
+            "3",
+            &[("tls.crt", &current), ("tls.key", &mismatched)],
+        );
         let refused = eventually(Duration::from_secs(10), || async {
             metric(
                 &s.metrics().await,

@@ -496,22 +496,6 @@ async fn every_known_series_is_exported_at_zero_before_any_traffic() {
     .await;
 }
 
-/// Kubernetes mounts a Secret as `NAME -> ..data/NAME` with `..data -> ..TIMESTAMP`, and
-/// rotates it by pointing `..data` at a new directory in one rename.
-fn kubernetes_secret(dir: &std::path::Path, generation: &str, name: &str, value: &str) {
-    let target = dir.join(format!("..{generation}"));
-    std::fs::create_dir_all(&target).unwrap();
-    std::fs::write(target.join(name), value).unwrap();
-    let staged = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&staged);
-    std::os::unix::fs::symlink(format!("..{generation}"), &staged).unwrap();
-    std::fs::rename(&staged, dir.join("..data")).unwrap();
-    let link = dir.join(name);
-    if std::fs::symlink_metadata(&link).is_err() {
-        std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_is_picked_up_and_readiness_says_when_the_auth_server_refuses() {
     with_timeout(TEST_TIMEOUT, async {
@@ -524,7 +508,11 @@ async fn a_rotated_secret_is_picked_up_and_readiness_says_when_the_auth_server_r
         .await;
         auth.grant(ACCOUNT, USER);
         let secrets = tempfile::tempdir().unwrap();
-        kubernetes_secret(secrets.path(), "2026_11_24_01", "password", "old-secret\n");
+        support::kubernetes_secret(
+            secrets.path(),
+            "2026_11_24_01",
+            &[("password", b"old-secret\n")],
+        );
         let (imap, smtp, admin) = (free_port(), free_port(), free_port());
         let text = config(&up, imap, smtp, admin, "config_watch_interval: 200ms\n").replace(
             &format!("url: \"{}\"", up.auth.url_with_credentials()),
@@ -545,7 +533,11 @@ async fn a_rotated_secret_is_picked_up_and_readiness_says_when_the_auth_server_r
         // A session that started before the rotation.
         let mut before = ImapClient::connect(localhost(imap)).await;
 
-        kubernetes_secret(secrets.path(), "2026_11_24_02", "password", "new-secret\n");
+        support::kubernetes_secret(
+            secrets.path(),
+            "2026_11_24_02",
+            &[("password", b"new-secret\n")],
+        );
         assert!(
             eventually(WAIT, || async { get(admin, "/readyz").await.0 == "200" }).await,
             "{}",

@@ -70,6 +70,27 @@ where
     }
 }
 
+/// Writes `files` the way Kubernetes mounts a Secret: `NAME -> ..data/NAME`, `..data ->
+/// ..GENERATION`. A new generation swaps every file at once by renaming `..data`, as the
+/// kubelet does when a Secret (a cert-manager certificate, a password) is rotated.
+pub fn kubernetes_secret(dir: &std::path::Path, generation: &str, files: &[(&str, &[u8])]) {
+    let target = dir.join(format!("..{generation}"));
+    std::fs::create_dir_all(&target).unwrap();
+    for (name, content) in files {
+        std::fs::write(target.join(name), content).unwrap();
+    }
+    let staged = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&staged);
+    std::os::unix::fs::symlink(format!("..{generation}"), &staged).unwrap();
+    std::fs::rename(&staged, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}
+
 /// Everything upstream of mailgate: CA, introspection, auth server, SMTP sink and Dovecot,
 /// wired together. Fields drop in declaration order: Dovecot stops first.
 pub struct TestUpstream {
