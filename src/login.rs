@@ -42,6 +42,9 @@ pub struct Upstream {
     /// IMAP: the tagged completion after the tag, e.g. `OK [CAPABILITY ...] Logged in`.
     /// SMTP: the final reply, e.g. `235 2.7.0 Logged in.`.
     pub completion: String,
+    /// The account whose token logged in, when the driver knows it: it differs from the
+    /// user name the client gave when a password check maps one to the other.
+    pub account: Option<String>,
 }
 
 /// What the protocol backends report. Classified once in [`BackendError::is_rejection`].

@@ -142,7 +142,7 @@ impl ListenerProxy {
     ) -> Result<Upstream, LoginError> {
         let (key, token) = self.token(accepted.clone()).await?;
         match self.upstream_login(&token.token.auth, request).await {
-            Ok(upstream) => return Ok(upstream),
+            Ok(upstream) => return Ok(of_account(upstream, &key)),
             Err(error) if error.is_rejection() => {
                 tracing::info!(%error, "token refused upstream; fetching a new one");
                 self.tokens.invalidate(&key, &token).await;
@@ -156,7 +156,7 @@ impl ListenerProxy {
         };
         let (key, token) = self.token(accepted).await?;
         match self.upstream_login(&token.token.auth, request).await {
-            Ok(upstream) => Ok(upstream),
+            Ok(upstream) => Ok(of_account(upstream, &key)),
             Err(error) if error.is_rejection() => {
                 tracing::warn!(%error, "upstream login refused");
                 self.tokens.invalidate(&key, &token).await;
@@ -272,5 +272,13 @@ impl Authenticator for ListenerProxy {
         drop(probe);
         self.start_probe();
         Vec::new()
+    }
+}
+
+/// Notes whose token logged in, so that the session is ended with that account.
+fn of_account(upstream: Upstream, key: &TokenKey) -> Upstream {
+    Upstream {
+        account: Some(key.account.clone()),
+        ..upstream
     }
 }

@@ -1089,11 +1089,19 @@ async fn relay(
     sessions: SessionHandle,
     started: Instant,
 ) {
-    tracing::Span::current().record(
-        "account",
-        tracing::field::display(Escaped(&handoff.account)),
-    );
-    tracing::info!("logged in");
+    // Registered (and logged) under the account whose token logged in: a password check may
+    // have mapped the client's user name to it, and revocation names that account.
+    let account = handoff
+        .upstream
+        .account
+        .take()
+        .unwrap_or_else(|| handoff.account.clone());
+    tracing::Span::current().record("account", tracing::field::display(Escaped(&account)));
+    if account != handoff.account {
+        tracing::info!(user = %Escaped(&handoff.account), "logged in");
+    } else {
+        tracing::info!("logged in");
+    }
     let listener = &runtime.labels.listener;
     let counters = Counters {
         client_to_upstream: metrics.bytes_counter(listener, "client_to_upstream"),
@@ -1103,7 +1111,7 @@ async fn relay(
         Protocol::Imap => Box::new(imap::boundary::ResponseBoundary::default()),
         Protocol::Smtp => Box::new(smtp::boundary::ReplyBoundary::default()),
     };
-    let registration = sessions.registry.clone().register(&handoff.account);
+    let registration = sessions.registry.clone().register(&account);
     let closing = sessions.closing();
     let stop = Stop {
         signal: async {

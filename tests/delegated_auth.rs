@@ -145,6 +145,16 @@ async fn auth_server_checks_passwords_and_remembers_only_the_right_one() {
             "{list:?}"
         );
         assert_eq!(up.auth.requests(ACCOUNT), 1);
+        // The session belongs to the account the auth server named (revocation ends it).
+        let mapped = support::eventually(Duration::from_secs(5), || async {
+            mailgate.output().lines().any(|line| {
+                line.contains("logged in")
+                    && line.contains(&format!("account={ACCOUNT}"))
+                    && line.contains(&format!("user={LOGIN}"))
+            })
+        })
+        .await;
+        assert!(mapped, "{}", mailgate.output());
         let check = &up.auth.password_checks()[0];
         assert_eq!(check.method, "POST");
         assert_eq!(check.content_type.as_deref(), Some("application/json"));

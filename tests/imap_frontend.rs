@@ -41,6 +41,7 @@ impl Authenticator for StandIn {
         Ok(Upstream {
             io: Box::new(io),
             completion: COMPLETION.to_owned(),
+            account: None,
         })
     }
 

@@ -50,6 +50,7 @@ impl Authenticator for StandIn {
                 Ok(Upstream {
                     io: Box::new(near),
                     completion: UPSTREAM_COMPLETION.to_owned(),
+                    account: None,
                 })
             }
             "down" => Err(LoginError::UpstreamUnavailable),

@@ -98,6 +98,7 @@ pub async fn login(
     Ok(Upstream {
         io: connection.into_io(),
         completion: sanitize::for_wire(&completion),
+        account: None,
     })
 }
 
@@ -674,6 +675,7 @@ mod tests {
             server.await.unwrap();
             return Ok(Upstream {
                 io: Box::new(tokio::io::empty()),
+                account: None,
                 completion: format!(
                     "{}|{}",
                     upstream.completion,

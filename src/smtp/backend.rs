@@ -69,6 +69,7 @@ pub async fn login(
     Ok(Upstream {
         completion: completion_line(&reply),
         io: connection.into_io(),
+        account: None,
     })
 }
 
