@@ -345,6 +345,13 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
         );
         send_signal(mailgate.pid().unwrap(), "KILL");
         mailgate.wait_exit(Duration::from_secs(5)).await;
+        // The provider notices the closed connection on its own time: releasing the hold
+        // before it has would answer a request nobody reads.
+        let abandoned = eventually(Duration::from_secs(10), || async {
+            s.provider.token_requests().iter().any(|r| r.result == "abandoned")
+        })
+        .await;
+        assert!(abandoned, "the provider never saw the request abandoned");
         drop(hold);
         let _ = login.await;
 
