@@ -89,7 +89,18 @@ pub async fn run_command_with_input(
 }
 
 /// Runs the `curl` binary with `args` (add `-sS --max-time N` yourself or use [`curl`]).
+/// The password of a `-u user:password` and an `--oauth2-bearer` token are remembered as
+/// secrets.
 pub async fn curl_with_timeout(args: &[&str], timeout: Duration) -> CmdOutput {
+    for pair in args.windows(2) {
+        match (pair[0], pair[1].split_once(':')) {
+            ("-u", Some((_, password))) => {
+                super::secrets::remember("client password (curl -u)", password);
+            }
+            ("--oauth2-bearer", _) => super::secrets::remember("bearer token (curl)", pair[1]),
+            _ => {}
+        }
+    }
     run_command("curl", args, None, timeout).await
 }
 
