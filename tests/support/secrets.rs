@@ -13,15 +13,13 @@
 //! [`ImapClient::login`]: super::imap_client::ImapClient::login
 //! [`curl`]: super::curl
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, OnceLock};
 
 use base64::Engine as _;
 
 /// Shorter strings (`pw`, `x`) turn up in logs by chance, so they are not remembered.
 pub const MIN_LEN: usize = 8;
-/// A base64 run must be this long to carry a secret of [`MIN_LEN`] bytes.
-const MIN_BASE64_RUN: usize = MIN_LEN * 4 / 3;
 
 /// secret -> what it is (the first kind it was remembered as).
 fn registry() -> &'static Mutex<BTreeMap<String, String>> {
@@ -218,48 +216,54 @@ pub struct Leak {
 /// The first remembered secret in `text`, in any of the forms it could take in a log: as is,
 /// percent-encoded (form bodies, URLs), hex, a byte list (`Debug` of bytes), `Debug`-escaped,
 /// or inside base64 (SASL PLAIN, XOAUTH2 and OAUTHBEARER, basic auth).
+///
+/// One pass over `text` for all of them (trace logs run to megabytes, and test code is not
+/// optimised): every form is a byte string of at least [`MIN_LEN`] bytes, looked up by its
+/// first bytes at each position.
 pub fn scan(text: &str) -> Option<Leak> {
     let secrets = registry().lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let line_of = |offset: usize| text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
+    let mut needles: Vec<(Vec<u8>, &str, &'static str)> = Vec::new();
     for (secret, kind) in &secrets {
         for (form, written) in written_forms(secret) {
-            if let Some(offset) = text.find(&written) {
-                return Some(Leak {
-                    kind: kind.clone(),
-                    form,
-                    line: line_of(offset),
-                });
-            }
+            needles.push((written, kind, form));
         }
     }
-    // Every decoding of every base64 run, in one text searched once per secret; `starts`
-    // maps a position in it back to the run's line.
-    let mut decoded = String::new();
-    let mut starts = Vec::new();
-    for (start, run) in base64_runs(text) {
-        for bytes in decodings(run) {
-            starts.push((decoded.len(), start));
-            decoded.push_str(&String::from_utf8_lossy(&bytes));
-            decoded.push('\n');
-        }
+    let key = |bytes: &[u8]| u64::from_le_bytes(bytes[..MIN_LEN].try_into().unwrap());
+    // A cheap filter on the first two bytes before the map lookup.
+    let mut first_two = vec![false; 1 << 16];
+    let mut by_start: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, (bytes, _, _)) in needles.iter().enumerate() {
+        first_two[usize::from(bytes[0]) << 8 | usize::from(bytes[1])] = true;
+        by_start.entry(key(bytes)).or_default().push(i);
     }
-    for (secret, kind) in &secrets {
-        if let Some(offset) = decoded.find(secret.as_str()) {
-            let index = starts.partition_point(|&(at, _)| at <= offset) - 1;
+    let hay = text.as_bytes();
+    for at in 0..hay.len().saturating_sub(MIN_LEN - 1) {
+        if !first_two[usize::from(hay[at]) << 8 | usize::from(hay[at + 1])] {
+            continue;
+        }
+        let Some(candidates) = by_start.get(&key(&hay[at..])) else {
+            continue;
+        };
+        if let Some(&i) = candidates
+            .iter()
+            .find(|&&i| hay[at..].starts_with(&needles[i].0))
+        {
+            let (_, kind, form) = &needles[i];
             return Some(Leak {
-                kind: kind.clone(),
-                form: "inside base64",
-                line: line_of(starts[index].1),
+                kind: (*kind).to_owned(),
+                form,
+                line: hay[..at].iter().filter(|&&b| b == b'\n').count() + 1,
             });
         }
     }
     None
 }
 
-/// The ways a secret may be written out, with a name for each.
-fn written_forms(secret: &str) -> Vec<(&'static str, String)> {
-    let mut forms = vec![("as is", secret.to_owned())];
-    let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+/// The ways a secret may be written out, with a name for each; none shorter than the secret.
+fn written_forms(secret: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let bytes = secret.as_bytes();
+    let mut forms = vec![("as is", bytes.to_vec())];
+    let encoded: String = url::form_urlencoded::byte_serialize(bytes).collect();
     let in_path = encoded.replace('+', "%20");
     let escaped = format!("{secret:?}");
     let escaped = escaped[1..escaped.len() - 1].to_owned();
@@ -269,59 +273,40 @@ fn written_forms(secret: &str) -> Vec<(&'static str, String)> {
         ("escaped", escaped),
     ] {
         if text != secret {
-            forms.push((form, text));
+            forms.push((form, text.into_bytes()));
         }
     }
-    let bytes = secret.as_bytes();
-    forms.push((
-        "hex",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    ));
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    forms.push(("hex", hex.into_bytes()));
     let list = format!("{bytes:?}");
-    forms.push(("as a byte list", list[1..list.len() - 1].to_owned()));
+    forms.push((
+        "as a byte list",
+        list.as_bytes()[1..list.len() - 1].to_vec(),
+    ));
+    for core in base64_cores(bytes) {
+        forms.push(("inside base64", core));
+    }
     forms
 }
 
-/// Maximal runs of base64 characters (standard and URL-safe) long enough to hide a secret.
-fn base64_runs(text: &str) -> Vec<(usize, &str)> {
-    let bytes = text.as_bytes();
-    let mut runs = Vec::new();
-    let mut start = None;
-    for (i, &b) in bytes.iter().chain(std::iter::once(&b' ')).enumerate() {
-        match (is_base64_byte(b) && b != b'=', start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                if i - s >= MIN_BASE64_RUN {
-                    runs.push((s, &text[s..i]));
-                }
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    runs
-}
-
-/// `run` decoded from each of the four alignments, standard and URL-safe alphabets, so that
-/// base64 glued to other word characters still decodes.
-fn decodings(run: &str) -> Vec<Vec<u8>> {
-    let config = base64::engine::GeneralPurposeConfig::new()
-        .with_decode_allow_trailing_bits(true)
-        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent);
+/// What every base64 encoding of a text holding `secret` contains, whatever comes before or
+/// after it: for each of the three alignments and both alphabets, the characters whose six
+/// bits all come from the secret.
+fn base64_cores(secret: &[u8]) -> Vec<Vec<u8>> {
     let engines = [
-        base64::engine::GeneralPurpose::new(&base64::alphabet::STANDARD, config),
-        base64::engine::GeneralPurpose::new(&base64::alphabet::URL_SAFE, config),
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
     ];
-    let mut out = Vec::new();
-    for skip in 0..4.min(run.len()) {
-        let part = &run[skip..];
-        // Unpadded base64 may end after 2 or 3 characters of a quantum, never after 1.
-        let part = &part[..part.len() - usize::from(part.len() % 4 == 1)];
+    let bits = secret.len() * 8;
+    let mut cores = Vec::new();
+    for before in 0..3usize {
+        let first = (before * 8).div_ceil(6);
+        let end = (before * 8 + bits) / 6;
+        let padded = [&vec![0u8; before][..], secret].concat();
         for engine in &engines {
-            if let Ok(decoded) = engine.decode(part) {
-                out.push(decoded);
-            }
+            let encoded = engine.encode(&padded);
+            cores.push(encoded.as_bytes()[first..end].to_vec());
         }
     }
-    out
+    cores
 }
