@@ -201,6 +201,25 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
     }
 }
 
+/// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`); 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waiting to be reaped has).
+pub fn is_running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "PID (COMMAND) STATE ...": the command may hold spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
 /// Pids of processes whose command line contains `pattern` (via `pgrep -f`), excluding pgrep.
 pub fn pgrep(pattern: &str) -> Vec<u32> {
     let out = std::process::Command::new("pgrep")
