@@ -35,7 +35,7 @@ const GOOD_CONCURRENCY: usize = 20;
 /// address (`mail_max_userip_connections`), and every session reaches it from 127.0.0.1.
 const ACCOUNTS: usize = 10;
 /// Short, so that attackers are shed within seconds; the lifetime leaves good sessions room to
-/// log in on a loaded machine (the slowest login took 2.9 s from its connect).
+/// log in on a loaded machine (the slowest login took 3.6 s from its connect).
 const PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 const PRE_AUTH_LIFETIME: Duration = Duration::from_secs(8);
 /// Allowance past a deadline for a loaded two-core machine to close the connection.
@@ -43,7 +43,7 @@ const SLACK: Duration = Duration::from_secs(4);
 /// The attack lasts at least this long, even when the good sessions are done sooner.
 const MIN_ATTACK: Duration = Duration::from_secs(10);
 /// Resident memory of mailgate (a debug build) must stay below this. Measured on a loaded
-/// two-core machine: 25 MiB idle, 28.8 MiB at the peak of the good sessions alone, 31.4 MiB
+/// two-core machine: 25 MiB idle, 28.8 MiB at the peak of the good sessions alone, 31-32 MiB
 /// under attack. About twice that: room for other machines' thread counts and allocators,
 /// yet far below what keeping the attackers' streams (tens of MiB each) would take.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
