@@ -1,6 +1,6 @@
 //! Proves the test harness against the real Dovecot, without mailgate: bearer logins straight
 //! to Dovecot with curl, a refused token, mail through submission to the sink, and the auth
-//! server's contract.
+//! server's contract; and the secret scan every mailgate run gets.
 
 mod support;
 
@@ -353,6 +353,76 @@ async fn mailgate_config_helper_is_valid() {
             addrs,
             [support::Dovecot::addr(imap), support::Dovecot::addr(smtp)]
         );
+    })
+    .await;
+}
+
+#[test]
+fn the_secret_scan_finds_a_secret_in_every_form_it_may_take() {
+    use base64::Engine as _;
+    use support::secrets;
+    let secret = "scan-me:+/ \u{e9}-42";
+    secrets::remember("scan test secret", secret);
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let xoauth2 = b64(format!("user=a@b.test\x01auth=Bearer {secret}\x01\x01").as_bytes());
+    let plain = b64(format!("\0acct\0{secret}").as_bytes());
+    let written = [
+        ("as is", format!("a\nb {secret} c")),
+        (
+            "percent-encoded",
+            "pw=scan-me%3A%2B%2F+%C3%A9-42".to_owned(),
+        ),
+        (
+            "percent-encoded",
+            "/scan-me%3A%2B%2F%20%C3%A9-42".to_owned(),
+        ),
+        ("hex", "7363616e2d6d653a2b2f20c3a92d3432".to_owned()),
+        ("as a byte list", format!("{:?}", secret.as_bytes())),
+        ("inside base64", format!("AUTHENTICATE XOAUTH2 {xoauth2}")),
+        ("inside base64", format!("auth=x{plain}")),
+    ];
+    for (form, text) in written {
+        let leak = secrets::scan(&text).unwrap_or_else(|| panic!("not found: {text}"));
+        assert_eq!((leak.kind.as_str(), leak.form), ("scan test secret", form));
+    }
+    assert_eq!(secrets::scan("a\nb\nsession closed").map(|l| l.kind), None);
+    // Constants named *PASSWORD or *SECRET in the test sources are known without a call.
+    let known = secrets::scan(support::dovecot::PASSWORD_USER_SECRET).map(|l| l.kind);
+    assert_eq!(known.as_deref(), Some("test constant PASSWORD_USER_SECRET"));
+    // Short strings and lone words occur by chance: not remembered.
+    secrets::remember("short", "pw");
+    secrets::remember("word", "password");
+    assert_eq!(secrets::scan("pw password").map(|l| l.kind), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailgate_run_that_logged_a_secret_fails_naming_its_kind_only() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (support::free_port(), support::free_port());
+        let mut run = support::Mailgate::spawn(&up.mailgate_config(imap, smtp), &["check"], &[]);
+        assert_eq!(run.wait_exit(Duration::from_secs(10)).await, Some(0));
+        let token = up.auth.grant("acct1", USER);
+        let stderr = run.stderr_path();
+        std::fs::write(&stderr, format!("line one\nGET /token {token}\n")).unwrap();
+        let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run.assert_no_secret_logged();
+        }))
+        .expect_err("the leak is found");
+        let message = failure
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains("auth-server token") || message.contains("minted token"),
+            "{message}"
+        );
+        assert!(message.contains("stderr.log line 2"), "{message}");
+        assert!(!message.contains(&token), "the message shows the secret");
+        let kept = message.rsplit("output kept at ").next().unwrap();
+        std::fs::remove_dir_all(std::path::Path::new(kept).parent().unwrap()).unwrap();
+        // Cleaned, so that the check on drop passes.
+        std::fs::write(&stderr, "").unwrap();
     })
     .await;
 }

@@ -591,6 +591,30 @@ async fn a_busy_client_is_still_logged_out_when_its_lifetime_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_whose_commands_are_always_waiting_is_still_logged_out_at_its_lifetime() {
+    let mut client = Client::start(LoginError::BadCredentials).await;
+    // Input for many reads, all of it there before mailgate reads: no read ever waits, so
+    // the read's deadline never fires; only a check between commands sees the lifetime end.
+    let commands = 4096;
+    client.send(&"a NOOP\r\n".repeat(commands)).await;
+    tokio::time::advance(PRE_AUTH_LIFETIME).await;
+    let mut answered = 0;
+    loop {
+        let line = client.line().await;
+        if line != "a OK NOOP completed" {
+            assert_eq!(line, "* BYE Autologout; too long without logging in");
+            break;
+        }
+        answered += 1;
+    }
+    assert!(
+        answered < commands,
+        "all {answered} answered past the lifetime"
+    );
+    assert!(client.finish().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_client_that_never_reads_loses_its_session() {
     // A pipe of 64 bytes that the client never reads from.
     let (mut io, server) = duplex(64);

@@ -400,6 +400,31 @@ async fn a_busy_client_is_closed_when_its_lifetime_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_whose_commands_are_always_waiting_is_closed_at_its_lifetime() {
+    let mut t = Transcript::start(Duration::from_secs(60));
+    t.expect("220 mx ESMTP mailgate").await;
+    // Input for many reads, all of it there before mailgate reads: no read ever waits, so
+    // the read's deadline never fires; only a check between commands sees the lifetime end.
+    let commands = 4096;
+    t.send(&"NOOP\r\n".repeat(commands)).await;
+    tokio::time::advance(PRE_AUTH_LIFETIME).await;
+    let mut answered = 0;
+    loop {
+        let line = t.line().await;
+        if line != "250 2.0.0 OK\r\n" {
+            assert_eq!(line, "421 4.4.2 mx Too long without authenticating\r\n");
+            break;
+        }
+        answered += 1;
+    }
+    assert!(
+        answered < commands,
+        "all {answered} answered past the lifetime"
+    );
+    assert!(t.expect_closed().await.unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn silent_client_times_out() {
     let mut t = Transcript::start(Duration::from_secs(60));
     t.expect("220 mx ESMTP mailgate").await;

@@ -55,6 +55,11 @@ pub async fn serve<A: Authenticator>(
     let mut framer = new_framer(settings);
     loop {
         let Some(fragment) = framer.progress() else {
+            // `timeout_at` fires only while a read waits: a client that always has the next
+            // commands waiting would never meet its lifetime, so it is checked here too.
+            if Instant::now() >= conn.lifetime_end {
+                return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
+            }
             let deadline = conn.deadline();
             let filled = tokio::select! {
                 filled = timeout_at(deadline, framer.fill(&mut conn.client)) => filled,

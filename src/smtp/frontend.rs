@@ -87,6 +87,11 @@ pub async fn serve<A: Authenticator>(
     let mut lines = LineBuffer::new(settings.max_line_length);
     loop {
         let Some(line) = lines.next_line() else {
+            // `timeout_at` fires only while a read waits: a client that always has the next
+            // commands waiting would never meet its lifetime, so it is checked here too.
+            if Instant::now() >= conn.lifetime_end {
+                return conn.goodbye(Failure::LifetimeOver).await;
+            }
             conn.flush().await?;
             let deadline = conn.deadline();
             let read = tokio::select! {

@@ -131,6 +131,7 @@ pub fn mint_token() -> String {
         h.write_u32(std::process::id());
         out.push_str(&format!("{:016x}", h.finish()));
     }
+    super::secrets::remember("minted token", &out);
     out
 }
 
@@ -181,6 +182,7 @@ impl Introspection {
 
     /// Makes `token` valid for `user`.
     pub fn add_token(&self, token: &str, user: &str) {
+        super::secrets::remember("introspection token", token);
         self.state
             .tokens
             .lock()
@@ -350,6 +352,9 @@ impl AuthServer {
         introspection: Option<&Introspection>,
         basic: Option<(String, String)>,
     ) -> AuthServer {
+        if let Some((_, pass)) = &basic {
+            super::secrets::remember("auth-server basic-auth password", pass);
+        }
         let expected_authorization = basic.as_ref().map(|(u, p)| {
             format!(
                 "Basic {}",
@@ -447,6 +452,7 @@ impl AuthServer {
 
     /// Sets the answer for `account`, keeping any delay.
     pub fn set_answer(&self, account: &str, answer: AuthAnswer) {
+        remember_answer(&answer);
         let mut accounts = self.state.accounts.lock().unwrap();
         match accounts.get_mut(account) {
             Some(entry) => entry.answer = answer,
@@ -527,6 +533,29 @@ impl AuthServer {
 
     pub fn introspection(&self) -> Option<&Introspection> {
         self.introspection.as_ref()
+    }
+}
+
+/// The token or password an answer hands out.
+fn remember_answer(answer: &AuthAnswer) {
+    match answer {
+        AuthAnswer::Token { access_token, .. } => {
+            super::secrets::remember("auth-server token", access_token);
+        }
+        AuthAnswer::Raw { body, .. } => {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+                return;
+            };
+            for (field, kind) in [
+                ("accessToken", "auth-server token"),
+                ("pass", "auth-server password"),
+            ] {
+                if let Some(secret) = value.get(field).and_then(|v| v.as_str()) {
+                    super::secrets::remember(kind, secret);
+                }
+            }
+        }
+        AuthAnswer::Status(_) => {}
     }
 }
 

@@ -102,6 +102,7 @@ impl ImapClient {
 
     /// `LOGIN` with quoted strings; returns the completion.
     pub async fn login(&mut self, user: &str, password: &str) -> Completion {
+        super::secrets::remember("client password", password);
         self.command(&format!("LOGIN \"{user}\" \"{password}\""))
             .await
     }

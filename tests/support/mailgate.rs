@@ -1,4 +1,6 @@
-//! [`Mailgate`]: the real `mailgate` binary run as a child process with a test config.
+//! [`Mailgate`]: the real `mailgate` binary run as a child process with a test config, at trace
+//! level unless the test chooses a level, its output checked for every remembered secret when
+//! it is dropped (see [`super::secrets`]).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -7,6 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use super::process::{send_signal, stop_child, wait_for_port};
+use super::secrets;
 
 /// How long every listen address in the config may take to accept connections.
 pub const MAILGATE_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -14,11 +17,15 @@ pub const MAILGATE_START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A running `mailgate serve --config FILE`; stdout and stderr go to files in its temp dir.
-/// Killed on drop.
+/// Stopped on drop, and then its output is scanned for every secret in [`secrets`]: a leak
+/// panics (naming the kind of secret and where, never the secret) unless the test is already
+/// panicking.
 pub struct Mailgate {
     dir: tempfile::TempDir,
     child: Option<Child>,
     listen: Vec<SocketAddr>,
+    /// The environment it was started with, to find the secrets `*_env` keys name.
+    env: Vec<(String, String)>,
 }
 
 /// Every value of a key named `listen` anywhere in the YAML (listeners and metrics).
@@ -68,7 +75,8 @@ impl Mailgate {
     }
 
     /// Like [`Mailgate::start`] with extra environment variables (e.g. a password for
-    /// `password_env`). `RUST_LOG` is not set unless given here.
+    /// `password_env`). `RUST_LOG` is `trace` unless given here or the config sets
+    /// `log.level` (which `RUST_LOG` would override).
     pub async fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> Mailgate {
         let mut mailgate = Self::spawn(config_yaml, &["serve"], env);
         let deadline = Instant::now() + MAILGATE_START_TIMEOUT;
@@ -95,8 +103,20 @@ impl Mailgate {
     }
 
     /// Writes the config and spawns `mailgate ARGS... --config FILE` without waiting for
-    /// anything (for tests of start-up failures: see [`Mailgate::wait_exit`]).
+    /// anything (for tests of start-up failures: see [`Mailgate::wait_exit`]). The log level
+    /// is chosen as in [`Mailgate::start_with_env`].
     pub fn spawn(config_yaml: &str, args: &[&str], env: &[(&str, &str)]) -> Mailgate {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "RUST_LOG") && !sets_log_level(config_yaml) {
+            // Trace, so that the secret scan sees everything mailgate could ever log.
+            env.push(("RUST_LOG".to_owned(), "trace".to_owned()));
+        }
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        secrets::remember_config(config_yaml, &env_refs);
         let dir = tempfile::Builder::new()
             .prefix("mailgate-run-")
             .tempdir()
@@ -111,7 +131,7 @@ impl Mailgate {
             .args(args)
             .arg("--config")
             .arg(&config_path)
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -121,6 +141,7 @@ impl Mailgate {
             listen: listen_addrs(config_yaml),
             dir,
             child: Some(child),
+            env,
         }
     }
 
@@ -197,6 +218,35 @@ impl Mailgate {
         }
     }
 
+    /// Panics when mailgate's stdout or stderr holds a secret from [`secrets`] (as is, encoded
+    /// or inside base64), naming its kind and line and keeping a copy of the output; the
+    /// message never carries the secret. Called on drop; a test may call it earlier.
+    pub fn assert_no_secret_logged(&self) {
+        // The configuration now (a test may have rotated secrets since the start).
+        if let Ok(config) = std::fs::read_to_string(self.config_path()) {
+            let env: Vec<(&str, &str)> = self
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            secrets::remember_config(&config, &env);
+        }
+        for (name, path) in [
+            ("stdout.log", self.stdout_path()),
+            ("stderr.log", self.stderr_path()),
+        ] {
+            let text = std::fs::read(&path).unwrap_or_default();
+            let Some(leak) = secrets::scan(&String::from_utf8_lossy(&text)) else {
+                continue;
+            };
+            let kept = keep_copy(&path, name);
+            panic!(
+                "mailgate logged a secret: {} ({}) in {name} line {}; output kept at {kept}",
+                leak.kind, leak.form, leak.line
+            );
+        }
+    }
+
     /// Stops at once: SIGTERM, then a second stop signal (SIGINT), which makes mailgate exit
     /// without its drain delay and grace period; SIGKILL if it is still there after 10 s.
     /// Blocking; called by `Drop`. Tests of the graceful stop send their own signals.
@@ -216,5 +266,35 @@ impl Mailgate {
 impl Drop for Mailgate {
     fn drop(&mut self) {
         self.stop();
+        // A panic while panicking aborts the test binary; the first failure says enough.
+        if !std::thread::panicking() {
+            self.assert_no_secret_logged();
+        }
+    }
+}
+
+/// Whether the config sets `log.level` (then `RUST_LOG` must not override it).
+fn sets_log_level(config_yaml: &str) -> bool {
+    serde_saphyr::from_str::<serde_json::Value>(config_yaml)
+        .ok()
+        .and_then(|config| config.get("log")?.get("level").cloned())
+        .is_some()
+}
+
+/// Copies a log that leaked into a directory that outlives the test; its path, for the message.
+fn keep_copy(path: &Path, name: &str) -> String {
+    let kept = tempfile::Builder::new()
+        .prefix("mailgate-leak-")
+        .tempdir()
+        .map(tempfile::TempDir::keep);
+    match kept {
+        Ok(dir) => {
+            let target = dir.join(name);
+            match std::fs::copy(path, &target) {
+                Ok(_) => target.display().to_string(),
+                Err(error) => format!("(copy failed: {error})"),
+            }
+        }
+        Err(error) => format!("(no directory: {error})"),
     }
 }

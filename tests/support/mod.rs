@@ -14,6 +14,8 @@
 //! - [`oauth2`] is an [`OAuthProvider`], a local OAuth2 authorization server whose tokens the
 //!   test Dovecot accepts.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
+//! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
+//!   output for them.
 // Not every test file uses every helper or re-export.
 #![allow(dead_code, unused_imports)]
 
@@ -25,6 +27,7 @@ pub mod imap_client;
 pub mod mailgate;
 pub mod oauth2;
 pub mod process;
+pub mod secrets;
 pub mod sink;
 
 use std::future::Future;

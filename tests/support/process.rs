@@ -89,7 +89,18 @@ pub async fn run_command_with_input(
 }
 
 /// Runs the `curl` binary with `args` (add `-sS --max-time N` yourself or use [`curl`]).
+/// The password of a `-u user:password` and an `--oauth2-bearer` token are remembered as
+/// secrets.
 pub async fn curl_with_timeout(args: &[&str], timeout: Duration) -> CmdOutput {
+    for pair in args.windows(2) {
+        match (pair[0], pair[1].split_once(':')) {
+            ("-u", Some((_, password))) => {
+                super::secrets::remember("client password (curl -u)", password);
+            }
+            ("--oauth2-bearer", _) => super::secrets::remember("bearer token (curl)", pair[1]),
+            _ => {}
+        }
+    }
     run_command("curl", args, None, timeout).await
 }
 
@@ -188,6 +199,25 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`); 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waiting to be reaped has).
+pub fn is_running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "PID (COMMAND) STATE ...": the command may hold spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// Pids of processes whose command line contains `pattern` (via `pgrep -f`), excluding pgrep.

@@ -126,6 +126,7 @@ pub(super) fn decide(shared: &Shared, req: &HttpRequest) -> HttpReply {
         ));
     };
     let code = random_token("ac-");
+    super::super::secrets::remember("OAuth authorization code", &code);
     let grant = st.new_grant();
     let expires_at = Instant::now() + st.settings.code_lifetime;
     let location = redirect_with(

@@ -60,6 +60,7 @@ pub(super) fn authorize(shared: &Shared, req: &HttpRequest) -> HttpReply {
         }
     };
     let device_code = random_token("dc-");
+    super::super::secrets::remember("OAuth device code", &device_code);
     let interval = st.settings.device_interval_secs;
     let lifetime = st.settings.device_lifetime;
     let shown = show_user_code(&user_code);

@@ -230,7 +230,10 @@ impl OAuthProvider {
     /// When a certificate is not an X.509 certificate with an RSA key.
     pub fn add_client(&self, id: &str, credential: ClientCredential) {
         let key = match credential {
-            ClientCredential::Secret(secret) => ClientKey::Secret(secret),
+            ClientCredential::Secret(secret) => {
+                super::secrets::remember("OAuth client secret", &secret);
+                ClientKey::Secret(secret)
+            }
             ClientCredential::Certificate { cert_der } => ClientKey::Certificate {
                 thumbprint: x5t_s256(&cert_der),
                 public_key: crypto::rsa_public_key(&cert_der)
@@ -291,6 +294,7 @@ impl OAuthProvider {
 
     /// Registers a user for the password grant and the login form on the consent pages.
     pub fn add_user(&self, user: &str, password: &str) {
+        super::secrets::remember("OAuth user password", password);
         self.shared
             .lock()
             .users

@@ -60,6 +60,7 @@ impl Shared {
         grant: u64,
     ) -> (String, u64) {
         let token = random_token("at-");
+        super::super::secrets::remember("OAuth access token", &token);
         let lifetime = st.settings.access_lifetime;
         st.access_tokens.insert(
             token.clone(),
@@ -89,6 +90,7 @@ impl Shared {
         grant: u64,
     ) -> String {
         let token = random_token("rt-");
+        super::super::secrets::remember("OAuth refresh token", &token);
         st.seq += 1;
         let seq = st.seq;
         st.refresh_tokens.insert(

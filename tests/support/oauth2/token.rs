@@ -107,6 +107,7 @@ impl Drop for HeldCount<'_> {
 /// while held or delayed changes nothing.
 pub(super) async fn endpoint(shared: &Arc<Shared>, req: HttpRequest) -> HttpReply {
     let parsed = parse_request(&req);
+    remember_presented(&req, parsed.as_ref().ok());
     let record = RecordGuard {
         shared: shared.clone(),
         record: Some(initial_record(&req, parsed.as_ref().ok())),
@@ -164,6 +165,30 @@ fn parse_request(req: &HttpRequest) -> Result<Form, OAuthError> {
         ));
     }
     Form::parse(&req.body)
+}
+
+/// Credentials a client presented are secrets its logs must not show, right or wrong.
+fn remember_presented(req: &HttpRequest, form: Option<&Form>) {
+    use super::super::secrets::remember;
+    if let Some((_, secret)) = req.header("authorization").and_then(parse_basic) {
+        remember("OAuth client secret (presented)", &secret);
+    }
+    let Some(form) = form else {
+        return;
+    };
+    for (name, kind) in [
+        ("client_secret", "OAuth client secret (presented)"),
+        ("client_assertion", "OAuth client assertion"),
+        ("assertion", "OAuth JWT bearer assertion"),
+        ("code_verifier", "PKCE code verifier"),
+        ("code", "OAuth authorization code"),
+        ("device_code", "OAuth device code"),
+        ("refresh_token", "OAuth refresh token"),
+    ] {
+        if let Some(value) = form.get(name) {
+            remember(kind, value);
+        }
+    }
 }
 
 fn initial_record(req: &HttpRequest, form: Option<&Form>) -> TokenRequestRecord {
