@@ -348,7 +348,10 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
         // The provider notices the closed connection on its own time: releasing the hold
         // before it has would answer a request nobody reads.
         let abandoned = eventually(Duration::from_secs(10), || async {
-            s.provider.token_requests().iter().any(|r| r.result == "abandoned")
+            s.provider
+                .token_requests()
+                .iter()
+                .any(|r| r.result == "abandoned")
         })
         .await;
         assert!(abandoned, "the provider never saw the request abandoned");
