@@ -169,9 +169,31 @@ the providers' client secrets, certificates and service-account keys.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if hasKey $oauth2 "store" -}}
+{{- include "mailgate.checkStore" $root -}}
+{{- end -}}
 {{- if $oauth2 -}}
 {{- $_ := set $tokens "oauth2" $oauth2 -}}
 {{- $_ := set $config "tokens" $tokens -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+A token store has one writer (values.yaml, oauth2.store): more replicas only
+with oauth2.store.sharedByReplicas, and then on a volume they can all mount.
+Checked while the configuration is assembled, so that it is reported before
+anything that follows from it (onboarding's own one-replica rule).
+*/}}
+{{- define "mailgate.checkStore" -}}
+{{- $store := .Values.oauth2.store -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not $store.sharedByReplicas) -}}
+{{- fail (printf "replicaCount %v with an OAuth2 token store: mailgate has no lock between processes, so replicas sharing a store race each other's refresh-token rotations. Use replicaCount: 1 (scale mail traffic with a second release that uses this one's admin.tokenService as its auth server), or read oauth2.store.sharedByReplicas in values.yaml and set it" .Values.replicaCount) -}}
+{{- end -}}
+{{- if and $store.enabled $store.sharedByReplicas (not $store.existingClaim) (not (has "ReadWriteMany" $store.accessModes)) -}}
+{{- fail "oauth2.store.sharedByReplicas needs a volume every replica can mount: add ReadWriteMany to oauth2.store.accessModes (with a StorageClass that offers it), or give oauth2.store.existingClaim" -}}
+{{- end -}}
+{{- if and $store.enabled (not (get (.Values.podSecurityContext | default dict) "fsGroup")) -}}
+{{- fail "oauth2.store.enabled needs podSecurityContext.fsGroup (65534): without it the volume is not writable by mailgate's user" -}}
 {{- end -}}
 {{- end }}
 
@@ -227,25 +249,6 @@ loopback; onboarding keeps its sign-ins in one process, so one replica.
 {{- $config := include "mailgate.config" . | fromYaml -}}
 {{- $oauth2 := get (get $config "tokens" | default dict) "oauth2" | default dict -}}
 {{- if hasKey $oauth2 "store" }}true{{ end -}}
-{{- end }}
-
-{{/*
-A token store has one writer (values.yaml, oauth2.store): more replicas only
-with oauth2.store.sharedByReplicas, and then on a volume they can all mount.
-*/}}
-{{- define "mailgate.checkStore" -}}
-{{- $store := .Values.oauth2.store -}}
-{{- if include "mailgate.hasStore" . -}}
-{{- if and (gt (int .Values.replicaCount) 1) (not $store.sharedByReplicas) -}}
-{{- fail (printf "replicaCount %v with an OAuth2 token store: mailgate has no lock between processes, so replicas sharing a store race each other's refresh-token rotations. Use replicaCount: 1 (scale mail traffic with a second release that uses this one's admin.tokenService as its auth server), or read oauth2.store.sharedByReplicas in values.yaml and set it" .Values.replicaCount) -}}
-{{- end -}}
-{{- if and $store.enabled $store.sharedByReplicas (not $store.existingClaim) (not (has "ReadWriteMany" $store.accessModes)) -}}
-{{- fail "oauth2.store.sharedByReplicas needs a volume every replica can mount: add ReadWriteMany to oauth2.store.accessModes (with a StorageClass that offers it), or give oauth2.store.existingClaim" -}}
-{{- end -}}
-{{- if and $store.enabled (not (get (.Values.podSecurityContext | default dict) "fsGroup")) -}}
-{{- fail "oauth2.store.enabled needs podSecurityContext.fsGroup (65534): without it the volume is not writable by mailgate's user" -}}
-{{- end -}}
-{{- end -}}
 {{- end }}
 
 {{/* "true" when the pods must not overlap: one writer on the token store. */}}

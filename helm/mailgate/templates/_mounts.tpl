@@ -118,7 +118,7 @@ Deployment renders each as a volume and a read-only mount. Files are 0440
 {{- $items = append $items (dict "key" . "path" "client-secret") -}}
 {{- end -}}
 {{- with $provider.clientCertificate -}}
-{{- $items = append $items (dict "key" .certKey "path" "client.crt") (dict "key" .keyKey "path" "client.key") -}}
+{{- $items = concat $items (list (dict "key" .certKey "path" "client.crt") (dict "key" .keyKey "path" "client.key")) -}}
 {{- end -}}
 {{- with $provider.serviceAccountKey -}}
 {{- $items = append $items (dict "key" . "path" "service-account.json") -}}
