@@ -426,3 +426,36 @@ def test_typo_in_new_values_fails(typo, where):
 )
 def test_wrong_new_values_fail_the_schema(bad):
     render_fails(values_with(bad), "values don't meet the specifications of the schema")
+
+
+# --- the chart README's examples ---------------------------------------------------------------
+
+
+def readme_values(section: str) -> list[dict]:
+    """The YAML blocks under one `### section` of helm/mailgate/README.md."""
+    import yaml
+
+    from conftest import CHART
+
+    text = (CHART / "README.md").read_text().split(f"### {section}\n", 1)[1].split("\n### ", 1)[0]
+    return [yaml.safe_load(block.split("```", 1)[0]) for block in text.split("```yaml\n")[1:]]
+
+
+def test_readme_examples_render_and_pass_check(mailgate_binary, tmp_path):
+    (internet,) = readme_values("Facing the network")
+    store, mail_release = readme_values("OAuth2 accounts and the token store")
+    (admin,) = readme_values("The admin endpoint: onboarding and the token service")
+    # The store and admin examples are two halves of the token holder; the mail release's
+    # example is what changes in a mail-facing release such as (f).
+    holder = {**store, **{key: value for key, value in admin.items() if key != "config"}}
+    holder["config"] = {**store["config"], **admin["config"]}
+    mail = values_with(mail_release, "facing-network")
+    configs = [render(values).config() for values in (internet, holder, mail)]
+    for config in configs:
+        checked = mailgate_check(mailgate_binary, config, tmp_path)
+        assert checked.returncode == 0, checked.stderr
+    internet, holder, mail = configs
+    assert [item["tls"]["mode"] for item in tls_listeners(internet)] == ["starttls", "implicit"] * 2
+    assert {"onboarding", "token_service", "tls"} <= set(holder["admin"])
+    assert holder["tokens"]["oauth2"]["store"]["dir"] == "/var/lib/mailgate/tokens"
+    assert mail["tokens"]["auth_server"]["ca_file"].endswith("/ca.crt")
