@@ -8,8 +8,11 @@ Run through scripts/test-deploy.sh, which installs the pinned packages
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -117,15 +120,44 @@ def lint(chart: Path = CHART) -> dict:
 def validate(obj: dict, kube_version: str = NEWEST_KUBERNETES) -> None:
     """Strict schema validation of one object: unknown fields fail.
 
-    kubernetes-validate has the built-in kinds. A ServiceMonitor is checked against
-    the Prometheus Operator's CRD, through models generated from it: they ignore
-    unknown fields, so a round trip that loses a field means the field is unknown.
+    kubernetes-validate has the built-in kinds. A ServiceMonitor and a cert-manager
+    Certificate are checked against their CRDs (the Prometheus Operator's,
+    cert-manager's), through models generated from them: these check types and
+    enums but ignore unknown fields, so a round trip that loses a field means the
+    field is unknown.
     """
-    if obj["apiVersion"] == "monitoring.coreos.com/v1":
-        from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
+    models = {"monitoring.coreos.com/v1": "prometheus_operator", "cert-manager.io/v1": "cert_manager"}
+    if obj["apiVersion"] in models:
+        import importlib
 
-        model = getattr(prometheus_operator, obj["kind"])
+        module = importlib.import_module(f"cloudcoil.models.{models[obj['apiVersion']]}.v1")
+        model = getattr(module, obj["kind"])
         again = model.model_validate(obj).model_dump(by_alias=True, exclude_unset=True, mode="json")
         assert again == obj, f"{obj['kind']} has fields its CRD does not know:\n{obj}\nvs\n{again}"
         return
     kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+@pytest.fixture(scope="session")
+def mailgate_binary() -> Path:
+    """The mailgate binary, built once per session (`cargo build`, debug, so the
+    build `cargo test` already made is reused); MAILGATE_BIN names another."""
+    if os.environ.get("MAILGATE_BIN"):
+        return Path(os.environ["MAILGATE_BIN"])
+    cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
+    if not Path(cargo).exists():
+        pytest.fail("cargo not found: the chart tests check rendered configs with the mailgate binary "
+                    "(install Rust, or set MAILGATE_BIN)")
+    subprocess.run([cargo, "build", "--quiet", "--bin", "mailgate"], cwd=REPO, check=True, timeout=1800)
+    metadata = subprocess.run([cargo, "metadata", "--format-version", "1", "--no-deps"], cwd=REPO,
+                              check=True, capture_output=True, text=True, timeout=120)
+    return Path(json.loads(metadata.stdout)["target_directory"]) / "debug" / "mailgate"
+
+
+def mailgate_check(binary: Path, config: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`mailgate check --no-files` on a configuration: the files it names are the pod's,
+    not this machine's, so only their presence in the right keys is checked."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([str(binary), "check", "--no-files", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)

@@ -31,11 +31,13 @@ RESOURCES = {
         ("services", "Service"),
         ("serviceaccounts", "ServiceAccount"),
         ("pods", "Pod"),
+        ("persistentvolumeclaims", "PersistentVolumeClaim"),
     ],
     "apps/v1": [("deployments", "Deployment")],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy")],
     "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor")],
+    "cert-manager.io/v1": [("certificates", "Certificate")],
 }
 
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]

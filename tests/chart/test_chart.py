@@ -15,17 +15,21 @@ from conftest import (
     duration_seconds,
     load_values,
     lint,
+    mailgate_check,
     render,
     validate,
 )
 
-# (e) is the defaults; (a) to (d) are files in tests/chart/values/.
+# (e) is the defaults; (a) to (d) and (f) to (h) are files in tests/chart/values/.
 VALUE_SETS = {
     "defaults": None,
     "sidecar-single-account": "sidecar-single-account",
     "standalone-loadbalancer": "standalone-loadbalancer",
     "servicemonitor": "servicemonitor",
     "config-secret": "config-secret",
+    "facing-network": "facing-network",
+    "token-holder": "token-holder",
+    "delegated-local": "delegated-local",
 }
 
 # helm.sh/helm/v4/pkg/chart/common/support: lint message severities.
@@ -103,6 +107,13 @@ def test_renders_and_validates_strictly(value_set, kube_version):
     ]
 
 
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_config_passes_mailgate_check(value_set, mailgate_binary, tmp_path):
+    checked = mailgate_check(mailgate_binary, rendered(value_set).config(), tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "configuration is valid" in checked.stderr + checked.stdout
+
+
 def test_default_values_install_and_notes_render():
     result = rendered("defaults")
     assert result.release["info"]["status"] == "deployed"
@@ -147,11 +158,14 @@ def test_load_balancer_carries_only_mail_ports():
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_probes_use_the_admin_port(value_set):
-    container = rendered(value_set).container
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    result = rendered(value_set)
+    container = result.container
+    # HTTPS exactly when the admin endpoint serves it.
+    scheme = {"scheme": "HTTPS"} if "tls" in result.config()["admin"] else {}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin", **scheme}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin", **scheme}
     # Not /readyz: a pod waits for its auth server there, and must not be restarted for it.
-    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin", **scheme}
 
 
 def test_admin_port_follows_config():

@@ -54,14 +54,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Where the chart mounts the Secrets it is given. */}}
-{{- define "mailgate.authServerPasswordFile" -}}
-/var/run/secrets/mailgate/auth-server/password
-{{- end }}
-{{- define "mailgate.clientAccountsFile" -}}
-/var/run/secrets/mailgate/client-accounts/accounts.yaml
-{{- end }}
-
 {{/* "true" when config.client_auth.mode is static (mailgate's default is any). */}}
 {{- define "mailgate.staticAuth" -}}
 {{- $clientAuth := .Values.config.client_auth | default dict -}}
@@ -132,34 +124,6 @@ mailgate's own (5s and 20s).
 {{- if not (gt (float64 .Values.terminationGracePeriodSeconds) $needed) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.drain_delay + config.shutdown_grace + 3 s of goodbyes = %v s; leave a margin of a few seconds on top" .Values.terminationGracePeriodSeconds $needed) -}}
 {{- end -}}
-{{- end }}
-
-{{/*
-The configuration file: .Values.config plus password_file / accounts_file for
-the Secrets given in authServer / clientAccounts. Also checks what mailgate
-would otherwise refuse only at start.
-*/}}
-{{- define "mailgate.config" -}}
-{{- $config := deepCopy .Values.config -}}
-{{- $tokens := get $config "tokens" | default dict -}}
-{{- $authServer := get $tokens "auth_server" | default dict -}}
-{{- if .Values.authServer.existingSecret -}}
-{{- if not (regexMatch "^https?://[^/@]+@" (toString $authServer.url)) -}}
-{{- fail "authServer.existingSecret is set: put the basic-auth user name in config.tokens.auth_server.url (http://USER@host/path), or the password is not sent" -}}
-{{- end -}}
-{{- $_ := set $authServer "password_file" (include "mailgate.authServerPasswordFile" .) -}}
-{{- $_ := set $tokens "auth_server" $authServer -}}
-{{- $_ := set $config "tokens" $tokens -}}
-{{- end -}}
-{{- $clientAuth := get $config "client_auth" | default dict -}}
-{{- if include "mailgate.mountClientAccounts" . -}}
-{{- $_ := set $clientAuth "accounts_file" (include "mailgate.clientAccountsFile" .) -}}
-{{- $_ := set $config "client_auth" $clientAuth -}}
-{{- end -}}
-{{- if and (include "mailgate.staticAuth" .) (not (get $clientAuth "accounts")) (not (get $clientAuth "accounts_file")) -}}
-{{- fail "config.client_auth.mode is static but no account is given: set clientAccounts.existingSecret or config.client_auth.accounts" -}}
-{{- end -}}
-{{- toYaml $config -}}
 {{- end }}
 
 {{/*

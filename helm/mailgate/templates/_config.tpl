@@ -1,0 +1,257 @@
+{{- /*
+mailgate's config.yaml: .Values.config plus the file keys for what the chart
+mounts (_mounts.tpl), and checks of what mailgate would otherwise refuse only
+at start, or of wiring it cannot see (a Secret given here but used nowhere).
+Each step below takes (dict "root" $ "config" $config) and edits the copy in
+place.
+*/}}
+{{- define "mailgate.config" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $step := dict "root" . "config" $config -}}
+{{- include "mailgate.config.tokenSources" $step -}}
+{{- include "mailgate.config.clientAuth" $step -}}
+{{- include "mailgate.config.listeners" $step -}}
+{{- include "mailgate.config.oauth2" $step -}}
+{{- include "mailgate.config.admin" $step -}}
+{{- toYaml $config -}}
+{{- end }}
+
+{{/* tokens.auth_server: its password and CA from authServer. */}}
+{{- define "mailgate.config.tokenSources" -}}
+{{- $root := .root -}}
+{{- $config := .config -}}
+{{- $tokens := get $config "tokens" | default dict -}}
+{{- $authServer := get $tokens "auth_server" | default dict -}}
+{{- if $root.Values.authServer.existingSecret -}}
+{{- if not (regexMatch "^https?://[^/@]+@" (toString $authServer.url)) -}}
+{{- fail "authServer.existingSecret is set: put the basic-auth user name in config.tokens.auth_server.url (http://USER@host/path), or the password is not sent" -}}
+{{- end -}}
+{{- $_ := set $authServer "password_file" (include "mailgate.authServerPasswordFile" $root) -}}
+{{- end -}}
+{{- if $root.Values.authServer.ca.existingSecret -}}
+{{- if not $authServer.url -}}
+{{- fail "authServer.ca.existingSecret is set but config.tokens.auth_server.url is not" -}}
+{{- end -}}
+{{- $_ := set $authServer "ca_file" (include "mailgate.authServerCaFile" $root) -}}
+{{- end -}}
+{{- if $authServer -}}
+{{- $_ := set $tokens "auth_server" $authServer -}}
+{{- $_ := set $config "tokens" $tokens -}}
+{{- end -}}
+{{- end }}
+
+{{/* client_auth: the accounts file (static) and the password-check server's password. */}}
+{{- define "mailgate.config.clientAuth" -}}
+{{- $root := .root -}}
+{{- $config := .config -}}
+{{- $clientAuth := get $config "client_auth" | default dict -}}
+{{- if include "mailgate.mountClientAccounts" $root -}}
+{{- $_ := set $clientAuth "accounts_file" (include "mailgate.clientAccountsFile" $root) -}}
+{{- $_ := set $config "client_auth" $clientAuth -}}
+{{- end -}}
+{{- if and (include "mailgate.staticAuth" $root) (not (get $clientAuth "accounts")) (not (get $clientAuth "accounts_file")) -}}
+{{- fail "config.client_auth.mode is static but no account is given: set clientAccounts.existingSecret or config.client_auth.accounts" -}}
+{{- end -}}
+{{- if $root.Values.clientAuthServer.existingSecret -}}
+{{- if ne (toString (get $clientAuth "mode")) "auth_server" -}}
+{{- fail "clientAuthServer.existingSecret is set but config.client_auth.mode is not auth_server" -}}
+{{- end -}}
+{{- $check := get $clientAuth "auth_server" | default dict -}}
+{{- if or (hasKey $check "password_file") (hasKey $check "password_env") -}}
+{{- fail "config.client_auth.auth_server has its own password_file or password_env: drop it or clientAuthServer.existingSecret" -}}
+{{- end -}}
+{{- $_ := set $check "password_file" (include "mailgate.clientAuthServerPasswordFile" $root) -}}
+{{- $_ := set $clientAuth "auth_server" $check -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+listeners[]: cert_file/key_file from the client TLS Secret for every listener
+whose tls.mode is implicit or starttls and that names no files; accept_proxy
+from proxyProtocol.fromCIDRs for every listener that does not set it.
+*/}}
+{{- define "mailgate.config.listeners" -}}
+{{- $root := .root -}}
+{{- $secret := include "mailgate.tlsSecretName" $root -}}
+{{- $dir := include "mailgate.tlsDir" $root -}}
+{{- $proxy := $root.Values.proxyProtocol.fromCIDRs | default list -}}
+{{- $used := false -}}
+{{- range $index, $listener := get .config "listeners" | default list -}}
+{{- if kindIs "map" $listener -}}
+{{- $tls := get $listener "tls" -}}
+{{- if and (kindIs "map" $tls) (has (toString (get $tls "mode")) (list "implicit" "starttls")) -}}
+{{- $files := list (hasKey $tls "cert_file") (hasKey $tls "key_file") -}}
+{{- if not (has true $files) -}}
+{{- if not $secret -}}
+{{- fail (printf "config.listeners[%d] (%v) sets tls.mode %v without cert_file and key_file: set tls.existingSecret or tls.certManager.enabled (the chart then fills them in)" $index $listener.name $tls.mode) -}}
+{{- end -}}
+{{- $_ := set $tls "cert_file" (printf "%s/tls.crt" $dir) -}}
+{{- $_ := set $tls "key_file" (printf "%s/tls.key" $dir) -}}
+{{- $used = true -}}
+{{- else if has false $files -}}
+{{- fail (printf "config.listeners[%d] (%v) names only one of tls.cert_file and tls.key_file: give both, or neither and let the chart fill them from tls.existingSecret" $index $listener.name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $proxy (not (hasKey $listener "accept_proxy")) -}}
+{{- $_ := set $listener "accept_proxy" $proxy -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $secret (not $used) -}}
+{{- fail (printf "the client TLS Secret %s is mounted but no listener uses it: set tls.mode implicit or starttls (without cert_file and key_file) on a listener in config.listeners" $secret) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+tokens.oauth2: the store on the chart's volume with its key from a Secret, and
+the providers' client secrets, certificates and service-account keys.
+*/}}
+{{- define "mailgate.config.oauth2" -}}
+{{- $root := .root -}}
+{{- $config := .config -}}
+{{- $values := $root.Values.oauth2 -}}
+{{- $tokens := get $config "tokens" | default dict -}}
+{{- $oauth2 := get $tokens "oauth2" | default dict -}}
+{{- if $values.store.enabled -}}
+{{- $store := get $oauth2 "store" | default dict -}}
+{{- if not (hasKey $store "dir") -}}
+{{- $_ := set $store "dir" (include "mailgate.storeDir" $root) -}}
+{{- else if not (hasPrefix (printf "%s/" (include "mailgate.stateDir" $root)) (toString $store.dir)) -}}
+{{- fail (printf "config.tokens.oauth2.store.dir %v is not on the store's volume: leave it out, or name a directory below %s" $store.dir (include "mailgate.stateDir" $root)) -}}
+{{- end -}}
+{{- if $values.store.key.existingSecret -}}
+{{- if or (hasKey $store "key_file") (hasKey $store "key_env") -}}
+{{- fail "config.tokens.oauth2.store has its own key_file or key_env: drop it or oauth2.store.key.existingSecret" -}}
+{{- end -}}
+{{- $_ := set $store "key_file" (include "mailgate.storeKeyFile" $root) -}}
+{{- else if not (or (hasKey $store "key_file") (hasKey $store "key_env")) -}}
+{{- fail "oauth2.store.enabled needs the store key: set oauth2.store.key.existingSecret (32 random bytes, base64)" -}}
+{{- end -}}
+{{- $_ := set $oauth2 "store" $store -}}
+{{- else if hasKey $oauth2 "store" -}}
+{{- /* A store the chart does not mount must be on a volume of the user's: the root file system is read-only. */ -}}
+{{- $dir := toString (get (get $oauth2 "store" | default dict) "dir") -}}
+{{- $mounted := false -}}
+{{- range $root.Values.extraVolumeMounts -}}
+{{- if and .mountPath (or (eq $dir (toString .mountPath)) (hasPrefix (printf "%s/" (trimSuffix "/" (toString .mountPath))) $dir)) (not .readOnly) -}}
+{{- $mounted = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $mounted -}}
+{{- fail (printf "config.tokens.oauth2.store.dir %v is on no writable volume (the root file system is read-only): set oauth2.store.enabled, which mounts one" $dir) -}}
+{{- end -}}
+{{- end -}}
+{{- if $values.providers -}}
+{{- $providers := get $oauth2 "providers" | default dict -}}
+{{- range $name, $secret := $values.providers -}}
+{{- $provider := get $providers $name -}}
+{{- if not (kindIs "map" $provider) -}}
+{{- fail (printf "oauth2.providers.%s: config.tokens.oauth2.providers has no provider %s" $name $name) -}}
+{{- end -}}
+{{- $dir := printf "%s/%s" (include "mailgate.oauth2Dir" $root) $name -}}
+{{- if $secret.clientSecretKey -}}
+{{- if or (hasKey $provider "client_secret_file") (hasKey $provider "client_secret_env") -}}
+{{- fail (printf "config.tokens.oauth2.providers.%s has its own client secret: drop it or oauth2.providers.%s.clientSecretKey" $name $name) -}}
+{{- end -}}
+{{- $_ := set $provider "client_secret_file" (printf "%s/client-secret" $dir) -}}
+{{- end -}}
+{{- if $secret.clientCertificate -}}
+{{- if hasKey $provider "client_certificate" -}}
+{{- fail (printf "config.tokens.oauth2.providers.%s has its own client_certificate: drop it or oauth2.providers.%s.clientCertificate" $name $name) -}}
+{{- end -}}
+{{- $_ := set $provider "client_certificate" (dict "cert_file" (printf "%s/client.crt" $dir) "key_file" (printf "%s/client.key" $dir)) -}}
+{{- end -}}
+{{- if $secret.serviceAccountKey -}}
+{{- if hasKey $provider "service_account_file" -}}
+{{- fail (printf "config.tokens.oauth2.providers.%s has its own service_account_file: drop it or oauth2.providers.%s.serviceAccountKey" $name $name) -}}
+{{- end -}}
+{{- $_ := set $provider "service_account_file" (printf "%s/service-account.json" $dir) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if hasKey $oauth2 "store" -}}
+{{- include "mailgate.checkStore" $root -}}
+{{- end -}}
+{{- if $oauth2 -}}
+{{- $_ := set $tokens "oauth2" $oauth2 -}}
+{{- $_ := set $config "tokens" $tokens -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+A token store has one writer (values.yaml, oauth2.store): more replicas only
+with oauth2.store.sharedByReplicas, and then on a volume they can all mount.
+Checked while the configuration is assembled, so that it is reported before
+anything that follows from it (onboarding's own one-replica rule).
+*/}}
+{{- define "mailgate.checkStore" -}}
+{{- $store := .Values.oauth2.store -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not $store.sharedByReplicas) -}}
+{{- fail (printf "replicaCount %v with an OAuth2 token store: mailgate has no lock between processes, so replicas sharing a store race each other's refresh-token rotations. Use replicaCount: 1 (scale mail traffic with a second release that uses this one's admin.tokenService as its auth server), or read oauth2.store.sharedByReplicas in values.yaml and set it" .Values.replicaCount) -}}
+{{- end -}}
+{{- if and $store.enabled $store.sharedByReplicas (not $store.existingClaim) (not (has "ReadWriteMany" $store.accessModes)) -}}
+{{- fail "oauth2.store.sharedByReplicas needs a volume every replica can mount: add ReadWriteMany to oauth2.store.accessModes (with a StorageClass that offers it), or give oauth2.store.existingClaim" -}}
+{{- end -}}
+{{- if and $store.enabled (not (get (.Values.podSecurityContext | default dict) "fsGroup")) -}}
+{{- fail "oauth2.store.enabled needs podSecurityContext.fsGroup (65534): without it the volume is not writable by mailgate's user" -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+admin (or its old name metrics): TLS, the onboarding page's and the token
+service's passwords. Both pages need TLS here, as the chart never listens on
+loopback; onboarding keeps its sign-ins in one process, so one replica.
+*/}}
+{{- define "mailgate.config.admin" -}}
+{{- $root := .root -}}
+{{- $config := .config -}}
+{{- $key := ternary "metrics" "admin" (and (hasKey $config "metrics") (not (hasKey $config "admin"))) -}}
+{{- $admin := get $config $key | default dict -}}
+{{- with include "mailgate.adminTlsSecretName" $root -}}
+{{- if hasKey $admin "tls" -}}
+{{- fail (printf "config.%s.tls is set and admin.tls too: give one" $key) -}}
+{{- end -}}
+{{- $dir := include "mailgate.adminTlsDir" $root -}}
+{{- $_ := set $admin "tls" (dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- $pages := dict "onboarding" (list $root.Values.admin.onboarding "mailgate.onboardingPasswordFile" "admin.onboarding") "token_service" (list $root.Values.admin.tokenService "mailgate.tokenServicePasswordFile" "admin.tokenService") -}}
+{{- range $page, $wiring := $pages -}}
+{{- $values := index $wiring 0 -}}
+{{- if $values.existingSecret -}}
+{{- $section := get $admin $page | default dict -}}
+{{- if or (hasKey $section "password_file") (hasKey $section "password_env") -}}
+{{- fail (printf "config.%s.%s has its own password_file or password_env: drop it or %s.existingSecret" $key $page (index $wiring 2)) -}}
+{{- end -}}
+{{- $_ := set $section "password_file" (include (index $wiring 1) $root) -}}
+{{- $_ := set $admin $page $section -}}
+{{- end -}}
+{{- if and (hasKey $admin $page) (not (hasKey $admin "tls")) -}}
+{{- fail (printf "config.%s.%s serves passwords and tokens and needs HTTPS off loopback: set admin.tls.existingSecret or admin.tls.certManager.enabled" $key $page) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (hasKey $admin "onboarding") (gt (int $root.Values.replicaCount) 1) -}}
+{{- fail (printf "config.%s.onboarding with replicaCount %v: the onboarding page keeps its sign-ins and form tokens in one process, so a browser sent to another replica is refused; run it with one replica" $key $root.Values.replicaCount) -}}
+{{- end -}}
+{{- if $admin -}}
+{{- $_ := set $config $key $admin -}}
+{{- end -}}
+{{- end }}
+
+{{/* "true" when the rendered configuration serves the admin endpoint over HTTPS. */}}
+{{- define "mailgate.adminHttps" -}}
+{{- $config := include "mailgate.config" . | fromYaml -}}
+{{- $admin := get $config "admin" | default (get $config "metrics") | default dict -}}
+{{- if hasKey $admin "tls" }}true{{ end -}}
+{{- end }}
+
+{{/* "true" when the rendered configuration has an OAuth2 token store. */}}
+{{- define "mailgate.hasStore" -}}
+{{- $config := include "mailgate.config" . | fromYaml -}}
+{{- $oauth2 := get (get $config "tokens" | default dict) "oauth2" | default dict -}}
+{{- if hasKey $oauth2 "store" }}true{{ end -}}
+{{- end }}
+
+{{/* "true" when the pods must not overlap: one writer on the token store. */}}
+{{- define "mailgate.singleWriter" -}}
+{{- if and (include "mailgate.hasStore" .) (not .Values.oauth2.store.sharedByReplicas) }}true{{ end -}}
+{{- end }}
