@@ -536,24 +536,32 @@ impl OAuth2 {
     /// Records in the store that the refresh token is gone, so a restart does not retry it;
     /// unless the store holds another one by now (authorized again meanwhile).
     async fn forget(&self, id: &str, refused: &Secret<String>) {
-        if let Ok(Some(stored)) = self.load(id).await
-            && stored
-                .refresh_token
-                .as_ref()
-                .is_some_and(|token| token != refused)
-        {
+        let Some(store) = self.store.clone() else {
             return;
-        }
+        };
         let record = Stored {
             refresh_token: None,
             refreshed_at: provider::unix_now(),
             access_expires_at: None,
             refresh_expires_at: None,
         };
-        if let Err(error) = self.save(id, record).await {
-            self.metrics.store_write_failure();
-            tracing::error!(account = id, %error, "cannot write the token store");
-        }
+        let (account, refused) = (id.to_owned(), refused.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            store.save_unless(&account, &record, |stored| {
+                stored
+                    .refresh_token
+                    .as_ref()
+                    .is_some_and(|token| token != &refused)
+            })
+        })
+        .await;
+        let error = match written {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        self.metrics.store_write_failure();
+        tracing::error!(account = id, %error, "cannot write the token store");
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {

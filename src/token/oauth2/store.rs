@@ -115,6 +115,47 @@ impl Store {
     /// # Errors
     /// Encryption or any step of writing failed; the old file is then untouched.
     pub fn save(&self, account: &str, record: &Stored) -> Result<(), StoreError> {
+        let _lock = self.lock(account)?;
+        self.write(account, record)
+    }
+
+    /// Replaces the account's record unless the current one satisfies `keep`; whether it
+    /// wrote. Reading and writing happen under the account's lock, so a record another
+    /// process stores meanwhile (`mailgate authorize` while the service runs) is never
+    /// overwritten by a decision taken on the older one.
+    ///
+    /// # Errors
+    /// As for [`Store::load`] and [`Store::save`].
+    pub fn save_unless(
+        &self,
+        account: &str,
+        record: &Stored,
+        keep: impl FnOnce(&Stored) -> bool,
+    ) -> Result<bool, StoreError> {
+        let _lock = self.lock(account)?;
+        if self.load(account)?.as_ref().is_some_and(keep) {
+            return Ok(false);
+        }
+        self.write(account, record)?;
+        Ok(true)
+    }
+
+    /// Holds the account's lock file exclusively until the returned file is dropped
+    /// (advisory `flock`: every mailgate process takes it before writing).
+    fn lock(&self, account: &str) -> Result<fs::File, StoreError> {
+        let path = self.dir.join(format!(".{}.lock", file_name(account)));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(&path, &e))?;
+        file.lock().map_err(|e| io_error(&path, &e))?;
+        Ok(file)
+    }
+
+    fn write(&self, account: &str, record: &Stored) -> Result<(), StoreError> {
         let plain = Secret::new(record_json(record));
         let mut nonce = [0u8; NONCE_BYTES];
         SystemRandom::new()
@@ -241,8 +282,16 @@ mod tests {
         assert!(!String::from_utf8_lossy(&bytes).contains("rt-secret"));
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        // Only the record is left: no temp files.
-        assert_eq!(fs::read_dir(dir.path().join("tokens")).unwrap().count(), 1);
+        // Only the record and its lock file are left: no temp files.
+        let mut names: Vec<String> = fs::read_dir(dir.path().join("tokens"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".alice@contoso.com.lock", "alice@contoso.com.token"]
+        );
     }
 
     #[test]
@@ -258,6 +307,38 @@ mod tests {
         assert_eq!(store.load("carol"), Err(StoreError::Corrupt));
         fs::write(store.path("dave"), b"not ours").unwrap();
         assert_eq!(store.load("dave"), Err(StoreError::Corrupt));
+    }
+
+    #[test]
+    fn a_conditional_write_keeps_what_another_process_stored_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = Store::open(dir.path(), &key(3)).unwrap();
+        let authorize = Store::open(dir.path(), &key(3)).unwrap();
+        service.save("alice", &record("old")).unwrap();
+        // `mailgate authorize` stores a new token while the service decides to forget "old".
+        authorize.save("alice", &record("new")).unwrap();
+        let forget = |stored: &Stored| {
+            stored
+                .refresh_token
+                .as_ref()
+                .is_some_and(|token| token.expose() != "old")
+        };
+        assert!(
+            !service
+                .save_unless("alice", &record("gone"), forget)
+                .unwrap()
+        );
+        let kept = service.load("alice").unwrap().unwrap();
+        assert_eq!(kept.refresh_token.unwrap().expose(), "new");
+        // The lock is released: a writer in another thread is not held up.
+        std::thread::scope(|scope| {
+            scope.spawn(|| authorize.save("alice", &record("old")).unwrap());
+        });
+        assert!(
+            service
+                .save_unless("alice", &record("gone"), forget)
+                .unwrap()
+        );
     }
 
     #[test]
