@@ -378,8 +378,11 @@ async fn an_admin_connects_accounts_in_a_browser_with_both_flows() {
         let verification = browser.find("main a[href^='http']").await;
         let device_page = browser.current_url().await;
         verification.click().await;
+        browser.wait_for("#user_code", MINUTE).await;
         browser.fill("#user_code", &code).await;
         browser.find("#approve").await.click().await;
+        // A navigation started now would cancel the approval's form submission.
+        browser.wait_for("#result", MINUTE).await;
         browser.goto(&device_page).await;
         browser.wait_for("#device-done", MINUTE).await;
         assert_eq!(s.provider.count_ok("urn:ietf:params:oauth:grant-type:device_code"), 1);
@@ -406,9 +409,13 @@ async fn an_admin_connects_accounts_in_a_browser_with_both_flows() {
             )
             .await;
         browser.find("#connect-alice").await.click().await;
+        // The click returns before the navigation ends: wait for the refusal's page.
+        browser
+            .wait_until_url(|url| url.ends_with("/accounts/connect"), MINUTE)
+            .await;
         let refused = browser.page_source().await;
-        assert!(!refused.contains("#approve") && !refused.contains("Approve"), "{refused}");
-        assert!(browser.current_url().await.ends_with("/accounts/connect"));
+        assert!(refused.contains("missing or wrong CSRF token"), "{refused}");
+        assert!(!refused.contains("Approve"), "{refused}");
         mailgate.assert_not_logged(ADMIN_PASSWORD);
         mailgate.assert_not_logged(CLIENT_SECRET);
     })
