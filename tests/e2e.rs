@@ -555,3 +555,23 @@ async fn a_password_from_the_auth_server_logs_in_with_plain_upstream() {
     })
     .await;
 }
+
+/// An auth server claiming a lifetime of u64::MAX seconds: the token is cached and renewed
+/// as one that lives a year (the renewal's deadline arithmetic used to panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_token_lifetime_is_capped() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant_with_expiry(ACCOUNT, USER, u64::MAX);
+        let (imap, address) = start(&up, &IMAPS_XOAUTH2).await;
+        for _ in 0..2 {
+            let mut client = ImapClient::connect(address).await;
+            let login = client.login(ACCOUNT, PASSWORD).await;
+            assert!(login.is_ok(), "{login:?}\n{}", imap.output());
+            assert!(client.command("SELECT INBOX").await.is_ok());
+        }
+        assert_eq!(up.auth.requests(ACCOUNT), 1);
+        assert!(!imap.output().contains("panicked"), "{}", imap.output());
+    })
+    .await;
+}

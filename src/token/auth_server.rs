@@ -10,7 +10,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
+use super::{
+    BoxFuture, MAX_LIFETIME, Token, TokenError, TokenKey, TokenSource, lifetime_from_secs,
+};
 use crate::config::AuthServerConfig;
 use crate::health::Health;
 use crate::http;
@@ -164,7 +166,7 @@ fn parse_answer(body: &[u8]) -> Result<Token, TokenError> {
         }
     };
     let lifetime = match (answer.expires_in, answer.expires) {
-        (Some(seconds), _) => Some(Duration::from_secs(seconds)),
+        (Some(seconds), _) => Some(lifetime_from_secs(seconds)),
         (None, Some(expires)) => Some(lifetime_until(&expires)?),
         (None, None) => None,
     };
@@ -189,7 +191,9 @@ fn lifetime_until(expires: &str) -> Result<Duration, TokenError> {
     let at = OffsetDateTime::parse(expires, &Rfc3339)
         .map_err(|_| TokenError::Unavailable("expires is not RFC 3339".to_owned()))?;
     let remaining = at - OffsetDateTime::now_utc();
-    Ok(Duration::try_from(remaining).unwrap_or(Duration::ZERO))
+    Ok(Duration::try_from(remaining)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_LIFETIME))
 }
 
 fn unavailable(error: reqwest::Error) -> TokenError {
@@ -212,6 +216,18 @@ mod tests {
         let token = parse_answer(br#"{"user":"a@b","pass":"pw"}"#).unwrap();
         assert!(matches!(token.auth, UpstreamAuth::Password { .. }));
         assert_eq!(token.lifetime, None);
+    }
+
+    #[test]
+    fn lifetimes_beyond_a_year_count_as_a_year() {
+        let endless = format!(
+            r#"{{"user":"a","accessToken":"t","expiresIn":{}}}"#,
+            u64::MAX
+        );
+        let far = br#"{"user":"a","accessToken":"t","expires":"9999-12-31T23:59:59Z"}"#;
+        for body in [endless.as_bytes(), far] {
+            assert_eq!(parse_answer(body).unwrap().lifetime, Some(MAX_LIFETIME));
+        }
     }
 
     #[test]

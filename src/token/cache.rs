@@ -16,7 +16,7 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use tokio::time::Instant;
 
-use super::{Token, TokenError, TokenKey, TokenSource};
+use super::{MAX_LIFETIME, Token, TokenError, TokenKey, TokenSource};
 use crate::config::{CacheConfig, DEFAULT_MAX_CONCURRENT_FETCHES, Protocol};
 use crate::metrics::{CauseLabels, Metrics};
 use crate::sessions::SessionRegistry;
@@ -71,10 +71,12 @@ struct TokenExpiry {
 
 impl TokenExpiry {
     fn cached_for(&self, cached: &Cached) -> Duration {
+        // Capped here too: every source's token passes this way, whatever it claimed.
         let by_lifetime = cached
             .token
             .lifetime
             .unwrap_or(self.default_ttl)
+            .min(MAX_LIFETIME)
             .saturating_sub(self.refresh_margin);
         cached
             .max_age
@@ -455,6 +457,26 @@ mod tests {
         let (_, kept) = cache.get("a", Protocol::Imap).await.unwrap();
         assert_eq!(token_text(&kept.token), "token-2");
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+
+    /// A source claiming a lifetime no clock can add (u64::MAX seconds) used to panic the
+    /// renewal's deadline arithmetic; it counts as the longest lifetime there is.
+    #[tokio::test]
+    async fn an_endless_lifetime_is_cached_without_overflow() {
+        let source = Arc::new(Counting(AtomicUsize::new(0), Some(Duration::MAX)));
+        let cache = Arc::new(TokenCache::new(
+            &CacheConfig::default(),
+            source.clone(),
+            Arc::new(Metrics::new()),
+            None,
+        ));
+        let (_, first) = cache.get("a", Protocol::Imap).await.unwrap();
+        let (_, again) = cache.get("a", Protocol::Imap).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(source.0.load(Ordering::SeqCst), 1);
+        // The renewal task computes its deadlines so.
+        let (renew_at, leaves_at) = cache.renewal_due(&first);
+        assert!(renew_at < leaves_at);
     }
 
     /// Answers after a pause, recording how many requests were in flight at most.

@@ -14,6 +14,16 @@ use std::time::Duration;
 use crate::config::Protocol;
 use crate::login::UpstreamAuth;
 
+/// The longest lifetime a token source may claim; a longer claim counts as this. No access
+/// token lives near a year, and `u64::MAX` seconds would overflow every deadline computed
+/// from it.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// A lifetime in seconds as a source sent it, at most [`MAX_LIFETIME`].
+pub fn lifetime_from_secs(seconds: u64) -> Duration {
+    Duration::from_secs(seconds).min(MAX_LIFETIME)
+}
+
 /// What a token source hands out for one account.
 #[derive(Debug, Clone)]
 pub struct Token {

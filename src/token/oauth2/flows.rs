@@ -28,6 +28,11 @@ use crate::secret::Secret;
 /// adds five more.
 const DEFAULT_DEVICE_INTERVAL: Duration = Duration::from_secs(5);
 const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// Bounds on what a provider's device authorization may ask for: codes live minutes
+/// (Microsoft 15, Google 30) and polls are seconds apart; more would overflow the deadline or
+/// leave the flow waiting for ever.
+const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(60 * 60);
+const MAX_DEVICE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// An authorization request on its way: what to open in a browser and what to check after.
 pub struct Pending {
@@ -290,8 +295,11 @@ pub async fn device(
     show(&authorization);
     let mut interval = authorization
         .interval
-        .map_or(DEFAULT_DEVICE_INTERVAL, Duration::from_secs);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(authorization.expires_in);
+        .map_or(DEFAULT_DEVICE_INTERVAL, |seconds| {
+            Duration::from_secs(seconds).min(MAX_DEVICE_INTERVAL)
+        });
+    let lifetime = Duration::from_secs(authorization.expires_in).min(MAX_DEVICE_CODE_LIFETIME);
+    let deadline = tokio::time::Instant::now() + lifetime;
     loop {
         tokio::time::sleep(interval).await;
         if tokio::time::Instant::now() >= deadline {
@@ -307,7 +315,9 @@ pub async fn device(
             Ok(answer) if answer.refresh_token.is_some() => return Ok(answer),
             Ok(_) => return Err(FlowError::NoRefreshToken),
             Err(GrantError::AuthorizationPending) => {}
-            Err(GrantError::SlowDown) => interval += SLOW_DOWN_STEP,
+            Err(GrantError::SlowDown) => {
+                interval = (interval + SLOW_DOWN_STEP).min(MAX_DEVICE_INTERVAL);
+            }
             Err(GrantError::Temporary(reason)) => {
                 tracing::warn!(reason, "polling the token endpoint failed; trying again");
             }

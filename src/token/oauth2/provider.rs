@@ -13,6 +13,7 @@ use crate::jwt::{self, LoadedCertificate, ServiceAccount};
 use crate::sanitize;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
+use crate::token::lifetime_from_secs;
 
 const MICROSOFT_LOGIN: &str = "https://login.microsoftonline.com";
 /// App-only (client credentials) access to Exchange Online's IMAP and SMTP.
@@ -398,7 +399,7 @@ fn seconds(value: Option<&serde_json::Value>) -> Option<Duration> {
         serde_json::Value::String(s) => s.parse().ok()?,
         _ => return None,
     };
-    Some(Duration::from_secs(seconds))
+    Some(lifetime_from_secs(seconds))
 }
 
 /// Maps an error answer (RFC 6749 5.2, RFC 8628 3.5) to what mailgate does about it.
@@ -488,6 +489,14 @@ mod tests {
         .unwrap();
         assert_eq!(good.expires_in, Some(Duration::from_secs(3599)));
         assert!(good.refresh_token.is_some());
+        // Lifetimes no clock can add are capped (they overflowed the store's expiry times).
+        let endless = format!(
+            r#"{{"access_token":"at","expires_in":{0},"refresh_token_expires_in":"{0}"}}"#,
+            u64::MAX
+        );
+        let capped = parse_answer(endless.as_bytes()).unwrap();
+        assert_eq!(capped.expires_in, Some(crate::token::MAX_LIFETIME));
+        assert_eq!(capped.refresh_expires_in, Some(crate::token::MAX_LIFETIME));
         for body in [
             &br#"{"token_type":"Bearer"}"#[..],
             br#"{"access_token":"a b","token_type":"Bearer"}"#,
