@@ -1147,13 +1147,24 @@ pub(crate) mod duration {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Longer than any setting needs; deadlines are this far from now at most, so adding
+    /// one to a clock never overflows (a `pre_auth_lifetime` of `300000000000y` panicked every
+    /// session).
+    const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|e| {
+        let duration = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); write e.g. 5s, 5m, 1h"
             ))
-        })
+        })?;
+        if duration > MAX {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is over 100 years"
+            )));
+        }
+        Ok(duration)
     }
 
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -1217,6 +1228,22 @@ tokens:
         let text = MINIMAL.replace("url: \"http", "timeout: soon, url: \"http");
         let problems = check(&text).unwrap_err();
         assert_eq!(problems[0].key, "tokens.auth_server.timeout");
+    }
+
+    #[test]
+    fn durations_over_a_hundred_years_are_refused() {
+        let text = MINIMAL.replace(
+            "tls: none }",
+            "tls: none }\n    pre_auth_lifetime: 300000000000y",
+        );
+        let problems = check(&text).unwrap_err();
+        assert_eq!(problems[0].key, "listeners[0].pre_auth_lifetime");
+        assert!(
+            problems[0].reason.contains("over 100 years"),
+            "{problems:?}"
+        );
+        let text = MINIMAL.replace("tls: none }", "tls: none }\n    pre_auth_lifetime: 99y");
+        assert!(check(&text).is_ok());
     }
 
     #[test]
