@@ -689,3 +689,27 @@ async fn probe_returns_extension_lines_and_quits() {
     let received = within(server).await.unwrap();
     assert_eq!(received, ["EHLO mailgate", "QUIT"]);
 }
+
+/// Found by fuzzing: only the AUTH exchange's errors were scrubbed, so a refusal of an
+/// earlier command quoting the secret carried it into the log.
+#[tokio::test]
+async fn no_upstream_error_carries_the_token_whichever_command_it_answers() {
+    let (port, _server) = fake_upstream(vec![
+        (None, GREETING),
+        (
+            Some("EHLO client.example"),
+            "554 5.7.1 tok-Zq81x not welcome\r\n",
+        ),
+    ])
+    .await;
+    let connector = connector(port, MechanismSetting::Auto);
+    let auth = bearer("tok-Zq81x");
+    let login = backend::login(&connector, &auth, "client.example", None);
+    let Err(error) = within(login).await else {
+        panic!("a refused EHLO logged in");
+    };
+    assert!(
+        !format!("{error} {error:?}").contains("tok-Zq81x"),
+        "{error}"
+    );
+}

@@ -45,7 +45,19 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// - [`BackendError::NoMechanism`]: no mechanism both sides speak.
 /// - [`BackendError::Protocol`]: an unexpected greeting or response, `BAD`, `BYE`.
 /// - [`BackendError::Io`]: connect, TLS, read or write failed, or the upstream went silent.
+///
+/// No error carries the token or password, whichever command the upstream quoted it in.
 pub async fn login(
+    connector: &Connector,
+    auth: &UpstreamAuth,
+    origin: Option<&Origin>,
+) -> Result<Upstream, BackendError> {
+    log_in(connector, auth, origin)
+        .await
+        .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
+}
+
+async fn log_in(
     connector: &Connector,
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
@@ -685,6 +697,31 @@ mod tests {
         }
         server.abort();
         result
+    }
+
+    /// Found by fuzzing: only the login's own errors were scrubbed, so a refusal of an earlier
+    /// command quoting the secret carried it into the log.
+    #[tokio::test]
+    async fn no_error_carries_the_token_whichever_command_it_answers() {
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n",
+            "C: M1 STARTTLS\r\n",
+            "S: M1 NO tok-Zq81x no TLS today\r\n",
+        ];
+        let result = run_with(
+            MechanismSetting::Auto,
+            TlsMode::Starttls,
+            bearer("tok-Zq81x"),
+            script,
+        )
+        .await;
+        let Err(error) = result else {
+            panic!("a refused STARTTLS logged in");
+        };
+        assert!(
+            !format!("{error} {error:?}").contains("tok-Zq81x"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -42,7 +42,20 @@ const READ_CHUNK: usize = 4096;
 /// [`BackendError::NoMechanism`] when no usable AUTH mechanism is offered,
 /// [`BackendError::Protocol`] for unexpected or temporary (`4xx`) replies,
 /// [`BackendError::Io`] when the connection fails, closes, or a reply times out.
+///
+/// No error carries the token or password, whichever command the upstream quoted it in.
 pub async fn login(
+    connector: &Connector,
+    auth: &UpstreamAuth,
+    helo: &str,
+    origin: Option<&Origin>,
+) -> Result<Upstream, BackendError> {
+    log_in(connector, auth, helo, origin)
+        .await
+        .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
+}
+
+async fn log_in(
     connector: &Connector,
     auth: &UpstreamAuth,
     helo: &str,
