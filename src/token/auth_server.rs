@@ -127,8 +127,12 @@ impl TokenSource for AuthServer {
     }
 }
 
-/// Turns the JSON answer into a token; never echoes the body (it holds secrets).
-fn parse_answer(body: &[u8]) -> Result<Token, TokenError> {
+/// Turns the JSON answer into a token; never echoes the body (it holds secrets). Public for
+/// the fuzz targets.
+///
+/// # Errors
+/// The body is not the expected JSON, or holds an unusable user, token or expiry.
+pub fn parse_answer(body: &[u8]) -> Result<Token, TokenError> {
     let answer: Answer = serde_json::from_slice(body)
         .map_err(|_| TokenError::Unavailable("answer is not the expected JSON".to_owned()))?;
     if !is_usable_user(&answer.user) {

@@ -363,8 +363,11 @@ fn form_encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
-/// A validated token answer; never echoes the body.
-fn parse_answer(body: &[u8]) -> Result<TokenAnswer, GrantError> {
+/// A validated token answer; never echoes the body. Public for the fuzz targets.
+///
+/// # Errors
+/// The body is not the expected JSON, or holds an unusable token or token type.
+pub fn parse_answer(body: &[u8]) -> Result<TokenAnswer, GrantError> {
     let unusable = |what: &str| GrantError::Temporary(format!("token answer {what}"));
     let wire: WireAnswer =
         serde_json::from_slice(body).map_err(|_| unusable("is not the expected JSON"))?;

@@ -1,0 +1,190 @@
+//! What the fuzz targets share: runtimes, a stand-in for everything behind a front end, and
+//! the checks every front-end transcript must pass whatever the client sent.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mailgate::io::BoxedIo;
+use mailgate::login::{
+    Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
+};
+use mailgate::sanitize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+use tokio::runtime::Runtime;
+
+/// A runtime whose clock is paused: when every task waits, it jumps to the next timer, so a
+/// session's timeouts and lifetime are reached without waiting for them.
+pub fn paused_runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+    })
+}
+
+/// A runtime on the real clock with sockets, for targets that talk over loopback TCP.
+pub fn network_runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum FrontEnd {
+    Imap,
+    Smtp,
+}
+
+/// How the client's bytes are cut into writes, so that framing across reads is exercised.
+const CHUNK_SIZES: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, usize::MAX];
+
+/// The password the stand-in accepts.
+pub const RIGHT_PASSWORD: &str = "right";
+
+/// Runs one front-end session: the first byte picks the settings and the stand-in's answer,
+/// the rest is what the client sends (then it closes its side and reads everything).
+pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
+    let Some((&knobs, client_bytes)) = data.split_first() else {
+        return;
+    };
+    let settings = settings(knobs);
+    let authenticator = StandIn {
+        failure: LoginError::ALL[usize::from(knobs & 0b111) % LoginError::ALL.len()],
+    };
+    let chunk = CHUNK_SIZES[usize::from(knobs >> 5)];
+    let transcript = paused_runtime().block_on(async {
+        let (client, server) = duplex(4096);
+        let (mut from_mailgate, mut to_mailgate) = tokio::io::split(client);
+        let write = async {
+            for piece in client_bytes.chunks(chunk) {
+                if to_mailgate.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to_mailgate.shutdown().await;
+        };
+        let read = async {
+            let mut transcript = Vec::new();
+            let _ = from_mailgate.read_to_end(&mut transcript).await;
+            transcript
+        };
+        let session = async {
+            let stop = std::future::pending::<()>();
+            let outcome = serve(front_end, Box::new(server), &authenticator, &settings, stop).await;
+            // Dropping the handoff closes the client's stream, which ends the read.
+            drop(outcome);
+        };
+        let ((), (), transcript) = tokio::join!(write, session, read);
+        transcript
+    });
+    check_transcript(&transcript, client_bytes.len());
+}
+
+async fn serve(
+    front_end: FrontEnd,
+    client: BoxedIo,
+    authenticator: &StandIn,
+    settings: &FrontendSettings,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<Option<Handoff<BoxedIo>>> {
+    match front_end {
+        FrontEnd::Imap => {
+            mailgate::imap::frontend::serve(client, authenticator, settings, stop).await
+        }
+        FrontEnd::Smtp => {
+            mailgate::smtp::frontend::serve(client, authenticator, settings, stop).await
+        }
+    }
+}
+
+/// Bit 3 picks tiny limits, so that the line and literal limits are met often.
+fn settings(knobs: u8) -> FrontendSettings {
+    let tiny = knobs & 0b1000 != 0;
+    FrontendSettings {
+        hostname: "mx.fuzz".to_owned(),
+        pre_auth_timeout: Duration::from_secs(60),
+        pre_auth_lifetime: Duration::from_secs(300),
+        client: None,
+        starttls: None,
+        max_line_length: if tiny {
+            64
+        } else {
+            mailgate::config::DEFAULT_MAX_LINE_LENGTH
+        },
+        max_literal_size: if tiny {
+            32
+        } else {
+            mailgate::config::DEFAULT_MAX_LITERAL_SIZE
+        },
+        local: None,
+    }
+}
+
+/// Everything a front end sends is CRLF-terminated lines without other line breaks or
+/// control characters (a client's bytes echoed raw could forge replies), and a client cannot
+/// make it send much more than it sent.
+fn check_transcript(transcript: &[u8], sent: usize) {
+    assert!(
+        transcript.is_empty() || transcript.ends_with(b"\r\n"),
+        "unterminated reply: {:?}",
+        String::from_utf8_lossy(transcript)
+    );
+    for line in transcript.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        assert!(
+            !line.iter().any(|&b| b.is_ascii_control()),
+            "control character in reply line {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    assert!(
+        transcript.len() <= 4096 + 256 * sent,
+        "{} bytes of replies to {sent} bytes",
+        transcript.len()
+    );
+}
+
+/// Stands in for the password check, token source and upstream: accepts [`RIGHT_PASSWORD`]
+/// and fails every other login with `failure`.
+struct StandIn {
+    failure: LoginError,
+}
+
+impl Authenticator for StandIn {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        let credentials = request.credentials;
+        assert_usable_account(&credentials.account);
+        if credentials.password.expose() != RIGHT_PASSWORD {
+            return Err(self.failure);
+        }
+        let (io, _upstream) = duplex(64);
+        Ok(Upstream {
+            io: Box::new(io),
+            completion: "OK [CAPABILITY IMAP4rev1] Logged in".to_owned(),
+            account: None,
+        })
+    }
+
+    fn smtp_extensions(&self) -> Vec<String> {
+        ["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"]
+            .map(str::to_owned)
+            .to_vec()
+    }
+}
+
+/// What every path to a login must have checked: an account name is never empty and holds
+/// nothing that could forge a log line or a SASL field.
+pub fn assert_usable_account(account: &str) {
+    assert!(!account.is_empty(), "empty account reached a login");
+    assert!(
+        !account.chars().any(sanitize::is_hidden),
+        "account with hidden characters reached a login: {account:?}"
+    );
+}
