@@ -1,13 +1,17 @@
 //! What the fuzz targets share: runtimes, a stand-in for everything behind a front end, and
 //! the checks every front-end transcript must pass whatever the client sent.
 
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use mailgate::client_tls::ClientTls;
 use mailgate::io::BoxedIo;
 use mailgate::login::{
     Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
 };
+use mailgate::metrics::Metrics;
 use mailgate::sanitize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 use tokio::runtime::Runtime;
@@ -48,13 +52,13 @@ const CHUNK_SIZES: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, usize::MAX];
 /// The password the stand-in accepts.
 pub const RIGHT_PASSWORD: &str = "right";
 
-/// Runs one front-end session: the first byte picks the settings and the stand-in's answer,
-/// the rest is what the client sends (then it closes its side and reads everything).
+/// Runs one front-end session: the first two bytes pick the settings and the stand-in's
+/// answer, the rest is what the client sends (then it closes its side and reads everything).
 pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
-    let Some((&knobs, client_bytes)) = data.split_first() else {
+    let [knobs, tls_knobs, client_bytes @ ..] = data else {
         return;
     };
-    let settings = settings(knobs);
+    let (knobs, settings) = (*knobs, settings(*knobs, *tls_knobs));
     let authenticator = StandIn {
         failure: LoginError::ALL[usize::from(knobs & 0b111) % LoginError::ALL.len()],
     };
@@ -104,15 +108,19 @@ async fn serve(
     }
 }
 
-/// Bit 3 picks tiny limits, so that the line and literal limits are met often.
-fn settings(knobs: u8) -> FrontendSettings {
+/// Bit 3 of `knobs` picks tiny limits, so that the line and literal limits are met often;
+/// bit 0 of `tls_knobs` offers STARTTLS, bit 1 requires it.
+fn settings(knobs: u8, tls_knobs: u8) -> FrontendSettings {
     let tiny = knobs & 0b1000 != 0;
+    let starttls = (tls_knobs & 1 != 0)
+        .then(|| client_tls(tls_knobs & 0b10 != 0))
+        .flatten();
     FrontendSettings {
         hostname: "mx.fuzz".to_owned(),
         pre_auth_timeout: Duration::from_secs(60),
         pre_auth_lifetime: Duration::from_secs(300),
         client: None,
-        starttls: None,
+        starttls,
         max_line_length: if tiny {
             64
         } else {
@@ -127,10 +135,60 @@ fn settings(knobs: u8) -> FrontendSettings {
     }
 }
 
+/// STARTTLS towards clients with a throwaway self-signed certificate, made once with openssl;
+/// `None` (STARTTLS not fuzzed) where openssl is missing.
+fn client_tls(required: bool) -> Option<Arc<ClientTls>> {
+    static TLS: OnceLock<Option<[Arc<ClientTls>; 2]>> = OnceLock::new();
+    let both = TLS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mailgate-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = self_signed(&cert, &key);
+        let config = made.then(|| {
+            mailgate::tls::server_config(&cert, &key).expect("the harness's own certificate")
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = config?;
+        let metrics = Arc::new(Metrics::new());
+        Some([false, true].map(|required| {
+            Arc::new(ClientTls::new(
+                config.clone(),
+                required,
+                "fuzz",
+                metrics.clone(),
+            ))
+        }))
+    });
+    both.as_ref()
+        .map(|[optional, required_tls]| Arc::clone(if required { required_tls } else { optional }))
+}
+
+fn self_signed(cert: &Path, key: &Path) -> bool {
+    Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=mx.fuzz", "-keyout"])
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// Where TLS starts, the clear-text transcript ends: what follows the reply is TLS records.
+const TLS_STARTS: [&[u8]; 2] = [b"Begin TLS negotiation now\r\n", b"Ready to start TLS\r\n"];
+
 /// Everything a front end sends is CRLF-terminated lines without other line breaks or
 /// control characters (a client's bytes echoed raw could forge replies), and a client cannot
 /// make it send much more than it sent.
 fn check_transcript(transcript: &[u8], sent: usize) {
+    let transcript = clear_text(transcript);
     assert!(
         transcript.is_empty() || transcript.ends_with(b"\r\n"),
         "unterminated reply: {:?}",
@@ -149,6 +207,19 @@ fn check_transcript(transcript: &[u8], sent: usize) {
         "{} bytes of replies to {sent} bytes",
         transcript.len()
     );
+}
+
+fn clear_text(transcript: &[u8]) -> &[u8] {
+    TLS_STARTS
+        .iter()
+        .filter_map(|marker| {
+            let at = transcript
+                .windows(marker.len())
+                .position(|w| w == *marker)?;
+            Some(at + marker.len())
+        })
+        .min()
+        .map_or(transcript, |end| &transcript[..end])
 }
 
 /// Stands in for the password check, token source and upstream: accepts [`RIGHT_PASSWORD`]
