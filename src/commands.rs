@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
 use crate::token::oauth2::flows::{self, FlowError};
-use crate::token::oauth2::{AccountState, AccountStatus, GrantStates, OAuth2};
+use crate::token::oauth2::{AccountState, AccountStatus, GrantStates, OAuth2, span_in_minutes};
 use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
@@ -202,14 +202,9 @@ fn describe(status: &AccountStatus, grant: Grant, now: u64) -> String {
 
 /// `expires in 42m` / `expired 3m ago` / `5m ago` for a Unix time.
 fn relative(at: u64, now: u64) -> String {
-    let span = |seconds: u64| {
-        humantime::format_duration(Duration::from_secs(seconds / 60 * 60)).to_string()
-    };
     match at.cmp(&now) {
-        std::cmp::Ordering::Greater => {
-            format!("expires in {}", span(at - now).replace("0s", "<1m"))
-        }
-        _ => format!("{} ago", span(now - at).replace("0s", "<1m")),
+        std::cmp::Ordering::Greater => format!("expires in {}", span_in_minutes(at - now)),
+        _ => format!("{} ago", span_in_minutes(now - at)),
     }
 }
 

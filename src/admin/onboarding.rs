@@ -20,6 +20,7 @@ use crate::jwt;
 use crate::secret::Secret;
 use crate::token::oauth2::flows::{self, Pending};
 use crate::token::oauth2::provider::Provider;
+use crate::token::oauth2::span_in_minutes;
 use crate::token::oauth2::{AccountState, AccountStatus, OAuth2};
 
 const REALM: &str = "mailgate onboarding";
@@ -218,7 +219,7 @@ fn action_form(action: &str, account: &str, flows: &Flows, label: &str, id: &str
 fn state_text(status: &AccountStatus, now: u64) -> String {
     match status.state {
         AccountState::Ok => match status.access_expires_at {
-            Some(at) if at > now => format!("ok, expires in {}", span(at - now)),
+            Some(at) if at > now => format!("ok, expires in {}", span_in_minutes(at - now)),
             _ => "ok".to_owned(),
         },
         AccountState::NeverAuthorized => "never authorized".to_owned(),
@@ -229,14 +230,7 @@ fn state_text(status: &AccountStatus, now: u64) -> String {
 }
 
 fn ago(at: u64, now: u64) -> String {
-    format!("{} ago", span(now.saturating_sub(at)))
-}
-
-fn span(seconds: u64) -> String {
-    if seconds < 60 {
-        return "<1m".to_owned();
-    }
-    humantime::format_duration(Duration::from_secs(seconds / 60 * 60)).to_string()
+    format!("{} ago", span_in_minutes(now.saturating_sub(at)))
 }
 
 /// The account named by a POSTed form whose CSRF token is right.

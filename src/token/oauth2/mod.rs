@@ -79,6 +79,15 @@ pub struct AccountStatus {
     pub last_error: Option<String>,
 }
 
+/// A span of seconds as account times are shown to people: whole minutes (`42m`, `3h 5m`),
+/// or `<1m`.
+pub fn span_in_minutes(seconds: u64) -> String {
+    if seconds < 60 {
+        return "<1m".to_owned();
+    }
+    humantime::format_duration(std::time::Duration::from_secs(seconds / 60 * 60)).to_string()
+}
+
 /// One configured account.
 struct Account {
     config: AccountConfig,
