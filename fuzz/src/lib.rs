@@ -50,7 +50,7 @@ pub enum FrontEnd {
 const CHUNK_SIZES: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, usize::MAX];
 
 /// The password the stand-in accepts.
-pub const RIGHT_PASSWORD: &str = "right";
+const RIGHT_PASSWORD: &str = "right";
 
 /// Runs one front-end session: the first two bytes pick the settings and the stand-in's
 /// answer, the rest is what the client sends (then it closes its side and reads everything).
