@@ -686,7 +686,6 @@ fn admin_runtime(config: &Config, shared: &Shared) -> Result<AdminRuntime, crate
             .map(admin::token_service::Settings::new),
         oauth2: shared.oauth2.clone(),
         tokens: Some(shared.tokens.clone()),
-        throttle: Some(shared.throttle.clone()),
     })
 }
 

@@ -259,3 +259,52 @@ fn complete_configs_in_the_docs_pass_check() {
     }
     assert!(checked >= 5, "only {checked} complete configs found");
 }
+
+#[tokio::test]
+async fn admin_passwords_shorter_than_twelve_bytes_are_refused_by_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(&dir, "empty", "\n");
+    let short = write(&dir, "short", "eleven-byte");
+    let good = write(&dir, "good", "twelve-bytes");
+    let admin = support::free_port();
+    let config = |onboarding: &str, service: &str| {
+        format!(
+            "{GOOD}admin:\n  listen: \"127.0.0.1:{admin}\"\n  onboarding: {{ password_file: \"{onboarding}\" }}\n  token_service:\n    clients:\n      sidecar: {{ password_file: \"{service}\", accounts: [\"*\"] }}\n"
+        )
+    };
+
+    let path = write(&dir, "empty.yaml", &config(&empty, &good));
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        errors.contains(&format!(
+            "{path}: admin.onboarding.password_file: the password has 0 bytes; at least 12"
+        )),
+        "{errors}"
+    );
+    // `serve` refuses it too, instead of answering `curl -u admin: .../accounts`.
+    let mut serving = Mailgate::spawn(&config(&empty, &good), &["serve"], &[]);
+    let code = serving.wait_exit(std::time::Duration::from_secs(10)).await;
+    assert_eq!(code, Some(64), "{}", serving.output());
+    assert!(
+        serving.stderr().contains("admin.onboarding.password_file"),
+        "{}",
+        serving.output()
+    );
+
+    let path = write(&dir, "short.yaml", &config(&good, &short));
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        errors.contains(
+            "admin.token_service.clients.sidecar.password_file: the password has 11 bytes"
+        ),
+        "{errors}"
+    );
+
+    let path = write(&dir, "good.yaml", &config(&good, &good));
+    let out = mailgate(&["check", "--config", &path]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -3,6 +3,7 @@
 //! [`token_service`]. Optionally over TLS, whose certificate a reload can replace.
 
 pub mod onboarding;
+pub mod throttle;
 pub mod token_service;
 
 use std::convert::Infallible;
@@ -22,12 +23,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::client_auth::throttle::Throttle;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
+use throttle::AdminThrottle;
 
 /// Scrapers, probes and a person at the onboarding page need a handful of connections; more
 /// are refused, so that no one can hold the process's descriptors through this port.
@@ -51,6 +52,8 @@ pub struct Admin {
     current: RwLock<Arc<AdminRuntime>>,
     /// Authorizations and device flows under way, kept across reloads.
     flows: onboarding::Flows,
+    /// Failed basic-auth logins by address, kept across reloads.
+    throttle: AdminThrottle,
 }
 
 /// The parts of the admin endpoint that a reload replaces.
@@ -61,13 +64,12 @@ pub struct AdminRuntime {
     pub token_service: Option<token_service::Settings>,
     pub oauth2: Option<Arc<OAuth2>>,
     pub tokens: Option<Arc<TokenCache>>,
-    /// Counts failed basic-auth attempts like failed logins.
-    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl Admin {
     pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         Self {
+            throttle: AdminThrottle::new(metrics.clone()),
             metrics,
             health,
             current: RwLock::new(Arc::new(AdminRuntime::default())),
@@ -186,7 +188,10 @@ async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin) -> R
             None => not_found(),
         },
         _ => match &runtime.onboarding {
-            Some(settings) => onboarding::respond(&request, settings, &runtime, &admin.flows).await,
+            Some(settings) => {
+                onboarding::respond(&request, settings, &runtime, &admin.flows, &admin.throttle)
+                    .await
+            }
             None => not_found(),
         },
     }
@@ -214,22 +219,19 @@ fn status_page(request: &AdminRequest, admin: &Admin) -> Reply {
     }
 }
 
-/// Whether the request carries `user` and `password` in HTTP basic auth. Failures count
-/// against the client's address like failed logins (growing delays, then a block).
+/// Which of `logins` (user name, password) the request carries in HTTP basic auth. Failures
+/// count against the client's address in the admin endpoint's own throttle (growing delays,
+/// then a block); a success exempts the address from blocks.
 ///
 /// # Errors
 /// The reply to send instead: 401 with a challenge, or 429 while the address is blocked.
-pub async fn check_basic_auth(
+pub async fn check_basic_auth<'a>(
     request: &AdminRequest,
-    user: &str,
-    password: Option<&Secret<String>>,
+    logins: impl IntoIterator<Item = (&'a str, &'a Secret<String>)>,
     realm: &str,
-    throttle: Option<&Throttle>,
-) -> Result<(), Box<Reply>> {
-    const ACCOUNT: &str = "(admin endpoint)";
-    if let Some(throttle) = throttle
-        && throttle.check(Some(request.client), ACCOUNT).is_err()
-    {
+    throttle: &AdminThrottle,
+) -> Result<&'a str, Box<Reply>> {
+    if throttle.check(request.client).is_err() {
         return Err(Box::new(plain(
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed attempts; try later\n",
@@ -246,20 +248,22 @@ pub async fn check_basic_auth(
                 .ok()
         })
         .map(Secret::new);
-    let expected = password.map(|password| Secret::new(format!("{user}:{}", password.expose())));
-    let matches = match (presented, expected) {
-        (Some(presented), Some(expected)) => {
-            bool::from(presented.expose().ct_eq(expected.expose().as_bytes()))
+    if let Some(presented) = presented {
+        // Every login is compared, so that the time taken does not tell which user exists.
+        let mut matched = None;
+        for (user, password) in logins {
+            let expected = Secret::new(format!("{user}:{}", password.expose()));
+            if bool::from(presented.expose().ct_eq(expected.expose().as_bytes())) {
+                matched = Some(user);
+            }
         }
-        _ => false,
-    };
-    if matches {
-        return Ok(());
+        if let Some(user) = matched {
+            throttle.succeeded(request.client);
+            return Ok(user);
+        }
     }
-    if request.headers.contains_key(header::AUTHORIZATION)
-        && let Some(throttle) = throttle
-    {
-        tokio::time::sleep(throttle.failed(Some(request.client), ACCOUNT)).await;
+    if request.headers.contains_key(header::AUTHORIZATION) {
+        tokio::time::sleep(throttle.failed(request.client)).await;
     }
     let mut refused = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
     let challenge = format!("Basic realm=\"{realm}\", charset=\"UTF-8\"");

@@ -14,6 +14,7 @@ use maud::{DOCTYPE, Markup, html};
 use subtle::ConstantTimeEq as _;
 use tokio::time::Instant;
 
+use super::throttle::AdminThrottle;
 use super::{AdminRequest, AdminRuntime, Reply, check_basic_auth, plain, reply};
 use crate::config::{Grant, OnboardingConfig};
 use crate::jwt;
@@ -107,16 +108,13 @@ pub async fn respond(
     settings: &Settings,
     runtime: &AdminRuntime,
     flows: &Flows,
+    throttle: &AdminThrottle,
 ) -> Reply {
-    if let Err(refused) = check_basic_auth(
-        request,
-        &settings.user,
-        settings.password.as_ref(),
-        REALM,
-        runtime.throttle.as_deref(),
-    )
-    .await
-    {
+    let login = settings
+        .password
+        .as_ref()
+        .map(|password| (settings.user.as_str(), password));
+    if let Err(refused) = check_basic_auth(request, login, REALM, throttle).await {
         return *refused;
     }
     let Some(oauth2) = runtime.oauth2.clone() else {

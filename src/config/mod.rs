@@ -413,8 +413,9 @@ pub struct OnboardingConfig {
     pub redirect_url: Option<String>,
 }
 
-/// The token service: HTTP basic auth with `user` and a password from a file or the
-/// environment, as the auth servers of other mailgates send them.
+/// The token service: HTTP basic auth, as the auth servers of other mailgates send it. Each
+/// of `clients` has its own password and the accounts it may fetch; `user` with a password
+/// from a file or the environment is one more client, which may fetch every account.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenServiceConfig {
@@ -427,6 +428,24 @@ pub struct TokenServiceConfig {
     /// Read from `password_file` or `password_env`.
     #[serde(skip)]
     pub password: Option<Secret<String>>,
+    /// Basic-auth user name -> its password and accounts.
+    #[serde(default)]
+    pub clients: BTreeMap<String, TokenServiceClient>,
+}
+
+/// One client of the token service (a sidecar): its password and the OAuth2 accounts it may
+/// fetch tokens for (`*`: every account).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenServiceClient {
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
+    pub accounts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -561,6 +580,9 @@ impl Config {
             }
             if let Some(service) = &admin.token_service {
                 add(&service.password_file);
+                for client in service.clients.values() {
+                    add(&client.password_file);
+                }
             }
         }
         if let Some(auth_server) = &self.tokens.auth_server {
@@ -622,7 +644,7 @@ impl Config {
         let password_grants = self.client_auth.mode == ClientAuthMode::OAuth2Password;
         self.tokens.resolve(&mut problems, password_grants);
         if let Some(admin) = &mut self.admin {
-            admin.resolve(&mut problems);
+            admin.resolve(self.tokens.oauth2.as_ref(), &mut problems);
         }
         self.resolve_client_auth(&mut problems);
         problems.found
