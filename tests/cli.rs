@@ -269,7 +269,7 @@ async fn admin_passwords_shorter_than_twelve_bytes_are_refused_by_check_and_serv
     let admin = support::free_port();
     let config = |onboarding: &str, service: &str| {
         format!(
-            "{GOOD}admin:\n  listen: \"127.0.0.1:{admin}\"\n  onboarding: {{ password_file: \"{onboarding}\" }}\n  token_service:\n    clients:\n      sidecar: {{ password_file: \"{service}\", accounts: [\"*\"] }}\n"
+            "{GOOD}admin:\n  listen: \"127.0.0.1:{admin}\"\n  onboarding: {{ password_file: \"{onboarding}\" }}\n  token_service: {{ password_file: \"{service}\" }}\n"
         )
     };
 
@@ -294,13 +294,21 @@ async fn admin_passwords_shorter_than_twelve_bytes_are_refused_by_check_and_serv
     );
 
     let path = write(&dir, "short.yaml", &config(&good, &short));
-    let out = mailgate(&["check", "--config", &path]);
-    assert_eq!(out.status.code(), Some(64));
-    let errors = String::from_utf8(out.stderr).unwrap();
+    let errors = String::from_utf8(mailgate(&["check", "--config", &path]).stderr).unwrap();
     assert!(
-        errors.contains(
-            "admin.token_service.clients.sidecar.password_file: the password has 11 bytes"
+        errors.contains("admin.token_service.password_file: the password has 11 bytes"),
+        "{errors}"
+    );
+    let client = config(&good, &good).replace(
+        &format!("token_service: {{ password_file: \"{good}\" }}"),
+        &format!(
+            "token_service: {{ clients: {{ sidecar: {{ password_file: \"{short}\", accounts: [\"*\"] }} }} }}"
         ),
+    );
+    let path = write(&dir, "client.yaml", &client);
+    let errors = String::from_utf8(mailgate(&["check", "--config", &path]).stderr).unwrap();
+    assert!(
+        errors.contains("admin.token_service.clients.sidecar.password_file: the password has 11"),
         "{errors}"
     );
 
