@@ -41,6 +41,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -114,6 +119,7 @@ pub struct Metrics {
     pub reauthorizations_needed: Counter,
     pub sessions_revoked: Counter,
     pub token_service_requests: Family<ResultLabels, Counter>,
+    pub admin_connections_limited: Family<ReasonLabels, Counter>,
     pub client_tls_handshakes: Family<ListenerResultLabels, Counter>,
     pub proxy_headers: Family<ListenerResultLabels, Counter>,
 }
@@ -153,6 +159,7 @@ impl Metrics {
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
             token_service_requests: Family::default(),
+            admin_connections_limited: Family::default(),
             client_tls_handshakes: Family::default(),
             proxy_headers: Family::default(),
         };
@@ -372,8 +379,13 @@ impl Metrics {
         );
         registry.register(
             "token_service_requests",
-            "Requests to this mailgate's token service, by result (ok, refused, unauthorized, error)",
+            "Requests to this mailgate's token service, by result (ok, refused, forbidden, unauthorized, error)",
             self.token_service_requests.clone(),
+        );
+        registry.register(
+            "admin_connections_limited",
+            "Admin endpoint connections hit by a limit, by reason (per_address, full: closed; probes_only: only /healthz, /readyz and /metrics served)",
+            self.admin_connections_limited.clone(),
         );
         registry.register(
             "client_tls_handshakes",
@@ -468,6 +480,13 @@ impl Metrics {
         self.token_service_requests
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// Counts `count` connections (0 exports the series).
+    pub fn admin_connection_limited(&self, reason: &'static str, count: u64) {
+        self.admin_connections_limited
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(count);
     }
 
     pub fn login_block(&self, scope: &'static str) {

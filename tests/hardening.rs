@@ -435,3 +435,104 @@ async fn the_upstreams_own_smtp_completion_reaches_the_client() {
     })
     .await;
 }
+
+/// Connects to the admin endpoint from `source`, sends a POST's headers, then one byte of its
+/// body a second; returns the status line it was answered with (empty: closed unanswered).
+async fn slow_body(admin: u16, source: [u8; 4], sent: tokio::sync::mpsc::Sender<()>) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
+    let mut stream = socket.connect(localhost(admin)).await.unwrap();
+    let head = "POST /token HTTP/1.1\r\nHost: admin\r\nContent-Length: 1000\r\n\r\n";
+    let written = stream.write_all(head.as_bytes()).await;
+    let _ = sent.send(()).await;
+    if written.is_err() {
+        return String::new();
+    }
+    let mut answer = [0u8; 64];
+    loop {
+        tokio::select! {
+            read = stream.read(&mut answer) => {
+                let n = read.unwrap_or(0);
+                let text = String::from_utf8_lossy(&answer[..n]);
+                return text.lines().next().unwrap_or_default().to_owned();
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                if stream.write_all(b"x").await.is_err() {
+                    return String::new();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_while_slow_clients_hold_the_admin_endpoint() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            up.mailgate_config(imap, smtp)
+        );
+        let mailgate = Mailgate::start(&config).await;
+
+        // Eighty clients from five addresses send a body one byte a second.
+        let (sent, mut all_sent) = tokio::sync::mpsc::channel(100);
+        let holders: Vec<_> = (0..80u8)
+            .map(|n| tokio::spawn(slow_body(admin, [127, 0, 0, 2 + n % 5], sent.clone())))
+            .collect();
+        for _ in 0..80 {
+            all_sent.recv().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // The liveness probe still gets its answers, one connection each.
+        mailgate::tls::install_crypto_provider();
+        let probe = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut answered = 0;
+        for _ in 0..20 {
+            let status = probe
+                .get(format!("http://127.0.0.1:{admin}/healthz"))
+                .send()
+                .await
+                .map(|response| response.status().as_u16());
+            if status.as_ref().is_ok_and(|status| *status == 200) {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 20, "{}", mailgate.output());
+
+        // The body deadline ends the slow requests (408); those beyond the shared connections
+        // were told the endpoint serves probes only (503), or closed at once.
+        let mut timed_out = 0;
+        for holder in holders {
+            let status = holder.await.unwrap();
+            assert!(
+                status.is_empty() || status.contains(" 408 ") || status.contains(" 503 "),
+                "{status}"
+            );
+            timed_out += usize::from(status.contains(" 408 "));
+        }
+        assert!(timed_out >= 60, "{timed_out} answered 408");
+        let text = metrics(admin).await;
+        assert!(
+            metric(
+                &text,
+                "mailgate_admin_connections_limited_total{reason=\"probes_only\"}"
+            ) >= 16.0,
+            "{text}"
+        );
+        assert!(
+            mailgate
+                .output()
+                .contains("admin endpoint connection limit reached"),
+            "{}",
+            mailgate.output()
+        );
+    })
+    .await;
+}

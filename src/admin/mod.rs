@@ -2,6 +2,7 @@
 //! `admin.onboarding`, the [`onboarding`] page; with `admin.token_service`, the
 //! [`token_service`]. Optionally over TLS, whose certificate a reload can replace.
 
+mod admission;
 pub mod onboarding;
 pub mod throttle;
 pub mod token_service;
@@ -20,7 +21,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::health::Health;
@@ -28,15 +28,21 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
+use admission::{Admission, Share};
 use throttle::AdminThrottle;
 
-/// Scrapers, probes and a person at the onboarding page need a handful of connections; more
-/// are refused, so that no one can hold the process's descriptors through this port.
-const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this (a half-sent request holds nothing longer).
+/// hyper starts the timer again while a kept-alive connection waits for its next request, so
+/// this is the idle deadline too.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest an admin connection lives, keep-alive included; clients reconnect.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Probes and scrapers send their request at once; on the reserve, a connection that does not
+/// gives its place back soon.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A request's body must arrive within this after its headers (a form is a few hundred bytes).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection lives, keep-alive included; clients reconnect. Room for a
+/// token fetch that waits for a provider (10 s by default) and its retry.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Forms on the onboarding page are a few hundred bytes.
@@ -93,7 +99,7 @@ impl Admin {
 /// Serves admin requests on `listener` until `stop` completes.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Arc::new(Admission::new(admin.metrics.clone()));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -106,30 +112,39 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl Future<O
             },
             () = &mut stop => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin endpoint at its connection limit; closing a connection");
+        // Refused connections are closed at once; the admission counts and warns.
+        let Ok(slot) = admission.admit(peer.ip()) else {
             continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let serving = serve_connection(stream, peer, admin);
+            let serving = serve_connection(stream, peer, admin, slot.share());
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, admin: Arc<Admin>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    admin: Arc<Admin>,
+    share: Share,
+) {
     let tls = admin.runtime().tls.clone();
     let service = hyper::service::service_fn(move |request| {
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(respond(request, peer.ip(), &admin).await) }
+        async move { Ok::<_, Infallible>(respond(request, peer.ip(), &admin, share).await) }
     });
     let builder = {
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT);
+        builder.timer(TokioTimer::new());
+        match share {
+            Share::Any => builder.header_read_timeout(HEADER_TIMEOUT),
+            // One request, then the place goes back to the reserve.
+            Share::ProbesOnly => builder
+                .header_read_timeout(PROBE_HEADER_TIMEOUT)
+                .keep_alive(false),
+        };
         builder
     };
     let result = match tls {
@@ -167,10 +182,24 @@ pub struct AdminRequest {
     pub client: IpAddr,
 }
 
-async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin) -> Reply {
+async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin, share: Share) -> Reply {
     let (parts, body) = request.into_parts();
-    let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
-        return plain(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n");
+    let probe = matches!(parts.uri.path(), "/metrics" | "/healthz" | "/readyz");
+    if share == Share::ProbesOnly && !probe {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: only /healthz, /readyz and /metrics are served now\n",
+        );
+    }
+    let body = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
     };
     let request = AdminRequest {
         method: parts.method,
