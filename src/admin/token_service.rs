@@ -78,13 +78,14 @@ pub async fn respond(
         .clients
         .iter()
         .map(|client| (client.user.as_str(), &client.password));
-    let (user, client) = match check_basic_auth(request, logins, REALM, &admin.throttle).await {
-        Ok(user) => (user, settings.client(user)),
-        Err(refused) => {
-            admin.metrics.token_service("unauthorized");
-            return *refused;
-        }
-    };
+    let (client_name, client) =
+        match check_basic_auth(request, logins, REALM, &admin.throttle).await {
+            Ok(name) => (name, settings.client(name)),
+            Err(refused) => {
+                admin.metrics.token_service("unauthorized");
+                return *refused;
+            }
+        };
     let query: Vec<(String, String)> = url::form_urlencoded::parse(request.query.as_bytes())
         .into_owned()
         .collect();
@@ -107,7 +108,7 @@ pub async fn respond(
         // As for an account that does not exist: a client learns nothing of the others'.
         return answer(
             admin,
-            user,
+            client_name,
             account,
             "forbidden",
             plain(StatusCode::NOT_FOUND, "no such account\n"),
@@ -116,7 +117,7 @@ pub async fn respond(
     let (Some(oauth2), Some(tokens)) = (&runtime.oauth2, &runtime.tokens) else {
         return answer(
             admin,
-            user,
+            client_name,
             account,
             "refused",
             plain(StatusCode::NOT_FOUND, "no such account\n"),
@@ -125,7 +126,7 @@ pub async fn respond(
     if oauth2.account(account).is_none() {
         return answer(
             admin,
-            user,
+            client_name,
             account,
             "refused",
             plain(StatusCode::NOT_FOUND, "no such account\n"),
@@ -136,7 +137,7 @@ pub async fn respond(
             let UpstreamAuth::Bearer { user, token } = &cached.token.auth else {
                 return answer(
                     admin,
-                    user,
+                    client_name,
                     account,
                     "error",
                     plain(StatusCode::SERVICE_UNAVAILABLE, "no bearer token\n"),
@@ -151,11 +152,11 @@ pub async fn respond(
                 hyper::header::CACHE_CONTROL,
                 hyper::header::HeaderValue::from_static("no-store"),
             );
-            answer(admin, user, account, "ok", ok)
+            answer(admin, client_name, account, "ok", ok)
         }
         Err(TokenError::Refused | TokenError::NeedsReauthorization) => answer(
             admin,
-            user,
+            client_name,
             account,
             "refused",
             plain(
@@ -165,7 +166,7 @@ pub async fn respond(
         ),
         Err(TokenError::Unavailable(_)) => answer(
             admin,
-            user,
+            client_name,
             account,
             "error",
             plain(

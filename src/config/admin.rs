@@ -149,3 +149,47 @@ pub(crate) fn check_certificate(files: &CertificateFiles, key: &str, problems: &
         problems.add(key, error.to_string());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, Files};
+
+    #[test]
+    fn token_service_clients_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "twelve-bytes").unwrap();
+        let password = password.display();
+        let text = format!(
+            r#"
+listeners:
+  - {{ name: imap, protocol: imap, listen: "127.0.0.1:1143", upstream: {{ host: mail.example, port: 143, tls: none }} }}
+tokens:
+  auth_server: {{ url: "http://127.0.0.1:8080/token" }}
+admin:
+  listen: "127.0.0.1:9090"
+  token_service:
+    password_file: "{password}"
+    clients:
+      "a:b": {{ password_file: "{password}", accounts: [] }}
+      mailgate: {{ password_file: "{password}", accounts: ["*"] }}
+      printer: {{ password_file: "{password}", accounts: ["*", nobody] }}
+"#
+        );
+        let mut config = Config::parse(&text).unwrap();
+        let keys: Vec<String> = config
+            .resolve_and_validate(Files::Read)
+            .into_iter()
+            .map(|problem| problem.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "admin.token_service.clients.mailgate",
+                "admin.token_service.clients.a:b",
+                "admin.token_service.clients.a:b.accounts",
+                "admin.token_service.clients.printer.accounts[1]",
+            ]
+        );
+    }
+}
