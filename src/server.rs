@@ -588,6 +588,19 @@ impl Server {
         let _ = health.readiness();
     }
 
+    /// Writes the refresh tokens the store has not taken yet, within `grace`.
+    async fn flush_token_store(&self, grace: Duration) {
+        if let Some(oauth2) = &self.shared.oauth2
+            && tokio::time::timeout(grace, oauth2.flush_unsaved())
+                .await
+                .is_err()
+        {
+            tracing::error!(
+                "the token store did not take the unwritten refresh tokens within the grace period"
+            );
+        }
+    }
+
     /// Reports not ready at once, keeps accepting for the drain delay (while load balancers
     /// catch up), stops accepting, lets sessions finish within the grace period, then closes
     /// the rest.
@@ -605,6 +618,7 @@ impl Server {
         self.listeners.clear();
         self.sessions.open = None;
         let grace = self.config.shutdown_grace;
+        self.flush_token_store(grace).await;
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
         if tokio::time::timeout(grace, self.sessions.all_closed.recv())
             .await

@@ -41,6 +41,10 @@ pub enum TokenError {
     /// again; until then its logins fail at once.
     #[error("account needs re-authorization")]
     NeedsReauthorization,
+    /// The provider refuses mailgate's own OAuth2 settings for the account: an operator must
+    /// fix the configuration; until then its logins fail at once.
+    #[error("account misconfigured at its identity provider")]
+    Misconfigured,
     /// The source could not answer now (unreachable, timeout, bad answer).
     #[error("token source unavailable: {0}")]
     Unavailable(String),
@@ -110,6 +114,7 @@ impl TokenError {
         match self {
             TokenError::Refused => "refused",
             TokenError::NeedsReauthorization => "invalid_grant",
+            TokenError::Misconfigured => "misconfigured",
             TokenError::Unavailable(_) => "error",
         }
     }
