@@ -389,6 +389,66 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
     .await;
 }
 
+/// The window no client can close: the provider rotated the token, and mailgate died before
+/// the answer reached it. The account then needs re-authorization, cleanly: said at the next
+/// login, in `accounts`, and fixed by authorizing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_the_provider_rotated_needs_reauthorization_cleanly() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let first = s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let hold = s.provider.hold_answers();
+        let address = s.imap_address();
+        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider.held_requests() == 1
+            })
+            .await,
+            "the refresh never reached the provider"
+        );
+        send_signal(mailgate.pid().unwrap(), "KILL");
+        mailgate.wait_exit(Duration::from_secs(5)).await;
+        drop(hold);
+        let _ = login.await;
+        let requests = s.provider.token_requests();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(
+            requests[0].result, "ok",
+            "the provider committed the rotation"
+        );
+        assert_ne!(
+            s.provider.current_refresh_token(ALICE, CLIENT).as_deref(),
+            Some(first.as_str()),
+            "the provider rotated the token"
+        );
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(
+            login
+                .tagged
+                .contains("NO [AUTHENTICATIONFAILED] account needs re-authorization"),
+            "{login:?}\n{}",
+            mailgate.output()
+        );
+        assert_eq!(
+            account_row(&config, "alice").await["state"],
+            "needs_reauthorization"
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_grant_ends_that_accounts_sessions_and_spares_the_others() {
     with_timeout(MINUTE, async {
