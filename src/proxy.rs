@@ -180,7 +180,7 @@ impl ListenerProxy {
                 match error {
                     TokenError::Refused => LoginError::BadCredentials,
                     TokenError::NeedsReauthorization => LoginError::NeedsReauthorization,
-                    TokenError::Misconfigured => LoginError::Misconfigured,
+                    TokenError::Misconfigured(_) => LoginError::Misconfigured,
                     TokenError::Unavailable(_) => LoginError::TokenUnavailable,
                 }
             })

@@ -106,17 +106,17 @@ pub async fn respond(
             );
             answer(admin, account, "ok", ok)
         }
-        Err(TokenError::Refused | TokenError::NeedsReauthorization | TokenError::Misconfigured) => {
-            answer(
-                admin,
-                account,
-                "refused",
-                plain(
-                    StatusCode::FORBIDDEN,
-                    "account refused or needs re-authorization\n",
-                ),
-            )
-        }
+        Err(
+            TokenError::Refused | TokenError::NeedsReauthorization | TokenError::Misconfigured(_),
+        ) => answer(
+            admin,
+            account,
+            "refused",
+            plain(
+                StatusCode::FORBIDDEN,
+                "account refused or needs re-authorization\n",
+            ),
+        ),
         Err(TokenError::Unavailable(_)) => answer(
             admin,
             account,

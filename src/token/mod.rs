@@ -43,8 +43,9 @@ pub enum TokenError {
     NeedsReauthorization,
     /// The provider refuses mailgate's own OAuth2 settings for the account: an operator must
     /// fix the configuration; until then its logins fail at once.
-    #[error("account misconfigured at its identity provider")]
-    Misconfigured,
+    /// Carries the provider's error code and text, escaped.
+    #[error("account misconfigured at its identity provider: {0}")]
+    Misconfigured(String),
     /// The source could not answer now (unreachable, timeout, bad answer).
     #[error("token source unavailable: {0}")]
     Unavailable(String),
@@ -114,7 +115,7 @@ impl TokenError {
         match self {
             TokenError::Refused => "refused",
             TokenError::NeedsReauthorization => "invalid_grant",
-            TokenError::Misconfigured => "misconfigured",
+            TokenError::Misconfigured(_) => "misconfigured",
             TokenError::Unavailable(_) => "error",
         }
     }

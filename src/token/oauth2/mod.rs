@@ -749,9 +749,9 @@ impl OAuth2 {
                     reason = detail.as_str(),
                     "the provider refuses this account's OAuth2 settings: fix the configuration; logins fail until then"
                 );
-                back_off(state, TokenError::Misconfigured);
-                self.set_state(account, AccountState::Misconfigured, Some(detail));
-                TokenError::Misconfigured
+                back_off(state, TokenError::Misconfigured(detail.clone()));
+                self.set_state(account, AccountState::Misconfigured, Some(detail.clone()));
+                TokenError::Misconfigured(detail)
             }
             Failure::NotAuthorized(why) => {
                 tracing::warn!(
