@@ -254,7 +254,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new());
         let auth = ClientAuth::new(&config, metrics.clone()).unwrap();
-        let throttle = Throttle::new(&config.throttle, metrics.clone());
+        let throttle = Throttle::new(&config.throttle, metrics.clone()).unwrap();
         let tokens = TokenCache::without_sources(metrics.clone());
         let verify = |account: &'static str, password: &str| {
             let credentials = credentials(account, password);
