@@ -511,6 +511,16 @@ async fn a_stale_password_retried_behind_a_nat_blocks_nobody_else() {
         // Alice, behind the same NAT, is not blocked by it.
         let colleague = login_from(imap, 2, ACCOUNT, RIGHT).await;
         assert!(colleague.is_ok(), "{colleague:?}\n{}", mailgate.output());
+        // Bob tries ten other passwords: now the address is blocked, for all but Alice,
+        // who logged in from it.
+        for variant in 0..10 {
+            let guess = login_from(imap, 2, "acct2", &format!("bob's guess {variant}")).await;
+            assert!(guess.tagged.contains(" NO "), "{guess:?}");
+        }
+        let bob = login_from(imap, 2, "acct2", "bob's new password").await;
+        assert!(bob.tagged.contains("NO [UNAVAILABLE]"), "{bob:?}");
+        let colleague = login_from(imap, 2, ACCOUNT, RIGHT).await;
+        assert!(colleague.is_ok(), "{colleague:?}\n{}", mailgate.output());
     })
     .await;
 }
