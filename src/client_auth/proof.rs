@@ -1,6 +1,7 @@
-//! Proofs of verified passwords: HMAC-SHA256 (RFC 2104) of the user name and the password
-//! under a key drawn at random when the check is built. What is remembered is never the
-//! password, and outside this process it cannot even be tested against guesses.
+//! Proofs of passwords: HMAC-SHA256 (RFC 2104) of the user name and the password under a key
+//! drawn at random when the check (or the throttle, for wrong passwords it counted) is built.
+//! What is remembered is never the password, and outside this process it cannot even be
+//! tested against guesses.
 
 use ring::hmac;
 use ring::rand::SystemRandom;
