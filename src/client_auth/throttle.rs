@@ -150,22 +150,21 @@ impl Throttle {
                 self.networks.get(&address.network()).unwrap_or(0),
             )
         });
-        let limits = [
-            (Scope::Address, by_address, self.config.block_address_after),
-            (Scope::Network, by_network, self.config.block_network_after),
-            (Scope::Account, by_account, self.config.block_account_after),
-        ];
+        let config = &self.config;
+        let account_blocked = reached(by_account, config.block_account_after);
         // Most logins come from addresses without failures: no lookup of the pair then.
-        let suspect = by_address > 0 || by_network > 0 || reached(by_account, limits[2].2);
+        let suspect = by_address > 0 || by_network > 0 || account_blocked;
         if !suspect || address.is_some_and(|address| self.known.contains_key(&(account, address))) {
             return Ok(self.delay(by_account));
         }
-        match limits
-            .into_iter()
-            .find(|&(_, failures, block_after)| reached(failures, block_after))
-        {
-            Some((scope, ..)) => Err(scope),
-            None => Ok(self.delay(by_account.max(by_address))),
+        if reached(by_address, config.block_address_after) {
+            Err(Scope::Address)
+        } else if reached(by_network, config.block_network_after) {
+            Err(Scope::Network)
+        } else if account_blocked {
+            Err(Scope::Account)
+        } else {
+            Ok(self.delay(by_account.max(by_address)))
         }
     }
 
