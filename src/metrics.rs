@@ -183,7 +183,7 @@ impl Metrics {
                 .token_refreshes_ahead
                 .get_or_create(&ResultLabels { result });
         }
-        for scope in ["address", "account"] {
+        for scope in ["address", "network", "account"] {
             let _ = self.login_blocks.get_or_create(&ScopeLabels { scope });
         }
     }
@@ -339,7 +339,7 @@ impl Metrics {
         );
         registry.register(
             "failed_login_delay_seconds",
-            "How long refused clients waited for their answer (grows with repeated failures)",
+            "How long logins waited before their password check for recent failures of their address or account",
             self.failed_login_delay_seconds.clone(),
         );
         registry.register(
