@@ -116,6 +116,7 @@ pub struct Metrics {
     pub oauth2_accounts: Family<StateLabels, Gauge>,
     pub token_refreshes_ahead: Family<ResultLabels, Counter>,
     pub token_store_write_failures: Counter,
+    pub token_store_unsaved_accounts: Gauge,
     pub reauthorizations_needed: Counter,
     pub sessions_revoked: Counter,
     pub token_service_requests: Family<ResultLabels, Counter>,
@@ -156,6 +157,7 @@ impl Metrics {
             oauth2_accounts: Family::default(),
             token_refreshes_ahead: Family::default(),
             token_store_write_failures: Counter::default(),
+            token_store_unsaved_accounts: Gauge::default(),
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
             token_service_requests: Family::default(),
@@ -188,7 +190,7 @@ impl Metrics {
                 .token_refreshes_ahead
                 .get_or_create(&ResultLabels { result });
         }
-        for scope in ["address", "account"] {
+        for scope in ["address", "network", "account"] {
             let _ = self.login_blocks.get_or_create(&ScopeLabels { scope });
         }
     }
@@ -344,7 +346,7 @@ impl Metrics {
         );
         registry.register(
             "failed_login_delay_seconds",
-            "How long refused clients waited for their answer (grows with repeated failures)",
+            "How long logins waited before their password check for recent failures of their address or account",
             self.failed_login_delay_seconds.clone(),
         );
         registry.register(
@@ -354,7 +356,7 @@ impl Metrics {
         );
         registry.register(
             "oauth2_accounts",
-            "OAuth2 accounts by state (ok, never_authorized, needs_reauthorization, store_error, failing)",
+            "OAuth2 accounts by state (ok, not_yet_tried, never_authorized, needs_reauthorization, store_error, misconfigured, failing)",
             self.oauth2_accounts.clone(),
         );
         registry.register(
@@ -364,8 +366,13 @@ impl Metrics {
         );
         registry.register(
             "token_store_write_failures",
-            "Failed writes of the refresh-token store (the token is kept in memory)",
+            "Failed writes of the refresh-token store (the token is kept in memory and retried)",
             self.token_store_write_failures.clone(),
+        );
+        registry.register(
+            "token_store_unsaved_accounts",
+            "Accounts whose current refresh token the store has not taken yet (retried with backoff and at shutdown)",
+            self.token_store_unsaved_accounts.clone(),
         );
         registry.register(
             "reauthorizations_needed",
@@ -470,6 +477,10 @@ impl Metrics {
 
     pub fn store_write_failure(&self) {
         self.token_store_write_failures.inc();
+    }
+
+    pub fn token_store_unsaved(&self, accounts: i64) {
+        self.token_store_unsaved_accounts.set(accounts);
     }
 
     pub fn reauthorization_needed(&self) {

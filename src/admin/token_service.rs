@@ -154,7 +154,9 @@ pub async fn respond(
             );
             answer(admin, client_name, account, "ok", ok)
         }
-        Err(TokenError::Refused | TokenError::NeedsReauthorization) => answer(
+        Err(
+            TokenError::Refused | TokenError::NeedsReauthorization | TokenError::Misconfigured(_),
+        ) => answer(
             admin,
             client_name,
             account,

@@ -48,16 +48,20 @@ pub const DEFAULT_DELEGATED_CHECKS: usize = 16;
 /// Enough for a mail client's few parallel connections (or a few behind one NAT), too few for
 /// one address to take the whole pool, or to slip many guesses past a block being reached.
 pub const DEFAULT_CHECKS_PER_ADDRESS: usize = 4;
-/// The first failed login of an address or account is answered after this; each further one
-/// doubles it, up to the maximum.
+/// After the first failed login of an address or account, its next login waits this long
+/// before its check; each further failure doubles it, up to the maximum.
 pub const DEFAULT_FAILURE_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_FAILURE_DELAY: Duration = Duration::from_secs(15);
 /// Failures are forgotten this long after the last one; a block lasts as long.
 pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// A client address that failed this often within the window is refused without a check.
 pub const DEFAULT_BLOCK_ADDRESS_AFTER: u32 = 10;
-/// An account that failed this often is refused from addresses that never logged in to it.
-pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 30;
+/// Accounts are never blocked unless the operator opts in: a block would let strangers lock
+/// the owner out (their failures make the account's logins wait instead).
+pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 0;
+/// A network (IPv4 /24, IPv6 /48) that failed this often within the window is refused
+/// without a check: ten addresses' worth, since it holds many clients.
+pub const DEFAULT_BLOCK_NETWORK_AFTER: u32 = 100;
 /// ConfigMap updates reach the pod within about a minute; a few seconds of polling is plenty.
 pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
@@ -354,6 +358,9 @@ pub struct ThrottleConfig {
     /// `0` never blocks an account.
     #[serde(default = "default_block_account_after")]
     pub block_account_after: u32,
+    /// `0` never blocks a network (IPv4 /24, IPv6 /48).
+    #[serde(default = "default_block_network_after")]
+    pub block_network_after: u32,
 }
 
 impl Default for ThrottleConfig {
@@ -364,6 +371,7 @@ impl Default for ThrottleConfig {
             window: DEFAULT_FAILURE_WINDOW,
             block_address_after: DEFAULT_BLOCK_ADDRESS_AFTER,
             block_account_after: DEFAULT_BLOCK_ACCOUNT_AFTER,
+            block_network_after: DEFAULT_BLOCK_NETWORK_AFTER,
         }
     }
 }
@@ -797,6 +805,14 @@ impl Config {
                 "must not be shorter than client_auth.throttle.failure_delay",
             );
         }
+        if throttle.block_network_after != 0
+            && throttle.block_network_after < throttle.block_address_after
+        {
+            problems.add(
+                "client_auth.throttle.block_network_after",
+                "must not be lower than client_auth.throttle.block_address_after: a network holds many addresses",
+            );
+        }
         if let Some(path) = client_auth
             .accounts_file
             .as_ref()
@@ -1060,6 +1076,9 @@ fn default_block_address_after() -> u32 {
 }
 fn default_block_account_after() -> u32 {
     DEFAULT_BLOCK_ACCOUNT_AFTER
+}
+fn default_block_network_after() -> u32 {
+    DEFAULT_BLOCK_NETWORK_AFTER
 }
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
@@ -1469,6 +1488,23 @@ tokens:
     /// The minimal config with these `client_auth` lines (indented two spaces).
     fn with_client_auth(lines: &str) -> String {
         format!("{MINIMAL}client_auth:\n{lines}")
+    }
+
+    #[test]
+    fn a_network_tier_below_the_address_tier_is_refused() {
+        let config = check(&with_client_auth("  mode: any\n")).unwrap();
+        let throttle = &config.client_auth.throttle;
+        assert_eq!(throttle.block_network_after, DEFAULT_BLOCK_NETWORK_AFTER);
+        assert_eq!(throttle.block_account_after, 0);
+        let text =
+            with_client_auth("  throttle: { block_address_after: 20, block_network_after: 10 }\n");
+        assert_eq!(
+            problem_keys(&text),
+            ["client_auth.throttle.block_network_after"]
+        );
+        let text =
+            with_client_auth("  throttle: { block_address_after: 20, block_network_after: 0 }\n");
+        assert!(check(&text).is_ok());
     }
 
     #[test]
