@@ -463,19 +463,21 @@ async fn failed_admin_logins_block_only_their_address_and_mail_logins_none() {
     with_timeout(2 * MINUTE, async {
         let s = Setup::start().await;
         let config = format!(
-            "{}client_auth:\n  mode: static\n  throttle: {{ failure_delay: 10ms, max_failure_delay: 20ms }}\n  accounts:\n    alice: \"{}\"\n",
+            "{}client_auth:\n  mode: static\n  throttle: {{ failure_delay: 10ms, max_failure_delay: 20ms, block_account_after: 30 }}\n  accounts:\n    alice: \"{}\"\n",
             s.config(),
             password_hash("alice-mail-password")
         );
         let mailgate = Mailgate::start(&config).await;
 
         // Failed IMAP logins with the name the admin endpoint used to count under, from four
-        // addresses: past the mail throttle's account block.
+        // addresses: past the mail throttle's account block (opted in above).
         let imap = SocketAddr::from(([127, 0, 0, 1], s.imap));
         for source in 2..6u8 {
-            for _ in 0..8 {
+            for guess in 0..8 {
                 let mut client = ImapClient::connect_from(imap, [127, 0, 0, source].into()).await;
-                let login = client.login("(admin endpoint)", "x").await;
+                let login = client
+                    .login("(admin endpoint)", &format!("guess-{source}-{guess}"))
+                    .await;
                 assert!(!login.is_ok(), "{login:?}");
             }
         }
