@@ -1,12 +1,14 @@
 //! The commands for people besides `serve` and `check`: authorizing an account, listing
-//! accounts, importing a refresh token, and one test login with every step shown. Each prints
+//! accounts, importing a refresh token, one test login with every step shown, and hashing a
+//! client password. Each prints
 //! for a person (or JSON for scripts) and returns the process exit code.
 
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client_auth::hash_pool::new_hash;
 use crate::config::{Config, Grant, ListenerConfig, Protocol};
 use crate::health::Health;
 use crate::login::UpstreamAuth;
@@ -266,6 +268,81 @@ pub async fn import(config: &Config, account: &str, file: &Path) -> u8 {
             EXIT_USAGE
         }
     }
+}
+
+/// The longest password `hash-password` reads from standard input: longer than any a client
+/// can send in one SMTP AUTH line (12288 bytes, base64 included).
+const MAX_PASSWORD_BYTES: u64 = 12 * 1024;
+
+/// `mailgate hash-password`: reads a password (at a terminal twice without echo, else one line
+/// of standard input) and prints the argon2id PHC string for `client_auth.accounts`.
+pub fn hash_password() -> u8 {
+    let password = if std::io::stdin().is_terminal() {
+        password_from_terminal()
+    } else {
+        password_from_stdin()
+    };
+    let password = match password {
+        Ok(password) => password,
+        Err(reason) => {
+            eprintln!("{reason}");
+            return EXIT_USAGE;
+        }
+    };
+    match new_hash(&password) {
+        Ok(hash) => {
+            println!("{}", hash.expose());
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("cannot hash the password: {error}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Asks twice, as `htpasswd` does, since a typo cannot be seen.
+fn password_from_terminal() -> Result<Secret<String>, String> {
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map(Secret::new)
+            .map_err(|error| format!("cannot read the password: {error}"))
+    };
+    let password = ask("Password: ")?;
+    if ask("Again: ")? != password {
+        return Err("the passwords differ".to_owned());
+    }
+    one_password(password)
+}
+
+/// One line; its line end (`\n` or `\r\n`) is not part of the password.
+fn password_from_stdin() -> Result<Secret<String>, String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(MAX_PASSWORD_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|error| format!("cannot read the password from standard input: {error}"))?;
+    if text.len() as u64 > MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "the password is longer than {MAX_PASSWORD_BYTES} bytes"
+        ));
+    }
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    one_password(Secret::new(line.to_owned()))
+}
+
+/// Refuses what no client could log in with: nothing, or several lines (IMAP and SMTP
+/// commands end at a line end, SASL PLAIN at a NUL).
+fn one_password(password: Secret<String>) -> Result<Secret<String>, String> {
+    let text = password.expose();
+    if text.is_empty() {
+        return Err("the password is empty".to_owned());
+    }
+    if text.contains(['\r', '\n', '\0']) {
+        return Err("the password must be one line, without NUL".to_owned());
+    }
+    Ok(password)
 }
 
 /// `mailgate test-login ACCOUNT --listener NAME`: a token and one upstream login, each step

@@ -141,6 +141,39 @@ fn matches(hash: &Secret<String>, password: &Secret<String>, memory: &mut Vec<Bl
         && bool::from(output.ct_eq(expected.as_bytes()))
 }
 
+/// Why no hash could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NewHashError {
+    #[error("the system gave no random salt")]
+    Randomness,
+    #[error("argon2: {0}")]
+    Argon2(argon2::password_hash::Error),
+}
+
+/// Bytes of random salt in a new hash (RFC 9106 section 3.1 recommends 16).
+const SALT_BYTES: usize = 16;
+
+/// A new argon2id PHC string for `password`, with a random salt and the parameters mailgate's
+/// documentation asks for (the argon2 crate's defaults, OWASP's: 19 MiB, 2 passes, 1 lane), so
+/// every hash made this way costs the same as the decoy of unknown accounts.
+///
+/// # Errors
+/// When the system has no randomness, or argon2 refuses the input.
+pub fn new_hash(password: &Secret<String>) -> Result<Secret<String>, NewHashError> {
+    use argon2::PasswordHasher as _;
+    use ring::rand::SecureRandom as _;
+    let mut salt = [0u8; SALT_BYTES];
+    ring::rand::SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| NewHashError::Randomness)?;
+    let salt =
+        argon2::password_hash::SaltString::encode_b64(&salt).map_err(NewHashError::Argon2)?;
+    let hash = Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map_err(NewHashError::Argon2)?;
+    Ok(Secret::new(hash.to_string()))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -175,6 +208,22 @@ pub(crate) mod tests {
         assert_eq!(check(test_hash("right"), "wrong").await, Ok(false));
         let broken = Secret::new("$argon2id$nonsense".to_owned());
         assert_eq!(check(broken, "x").await, Ok(false));
+    }
+
+    #[test]
+    fn new_hashes_have_the_documented_parameters_and_a_fresh_salt() {
+        let password = Secret::new("correct horse".to_owned());
+        let first = new_hash(&password).unwrap();
+        let second = new_hash(&password).unwrap();
+        assert!(
+            first
+                .expose()
+                .starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{}",
+            first.expose()
+        );
+        assert_ne!(first.expose(), second.expose());
+        assert!(matches(&first, &password, &mut Vec::new()));
     }
 
     #[tokio::test]
