@@ -304,15 +304,44 @@ pub fn hash_password() -> u8 {
 /// Asks twice, as `htpasswd` does, since a typo cannot be seen.
 fn password_from_terminal() -> Result<Secret<String>, String> {
     let ask = |prompt: &str| {
-        rpassword::prompt_password(prompt)
-            .map(Secret::new)
-            .map_err(|error| format!("cannot read the password: {error}"))
+        read_hidden(prompt).map_err(|error| format!("cannot read the password: {error}"))
     };
     let password = ask("Password: ")?;
     if ask("Again: ")? != password {
         return Err("the passwords differ".to_owned());
     }
     one_password(password)
+}
+
+/// Reads one line from the terminal without echo, in getpass(3)'s order: echo and signal
+/// keys off, and what was typed ahead discarded, before the prompt appears; the settings
+/// restored after. (Ctrl-C then reads as a control character, refused as a password.)
+fn read_hidden(prompt: &str) -> std::io::Result<Secret<String>> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    use std::io::{BufRead as _, Write as _};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let shown = tcgetattr(&tty)?;
+    let mut hidden = shown.clone();
+    hidden
+        .local_modes
+        .remove(LocalModes::ECHO | LocalModes::ISIG);
+    hidden.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&tty, OptionalActions::Flush, &hidden)?;
+    let mut line = String::new();
+    let read = (&tty)
+        .write_all(prompt.as_bytes())
+        .and_then(|()| std::io::BufReader::new(&tty).read_line(&mut line));
+    let restored = tcsetattr(&tty, OptionalActions::Flush, &shown);
+    let line = Secret::new(line);
+    read?;
+    restored?;
+    let text = line.expose();
+    Ok(Secret::new(
+        text.strip_suffix('\n').unwrap_or(text).to_owned(),
+    ))
 }
 
 /// One line; its line end (`\n` or `\r\n`) is not part of the password.
@@ -332,15 +361,16 @@ fn password_from_stdin() -> Result<Secret<String>, String> {
     one_password(Secret::new(line.to_owned()))
 }
 
-/// Refuses what no client could log in with: nothing, or several lines (IMAP and SMTP
-/// commands end at a line end, SASL PLAIN at a NUL).
+/// Refuses what no client could log in with: nothing, or control characters (the front ends
+/// refuse them in commands; IMAP and SMTP commands end at a line end, SASL PLAIN fields at
+/// a NUL).
 fn one_password(password: Secret<String>) -> Result<Secret<String>, String> {
     let text = password.expose();
     if text.is_empty() {
         return Err("the password is empty".to_owned());
     }
-    if text.contains(['\r', '\n', '\0']) {
-        return Err("the password must be one line, without NUL".to_owned());
+    if text.chars().any(char::is_control) {
+        return Err("the password must be one line without control characters".to_owned());
     }
     Ok(password)
 }

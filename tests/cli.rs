@@ -337,3 +337,55 @@ fn hash_password_refuses_what_no_client_can_log_in_with() {
     let out = hash_password("pw\r\n");
     assert!(out.status.success(), "{out:?}");
 }
+
+/// At a terminal (a pseudo-terminal from util-linux `script`) the password is asked for twice
+/// and never echoed; the hash printed is the password's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_asks_at_a_terminal_without_echo() {
+    use argon2::{PasswordHash, PasswordVerifier as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const PASSWORD: &str = "typed-not-shown-5x";
+    support::with_timeout(support::TEST_TIMEOUT, async {
+        let command = format!("{} hash-password", Mailgate::binary().display());
+        let mut terminal = tokio::process::Command::new("script")
+            .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+            .env_remove("MAILGATE_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("util-linux script");
+        let mut keyboard = terminal.stdin.take().unwrap();
+        let mut screen = terminal.stdout.take().unwrap();
+        let mut shown = String::new();
+        // Types the password once the prompt is on the screen.
+        for prompt in ["Password: ", "Again: "] {
+            while !shown.contains(prompt) {
+                let mut chunk = [0u8; 256];
+                let read = screen.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "the terminal closed: {shown:?}");
+                shown.push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
+            keyboard
+                .write_all(format!("{PASSWORD}\r").as_bytes())
+                .await
+                .unwrap();
+        }
+        screen.read_to_string(&mut shown).await.unwrap();
+        assert!(terminal.wait().await.unwrap().success(), "{shown:?}");
+        assert!(!shown.contains(PASSWORD), "echoed: {shown:?}");
+        let hash = shown
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with("$argon2id$"))
+            .unwrap_or_else(|| panic!("no hash in {shown:?}"));
+        let parsed = PasswordHash::new(hash).unwrap();
+        assert!(
+            argon2::Argon2::default()
+                .verify_password(PASSWORD.as_bytes(), &parsed)
+                .is_ok()
+        );
+    })
+    .await;
+}
