@@ -1,7 +1,7 @@
 //! The commands for people besides `serve` and `check`: authorizing an account, listing
 //! accounts, importing a refresh token, one test login with every step shown, and hashing a
-//! client password. Each prints
-//! for a person (or JSON for scripts) and returns the process exit code.
+//! client password. Each prints for a person (or JSON for scripts) and returns the process
+//! exit code.
 
 use std::io::{IsTerminal as _, Read as _};
 use std::path::Path;
@@ -335,12 +335,10 @@ fn read_hidden(prompt: &str) -> std::io::Result<Secret<String>> {
         .write_all(prompt.as_bytes())
         .and_then(|()| std::io::BufReader::new(&tty).read_line(&mut line));
     let restored = tcsetattr(&tty, OptionalActions::Flush, &shown);
-    let line = Secret::new(line);
     read?;
     restored?;
-    let text = line.expose();
     Ok(Secret::new(
-        text.strip_suffix('\n').unwrap_or(text).to_owned(),
+        line.strip_suffix('\n').unwrap_or(&line).to_owned(),
     ))
 }
 

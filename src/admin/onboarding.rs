@@ -489,9 +489,11 @@ impl Devices {
         (self.started, stopped)
     }
 
-    /// Records flow `id`'s progress, unless another flow has replaced it; `finished` ends it.
+    /// Records flow `id`'s progress while it is live: not replaced, not ended; `finished`
+    /// ends it.
     fn update(&mut self, account: &str, id: u64, flow: DeviceFlow, finished: bool) {
-        if let Some(device) = self.by_account.get_mut(account).filter(|d| d.id == id) {
+        let live = |device: &&mut Device| device.id == id && device.stop.is_some();
+        if let Some(device) = self.by_account.get_mut(account).filter(live) {
             device.flow = flow;
             if finished {
                 device.stop = None;
