@@ -354,10 +354,11 @@ async fn press_device_code(s: &Setup, csrf: &str, account: &str) {
     assert_eq!(answer.status(), 303);
 }
 
-/// How many device codes the provider sees polled over a few of their intervals (1 s).
+/// How many device codes the provider sees polled over a while: several of their 1 s
+/// intervals, and more than one after a `slow_down` (6 s).
 async fn pollers(s: &Setup) -> usize {
     let since = tokio::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     s.provider.device_codes_polled_since(since)
 }
 
