@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests and the demo need (Debian/Ubuntu): a real Dovecot as the
-# upstream, curl as the client, openssl for the throwaway CA, a C compiler for ring, and
-# Chromium with chromedriver for the browser tests, plus fonts with Arial/Helvetica metrics so
-# pages and their screenshots look as they would on a desktop (Debian's chromium packages;
-# Ubuntu's are stubs for a snap, which does not run here). Checks that Rust is new enough
-# first. Idempotent: installs only what is missing. As root it uses apt-get; otherwise it lists
-# what is missing and exits 1.
+# Installs what the demo, or the end-to-end tests, need (Debian/Ubuntu).
+#
+#   scripts/install-test-deps.sh          # the tests: the demo's packages and the browser's
+#   scripts/install-test-deps.sh --demo   # only what scripts/demo.sh uses
+#
+# The demo needs a real Dovecot as the upstream, curl as the client, openssl for the throwaway
+# CA and a C compiler for ring. The tests add Chromium with chromedriver for the browser
+# tests, plus fonts with Arial/Helvetica metrics so pages and their screenshots look as they
+# would on a desktop (Debian's chromium packages; Ubuntu's are stubs for a snap, which does not
+# run here). Checks that Rust is new enough first. Idempotent: installs only what is missing.
+# As root it uses apt-get; otherwise it lists what is missing and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +26,17 @@ if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" 
     exit 1
 fi
 
-packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev
-    chromium chromium-driver fonts-liberation)
+demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
+test_only_packages=(chromium chromium-driver fonts-liberation)
+
+case "${1:-}" in
+    --demo) packages=("${demo_packages[@]}") ;;
+    "") packages=("${demo_packages[@]}" "${test_only_packages[@]}") ;;
+    *)
+        echo "usage: $0 [--demo]" >&2
+        exit 64
+        ;;
+esac
 
 missing=()
 for pkg in "${packages[@]}"; do

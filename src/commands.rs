@@ -1,12 +1,14 @@
 //! The commands for people besides `serve` and `check`: authorizing an account, listing
-//! accounts, importing a refresh token, and one test login with every step shown. Each prints
-//! for a person (or JSON for scripts) and returns the process exit code.
+//! accounts, importing a refresh token, one test login with every step shown, and hashing a
+//! client password. Each prints for a person (or JSON for scripts) and returns the process
+//! exit code.
 
-use std::io::Read as _;
+use std::io::{IsTerminal as _, Read as _};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client_auth::hash_pool::new_hash;
 use crate::config::{Config, Grant, ListenerConfig, Protocol};
 use crate::health::Health;
 use crate::login::UpstreamAuth;
@@ -299,6 +301,109 @@ pub async fn import(config: &Config, account: &str, file: &Path, check: bool) ->
             EXIT_FAILED
         }
     }
+}
+
+/// The longest password `hash-password` reads from standard input: longer than any a client
+/// can send in one SMTP AUTH line (12288 bytes, base64 included).
+const MAX_PASSWORD_BYTES: u64 = 12 * 1024;
+
+/// `mailgate hash-password`: reads a password (at a terminal twice without echo, else one line
+/// of standard input) and prints the argon2id PHC string for `client_auth.accounts`.
+pub fn hash_password() -> u8 {
+    let password = if std::io::stdin().is_terminal() {
+        password_from_terminal()
+    } else {
+        password_from_stdin()
+    };
+    let password = match password {
+        Ok(password) => password,
+        Err(reason) => {
+            eprintln!("{reason}");
+            return EXIT_USAGE;
+        }
+    };
+    match new_hash(&password) {
+        Ok(hash) => {
+            println!("{}", hash.expose());
+            EXIT_OK
+        }
+        Err(error) => {
+            eprintln!("cannot hash the password: {error}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Asks twice, as `htpasswd` does, since a typo cannot be seen.
+fn password_from_terminal() -> Result<Secret<String>, String> {
+    let ask = |prompt: &str| {
+        read_hidden(prompt).map_err(|error| format!("cannot read the password: {error}"))
+    };
+    let password = ask("Password: ")?;
+    if ask("Again: ")? != password {
+        return Err("the passwords differ".to_owned());
+    }
+    one_password(password)
+}
+
+/// Reads one line from the terminal without echo, in getpass(3)'s order: echo and signal
+/// keys off, and what was typed ahead discarded, before the prompt appears; the settings
+/// restored after. (Ctrl-C then reads as a control character, refused as a password.)
+fn read_hidden(prompt: &str) -> std::io::Result<Secret<String>> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    use std::io::{BufRead as _, Write as _};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let shown = tcgetattr(&tty)?;
+    let mut hidden = shown.clone();
+    hidden
+        .local_modes
+        .remove(LocalModes::ECHO | LocalModes::ISIG);
+    hidden.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&tty, OptionalActions::Flush, &hidden)?;
+    let mut line = String::new();
+    let read = (&tty)
+        .write_all(prompt.as_bytes())
+        .and_then(|()| std::io::BufReader::new(&tty).read_line(&mut line));
+    let restored = tcsetattr(&tty, OptionalActions::Flush, &shown);
+    read?;
+    restored?;
+    Ok(Secret::new(
+        line.strip_suffix('\n').unwrap_or(&line).to_owned(),
+    ))
+}
+
+/// One line; its line end (`\n` or `\r\n`) is not part of the password.
+fn password_from_stdin() -> Result<Secret<String>, String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(MAX_PASSWORD_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|error| format!("cannot read the password from standard input: {error}"))?;
+    if text.len() as u64 > MAX_PASSWORD_BYTES {
+        return Err(format!(
+            "the password is longer than {MAX_PASSWORD_BYTES} bytes"
+        ));
+    }
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    one_password(Secret::new(line.to_owned()))
+}
+
+/// Refuses what no client could log in with: nothing, or control characters (the front ends
+/// refuse them in commands; IMAP and SMTP commands end at a line end, SASL PLAIN fields at
+/// a NUL).
+fn one_password(password: Secret<String>) -> Result<Secret<String>, String> {
+    let text = password.expose();
+    if text.is_empty() {
+        return Err("the password is empty".to_owned());
+    }
+    if text.chars().any(char::is_control) {
+        return Err("the password must be one line without control characters".to_owned());
+    }
+    Ok(password)
 }
 
 /// `mailgate test-login ACCOUNT --listener NAME`: a token and one upstream login, each step

@@ -8,6 +8,7 @@
 //! - [`client_tls`], [`proxy_protocol`]: what comes before a front end: TLS towards clients,
 //!   the PROXY header of a load balancer.
 //! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
+//! - [`frontend_settings`]: names, limits and the STARTTLS offer a front end works with.
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
 //!   [`login::Authenticator`] trait front ends call).
 //! - [`proxy`]: the protocol-independent login driver.
@@ -32,6 +33,7 @@ pub mod client_tls;
 pub mod commands;
 pub mod config;
 pub mod forward;
+pub mod frontend_settings;
 pub mod health;
 pub mod http;
 pub mod imap;

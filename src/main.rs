@@ -25,7 +25,7 @@ const EXIT_START_FAILED: u8 = 1;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// YAML configuration file (every command needs one).
+    /// YAML configuration file (every command but `hash-password` needs one).
     #[arg(long, short, env = "MAILGATE_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -73,6 +73,10 @@ enum Command {
         #[arg(long)]
         listener: String,
     },
+    /// Print the argon2id hash of a password for `client_auth.accounts` (mode `static`).
+    /// At a terminal it asks twice without echo; else it reads one line of standard input.
+    /// Needs no configuration.
+    HashPassword,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +98,9 @@ enum AccountsAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(config) = cli.config else {
+        if let Command::HashPassword = cli.command {
+            return ExitCode::from(commands::hash_password());
+        }
         eprintln!("mailgate: --config FILE (or MAILGATE_CONFIG) is required");
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
@@ -126,6 +133,8 @@ fn main() -> ExitCode {
                 commands::test_login(&config, &account, &listener).await
             })
         }
+        // Needs no configuration, but one given (MAILGATE_CONFIG) does no harm.
+        Command::HashPassword => ExitCode::from(commands::hash_password()),
     }
 }
 

@@ -21,11 +21,10 @@ use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::frontend_settings::FrontendSettings;
 use crate::health::Health;
 use crate::io::{BoxedIo, PrefixedIo, write_all_by};
-use crate::login::{
-    Authenticator, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
-};
+use crate::login::{Authenticator, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream};
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
 use crate::proxy_protocol::TrustedProxies;

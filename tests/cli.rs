@@ -316,3 +316,133 @@ async fn admin_passwords_shorter_than_twelve_bytes_are_refused_by_check_and_serv
     let out = mailgate(&["check", "--config", &path]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// `hash-password` with the password on standard input; its output, or the reason on stderr.
+fn hash_password(input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(Mailgate::binary())
+        .arg("hash-password")
+        .env_remove("MAILGATE_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_makes_a_hash_a_static_login_accepts() {
+    use std::net::SocketAddr;
+    use support::imap_client::ImapClient;
+    use support::{TEST_TIMEOUT, TestUpstream, free_port, with_timeout};
+
+    const ACCOUNT: &str = "printer-2f";
+    const PASSWORD: &str = "staple battery 42";
+    with_timeout(TEST_TIMEOUT, async {
+        support::secrets::remember("client password", PASSWORD);
+        let out = hash_password(&format!("{PASSWORD}\n"));
+        assert!(out.status.success(), "{out:?}");
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let hash = printed.strip_suffix('\n').unwrap();
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{printed}"
+        );
+        assert!(!printed.contains(PASSWORD), "{printed}");
+
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, "printer@example.test");
+        let (imap, smtp) = (free_port(), free_port());
+        let config = format!(
+            "{}client_auth:\n  mode: static\n  accounts:\n    {ACCOUNT}: \"{hash}\"\n",
+            up.mailgate_config(imap, smtp)
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let address = SocketAddr::from(([127, 0, 0, 1], imap));
+        let mut client = ImapClient::connect(address).await;
+        let wrong = client.login(ACCOUNT, "staple battery 43").await;
+        assert!(
+            wrong.tagged.contains("NO [AUTHENTICATIONFAILED]"),
+            "{wrong:?}"
+        );
+        let login = client.login(ACCOUNT, PASSWORD).await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+#[test]
+fn hash_password_refuses_what_no_client_can_log_in_with() {
+    for (input, reason) in [
+        ("\n", "the password is empty"),
+        ("one\ntwo\n", "the password must be one line"),
+    ] {
+        let out = hash_password(input);
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        let errors = String::from_utf8(out.stderr).unwrap();
+        assert!(errors.contains(reason), "{errors}");
+    }
+    // A Windows line end is not part of the password either.
+    let out = hash_password("pw\r\n");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// At a terminal (a pseudo-terminal from util-linux `script`) the password is asked for twice
+/// and never echoed; the hash printed is the password's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_asks_at_a_terminal_without_echo() {
+    use argon2::{PasswordHash, PasswordVerifier as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const PASSWORD: &str = "typed-not-shown-5x";
+    support::with_timeout(support::TEST_TIMEOUT, async {
+        let command = format!("{} hash-password", Mailgate::binary().display());
+        let mut terminal = tokio::process::Command::new("script")
+            .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+            .env_remove("MAILGATE_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("util-linux script");
+        let mut keyboard = terminal.stdin.take().unwrap();
+        let mut screen = terminal.stdout.take().unwrap();
+        let mut shown = String::new();
+        // Types the password once the prompt is on the screen.
+        for prompt in ["Password: ", "Again: "] {
+            while !shown.contains(prompt) {
+                let mut chunk = [0u8; 256];
+                let read = screen.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "the terminal closed: {shown:?}");
+                shown.push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
+            keyboard
+                .write_all(format!("{PASSWORD}\r").as_bytes())
+                .await
+                .unwrap();
+        }
+        screen.read_to_string(&mut shown).await.unwrap();
+        assert!(terminal.wait().await.unwrap().success(), "{shown:?}");
+        assert!(!shown.contains(PASSWORD), "echoed: {shown:?}");
+        let hash = shown
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with("$argon2id$"))
+            .unwrap_or_else(|| panic!("no hash in {shown:?}"));
+        let parsed = PasswordHash::new(hash).unwrap();
+        assert!(
+            argon2::Argon2::default()
+                .verify_password(PASSWORD.as_bytes(), &parsed)
+                .is_ok()
+        );
+    })
+    .await;
+}

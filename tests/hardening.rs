@@ -82,7 +82,7 @@ async fn parallel_password_guessing_is_bounded_and_does_not_lock_others_out() {
                 assert!(answer.tagged.contains(" NO "), "{answer:?}");
             }
         }
-        // At most two checks ran at once, each in memory its worker keeps: about 2 x 19 MiB.
+        // At most two checks ran at once, each in its worker's memory: about 2 x 19 MiB.
         assert!(
             peak_rss < idle_rss + 100 * 1024,
             "RSS went from {idle_rss} KiB to {peak_rss} KiB"
@@ -107,6 +107,61 @@ async fn parallel_password_guessing_is_bounded_and_does_not_lock_others_out() {
         assert!(
             refused.tagged.contains("NO [UNAVAILABLE] Too many failed logins"),
             "{refused:?}"
+        );
+        // Once the guessing is over, the workers give their memory back.
+        let released = eventually(Duration::from_secs(60), || async {
+            rss_kib(pid) < idle_rss + ARGON2_KIB / 2
+        })
+        .await;
+        assert!(
+            released,
+            "RSS stayed at {} KiB (idle {idle_rss} KiB, peak {peak_rss} KiB)",
+            rss_kib(pid)
+        );
+    })
+    .await;
+}
+
+/// Memory of one argon2 check with the production parameters (m=19456 KiB).
+const ARGON2_KIB: u64 = 19 * 1024;
+
+/// Ten logins one after another with eight workers: each goes to the worker used last, so
+/// one argon2 buffer is in use, not one per worker; and an idle worker frees its buffer, so
+/// the resident size falls back to where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_hash_workers_give_their_memory_back() {
+    with_timeout(Duration::from_secs(120), async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp) = (free_port(), free_port());
+        let config = format!(
+            "{}client_auth:\n  mode: static\n  hash_workers: 8\n  accounts:\n    {ACCOUNT}: \"{}\"\n",
+            up.mailgate_config(imap, smtp),
+            production_hash(RIGHT),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let pid = mailgate.pid().unwrap();
+        let idle_rss = rss_kib(pid);
+        let mut peak_rss = 0;
+        for _ in 0..10 {
+            let mut client = ImapClient::connect(localhost(imap)).await;
+            let login = client.login(ACCOUNT, RIGHT).await;
+            assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+            drop(client);
+            peak_rss = peak_rss.max(rss_kib(pid));
+        }
+        assert!(
+            peak_rss < idle_rss + 3 * ARGON2_KIB,
+            "ten sequential logins took RSS from {idle_rss} KiB to {peak_rss} KiB"
+        );
+        let released = eventually(Duration::from_secs(60), || async {
+            rss_kib(pid) < idle_rss + ARGON2_KIB / 2
+        })
+        .await;
+        assert!(
+            released,
+            "RSS stayed at {} KiB (idle {idle_rss} KiB, peak {peak_rss} KiB)",
+            rss_kib(pid)
         );
     })
     .await;

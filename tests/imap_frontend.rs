@@ -4,12 +4,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{DEFAULT_MAX_LINE_LENGTH, DEFAULT_MAX_LITERAL_SIZE};
+use mailgate::frontend_settings::FrontendSettings;
 use mailgate::imap::frontend;
 use mailgate::io::BoxedIo;
 use mailgate::limits::MAX_ERRORS;
-use mailgate::login::{
-    Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
-};
+use mailgate::login::{Authenticator, Handoff, LoginError, LoginRequest, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use tokio::task::JoinHandle;
 

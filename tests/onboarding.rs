@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::imap_client::ImapClient;
 use support::oauth2::{ClientCredential, OAuthProvider, hidden_fields};
-use support::{Browser, Mailgate, TestUpstream, curl, free_port, with_timeout};
+use support::{Browser, Mailgate, TestUpstream, curl, eventually, free_port, with_timeout};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const CLIENT: &str = "mailgate";
@@ -326,6 +326,116 @@ async fn one_mailgate_serves_tokens_to_another_with_one_request_for_fifty_logins
         let unknown = curl(&["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", &format!("mailgate:{SERVICE_PASSWORD}"), &format!("{}/token?account=nobody", s.base())]).await;
         assert_eq!(unknown.stdout, "404");
         central.assert_not_logged(SERVICE_PASSWORD);
+    })
+    .await;
+}
+
+/// The device page of `account` as mailgate shows it.
+async fn device_page(s: &Setup, account: &str) -> String {
+    http()
+        .get(format!("{}/accounts/device?account={account}", s.base()))
+        .basic_auth("admin", Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Presses "Device code" for `account`.
+async fn press_device_code(s: &Setup, csrf: &str, account: &str) {
+    let answer = post_form(
+        s,
+        "/accounts/device",
+        &[("account", account), ("csrf", csrf)],
+    )
+    .await;
+    assert_eq!(answer.status(), 303);
+}
+
+/// How many device codes the provider sees polled over a while: several of their 1 s
+/// intervals, and more than one after a `slow_down` (6 s).
+async fn pollers(s: &Setup) -> usize {
+    let since = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    s.provider.device_codes_polled_since(since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_code_presses_keep_one_flow_per_account() {
+    with_timeout(3 * MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_device_interval(1);
+        let mailgate = Mailgate::start(&s.config()).await;
+        let csrf = csrf_token(&s).await;
+        let first_press = tokio::time::Instant::now();
+        for _ in 0..50 {
+            press_device_code(&s, &csrf, "alice").await;
+        }
+        // Fifty presses: one code from the provider, one client polling for it.
+        assert!(
+            eventually(MINUTE, || async {
+                device_page(&s, "alice").await.contains("id=\"user-code\"")
+            })
+            .await
+        );
+        assert_eq!(pollers(&s).await, 1);
+        assert_eq!(s.provider.device_codes_issued(), 1);
+
+        // A press once the flow has run a while replaces it: a new code, and the old one is
+        // no longer polled.
+        tokio::time::sleep_until(first_press + Duration::from_secs(61)).await;
+        press_device_code(&s, &csrf, "alice").await;
+        assert!(eventually(MINUTE, || async { s.provider.device_codes_issued() == 2 }).await);
+        assert_eq!(pollers(&s).await, 1);
+        let codes = s.provider.pending_user_codes();
+        let page = device_page(&s, "alice").await;
+        let shown: Vec<_> = codes
+            .iter()
+            .filter(|code| page.contains(code.as_str()))
+            .collect();
+        assert_eq!(shown.len(), 1, "{codes:?} {page}");
+        assert!(s.provider.approve_device(shown[0], ALICE));
+        assert!(
+            eventually(MINUTE, || async {
+                device_page(&s, "alice").await.contains("device-done")
+            })
+            .await,
+            "{}",
+            mailgate.output()
+        );
+        assert_eq!(
+            s.provider
+                .count_ok("urn:ietf:params:oauth:grant-type:device_code"),
+            1
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flows_are_capped_over_all_accounts() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_device_interval(1);
+        let accounts: Vec<String> = (0..70).map(|n| format!("user{n}")).collect();
+        let extra: String = accounts
+            .iter()
+            .map(|id| format!("      {id}: {{ provider: local, grant: refresh_token, user: \"{id}@example.test\" }}\n"))
+            .collect();
+        let _mailgate = Mailgate::start(&format!("{}{extra}", s.config())).await;
+        let csrf = csrf_token(&s).await;
+        for account in &accounts {
+            press_device_code(&s, &csrf, account).await;
+        }
+        assert!(eventually(MINUTE, || async { s.provider.device_codes_issued() == 70 }).await);
+        assert_eq!(pollers(&s).await, 64);
+        // The first ones were ended, and say so.
+        let ended = device_page(&s, "user0").await;
+        assert!(ended.contains("Ended: 64 device flows were under way"), "{ended}");
+        let running = device_page(&s, "user69").await;
+        assert!(running.contains("id=\"user-code\""), "{running}");
     })
     .await;
 }

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{MechanismSetting, TlsMode, UpstreamConfig};
+use mailgate::frontend_settings::FrontendSettings;
 use mailgate::io::BoxedIo;
 use mailgate::login::{
-    Authenticator, BackendError, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
-    UpstreamAuth,
+    Authenticator, BackendError, Handoff, LoginError, LoginRequest, Upstream, UpstreamAuth,
 };
 use mailgate::sasl::{Mechanism, encode_base64, plain_message};
 use mailgate::secret::Secret;

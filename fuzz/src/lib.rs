@@ -7,10 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mailgate::client_tls::ClientTls;
+use mailgate::frontend_settings::FrontendSettings;
 use mailgate::io::BoxedIo;
-use mailgate::login::{
-    Authenticator, FrontendSettings, Handoff, LoginError, LoginRequest, Upstream,
-};
+use mailgate::login::{Authenticator, Handoff, LoginError, LoginRequest, Upstream};
 use mailgate::metrics::Metrics;
 use mailgate::sanitize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};

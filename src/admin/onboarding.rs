@@ -12,6 +12,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, StatusCode};
 use maud::{DOCTYPE, Markup, html};
 use subtle::ConstantTimeEq as _;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::throttle::AdminThrottle;
@@ -29,6 +30,12 @@ const REALM: &str = "mailgate onboarding";
 const AUTHORIZATION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Authorizations under way at once; older ones are dropped first.
 const MAX_PENDING: usize = 64;
+/// Device flows polling at once, over all accounts; the oldest is ended first. Each polls the
+/// provider every few seconds with the one client id, which providers throttle.
+const MAX_DEVICE_FLOWS: usize = 64;
+/// A press of "Device code" within this time of the account's running flow shows that flow
+/// instead of asking the provider for another code; later, a new flow replaces it.
+const DEVICE_RESTART_AFTER: Duration = Duration::from_secs(60);
 /// A device-flow page refreshes itself this often while it waits.
 const DEVICE_REFRESH_SECS: u32 = 3;
 const STYLE: &str = include_str!("onboarding.css");
@@ -74,8 +81,24 @@ pub struct Flows {
     csrf: Secret<String>,
     /// Code flows by their `state`.
     pending: Mutex<HashMap<String, Started>>,
-    /// Device flows by account, shared with the tasks that poll for them.
-    devices: Arc<Mutex<HashMap<String, DeviceFlow>>>,
+    /// Device flows by account (one each), shared with the tasks that poll for them.
+    devices: Arc<Mutex<Devices>>,
+}
+
+#[derive(Default)]
+struct Devices {
+    by_account: HashMap<String, Device>,
+    /// Numbers the flows, so a replaced flow's task cannot write over its successor.
+    started: u64,
+}
+
+/// An account's device flow.
+struct Device {
+    id: u64,
+    flow: DeviceFlow,
+    at: Instant,
+    /// Held while the flow's task polls; dropping it ends the polling.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 struct Started {
@@ -98,7 +121,7 @@ impl Default for Flows {
         Self {
             csrf: Secret::new(jwt::random_id().unwrap_or_default()),
             pending: Mutex::new(HashMap::new()),
-            devices: Arc::new(Mutex::new(HashMap::new())),
+            devices: Arc::new(Mutex::new(Devices::default())),
         }
     }
 }
@@ -377,26 +400,43 @@ async fn callback(request: &AdminRequest, oauth2: &OAuth2, flows: &Flows) -> Rep
     }
 }
 
-/// Starts the device flow in the background; its page shows the code and waits.
+/// Starts the device flow in the background, one per account: a flow started within
+/// [`DEVICE_RESTART_AFTER`] and still polling is shown again, an older one is replaced (its
+/// polling ends). Its page shows the code and waits.
 fn start_device(oauth2: &Arc<OAuth2>, flows: &Flows, account: String) -> Reply {
     let Some((provider, config)) = oauth2.account(&account) else {
         return super::not_found();
     };
-    lock(&flows.devices).insert(account.clone(), DeviceFlow::Starting);
+    let target = format!("/accounts/device?account={}", encode(&account));
+    let (id, stopped) = {
+        let mut devices = lock(&flows.devices);
+        if devices.by_account.get(&account).is_some_and(|device| {
+            device.stop.is_some() && device.at.elapsed() < DEVICE_RESTART_AFTER
+        }) {
+            return see_other(&target);
+        }
+        devices.make_room(&account);
+        devices.start(&account)
+    };
+    tracing::info!(account, "onboarding: device flow started");
     let devices = flows.devices.clone();
     let oauth2 = oauth2.clone();
-    let target = format!("/accounts/device?account={}", encode(&account));
     tokio::spawn(async move {
         let show_devices = devices.clone();
         let show_account = account.clone();
-        let result = flows::device(&provider, config.scope.as_deref(), move |code| {
+        let polled = flows::device(&provider, config.scope.as_deref(), move |code| {
             let waiting = DeviceFlow::Waiting {
                 uri: code.verification_uri.clone(),
                 code: code.user_code.clone(),
             };
-            lock(&show_devices).insert(show_account, waiting);
-        })
-        .await;
+            lock(&show_devices).update(&show_account, id, waiting, false);
+        });
+        // Replaced or ended: stop polling (a token already received is still stored below).
+        let result = tokio::select! {
+            biased;
+            result = polled => result,
+            _ = stopped => return,
+        };
         let outcome = match result {
             Ok(answer) => match answer.refresh_token.clone() {
                 Some(refresh) => oauth2
@@ -408,14 +448,70 @@ fn start_device(oauth2: &Arc<OAuth2>, flows: &Flows, account: String) -> Reply {
             },
             Err(error) => DeviceFlow::Failed(error.to_string()),
         };
-        lock(&devices).insert(account, outcome);
+        lock(&devices).update(&account, id, outcome, true);
     });
     see_other(&target)
 }
 
+impl Devices {
+    /// Ends the oldest polling flow of another account when [`MAX_DEVICE_FLOWS`] would poll
+    /// with `account`'s new one (its own previous flow is replaced anyway).
+    fn make_room(&mut self, account: &str) {
+        let others: Vec<_> = self
+            .by_account
+            .iter_mut()
+            .filter(|(other, device)| other.as_str() != account && device.stop.is_some())
+            .collect();
+        if others.len() < MAX_DEVICE_FLOWS {
+            return;
+        }
+        let oldest = others.into_iter().min_by_key(|(_, device)| device.at);
+        if let Some((other, device)) = oldest {
+            tracing::warn!(
+                account = other.as_str(),
+                "onboarding: device flow ended, {MAX_DEVICE_FLOWS} were under way"
+            );
+            device.stop = None;
+            device.flow = DeviceFlow::Failed(format!(
+                "Ended: {MAX_DEVICE_FLOWS} device flows were under way. Start it again."
+            ));
+        }
+    }
+
+    /// A new flow for `account`, replacing (and so stopping) its previous one; its number
+    /// and the signal that ends it.
+    fn start(&mut self, account: &str) -> (u64, oneshot::Receiver<()>) {
+        self.started += 1;
+        let (stop, stopped) = oneshot::channel();
+        let device = Device {
+            id: self.started,
+            flow: DeviceFlow::Starting,
+            at: Instant::now(),
+            stop: Some(stop),
+        };
+        self.by_account.insert(account.to_owned(), device);
+        (self.started, stopped)
+    }
+
+    /// Records flow `id`'s progress while it is live: not replaced, not ended; `finished`
+    /// ends it.
+    fn update(&mut self, account: &str, id: u64, flow: DeviceFlow, finished: bool) {
+        let live = |device: &&mut Device| device.id == id && device.stop.is_some();
+        if let Some(device) = self.by_account.get_mut(account).filter(live) {
+            device.flow = flow;
+            if finished {
+                device.stop = None;
+            }
+        }
+    }
+}
+
 fn device_page(request: &AdminRequest, flows: &Flows) -> Reply {
     let account = query_param(&request.query, "account").unwrap_or_default();
-    let flow = lock(&flows.devices).get(&account).cloned();
+    let flow = lock(&flows.devices)
+        .by_account
+        .get(&account)
+        .map(|device| device.flow.clone());
     let waiting = matches!(
         flow,
         Some(DeviceFlow::Starting | DeviceFlow::Waiting { .. })

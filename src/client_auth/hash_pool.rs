@@ -1,13 +1,15 @@
 //! A bounded pool for argon2 password checks: a few dedicated threads, each reusing one memory
-//! buffer, behind a semaphore that callers wait on with a deadline.
+//! buffer while it is busy, behind a semaphore that callers wait on with a deadline.
 //!
 //! Argon2 is built to be expensive (19 MiB and tens of milliseconds with the default
 //! parameters). Unbounded, parallel wrong-password logins ran hundreds at once and the
 //! allocator kept gigabytes afterwards; here at most `workers` checks run, each in memory its
-//! thread keeps for the next one, so memory stays flat however many clients guess.
+//! thread keeps for the next one. The idle worker used last takes the next job, so a trickle
+//! of logins keeps one buffer warm, and a worker idle for [`IDLE_RELEASE`] frees its buffer:
+//! memory follows the load instead of staying at its peak.
 
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
@@ -17,18 +19,32 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use super::admission::{Overloaded, Slots};
 use crate::secret::Secret;
 
+/// How long a worker keeps its memory without a job. Long enough that a burst of logins
+/// reuses it, short enough that a quiet service returns to its idle size soon after.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(10);
+
+/// The way to one idle worker.
+type Worker = SyncSender<Job>;
+
+/// Idle workers, the one that finished last at the end. Locked only to take or return one,
+/// never while a worker waits for a job.
+type Idle = Mutex<Vec<Worker>>;
+
 struct Job {
     hash: Secret<String>,
     password: Secret<String>,
     answer: oneshot::Sender<bool>,
-    /// Released when the worker is done, so a permit always means a free worker.
+    /// How the worker running this job returns itself to the idle list.
+    worker: Worker,
+    /// Released when the worker is idle again, so a permit always means an idle worker.
     _permit: OwnedSemaphorePermit,
 }
 
 pub struct HashPool {
     /// One per worker.
     slots: Slots,
-    jobs: SyncSender<Job>,
+    /// Dropping the pool drops these, which ends the idle workers' waits.
+    idle: Arc<Idle>,
 }
 
 impl HashPool {
@@ -38,18 +54,19 @@ impl HashPool {
     /// When the operating system refuses to start a thread (at start-up or reload).
     pub fn new(workers: usize, queue_timeout: Duration) -> Self {
         let workers = workers.max(1);
-        let (jobs, queue) = sync_channel(workers);
-        let queue = Arc::new(Mutex::new(queue));
+        let idle = Arc::new(Mutex::new(Vec::with_capacity(workers)));
         for index in 0..workers {
-            let queue = queue.clone();
+            let (worker, jobs) = sync_channel(1);
+            let returns = Arc::downgrade(&idle);
             std::thread::Builder::new()
                 .name(format!("mailgate-hash-{index}"))
-                .spawn(move || work(&queue))
+                .spawn(move || work(&jobs, &returns))
                 .expect("starting a password-check thread");
+            lock(&idle).push(worker);
         }
         Self {
             slots: Slots::new(workers, queue_timeout),
-            jobs,
+            idle,
         }
     }
 
@@ -73,15 +90,18 @@ impl HashPool {
         hash: &Secret<String>,
         password: &Secret<String>,
     ) -> Result<bool, Overloaded> {
+        // Holding a permit means a worker is idle.
+        let worker = lock(&self.idle).pop().ok_or(Overloaded)?;
         let (answer, answered) = oneshot::channel();
         let job = Job {
             hash: hash.clone(),
             password: password.clone(),
             answer,
+            worker: worker.clone(),
             _permit: admitted.0,
         };
-        // Holding a permit means a worker is idle, so this never blocks.
-        self.jobs.send(job).map_err(|_| Overloaded)?;
+        // An idle worker's channel is empty, so this never blocks.
+        worker.try_send(job).map_err(|_| Overloaded)?;
         answered.await.map_err(|_| Overloaded)
     }
 }
@@ -89,17 +109,36 @@ impl HashPool {
 /// A free worker, reserved.
 pub struct Admitted(OwnedSemaphorePermit);
 
-/// A worker: takes jobs until the pool is dropped, reusing its memory between them.
-fn work(queue: &Mutex<Receiver<Job>>) {
+fn lock(idle: &Idle) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+    idle.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A worker: takes jobs until the pool is dropped, reusing its memory between them and
+/// freeing it after [`IDLE_RELEASE`] without one.
+fn work(jobs: &Receiver<Job>, returns: &Weak<Idle>) {
     let mut memory: Vec<Block> = Vec::new();
     loop {
-        let job = match queue.lock() {
-            Ok(receiver) => receiver.recv(),
-            Err(_) => return,
+        let job = if memory.is_empty() {
+            jobs.recv().ok()
+        } else {
+            match jobs.recv_timeout(IDLE_RELEASE) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => {
+                    memory = Vec::new();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => None,
+            }
         };
-        let Ok(job) = job else { return };
+        let Some(job) = job else { return };
         let matches = matches(&job.hash, &job.password, &mut memory);
         let _ = job.answer.send(matches);
+        // Idle again before the permit is released; a pool that is gone ends this worker.
+        let Some(idle) = returns.upgrade() else {
+            return;
+        };
+        lock(&idle).push(job.worker);
     }
 }
 
@@ -141,6 +180,39 @@ fn matches(hash: &Secret<String>, password: &Secret<String>, memory: &mut Vec<Bl
         && bool::from(output.ct_eq(expected.as_bytes()))
 }
 
+/// Why no hash could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NewHashError {
+    #[error("the system gave no random salt")]
+    Randomness,
+    #[error("argon2: {0}")]
+    Argon2(argon2::password_hash::Error),
+}
+
+/// Bytes of random salt in a new hash (RFC 9106 section 3.1 recommends 16).
+const SALT_BYTES: usize = 16;
+
+/// A new argon2id PHC string for `password`, with a random salt and the parameters mailgate's
+/// documentation asks for (the argon2 crate's defaults, OWASP's: 19 MiB, 2 passes, 1 lane), so
+/// every hash made this way costs the same as the decoy of unknown accounts.
+///
+/// # Errors
+/// When the system has no randomness, or argon2 refuses the input.
+pub fn new_hash(password: &Secret<String>) -> Result<Secret<String>, NewHashError> {
+    use argon2::PasswordHasher as _;
+    use ring::rand::SecureRandom as _;
+    let mut salt = [0u8; SALT_BYTES];
+    ring::rand::SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| NewHashError::Randomness)?;
+    let salt =
+        argon2::password_hash::SaltString::encode_b64(&salt).map_err(NewHashError::Argon2)?;
+    let hash = Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map_err(NewHashError::Argon2)?;
+    Ok(Secret::new(hash.to_string()))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -175,6 +247,22 @@ pub(crate) mod tests {
         assert_eq!(check(test_hash("right"), "wrong").await, Ok(false));
         let broken = Secret::new("$argon2id$nonsense".to_owned());
         assert_eq!(check(broken, "x").await, Ok(false));
+    }
+
+    #[test]
+    fn new_hashes_have_the_documented_parameters_and_a_fresh_salt() {
+        let password = Secret::new("correct horse".to_owned());
+        let first = new_hash(&password).unwrap();
+        let second = new_hash(&password).unwrap();
+        assert!(
+            first
+                .expose()
+                .starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{}",
+            first.expose()
+        );
+        assert_ne!(first.expose(), second.expose());
+        assert!(matches(&first, &password, &mut Vec::new()));
     }
 
     #[tokio::test]

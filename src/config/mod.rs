@@ -282,7 +282,8 @@ pub struct PasswordGrantConfig {
 pub struct ClientAuthConfig {
     #[serde(default)]
     pub mode: ClientAuthMode,
-    /// Password checks that run at once; by default one per CPU core.
+    /// Password checks that run at once; by default one per CPU mailgate may use (cgroup
+    /// quota included), at most four.
     #[serde(default)]
     pub hash_workers: Option<usize>,
     #[serde(default = "default_hash_queue_timeout", with = "duration")]
@@ -334,10 +335,20 @@ impl Default for ClientAuthConfig {
     }
 }
 
+/// Most `hash_workers` by default. Each busy worker holds the hashes' `m` of memory (19 MiB
+/// with the documented parameters), so a large machine must not multiply it; more checks at
+/// once than this only serve an attacker faster.
+pub const DEFAULT_MAX_HASH_WORKERS: usize = 4;
+
 impl ClientAuthConfig {
+    /// `hash_workers`, else the CPUs mailgate may use, at most [`DEFAULT_MAX_HASH_WORKERS`]:
+    /// on Linux [`std::thread::available_parallelism`] counts the affinity mask and a cgroup
+    /// CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`; rounded down, at least 1).
     pub fn hash_workers(&self) -> usize {
         self.hash_workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(DEFAULT_MAX_HASH_WORKERS)
         })
     }
 }

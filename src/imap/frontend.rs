@@ -15,11 +15,11 @@ use tokio::time::{Instant, timeout_at};
 
 use super::framer::Framer;
 use super::reply;
+use crate::frontend_settings::{FrontendSettings, TlsOffer};
 use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
-    Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
-    LoginRequest, TlsOffer,
+    Authenticator, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};

@@ -9,11 +9,11 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Instant, timeout_at};
 
+use crate::frontend_settings::{FrontendSettings, TlsOffer};
 use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
-    Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
-    LoginRequest, TlsOffer,
+    Authenticator, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslServer, SaslStep, ServerMechanism};

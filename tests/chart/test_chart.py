@@ -258,6 +258,40 @@ def test_accounts_secret_is_not_mounted_without_static_auth():
     assert "client-accounts" not in {v["name"] for v in result.pod["spec"]["volumes"]}
 
 
+# --- memory ------------------------------------------------------------------------------
+
+
+def memory_limit(result) -> str:
+    return result.container["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("hash_workers, limit", [(2, "102Mi"), (8, "216Mi"), (None, "140Mi")])
+def test_memory_limit_follows_hash_workers(hash_workers, limit):
+    """Each argon2 check holds m= (19 MiB); the pod's limit leaves room for hash_workers of
+    them (mailgate's most by default when unset: 4), so a login burst is not OOM-killed."""
+    values = values_with({"config": {"client_auth": {"hash_workers": hash_workers}}})
+    assert memory_limit(render(values)) == limit
+
+
+def test_memory_limit_follows_the_hashes_memory_cost():
+    values = values_with({"memoryLimit": {"baseMiB": 48, "argon2KiB": 65536}})
+    assert memory_limit(render(values)) == f"{48 + 2 * 64}Mi"
+
+
+def test_memory_limit_without_password_hashes_is_the_base():
+    values = values_with({
+        "config": {"client_auth": {"mode": "auth_server", "hash_workers": None,
+                                   "auth_server": {"url": "https://auth.example/check"}}},
+    })
+    assert memory_limit(render(values)) == "64Mi"
+
+
+def test_an_explicit_memory_limit_wins():
+    values = values_with({"resources": {"limits": {"memory": "1Gi", "cpu": "1"}}})
+    limits = render(values).container["resources"]["limits"]
+    assert limits == {"memory": "1Gi", "cpu": "1"}
+
+
 # --- shutdown timing ---------------------------------------------------------------------
 
 

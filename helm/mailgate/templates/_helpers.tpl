@@ -60,6 +60,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if eq (toString (get $clientAuth "mode")) "static" }}true{{ end -}}
 {{- end }}
 
+{{/*
+The container's resources: .Values.resources, with limits.memory derived when it is not
+set (see memoryLimit in values.yaml): argon2 checks hold m= each, hash_workers at once.
+*/}}
+{{- define "mailgate.resources" -}}
+{{- $resources := deepCopy (.Values.resources | default dict) -}}
+{{- $limits := get $resources "limits" | default dict -}}
+{{- if not (get $limits "memory") -}}
+{{- $kib := mul .Values.memoryLimit.baseMiB 1024 -}}
+{{- if include "mailgate.staticAuth" . -}}
+{{- $workers := get .Values.config.client_auth "hash_workers" | default 4 -}}
+{{- $kib = add $kib (mul $workers .Values.memoryLimit.argon2KiB) -}}
+{{- end -}}
+{{- $_ := set $limits "memory" (printf "%dMi" (div (add $kib 1023) 1024)) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- toYaml $resources -}}
+{{- end }}
+
 {{/* "true" when the chart mounts the client-accounts Secret. */}}
 {{- define "mailgate.mountClientAccounts" -}}
 {{- if and .Values.clientAccounts.existingSecret (include "mailgate.staticAuth" .) }}true{{ end -}}

@@ -464,6 +464,21 @@ impl OAuthProvider {
 
     // --- inspection -------------------------------------------------------------------------
 
+    /// Device codes handed out by `POST /devicecode` so far.
+    pub fn device_codes_issued(&self) -> usize {
+        self.shared.lock().devices.len()
+    }
+
+    /// Device codes polled at the token endpoint since `since`: the clients still polling.
+    pub fn device_codes_polled_since(&self, since: tokio::time::Instant) -> usize {
+        self.shared
+            .lock()
+            .devices
+            .values()
+            .filter(|device| device.last_poll.is_some_and(|last| last >= since))
+            .count()
+    }
+
     /// Every token request answered or abandoned so far, in that order.
     pub fn token_requests(&self) -> Vec<TokenRequestRecord> {
         self.shared.lock().records.clone()
