@@ -1156,6 +1156,47 @@ async fn a_refused_client_configuration_is_a_permanent_misconfigured_failure() {
     .await;
 }
 
+/// `test-login` redeems the refresh token in its own process, and the provider rotates it
+/// there: a store write that fails must not end that process with the rotated token only in
+/// its memory (the service would then find the store's token spent). Here the store takes
+/// writes again right after the first one failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_login_does_not_exit_with_a_rotated_token_the_store_refused() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let first = s.onboarded(&config, "alice", ALICE).await;
+        let immutable = Immutable::set(&s.path("tokens"));
+        let mut run = Mailgate::spawn(&config, &["test-login", "alice", "--listener", "imap"], &[]);
+        let refused = eventually(Duration::from_secs(20), || async {
+            run.output().contains("cannot write the token store")
+        })
+        .await;
+        drop(immutable);
+        assert!(refused, "the write was not refused:\n{}", run.output());
+        let code = run.wait_exit(MINUTE).await;
+        assert_ne!(
+            s.provider.current_refresh_token(ALICE, CLIENT).as_deref(),
+            Some(first.as_str()),
+            "the provider rotated the token"
+        );
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(
+            login.is_ok(),
+            "test-login exited with {code:?} and lost the rotated token:\n{}\n{login:?}\n{}",
+            run.output(),
+            mailgate.output()
+        );
+    })
+    .await;
+}
+
 /// Accounts never tried say so (not `ok`), and an import redeems the token once, so a used or
 /// wrong one shows at once, not at the first login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
