@@ -1197,6 +1197,55 @@ async fn a_test_login_does_not_exit_with_a_rotated_token_the_store_refused() {
     .await;
 }
 
+/// A session accepted before SIGTERM may still log in during the grace period; if the store
+/// refuses the rotated token that login brought, it must still be written before the process
+/// exits (the store takes writes again by the time the session ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_during_the_grace_period_is_written_before_exit() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "drain_delay: 0s\nshutdown_grace: 20s\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let mut client = ImapClient::connect(s.imap_address()).await;
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                mailgate.output().contains("draining")
+            })
+            .await,
+            "{}",
+            mailgate.output()
+        );
+        let immutable = Immutable::set(&s.path("tokens"));
+        let login = client.login("alice", "any-password").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        assert!(
+            mailgate.output().contains("cannot write the token store"),
+            "{}",
+            mailgate.output()
+        );
+        drop(immutable);
+        drop(client);
+        mailgate.wait_exit(Duration::from_secs(30)).await;
+        let rotated = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        let last = s.provider.token_requests().pop().unwrap();
+        assert!(
+            login.is_ok() && last.refresh_token.as_deref() == Some(rotated.as_str()),
+            "the token rotated during the grace period was lost: {login:?}\n{}",
+            mailgate.output()
+        );
+    })
+    .await;
+}
+
 /// Accounts never tried say so (not `ok`), and an import redeems the token once, so a used or
 /// wrong one shows at once, not at the first login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
