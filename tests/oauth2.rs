@@ -1246,6 +1246,50 @@ async fn a_token_rotated_during_the_grace_period_is_written_before_exit() {
     .await;
 }
 
+/// The operator fixes a refused client setting and reloads: the fix applies at once, not
+/// after the backoff the wrong setting earned (that backoff lives in the grant state kept
+/// across reloads, and logins meanwhile get a permanent failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_client_setting_applies_at_the_reload() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let accounts = account("printer", "client_credentials", PRINTER);
+        std::fs::write(s.path("wrong-secret"), "not-the-client-secret").unwrap();
+        let config = s
+            .config(&s.secret("post"), &accounts, "")
+            .replace("client-secret", "wrong-secret");
+        let mailgate = Mailgate::start(&config).await;
+        // Four refusals: the next try is about 8 s away.
+        let mut wait = Duration::from_secs(1);
+        for attempt in 0..4 {
+            if attempt > 0 {
+                tokio::time::sleep(wait.mul_f64(1.25)).await;
+                wait *= 2;
+            }
+            let (_client, login) = imap_login(s.imap_address(), "printer").await;
+            assert!(login.tagged.contains("NO [CONTACTADMIN]"), "{login:?}");
+        }
+        assert_eq!(s.provider.count("client_credentials"), 4);
+        std::fs::write(s.path("wrong-secret"), CLIENT_SECRET).unwrap();
+        send_signal(mailgate.pid().unwrap(), "HUP");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                mailgate.output().contains("configuration reloaded")
+            })
+            .await,
+            "{}",
+            mailgate.output()
+        );
+        let (_client, login) = imap_login(s.imap_address(), "printer").await;
+        assert!(
+            login.is_ok(),
+            "the fixed setting did not apply at the reload: {login:?}\n{}",
+            mailgate.output()
+        );
+    })
+    .await;
+}
+
 /// Accounts never tried say so (not `ok`), and an import redeems the token once, so a used or
 /// wrong one shows at once, not at the first login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
