@@ -1290,6 +1290,43 @@ async fn a_fixed_client_setting_applies_at_the_reload() {
     .await;
 }
 
+/// A login that gives up (`login_timeout`) while the provider answers its refresh must not
+/// take the refresh with it: the provider has rotated the token, and its answer is still on
+/// the way (here it arrives within `tokens.oauth2.timeout`). No crash, no kill: only a slow
+/// password check or a lease wait before the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_times_out_during_a_refresh_loses_no_token() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s
+            .config(
+                &s.secret("post"),
+                &account("alice", "refresh_token", ALICE),
+                "",
+            )
+            .replacen(
+                "    protocol: imap\n",
+                "    protocol: imap\n    login_timeout: 2s\n",
+                1,
+            );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        let hold = s.provider.hold_answers();
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(!login.is_ok(), "{login:?}");
+        assert_eq!(s.provider.token_requests().len(), 1);
+        // The answer comes 2 s into the provider's 5 s timeout.
+        drop(hold);
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(
+            login.is_ok(),
+            "the token the provider rotated during a timed-out login was lost: {login:?}\n{}",
+            mailgate.output()
+        );
+    })
+    .await;
+}
+
 /// Accounts never tried say so (not `ok`), and an import redeems the token once, so a used or
 /// wrong one shows at once, not at the first login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
