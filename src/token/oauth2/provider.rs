@@ -550,4 +550,23 @@ mod tests {
             GrantError::Temporary(text) if text.contains("redirects")
         ));
     }
+
+    /// A refusal is now the operator's permanent problem (`misconfigured`, `535 5.3.5`), so
+    /// only the provider's own words may make one: a page that is not an OAuth2 error (an
+    /// egress proxy's or a WAF's 403, a 408) says nothing about mailgate's settings.
+    #[test]
+    fn answers_that_are_not_oauth2_errors_are_not_refusals() {
+        for status in [
+            reqwest::StatusCode::REQUEST_TIMEOUT,
+            reqwest::StatusCode::FORBIDDEN,
+            reqwest::StatusCode::NOT_FOUND,
+            reqwest::StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        ] {
+            let error = error_answer(status, b"<html>Access denied by proxy</html>");
+            assert!(
+                matches!(error, GrantError::Temporary(_)),
+                "{status}: {error:?}"
+            );
+        }
+    }
 }
