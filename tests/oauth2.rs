@@ -1283,7 +1283,8 @@ async fn a_fixed_client_setting_applies_at_the_reload() {
         let (_client, login) = imap_login(s.imap_address(), "printer").await;
         assert!(
             login.is_ok(),
-            "the fixed setting did not apply at the reload: {login:?}\n{}",
+            "the fixed setting did not apply at the reload ({} client_credentials requests, 4 before it): {login:?}\n{}",
+            s.provider.count("client_credentials"),
             mailgate.output()
         );
     })
