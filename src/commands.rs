@@ -16,9 +16,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
 use crate::token::oauth2::flows::{self, FlowError};
-use crate::token::oauth2::{
-    AccountState, AccountStatus, GrantStates, OAuth2, UNSAVED, span_in_minutes,
-};
+use crate::token::oauth2::{AccountState, AccountStatus, OAuth2, UNSAVED, span_in_minutes};
 use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
@@ -29,6 +27,10 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 
+/// How long a command that redeemed a refresh token keeps trying to store the rotated one
+/// before it exits (and the token with it).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long `authorize` waits for the browser to come back.
 const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
@@ -37,13 +39,7 @@ fn oauth2(config: &Config) -> Result<Arc<OAuth2>, u8> {
         eprintln!("no tokens.oauth2 section in the configuration");
         return Err(EXIT_USAGE);
     };
-    OAuth2::new(
-        oauth2,
-        &GrantStates::default(),
-        Arc::new(Metrics::new()),
-        None,
-    )
-    .map_err(|error| {
+    OAuth2::new(oauth2, &Arc::default(), Arc::new(Metrics::new()), None).map_err(|error| {
         eprintln!("cannot set up OAuth2: {error}");
         EXIT_FAILED
     })
@@ -285,7 +281,11 @@ pub async fn import(config: &Config, account: &str, file: &Path, check: bool) ->
         );
         return EXIT_OK;
     }
-    match oauth2.fetch(&oauth2.key(account, Protocol::Imap)).await {
+    let fetched = oauth2.fetch(&oauth2.key(account, Protocol::Imap)).await;
+    if !settled(Some(&oauth2)).await {
+        return EXIT_FAILED;
+    }
+    match fetched {
         Ok(_) => {
             println!("Stored the refresh token for {account}; the provider accepted it.");
             EXIT_OK
@@ -419,7 +419,7 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Duration::from_secs(30)));
-    let sources = match Sources::new(&config.tokens, &GrantStates::default(), &metrics, &health) {
+    let sources = match Sources::new(&config.tokens, &Arc::default(), &metrics, &health) {
         Ok(sources) => sources,
         Err(error) => {
             eprintln!("cannot set up the token sources: {error}");
@@ -442,7 +442,11 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
     };
     println!("1. Token for {account} from {source}");
     let key = sources.key(account, listener.protocol);
-    let token = match sources.fetch(&key).await {
+    let fetched = sources.fetch(&key).await;
+    if !settled(sources.oauth2.as_deref()).await {
+        return EXIT_FAILED;
+    }
+    let token = match fetched {
         Ok(token) => token,
         Err(error) => {
             println!("   failed: {error}");
@@ -484,6 +488,24 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
         listener.protocol.name()
     );
     upstream_login(listener, &token.auth, &config.hostname).await
+}
+
+/// Whether the store holds every refresh token this process got: what only its memory holds
+/// is lost when it exits.
+async fn settled(oauth2: Option<&OAuth2>) -> bool {
+    let Some(oauth2) = oauth2 else {
+        return true;
+    };
+    if oauth2
+        .settle(tokio::time::Instant::now() + SETTLE_TIMEOUT)
+        .await
+    {
+        return true;
+    }
+    eprintln!(
+        "the token store did not take the refresh token the provider rotated to; it is lost with this process, and the account needs re-authorization"
+    );
+    false
 }
 
 async fn upstream_login(listener: &ListenerConfig, auth: &UpstreamAuth, hostname: &str) -> u8 {

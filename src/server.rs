@@ -322,7 +322,7 @@ impl Server {
             admin: Arc::new(Admin::new(metrics.clone(), health.clone())),
             health,
             registry: Arc::new(SessionRegistry::new(metrics.clone())),
-            grants: GrantStates::default(),
+            grants: Arc::new(GrantStates::default()),
             metrics,
         };
         let (tokens, oauth2) = token_state(&config, &lasting)?;
@@ -585,19 +585,6 @@ impl Server {
         let _ = health.readiness();
     }
 
-    /// Writes the refresh tokens the store has not taken yet, within `grace`.
-    async fn flush_token_store(&self, grace: Duration) {
-        if let Some(oauth2) = &self.shared.oauth2
-            && tokio::time::timeout(grace, oauth2.flush_unsaved())
-                .await
-                .is_err()
-        {
-            tracing::error!(
-                "the token store did not take the unwritten refresh tokens within the grace period"
-            );
-        }
-    }
-
     /// Reports not ready at once, keeps accepting for the drain delay (while load balancers
     /// catch up), stops accepting, lets sessions finish within the grace period, then closes
     /// the rest.
@@ -615,7 +602,7 @@ impl Server {
         self.listeners.clear();
         self.sessions.open = None;
         let grace = self.config.shutdown_grace;
-        self.flush_token_store(grace).await;
+        let grace_over = tokio::time::Instant::now() + grace;
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
         if tokio::time::timeout(grace, self.sessions.all_closed.recv())
             .await
@@ -624,6 +611,12 @@ impl Server {
             tracing::info!("grace period over; closing the remaining sessions");
             let _ = self.sessions.close_now.send(true);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sessions.all_closed.recv()).await;
+        }
+        // Last, so that tokens rotated by the sessions' logins and renewals are written too:
+        // within what is left of the grace period, and at least the time sessions get to close.
+        if let Some(oauth2) = &self.shared.oauth2 {
+            let deadline = grace_over.max(tokio::time::Instant::now() + CLOSE_TIMEOUT);
+            oauth2.settle(deadline).await;
         }
         tracing::info!("stopped");
     }
@@ -664,7 +657,7 @@ struct Lasting {
     /// Logged-in sessions by account.
     registry: Arc<SessionRegistry>,
     /// OAuth2 grant states by account.
-    grants: GrantStates,
+    grants: Arc<GrantStates>,
 }
 
 /// The admin endpoint's settings for `config`: TLS, the onboarding page and the token

@@ -23,7 +23,7 @@ impl Sources {
     /// An HTTP client or the token store cannot be set up.
     pub fn new(
         config: &TokensConfig,
-        grants: &GrantStates,
+        grants: &Arc<GrantStates>,
         metrics: &Arc<Metrics>,
         health: &Arc<Health>,
     ) -> Result<Self, String> {

@@ -14,6 +14,7 @@
 pub mod flows;
 pub mod provider;
 pub mod store;
+mod unsaved;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,6 +151,35 @@ impl GrantStates {
     fn of(&self, account: &str) -> Arc<AccountGrant> {
         lock(&self.0).entry(account.to_owned()).or_default().clone()
     }
+
+    /// Accounts holding a refresh token the store has not taken, whichever configuration
+    /// they came from.
+    fn unsaved_count(&self) -> usize {
+        lock(&self.0)
+            .values()
+            .filter(|grant| grant.unsaved.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// For a new configuration: what it no longer names is forgotten, and the failures of
+    /// the accounts it names no longer hold their grants back (their settings may be fixed).
+    fn reconfigured(&self, accounts: &BTreeMap<String, AccountConfig>) {
+        lock(&self.0).retain(|id, grant| {
+            let kept = accounts.contains_key(id);
+            if !kept && grant.unsaved.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    account = id.as_str(),
+                    "account removed from the configuration with a refresh token the store never took"
+                );
+            }
+            // A grant under way keeps its own state; it ends with the outcome it gets.
+            if kept && let Ok(mut state) = grant.state.try_lock() {
+                state.retry_after = None;
+                state.backoff = Duration::ZERO;
+            }
+            kept
+        });
+    }
 }
 
 /// One account's grant state, and whether it holds an unwritten record (readable without
@@ -182,12 +212,13 @@ struct Unsaved {
 
 pub struct OAuth2 {
     accounts: HashMap<String, Account>,
+    grants: Arc<GrantStates>,
     store: Option<Arc<dyn TokenStore>>,
     /// How long a grant waits for the store's lease.
     lease_wait: Duration,
     metrics: Arc<Metrics>,
     health: Option<Arc<Health>>,
-    /// Itself, for the task that retries unwritten records.
+    /// Itself, for the tasks that run grants and retry unwritten records.
     this: Weak<OAuth2>,
     /// That task is running.
     retrying: AtomicBool,
@@ -198,7 +229,7 @@ impl OAuth2 {
     /// A provider's HTTP client or the store cannot be set up.
     pub fn new(
         config: &OAuth2Config,
-        grants: &GrantStates,
+        grants: &Arc<GrantStates>,
         metrics: Arc<Metrics>,
         health: Option<Arc<Health>>,
     ) -> Result<Arc<Self>, String> {
@@ -241,8 +272,10 @@ impl OAuth2 {
                 },
             );
         }
+        grants.reconfigured(&config.accounts);
         let oauth2 = Arc::new_cyclic(|this| Self {
             accounts,
+            grants: grants.clone(),
             store,
             lease_wait: config.timeout + LEASE_EXTRA_WAIT,
             metrics,
@@ -300,14 +333,19 @@ impl OAuth2 {
             .await
             .map_err(|e| e.to_string())?;
         // Under the lease nobody else redeems or writes: one read tells what to replace.
-        let expect = match self.load(id).await {
-            Ok(current) => Expect::after_reading(current.as_ref()),
-            Err(_) => Expect::Anything,
-        };
-        match self.swap(id, expect, record.clone()).await? {
-            Swap::Written(_) => {}
-            Swap::Conflict(_) => {
-                return Err("the token store changed during the write; try again".to_owned());
+        let mut tries = 0;
+        loop {
+            let expect = match self.load(id).await {
+                Ok(current) => Expect::after_reading(current.as_ref()),
+                Err(_) => Expect::Anything,
+            };
+            match self.swap(id, expect, record.clone()).await? {
+                Swap::Written(_) => break,
+                // Only a writer that ignores the lease (an older mailgate) gets here.
+                Swap::Conflict(_) if tries < 3 => tries += 1,
+                Swap::Conflict(_) => {
+                    return Err("the token store keeps changing; try again".to_owned());
+                }
             }
         }
         // Whatever this process could not write is older than this authorization.
@@ -541,158 +579,6 @@ impl OAuth2 {
         }
     }
 
-    /// Writes `unsaved` by compare-and-swap. If the store cannot take it now, it is kept in
-    /// memory (the token stays usable), counted, shown, and tried again with backoff and at
-    /// shutdown; whether the store now holds it or something newer.
-    async fn write(
-        &self,
-        id: &str,
-        account: &Account,
-        state: &mut GrantState,
-        unsaved: Unsaved,
-    ) -> bool {
-        let was_unsaved = state.unsaved.is_some();
-        match self
-            .swap(id, unsaved.replaces, unsaved.record.clone())
-            .await
-        {
-            Ok(Swap::Written(_)) => {
-                if was_unsaved {
-                    tracing::info!(account = id, "token store written again");
-                }
-                self.clear_unsaved(account, state);
-                true
-            }
-            Ok(Swap::Conflict(_)) => {
-                tracing::warn!(
-                    account = id,
-                    "another process wrote this account's record meanwhile; keeping the store's"
-                );
-                self.clear_unsaved(account, state);
-                true
-            }
-            Err(error) => {
-                self.metrics.store_write_failure();
-                tracing::error!(
-                    account = id,
-                    %error,
-                    "cannot write the token store; keeping the refresh token in memory and retrying"
-                );
-                lock(&account.status).last_error = Some(error);
-                state.store_backoff =
-                    (state.store_backoff * 2).clamp(BACKOFF_START, STORE_RETRY_MAX);
-                state.store_retry_after = Some(Instant::now() + state.store_backoff);
-                state.unsaved = Some(unsaved);
-                account.grant.unsaved.store(true, Ordering::SeqCst);
-                self.update_unsaved();
-                false
-            }
-        }
-    }
-
-    fn clear_unsaved(&self, account: &Account, state: &mut GrantState) {
-        state.unsaved = None;
-        state.store_retry_after = None;
-        state.store_backoff = Duration::ZERO;
-        if account.grant.unsaved.swap(false, Ordering::SeqCst) {
-            self.update_unsaved();
-        }
-    }
-
-    /// Shows how many accounts hold an unwritten record (metric, readiness), and keeps a
-    /// task retrying them while there are any.
-    fn update_unsaved(&self) {
-        let count = self
-            .accounts
-            .values()
-            .filter(|account| account.grant.unsaved.load(Ordering::SeqCst))
-            .count();
-        self.metrics
-            .token_store_unsaved(i64::try_from(count).unwrap_or(i64::MAX));
-        if let Some(health) = &self.health {
-            health.set_token_store_unwritten(count > 0);
-        }
-        if count > 0 {
-            self.start_retrying();
-        }
-    }
-
-    fn start_retrying(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.retrying.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let this = self.this.clone();
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(BACKOFF_START).await;
-                let Some(oauth2) = this.upgrade() else {
-                    return;
-                };
-                if oauth2.retry_unsaved(false).await {
-                    continue;
-                }
-                oauth2.retrying.store(false, Ordering::SeqCst);
-                // A write that failed after the pass above found the task still running.
-                if !oauth2.any_unsaved() || oauth2.retrying.swap(true, Ordering::SeqCst) {
-                    return;
-                }
-            }
-        });
-    }
-
-    fn any_unsaved(&self) -> bool {
-        self.accounts
-            .values()
-            .any(|account| account.grant.unsaved.load(Ordering::SeqCst))
-    }
-
-    /// Tries to write each unwritten record whose retry time has come (with `now`, all of
-    /// them, waiting for grants under way); whether any remain.
-    async fn retry_unsaved(&self, now: bool) -> bool {
-        for (id, account) in &self.accounts {
-            if !account.grant.unsaved.load(Ordering::SeqCst) {
-                continue;
-            }
-            let mut state = if now {
-                account.grant.state.lock().await
-            } else {
-                // A grant under way writes it itself.
-                match account.grant.state.try_lock() {
-                    Ok(state) => state,
-                    Err(_) => continue,
-                }
-            };
-            let due = now
-                || state
-                    .store_retry_after
-                    .is_none_or(|after| Instant::now() >= after);
-            if due && let Some(unsaved) = state.unsaved.take() {
-                self.write(id, account, &mut state, unsaved).await;
-            }
-        }
-        self.any_unsaved()
-    }
-
-    /// At shutdown: writes every record the store has not taken yet, once more; says loudly
-    /// which could not be written (their accounts will need re-authorization if the
-    /// provider rotated their tokens).
-    pub async fn flush_unsaved(&self) {
-        if !self.retry_unsaved(true).await {
-            return;
-        }
-        for (id, account) in &self.accounts {
-            if account.grant.unsaved.load(Ordering::SeqCst) {
-                tracing::error!(
-                    account = id.as_str(),
-                    "exiting with a refresh token the token store never took; the account may need re-authorization"
-                );
-            }
-        }
-    }
-
     fn granted(&self, account: &Account, answer: TokenAnswer) -> Token {
         let now = provider::unix_now();
         {
@@ -838,12 +724,26 @@ impl OAuth2 {
 }
 
 impl TokenSource for OAuth2 {
+    /// The grant runs in a task of its own, to its end even if the login waiting for it goes
+    /// away (`login_timeout`, a closed connection, a drain): dropped mid-request, it would
+    /// lose a refresh token the provider has already rotated.
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, TokenError>> {
         Box::pin(async move {
-            let Some(account) = self.accounts.get(&key.account) else {
+            if !self.accounts.contains_key(&key.account) {
                 return Err(TokenError::Refused);
+            }
+            let Some(this) = self.this.upgrade() else {
+                return Err(TokenError::Unavailable("shutting down".to_owned()));
             };
-            self.fetch_account(&key.account, account).await
+            let id = key.account.clone();
+            tokio::spawn(async move {
+                let Some(account) = this.accounts.get(&id) else {
+                    return Err(TokenError::Refused);
+                };
+                this.fetch_account(&id, account).await
+            })
+            .await
+            .unwrap_or_else(|error| Err(TokenError::Unavailable(error.to_string())))
         })
     }
 

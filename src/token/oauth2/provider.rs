@@ -407,16 +407,16 @@ fn seconds(value: Option<&serde_json::Value>) -> Option<Duration> {
 
 /// Maps an error answer (RFC 6749 5.2, RFC 8628 3.5) to what mailgate does about it.
 fn error_answer(status: reqwest::StatusCode, body: &[u8]) -> GrantError {
+    // Only the provider's own OAuth2 error is a refusal of mailgate's settings: a page from
+    // an egress proxy or a WAF (403, 407, 408, 404) says nothing about them.
     let Ok(wire) = serde_json::from_slice::<WireError>(body) else {
         let text = format!("HTTP status {status}");
-        return if status.is_server_error() || status.as_u16() == 429 {
-            GrantError::Temporary(text)
-        } else if status.is_redirection() {
+        return if status.is_redirection() {
             GrantError::Temporary(format!(
                 "{text}: redirects are not followed; configure the endpoint's final address"
             ))
         } else {
-            GrantError::Refused(text)
+            GrantError::Temporary(format!("{text}, not an OAuth2 error answer"))
         };
     };
     let mut description = wire.error_description.unwrap_or_default();

@@ -329,6 +329,15 @@ mod tests {
                 .unwrap(),
             Swap::Written(1)
         );
+        // A token never redeemed is written so that these older versions can read it too.
+        let untried = Stored {
+            refreshed_at: None,
+            ..record("rt-imported")
+        };
+        let json: serde_json::Value = serde_json::from_slice(&untried.to_json()).unwrap();
+        assert_eq!(json["refreshed_at"], 0);
+        store.swap("alice", Expect::Anything, untried).unwrap();
+        assert_eq!(store.load("alice").unwrap().unwrap().refreshed_at, None);
     }
 
     #[test]

@@ -43,8 +43,9 @@ pub struct Stored {
     /// `None` once the provider refused it: the account needs re-authorization.
     pub refresh_token: Option<Secret<String>>,
     /// Unix seconds of the last successful grant; `None` for a token stored but never
-    /// redeemed (imported).
-    #[serde(default)]
+    /// redeemed (imported). Written as 0 then, which earlier versions read as a time (they
+    /// refuse a null), so that rolling back keeps every record readable.
+    #[serde(default, deserialize_with = "zero_is_none")]
     pub refreshed_at: Option<u64>,
     /// Unix seconds when the last access token expires, if the provider said.
     #[serde(default)]
@@ -63,7 +64,7 @@ impl Stored {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::json!({
             "refresh_token": self.refresh_token.as_ref().map(|token| token.expose().clone()),
-            "refreshed_at": self.refreshed_at,
+            "refreshed_at": self.refreshed_at.unwrap_or(0),
             "access_expires_at": self.access_expires_at,
             "refresh_expires_at": self.refresh_expires_at,
             "generation": self.generation,
@@ -71,6 +72,10 @@ impl Stored {
         .to_string()
         .into_bytes()
     }
+}
+
+fn zero_is_none<'de, D: serde::Deserializer<'de>>(reader: D) -> Result<Option<u64>, D::Error> {
+    Ok(Option::<u64>::deserialize(reader)?.filter(|&seconds| seconds != 0))
 }
 
 /// What a write requires of the record it replaces.
