@@ -612,11 +612,10 @@ impl Server {
             let _ = self.sessions.close_now.send(true);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sessions.all_closed.recv()).await;
         }
-        // Last, so that tokens rotated by the sessions' logins and renewals are written too:
-        // within what is left of the grace period, and at least the time sessions get to close.
+        // Last, so that tokens rotated by the sessions' logins and renewals are written too;
+        // within the goodbye phase's end, as the stop budget counts it.
         if let Some(oauth2) = &self.shared.oauth2 {
-            let deadline = grace_over.max(tokio::time::Instant::now() + CLOSE_TIMEOUT);
-            oauth2.settle(deadline).await;
+            oauth2.settle(grace_over + CLOSE_TIMEOUT).await;
         }
         tracing::info!("stopped");
     }
