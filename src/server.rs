@@ -77,6 +77,8 @@ pub enum StartError {
     },
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
+    #[error("admin: {0}")]
+    Admin(String),
     #[error("listener {name}: upstream TLS: {reason}")]
     Upstream { name: String, reason: String },
     #[error("listener {name}: TLS towards clients: {reason}")]
@@ -320,7 +322,9 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
         let lasting = Lasting {
-            admin: Arc::new(Admin::new(metrics.clone(), health.clone())),
+            admin: Arc::new(
+                Admin::new(metrics.clone(), health.clone()).map_err(StartError::Admin)?,
+            ),
             health,
             registry: Arc::new(SessionRegistry::new(metrics.clone())),
             grants: GrantStates::default(),
