@@ -670,6 +670,7 @@ fn admin_runtime(config: &Config, shared: &Shared) -> Result<AdminRuntime, crate
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
             &files.cert_file,
             &files.key_file,
+            None,
         )?)),
         None => None,
     };
@@ -816,11 +817,13 @@ fn client_tls(
     if tls.mode == TlsMode::None {
         return Ok(None);
     }
-    let config =
-        crate::tls::server_config(cert_file, key_file).map_err(|error| StartError::ClientTls {
+    let alpn = crate::client_tls::alpn_id(listener.protocol);
+    let config = crate::tls::server_config(cert_file, key_file, Some(alpn)).map_err(|error| {
+        StartError::ClientTls {
             name: listener.name.clone(),
             reason: error.to_string(),
-        })?;
+        }
+    })?;
     Ok(Some(Arc::new(ClientTls::new(
         config,
         tls.require,
