@@ -89,6 +89,13 @@ pub enum StartError {
     ClientAuth(String),
 }
 
+/// What `check` would warn about in the running configuration (expiring certificates, ...).
+fn log_warnings(config: &Config) {
+    for warning in config.warnings(std::time::SystemTime::now()) {
+        tracing::warn!(key = warning.key, "{}", warning.reason);
+    }
+}
+
 /// The configuration file and its text as it was loaded.
 pub struct ConfigFile {
     pub path: PathBuf,
@@ -133,6 +140,7 @@ pub async fn run(
     log_level: Option<LogLevelHook>,
 ) -> Result<(), StartError> {
     let mut server = Server::start(config, file, log_level).await?;
+    log_warnings(&server.config);
     let mut watch_tick = tokio::time::interval(
         server
             .config
@@ -421,6 +429,7 @@ impl Server {
             Ok(config) => match self.apply(config).await {
                 Ok(()) => {
                     tracing::info!("configuration reloaded");
+                    log_warnings(&self.config);
                     // New credentials for the token source show in readiness at once.
                     self.check_health();
                     "ok"

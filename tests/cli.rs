@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use support::Mailgate;
 
@@ -258,4 +259,124 @@ fn complete_configs_in_the_docs_pass_check() {
         }
     }
     assert!(checked >= 5, "only {checked} complete configs found");
+}
+
+/// A configuration with a listener and the admin endpoint presenting `ca`'s server
+/// certificate, and a provider signing assertions with `cert` and `key`.
+fn with_certificates(
+    ca: &support::TestCa,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    format!(
+        r#"listeners:
+  - name: imaps
+    protocol: imap
+    listen: "127.0.0.1:1993"
+    tls: {{ mode: implicit, cert_file: "{server_cert}", key_file: "{server_key}" }}
+    upstream: {{ host: mail.example, port: 993, tls: implicit }}
+admin:
+  listen: "127.0.0.1:9090"
+  tls: {{ cert_file: "{server_cert}", key_file: "{server_key}" }}
+tokens:
+  oauth2:
+    providers:
+      m365:
+        preset: microsoft
+        tenant: contoso.onmicrosoft.com
+        client_id: "00000000-0000-0000-0000-000000000000"
+        client_certificate: {{ cert_file: "{cert}", key_file: "{key}" }}
+    accounts:
+      printer: {{ provider: m365, grant: client_credentials, user: "printer@contoso.example" }}
+"#,
+        server_cert = ca.cert_pem().display(),
+        server_key = ca.key_pem().display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+/// Issue 13 item 15: a client certificate with another pair's key passed `check`; Microsoft
+/// refuses every assertion signed with it (AADSTS700027), but only at runtime.
+#[tokio::test]
+async fn check_refuses_a_client_certificate_whose_key_is_anothers() {
+    support::with_timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = support::TestCa::create().await;
+        let (ours, other) = (
+            support::TestKeys::rsa(dir.path()).await,
+            support::TestKeys::rsa(dir.path()).await,
+        );
+        let config = write(
+            &dir,
+            "mismatch.yaml",
+            &with_certificates(&ca, &ours.cert_pem, &other.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        let key = other.key_pem.display().to_string();
+        assert!(
+            stderr.contains("tokens.oauth2.providers.m365.client_certificate:")
+                && stderr.contains(&format!(
+                    "{key}: the key does not belong to the certificate"
+                )),
+            "{stderr}"
+        );
+        let config = write(
+            &dir,
+            "pair.yaml",
+            &with_certificates(&ca, &ours.cert_pem, &ours.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
+}
+
+/// Issue 13 item 15: nothing warned of a certificate about to expire. The test CA's
+/// certificates live two days; a client certificate made for 400 days draws no warning.
+#[tokio::test]
+async fn check_warns_of_certificates_that_expire_within_30_days() {
+    support::with_timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = support::TestCa::create().await;
+        let keys = support::TestKeys::rsa(dir.path()).await;
+        let lasting = keys.dir.join("lasting.pem");
+        let out = support::process::run_command(
+            "openssl",
+            &[
+                "req", "-new", "-x509", "-key", "key.pem", "-out", "lasting.pem", "-days", "400",
+                "-subj", "/CN=mailgate test client",
+            ],
+            Some(&keys.dir),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(out.success(), "{}", out.stderr);
+        let config = write(
+            &dir,
+            "config.yaml",
+            &with_certificates(&ca, &lasting, &keys.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let server_cert = ca.cert_pem().display().to_string();
+        for key in ["listeners[0].tls.cert_file", "admin.tls.cert_file"] {
+            assert!(
+                stderr.contains(&format!(
+                    "{config}: {key}: warning: the certificate in {server_cert} expires in 1 day, on "
+                )),
+                "{key}: {stderr}"
+            );
+        }
+        assert!(!stderr.contains("client_certificate"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    })
+    .await;
 }

@@ -14,6 +14,7 @@ use crate::secret::Secret;
 
 mod admin;
 pub mod tokens;
+mod warnings;
 pub use tokens::*;
 
 /// RFC 9051 section 5.4 asks for an inactivity timer of at least 30 minutes once logged in.
