@@ -187,15 +187,13 @@ fn check(path: &Path, print: bool, no_files: bool) -> ExitCode {
         Ok((config, _)) => config,
         Err(code) => return code,
     };
-    if !no_files {
-        for warning in config.warnings(std::time::SystemTime::now()) {
-            eprintln!(
-                "{}: {}: warning: {}",
-                path.display(),
-                warning.key,
-                warning.reason
-            );
-        }
+    for warning in config.warnings(files, std::time::SystemTime::now()) {
+        eprintln!(
+            "{}: {}: warning: {}",
+            path.display(),
+            warning.key,
+            warning.reason
+        );
     }
     if print {
         match serde_saphyr::to_string(&config) {

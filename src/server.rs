@@ -91,7 +91,7 @@ pub enum StartError {
 
 /// What `check` would warn about in the running configuration (expiring certificates, ...).
 fn log_warnings(config: &Config) {
-    for warning in config.warnings(std::time::SystemTime::now()) {
+    for warning in config.warnings(crate::config::Files::Read, std::time::SystemTime::now()) {
         tracing::warn!(key = warning.key, "{}", warning.reason);
     }
 }

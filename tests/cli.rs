@@ -185,7 +185,8 @@ fn a_start_failure_is_reported_once() {
 }
 
 /// The example configurations shipped in deploy/ (files, and the one inside the sidecar
-/// manifest) pass `check --no-files`, which leaves out their production secret files.
+/// manifest) pass `check --no-files`, which leaves out their production secret files, without
+/// a warning.
 #[test]
 fn shipped_examples_pass_check_without_their_secret_files() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -209,13 +210,13 @@ fn shipped_examples_pass_check_without_their_secret_files() {
     ] {
         examples.push(root.join(example).display().to_string());
     }
+    // Issue 13 item 20: nor do they draw a warning (the systemd example took passwords in
+    // clear on 0.0.0.0).
     for example in examples {
         let out = mailgate(&["check", "--no-files", "--config", &example]);
-        assert!(
-            out.status.success(),
-            "{example}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{example}: {stderr}");
+        assert!(stderr.is_empty(), "{example}: {stderr}");
     }
 }
 
@@ -379,4 +380,74 @@ async fn check_warns_of_certificates_that_expire_within_30_days() {
         assert_eq!(stderr.lines().count(), 2, "{stderr}");
     })
     .await;
+}
+
+/// Issue 13 item 20: nothing warned that a listener off loopback takes the passwords mailgate
+/// checks in clear (no TLS, or STARTTLS without `require`).
+#[test]
+fn check_warns_when_checked_passwords_may_cross_the_network_in_clear() {
+    let listener = |name: &str, protocol: &str, listen: &str, tls: &str| {
+        format!(
+            "  - {{ name: {name}, protocol: {protocol}, listen: \"{listen}\", {tls}upstream: {{ host: mail.example, port: 993, tls: implicit }} }}\n"
+        )
+    };
+    let files = "cert_file: /x/tls.crt, key_file: /x/tls.key";
+    let listeners = [
+        listener("lan", "imap", "0.0.0.0:1143", ""),
+        listener("local", "imap", "127.0.0.1:1144", ""),
+        listener(
+            "lax",
+            "smtp",
+            "0.0.0.0:1587",
+            &format!("tls: {{ mode: starttls, require: false, {files} }}, "),
+        ),
+        listener(
+            "strict",
+            "smtp",
+            "0.0.0.0:1588",
+            &format!("tls: {{ mode: starttls, {files} }}, "),
+        ),
+        listener(
+            "implicit",
+            "imap",
+            "[::]:1993",
+            &format!("tls: {{ mode: implicit, {files} }}, "),
+        ),
+    ]
+    .concat();
+    let config = |client_auth: &str| {
+        format!(
+            "listeners:\n{listeners}tokens:\n  auth_server: {{ url: \"http://127.0.0.1:8080/token\" }}\nclient_auth: {client_auth}\n"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let checked = write(
+        &dir,
+        "checked.yaml",
+        &config("{ mode: auth_server, auth_server: { url: \"http://127.0.0.1:8080/check\" } }"),
+    );
+    let out = mailgate(&["check", "--no-files", "--config", &checked]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        warnings,
+        [
+            format!(
+                "{checked}: listeners[0].tls: warning: client passwords (client_auth.mode auth_server) may cross the network in clear on 0.0.0.0:1143: use tls mode starttls with require: true, or implicit"
+            ),
+            format!(
+                "{checked}: listeners[2].tls: warning: client passwords (client_auth.mode auth_server) may cross the network in clear on 0.0.0.0:1587: use tls mode starttls with require: true, or implicit"
+            ),
+        ],
+        "{stderr}"
+    );
+    // Mode any checks no password: nothing to protect.
+    let unchecked = write(
+        &dir,
+        "unchecked.yaml",
+        &config("{ mode: any, allow_remote: true }"),
+    );
+    let out = mailgate(&["check", "--no-files", "--config", &unchecked]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
 }

@@ -1,21 +1,56 @@
-//! What a valid configuration may still get wrong: `check` prints these and `serve` logs them
-//! at every start and reload, but neither refuses the file for them.
+//! What a valid configuration may still get wrong (passwords in clear, certificates about to
+//! expire): `check` prints these and `serve` logs them at every start and reload, but neither
+//! refuses the file for them.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::{Config, Problem, TlsMode};
+use super::{ClientAuthMode, Config, Files, Problem, TlsMode};
 
 /// A certificate expiring sooner than this is worth a warning: enough time to renew one by
 /// hand, and ACME clients renew at 30 days left, so a warning means renewal is not working.
 const CERTIFICATE_WARNING_DAYS: i64 = 30;
 
 impl Config {
-    /// Everything worth a warning, each with its key path. Reads the certificate files.
-    pub fn warnings(&self, now: SystemTime) -> Vec<Problem> {
-        self.certificates()
-            .into_iter()
-            .filter_map(|(key, path)| expiry_warning(key, &path, now))
+    /// Everything worth a warning, each with its key path; with [`Files::Read`], the
+    /// certificate files are read too.
+    pub fn warnings(&self, files: Files, now: SystemTime) -> Vec<Problem> {
+        let mut found = self.plaintext_passwords();
+        if files == Files::Read {
+            found.extend(
+                self.certificates()
+                    .into_iter()
+                    .filter_map(|(key, path)| expiry_warning(key, &path, now)),
+            );
+        }
+        found
+    }
+
+    /// Listeners off loopback where clients may send the passwords mailgate checks in clear:
+    /// no TLS, or STARTTLS without `require`.
+    fn plaintext_passwords(&self) -> Vec<Problem> {
+        let mode = self.client_auth.mode;
+        if mode == ClientAuthMode::Any {
+            return Vec::new();
+        }
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, listener)| !listener.listen.ip().is_loopback())
+            .filter(|(_, listener)| match &listener.tls {
+                None => true,
+                Some(tls) => {
+                    tls.mode == TlsMode::None || (tls.mode == TlsMode::Starttls && !tls.require)
+                }
+            })
+            .map(|(i, listener)| Problem {
+                key: format!("listeners[{i}].tls"),
+                reason: format!(
+                    "client passwords (client_auth.mode {}) may cross the network in clear on {}: use tls mode starttls with require: true, or implicit",
+                    mode.name(),
+                    listener.listen
+                ),
+            })
             .collect()
     }
 
