@@ -65,6 +65,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<AccountsAction>,
     },
+    /// Print the configuration file's JSON Schema (draft 7), for editors and the Helm chart's
+    /// values.schema.json; needs no --config.
+    ConfigSchema,
     /// Get a token for ACCOUNT and log in upstream once through a listener's settings,
     /// printing every step (never the token), for setting up and for support tickets.
     TestLogin {
@@ -89,6 +92,9 @@ enum AccountsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ConfigSchema = cli.command {
+        return config_schema();
+    }
     let Some(config) = cli.config else {
         eprintln!("mailgate: --config FILE (or MAILGATE_CONFIG) is required");
         return ExitCode::from(EXIT_BAD_CONFIG);
@@ -116,10 +122,24 @@ fn main() -> ExitCode {
         } => run_command(&config, false, |config| async move {
             commands::import(&config, &account, &refresh_token_file).await
         }),
+        Command::ConfigSchema => config_schema(),
         Command::TestLogin { account, listener } => {
             run_command(&config, true, |config| async move {
                 commands::test_login(&config, &account, &listener).await
             })
+        }
+    }
+}
+
+fn config_schema() -> ExitCode {
+    match serde_json::to_string_pretty(&Config::json_schema()) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot print the schema: {error}");
+            ExitCode::from(EXIT_START_FAILED)
         }
     }
 }

@@ -451,3 +451,31 @@ fn check_warns_when_checked_passwords_may_cross_the_network_in_clear() {
     let out = mailgate(&["check", "--no-files", "--config", &unchecked]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
 }
+
+/// Issue 13 item 20: the chart's values schema took any `config`, so a typo passed `helm
+/// install` and the pods crash-looped on exit 64. It embeds the schema mailgate makes of its
+/// own file, and must be regenerated (scripts/chart-schema.sh) when the types change.
+#[test]
+fn the_charts_values_schema_embeds_the_current_config_schema() {
+    let out = mailgate(&["config-schema"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let definitions = generated
+        .as_object_mut()
+        .and_then(|schema| schema.remove("definitions"))
+        .unwrap();
+    generated.as_object_mut().unwrap().remove("$schema");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart = std::fs::read_to_string(root.join("helm/mailgate/values.schema.json")).unwrap();
+    let chart: serde_json::Value = serde_json::from_str(&chart).unwrap();
+    let stale = "helm/mailgate/values.schema.json is stale: run scripts/chart-schema.sh";
+    assert_eq!(chart["properties"]["config"], generated, "{stale}");
+    let embedded: serde_json::Map<String, serde_json::Value> = chart["definitions"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(|(name, schema)| (name.clone(), schema.clone()))
+        .collect();
+    assert_eq!(serde_json::Value::Object(embedded), definitions, "{stale}");
+}

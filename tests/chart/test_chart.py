@@ -415,6 +415,9 @@ def test_pod_runs_unprivileged(value_set):
         ({"networkPolicy": {"mail": {"fromNamespace": ["apps"]}}}, "fromNamespace"),
         ({"image": {"tags": "1.0"}}, "tags"),
         ({"podDisruptionBudget": {"maxUnavailabe": 1}}, "maxUnavailabe"),
+        # Issue 13 item 20: mailgate's own file was free-form here, so these crash-looped.
+        ({"config": {"log": {"levle": "debug"}}}, "levle"),
+        ({"config": {"client_auth": {"mode": "static", "throttle": {"windw": "1m"}}}}, "windw"),
     ],
 )
 def test_typo_in_values_fails(typo, where):
@@ -432,6 +435,9 @@ def test_typo_in_values_fails(typo, where):
         {"serviceMonitor": {"interval": "30 seconds"}},
         {"networkPolicy": {"mail": {"fromCIDRs": ["office"]}}},
         {"config": "listeners: []"},
+        {"config": {"client_auth": {"mode": "statc"}}},
+        {"config": {"listeners": [{"name": "imap", "protocol": "pop3", "listen": "0.0.0.0:1143",
+                                   "upstream": {"host": "mx", "port": 993, "tls": "implicit"}}]}},
     ],
 )
 def test_wrong_types_fail_the_schema(bad):
