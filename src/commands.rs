@@ -14,7 +14,9 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
 use crate::token::oauth2::flows::{self, FlowError};
-use crate::token::oauth2::{AccountState, AccountStatus, GrantStates, OAuth2, span_in_minutes};
+use crate::token::oauth2::{
+    AccountState, AccountStatus, GrantStates, OAuth2, UNSAVED, span_in_minutes,
+};
 use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
@@ -31,12 +33,18 @@ const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The loopback redirect URL suggested when none is configured (docs/configuration.md uses it).
 const EXAMPLE_REDIRECT_URL: &str = "http://localhost:8400/callback";
 
-fn oauth2(config: &Config) -> Result<OAuth2, u8> {
+fn oauth2(config: &Config) -> Result<Arc<OAuth2>, u8> {
     let Some(oauth2) = &config.tokens.oauth2 else {
         eprintln!("no tokens.oauth2 section in the configuration");
         return Err(EXIT_USAGE);
     };
-    OAuth2::new(oauth2, &GrantStates::default(), Arc::new(Metrics::new())).map_err(|error| {
+    OAuth2::new(
+        oauth2,
+        &GrantStates::default(),
+        Arc::new(Metrics::new()),
+        None,
+    )
+    .map_err(|error| {
         eprintln!("cannot set up OAuth2: {error}");
         EXIT_FAILED
     })
@@ -188,11 +196,15 @@ pub fn accounts(config: &Config, json: bool) -> u8 {
 fn describe(status: &AccountStatus, grant: Grant, now: u64) -> String {
     let mut text = match status.state {
         AccountState::Ok => "ok".to_owned(),
+        AccountState::NotYetTried => "not yet tried".to_owned(),
         AccountState::NeverAuthorized => "never authorized (mailgate authorize)".to_owned(),
         AccountState::NeedsReauthorization => {
             "needs re-authorization (mailgate authorize)".to_owned()
         }
         AccountState::StoreError => "store error".to_owned(),
+        AccountState::Misconfigured => {
+            "misconfigured (fix the provider or account settings)".to_owned()
+        }
         AccountState::Failing => "failing".to_owned(),
     };
     if status.state == AccountState::Ok && grant == Grant::RefreshToken {
@@ -205,6 +217,9 @@ fn describe(status: &AccountStatus, grant: Grant, now: u64) -> String {
         if let Some(at) = status.refresh_expires_at {
             text.push_str(&format!(", refresh token {}", relative(at, now)));
         }
+    }
+    if status.unsaved {
+        text.push_str(&format!("; {UNSAVED}"));
     }
     if let Some(error) = &status.last_error {
         text.push_str(&format!(" ({error})"));
@@ -244,8 +259,10 @@ fn print_table(header: &[&str; 4], rows: &[[String; 4]]) {
     }
 }
 
-/// `mailgate accounts import --account ID --refresh-token-file FILE` (`-`: standard input).
-pub async fn import(config: &Config, account: &str, file: &Path) -> u8 {
+/// `mailgate accounts import --account ID --refresh-token-file FILE [--no-check]` (`-`:
+/// standard input). With `check`, the token is redeemed once, so a wrong or used token shows
+/// now rather than at the first login.
+pub async fn import(config: &Config, account: &str, file: &Path, check: bool) -> u8 {
     let oauth2 = match oauth2(config) {
         Ok(oauth2) => oauth2,
         Err(code) => return code,
@@ -268,14 +285,30 @@ pub async fn import(config: &Config, account: &str, file: &Path) -> u8 {
         );
         return EXIT_USAGE;
     }
-    match oauth2.authorized(account, token, None).await {
-        Ok(()) => {
-            println!("Stored the refresh token for {account}; it is used at the next login.");
+    if let Err(error) = oauth2.authorized(account, token, None).await {
+        eprintln!("{error}");
+        return EXIT_USAGE;
+    }
+    if !check {
+        println!(
+            "Stored the refresh token for {account}, not yet tried; it is used at the next login."
+        );
+        return EXIT_OK;
+    }
+    match oauth2.fetch(&oauth2.key(account, Protocol::Imap)).await {
+        Ok(_) => {
+            println!("Stored the refresh token for {account}; the provider accepted it.");
             EXIT_OK
         }
+        Err(TokenError::NeedsReauthorization) => {
+            eprintln!(
+                "the provider refused the refresh token for {account} (invalid_grant); the account needs authorization"
+            );
+            EXIT_FAILED
+        }
         Err(error) => {
-            eprintln!("{error}");
-            EXIT_USAGE
+            eprintln!("stored the refresh token for {account}, but redeeming it failed: {error}");
+            EXIT_FAILED
         }
     }
 }

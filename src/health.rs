@@ -17,6 +17,8 @@ pub struct Health {
     freshness: Duration,
     /// The token source's last answer refused mailgate's own credentials (401/403).
     token_source_refused: AtomicBool,
+    /// An account's refresh token is held only in memory: the store refused the write.
+    token_store_unwritten: AtomicBool,
     /// The last readiness reported, to log each change once.
     last: Mutex<Option<Result<(), NotReady>>>,
     /// A probe of the token source is under way.
@@ -34,6 +36,8 @@ pub enum NotReady {
     TokenSourceSilent,
     #[error("the token source refuses mailgate's credentials (HTTP 401/403)")]
     TokenSourceRefuses,
+    #[error("the token store cannot be written; a refresh token is held only in memory")]
+    TokenStoreUnwritten,
 }
 
 impl Health {
@@ -45,6 +49,7 @@ impl Health {
             token_source_answered: AtomicU64::new(0),
             freshness,
             token_source_refused: AtomicBool::new(false),
+            token_store_unwritten: AtomicBool::new(false),
             last: Mutex::new(None),
             probing: AtomicBool::new(false),
         }
@@ -70,6 +75,11 @@ impl Health {
     pub fn token_source_refused(&self) {
         self.token_source_answered();
         self.token_source_refused.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_token_store_unwritten(&self, unwritten: bool) {
+        self.token_store_unwritten
+            .store(unwritten, Ordering::Relaxed);
     }
 
     /// Whether the token source should be probed: it has not answered recently, or it
@@ -99,6 +109,8 @@ impl Health {
             Err(NotReady::TokenSourceSilent)
         } else if self.token_source_refused.load(Ordering::Relaxed) {
             Err(NotReady::TokenSourceRefuses)
+        } else if self.token_store_unwritten.load(Ordering::Relaxed) {
+            Err(NotReady::TokenStoreUnwritten)
         } else {
             Ok(())
         };

@@ -103,6 +103,9 @@ pub enum LoginError {
     /// The account's refresh token was refused (`invalid_grant`): someone must authorize it again.
     #[error("account needs re-authorization")]
     NeedsReauthorization,
+    /// The identity provider refuses mailgate's settings for the account: for the operator.
+    #[error("account misconfigured at its identity provider")]
+    Misconfigured,
     /// The client or its address failed too often and is blocked for a while.
     #[error("too many failed logins")]
     Throttled,
@@ -126,6 +129,7 @@ impl LoginError {
         match self {
             LoginError::BadCredentials => "bad_credentials",
             LoginError::NeedsReauthorization => "needs_reauthorization",
+            LoginError::Misconfigured => "misconfigured",
             LoginError::Throttled => "throttled",
             LoginError::Overloaded => "overloaded",
             LoginError::CheckUnavailable => "check_unavailable",
@@ -136,9 +140,10 @@ impl LoginError {
     }
 
     /// Every label, for exporting each series from the start.
-    pub const ALL: [LoginError; 8] = [
+    pub const ALL: [LoginError; 9] = [
         LoginError::BadCredentials,
         LoginError::NeedsReauthorization,
+        LoginError::Misconfigured,
         LoginError::Throttled,
         LoginError::Overloaded,
         LoginError::CheckUnavailable,

@@ -87,6 +87,10 @@ enum AccountsAction {
         /// A file holding the refresh token, or `-` for standard input.
         #[arg(long)]
         refresh_token_file: PathBuf,
+        /// Store it without redeeming it once at the provider (the account then shows as not
+        /// yet tried).
+        #[arg(long)]
+        no_check: bool,
     },
 }
 
@@ -117,10 +121,11 @@ fn main() -> ExitCode {
                 Some(AccountsAction::Import {
                     account,
                     refresh_token_file,
+                    no_check,
                 }),
             ..
         } => run_command(&config, false, |config| async move {
-            commands::import(&config, &account, &refresh_token_file).await
+            commands::import(&config, &account, &refresh_token_file, !no_check).await
         }),
         Command::ConfigSchema => config_schema(),
         Command::TestLogin { account, listener } => {

@@ -41,6 +41,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -111,9 +116,11 @@ pub struct Metrics {
     pub oauth2_accounts: Family<StateLabels, Gauge>,
     pub token_refreshes_ahead: Family<ResultLabels, Counter>,
     pub token_store_write_failures: Counter,
+    pub token_store_unsaved_accounts: Gauge,
     pub reauthorizations_needed: Counter,
     pub sessions_revoked: Counter,
     pub token_service_requests: Family<ResultLabels, Counter>,
+    pub admin_connections_limited: Family<ReasonLabels, Counter>,
     pub client_tls_handshakes: Family<ListenerResultLabels, Counter>,
     pub proxy_headers: Family<ListenerResultLabels, Counter>,
 }
@@ -150,9 +157,11 @@ impl Metrics {
             oauth2_accounts: Family::default(),
             token_refreshes_ahead: Family::default(),
             token_store_write_failures: Counter::default(),
+            token_store_unsaved_accounts: Gauge::default(),
             reauthorizations_needed: Counter::default(),
             sessions_revoked: Counter::default(),
             token_service_requests: Family::default(),
+            admin_connections_limited: Family::default(),
             client_tls_handshakes: Family::default(),
             proxy_headers: Family::default(),
         };
@@ -181,7 +190,7 @@ impl Metrics {
                 .token_refreshes_ahead
                 .get_or_create(&ResultLabels { result });
         }
-        for scope in ["address", "account"] {
+        for scope in ["address", "network", "account"] {
             let _ = self.login_blocks.get_or_create(&ScopeLabels { scope });
         }
     }
@@ -337,7 +346,7 @@ impl Metrics {
         );
         registry.register(
             "failed_login_delay_seconds",
-            "How long refused clients waited for their answer (grows with repeated failures)",
+            "How long logins waited before their password check for recent failures of their address or account",
             self.failed_login_delay_seconds.clone(),
         );
         registry.register(
@@ -347,7 +356,7 @@ impl Metrics {
         );
         registry.register(
             "oauth2_accounts",
-            "OAuth2 accounts by state (ok, never_authorized, needs_reauthorization, store_error, failing)",
+            "OAuth2 accounts by state (ok, not_yet_tried, never_authorized, needs_reauthorization, store_error, misconfigured, failing)",
             self.oauth2_accounts.clone(),
         );
         registry.register(
@@ -357,8 +366,13 @@ impl Metrics {
         );
         registry.register(
             "token_store_write_failures",
-            "Failed writes of the refresh-token store (the token is kept in memory)",
+            "Failed writes of the refresh-token store (the token is kept in memory and retried)",
             self.token_store_write_failures.clone(),
+        );
+        registry.register(
+            "token_store_unsaved_accounts",
+            "Accounts whose current refresh token the store has not taken yet (retried with backoff and at shutdown)",
+            self.token_store_unsaved_accounts.clone(),
         );
         registry.register(
             "reauthorizations_needed",
@@ -372,8 +386,13 @@ impl Metrics {
         );
         registry.register(
             "token_service_requests",
-            "Requests to this mailgate's token service, by result (ok, refused, unauthorized, error)",
+            "Requests to this mailgate's token service, by result (ok, refused, forbidden, unauthorized, error)",
             self.token_service_requests.clone(),
+        );
+        registry.register(
+            "admin_connections_limited",
+            "Admin endpoint connections hit by a limit, by reason (per_address, full: closed; probes_only: only /healthz, /readyz and /metrics served)",
+            self.admin_connections_limited.clone(),
         );
         registry.register(
             "client_tls_handshakes",
@@ -460,6 +479,10 @@ impl Metrics {
         self.token_store_write_failures.inc();
     }
 
+    pub fn token_store_unsaved(&self, accounts: i64) {
+        self.token_store_unsaved_accounts.set(accounts);
+    }
+
     pub fn reauthorization_needed(&self) {
         self.reauthorizations_needed.inc();
     }
@@ -468,6 +491,13 @@ impl Metrics {
         self.token_service_requests
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// Counts `count` connections (0 exports the series).
+    pub fn admin_connection_limited(&self, reason: &'static str, count: u64) {
+        self.admin_connections_limited
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(count);
     }
 
     pub fn login_block(&self, scope: &'static str) {

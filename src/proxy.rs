@@ -88,30 +88,41 @@ impl ListenerProxy {
         proxy
     }
 
-    /// Every step of a login but the bookkeeping around it.
+    /// Every step of a login but the bookkeeping around it: the throttle's wait, then the
+    /// password check, token and upstream login within one `login_timeout`.
     async fn authenticate(&self, request: &LoginRequest) -> Result<Upstream, LoginError> {
         let client = request.client.map(|address| address.ip());
-        let account = &request.credentials.account;
-        if let Err(scope) = self.throttle.check(client, account) {
-            tracing::warn!(
-                scope = scope.label(),
-                "login refused without a check: too many failed logins"
-            );
-            return Err(LoginError::Throttled);
+        let wait = self
+            .throttle
+            .check(client, &request.credentials.account)
+            .map_err(|scope| {
+                tracing::warn!(
+                    scope = scope.label(),
+                    "login refused without a check: too many failed logins"
+                );
+                LoginError::Throttled
+            })?;
+        if !wait.is_zero() {
+            self.metrics.failure_delay(wait);
+            tokio::time::sleep(wait).await;
         }
-        let accepted = self.check_client(request).await?;
-        tokio::time::timeout(
-            self.login_timeout,
-            self.token_and_upstream(request, accepted),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            tracing::warn!(
-                timeout_ms = u64::try_from(self.login_timeout.as_millis()).unwrap_or(u64::MAX),
-                "login did not finish within login_timeout"
-            );
-            Err(LoginError::UpstreamUnavailable)
-        })
+        let deadline = Instant::now() + self.login_timeout;
+        let accepted = tokio::time::timeout_at(deadline, self.check_client(request))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(LoginError::CheckUnavailable)))?;
+        tokio::time::timeout_at(deadline, self.token_and_upstream(request, accepted))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(LoginError::UpstreamUnavailable)))
+    }
+
+    /// Logs a login that `login_timeout` ended; `error` names the step it was in.
+    fn timed_out(&self, error: LoginError) -> LoginError {
+        tracing::warn!(
+            timeout_ms = u64::try_from(self.login_timeout.as_millis()).unwrap_or(u64::MAX),
+            step = error.label(),
+            "login did not finish within login_timeout"
+        );
+        error
     }
 
     /// The client's password checked: accepted, and where the session's token comes from.
@@ -180,6 +191,7 @@ impl ListenerProxy {
                 match error {
                     TokenError::Refused => LoginError::BadCredentials,
                     TokenError::NeedsReauthorization => LoginError::NeedsReauthorization,
+                    TokenError::Misconfigured(_) => LoginError::Misconfigured,
                     TokenError::Unavailable(_) => LoginError::TokenUnavailable,
                 }
             })
@@ -244,12 +256,10 @@ impl Authenticator for ListenerProxy {
         let account = &request.credentials.account;
         match &result {
             Ok(_) => self.throttle.succeeded(client, account),
-            // Guessing costs time, the more the more often it failed; other failures are
+            // Guessing costs the next try its wait (see `authenticate`); other failures are
             // not the client's doing.
             Err(LoginError::BadCredentials) => {
-                let delay = self.throttle.failed(client, account);
-                self.metrics.failure_delay(delay);
-                tokio::time::sleep(delay).await;
+                self.throttle.wrong_password(client, &request.credentials);
             }
             Err(LoginError::Throttled) => {
                 let delay = self.throttle.blocked_delay();

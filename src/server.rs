@@ -346,10 +346,10 @@ impl Server {
                 ClientAuth::new(&config.client_auth, lasting.metrics.clone())
                     .map_err(StartError::ClientAuth)?,
             ),
-            throttle: Arc::new(Throttle::new(
-                &config.client_auth.throttle,
-                lasting.metrics.clone(),
-            )),
+            throttle: Arc::new(
+                Throttle::new(&config.client_auth.throttle, lasting.metrics.clone())
+                    .map_err(StartError::ClientAuth)?,
+            ),
             metrics: lasting.metrics.clone(),
         };
         let (open, all_closed) = mpsc::channel(1);
@@ -460,7 +460,7 @@ impl Server {
             tokens,
             oauth2,
             client_auth: self.client_auth_for(&config)?,
-            throttle: self.throttle_for(&config),
+            throttle: self.throttle_for(&config)?,
             metrics: self.lasting.metrics.clone(),
         };
         let mut prepared = Vec::new();
@@ -522,15 +522,13 @@ impl Server {
     }
 
     /// Keeps the failure counts across a reload unless their rules changed.
-    fn throttle_for(&self, config: &Config) -> Arc<Throttle> {
+    fn throttle_for(&self, config: &Config) -> Result<Arc<Throttle>, StartError> {
         if config.client_auth.throttle == self.config.client_auth.throttle {
-            self.shared.throttle.clone()
-        } else {
-            Arc::new(Throttle::new(
-                &config.client_auth.throttle,
-                self.lasting.metrics.clone(),
-            ))
+            return Ok(self.shared.throttle.clone());
         }
+        Throttle::new(&config.client_auth.throttle, self.lasting.metrics.clone())
+            .map(Arc::new)
+            .map_err(StartError::ClientAuth)
     }
 
     fn spawn_listener(&self, tcp: TcpListener, runtime: Arc<ListenerRuntime>) -> RunningListener {
@@ -601,6 +599,19 @@ impl Server {
         let _ = health.readiness();
     }
 
+    /// Writes the refresh tokens the store has not taken yet, within `grace`.
+    async fn flush_token_store(&self, grace: Duration) {
+        if let Some(oauth2) = &self.shared.oauth2
+            && tokio::time::timeout(grace, oauth2.flush_unsaved())
+                .await
+                .is_err()
+        {
+            tracing::error!(
+                "the token store did not take the unwritten refresh tokens within the grace period"
+            );
+        }
+    }
+
     /// Reports not ready at once, keeps accepting for the drain delay (while load balancers
     /// catch up), stops accepting, lets sessions finish within the grace period, then closes
     /// the rest.
@@ -618,6 +629,7 @@ impl Server {
         self.listeners.clear();
         self.sessions.open = None;
         let grace = self.config.shutdown_grace;
+        self.flush_token_store(grace).await;
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
         if tokio::time::timeout(grace, self.sessions.all_closed.recv())
             .await
@@ -700,7 +712,6 @@ fn admin_runtime(config: &Config, shared: &Shared) -> Result<AdminRuntime, crate
             .map(admin::token_service::Settings::new),
         oauth2: shared.oauth2.clone(),
         tokens: Some(shared.tokens.clone()),
-        throttle: Some(shared.throttle.clone()),
     })
 }
 

@@ -479,3 +479,60 @@ fn the_charts_values_schema_embeds_the_current_config_schema() {
         .collect();
     assert_eq!(serde_json::Value::Object(embedded), definitions, "{stale}");
 }
+
+#[tokio::test]
+async fn admin_passwords_shorter_than_twelve_bytes_are_refused_by_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(&dir, "empty", "\n");
+    let short = write(&dir, "short", "eleven-byte");
+    let good = write(&dir, "good", "twelve-bytes");
+    let admin = support::free_port();
+    let config = |onboarding: &str, service: &str| {
+        format!(
+            "{GOOD}admin:\n  listen: \"127.0.0.1:{admin}\"\n  onboarding: {{ password_file: \"{onboarding}\" }}\n  token_service: {{ password_file: \"{service}\" }}\n"
+        )
+    };
+
+    let path = write(&dir, "empty.yaml", &config(&empty, &good));
+    let out = mailgate(&["check", "--config", &path]);
+    assert_eq!(out.status.code(), Some(64));
+    let errors = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        errors.contains(&format!(
+            "{path}: admin.onboarding.password_file: the password has 0 bytes; at least 12"
+        )),
+        "{errors}"
+    );
+    // `serve` refuses it too, instead of answering `curl -u admin: .../accounts`.
+    let mut serving = Mailgate::spawn(&config(&empty, &good), &["serve"], &[]);
+    let code = serving.wait_exit(std::time::Duration::from_secs(10)).await;
+    assert_eq!(code, Some(64), "{}", serving.output());
+    assert!(
+        serving.stderr().contains("admin.onboarding.password_file"),
+        "{}",
+        serving.output()
+    );
+
+    let path = write(&dir, "short.yaml", &config(&good, &short));
+    let errors = String::from_utf8(mailgate(&["check", "--config", &path]).stderr).unwrap();
+    assert!(
+        errors.contains("admin.token_service.password_file: the password has 11 bytes"),
+        "{errors}"
+    );
+    let client = config(&good, &good).replace(
+        &format!("token_service: {{ password_file: \"{good}\" }}"),
+        &format!(
+            "token_service: {{ clients: {{ sidecar: {{ password_file: \"{short}\", accounts: [\"*\"] }} }} }}"
+        ),
+    );
+    let path = write(&dir, "client.yaml", &client);
+    let errors = String::from_utf8(mailgate(&["check", "--config", &path]).stderr).unwrap();
+    assert!(
+        errors.contains("admin.token_service.clients.sidecar.password_file: the password has 11"),
+        "{errors}"
+    );
+
+    let path = write(&dir, "good.yaml", &config(&good, &good));
+    let out = mailgate(&["check", "--config", &path]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -11,7 +11,7 @@ use argon2::PasswordHasher as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::imap_client::ImapClient;
+use support::imap_client::{Completion, ImapClient};
 use support::process::{rss_kib, send_signal};
 use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, eventually, free_port, with_timeout};
 
@@ -432,6 +432,242 @@ async fn the_upstreams_own_smtp_completion_reaches_the_client() {
         }
         // Dovecot's words, not mailgate's.
         assert_eq!(line, "235 2.7.0 Logged in.\r\n");
+    })
+    .await;
+}
+
+/// An argon2id hash cheap enough for tests that log in dozens of times.
+fn quick_hash(password: &str) -> String {
+    let params = argon2::Params::new(64, 1, 1, None).unwrap();
+    let salt = argon2::password_hash::SaltString::from_b64("bWFpbGdhdGUtdGVzdC1zYWx0").unwrap();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// mailgate in `static` mode with `accounts` (account, mailbox, password), each granted
+/// its mailbox at the real Dovecot, and `throttle` as the throttle's flow mapping. Returns
+/// it and its IMAP port.
+async fn static_mailgate(
+    up: &TestUpstream,
+    accounts: &[(&str, &str, &str)],
+    throttle: &str,
+) -> (Mailgate, u16) {
+    let (imap, smtp) = (free_port(), free_port());
+    let mut config = format!(
+        "{}client_auth:\n  mode: static\n  throttle: {throttle}\n  accounts:\n",
+        up.mailgate_config(imap, smtp)
+    );
+    for (account, mailbox, password) in accounts {
+        up.auth.grant(account, mailbox);
+        config.push_str(&format!("    {account}: \"{}\"\n", quick_hash(password)));
+    }
+    (Mailgate::start(&config).await, imap)
+}
+
+/// One IMAP login on a new connection from 127.0.0.`host`.
+async fn login_from(imap: u16, host: u8, account: &str, password: &str) -> Completion {
+    let from = IpAddr::from([127, 0, 0, host]);
+    let mut client = ImapClient::connect_from(localhost(imap), from).await;
+    client.login(account, password).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_from_three_addresses_do_not_lock_the_owner_out() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let throttle = "{ failure_delay: 10ms, max_failure_delay: 50ms }";
+        let (mailgate, imap) = static_mailgate(&up, &[(ACCOUNT, USER, RIGHT)], throttle).await;
+        for stranger in 2..=4 {
+            for guess in 0..10 {
+                let password = format!("guess-{stranger}-{guess}");
+                let refused = login_from(imap, stranger, ACCOUNT, &password).await;
+                assert!(refused.tagged.contains(" NO "), "{refused:?}");
+            }
+        }
+        // The owner, from an address mailgate never saw, logs in through to Dovecot.
+        let owner = login_from(imap, 5, ACCOUNT, RIGHT).await;
+        assert!(owner.is_ok(), "{owner:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_password_retried_behind_a_nat_blocks_nobody_else() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let accounts = [
+            (ACCOUNT, USER, RIGHT),
+            ("acct2", "bob@example.test", "bob's new password"),
+        ];
+        let throttle = "{ failure_delay: 10ms, max_failure_delay: 50ms }";
+        let (mailgate, imap) = static_mailgate(&up, &accounts, throttle).await;
+        // Bob's phone behind the office NAT (127.0.0.2) retries his old password.
+        for _ in 0..15 {
+            let retry = login_from(imap, 2, "acct2", "bob's old password").await;
+            assert!(retry.tagged.contains(" NO "), "{retry:?}");
+        }
+        // Alice, behind the same NAT, is not blocked by it.
+        let colleague = login_from(imap, 2, ACCOUNT, RIGHT).await;
+        assert!(colleague.is_ok(), "{colleague:?}\n{}", mailgate.output());
+        // Bob tries ten other passwords: now the address is blocked, for all but Alice,
+        // who logged in from it.
+        for variant in 0..10 {
+            let guess = login_from(imap, 2, "acct2", &format!("bob's guess {variant}")).await;
+            assert!(guess.tagged.contains(" NO "), "{guess:?}");
+        }
+        let bob = login_from(imap, 2, "acct2", "bob's new password").await;
+        assert!(bob.tagged.contains("NO [UNAVAILABLE]"), "{bob:?}");
+        let colleague = login_from(imap, 2, ACCOUNT, RIGHT).await;
+        assert!(colleague.is_ok(), "{colleague:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_recent_failures_comes_before_the_check_on_a_new_connection() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let throttle = "{ failure_delay: 3s, max_failure_delay: 3s }";
+        let (mailgate, imap) = static_mailgate(&up, &[(ACCOUNT, USER, RIGHT)], throttle).await;
+        let refused = login_from(imap, 6, ACCOUNT, "a guess").await;
+        assert!(refused.tagged.contains(" NO "), "{refused:?}");
+        // Hanging up and calling again does not skip the wait: it comes before the check.
+        let started = tokio::time::Instant::now();
+        let again = login_from(imap, 6, ACCOUNT, RIGHT).await;
+        let waited = started.elapsed();
+        assert!(again.is_ok(), "{again:?}\n{}", mailgate.output());
+        assert!(
+            waited >= Duration::from_millis(2500),
+            "answered after {waited:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_timeout_bounds_a_password_check_that_never_answers() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (hole, _task) = black_hole().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let config = format!(
+            "{}client_auth:\n  mode: auth_server\n  auth_server: {{ url: \"http://127.0.0.1:{hole}/check\", timeout: 25s }}\n",
+            up.mailgate_config(imap, smtp)
+                .replace("    upstream:\n", "    login_timeout: 2s\n    upstream:\n")
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let started = tokio::time::Instant::now();
+        let mut client = ImapClient::connect(localhost(imap)).await;
+        let login = client.login(ACCOUNT, RIGHT).await;
+        let waited = started.elapsed();
+        assert!(login.tagged.contains("NO [UNAVAILABLE]"), "{login:?}");
+        // login_timeout (2 s) ended it, not the auth server's own timeout (25 s).
+        assert!(waited < Duration::from_secs(15), "answered after {waited:?}");
+        drop(mailgate);
+    })
+    .await;
+}
+
+/// Connects to the admin endpoint from `source`, sends a POST's headers, then one byte of its
+/// body a second; returns the status line it was answered with (empty: closed unanswered).
+async fn slow_body(admin: u16, source: [u8; 4], sent: tokio::sync::mpsc::Sender<()>) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
+    let mut stream = socket.connect(localhost(admin)).await.unwrap();
+    let head = "POST /token HTTP/1.1\r\nHost: admin\r\nContent-Length: 1000\r\n\r\n";
+    let written = stream.write_all(head.as_bytes()).await;
+    let _ = sent.send(()).await;
+    if written.is_err() {
+        return String::new();
+    }
+    let mut answer = [0u8; 64];
+    loop {
+        tokio::select! {
+            read = stream.read(&mut answer) => {
+                let n = read.unwrap_or(0);
+                let text = String::from_utf8_lossy(&answer[..n]);
+                return text.lines().next().unwrap_or_default().to_owned();
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                if stream.write_all(b"x").await.is_err() {
+                    return String::new();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_while_slow_clients_hold_the_admin_endpoint() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            up.mailgate_config(imap, smtp)
+        );
+        let mailgate = Mailgate::start(&config).await;
+
+        // Eighty clients from five addresses send a body one byte a second.
+        let (sent, mut all_sent) = tokio::sync::mpsc::channel(100);
+        let holders: Vec<_> = (0..80u8)
+            .map(|n| tokio::spawn(slow_body(admin, [127, 0, 0, 2 + n % 5], sent.clone())))
+            .collect();
+        for _ in 0..80 {
+            all_sent.recv().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // The liveness probe still gets its answers, one connection each.
+        mailgate::tls::install_crypto_provider();
+        let probe = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut answered = 0;
+        for _ in 0..20 {
+            let status = probe
+                .get(format!("http://127.0.0.1:{admin}/healthz"))
+                .send()
+                .await
+                .map(|response| response.status().as_u16());
+            if status.as_ref().is_ok_and(|status| *status == 200) {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 20, "{}", mailgate.output());
+
+        // The body deadline ends the slow requests (408); those beyond the shared connections
+        // were told the endpoint serves probes only (503), or closed at once.
+        let mut timed_out = 0;
+        for holder in holders {
+            let status = holder.await.unwrap();
+            assert!(
+                status.is_empty() || status.contains(" 408 ") || status.contains(" 503 "),
+                "{status}"
+            );
+            timed_out += usize::from(status.contains(" 408 "));
+        }
+        assert!(timed_out >= 60, "{timed_out} answered 408");
+        let text = metrics(admin).await;
+        assert!(
+            metric(
+                &text,
+                "mailgate_admin_connections_limited_total{reason=\"probes_only\"}"
+            ) >= 16.0,
+            "{text}"
+        );
+        assert!(
+            mailgate
+                .output()
+                .contains("admin endpoint connection limit reached"),
+            "{}",
+            mailgate.output()
+        );
     })
     .await;
 }

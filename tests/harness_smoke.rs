@@ -395,6 +395,12 @@ fn the_secret_scan_finds_a_secret_in_every_form_it_may_take() {
     assert_eq!(secrets::scan("pw password").map(|l| l.kind), None);
 }
 
+#[test]
+#[should_panic(expected = "the secret scan cannot read this mailgate configuration")]
+fn the_secret_scan_refuses_a_configuration_it_cannot_read() {
+    support::secrets::remember_config("listeners: [ {name: imap\n  password: \"x", &[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailgate_run_that_logged_a_secret_fails_naming_its_kind_only() {
     with_timeout(TEST_TIMEOUT, async {

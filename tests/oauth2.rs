@@ -70,26 +70,46 @@ impl Setup {
     }
 
     /// Seeds a refresh token for `user` at the provider and puts it in mailgate's store for
-    /// `account` with `mailgate accounts import`.
+    /// `account` with `mailgate accounts import --no-check` (so the provider has not seen it
+    /// used yet).
     async fn onboarded(&self, config: &str, account: &str, user: &str) -> String {
         let token = self.consented(user);
+        let (code, out, err) = self.import(config, account, &token, &["--no-check"]).await;
+        assert_eq!(code, Some(0), "{out}{err}");
+        token
+    }
+
+    /// `mailgate accounts import` of `token` for `account`, with `extra` arguments.
+    async fn import(
+        &self,
+        config: &str,
+        account: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> (Option<i32>, String, String) {
         let file = self.path(&format!("{account}.rt"));
         std::fs::write(&file, format!("{token}\n")).unwrap();
         let file = file.display().to_string();
-        let (code, out, err) = command(
-            config,
-            &[
-                "accounts",
-                "import",
-                "--account",
-                account,
-                "--refresh-token-file",
-                &file,
-            ],
-        )
-        .await;
-        assert_eq!(code, Some(0), "{out}{err}");
-        token
+        let mut args = vec![
+            "accounts",
+            "import",
+            "--account",
+            account,
+            "--refresh-token-file",
+            &file,
+        ];
+        args.extend_from_slice(extra);
+        command(config, &args).await
+    }
+
+    async fn readyz(&self) -> String {
+        curl(&[
+            "-w",
+            " %{http_code}",
+            &format!("http://127.0.0.1:{}/readyz", self.admin),
+        ])
+        .await
+        .stdout
     }
 
     /// mailgate's config: the test upstream's listeners, an admin endpoint, and an OAuth2
@@ -365,6 +385,66 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
         let results: Vec<&str> = requests.iter().map(|r| r.result.as_str()).collect();
         assert_eq!(results, ["abandoned", "ok"]);
         assert_eq!(requests[1].refresh_token.as_deref(), Some(first.as_str()));
+    })
+    .await;
+}
+
+/// The window no client can close: the provider rotated the token, and mailgate died before
+/// the answer reached it. The account then needs re-authorization, cleanly: said at the next
+/// login, in `accounts`, and fixed by authorizing it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_the_provider_rotated_needs_reauthorization_cleanly() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        let first = s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let hold = s.provider.hold_answers();
+        let address = s.imap_address();
+        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider.held_requests() == 1
+            })
+            .await,
+            "the refresh never reached the provider"
+        );
+        send_signal(mailgate.pid().unwrap(), "KILL");
+        mailgate.wait_exit(Duration::from_secs(5)).await;
+        drop(hold);
+        let _ = login.await;
+        let requests = s.provider.token_requests();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(
+            requests[0].result, "ok",
+            "the provider committed the rotation"
+        );
+        assert_ne!(
+            s.provider.current_refresh_token(ALICE, CLIENT).as_deref(),
+            Some(first.as_str()),
+            "the provider rotated the token"
+        );
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(
+            login
+                .tagged
+                .contains("NO [AUTHENTICATIONFAILED] account needs re-authorization"),
+            "{login:?}\n{}",
+            mailgate.output()
+        );
+        assert_eq!(
+            account_row(&config, "alice").await["state"],
+            "needs_reauthorization"
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
     })
     .await;
 }
@@ -914,4 +994,313 @@ async fn a_token_rotated_by_another_process_is_picked_up_from_the_store() {
         assert!(again.is_ok(), "{again:?}");
     })
     .await;
+}
+
+/// Runs `mailgate accounts --json` and returns the row of `id`.
+async fn account_row(config: &str, id: &str) -> serde_json::Value {
+    let (code, json, err) = command(config, &["accounts", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["account"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {id} in {json}"))
+}
+
+/// An account re-authorized by another process while the service runs (here an import) is
+/// what the service redeems next; before, the service redeemed the token it held in memory and
+/// wrote it back over the new one.
+async fn a_reauthorization_is_what_the_service_redeems_next(rotation: bool) {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_rotation(rotation);
+        s.provider.set_access_token_lifetime(Duration::from_secs(5));
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "  cache: { refresh_margin: 2s }\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        let (mut session, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}");
+        let fresh = s.consented(ALICE);
+        let (code, out, err) = s.import(&config, "alice", &fresh, &["--no-check"]).await;
+        assert_eq!(code, Some(0), "{out}{err}");
+        let imported_at = s.provider.token_requests().len();
+        // The session keeps the account in use, so its token is renewed ahead of expiry.
+        let renewed = eventually(Duration::from_secs(20), || async {
+            s.provider.token_requests().len() > imported_at
+        })
+        .await;
+        assert!(renewed, "no renewal\n{}", mailgate.output());
+        let next = s.provider.token_requests()[imported_at].clone();
+        assert_eq!(
+            next.refresh_token.as_deref(),
+            Some(fresh.as_str()),
+            "the service redeemed its own copy, undoing the import"
+        );
+        assert_eq!(next.result, "ok");
+        assert!(session.command("NOOP").await.is_ok());
+        // And the store still holds the new authorization's line: a restart logs in with it.
+        drop(mailgate);
+        let current = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+        let _mailgate = Mailgate::start(&config).await;
+        let (_client, again) = imap_login(s.imap_address(), "alice").await;
+        assert!(again.is_ok(), "{again:?}");
+        let last = s.provider.token_requests().pop().unwrap();
+        let expected = if rotation { current } else { fresh };
+        assert_eq!(last.refresh_token.as_deref(), Some(expected.as_str()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reauthorization_with_rotation_is_not_undone_by_the_running_service() {
+    a_reauthorization_is_what_the_service_redeems_next(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reauthorization_without_rotation_is_not_undone_by_the_running_service() {
+    a_reauthorization_is_what_the_service_redeems_next(false).await;
+}
+
+/// Makes a directory immutable (`chattr +i`: even root cannot create files in it) until
+/// dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &std::path::Path) -> Immutable {
+        chattr("+i", dir);
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, dir: &std::path::Path) {
+    let status = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(dir)
+        .status()
+        .expect("chattr (e2fsprogs)");
+    assert!(status.success(), "chattr {flag} {}", dir.display());
+}
+
+/// A rotated refresh token the store refused stays in use, is shown (readiness, metrics),
+/// is written once the store takes it again, and is written at shutdown: it is never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_store_write_is_retried_shown_and_done_at_shutdown() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        s.provider.set_access_token_lifetime(Duration::from_secs(5));
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "  cache: { refresh_margin: 2s }\n",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mut mailgate = Mailgate::start(&config).await;
+        let unsaved =
+            || async { metric(&s.metrics().await, "mailgate_token_store_unsaved_accounts") };
+        let failures = || async {
+            metric(
+                &s.metrics().await,
+                "mailgate_token_store_write_failures_total",
+            )
+        };
+
+        // The store refuses writes; the rotated token serves the login from memory.
+        let immutable = Immutable::set(&s.path("tokens"));
+        let (mut session, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        assert_eq!(unsaved().await, 1.0);
+        let ready = s.readyz().await;
+        assert!(
+            ready.ends_with(" 503") && ready.contains("token store"),
+            "{ready}"
+        );
+        // Retried with backoff, and taken once the store is writable again.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                failures().await >= 2.0
+            })
+            .await
+        );
+        drop(immutable);
+        assert!(
+            eventually(Duration::from_secs(20), || async { unsaved().await == 0.0 }).await,
+            "{}",
+            mailgate.output()
+        );
+        assert!(s.readyz().await.ends_with(" 200"));
+
+        // Refused again at the next renewal; the store becomes writable only as the service
+        // stops: the shutdown writes it.
+        let immutable = Immutable::set(&s.path("tokens"));
+        let before = failures().await;
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                failures().await >= before + 2.0
+            })
+            .await,
+            "{}",
+            mailgate.output()
+        );
+        assert!(session.command("NOOP").await.is_ok());
+        drop(immutable);
+        send_signal(mailgate.pid().unwrap(), "TERM");
+        mailgate.wait_exit(Duration::from_secs(20)).await;
+        drop(session);
+        // The last token the provider rotated to, whichever renewal that was.
+        let rotated = s.provider.current_refresh_token(ALICE, CLIENT).unwrap();
+
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+        let last = s.provider.token_requests().pop().unwrap();
+        assert_eq!(last.refresh_token.as_deref(), Some(rotated.as_str()));
+        assert_eq!(last.result, "ok");
+    })
+    .await;
+}
+
+/// A provider refusing mailgate's own settings is the operator's problem: a permanent
+/// failure for the client (no endless retries), `misconfigured` in `accounts`, a metric and
+/// a log line with the provider's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_configuration_is_a_permanent_misconfigured_failure() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let accounts = account("printer", "client_credentials", PRINTER)
+            + &account("alice", "refresh_token", ALICE);
+        std::fs::write(s.path("wrong-secret"), "not-the-client-secret").unwrap();
+        let config = s
+            .config(&s.secret("post"), &accounts, "")
+            .replace("client-secret", "wrong-secret");
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        let (_client, login) = imap_login(s.imap_address(), "printer").await;
+        assert!(
+            login.tagged.contains("NO [CONTACTADMIN]"),
+            "{login:?}\n{}",
+            mailgate.output()
+        );
+        let reply = smtp_auth_plain(SocketAddr::from(([127, 0, 0, 1], s.smtp)), "printer").await;
+        assert!(reply.starts_with("535 5.3.5"), "{reply}");
+        // A refresh-token account with a refused client keeps its refresh token.
+        let (_client, login) = imap_login(s.imap_address(), "alice").await;
+        assert!(login.tagged.contains("NO [CONTACTADMIN]"), "{login:?}");
+        let metrics = s.metrics().await;
+        assert_eq!(
+            metric(
+                &metrics,
+                "mailgate_oauth2_accounts{state=\"misconfigured\"}"
+            ),
+            2.0,
+            "{metrics}"
+        );
+        assert!(
+            mailgate
+                .output()
+                .contains("refuses this account's OAuth2 settings"),
+            "{}",
+            mailgate.output()
+        );
+        assert!(mailgate.output().contains("invalid_client"));
+        drop(mailgate);
+
+        // Fixed: both log in, alice with the refresh token she had.
+        let mailgate = Mailgate::start(&s.config(&s.secret("post"), &accounts, "")).await;
+        for id in ["printer", "alice"] {
+            let (_client, login) = imap_login(s.imap_address(), id).await;
+            assert!(login.is_ok(), "{id}: {login:?}\n{}", mailgate.output());
+        }
+
+        // A client-credentials grant refused outright (invalid_grant) is no temporary outage.
+        drop(mailgate);
+        let config = s.config(&s.secret("post"), &accounts, "");
+        let _mailgate = Mailgate::start(&config).await;
+        s.provider.fail_next(1, 400, "invalid_grant");
+        let (_client, login) = imap_login(s.imap_address(), "printer").await;
+        assert!(login.tagged.contains("NO [CONTACTADMIN]"), "{login:?}");
+    })
+    .await;
+}
+
+/// Accounts never tried say so (not `ok`), and an import redeems the token once, so a used or
+/// wrong one shows at once, not at the first login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untried_accounts_say_so_and_an_import_is_checked() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let accounts = account("alice", "refresh_token", ALICE)
+            + &account("printer", "client_credentials", PRINTER);
+        let config = s.config(&s.secret("post"), &accounts, "");
+        assert_eq!(
+            account_row(&config, "printer").await["state"],
+            "not_yet_tried"
+        );
+
+        let unchecked = s.consented(ALICE);
+        let (code, out, err) = s
+            .import(&config, "alice", &unchecked, &["--no-check"])
+            .await;
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert_eq!(
+            account_row(&config, "alice").await["state"],
+            "not_yet_tried"
+        );
+        assert_eq!(s.provider.count("refresh_token"), 0);
+
+        let checked = s.consented(ALICE);
+        let (code, out, err) = s.import(&config, "alice", &checked, &[]).await;
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("the provider accepted it"), "{out}");
+        let requests = s.provider.token_requests();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].refresh_token.as_deref(), Some(checked.as_str()));
+        assert_eq!(account_row(&config, "alice").await["state"], "ok");
+
+        // A token the provider no longer honours is refused at import.
+        assert!(s.provider.revoke_token(&unchecked));
+        let (code, _, err) = s.import(&config, "alice", &unchecked, &[]).await;
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("refused the refresh token"), "{err}");
+        assert_eq!(
+            account_row(&config, "alice").await["state"],
+            "needs_reauthorization"
+        );
+    })
+    .await;
+}
+
+/// `AUTH PLAIN` as `account` over plain SMTP; the reply line.
+async fn smtp_auth_plain(address: SocketAddr, account: &str) -> String {
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    // The greeting, then EHLO's lines up to the last (`250 `).
+    let _greeting = lines.next_line().await.unwrap();
+    write.write_all(b"EHLO client.test\r\n").await.unwrap();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.starts_with("250 ") {
+            break;
+        }
+    }
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{account}\0any-password"));
+    write
+        .write_all(format!("AUTH PLAIN {credentials}\r\n").as_bytes())
+        .await
+        .unwrap();
+    lines.next_line().await.unwrap().unwrap_or_default()
 }

@@ -421,3 +421,185 @@ async fn an_admin_connects_accounts_in_a_browser_with_both_flows() {
     })
     .await;
 }
+
+/// A client of the admin endpoint from `source`, another loopback address (127.0.0.2 ...).
+fn http_from(source: [u8; 4]) -> reqwest::Client {
+    mailgate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(source))
+        .build()
+        .unwrap()
+}
+
+async fn token_status(
+    s: &Setup,
+    source: [u8; 4],
+    user: &str,
+    password: &str,
+    account: &str,
+) -> u16 {
+    http_from(source)
+        .get(format!("{}/token?account={account}&proto=imap", s.base()))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// An argon2id hash with the crate's default parameters, for a static account.
+fn password_hash(password: &str) -> String {
+    use argon2::PasswordHasher as _;
+    let salt = argon2::password_hash::SaltString::from_b64("bWFpbGdhdGUtdGVzdC1zYWx0").unwrap();
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_admin_logins_block_only_their_address_and_mail_logins_none() {
+    with_timeout(2 * MINUTE, async {
+        let s = Setup::start().await;
+        let config = format!(
+            "{}client_auth:\n  mode: static\n  throttle: {{ failure_delay: 10ms, max_failure_delay: 20ms, block_account_after: 30 }}\n  accounts:\n    alice: \"{}\"\n",
+            s.config(),
+            password_hash("alice-mail-password")
+        );
+        let mailgate = Mailgate::start(&config).await;
+
+        // Failed IMAP logins with the name the admin endpoint used to count under, from four
+        // addresses: past the mail throttle's account block (opted in above).
+        let imap = SocketAddr::from(([127, 0, 0, 1], s.imap));
+        for source in 2..6u8 {
+            for guess in 0..8 {
+                let mut client = ImapClient::connect_from(imap, [127, 0, 0, source].into()).await;
+                let login = client
+                    .login("(admin endpoint)", &format!("guess-{source}-{guess}"))
+                    .await;
+                assert!(!login.is_ok(), "{login:?}");
+            }
+        }
+        let status = token_status(&s, [127, 0, 0, 6], "mailgate", SERVICE_PASSWORD, "printer").await;
+        assert_eq!(status, 200, "{}", mailgate.output());
+
+        // Ten wrong passwords from each of three addresses, at once.
+        let guesses: Vec<_> = (7..10u8)
+            .flat_map(|source| (0..10).map(move |_| source))
+            .map(|source| {
+                let s_base = s.base();
+                tokio::spawn(async move {
+                    http_from([127, 0, 0, source])
+                        .get(format!("{s_base}/token?account=printer&proto=imap"))
+                        .basic_auth("mailgate", Some("wrong-password"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        for guess in guesses {
+            assert_eq!(guess.await.unwrap(), 401);
+        }
+        // A guessing address is blocked, even with the right password ...
+        let status = token_status(&s, [127, 0, 0, 7], "mailgate", SERVICE_PASSWORD, "printer").await;
+        assert_eq!(status, 429);
+        // ... and no other: the token service and the page still answer a fourth address.
+        let status = token_status(&s, [127, 0, 0, 10], "mailgate", SERVICE_PASSWORD, "printer").await;
+        assert_eq!(status, 200, "{}", mailgate.output());
+        let page = http_from([127, 0, 0, 10])
+            .get(format!("{}/accounts", s.base()))
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200);
+
+        // An address that logged in is not blocked by its own later failures (a pod left with
+        // an old password beside one with the new).
+        let retries: Vec<_> = (0..12)
+            .map(|_| {
+                let base = s.base();
+                tokio::spawn(async move {
+                    http_from([127, 0, 0, 10])
+                        .get(format!("{base}/token?account=printer&proto=imap"))
+                        .basic_auth("mailgate", Some("old-password"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        for retry in retries {
+            assert_eq!(retry.await.unwrap(), 401);
+        }
+        let status = token_status(&s, [127, 0, 0, 10], "mailgate", SERVICE_PASSWORD, "printer").await;
+        assert_eq!(status, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_token_service_client_gets_only_its_own_accounts() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let printer_password = "printer-sidecar-pw-0d4";
+        let all_password = "all-accounts-pw-9e2c";
+        std::fs::write(s.dir.path().join("printer-sidecar"), printer_password).unwrap();
+        std::fs::write(s.dir.path().join("all-accounts"), all_password).unwrap();
+        let config = s.config().replace(
+            "  token_service:\n",
+            &format!(
+                "  token_service:\n    clients:\n      printer-sidecar: {{ password_file: \"{}\", accounts: [printer] }}\n      everything: {{ password_file: \"{}\", accounts: [\"*\"] }}\n",
+                s.path("printer-sidecar"),
+                s.path("all-accounts"),
+            ),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let local = [127, 0, 0, 1];
+
+        // The printer's sidecar gets the printer's token, and alice's account does not exist
+        // for it.
+        let status = token_status(&s, local, "printer-sidecar", printer_password, "printer").await;
+        assert_eq!(status, 200, "{}", mailgate.output());
+        let status = token_status(&s, local, "printer-sidecar", printer_password, "alice").await;
+        assert_eq!(status, 404);
+        // Its password is its own: not another client's.
+        let status = token_status(&s, local, "everything", printer_password, "printer").await;
+        assert_eq!(status, 401);
+
+        // `*` may ask for every account: alice's is found (never authorized, so refused 403).
+        let status = token_status(&s, local, "everything", all_password, "printer").await;
+        assert_eq!(status, 200);
+        let status = token_status(&s, local, "everything", all_password, "alice").await;
+        assert_eq!(status, 403);
+        // The single password of before is still a client that may fetch every account.
+        let status = token_status(&s, local, "mailgate", SERVICE_PASSWORD, "printer").await;
+        assert_eq!(status, 200);
+
+        // A sidecar with the printer's credentials logs the printer in, and not alice.
+        let (imap, smtp) = (free_port(), free_port());
+        let listeners = s.up.mailgate_config(imap, smtp);
+        let listeners = listeners.split("tokens:").next().unwrap();
+        let sidecar = Mailgate::start(&format!(
+            "{listeners}tokens:\n  auth_server:\n    url: \"http://printer-sidecar@127.0.0.1:{}/token\"\n    password_file: \"{}\"\n",
+            s.admin,
+            s.path("printer-sidecar")
+        ))
+        .await;
+        let address = SocketAddr::from(([127, 0, 0, 1], imap));
+        let mut client = ImapClient::connect(address).await;
+        let login = client.login("printer", "x").await;
+        assert!(login.is_ok(), "{login:?}\n{}", sidecar.output());
+        let mut client = ImapClient::connect(address).await;
+        let login = client.login("alice", "x").await;
+        assert!(!login.is_ok(), "{login:?}");
+        mailgate.assert_not_logged(printer_password);
+    })
+    .await;
+}

@@ -2,7 +2,9 @@
 //! `admin.onboarding`, the [`onboarding`] page; with `admin.token_service`, the
 //! [`token_service`]. Optionally over TLS, whose certificate a reload can replace.
 
+mod admission;
 pub mod onboarding;
+pub mod throttle;
 pub mod token_service;
 
 use std::convert::Infallible;
@@ -19,23 +21,28 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::client_auth::throttle::Throttle;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
+use admission::{Admission, Share};
+use throttle::AdminThrottle;
 
-/// Scrapers, probes and a person at the onboarding page need a handful of connections; more
-/// are refused, so that no one can hold the process's descriptors through this port.
-const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this (a half-sent request holds nothing longer).
+/// hyper starts the timer again while a kept-alive connection waits for its next request, so
+/// this is the idle deadline too.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest an admin connection lives, keep-alive included; clients reconnect.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Probes and scrapers send their request at once; on the reserve, a connection that does not
+/// gives its place back soon.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A request's body must arrive within this after its headers (a form is a few hundred bytes).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection lives, keep-alive included; clients reconnect. Room for a
+/// token fetch that waits for a provider (10 s by default) and its retry.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Forms on the onboarding page are a few hundred bytes.
@@ -51,6 +58,8 @@ pub struct Admin {
     current: RwLock<Arc<AdminRuntime>>,
     /// Authorizations and device flows under way, kept across reloads.
     flows: onboarding::Flows,
+    /// Failed basic-auth logins by address, kept across reloads.
+    throttle: AdminThrottle,
 }
 
 /// The parts of the admin endpoint that a reload replaces.
@@ -61,8 +70,6 @@ pub struct AdminRuntime {
     pub token_service: Option<token_service::Settings>,
     pub oauth2: Option<Arc<OAuth2>>,
     pub tokens: Option<Arc<TokenCache>>,
-    /// Counts failed basic-auth attempts like failed logins.
-    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl Admin {
@@ -70,6 +77,7 @@ impl Admin {
     /// No randomness for the onboarding page's CSRF token.
     pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self, String> {
         Ok(Self {
+            throttle: AdminThrottle::new(metrics.clone()),
             metrics,
             health,
             current: RwLock::new(Arc::new(AdminRuntime::default())),
@@ -93,7 +101,7 @@ impl Admin {
 /// Serves admin requests on `listener` until `stop` completes.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Arc::new(Admission::new(admin.metrics.clone()));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -106,30 +114,39 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: impl Future<O
             },
             () = &mut stop => return,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin endpoint at its connection limit; closing a connection");
+        // Refused connections are closed at once; the admission counts and warns.
+        let Ok(slot) = admission.admit(peer.ip()) else {
             continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let serving = serve_connection(stream, peer, admin);
+            let serving = serve_connection(stream, peer, admin, slot.share());
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, serving).await;
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, admin: Arc<Admin>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    admin: Arc<Admin>,
+    share: Share,
+) {
     let tls = admin.runtime().tls.clone();
     let service = hyper::service::service_fn(move |request| {
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(respond(request, peer.ip(), &admin).await) }
+        async move { Ok::<_, Infallible>(respond(request, peer.ip(), &admin, share).await) }
     });
     let builder = {
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT);
+        builder.timer(TokioTimer::new());
+        match share {
+            Share::Any => builder.header_read_timeout(HEADER_TIMEOUT),
+            // One request, then the place goes back to the reserve.
+            Share::ProbesOnly => builder
+                .header_read_timeout(PROBE_HEADER_TIMEOUT)
+                .keep_alive(false),
+        };
         builder
     };
     let result = match tls {
@@ -167,10 +184,24 @@ pub struct AdminRequest {
     pub client: IpAddr,
 }
 
-async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin) -> Reply {
+async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin, share: Share) -> Reply {
     let (parts, body) = request.into_parts();
-    let Ok(body) = Limited::new(body, MAX_BODY_BYTES).collect().await else {
-        return plain(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n");
+    let probe = matches!(parts.uri.path(), "/metrics" | "/healthz" | "/readyz");
+    if share == Share::ProbesOnly && !probe {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: only /healthz, /readyz and /metrics are served now\n",
+        );
+    }
+    let body = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
     };
     let request = AdminRequest {
         method: parts.method,
@@ -188,7 +219,10 @@ async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin) -> R
             None => not_found(),
         },
         _ => match &runtime.onboarding {
-            Some(settings) => onboarding::respond(&request, settings, &runtime, &admin.flows).await,
+            Some(settings) => {
+                onboarding::respond(&request, settings, &runtime, &admin.flows, &admin.throttle)
+                    .await
+            }
             None => not_found(),
         },
     }
@@ -216,22 +250,19 @@ fn status_page(request: &AdminRequest, admin: &Admin) -> Reply {
     }
 }
 
-/// Whether the request carries `user` and `password` in HTTP basic auth. Failures count
-/// against the client's address like failed logins (growing delays, then a block).
+/// Which of `logins` (user name, password) the request carries in HTTP basic auth. Failures
+/// count against the client's address in the admin endpoint's own throttle (growing delays,
+/// then a block); a success exempts the address from blocks.
 ///
 /// # Errors
 /// The reply to send instead: 401 with a challenge, or 429 while the address is blocked.
-pub async fn check_basic_auth(
+pub async fn check_basic_auth<'a>(
     request: &AdminRequest,
-    user: &str,
-    password: Option<&Secret<String>>,
+    logins: impl IntoIterator<Item = (&'a str, &'a Secret<String>)>,
     realm: &str,
-    throttle: Option<&Throttle>,
-) -> Result<(), Box<Reply>> {
-    const ACCOUNT: &str = "(admin endpoint)";
-    if let Some(throttle) = throttle
-        && throttle.check(Some(request.client), ACCOUNT).is_err()
-    {
+    throttle: &AdminThrottle,
+) -> Result<&'a str, Box<Reply>> {
+    if throttle.check(request.client).is_err() {
         return Err(Box::new(plain(
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed attempts; try later\n",
@@ -248,20 +279,22 @@ pub async fn check_basic_auth(
                 .ok()
         })
         .map(Secret::new);
-    let expected = password.map(|password| Secret::new(format!("{user}:{}", password.expose())));
-    let matches = match (presented, expected) {
-        (Some(presented), Some(expected)) => {
-            bool::from(presented.expose().ct_eq(expected.expose().as_bytes()))
+    if let Some(presented) = presented {
+        // Every login is compared, so that the time taken does not tell which user exists.
+        let mut matched = None;
+        for (user, password) in logins {
+            let expected = Secret::new(format!("{user}:{}", password.expose()));
+            if bool::from(presented.expose().ct_eq(expected.expose().as_bytes())) {
+                matched = Some(user);
+            }
         }
-        _ => false,
-    };
-    if matches {
-        return Ok(());
+        if let Some(user) = matched {
+            throttle.succeeded(request.client);
+            return Ok(user);
+        }
     }
-    if request.headers.contains_key(header::AUTHORIZATION)
-        && let Some(throttle) = throttle
-    {
-        tokio::time::sleep(throttle.failed(Some(request.client), ACCOUNT)).await;
+    if request.headers.contains_key(header::AUTHORIZATION) {
+        tokio::time::sleep(throttle.failed(request.client)).await;
     }
     let mut refused = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
     let challenge = format!("Basic realm=\"{realm}\", charset=\"UTF-8\"");

@@ -14,6 +14,7 @@ use maud::{DOCTYPE, Markup, html};
 use subtle::ConstantTimeEq as _;
 use tokio::time::Instant;
 
+use super::throttle::AdminThrottle;
 use super::{AdminRequest, AdminRuntime, Reply, check_basic_auth, plain, reply};
 use crate::config::{Grant, OnboardingConfig};
 use crate::jwt;
@@ -21,7 +22,7 @@ use crate::secret::Secret;
 use crate::token::oauth2::flows::{self, Pending};
 use crate::token::oauth2::provider::Provider;
 use crate::token::oauth2::span_in_minutes;
-use crate::token::oauth2::{AccountState, AccountStatus, OAuth2};
+use crate::token::oauth2::{AccountState, AccountStatus, OAuth2, UNSAVED};
 
 const REALM: &str = "mailgate onboarding";
 /// How long a started authorization waits for the provider's redirect.
@@ -114,16 +115,13 @@ pub async fn respond(
     settings: &Settings,
     runtime: &AdminRuntime,
     flows: &Flows,
+    throttle: &AdminThrottle,
 ) -> Reply {
-    if let Err(refused) = check_basic_auth(
-        request,
-        &settings.user,
-        settings.password.as_ref(),
-        REALM,
-        runtime.throttle.as_deref(),
-    )
-    .await
-    {
+    let login = settings
+        .password
+        .as_ref()
+        .map(|password| (settings.user.as_str(), password));
+    if let Err(refused) = check_basic_auth(request, login, REALM, throttle).await {
         return *refused;
     }
     let Some(oauth2) = runtime.oauth2.clone() else {
@@ -224,16 +222,22 @@ fn action_form(action: &str, account: &str, flows: &Flows, label: &str, id: &str
 }
 
 fn state_text(status: &AccountStatus, now: u64) -> String {
-    match status.state {
+    let state = match status.state {
         AccountState::Ok => match status.access_expires_at {
             Some(at) if at > now => format!("ok, expires in {}", span_in_minutes(at - now)),
             _ => "ok".to_owned(),
         },
         AccountState::NeverAuthorized => "never authorized".to_owned(),
         AccountState::NeedsReauthorization => "needs re-authorization".to_owned(),
+        AccountState::NotYetTried => "not yet tried".to_owned(),
         AccountState::StoreError => "store error".to_owned(),
+        AccountState::Misconfigured => "misconfigured".to_owned(),
         AccountState::Failing => "failing".to_owned(),
+    };
+    if status.unsaved {
+        return format!("{state}; {UNSAVED}");
     }
+    state
 }
 
 fn ago(at: u64, now: u64) -> String {

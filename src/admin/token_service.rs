@@ -3,6 +3,8 @@
 //! accounts, so that one instance holds the refresh tokens and sidecars never race each
 //! other for a rotating one.
 
+use std::collections::BTreeSet;
+
 use hyper::{Method, StatusCode};
 
 use super::{Admin, AdminRequest, AdminRuntime, Reply, check_basic_auth, plain, reply};
@@ -14,18 +16,52 @@ use crate::token::TokenError;
 
 const REALM: &str = "mailgate token service";
 
-/// Who may ask.
+/// The clients that may ask, each for its own accounts.
 pub struct Settings {
+    clients: Vec<Client>,
+}
+
+/// A sidecar with its basic-auth login and the accounts it may fetch.
+struct Client {
     user: String,
-    password: Option<Secret<String>>,
+    password: Secret<String>,
+    /// `None`: every account.
+    accounts: Option<BTreeSet<String>>,
 }
 
 impl Settings {
+    /// The configured `clients`, and `user` with the single password as one more client
+    /// that may fetch every account (the form before per-client credentials).
     pub fn new(config: &TokenServiceConfig) -> Self {
-        Self {
+        let single = config.password.as_ref().map(|password| Client {
             user: config.user.clone(),
-            password: config.password.clone(),
+            password: password.clone(),
+            accounts: None,
+        });
+        let clients = config.clients.iter().filter_map(|(name, client)| {
+            let password = client.password.clone()?;
+            let all = client.accounts.iter().any(|account| account == "*");
+            Some(Client {
+                user: name.clone(),
+                password,
+                accounts: (!all).then(|| client.accounts.iter().cloned().collect()),
+            })
+        });
+        Self {
+            clients: single.into_iter().chain(clients).collect(),
         }
+    }
+
+    fn client(&self, user: &str) -> Option<&Client> {
+        self.clients.iter().find(|client| client.user == user)
+    }
+}
+
+impl Client {
+    fn may_fetch(&self, account: &str) -> bool {
+        self.accounts
+            .as_ref()
+            .is_none_or(|accounts| accounts.contains(account))
     }
 }
 
@@ -38,19 +74,18 @@ pub async fn respond(
     if request.method != Method::GET {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
-    let throttle = runtime.throttle.as_deref();
-    if let Err(refused) = check_basic_auth(
-        request,
-        &settings.user,
-        settings.password.as_ref(),
-        REALM,
-        throttle,
-    )
-    .await
-    {
-        admin.metrics.token_service("unauthorized");
-        return *refused;
-    }
+    let logins = settings
+        .clients
+        .iter()
+        .map(|client| (client.user.as_str(), &client.password));
+    let (client_name, client) =
+        match check_basic_auth(request, logins, REALM, &admin.throttle).await {
+            Ok(name) => (name, settings.client(name)),
+            Err(refused) => {
+                admin.metrics.token_service("unauthorized");
+                return *refused;
+            }
+        };
     let query: Vec<(String, String)> = url::form_urlencoded::parse(request.query.as_bytes())
         .into_owned()
         .collect();
@@ -69,9 +104,20 @@ pub async fn respond(
         Some("smtp") => Protocol::Smtp,
         Some(_) => return plain(StatusCode::BAD_REQUEST, "proto must be imap or smtp\n"),
     };
+    if !client.is_some_and(|client| client.may_fetch(account)) {
+        // As for an account that does not exist: a client learns nothing of the others'.
+        return answer(
+            admin,
+            client_name,
+            account,
+            "forbidden",
+            plain(StatusCode::NOT_FOUND, "no such account\n"),
+        );
+    }
     let (Some(oauth2), Some(tokens)) = (&runtime.oauth2, &runtime.tokens) else {
         return answer(
             admin,
+            client_name,
             account,
             "refused",
             plain(StatusCode::NOT_FOUND, "no such account\n"),
@@ -80,6 +126,7 @@ pub async fn respond(
     if oauth2.account(account).is_none() {
         return answer(
             admin,
+            client_name,
             account,
             "refused",
             plain(StatusCode::NOT_FOUND, "no such account\n"),
@@ -90,6 +137,7 @@ pub async fn respond(
             let UpstreamAuth::Bearer { user, token } = &cached.token.auth else {
                 return answer(
                     admin,
+                    client_name,
                     account,
                     "error",
                     plain(StatusCode::SERVICE_UNAVAILABLE, "no bearer token\n"),
@@ -104,10 +152,13 @@ pub async fn respond(
                 hyper::header::CACHE_CONTROL,
                 hyper::header::HeaderValue::from_static("no-store"),
             );
-            answer(admin, account, "ok", ok)
+            answer(admin, client_name, account, "ok", ok)
         }
-        Err(TokenError::Refused | TokenError::NeedsReauthorization) => answer(
+        Err(
+            TokenError::Refused | TokenError::NeedsReauthorization | TokenError::Misconfigured(_),
+        ) => answer(
             admin,
+            client_name,
             account,
             "refused",
             plain(
@@ -117,6 +168,7 @@ pub async fn respond(
         ),
         Err(TokenError::Unavailable(_)) => answer(
             admin,
+            client_name,
             account,
             "error",
             plain(
@@ -128,8 +180,13 @@ pub async fn respond(
 }
 
 /// Counts and logs an answer, like a login.
-fn answer(admin: &Admin, account: &str, result: &'static str, reply: Reply) -> Reply {
+fn answer(admin: &Admin, client: &str, account: &str, result: &'static str, reply: Reply) -> Reply {
     admin.metrics.token_service(result);
-    tracing::info!(account = %Escaped(account), result, "token service request");
+    tracing::info!(
+        client = %Escaped(client),
+        account = %Escaped(account),
+        result,
+        "token service request"
+    );
     reply
 }

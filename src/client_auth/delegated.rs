@@ -268,7 +268,7 @@ mod tests {
             client: Some(client.parse().unwrap()),
             protocol: Protocol::Imap,
         };
-        let throttle = Throttle::new(&Default::default(), metrics.clone());
+        let throttle = Throttle::new(&Default::default(), metrics.clone()).unwrap();
         match delegated
             .verify(
                 &attempt,

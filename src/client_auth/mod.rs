@@ -254,7 +254,7 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new());
         let auth = ClientAuth::new(&config, metrics.clone()).unwrap();
-        let throttle = Throttle::new(&config.throttle, metrics.clone());
+        let throttle = Throttle::new(&config.throttle, metrics.clone()).unwrap();
         let tokens = TokenCache::without_sources(metrics.clone());
         let verify = |account: &'static str, password: &str| {
             let credentials = credentials(account, password);
@@ -271,8 +271,8 @@ mod tests {
         };
         assert_eq!(verify("alice", "right").await, Ok(true));
         assert_eq!(verify("alice", "wrong").await, Err(CheckError::Refused));
-        // Unknown accounts cost a check too (so they answer as slowly), against a decoy
-        // that is alice's hash but never lets anyone in.
+        // Unknown accounts are checked against a decoy that is alice's hash but never lets
+        // anyone in (that they answer as slowly is the next test's).
         assert_eq!(verify("bob", "right").await, Err(CheckError::Refused));
         let text = metrics.encode();
         assert!(
@@ -287,5 +287,68 @@ mod tests {
             protocol: Protocol::Smtp,
         };
         assert!(any.verify(&attempt, &throttle, &tokens).await.is_ok());
+    }
+
+    /// A hash costly enough (8 MiB, two passes) that its time stands out of scheduling noise.
+    fn costly_hash(password: &str) -> Secret<String> {
+        use argon2::PasswordHasher as _;
+        let params = argon2::Params::new(8 * 1024, 2, 1, None).unwrap();
+        let argon2 =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = argon2::password_hash::SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").unwrap();
+        Secret::new(
+            argon2
+                .hash_password(password.as_bytes(), &salt)
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    fn median(mut times: Vec<std::time::Duration>) -> std::time::Duration {
+        times.sort();
+        times[times.len() / 2]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_account_takes_as_long_as_a_wrong_password() {
+        let config = ClientAuthConfig {
+            mode: ClientAuthMode::Static,
+            hash_workers: Some(1),
+            accounts: [("alice".to_owned(), costly_hash("right"))].into(),
+            ..ClientAuthConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let auth = ClientAuth::new(&config, metrics.clone()).unwrap();
+        let throttle = Throttle::new(&config.throttle, metrics.clone()).unwrap();
+        let tokens = TokenCache::without_sources(metrics);
+        let refused_after = |account: &'static str| {
+            let (auth, throttle, tokens) = (&auth, &throttle, &tokens);
+            async move {
+                let credentials = credentials(account, "wrong");
+                let attempt = Attempt {
+                    credentials: &credentials,
+                    client: None,
+                    protocol: Protocol::Imap,
+                };
+                let started = tokio::time::Instant::now();
+                let verified = auth.verify(&attempt, throttle, tokens).await;
+                assert!(matches!(verified, Err(CheckError::Refused)));
+                started.elapsed()
+            }
+        };
+        // The worker's first check allocates its memory: not part of either answer.
+        refused_after("alice").await;
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        // Interleaved, so that load from elsewhere slows both alike.
+        for _ in 0..9 {
+            known.push(refused_after("alice").await);
+            unknown.push(refused_after("mallory").await);
+        }
+        let (known, unknown) = (median(known), median(unknown));
+        // Generous: without the decoy an unknown account answers hundreds of times sooner.
+        assert!(
+            unknown * 3 > known && unknown < known * 3,
+            "unknown account refused after {unknown:?}, a known one's wrong password after {known:?}"
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! Proofs of verified passwords: HMAC-SHA256 (RFC 2104) of the user name and the password
-//! under a key drawn at random when the check is built. What is remembered is never the
-//! password, and outside this process it cannot even be tested against guesses.
+//! Proofs of passwords: HMAC-SHA256 (RFC 2104) of the user name and the password under a key
+//! drawn at random when the check (or the throttle, for wrong passwords it counted) is built.
+//! What is remembered is never the password, and outside this process it cannot even be
+//! tested against guesses.
 
 use ring::hmac;
 use ring::rand::SystemRandom;
@@ -21,12 +22,17 @@ impl Prover {
 
     /// The proof of `credentials`: equal for equal user names and passwords, and only then.
     pub fn proof(&self, credentials: &Credentials) -> Proof {
-        let account = credentials.account.as_bytes();
+        self.proof_of(&credentials.account, credentials.password.expose())
+    }
+
+    /// The proof of `account` and `password`, for callers that hold them apart.
+    pub fn proof_of(&self, account: &str, password: &str) -> Proof {
+        let account = account.as_bytes();
         let mut context = hmac::Context::with_key(&self.0);
         // Length first, so that ("ab", "c") and ("a", "bc") differ.
         context.update(&(account.len() as u64).to_be_bytes());
         context.update(account);
-        context.update(credentials.password.expose().as_bytes());
+        context.update(password.as_bytes());
         let mut proof = [0u8; 32];
         proof.copy_from_slice(context.sign().as_ref());
         Proof(proof)

@@ -1,20 +1,25 @@
-//! Brute-force defence across connections: failed logins are counted per client address and
-//! per account; each failure is answered later the more there were, and past a threshold the
-//! address (or the account, from addresses that never logged in to it) is blocked for a while.
+//! Brute-force defence across connections: distinct wrong passwords are counted per client
+//! address, per network around it and per account; a login whose address or account failed
+//! recently waits before its check, the longer the more failures, and past a threshold an
+//! address (or its network) is refused for a while. An account is never locked out unless
+//! the operator opts in: its failures only make its logins wait, at most `max_failure_delay`.
 //!
 //! Counts live in bounded caches keyed by an IPv4 address or an IPv6 /64 (one host's usual
-//! allocation) and by a keyed hash of the account id, so a flood of made-up names or addresses
-//! cannot grow memory.
+//! allocation), by the IPv4 /24 or IPv6 /48 around it, and by a keyed hash of the account id
+//! (case and whitespace folded), so a flood of made-up names or addresses cannot grow memory.
 
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use moka::sync::Cache;
 
+use super::proof::Prover;
 use crate::config::ThrottleConfig;
+use crate::login::Credentials;
 use crate::metrics::Metrics;
+use crate::token::Proof;
 
 /// Client addresses and accounts tracked at once; the least recently seen go first.
 const MAX_TRACKED: u64 = 100_000;
@@ -25,6 +30,8 @@ const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Address,
+    /// The IPv4 /24 or IPv6 /48 around the address.
+    Network,
     Account,
 }
 
@@ -32,6 +39,7 @@ impl Scope {
     pub fn label(self) -> &'static str {
         match self {
             Scope::Address => "address",
+            Scope::Network => "network",
             Scope::Account => "account",
         }
     }
@@ -63,58 +71,118 @@ impl AddressKey {
             },
         }
     }
+
+    /// The network around it: an IPv4 /24, an IPv6 /48 (a site's usual allocation, which
+    /// holds 65,536 /64s: one budget each without this tier).
+    fn network(self) -> Self {
+        match self {
+            AddressKey::V4(v4) => AddressKey::V4(v4 & 0xffff_ff00),
+            AddressKey::V6(prefix) => AddressKey::V6(prefix & !0xffff),
+        }
+    }
+}
+
+/// An account id as the throttle counts it: whitespace dropped and case folded, so that
+/// `Alice`, `ALICE` and `alice ` share one count.
+fn folded(account: &str) -> impl Iterator<Item = char> + '_ {
+    account
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .flat_map(char::to_lowercase)
 }
 
 pub struct Throttle {
     config: ThrottleConfig,
     metrics: Arc<Metrics>,
     hasher: std::collections::hash_map::RandomState,
-    /// Failures per address; an entry lives `window` after its last failure.
+    prover: Prover,
+    /// Wrong passwords already counted, by proof of (folded account, password), so a client
+    /// retrying the same one counts once; forgotten `window` after its last try.
+    counted: Cache<Proof, ()>,
+    /// Failures per address, per network and per account; an entry lives `window` after
+    /// its last failure.
     addresses: Cache<AddressKey, u32>,
+    networks: Cache<AddressKey, u32>,
     accounts: Cache<u64, u32>,
     /// (account, address) pairs that logged in successfully.
     known: Cache<(u64, AddressKey), ()>,
 }
 
 impl Throttle {
-    pub fn new(config: &ThrottleConfig, metrics: Arc<Metrics>) -> Self {
-        Self {
+    /// # Errors
+    /// No random key could be drawn for the proofs of wrong passwords.
+    pub fn new(config: &ThrottleConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        Ok(Self {
             config: config.clone(),
             metrics,
             hasher: std::collections::hash_map::RandomState::new(),
+            prover: Prover::new()?,
+            counted: Cache::builder()
+                .max_capacity(MAX_TRACKED)
+                .time_to_idle(config.window)
+                .build(),
             addresses: failure_counts(config.window),
+            networks: failure_counts(config.window),
             accounts: failure_counts(config.window),
             known: Cache::builder()
                 .max_capacity(MAX_TRACKED)
                 .time_to_live(KNOWN_ADDRESS_TTL)
                 .build(),
-        }
+        })
     }
 
-    /// Whether a login for `account` from `client` may be tried at all.
+    /// Whether a login for `account` from `client` may be checked, and how long it must
+    /// wait before: a wait after the answer would end when the client hangs up.
+    ///
+    /// An address that logged in to `account` before is spared its address's and network's
+    /// blocks and waits (one device with a stale password does not shut out everyone behind
+    /// the same NAT), but not the account's wait.
     ///
     /// # Errors
-    /// The scope that is blocked. An account block does not apply to addresses that logged
-    /// in to it before, so that guessing from elsewhere cannot lock its owner out.
-    pub fn check(&self, client: Option<IpAddr>, account: &str) -> Result<(), Scope> {
-        let address = client.map(AddressKey::of);
-        if let Some(address) = address
-            && reached(
-                self.addresses.get(&address),
-                self.config.block_address_after,
-            )
-        {
-            return Err(Scope::Address);
-        }
+    /// The scope that is blocked.
+    pub fn check(&self, client: Option<IpAddr>, account: &str) -> Result<Duration, Scope> {
         let account = self.account_key(account);
-        let known = address.is_some_and(|address| self.known.contains_key(&(account, address)));
-        if !known && reached(self.accounts.get(&account), self.config.block_account_after) {
-            return Err(Scope::Account);
+        let by_account = self.accounts.get(&account).unwrap_or(0);
+        let address = client.map(AddressKey::of);
+        let (by_address, by_network) = address.map_or((0, 0), |address| {
+            (
+                self.addresses.get(&address).unwrap_or(0),
+                self.networks.get(&address.network()).unwrap_or(0),
+            )
+        });
+        let config = &self.config;
+        let account_blocked = reached(by_account, config.block_account_after);
+        // Most logins come from addresses without failures: no lookup of the pair then.
+        let suspect = by_address > 0 || by_network > 0 || account_blocked;
+        if !suspect || address.is_some_and(|address| self.known.contains_key(&(account, address))) {
+            return Ok(self.delay(by_account));
         }
-        Ok(())
+        if reached(by_address, config.block_address_after) {
+            Err(Scope::Address)
+        } else if reached(by_network, config.block_network_after) {
+            Err(Scope::Network)
+        } else if account_blocked {
+            Err(Scope::Account)
+        } else {
+            Ok(self.delay(by_account.max(by_address)))
+        }
     }
 
-    /// Counts a failed login and returns how long to wait before answering it.
+    /// Counts a wrong password for `credentials`' account from `client`, unless this very
+    /// password was counted for the account within the window: a phone retrying a stale
+    /// password is one failure, however often it retries.
+    pub fn wrong_password(&self, client: Option<IpAddr>, credentials: &Credentials) {
+        let account: String = folded(&credentials.account).collect();
+        let proof = self
+            .prover
+            .proof_of(&account, credentials.password.expose());
+        if self.counted.entry(proof).or_insert(()).is_fresh() {
+            self.failed(client, &account);
+        }
+    }
+
+    /// Counts a failure of `account` from `client`; returns how long the next login of the
+    /// account or from the address will wait before its check.
     pub fn failed(&self, client: Option<IpAddr>, account: &str) -> Duration {
         let mut failures = self.count(
             &self.accounts,
@@ -128,6 +196,12 @@ impl Throttle {
                 address,
                 self.config.block_address_after,
                 Scope::Address,
+            );
+            self.count(
+                &self.networks,
+                address.network(),
+                self.config.block_network_after,
+                Scope::Network,
             );
             failures = failures.max(by_address);
         }
@@ -146,21 +220,29 @@ impl Throttle {
         self.config.failure_delay
     }
 
-    /// `failure_delay` doubled for each earlier failure, at most `max_failure_delay`.
+    /// None without failures; else `failure_delay` doubled for each earlier failure, at
+    /// most `max_failure_delay`.
     fn delay(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(16);
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let doublings = (failures - 1).min(16);
         self.config
             .failure_delay
             .saturating_mul(1 << doublings)
             .min(self.config.max_failure_delay)
     }
 
+    /// Adds one failure under `key` in one step (concurrent failures are all counted, and
+    /// a block is announced once); the count after it.
     fn count<K>(&self, cache: &Cache<K, u32>, key: K, block_after: u32, scope: Scope) -> u32
     where
         K: Hash + Eq + Send + Sync + Clone + 'static,
     {
-        let failures: u32 = cache.get(&key).unwrap_or(0).saturating_add(1);
-        cache.insert(key, failures);
+        let failures = cache
+            .entry(key)
+            .and_upsert_with(|old| old.map_or(1, |old| old.into_value().saturating_add(1)))
+            .into_value();
         if block_after > 0 && failures == block_after {
             tracing::warn!(
                 scope = scope.label(),
@@ -172,13 +254,18 @@ impl Throttle {
         failures
     }
 
-    /// Account ids come from clients: keep a keyed hash, never the (possibly huge) name.
+    /// Account ids come from clients: keep a keyed hash of the folded id, never the
+    /// (possibly huge) name.
     fn account_key(&self, account: &str) -> u64 {
-        self.hasher.hash_one(account)
+        let mut hasher = self.hasher.build_hasher();
+        for c in folded(account) {
+            hasher.write_u32(c.into());
+        }
+        hasher.finish()
     }
 }
 
-/// Each entry lives `window` after its last failure (every failure re-inserts it).
+/// Each entry lives `window` after its last failure (every failure rewrites it).
 fn failure_counts<K>(window: Duration) -> Cache<K, u32>
 where
     K: Hash + Eq + Send + Sync + 'static,
@@ -189,30 +276,43 @@ where
         .build()
 }
 
-fn reached(failures: Option<u32>, block_after: u32) -> bool {
-    block_after > 0 && failures.is_some_and(|failures| failures >= block_after)
+fn reached(failures: u32, block_after: u32) -> bool {
+    block_after > 0 && failures >= block_after
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+
+    fn throttle_with(config: ThrottleConfig) -> Throttle {
+        Throttle::new(&config, Arc::new(Metrics::new())).unwrap()
+    }
 
     fn throttle(address_after: u32, account_after: u32) -> Throttle {
-        let config = ThrottleConfig {
+        throttle_with(ThrottleConfig {
             block_address_after: address_after,
             block_account_after: account_after,
+            block_network_after: 0,
             ..ThrottleConfig::default()
-        };
-        Throttle::new(&config, Arc::new(Metrics::new()))
+        })
     }
 
     fn ip(text: &str) -> Option<IpAddr> {
         Some(text.parse().unwrap())
     }
 
+    fn credentials(account: &str, password: &str) -> Credentials {
+        Credentials {
+            account: account.into(),
+            password: Secret::new(password.into()),
+        }
+    }
+
     #[test]
     fn delay_doubles_up_to_the_cap() {
         let throttle = throttle(0, 0);
+        assert_eq!(throttle.check(ip("192.0.2.1"), "alice"), Ok(Duration::ZERO));
         let delays: Vec<u64> = (0..6)
             .map(|_| throttle.failed(ip("192.0.2.1"), "alice").as_secs())
             .collect();
@@ -220,14 +320,28 @@ mod tests {
     }
 
     #[test]
+    fn a_login_after_recent_failures_waits_before_its_check() {
+        let throttle = throttle(0, 0);
+        throttle.wrong_password(ip("192.0.2.1"), &credentials("alice", "guess"));
+        let second = Duration::from_secs(1);
+        // Whatever the account from that address, and from anywhere for that account.
+        assert_eq!(throttle.check(ip("192.0.2.1"), "bob"), Ok(second));
+        assert_eq!(throttle.check(ip("198.51.100.7"), "alice"), Ok(second));
+        assert_eq!(
+            throttle.check(ip("198.51.100.7"), "bob"),
+            Ok(Duration::ZERO)
+        );
+    }
+
+    #[test]
     fn an_address_is_blocked_after_its_failures_whatever_the_account() {
         let throttle = throttle(3, 0);
         for account in ["a", "b", "c"] {
-            assert_eq!(throttle.check(ip("192.0.2.1"), account), Ok(()));
+            assert!(throttle.check(ip("192.0.2.1"), account).is_ok());
             throttle.failed(ip("192.0.2.1"), account);
         }
         assert_eq!(throttle.check(ip("192.0.2.1"), "d"), Err(Scope::Address));
-        assert_eq!(throttle.check(ip("192.0.2.2"), "d"), Ok(()));
+        assert!(throttle.check(ip("192.0.2.2"), "d").is_ok());
     }
 
     #[test]
@@ -236,11 +350,54 @@ mod tests {
         throttle.failed(ip("2001:db8::1"), "a");
         throttle.failed(ip("2001:db8::ffff"), "a");
         assert_eq!(throttle.check(ip("2001:db8::2"), "a"), Err(Scope::Address));
-        assert_eq!(throttle.check(ip("2001:db8:0:1::2"), "a"), Ok(()));
+        assert!(throttle.check(ip("2001:db8:0:1::2"), "a").is_ok());
     }
 
     #[test]
-    fn an_account_block_spares_addresses_that_logged_in_before() {
+    fn a_retried_wrong_password_counts_once() {
+        let throttle = throttle(2, 0);
+        let stale = credentials("bob", "last year's password");
+        for _ in 0..10 {
+            throttle.wrong_password(ip("192.0.2.1"), &stale);
+        }
+        assert!(throttle.check(ip("192.0.2.1"), "alice").is_ok());
+        throttle.wrong_password(ip("192.0.2.1"), &credentials("bob", "another"));
+        assert_eq!(
+            throttle.check(ip("192.0.2.1"), "alice"),
+            Err(Scope::Address)
+        );
+    }
+
+    #[test]
+    fn case_and_whitespace_variants_of_an_account_share_one_count() {
+        let throttle = throttle(0, 3);
+        for (account, password) in [("Alice", "one"), ("ALICE", "two"), (" alice ", "two")] {
+            throttle.wrong_password(ip("192.0.2.1"), &credentials(account, password));
+        }
+        // " alice " repeated ALICE's guess: two failures so far.
+        assert!(throttle.check(ip("192.0.2.9"), "alice").is_ok());
+        throttle.wrong_password(ip("192.0.2.2"), &credentials("aLiCe\t", "three"));
+        assert_eq!(
+            throttle.check(ip("192.0.2.9"), "ALICE "),
+            Err(Scope::Account)
+        );
+    }
+
+    #[test]
+    fn an_accounts_failures_make_it_wait_but_never_lock_it_by_default() {
+        let throttle = throttle_with(ThrottleConfig::default());
+        for n in 0..100u8 {
+            let guess = credentials("alice", &format!("guess {n}"));
+            throttle.wrong_password(ip(&format!("10.{n}.0.1")), &guess);
+        }
+        assert_eq!(
+            throttle.check(ip("198.51.100.7"), "alice"),
+            Ok(ThrottleConfig::default().max_failure_delay)
+        );
+    }
+
+    #[test]
+    fn an_opted_in_account_block_spares_addresses_that_logged_in_before() {
         let throttle = throttle(0, 2);
         throttle.succeeded(ip("198.51.100.7"), "alice");
         throttle.failed(ip("192.0.2.1"), "alice");
@@ -249,7 +406,69 @@ mod tests {
             throttle.check(ip("192.0.2.3"), "alice"),
             Err(Scope::Account)
         );
-        assert_eq!(throttle.check(ip("198.51.100.7"), "alice"), Ok(()));
-        assert_eq!(throttle.check(ip("192.0.2.3"), "bob"), Ok(()));
+        assert!(throttle.check(ip("198.51.100.7"), "alice").is_ok());
+        assert!(throttle.check(ip("192.0.2.3"), "bob").is_ok());
+    }
+
+    #[test]
+    fn an_address_block_spares_accounts_that_logged_in_from_it() {
+        let throttle = throttle(3, 0);
+        throttle.succeeded(ip("192.0.2.1"), "Alice");
+        for n in 0..3 {
+            throttle.wrong_password(ip("192.0.2.1"), &credentials("bob", &format!("{n}")));
+        }
+        assert_eq!(
+            throttle.check(ip("192.0.2.1"), "carol"),
+            Err(Scope::Address)
+        );
+        // Neither blocked nor made to wait for bob's failures.
+        assert_eq!(throttle.check(ip("192.0.2.1"), "alice"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_slash_24_and_a_slash_48_are_blocked_after_their_own_threshold() {
+        let throttle = throttle_with(ThrottleConfig {
+            block_address_after: 10,
+            block_network_after: 20,
+            ..ThrottleConfig::default()
+        });
+        for host in 1..=20 {
+            throttle.failed(ip(&format!("192.0.2.{host}")), "alice");
+            throttle.failed(ip(&format!("2001:db8:7:{host:x}::1")), "alice");
+        }
+        for (inside, outside) in [
+            ("192.0.2.200", "192.0.3.1"),
+            ("2001:db8:7:ffff::1", "2001:db8:8::1"),
+        ] {
+            assert_eq!(throttle.check(ip(inside), "bob"), Err(Scope::Network));
+            assert!(throttle.check(ip(outside), "bob").is_ok());
+        }
+    }
+
+    #[test]
+    fn concurrent_failures_are_all_counted_and_block_once() {
+        const THREADS: u32 = 8;
+        const EACH: u32 = 500;
+        let metrics = Arc::new(Metrics::new());
+        let config = ThrottleConfig {
+            block_address_after: THREADS * EACH,
+            ..ThrottleConfig::default()
+        };
+        let throttle = Throttle::new(&config, metrics.clone()).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| {
+                    for _ in 0..EACH {
+                        throttle.failed(ip("192.0.2.1"), "alice");
+                    }
+                });
+            }
+        });
+        assert_eq!(throttle.check(ip("192.0.2.1"), "bob"), Err(Scope::Address));
+        let text = metrics.encode();
+        assert!(
+            text.contains("mailgate_login_blocks_total{scope=\"address\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -51,16 +51,20 @@ pub const DEFAULT_DELEGATED_CHECKS: usize = 16;
 /// Enough for a mail client's few parallel connections (or a few behind one NAT), too few for
 /// one address to take the whole pool, or to slip many guesses past a block being reached.
 pub const DEFAULT_CHECKS_PER_ADDRESS: usize = 4;
-/// The first failed login of an address or account is answered after this; each further one
-/// doubles it, up to the maximum.
+/// After the first failed login of an address or account, its next login waits this long
+/// before its check; each further failure doubles it, up to the maximum.
 pub const DEFAULT_FAILURE_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_FAILURE_DELAY: Duration = Duration::from_secs(15);
 /// Failures are forgotten this long after the last one; a block lasts as long.
 pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// A client address that failed this often within the window is refused without a check.
 pub const DEFAULT_BLOCK_ADDRESS_AFTER: u32 = 10;
-/// An account that failed this often is refused from addresses that never logged in to it.
-pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 30;
+/// Accounts are never blocked unless the operator opts in: a block would let strangers lock
+/// the owner out (their failures make the account's logins wait instead).
+pub const DEFAULT_BLOCK_ACCOUNT_AFTER: u32 = 0;
+/// A network (IPv4 /24, IPv6 /48) that failed this often within the window is refused
+/// without a check: ten addresses' worth, since it holds many clients.
+pub const DEFAULT_BLOCK_NETWORK_AFTER: u32 = 100;
 /// ConfigMap updates reach the pod within about a minute; a few seconds of polling is plenty.
 pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
@@ -372,6 +376,9 @@ pub struct ThrottleConfig {
     /// `0` never blocks an account.
     #[serde(default = "default_block_account_after")]
     pub block_account_after: u32,
+    /// `0` never blocks a network (IPv4 /24, IPv6 /48).
+    #[serde(default = "default_block_network_after")]
+    pub block_network_after: u32,
 }
 
 impl Default for ThrottleConfig {
@@ -382,6 +389,7 @@ impl Default for ThrottleConfig {
             window: DEFAULT_FAILURE_WINDOW,
             block_address_after: DEFAULT_BLOCK_ADDRESS_AFTER,
             block_account_after: DEFAULT_BLOCK_ACCOUNT_AFTER,
+            block_network_after: DEFAULT_BLOCK_NETWORK_AFTER,
         }
     }
 }
@@ -432,8 +440,9 @@ pub struct OnboardingConfig {
     pub redirect_url: Option<String>,
 }
 
-/// The token service: HTTP basic auth with `user` and a password from a file or the
-/// environment, as the auth servers of other mailgates send them.
+/// The token service: HTTP basic auth, as the auth servers of other mailgates send it. Each
+/// of `clients` has its own password and the accounts it may fetch; `user` with a password
+/// from a file or the environment is one more client, which may fetch every account.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenServiceConfig {
@@ -446,6 +455,24 @@ pub struct TokenServiceConfig {
     /// Read from `password_file` or `password_env`.
     #[serde(skip)]
     pub password: Option<Secret<String>>,
+    /// Basic-auth user name -> its password and accounts.
+    #[serde(default)]
+    pub clients: BTreeMap<String, TokenServiceClient>,
+}
+
+/// One client of the token service (a sidecar): its password and the OAuth2 accounts it may
+/// fetch tokens for (`*`: every account).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenServiceClient {
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
+    pub accounts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
@@ -580,6 +607,9 @@ impl Config {
             }
             if let Some(service) = &admin.token_service {
                 add(&service.password_file);
+                for client in service.clients.values() {
+                    add(&client.password_file);
+                }
             }
         }
         if let Some(auth_server) = &self.tokens.auth_server {
@@ -641,7 +671,7 @@ impl Config {
         let password_grants = self.client_auth.mode == ClientAuthMode::OAuth2Password;
         self.tokens.resolve(&mut problems, password_grants);
         if let Some(admin) = &mut self.admin {
-            admin.resolve(&mut problems);
+            admin.resolve(self.tokens.oauth2.as_ref(), &mut problems);
         }
         self.resolve_client_auth(&mut problems);
         problems.found
@@ -792,6 +822,14 @@ impl Config {
             problems.add(
                 "client_auth.throttle.max_failure_delay",
                 "must not be shorter than client_auth.throttle.failure_delay",
+            );
+        }
+        if throttle.block_network_after != 0
+            && throttle.block_network_after < throttle.block_address_after
+        {
+            problems.add(
+                "client_auth.throttle.block_network_after",
+                "must not be lower than client_auth.throttle.block_address_after: a network holds many addresses",
             );
         }
         if let Some(path) = client_auth
@@ -1057,6 +1095,9 @@ fn default_block_address_after() -> u32 {
 }
 fn default_block_account_after() -> u32 {
     DEFAULT_BLOCK_ACCOUNT_AFTER
+}
+fn default_block_network_after() -> u32 {
+    DEFAULT_BLOCK_NETWORK_AFTER
 }
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
@@ -1481,6 +1522,23 @@ tokens:
     /// The minimal config with these `client_auth` lines (indented two spaces).
     fn with_client_auth(lines: &str) -> String {
         format!("{MINIMAL}client_auth:\n{lines}")
+    }
+
+    #[test]
+    fn a_network_tier_below_the_address_tier_is_refused() {
+        let config = check(&with_client_auth("  mode: any\n")).unwrap();
+        let throttle = &config.client_auth.throttle;
+        assert_eq!(throttle.block_network_after, DEFAULT_BLOCK_NETWORK_AFTER);
+        assert_eq!(throttle.block_account_after, 0);
+        let text =
+            with_client_auth("  throttle: { block_address_after: 20, block_network_after: 10 }\n");
+        assert_eq!(
+            problem_keys(&text),
+            ["client_auth.throttle.block_network_after"]
+        );
+        let text =
+            with_client_auth("  throttle: { block_address_after: 20, block_network_after: 0 }\n");
+        assert!(check(&text).is_ok());
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub fn login_failed(tag: &str, error: LoginError) -> String {
         LoginError::NeedsReauthorization => {
             no(tag, "[AUTHENTICATIONFAILED] account needs re-authorization")
         }
+        // RFC 5530 3: CONTACTADMIN, a failure only the administrator can fix; no retry helps.
+        LoginError::Misconfigured => no(
+            tag,
+            "[CONTACTADMIN] Account misconfigured at its identity provider",
+        ),
         LoginError::Throttled => no(tag, "[UNAVAILABLE] Too many failed logins, try again later"),
         LoginError::Overloaded
         | LoginError::CheckUnavailable

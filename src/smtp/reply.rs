@@ -92,6 +92,12 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
         Failure::Login(LoginError::NeedsReauthorization) => {
             Reply::new(535, "5.7.8", "account needs re-authorization")
         }
+        // RFC 3463 X.3.5, system incorrectly configured: permanent, for the administrator.
+        Failure::Login(LoginError::Misconfigured) => Reply::new(
+            535,
+            "5.3.5",
+            "Account misconfigured at its identity provider; contact the administrator",
+        ),
         Failure::Login(LoginError::Throttled) => {
             Reply::new(454, "4.7.0", "Too many failed logins, try again later")
         }

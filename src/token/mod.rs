@@ -41,6 +41,11 @@ pub enum TokenError {
     /// again; until then its logins fail at once.
     #[error("account needs re-authorization")]
     NeedsReauthorization,
+    /// The provider refuses mailgate's own OAuth2 settings for the account: an operator must
+    /// fix the configuration; until then its logins fail at once.
+    /// Carries the provider's error code and text, escaped.
+    #[error("account misconfigured at its identity provider: {0}")]
+    Misconfigured(String),
     /// The source could not answer now (unreachable, timeout, bad answer).
     #[error("token source unavailable: {0}")]
     Unavailable(String),
@@ -110,6 +115,7 @@ impl TokenError {
         match self {
             TokenError::Refused => "refused",
             TokenError::NeedsReauthorization => "invalid_grant",
+            TokenError::Misconfigured(_) => "misconfigured",
             TokenError::Unavailable(_) => "error",
         }
     }

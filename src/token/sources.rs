@@ -35,7 +35,7 @@ impl Sources {
         let oauth2 = config
             .oauth2
             .as_ref()
-            .map(|oauth2| OAuth2::new(oauth2, grants, metrics.clone()).map(Arc::new))
+            .map(|oauth2| OAuth2::new(oauth2, grants, metrics.clone(), Some(health.clone())))
             .transpose()?;
         Ok(Self {
             oauth2,

@@ -321,6 +321,15 @@ def test_admin_tls_and_passwords_from_secrets():
     assert mounts(result)["admin-tls"] == {"name": "admin-tls", "mountPath": ADMIN_TLS_DIR, "readOnly": True}
 
 
+def test_token_service_clients_from_secrets():
+    result = rendered("token-holder")
+    clients = result.config()["admin"]["token_service"]["clients"]
+    assert clients == {"printer-sidecar": {
+        "password_file": "/var/run/secrets/mailgate/token-service-clients/printer-sidecar/password",
+        "accounts": ["printer"]}}
+    assert secret_file(result, clients["printer-sidecar"]["password_file"]) == ("mailgate-printer-sidecar", "password")
+
+
 def test_admin_certificate_names_the_admin_service():
     (certificate,) = rendered("token-holder").of_kind("Certificate")
     spec = certificate["spec"]
@@ -363,6 +372,11 @@ def test_admin_wiring_mistakes_are_refused():
                                         "tokenService": {"existingSecret": "tokens"}},
                               "config": {"admin": {"token_service": {"password_file": "/p"}}}}),
                  "config.admin.token_service has its own password_file")
+    client = {"accounts": ["*"]}
+    render_fails(values_with({"admin": {"tls": {"existingSecret": "admin-tls"},
+                                        "tokenService": {"clients": {"a": {"existingSecret": "a", **client}}}},
+                              "config": {"admin": {"token_service": {"clients": {"a": {"password_file": "/p", **client}}}}}}),
+                 "config.admin.token_service.clients.a is set and admin.tokenService.clients.a too")
 
 
 # --- delegated client authentication and the token holder as auth server --------------------

@@ -82,10 +82,13 @@ fn secret_constant(line: &str) -> Option<(String, String)> {
 
 /// Remembers the secrets a mailgate configuration names: passwords in URLs, the contents of
 /// secret files and `*_env` variables (`env` first, then this process's), account hashes.
+///
+/// Panics on YAML it cannot parse: its secrets would go unscanned, and an error message that
+/// quotes the broken file is just where one would leak.
 pub fn remember_config(config_yaml: &str, env: &[(&str, &str)]) {
-    let Ok(value) = serde_saphyr::from_str::<serde_json::Value>(config_yaml) else {
-        return;
-    };
+    let value = serde_saphyr::from_str::<serde_json::Value>(config_yaml).unwrap_or_else(|error| {
+        panic!("the secret scan cannot read this mailgate configuration ({error}); remember its secrets another way")
+    });
     walk_config(&value, None, env);
 }
 

@@ -197,7 +197,7 @@ anything that follows from it (onboarding's own one-replica rule).
 
 {{/*
 admin (or its old name metrics): TLS, the onboarding page's and the token
-service's passwords. Both pages need TLS here, as the chart never listens on
+service's passwords (the single one and each client's). Both pages need TLS here, as the chart never listens on
 loopback; onboarding keeps its sign-ins in one process, so one replica.
 */}}
 {{- define "mailgate.config.admin" -}}
@@ -211,6 +211,19 @@ loopback; onboarding keeps its sign-ins in one process, so one replica.
 {{- end -}}
 {{- $dir := include "mailgate.adminTlsDir" $root -}}
 {{- $_ := set $admin "tls" (dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- with $root.Values.admin.tokenService.clients -}}
+{{- $section := get $admin "token_service" | default dict -}}
+{{- $clients := get $section "clients" | default dict -}}
+{{- range $name, $client := . -}}
+{{- if hasKey $clients $name -}}
+{{- fail (printf "config.%s.token_service.clients.%s is set and admin.tokenService.clients.%s too: give one" $key $name $name) -}}
+{{- end -}}
+{{- $file := printf "%s/%s/password" (include "mailgate.tokenServiceClientsDir" $root) $name -}}
+{{- $_ := set $clients $name (dict "password_file" $file "accounts" $client.accounts) -}}
+{{- end -}}
+{{- $_ := set $section "clients" $clients -}}
+{{- $_ := set $admin "token_service" $section -}}
 {{- end -}}
 {{- $pages := dict "onboarding" (list $root.Values.admin.onboarding "mailgate.onboardingPasswordFile" "admin.onboarding") "token_service" (list $root.Values.admin.tokenService "mailgate.tokenServicePasswordFile" "admin.tokenService") -}}
 {{- range $page, $wiring := $pages -}}

@@ -31,6 +31,10 @@ rotated password would never arrive.
 {{- define "mailgate.tokenServicePasswordFile" -}}
 /var/run/secrets/mailgate/token-service/password
 {{- end }}
+{{/* Each admin.tokenService.clients entry's password, in a directory by client name. */}}
+{{- define "mailgate.tokenServiceClientsDir" -}}
+/var/run/secrets/mailgate/token-service-clients
+{{- end }}
 {{- define "mailgate.storeKeyFile" -}}
 /var/run/secrets/mailgate/store-key/key
 {{- end }}
@@ -121,6 +125,12 @@ Deployment renders each as a volume and a read-only mount. Files are 0440
 {{- with .Values.admin.tokenService.existingSecret -}}
 {{- $file := include "mailgate.tokenServicePasswordFile" $ -}}
 {{- $mounts = append $mounts (dict "name" "token-service-password" "secretName" . "mountPath" (dir $file) "items" (list (dict "key" $.Values.admin.tokenService.existingSecretKey "path" (base $file)))) -}}
+{{- end -}}
+{{- /* Volume names by position, as for providers below. */ -}}
+{{- range $index, $name := keys (.Values.admin.tokenService.clients | default dict) | sortAlpha -}}
+{{- $client := get $.Values.admin.tokenService.clients $name -}}
+{{- $items := list (dict "key" ($client.existingSecretKey | default "password") "path" "password") -}}
+{{- $mounts = append $mounts (dict "name" (printf "token-service-client-%d" $index) "secretName" $client.existingSecret "mountPath" (printf "%s/%s" (include "mailgate.tokenServiceClientsDir" $) $name) "items" $items) -}}
 {{- end -}}
 {{- if and .Values.oauth2.store.enabled .Values.oauth2.store.key.existingSecret -}}
 {{- $file := include "mailgate.storeKeyFile" . -}}

@@ -2,26 +2,34 @@
 //! (RFC 6749 4.4), a refresh-token grant from the encrypted [`store`] (RFC 6749 6), or a
 //! service-account JWT bearer grant (RFC 7523 2.1).
 //!
-//! Grants of one account run one at a time, so a rotated refresh token is always the one used
-//! next; it is written to the store before the access token that came with it is handed out.
-//! `invalid_grant` marks the account as needing re-authorization; temporary failures back off.
+//! Grants of one account run one at a time, in this process (a mutex) and across processes
+//! (the store's lease). Each refresh reads the store's newest record first, so a token stored
+//! by `mailgate authorize` or an import since wins over anything in memory; a rotated token is
+//! written by compare-and-swap before the access token that came with it is handed out. A
+//! write that fails is kept in memory, retried with backoff and at shutdown, and shown as
+//! not ready until it lands. `invalid_grant` marks the account as needing re-authorization;
+//! a refusal of mailgate's own client settings marks it misconfigured; temporary failures
+//! back off.
 
 pub mod flows;
 pub mod provider;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::config::{AccountConfig, Grant, OAuth2Config, Protocol};
+use crate::health::Health;
 use crate::login::UpstreamAuth;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use provider::{GRANT_CLIENT_CREDENTIALS, GRANT_REFRESH_TOKEN, GrantError, Provider, TokenAnswer};
-use store::{Store, Stored};
+use store::file::FileStore;
+use store::{Expect, StoreError, Stored, Swap, TokenStore};
 
 use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
 
@@ -29,37 +37,51 @@ use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
 /// again, doubled per failure up to the maximum (with jitter), so an outage is not hammered.
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often an unwritten record is tried again at most, and how long a grant waits for
+/// another process's grant of the same account beyond the provider's own timeout.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
+const LEASE_EXTRA_WAIT: Duration = Duration::from_secs(5);
 
 /// Where an account stands, as `mailgate accounts` and the metrics show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountState {
-    /// Tokens can be had (the last grant worked, or none was tried yet).
+    /// The last grant worked.
     Ok,
+    /// No grant was tried yet (since start, or since an import with `--no-check`).
+    NotYetTried,
     /// A `refresh_token` account with nothing in the store.
     NeverAuthorized,
     /// The provider refused the refresh token (`invalid_grant`).
     NeedsReauthorization,
     /// The store could not be read for this account (wrong key, corrupted file).
     StoreError,
+    /// The provider refused mailgate's own settings (`invalid_client`,
+    /// `unauthorized_client`, a client-credentials `invalid_grant`, ...): the operator must
+    /// fix them; retrying will not.
+    Misconfigured,
     /// The last grant failed for a reason other than the above.
     Failing,
 }
 
 impl AccountState {
-    pub const ALL: [AccountState; 5] = [
+    pub const ALL: [AccountState; 7] = [
         AccountState::Ok,
+        AccountState::NotYetTried,
         AccountState::NeverAuthorized,
         AccountState::NeedsReauthorization,
         AccountState::StoreError,
+        AccountState::Misconfigured,
         AccountState::Failing,
     ];
 
     pub fn label(self) -> &'static str {
         match self {
             AccountState::Ok => "ok",
+            AccountState::NotYetTried => "not_yet_tried",
             AccountState::NeverAuthorized => "never_authorized",
             AccountState::NeedsReauthorization => "needs_reauthorization",
             AccountState::StoreError => "store_error",
+            AccountState::Misconfigured => "misconfigured",
             AccountState::Failing => "failing",
         }
     }
@@ -77,7 +99,12 @@ pub struct AccountStatus {
     pub refresh_expires_at: Option<u64>,
     /// The last error, made safe to show.
     pub last_error: Option<String>,
+    /// A refresh token is held in memory that the store has not taken yet.
+    pub unsaved: bool,
 }
+
+/// How people are told that an account's refresh token is held only in memory.
+pub const UNSAVED: &str = "refresh token not written to the store (retrying)";
 
 /// A span of seconds as account times are shown to people: whole minutes (`42m`, `3h 5m`),
 /// or `<1m`.
@@ -93,7 +120,7 @@ struct Account {
     config: AccountConfig,
     provider: Arc<Provider>,
     /// Held during a grant: one grant per account at a time, across reloads too.
-    grant: Arc<tokio::sync::Mutex<GrantState>>,
+    grant: Arc<AccountGrant>,
     status: Mutex<AccountStatus>,
 }
 
@@ -114,32 +141,56 @@ impl From<GrantError> for Failure {
 }
 
 /// The grant state of every account, kept across configuration reloads: a reload builds a
-/// new [`OAuth2`], and its grants must queue behind the old one's and use the refresh token
-/// the old one rotated to, or the provider would see a used token and refuse the account.
+/// new [`OAuth2`], and its grants must queue behind the old one's, and a record the old one
+/// could not write must not be forgotten.
 #[derive(Default)]
-pub struct GrantStates(Mutex<HashMap<String, Arc<tokio::sync::Mutex<GrantState>>>>);
+pub struct GrantStates(Mutex<HashMap<String, Arc<AccountGrant>>>);
 
 impl GrantStates {
-    fn of(&self, account: &str) -> Arc<tokio::sync::Mutex<GrantState>> {
+    fn of(&self, account: &str) -> Arc<AccountGrant> {
         lock(&self.0).entry(account.to_owned()).or_default().clone()
     }
 }
 
+/// One account's grant state, and whether it holds an unwritten record (readable without
+/// waiting for a grant under way).
+#[derive(Default)]
+pub struct AccountGrant {
+    state: tokio::sync::Mutex<GrantState>,
+    unsaved: AtomicBool,
+}
+
 #[derive(Default)]
 pub struct GrantState {
-    /// The refresh token in use, once loaded from the store.
-    refresh_token: Option<Secret<String>>,
-    /// Whether the store was read for this account.
-    loaded: bool,
-    /// After a temporary failure: no request before this, and the next wait.
-    retry_after: Option<Instant>,
+    /// A record from the provider's answer that the store has not taken yet.
+    unsaved: Option<Unsaved>,
+    /// After a failure that retrying soon will not fix: no request before this, and what
+    /// logins get until then.
+    retry_after: Option<(Instant, TokenError)>,
     backoff: Duration,
+    /// When the unwritten record is tried again, and the wait after that.
+    store_retry_after: Option<Instant>,
+    store_backoff: Duration,
+}
+
+/// A record the store did not take, and the generation it was meant to replace: it is the
+/// newest only while the store still holds that generation.
+struct Unsaved {
+    record: Stored,
+    replaces: Expect,
 }
 
 pub struct OAuth2 {
     accounts: HashMap<String, Account>,
-    store: Option<Arc<Store>>,
+    store: Option<Arc<dyn TokenStore>>,
+    /// How long a grant waits for the store's lease.
+    lease_wait: Duration,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
+    /// Itself, for the task that retries unwritten records.
+    this: Weak<OAuth2>,
+    /// That task is running.
+    retrying: AtomicBool,
 }
 
 impl OAuth2 {
@@ -149,7 +200,8 @@ impl OAuth2 {
         config: &OAuth2Config,
         grants: &GrantStates,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+        health: Option<Arc<Health>>,
+    ) -> Result<Arc<Self>, String> {
         let mut providers = BTreeMap::new();
         for (name, provider) in &config.providers {
             providers.insert(
@@ -157,11 +209,11 @@ impl OAuth2 {
                 Arc::new(Provider::new(name, provider, config.timeout)?),
             );
         }
-        let store = match &config.store {
+        let store: Option<Arc<dyn TokenStore>> = match &config.store {
             Some(store) => {
                 let key = store.key.as_ref().ok_or("token store without a key")?;
                 Some(Arc::new(
-                    Store::open(&store.dir, key).map_err(|e| e.to_string())?,
+                    FileStore::open(&store.dir, key).map_err(|e| e.to_string())?,
                 ))
             }
             None => None,
@@ -179,21 +231,28 @@ impl OAuth2 {
                     provider,
                     grant: grants.of(id),
                     status: Mutex::new(AccountStatus {
-                        state: AccountState::Ok,
+                        state: AccountState::NotYetTried,
                         refreshed_at: None,
                         access_expires_at: None,
                         refresh_expires_at: None,
                         last_error: None,
+                        unsaved: false,
                     }),
                 },
             );
         }
-        let oauth2 = Self {
+        let oauth2 = Arc::new_cyclic(|this| Self {
             accounts,
             store,
+            lease_wait: config.timeout + LEASE_EXTRA_WAIT,
             metrics,
-        };
+            health,
+            this: this.clone(),
+            retrying: AtomicBool::new(false),
+        });
         oauth2.load_states();
+        // A record the previous configuration could not write is retried by this one.
+        oauth2.update_unsaved();
         Ok(oauth2)
     }
 
@@ -222,26 +281,41 @@ impl OAuth2 {
             .ok_or_else(|| {
                 format!("{id} is not a refresh_token account in tokens.oauth2.accounts")
             })?;
-        let mut state = account.grant.lock().await;
+        let mut state = account.grant.state.lock().await;
         let now = provider::unix_now();
+        // A flow's code redemption is a grant; an imported token was never redeemed here.
         let record = Stored {
-            refresh_token: Some(refresh_token.clone()),
-            refreshed_at: now,
+            refresh_token: Some(refresh_token),
+            refreshed_at: answer.map(|_| now),
             access_expires_at: answer
                 .and_then(|answer| answer.expires_in)
                 .map(|lifetime| now + lifetime.as_secs()),
             refresh_expires_at: answer
                 .and_then(|answer| answer.refresh_expires_in)
                 .map(|lifetime| now + lifetime.as_secs()),
+            generation: 0,
         };
-        self.save(id, record).await?;
-        state.refresh_token = Some(refresh_token);
-        state.loaded = true;
+        let store = self.store.clone().ok_or("no token store configured")?;
+        let _lease = store::lease(&store, id, self.lease_wait)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Under the lease nobody else redeems or writes: one read tells what to replace.
+        let expect = match self.load(id).await {
+            Ok(current) => Expect::after_reading(current.as_ref()),
+            Err(_) => Expect::Anything,
+        };
+        match self.swap(id, expect, record.clone()).await? {
+            Swap::Written(_) => {}
+            Swap::Conflict(_) => {
+                return Err("the token store changed during the write; try again".to_owned());
+            }
+        }
+        // Whatever this process could not write is older than this authorization.
+        self.clear_unsaved(account, &mut state);
         state.retry_after = None;
         {
             let mut status = lock(&account.status);
-            status.state = AccountState::Ok;
-            status.refreshed_at = Some(now);
+            apply_stored(&mut status, &record);
             status.last_error = None;
         }
         self.update_gauge();
@@ -278,7 +352,10 @@ impl OAuth2 {
                     id.clone(),
                     account.provider.name.clone(),
                     account.config.grant,
-                    lock(&account.status).clone(),
+                    AccountStatus {
+                        unsaved: account.grant.unsaved.load(Ordering::Relaxed),
+                        ..lock(&account.status).clone()
+                    },
                 )
             })
             .collect();
@@ -293,6 +370,7 @@ impl OAuth2 {
             if account.config.grant != Grant::RefreshToken {
                 continue;
             }
+            // Blocking, but only at start (and reload) and once per account.
             let loaded = self.store.as_ref().map(|store| store.load(id));
             let mut status = lock(&account.status);
             match loaded {
@@ -309,20 +387,17 @@ impl OAuth2 {
     }
 
     async fn fetch_account(&self, id: &str, account: &Account) -> Result<Token, TokenError> {
-        let mut state = account.grant.lock().await;
-        if let Some(after) = state.retry_after
-            && Instant::now() < after
+        let mut state = account.grant.state.lock().await;
+        if let Some((after, error)) = &state.retry_after
+            && Instant::now() < *after
         {
-            let wait = after - Instant::now();
-            return Err(TokenError::Unavailable(format!(
-                "provider failing; next try in {} ms",
-                wait.as_millis()
-            )));
-        }
-        // Without a refresh token in memory, look at the store again: `mailgate authorize` may
-        // have put one there since.
-        if state.refresh_token.is_none() {
-            state.loaded = false;
+            return Err(match error {
+                TokenError::Unavailable(_) => TokenError::Unavailable(format!(
+                    "provider failing; next try in {} ms",
+                    (*after - Instant::now()).as_millis()
+                )),
+                permanent => permanent.clone(),
+            });
         }
         let started = Instant::now();
         let result = self.run_grant(id, account, &mut state).await;
@@ -344,27 +419,10 @@ impl OAuth2 {
                 state.backoff = Duration::ZERO;
                 Ok(self.granted(account, answer))
             }
-            Err(error) => {
-                let refused = match (&error, &state.refresh_token) {
-                    (Failure::Grant(GrantError::InvalidGrant(_)), Some(token))
-                        if account.config.grant == Grant::RefreshToken =>
-                    {
-                        Some(token.clone())
-                    }
-                    _ => None,
-                };
-                let error = self.failed(id, account, &mut state, error);
-                if let Some(refused) = refused {
-                    // Recorded before the account's next grant can start: a restart must not
-                    // try the refused token again.
-                    self.forget(id, &refused).await;
-                }
-                Err(error)
-            }
+            Err(failure) => Err(self.failed(id, account, &mut state, failure)),
         }
     }
 
-    /// Runs the account's grant; for a refresh token, persists a rotated one first.
     async fn run_grant(
         &self,
         id: &str,
@@ -387,78 +445,251 @@ impl OAuth2 {
                     .await?)
             }
             Grant::RefreshToken => {
-                let refresh_token = self.refresh_token(id, state).await?;
-                let answer = match refresh(provider, &refresh_token, scope.as_deref()).await {
-                    // Another process (mailgate authorize, test-login, a second replica) may
-                    // have rotated the token since: try once with what the store holds now.
-                    Err(GrantError::InvalidGrant(detail)) => {
-                        let stored = self.load(id).await.map_err(Failure::Store)?;
-                        match stored.and_then(|stored| stored.refresh_token) {
-                            Some(newer) if newer != refresh_token => {
-                                state.refresh_token = Some(newer.clone());
-                                refresh(provider, &newer, scope.as_deref()).await?
-                            }
-                            _ => return Err(Failure::Grant(GrantError::InvalidGrant(detail))),
-                        }
-                    }
-                    other => other?,
-                };
-                self.remember(id, account, state, &answer).await;
-                Ok(answer)
+                self.refresh_grant(id, account, state, scope.as_deref())
+                    .await
             }
         }
     }
 
-    /// The refresh token to use: from memory, or read from the store.
-    async fn refresh_token(
-        &self,
-        id: &str,
-        state: &mut GrantState,
-    ) -> Result<Secret<String>, Failure> {
-        let mut never_stored = false;
-        if !state.loaded {
-            let stored = self.load(id).await.map_err(Failure::Store)?;
-            never_stored = stored.is_none();
-            state.refresh_token = stored.and_then(|stored| stored.refresh_token);
-            state.loaded = true;
-        }
-        state
-            .refresh_token
-            .clone()
-            .ok_or(Failure::NotAuthorized(if never_stored {
-                AccountState::NeverAuthorized
-            } else {
-                AccountState::NeedsReauthorization
-            }))
-    }
-
-    /// Keeps the new refresh token (rotation) in memory and writes the record durably before
-    /// the access token is used: a crash at any moment leaves a usable refresh token behind.
-    async fn remember(
+    /// Redeems the account's newest refresh token under the store's lease (no other process
+    /// redeems it meanwhile), then writes the outcome by compare-and-swap: the rotated token,
+    /// or that the token is gone.
+    async fn refresh_grant(
         &self,
         id: &str,
         account: &Account,
         state: &mut GrantState,
-        answer: &TokenAnswer,
-    ) {
-        if let Some(rotated) = &answer.refresh_token {
-            state.refresh_token = Some(rotated.clone());
+        scope: Option<&str>,
+    ) -> Result<TokenAnswer, Failure> {
+        let store = self.store()?;
+        let _lease =
+            store::lease(&store, id, self.lease_wait)
+                .await
+                .map_err(|error| match error {
+                    StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
+                    other => Failure::Store(other.to_string()),
+                })?;
+        let (token, replaces) = self.newest(id, account, state).await?;
+        match refresh(&account.provider, &token, scope).await {
+            Ok(answer) => {
+                let now = provider::unix_now();
+                let record = Stored {
+                    refresh_token: Some(answer.refresh_token.clone().unwrap_or(token)),
+                    refreshed_at: Some(now),
+                    access_expires_at: answer.expires_in.map(|lifetime| now + lifetime.as_secs()),
+                    refresh_expires_at: answer
+                        .refresh_expires_in
+                        .map(|lifetime| now + lifetime.as_secs()),
+                    generation: 0,
+                };
+                self.write(id, account, state, Unsaved { record, replaces })
+                    .await;
+                Ok(answer)
+            }
+            Err(GrantError::InvalidGrant(detail)) => {
+                // Recorded before the lease is released: no process (nor a restart) tries
+                // the refused token again.
+                let record = Stored {
+                    refresh_token: None,
+                    refreshed_at: None,
+                    access_expires_at: None,
+                    refresh_expires_at: None,
+                    generation: 0,
+                };
+                self.write(id, account, state, Unsaved { record, replaces })
+                    .await;
+                Err(Failure::Grant(GrantError::InvalidGrant(detail)))
+            }
+            Err(other) => Err(other.into()),
         }
-        let now = provider::unix_now();
-        let record = Stored {
-            refresh_token: state.refresh_token.clone(),
-            refreshed_at: now,
-            access_expires_at: answer.expires_in.map(|lifetime| now + lifetime.as_secs()),
-            refresh_expires_at: answer
-                .refresh_expires_in
-                .map(|lifetime| now + lifetime.as_secs()),
+    }
+
+    /// The refresh token to redeem and the record it comes from: the store's newest, unless
+    /// this process holds a newer one it could not write (the store still holds the record
+    /// that one replaces).
+    async fn newest(
+        &self,
+        id: &str,
+        account: &Account,
+        state: &mut GrantState,
+    ) -> Result<(Secret<String>, Expect), Failure> {
+        let stored = match self.load(id).await {
+            Ok(stored) => stored,
+            // An unreadable store does not stop the token held in memory.
+            Err(error) => {
+                return match &state.unsaved {
+                    Some(unsaved) => unsaved_token(unsaved),
+                    None => Err(Failure::Store(error)),
+                };
+            }
         };
-        if let Err(error) = self.save(id, record).await {
-            // The new token stays in memory, so this process keeps working; the next grant
-            // writes again.
-            self.metrics.store_write_failure();
-            tracing::error!(account = id, %error, "cannot write the token store; keeping the refresh token in memory");
-            lock(&account.status).last_error = Some(error);
+        let expect = Expect::after_reading(stored.as_ref());
+        if let Some(unsaved) = &state.unsaved {
+            if unsaved.replaces == expect {
+                return unsaved_token(unsaved);
+            }
+            tracing::warn!(
+                account = id,
+                "the token store holds a newer record than the one this process could not write; using the store's"
+            );
+            self.clear_unsaved(account, state);
+        }
+        match stored.map(|stored| stored.refresh_token) {
+            None => Err(Failure::NotAuthorized(AccountState::NeverAuthorized)),
+            Some(None) => Err(Failure::NotAuthorized(AccountState::NeedsReauthorization)),
+            Some(Some(token)) => Ok((token, expect)),
+        }
+    }
+
+    /// Writes `unsaved` by compare-and-swap. If the store cannot take it now, it is kept in
+    /// memory (the token stays usable), counted, shown, and tried again with backoff and at
+    /// shutdown; whether the store now holds it or something newer.
+    async fn write(
+        &self,
+        id: &str,
+        account: &Account,
+        state: &mut GrantState,
+        unsaved: Unsaved,
+    ) -> bool {
+        let was_unsaved = state.unsaved.is_some();
+        match self
+            .swap(id, unsaved.replaces, unsaved.record.clone())
+            .await
+        {
+            Ok(Swap::Written(_)) => {
+                if was_unsaved {
+                    tracing::info!(account = id, "token store written again");
+                }
+                self.clear_unsaved(account, state);
+                true
+            }
+            Ok(Swap::Conflict(_)) => {
+                tracing::warn!(
+                    account = id,
+                    "another process wrote this account's record meanwhile; keeping the store's"
+                );
+                self.clear_unsaved(account, state);
+                true
+            }
+            Err(error) => {
+                self.metrics.store_write_failure();
+                tracing::error!(
+                    account = id,
+                    %error,
+                    "cannot write the token store; keeping the refresh token in memory and retrying"
+                );
+                lock(&account.status).last_error = Some(error);
+                state.store_backoff =
+                    (state.store_backoff * 2).clamp(BACKOFF_START, STORE_RETRY_MAX);
+                state.store_retry_after = Some(Instant::now() + state.store_backoff);
+                state.unsaved = Some(unsaved);
+                account.grant.unsaved.store(true, Ordering::SeqCst);
+                self.update_unsaved();
+                false
+            }
+        }
+    }
+
+    fn clear_unsaved(&self, account: &Account, state: &mut GrantState) {
+        state.unsaved = None;
+        state.store_retry_after = None;
+        state.store_backoff = Duration::ZERO;
+        if account.grant.unsaved.swap(false, Ordering::SeqCst) {
+            self.update_unsaved();
+        }
+    }
+
+    /// Shows how many accounts hold an unwritten record (metric, readiness), and keeps a
+    /// task retrying them while there are any.
+    fn update_unsaved(&self) {
+        let count = self
+            .accounts
+            .values()
+            .filter(|account| account.grant.unsaved.load(Ordering::SeqCst))
+            .count();
+        self.metrics
+            .token_store_unsaved(i64::try_from(count).unwrap_or(i64::MAX));
+        if let Some(health) = &self.health {
+            health.set_token_store_unwritten(count > 0);
+        }
+        if count > 0 {
+            self.start_retrying();
+        }
+    }
+
+    fn start_retrying(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.retrying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(BACKOFF_START).await;
+                let Some(oauth2) = this.upgrade() else {
+                    return;
+                };
+                if oauth2.retry_unsaved(false).await {
+                    continue;
+                }
+                oauth2.retrying.store(false, Ordering::SeqCst);
+                // A write that failed after the pass above found the task still running.
+                if !oauth2.any_unsaved() || oauth2.retrying.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn any_unsaved(&self) -> bool {
+        self.accounts
+            .values()
+            .any(|account| account.grant.unsaved.load(Ordering::SeqCst))
+    }
+
+    /// Tries to write each unwritten record whose retry time has come (with `now`, all of
+    /// them, waiting for grants under way); whether any remain.
+    async fn retry_unsaved(&self, now: bool) -> bool {
+        for (id, account) in &self.accounts {
+            if !account.grant.unsaved.load(Ordering::SeqCst) {
+                continue;
+            }
+            let mut state = if now {
+                account.grant.state.lock().await
+            } else {
+                // A grant under way writes it itself.
+                match account.grant.state.try_lock() {
+                    Ok(state) => state,
+                    Err(_) => continue,
+                }
+            };
+            let due = now
+                || state
+                    .store_retry_after
+                    .is_none_or(|after| Instant::now() >= after);
+            if due && let Some(unsaved) = state.unsaved.take() {
+                self.write(id, account, &mut state, unsaved).await;
+            }
+        }
+        self.any_unsaved()
+    }
+
+    /// At shutdown: writes every record the store has not taken yet, once more; says loudly
+    /// which could not be written (their accounts will need re-authorization if the
+    /// provider rotated their tokens).
+    pub async fn flush_unsaved(&self) {
+        if !self.retry_unsaved(true).await {
+            return;
+        }
+        for (id, account) in &self.accounts {
+            if account.grant.unsaved.load(Ordering::SeqCst) {
+                tracing::error!(
+                    account = id.as_str(),
+                    "exiting with a refresh token the token store never took; the account may need re-authorization"
+                );
+            }
         }
     }
 
@@ -472,7 +703,9 @@ impl OAuth2 {
             if let Some(lifetime) = answer.refresh_expires_in {
                 status.refresh_expires_at = Some(now + lifetime.as_secs());
             }
-            status.last_error = None;
+            if !account.grant.unsaved.load(Ordering::SeqCst) {
+                status.last_error = None;
+            }
         }
         self.update_gauge();
         Token {
@@ -502,10 +735,23 @@ impl OAuth2 {
                     reason = detail.as_str(),
                     "refresh token refused: the account needs re-authorization (mailgate authorize --account ...)"
                 );
-                state.refresh_token = None;
                 self.metrics.reauthorization_needed();
                 self.set_state(account, AccountState::NeedsReauthorization, Some(detail));
                 TokenError::NeedsReauthorization
+            }
+            // The provider refuses mailgate's own client (invalid_client,
+            // unauthorized_client, invalid_scope), or an assertion or client-credentials
+            // grant outright: only the operator can fix that.
+            Failure::Grant(GrantError::InvalidGrant(detail) | GrantError::Refused(detail)) => {
+                tracing::error!(
+                    account = id,
+                    provider = account.provider.name.as_str(),
+                    reason = detail.as_str(),
+                    "the provider refuses this account's OAuth2 settings: fix the configuration; logins fail until then"
+                );
+                back_off(state, TokenError::Misconfigured(detail.clone()));
+                self.set_state(account, AccountState::Misconfigured, Some(detail.clone()));
+                TokenError::Misconfigured(detail)
             }
             Failure::NotAuthorized(why) => {
                 tracing::warn!(
@@ -523,9 +769,8 @@ impl OAuth2 {
                 TokenError::Unavailable(error)
             }
             Failure::Grant(other) => {
-                state.backoff = (state.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
-                state.retry_after = Some(Instant::now() + jitter(state.backoff));
                 let detail = other.to_string();
+                back_off(state, TokenError::Unavailable(detail.clone()));
                 tracing::warn!(
                     account = id,
                     provider = account.provider.name.as_str(),
@@ -542,35 +787,10 @@ impl OAuth2 {
         }
     }
 
-    /// Records in the store that the refresh token is gone, so a restart does not retry it;
-    /// unless the store holds another one by now (authorized again meanwhile).
-    async fn forget(&self, id: &str, refused: &Secret<String>) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let record = Stored {
-            refresh_token: None,
-            refreshed_at: provider::unix_now(),
-            access_expires_at: None,
-            refresh_expires_at: None,
-        };
-        let (account, refused) = (id.to_owned(), refused.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            store.save_unless(&account, &record, |stored| {
-                stored
-                    .refresh_token
-                    .as_ref()
-                    .is_some_and(|token| token != &refused)
-            })
-        })
-        .await;
-        let error = match written {
-            Ok(Ok(_)) => return,
-            Ok(Err(error)) => error.to_string(),
-            Err(error) => error.to_string(),
-        };
-        self.metrics.store_write_failure();
-        tracing::error!(account = id, %error, "cannot write the token store");
+    fn store(&self) -> Result<Arc<dyn TokenStore>, Failure> {
+        self.store
+            .clone()
+            .ok_or_else(|| Failure::Store("no token store configured".to_owned()))
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {
@@ -584,12 +804,12 @@ impl OAuth2 {
             .map_err(|e| e.to_string())
     }
 
-    async fn save(&self, id: &str, record: Stored) -> Result<(), String> {
+    async fn swap(&self, id: &str, expect: Expect, record: Stored) -> Result<Swap, String> {
         let Some(store) = self.store.clone() else {
             return Err("no token store configured".to_owned());
         };
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.save(&id, &record))
+        tokio::task::spawn_blocking(move || store.swap(&id, expect, record))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
@@ -650,13 +870,28 @@ async fn refresh(
     provider.grant(GRANT_REFRESH_TOKEN, params).await
 }
 
+/// The token of a record this process could not write.
+fn unsaved_token(unsaved: &Unsaved) -> Result<(Secret<String>, Expect), Failure> {
+    match &unsaved.record.refresh_token {
+        Some(token) => Ok((token.clone(), unsaved.replaces)),
+        None => Err(Failure::NotAuthorized(AccountState::NeedsReauthorization)),
+    }
+}
+
+/// After a failure that retrying at once would not fix: the next tries wait, doubling up to
+/// the maximum, and logins get `error` meanwhile.
+fn back_off(state: &mut GrantState, error: TokenError) {
+    state.backoff = (state.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+    state.retry_after = Some((Instant::now() + jitter(state.backoff), error));
+}
+
 fn apply_stored(status: &mut AccountStatus, stored: &Stored) {
-    status.state = if stored.refresh_token.is_some() {
-        AccountState::Ok
-    } else {
-        AccountState::NeedsReauthorization
+    status.state = match (&stored.refresh_token, stored.refreshed_at) {
+        (None, _) => AccountState::NeedsReauthorization,
+        (Some(_), None) => AccountState::NotYetTried,
+        (Some(_), Some(_)) => AccountState::Ok,
     };
-    status.refreshed_at = Some(stored.refreshed_at);
+    status.refreshed_at = stored.refreshed_at;
     status.access_expires_at = stored.access_expires_at;
     status.refresh_expires_at = stored.refresh_expires_at;
 }

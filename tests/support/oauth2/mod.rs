@@ -431,6 +431,15 @@ impl OAuthProvider {
         }
     }
 
+    /// Like [`OAuthProvider::hold`], but the requests are processed first: tokens are issued,
+    /// rotated and consumed, the request is logged, and only the answer waits. A client that
+    /// disconnects meanwhile has lost what the provider committed, as with a real provider
+    /// whose answer never arrived.
+    pub fn hold_answers(&self) -> HoldGuard {
+        self.shared.lock().settings.hold_answers = true;
+        self.hold()
+    }
+
     /// How many token requests are waiting on a hold right now.
     pub fn held_requests(&self) -> usize {
         self.shared.held.load(Ordering::SeqCst)

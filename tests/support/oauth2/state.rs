@@ -144,6 +144,9 @@ pub(super) struct Settings {
     pub device_interval_secs: u64,
     pub device_lifetime: Duration,
     pub delay: Duration,
+    /// Holds apply to answers already produced (the grant done, a rotation committed), as a
+    /// real provider's answer in flight, instead of to requests not yet processed.
+    pub hold_answers: bool,
     /// The next `.0` token requests answer status `.1` with error code `.2`.
     pub fail_next: Option<(usize, u16, String)>,
 }
@@ -157,6 +160,7 @@ impl Default for Settings {
             device_interval_secs: DEFAULT_DEVICE_INTERVAL_SECS,
             device_lifetime: DEFAULT_DEVICE_CODE_LIFETIME,
             delay: Duration::ZERO,
+            hold_answers: false,
             fail_next: None,
         }
     }

@@ -112,7 +112,8 @@ pub(super) async fn endpoint(shared: &Arc<Shared>, req: HttpRequest) -> HttpRepl
         shared: shared.clone(),
         record: Some(initial_record(&req, parsed.as_ref().ok())),
     };
-    if !wait_while_held(shared).await {
+    let hold_answers = shared.lock().settings.hold_answers;
+    if !hold_answers && !wait_while_held(shared).await {
         let error = OAuthError::new(503, "temporarily_unavailable", "held too long");
         record.finish(&mut shared.lock(), Err(&error));
         return error.reply();
@@ -121,21 +122,28 @@ pub(super) async fn endpoint(shared: &Arc<Shared>, req: HttpRequest) -> HttpRepl
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let mut st = shared.lock();
-    let outcome = match st.take_injected_failure() {
-        Some(error) => Err(error),
-        None => parsed.and_then(|form| grant(shared, &mut st, &req, &form)),
+    let reply = {
+        let mut st = shared.lock();
+        let outcome = match st.take_injected_failure() {
+            Some(error) => Err(error),
+            None => parsed.and_then(|form| grant(shared, &mut st, &req, &form)),
+        };
+        match outcome {
+            Ok(answer) => {
+                record.finish(&mut st, Ok(&answer));
+                answer.reply()
+            }
+            Err(error) => {
+                record.finish(&mut st, Err(&error));
+                error.reply()
+            }
+        }
     };
-    match outcome {
-        Ok(answer) => {
-            record.finish(&mut st, Ok(&answer));
-            answer.reply()
-        }
-        Err(error) => {
-            record.finish(&mut st, Err(&error));
-            error.reply()
-        }
+    // An answer in flight: whatever happens to the client, the provider has committed it.
+    if hold_answers {
+        wait_while_held(shared).await;
     }
+    reply
 }
 
 /// Waits while a hold is in place; false when it lasted longer than [`MAX_HOLD`].

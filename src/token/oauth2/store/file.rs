@@ -1,9 +1,11 @@
-//! The encrypted refresh-token store: one file per account, XChaCha20-Poly1305 with the account
-//! id as associated data (a file copied to another account's name does not decrypt), mode 0600,
-//! replaced atomically (temp file, fsync, rename, fsync of the directory) so that a crash at any
-//! moment leaves either the old token or the new one, never neither.
+//! The local token store: one file per account, XChaCha20-Poly1305 with the account id as
+//! associated data (a file copied to another account's name does not decrypt), mode 0600,
+//! replaced atomically (temp file, fsync, rename, fsync of the directory), so that a crash
+//! leaves either the old record or the new one, never neither.
 //!
-//! Calls are blocking file I/O; async callers run them on the blocking pool.
+//! Compare-and-swap writes hold the account's `.lock` file (`flock`) from reading to renaming;
+//! the lease is a second lock file, `.lease`, held across a whole refresh. Every mailgate
+//! process on the host (service, `authorize`, `test-login`) takes both, so they serialize.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
@@ -13,8 +15,8 @@ use std::path::{Path, PathBuf};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ring::rand::{SecureRandom as _, SystemRandom};
-use serde::Deserialize;
 
+use super::{Expect, Lease, StoreError, Stored, Swap, TokenStore};
 use crate::secret::Secret;
 
 /// Marks the file format, so a future format can be told apart.
@@ -25,39 +27,13 @@ const AAD_PREFIX: &[u8] = b"mailgate token store v1\0";
 /// Files are small JSON; anything larger is not ours.
 const MAX_FILE_BYTES: u64 = 64 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    #[error("token store I/O: {0}")]
-    Io(String),
-    /// Wrong key, or a file changed by someone else: the two cannot be told apart.
-    #[error("token store file does not decrypt (wrong store key, or a corrupted file)")]
-    Undecryptable,
-    #[error("token store file is corrupted")]
-    Corrupt,
-}
-
-/// What is kept for one account. Written by [`record_json`]: `Secret` never serializes its
-/// value, by design.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Stored {
-    /// `None` once the provider refused it: the account needs re-authorization.
-    pub refresh_token: Option<Secret<String>>,
-    /// Unix seconds of the last successful grant.
-    pub refreshed_at: u64,
-    /// Unix seconds when the last access token expires, if the provider said.
-    #[serde(default)]
-    pub access_expires_at: Option<u64>,
-    /// Unix seconds when the refresh token itself expires, if the provider said.
-    #[serde(default)]
-    pub refresh_expires_at: Option<u64>,
-}
-
-pub struct Store {
+/// The store in one directory.
+pub struct FileStore {
     dir: PathBuf,
     cipher: XChaCha20Poly1305,
 }
 
-impl Store {
+impl FileStore {
     /// Opens the store in `dir`, creating it (mode 0700) if needed.
     ///
     /// # Errors
@@ -72,12 +48,10 @@ impl Store {
             cipher,
         })
     }
+}
 
-    /// The account's record; `None` if it was never stored (never authorized).
-    ///
-    /// # Errors
-    /// The file cannot be read, does not decrypt, or is not a record.
-    pub fn load(&self, account: &str) -> Result<Option<Stored>, StoreError> {
+impl TokenStore for FileStore {
+    fn load(&self, account: &str) -> Result<Option<Stored>, StoreError> {
         let path = self.path(account);
         let metadata = match fs::metadata(&path) {
             Ok(metadata) => metadata,
@@ -110,53 +84,63 @@ impl Store {
             .map_err(|_| StoreError::Corrupt)
     }
 
-    /// Replaces the account's record atomically and durably.
-    ///
-    /// # Errors
-    /// Encryption or any step of writing failed; the old file is then untouched.
-    pub fn save(&self, account: &str, record: &Stored) -> Result<(), StoreError> {
+    /// Reads, compares and writes under the account's lock file, so two processes' swaps
+    /// never interleave.
+    fn swap(&self, account: &str, expect: Expect, mut record: Stored) -> Result<Swap, StoreError> {
         let _lock = self.lock(account)?;
-        self.write(account, record)
-    }
-
-    /// Replaces the account's record unless the current one satisfies `keep`; whether it
-    /// wrote. Reading and writing happen under the account's lock, so a record another
-    /// process stores meanwhile (`mailgate authorize` while the service runs) is never
-    /// overwritten by a decision taken on the older one.
-    ///
-    /// # Errors
-    /// As for [`Store::load`] and [`Store::save`].
-    pub fn save_unless(
-        &self,
-        account: &str,
-        record: &Stored,
-        keep: impl FnOnce(&Stored) -> bool,
-    ) -> Result<bool, StoreError> {
-        let _lock = self.lock(account)?;
-        if self.load(account)?.as_ref().is_some_and(keep) {
-            return Ok(false);
+        let current = match self.load(account) {
+            Ok(current) => current,
+            // An unreadable record can only be replaced outright.
+            Err(_) if expect == Expect::Anything => None,
+            Err(error) => return Err(error),
+        };
+        if !expect.is_met_by(current.as_ref()) {
+            return Ok(Swap::Conflict(current));
         }
-        self.write(account, record)?;
-        Ok(true)
+        record.generation = next_generation(current.as_ref());
+        self.write(account, &record)?;
+        Ok(Swap::Written(record.generation))
     }
 
-    /// Holds the account's lock file exclusively until the returned file is dropped
-    /// (advisory `flock`: every mailgate process takes it before writing).
+    fn try_lease(&self, account: &str) -> Result<Option<Lease>, StoreError> {
+        let file = self.lock_file(account, "lease")?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lease::new(file))),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(error)) => {
+                Err(io_error(&self.lock_path(account, "lease"), &error))
+            }
+        }
+    }
+}
+
+impl FileStore {
+    /// Holds the account's write lock until the returned file is dropped (advisory `flock`:
+    /// every mailgate process takes it before writing).
     fn lock(&self, account: &str) -> Result<fs::File, StoreError> {
-        let path = self.dir.join(format!(".{}.lock", file_name(account)));
-        let file = OpenOptions::new()
+        let file = self.lock_file(account, "lock")?;
+        file.lock()
+            .map_err(|e| io_error(&self.lock_path(account, "lock"), &e))?;
+        Ok(file)
+    }
+
+    fn lock_file(&self, account: &str, kind: &str) -> Result<fs::File, StoreError> {
+        let path = self.lock_path(account, kind);
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| io_error(&path, &e))?;
-        file.lock().map_err(|e| io_error(&path, &e))?;
-        Ok(file)
+            .map_err(|e| io_error(&path, &e))
+    }
+
+    fn lock_path(&self, account: &str, kind: &str) -> PathBuf {
+        self.dir.join(format!(".{}.{kind}", file_name(account)))
     }
 
     fn write(&self, account: &str, record: &Stored) -> Result<(), StoreError> {
-        let plain = Secret::new(record_json(record));
+        let plain = Secret::new(record.to_json());
         let mut nonce = [0u8; NONCE_BYTES];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -191,16 +175,18 @@ impl Store {
     }
 }
 
-/// The record as JSON, the refresh token included (the file is encrypted).
-fn record_json(record: &Stored) -> Vec<u8> {
-    serde_json::json!({
-        "refresh_token": record.refresh_token.as_ref().map(|token| token.expose().clone()),
-        "refreshed_at": record.refreshed_at,
-        "access_expires_at": record.access_expires_at,
-        "refresh_expires_at": record.refresh_expires_at,
-    })
-    .to_string()
-    .into_bytes()
+/// One more than the current record's; after an unreadable record (whose generation is
+/// unknown) the clock's milliseconds, which no earlier write of this store reached.
+fn next_generation(current: Option<&Stored>) -> u64 {
+    match current {
+        Some(current) => current.generation + 1,
+        None => {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(1));
+            millis.max(1)
+        }
+    }
 }
 
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -246,6 +232,9 @@ fn io_error(path: &Path, error: &std::io::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::super::contract;
     use super::*;
 
     fn key(byte: u8) -> Secret<Vec<u8>> {
@@ -255,27 +244,42 @@ mod tests {
     fn record(token: &str) -> Stored {
         Stored {
             refresh_token: Some(Secret::new(token.to_owned())),
-            refreshed_at: 1_700_000_000,
+            refreshed_at: Some(1_700_000_000),
             access_expires_at: Some(1_700_003_600),
             refresh_expires_at: None,
+            generation: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn the_file_store_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let open =
+            || -> Arc<dyn TokenStore> { Arc::new(FileStore::open(dir.path(), &key(9)).unwrap()) };
+        contract::suite(&open(), &open()).await;
     }
 
     #[test]
     fn a_record_round_trips_encrypted_and_private() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("tokens"), &key(7)).unwrap();
+        let store = FileStore::open(&dir.path().join("tokens"), &key(7)).unwrap();
         assert_eq!(store.load("alice@contoso.com").unwrap(), None);
+        let Swap::Written(first) = store
+            .swap("alice@contoso.com", Expect::Absent, record("rt-secret-1"))
+            .unwrap()
+        else {
+            panic!("the first write conflicted");
+        };
         store
-            .save("alice@contoso.com", &record("rt-secret-1"))
+            .swap(
+                "alice@contoso.com",
+                Expect::Generation(first),
+                record("rt-secret-2"),
+            )
             .unwrap();
-        store
-            .save("alice@contoso.com", &record("rt-secret-2"))
-            .unwrap();
-        assert_eq!(
-            store.load("alice@contoso.com").unwrap(),
-            Some(record("rt-secret-2"))
-        );
+        let loaded = store.load("alice@contoso.com").unwrap().unwrap();
+        assert_eq!(loaded.refresh_token, record("rt-secret-2").refresh_token);
+        assert_eq!(loaded.generation, first + 1);
         let path = store.path("alice@contoso.com");
         assert!(path.ends_with("alice@contoso.com.token"));
         let bytes = fs::read(&path).unwrap();
@@ -295,50 +299,60 @@ mod tests {
     }
 
     #[test]
+    fn records_from_before_generations_read_as_generation_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), &key(4)).unwrap();
+        let old =
+            br#"{"refresh_token":"rt-old","refreshed_at":1700000000,"access_expires_at":null}"#;
+        let nonce = [0u8; NONCE_BYTES];
+        let sealed = store
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: old,
+                    aad: &aad("alice"),
+                },
+            )
+            .unwrap();
+        fs::write(
+            store.path("alice"),
+            [MAGIC.as_slice(), &nonce, &sealed].concat(),
+        )
+        .unwrap();
+        let loaded = store.load("alice").unwrap().unwrap();
+        assert_eq!(loaded.generation, 0);
+        assert_eq!(loaded.refreshed_at, Some(1_700_000_000));
+        assert_eq!(
+            store
+                .swap("alice", Expect::Generation(0), record("rt-new"))
+                .unwrap(),
+            Swap::Written(1)
+        );
+    }
+
+    #[test]
     fn a_wrong_key_a_swapped_file_and_garbage_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &key(1)).unwrap();
-        store.save("alice", &record("rt")).unwrap();
-        let other_key = Store::open(dir.path(), &key(2)).unwrap();
+        let store = FileStore::open(dir.path(), &key(1)).unwrap();
+        store.swap("alice", Expect::Absent, record("rt")).unwrap();
+        let other_key = FileStore::open(dir.path(), &key(2)).unwrap();
         assert_eq!(other_key.load("alice"), Err(StoreError::Undecryptable));
+        // Only an outright replacement goes over a record that does not decrypt.
+        assert_eq!(
+            other_key.swap("alice", Expect::Absent, record("rt-2")),
+            Err(StoreError::Undecryptable)
+        );
+        assert!(matches!(
+            other_key.swap("alice", Expect::Anything, record("rt-2")),
+            Ok(Swap::Written(_))
+        ));
         fs::copy(store.path("alice"), store.path("bob")).unwrap();
         assert_eq!(store.load("bob"), Err(StoreError::Undecryptable));
         fs::write(store.path("carol"), b"MGT1short").unwrap();
         assert_eq!(store.load("carol"), Err(StoreError::Corrupt));
         fs::write(store.path("dave"), b"not ours").unwrap();
         assert_eq!(store.load("dave"), Err(StoreError::Corrupt));
-    }
-
-    #[test]
-    fn a_conditional_write_keeps_what_another_process_stored_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let service = Store::open(dir.path(), &key(3)).unwrap();
-        let authorize = Store::open(dir.path(), &key(3)).unwrap();
-        service.save("alice", &record("old")).unwrap();
-        // `mailgate authorize` stores a new token while the service decides to forget "old".
-        authorize.save("alice", &record("new")).unwrap();
-        let forget = |stored: &Stored| {
-            stored
-                .refresh_token
-                .as_ref()
-                .is_some_and(|token| token.expose() != "old")
-        };
-        assert!(
-            !service
-                .save_unless("alice", &record("gone"), forget)
-                .unwrap()
-        );
-        let kept = service.load("alice").unwrap().unwrap();
-        assert_eq!(kept.refresh_token.unwrap().expose(), "new");
-        // The lock is released: a writer in another thread is not held up.
-        std::thread::scope(|scope| {
-            scope.spawn(|| authorize.save("alice", &record("old")).unwrap());
-        });
-        assert!(
-            service
-                .save_unless("alice", &record("gone"), forget)
-                .unwrap()
-        );
     }
 
     #[test]

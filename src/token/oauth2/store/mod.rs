@@ -1,0 +1,175 @@
+//! Where refresh tokens outlive the process: one record per account behind one contract that
+//! every backend keeps (the local [`file`] store today, a shared one for replicas later).
+//!
+//! The contract:
+//! - every record carries a generation, set by the store on each write;
+//! - a writer reads the newest record before it uses one (a token stored by another process
+//!   since, `mailgate authorize` or `accounts import`, wins over the copy in memory);
+//! - writes are compare-and-swap on the generation that was read, so a decision taken on an
+//!   older record never overwrites a newer one;
+//! - a lease gives one process at a time the right to redeem an account's refresh token, held
+//!   across the provider's answer, so two processes never redeem the same token.
+
+pub mod file;
+
+#[cfg(test)]
+pub mod contract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("token store I/O: {0}")]
+    Io(String),
+    /// Wrong key, or a file changed by someone else: the two cannot be told apart.
+    #[error("token store file does not decrypt (wrong store key, or a corrupted file)")]
+    Undecryptable,
+    #[error("token store file is corrupted")]
+    Corrupt,
+    /// Another process held the account's lease for the whole wait.
+    #[error("another process is renewing this account's token; try again")]
+    Busy,
+}
+
+/// What is kept for one account. Backends write it with [`Stored::to_json`]: `Secret` never
+/// serializes its value, by design.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Stored {
+    /// `None` once the provider refused it: the account needs re-authorization.
+    pub refresh_token: Option<Secret<String>>,
+    /// Unix seconds of the last successful grant; `None` for a token stored but never
+    /// redeemed (imported).
+    #[serde(default)]
+    pub refreshed_at: Option<u64>,
+    /// Unix seconds when the last access token expires, if the provider said.
+    #[serde(default)]
+    pub access_expires_at: Option<u64>,
+    /// Unix seconds when the refresh token itself expires, if the provider said.
+    #[serde(default)]
+    pub refresh_expires_at: Option<u64>,
+    /// Set by the store on every write; what a compare-and-swap compares. Records written
+    /// before generations existed read as 0.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl Stored {
+    /// The record as JSON, the refresh token included (backends encrypt it).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::json!({
+            "refresh_token": self.refresh_token.as_ref().map(|token| token.expose().clone()),
+            "refreshed_at": self.refreshed_at,
+            "access_expires_at": self.access_expires_at,
+            "refresh_expires_at": self.refresh_expires_at,
+            "generation": self.generation,
+        })
+        .to_string()
+        .into_bytes()
+    }
+}
+
+/// What a write requires of the record it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No record yet.
+    Absent,
+    /// The record of this generation, as read before.
+    Generation(u64),
+    /// Whatever is there, readable or not: a new authorization replaces a record that no
+    /// longer decrypts (a rotated store key).
+    Anything,
+}
+
+impl Expect {
+    /// What to expect of the store after reading `record`.
+    pub fn after_reading(record: Option<&Stored>) -> Self {
+        record.map_or(Expect::Absent, |record| {
+            Expect::Generation(record.generation)
+        })
+    }
+
+    fn is_met_by(self, current: Option<&Stored>) -> bool {
+        match self {
+            Expect::Anything => true,
+            other => other == Expect::after_reading(current),
+        }
+    }
+}
+
+/// The outcome of a compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Swap {
+    /// Written, as this generation.
+    Written(u64),
+    /// The store holds another record (here as it is now); nothing was written.
+    Conflict(Option<Stored>),
+}
+
+/// The right to redeem one account's refresh token until dropped.
+pub struct Lease {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl Lease {
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// The contract above; see [`file::FileStore`]. Calls may block on I/O: async callers run
+/// them on the blocking pool.
+pub trait TokenStore: Send + Sync {
+    /// The account's newest record; `None` if none was ever stored.
+    ///
+    /// # Errors
+    /// The record cannot be read, does not decrypt, or is not a record.
+    fn load(&self, account: &str) -> Result<Option<Stored>, StoreError>;
+
+    /// Writes `record` as the next generation if the current record is what `expect` says;
+    /// atomically and durably.
+    ///
+    /// # Errors
+    /// Reading or writing failed; the old record is then untouched.
+    fn swap(&self, account: &str, expect: Expect, record: Stored) -> Result<Swap, StoreError>;
+
+    /// The account's lease if nobody holds it now; `None` if somebody does.
+    ///
+    /// # Errors
+    /// The lease cannot be taken for another reason than being held.
+    fn try_lease(&self, account: &str) -> Result<Option<Lease>, StoreError>;
+}
+
+/// How often a lease held elsewhere is tried again while waiting for it.
+const LEASE_POLL: Duration = Duration::from_millis(20);
+
+/// Waits up to `wait` for the account's lease.
+///
+/// # Errors
+/// [`StoreError::Busy`] when another holder kept it that long.
+pub async fn lease(
+    store: &Arc<dyn TokenStore>,
+    account: &str,
+    wait: Duration,
+) -> Result<Lease, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (attempt, account) = (store.clone(), account.to_owned());
+        let taken = tokio::task::spawn_blocking(move || attempt.try_lease(&account))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??;
+        if let Some(lease) = taken {
+            return Ok(lease);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Busy);
+        }
+        tokio::time::sleep(LEASE_POLL).await;
+    }
+}
