@@ -158,11 +158,12 @@ fn same_state(expected: &Secret<String>, state: &str) -> bool {
 /// What came back to the redirect URL.
 #[derive(Debug)]
 enum Callback {
+    /// RFC 6749 4.1.2 and 4.1.2.1: both answers carry the request's `state`; one without is
+    /// refused like one with another.
     Code {
         code: Secret<String>,
-        state: String,
+        state: Option<String>,
     },
-    /// RFC 6749 4.1.2.1: an error answer carries the request's `state` too.
     Error {
         error: String,
         state: Option<String>,
@@ -172,8 +173,7 @@ enum Callback {
 impl Callback {
     fn state(&self) -> Option<&str> {
         match self {
-            Callback::Code { state, .. } => Some(state),
-            Callback::Error { state, .. } => state.as_deref(),
+            Callback::Code { state, .. } | Callback::Error { state, .. } => state.as_deref(),
         }
     }
 }
@@ -325,7 +325,7 @@ fn parse_callback(query: &str) -> Option<Callback> {
             error: sanitize::for_log(&error),
             state,
         }),
-        (Some(code), Some(state), None) => Some(Callback::Code { code, state }),
+        (Some(code), state, None) => Some(Callback::Code { code, state }),
         _ => None,
     }
 }
@@ -389,7 +389,7 @@ mod tests {
         match parse_callback("code=abc&state=xyz&session_state=1") {
             Some(Callback::Code { code, state }) => {
                 assert_eq!(code.expose(), "abc");
-                assert_eq!(state, "xyz");
+                assert_eq!(state.as_deref(), Some("xyz"));
             }
             other => panic!("{other:?}"),
         }
@@ -401,6 +401,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_callback("foo=bar").is_none());
+    }
+
+    /// Issue 13 item 16: a redirect with another state, or none, used to end the wait.
+    #[test]
+    fn only_the_expected_state_is_acted_on() {
+        let expected = Secret::new("right".to_owned());
+        for query in [
+            "code=abc&state=wrong",
+            "code=abc",
+            "error=access_denied&state=wrong",
+            "error=access_denied",
+        ] {
+            let (status, _, callback) = judge(parse_callback(query), &expected);
+            assert_eq!((status, callback.is_none()), (400, true), "{query}");
+        }
+        let (status, _, callback) = judge(parse_callback("code=abc&state=right"), &expected);
+        assert!(status == 200 && matches!(callback, Some(Callback::Code { .. })));
+        let (status, _, callback) = judge(parse_callback("foo=bar"), &expected);
+        assert!(status == 404 && callback.is_none());
     }
 
     #[test]
