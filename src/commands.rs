@@ -34,6 +34,9 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `authorize` waits for the browser to come back.
 const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// The loopback redirect URL suggested when none is configured (docs/configuration.md uses it).
+const EXAMPLE_REDIRECT_URL: &str = "http://localhost:8400/callback";
+
 fn oauth2(config: &Config) -> Result<Arc<OAuth2>, u8> {
     let Some(oauth2) = &config.tokens.oauth2 else {
         eprintln!("no tokens.oauth2 section in the configuration");
@@ -59,6 +62,15 @@ pub async fn authorize(config: &Config, account: &str, device: bool) -> u8 {
         eprintln!(
             "account {account} uses the {} grant, which needs no authorization",
             settings.grant.name()
+        );
+        return EXIT_USAGE;
+    }
+    if !device && provider.redirect_url.is_none() {
+        eprintln!(
+            "provider {name} has no redirect_url, which the browser flow needs: add \
+             `redirect_url: {EXAMPLE_REDIRECT_URL}` to tokens.oauth2.providers.{name} (and register \
+             it with the provider), or run `mailgate authorize --account {account} --device`",
+            name = provider.name
         );
         return EXIT_USAGE;
     }

@@ -10,11 +10,26 @@ use crate::secret::Secret;
 /// Answers larger than this are not tokens; refuse them instead of buffering.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Why a request got no usable answer, without its URL or body (either may hold secrets).
+/// Why a request got no usable answer: the host it went to and what went wrong, without the
+/// rest of its URL or its body (either may hold secrets).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HttpError {
+#[error("{host}: {failure}")]
+pub struct HttpError {
+    pub host: String,
+    pub failure: Failure,
+}
+
+/// What went wrong with a request, in the words an operator acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("name not resolved (DNS)")]
+    Dns,
+    #[error("connection refused")]
+    Refused,
     #[error("timed out")]
     Timeout,
+    #[error("certificate not trusted")]
+    UntrustedCertificate,
     #[error("connection failed")]
     Connect,
     #[error("answer larger than {MAX_ANSWER_BYTES} bytes")]
@@ -48,25 +63,66 @@ pub fn client(timeout: Duration, ca_file: Option<&Path>) -> Result<reqwest::Clie
 /// # Errors
 /// The body is too large or the transfer failed.
 pub async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, HttpError> {
+    let host = host_of(response.url());
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(classify)? {
         if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(HttpError::TooLarge);
+            return Err(HttpError {
+                host,
+                failure: Failure::TooLarge,
+            });
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
 }
 
-/// Classifies a transport error without its URL or body.
+/// Classifies a transport error, naming its host but not the rest of its URL or its body.
 pub fn classify(error: reqwest::Error) -> HttpError {
-    if error.is_timeout() {
-        HttpError::Timeout
+    let failure = if error.is_timeout() {
+        Failure::Timeout
+    } else if error.is_dns() {
+        Failure::Dns
+    } else if causes(&error).any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    }) {
+        Failure::Refused
+    } else if causes(&error).any(is_untrusted_certificate) {
+        Failure::UntrustedCertificate
     } else if error.is_connect() {
-        HttpError::Connect
+        Failure::Connect
     } else {
-        HttpError::Other
-    }
+        Failure::Other
+    };
+    let host = error.url().map_or_else(|| "?".to_owned(), host_of);
+    HttpError { host, failure }
+}
+
+fn host_of(url: &url::Url) -> String {
+    url.host_str().unwrap_or("?").to_owned()
+}
+
+/// The error and what caused it, looking inside I/O errors (which hide what they wrap from
+/// `source()`).
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static))
+            .or_else(|| cause.source())
+    })
+}
+
+fn is_untrusted_certificate(cause: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        cause.downcast_ref::<rustls::Error>(),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
 }
 
 /// A configured URL whose `user:pass@` travels as HTTP basic auth only: the URL kept here,

@@ -9,13 +9,14 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use ring::rand::{SecureRandom as _, SystemRandom};
-use ring::signature::{RSA_PKCS1_SHA256, RSA_PSS_SHA256, RsaEncoding, RsaKeyPair};
+use ring::signature::{KeyPair as _, RSA_PKCS1_SHA256, RSA_PSS_SHA256, RsaEncoding, RsaKeyPair};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::secret::Secret;
+use crate::x509;
 
 /// How long an assertion is valid: long enough for clock skew, short against replay
 /// (Microsoft refuses assertions valid for more than 10 minutes).
@@ -56,7 +57,8 @@ struct ServiceAccountFile {
     private_key: Secret<String>,
 }
 
-/// Reads a PEM certificate and its RSA key (PKCS#8 or PKCS#1), checking that the key signs.
+/// Reads a PEM certificate and its RSA key (PKCS#8 or PKCS#1), checking that the key signs
+/// and belongs to the certificate.
 ///
 /// # Errors
 /// A description of what is wrong, naming the file but never quoting the key.
@@ -69,6 +71,19 @@ pub fn load_certificate(cert_file: &Path, key_file: &Path) -> Result<LoadedCerti
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|_| format!("no RSA private key (PEM) in {}", key_file.display()))?;
     let key = rsa_key(key).map_err(|reason| format!("{}: {reason}", key_file.display()))?;
+    let parsed = x509::parse(&cert).map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    // The SPKI ends with the RSA public key: a key from another pair would have every
+    // assertion refused, but only at runtime (Microsoft: AADSTS700027).
+    let pair = key
+        .pair()
+        .map_err(|reason| format!("{}: {reason}", key_file.display()))?;
+    if !parsed.public_key_info.ends_with(pair.public_key().as_ref()) {
+        return Err(format!(
+            "{}: the key does not belong to the certificate in {}",
+            key_file.display(),
+            cert_file.display()
+        ));
+    }
     let digest = |algorithm| {
         ring::digest::digest(algorithm, cert.as_ref())
             .as_ref()

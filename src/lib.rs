@@ -21,6 +21,7 @@
 //!   providers.
 //! - [`sessions`]: logged-in sessions by account, to end them when an account is revoked.
 //! - [`upstream`], [`tls`]: connecting to upstreams.
+//! - [`x509`]: a certificate's expiry and public key.
 //! - [`forward`]: telling upstreams the client's address (PROXY v2 header, outcomes).
 //! - [`splice`]: copying bytes both ways after authentication.
 //! - [`sasl`]: SASL encoding and decoding as pure functions.
@@ -54,3 +55,4 @@ pub mod splice;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod x509;

@@ -64,15 +64,24 @@ impl BackendError {
         matches!(self, BackendError::Rejected(_))
     }
 
-    /// The error with every occurrence of what mailgate sent (`sent`: the token or password,
-    /// the SASL message as base64) replaced: servers may quote the command they refuse, and
-    /// a short token slips past the long-word redaction of [`crate::sanitize::for_log`].
-    pub fn without(self, sent: &[Secret<String>]) -> Self {
+    /// The error with what mailgate sent (`sent`: the token or password, the SASL message)
+    /// redacted: servers may quote the command they refuse, and a short token, or an echo
+    /// split into short words, slips past the long-word redaction of
+    /// [`crate::sanitize::for_log`]. The whole of a secret goes whatever its length; pieces as
+    /// [`crate::sanitize::without_echoes`] finds them.
+    pub fn without(self, sent: &[Secret<Vec<u8>>]) -> Self {
         let scrub = |mut text: String| {
-            for secret in sent.iter().filter(|secret| !secret.expose().is_empty()) {
-                text = text.replace(secret.expose().as_str(), "[redacted]");
+            for secret in sent.iter().map(|secret| secret.expose()) {
+                match std::str::from_utf8(secret) {
+                    Ok(whole) if !whole.is_empty() => text = text.replace(whole, "[redacted]"),
+                    _ => {}
+                }
             }
-            text
+            let sent: Vec<&[u8]> = sent
+                .iter()
+                .map(|secret| secret.expose().as_slice())
+                .collect();
+            crate::sanitize::without_echoes(&text, &sent)
         };
         match self {
             BackendError::Rejected(text) => BackendError::Rejected(scrub(text)),

@@ -65,6 +65,9 @@ enum Command {
         #[command(subcommand)]
         action: Option<AccountsAction>,
     },
+    /// Print the configuration file's JSON Schema (draft 7), for editors and the Helm chart's
+    /// values.schema.json; needs no --config.
+    ConfigSchema,
     /// Get a token for ACCOUNT and log in upstream once through a listener's settings,
     /// printing every step (never the token), for setting up and for support tickets.
     TestLogin {
@@ -97,6 +100,9 @@ enum AccountsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ConfigSchema = cli.command {
+        return config_schema();
+    }
     let Some(config) = cli.config else {
         if let Command::HashPassword = cli.command {
             return ExitCode::from(commands::hash_password());
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
         } => run_command(&config, false, |config| async move {
             commands::import(&config, &account, &refresh_token_file, !no_check).await
         }),
+        Command::ConfigSchema => config_schema(),
         Command::TestLogin { account, listener } => {
             run_command(&config, true, |config| async move {
                 commands::test_login(&config, &account, &listener).await
@@ -135,6 +142,19 @@ fn main() -> ExitCode {
         }
         // Needs no configuration, but one given (MAILGATE_CONFIG) does no harm.
         Command::HashPassword => ExitCode::from(commands::hash_password()),
+    }
+}
+
+fn config_schema() -> ExitCode {
+    match serde_json::to_string_pretty(&Config::json_schema()) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot print the schema: {error}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
     }
 }
 
@@ -201,6 +221,14 @@ fn check(path: &Path, print: bool, no_files: bool) -> ExitCode {
         Ok((config, _)) => config,
         Err(code) => return code,
     };
+    for warning in config.warnings(files, std::time::SystemTime::now()) {
+        eprintln!(
+            "{}: {}: warning: {}",
+            path.display(),
+            warning.key,
+            warning.reason
+        );
+    }
     if print {
         match serde_saphyr::to_string(&config) {
             Ok(text) => print!("{text}"),

@@ -396,7 +396,7 @@ impl Metrics {
         );
         registry.register(
             "client_tls_handshakes",
-            "TLS handshakes with clients, by result (ok, timeout, closed, not_tls, incompatible, certificate_refused, error)",
+            "TLS handshakes with clients, by result (ok, timeout, closed, not_tls, incompatible, certificate_refused, wrong_alpn, error)",
             self.client_tls_handshakes.clone(),
         );
         registry.register(

@@ -268,15 +268,14 @@ impl Exchange {
 }
 
 /// Everything of `auth` that goes on the wire in a login, as it may come back in an error
-/// text: the token or password itself, and the SASL message in base64.
-pub fn sent_forms(auth: &UpstreamAuth, exchange: Option<&Exchange>) -> Vec<Secret<String>> {
-    let mut sent = vec![match auth {
-        UpstreamAuth::Bearer { token, .. } => token.clone(),
-        UpstreamAuth::Password { password, .. } => password.clone(),
-    }];
-    if let Some(exchange) = exchange {
-        sent.push(encode_base64(&exchange.message));
-    }
+/// text: the token or password itself, and the SASL message.
+pub fn sent_forms(auth: &UpstreamAuth, exchange: Option<&Exchange>) -> Vec<Secret<Vec<u8>>> {
+    let secret = match auth {
+        UpstreamAuth::Bearer { token, .. } => token,
+        UpstreamAuth::Password { password, .. } => password,
+    };
+    let mut sent = vec![Secret::new(secret.expose().as_bytes().to_vec())];
+    sent.extend(exchange.map(|exchange| exchange.message.clone()));
     sent
 }
 

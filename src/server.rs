@@ -76,6 +76,8 @@ pub enum StartError {
     },
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
+    #[error("admin: {0}")]
+    Admin(String),
     #[error("listener {name}: upstream TLS: {reason}")]
     Upstream { name: String, reason: String },
     #[error("listener {name}: TLS towards clients: {reason}")]
@@ -84,6 +86,13 @@ pub enum StartError {
     TokenSource(String),
     #[error("client_auth: {0}")]
     ClientAuth(String),
+}
+
+/// What `check` would warn about in the running configuration (expiring certificates, ...).
+fn log_warnings(config: &Config) {
+    for warning in config.warnings(crate::config::Files::Read, std::time::SystemTime::now()) {
+        tracing::warn!(key = warning.key, "{}", warning.reason);
+    }
 }
 
 /// The configuration file and its text as it was loaded.
@@ -130,6 +139,7 @@ pub async fn run(
     log_level: Option<LogLevelHook>,
 ) -> Result<(), StartError> {
     let mut server = Server::start(config, file, log_level).await?;
+    log_warnings(&server.config);
     let mut watch_tick = tokio::time::interval(
         server
             .config
@@ -319,7 +329,9 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
         let lasting = Lasting {
-            admin: Arc::new(Admin::new(metrics.clone(), health.clone())),
+            admin: Arc::new(
+                Admin::new(metrics.clone(), health.clone()).map_err(StartError::Admin)?,
+            ),
             health,
             registry: Arc::new(SessionRegistry::new(metrics.clone())),
             grants: Arc::new(GrantStates::default()),
@@ -416,6 +428,7 @@ impl Server {
             Ok(config) => match self.apply(config).await {
                 Ok(()) => {
                     tracing::info!("configuration reloaded");
+                    log_warnings(&self.config);
                     // New credentials for the token source show in readiness at once.
                     self.check_health();
                     "ok"
@@ -669,6 +682,7 @@ fn admin_runtime(config: &Config, shared: &Shared) -> Result<AdminRuntime, crate
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
             &files.cert_file,
             &files.key_file,
+            None,
         )?)),
         None => None,
     };
@@ -814,11 +828,13 @@ fn client_tls(
     if tls.mode == TlsMode::None {
         return Ok(None);
     }
-    let config =
-        crate::tls::server_config(cert_file, key_file).map_err(|error| StartError::ClientTls {
+    let alpn = crate::client_tls::alpn_id(listener.protocol);
+    let config = crate::tls::server_config(cert_file, key_file, Some(alpn)).map_err(|error| {
+        StartError::ClientTls {
             name: listener.name.clone(),
             reason: error.to_string(),
-        })?;
+        }
+    })?;
     Ok(Some(Arc::new(ClientTls::new(
         config,
         tls.require,

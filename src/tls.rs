@@ -143,23 +143,34 @@ fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsE
     Ok(certified)
 }
 
-/// A server configuration (TLS 1.2 and 1.3 only) presenting whatever `slot` holds.
+/// A server configuration (TLS 1.2 and 1.3 only) presenting whatever `slot` holds. With an
+/// `alpn` id, a client offering ALPN ids without it is refused with the
+/// `no_application_protocol` alert (RFC 7301 3.2); one offering none is served.
 ///
 /// # Errors
 /// The provider refuses the protocol versions (never with ring).
-pub fn server_config_for(slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, TlsError> {
-    let config =
+pub fn server_config_for(
+    slot: Arc<CertificateSlot>,
+    alpn: Option<&[u8]>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(slot);
+    config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
     Ok(Arc::new(config))
 }
 
-/// Checks that `cert_file` and `key_file` make a server configuration.
+/// Checks that `cert_file` and `key_file` make a server configuration, with `alpn` as for
+/// [`server_config_for`].
 ///
 /// # Errors
 /// As for [`CertificateSlot::load`].
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_for(Arc::new(CertificateSlot::load(cert_file, key_file)?))
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    alpn: Option<&[u8]>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_for(Arc::new(CertificateSlot::load(cert_file, key_file)?), alpn)
 }

@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use support::Mailgate;
 
@@ -184,7 +185,8 @@ fn a_start_failure_is_reported_once() {
 }
 
 /// The example configurations shipped in deploy/ (files, and the one inside the sidecar
-/// manifest) pass `check --no-files`, which leaves out their production secret files.
+/// manifest) pass `check --no-files`, which leaves out their production secret files, without
+/// a warning.
 #[test]
 fn shipped_examples_pass_check_without_their_secret_files() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -208,13 +210,13 @@ fn shipped_examples_pass_check_without_their_secret_files() {
     ] {
         examples.push(root.join(example).display().to_string());
     }
+    // Issue 13 item 20: nor do they draw a warning (the systemd example took passwords in
+    // clear on 0.0.0.0).
     for example in examples {
         let out = mailgate(&["check", "--no-files", "--config", &example]);
-        assert!(
-            out.status.success(),
-            "{example}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{example}: {stderr}");
+        assert!(stderr.is_empty(), "{example}: {stderr}");
     }
 }
 
@@ -258,6 +260,224 @@ fn complete_configs_in_the_docs_pass_check() {
         }
     }
     assert!(checked >= 5, "only {checked} complete configs found");
+}
+
+/// A configuration with a listener and the admin endpoint presenting `ca`'s server
+/// certificate, and a provider signing assertions with `cert` and `key`.
+fn with_certificates(
+    ca: &support::TestCa,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    format!(
+        r#"listeners:
+  - name: imaps
+    protocol: imap
+    listen: "127.0.0.1:1993"
+    tls: {{ mode: implicit, cert_file: "{server_cert}", key_file: "{server_key}" }}
+    upstream: {{ host: mail.example, port: 993, tls: implicit }}
+admin:
+  listen: "127.0.0.1:9090"
+  tls: {{ cert_file: "{server_cert}", key_file: "{server_key}" }}
+tokens:
+  oauth2:
+    providers:
+      m365:
+        preset: microsoft
+        tenant: contoso.onmicrosoft.com
+        client_id: "00000000-0000-0000-0000-000000000000"
+        client_certificate: {{ cert_file: "{cert}", key_file: "{key}" }}
+    accounts:
+      printer: {{ provider: m365, grant: client_credentials, user: "printer@contoso.example" }}
+"#,
+        server_cert = ca.cert_pem().display(),
+        server_key = ca.key_pem().display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+/// Issue 13 item 15: a client certificate with another pair's key passed `check`; Microsoft
+/// refuses every assertion signed with it (AADSTS700027), but only at runtime.
+#[tokio::test]
+async fn check_refuses_a_client_certificate_whose_key_is_anothers() {
+    support::with_timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = support::TestCa::create().await;
+        let (ours, other) = (
+            support::TestKeys::rsa(dir.path()).await,
+            support::TestKeys::rsa(dir.path()).await,
+        );
+        let config = write(
+            &dir,
+            "mismatch.yaml",
+            &with_certificates(&ca, &ours.cert_pem, &other.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        let key = other.key_pem.display().to_string();
+        assert!(
+            stderr.contains("tokens.oauth2.providers.m365.client_certificate:")
+                && stderr.contains(&format!(
+                    "{key}: the key does not belong to the certificate"
+                )),
+            "{stderr}"
+        );
+        let config = write(
+            &dir,
+            "pair.yaml",
+            &with_certificates(&ca, &ours.cert_pem, &ours.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
+}
+
+/// Issue 13 item 15: nothing warned of a certificate about to expire. The test CA's
+/// certificates live two days; a client certificate made for 400 days draws no warning.
+#[tokio::test]
+async fn check_warns_of_certificates_that_expire_within_30_days() {
+    support::with_timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = support::TestCa::create().await;
+        let keys = support::TestKeys::rsa(dir.path()).await;
+        let lasting = keys.dir.join("lasting.pem");
+        let out = support::process::run_command(
+            "openssl",
+            &[
+                "req", "-new", "-x509", "-key", "key.pem", "-out", "lasting.pem", "-days", "400",
+                "-subj", "/CN=mailgate test client",
+            ],
+            Some(&keys.dir),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(out.success(), "{}", out.stderr);
+        let config = write(
+            &dir,
+            "config.yaml",
+            &with_certificates(&ca, &lasting, &keys.key_pem),
+        );
+        let out = mailgate(&["check", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let server_cert = ca.cert_pem().display().to_string();
+        for key in ["listeners[0].tls.cert_file", "admin.tls.cert_file"] {
+            assert!(
+                stderr.contains(&format!(
+                    "{config}: {key}: warning: the certificate in {server_cert} expires in 1 day, on "
+                )),
+                "{key}: {stderr}"
+            );
+        }
+        assert!(!stderr.contains("client_certificate"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    })
+    .await;
+}
+
+/// Issue 13 item 20: nothing warned that a listener off loopback takes the passwords mailgate
+/// checks in clear (no TLS, or STARTTLS without `require`).
+#[test]
+fn check_warns_when_checked_passwords_may_cross_the_network_in_clear() {
+    let listener = |name: &str, protocol: &str, listen: &str, tls: &str| {
+        format!(
+            "  - {{ name: {name}, protocol: {protocol}, listen: \"{listen}\", {tls}upstream: {{ host: mail.example, port: 993, tls: implicit }} }}\n"
+        )
+    };
+    let files = "cert_file: /x/tls.crt, key_file: /x/tls.key";
+    let listeners = [
+        listener("lan", "imap", "0.0.0.0:1143", ""),
+        listener("local", "imap", "127.0.0.1:1144", ""),
+        listener(
+            "lax",
+            "smtp",
+            "0.0.0.0:1587",
+            &format!("tls: {{ mode: starttls, require: false, {files} }}, "),
+        ),
+        listener(
+            "strict",
+            "smtp",
+            "0.0.0.0:1588",
+            &format!("tls: {{ mode: starttls, {files} }}, "),
+        ),
+        listener(
+            "implicit",
+            "imap",
+            "[::]:1993",
+            &format!("tls: {{ mode: implicit, {files} }}, "),
+        ),
+    ]
+    .concat();
+    let config = |client_auth: &str| {
+        format!(
+            "listeners:\n{listeners}tokens:\n  auth_server: {{ url: \"http://127.0.0.1:8080/token\" }}\nclient_auth: {client_auth}\n"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let checked = write(
+        &dir,
+        "checked.yaml",
+        &config("{ mode: auth_server, auth_server: { url: \"http://127.0.0.1:8080/check\" } }"),
+    );
+    let out = mailgate(&["check", "--no-files", "--config", &checked]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        warnings,
+        [
+            format!(
+                "{checked}: listeners[0].tls: warning: client passwords (client_auth.mode auth_server) may cross the network in clear on 0.0.0.0:1143: use tls mode starttls with require: true, or implicit"
+            ),
+            format!(
+                "{checked}: listeners[2].tls: warning: client passwords (client_auth.mode auth_server) may cross the network in clear on 0.0.0.0:1587: use tls mode starttls with require: true, or implicit"
+            ),
+        ],
+        "{stderr}"
+    );
+    // Mode any checks no password: nothing to protect.
+    let unchecked = write(
+        &dir,
+        "unchecked.yaml",
+        &config("{ mode: any, allow_remote: true }"),
+    );
+    let out = mailgate(&["check", "--no-files", "--config", &unchecked]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+}
+
+/// Issue 13 item 20: the chart's values schema took any `config`, so a typo passed `helm
+/// install` and the pods crash-looped on exit 64. It embeds the schema mailgate makes of its
+/// own file, and must be regenerated (scripts/chart-schema.sh) when the types change.
+#[test]
+fn the_charts_values_schema_embeds_the_current_config_schema() {
+    let out = mailgate(&["config-schema"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let definitions = generated
+        .as_object_mut()
+        .and_then(|schema| schema.remove("definitions"))
+        .unwrap();
+    generated.as_object_mut().unwrap().remove("$schema");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart = std::fs::read_to_string(root.join("helm/mailgate/values.schema.json")).unwrap();
+    let chart: serde_json::Value = serde_json::from_str(&chart).unwrap();
+    let stale = "helm/mailgate/values.schema.json is stale: run scripts/chart-schema.sh";
+    assert_eq!(chart["properties"]["config"], generated, "{stale}");
+    let embedded: serde_json::Map<String, serde_json::Value> = chart["definitions"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(|(name, schema)| (name.clone(), schema.clone()))
+        .collect();
+    assert_eq!(serde_json::Value::Object(embedded), definitions, "{stale}");
 }
 
 #[tokio::test]

@@ -329,6 +329,84 @@ async fn openssl_s_client_starttls_imap_and_smtp() {
     .await;
 }
 
+/// Issue 13 item 15 (ALPACA): mailgate set no ALPN, so a client offering only another
+/// protocol's id (a browser's `http/1.1`) was served. Now it is refused at the handshake and
+/// counted; a client offering the listener's id, or none, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_offering_another_protocols_alpn_are_refused() {
+    support::with_timeout(TEST_TIMEOUT, async {
+        let s = Setup::start().await;
+        let imap = "a NOOP\na LOGOUT\n";
+        let smtp = "EHLO client.test\nQUIT\n";
+        let cases = [
+            (s.imaps, None, Some("http/1.1"), imap, None),
+            (s.imaps, None, Some("h2,imap"), imap, Some("a OK")),
+            (s.imaps, None, None, imap, Some("a OK")),
+            (s.imap, Some("imap"), Some("http/1.1"), imap, None),
+            (s.imap, Some("imap"), Some("imap"), imap, Some("a OK")),
+            (s.smtps, None, Some("http/1.1"), smtp, None),
+            (s.smtps, None, Some("smtp"), smtp, Some("221 ")),
+            (s.smtps, None, None, smtp, Some("221 ")),
+            (s.smtp, Some("smtp"), Some("imap"), smtp, None),
+        ];
+        for (address, starttls, alpn, input, served) in cases {
+            let out = s_client_alpn(address, starttls, alpn, &s.ca(), input).await;
+            match served {
+                Some(answer) => assert!(
+                    out.stdout.contains(answer),
+                    "{address} {alpn:?}: {out:?}\n{}",
+                    s.mailgate.output()
+                ),
+                None => assert!(
+                    !out.success() && out.stderr.contains("no application protocol"),
+                    "{address} {alpn:?} was served: {out:?}"
+                ),
+            }
+        }
+        let series = |listener: &str| {
+            format!(
+                "mailgate_client_tls_handshakes_total{{listener=\"{listener}\",result=\"wrong_alpn\"}}"
+            )
+        };
+        let text = s.metrics().await;
+        for (listener, refused) in [("imaps", 1.0), ("imap", 1.0), ("smtps", 1.0), ("smtp", 1.0)] {
+            assert_eq!(metric(&text, &series(listener)), refused, "{text}");
+        }
+    })
+    .await;
+}
+
+/// `openssl s_client` offering the ALPN ids `alpn` (comma-separated), or none.
+async fn s_client_alpn(
+    address: SocketAddr,
+    starttls: Option<&str>,
+    alpn: Option<&str>,
+    ca: &str,
+    input: &str,
+) -> support::CmdOutput {
+    let connect = address.to_string();
+    let mut args = vec![
+        "s_client",
+        "-connect",
+        &connect,
+        "-CAfile",
+        ca,
+        "-verify_return_error",
+        "-crlf",
+        "-quiet",
+    ];
+    if let Some(protocol) = starttls {
+        args.extend(["-starttls", protocol]);
+    }
+    if let Some(alpn) = alpn {
+        args.extend(["-alpn", alpn]);
+    }
+    let out =
+        run_command_with_input("openssl", &args, None, Some(input.as_bytes()), TOOL_TIMEOUT).await;
+    assert!(!out.timed_out, "s_client hung: {out:?}");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_logins_are_refused_where_tls_is_required() {
     support::with_timeout(TEST_TIMEOUT, async {

@@ -648,6 +648,8 @@ async fn authorize(config: &str) -> (Mailgate, String) {
     (run, url)
 }
 
+/// Issue 13 item 16: a forged redirect used to end the flow (exit 1) and tell the browser
+/// it worked; now it gets 400 and the real redirect still completes the same run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorize_runs_the_code_flow_with_pkce_and_refuses_a_forged_state() {
     with_timeout(MINUTE, async {
@@ -665,26 +667,33 @@ async fn authorize_runs_the_code_flow_with_pkce_and_refuses_a_forged_state() {
             )
             .replace("client_id: mailgate", "client_id: public-app");
 
-        // A forged state is refused and nothing is stored.
         let (mut run, url) = authorize(&config).await;
         assert!(
             url.contains("code_challenge_method=S256") && url.contains("state="),
             "{url}"
         );
         let location = consent(&url).await;
-        let forged = regex_replace_state(&location, "forged");
-        let _ = browser().get(&forged).send().await;
-        assert_eq!(run.wait_exit(Duration::from_secs(10)).await, Some(1));
-        assert!(
-            run.stderr().contains("state does not match"),
+        // A forged code, a forged error and an error without state are refused; the run waits on.
+        let forged_error = format!("{redirect}?error=access_denied&state=forged");
+        let stateless_error = format!("{redirect}?error=access_denied");
+        for forged in [
+            regex_replace_state(&location, "forged"),
+            forged_error,
+            stateless_error,
+        ] {
+            let page = browser().get(&forged).send().await.unwrap();
+            assert_eq!(page.status(), 400, "{forged}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            run.wait_exit(Duration::ZERO).await,
+            None,
             "{}",
             run.output()
         );
         assert!(!s.path("tokens").join("alice.token").exists());
 
         // The real redirect completes the flow; alice can then log in through mailgate.
-        let (mut run, url) = authorize(&config).await;
-        let location = consent(&url).await;
         let page = browser().get(&location).send().await.unwrap();
         assert_eq!(page.status(), 200);
         assert_eq!(
@@ -699,6 +708,75 @@ async fn authorize_runs_the_code_flow_with_pkce_and_refuses_a_forged_state() {
         let mailgate = Mailgate::start(&config).await;
         let (_client, login) = imap_login(s.imap_address(), "alice").await;
         assert!(login.is_ok(), "{login:?}\n{}", mailgate.output());
+    })
+    .await;
+}
+
+/// Issue 13 item 16: without a redirect URL, `authorize` said only "no redirect_url" and
+/// exited 1; it says what to add, or to use `--device`, and exits 64 like `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_without_a_redirect_url_says_what_to_add() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config("", &account("alice", "refresh_token", ALICE), "");
+        let (code, _, err) = command(&config, &["authorize", "--account", "alice"]).await;
+        assert_eq!(code, Some(64), "{err}");
+        assert!(
+            err.contains("redirect_url: http://localhost:8400/callback")
+                && err.contains("tokens.oauth2.providers.local")
+                && err.contains("--device"),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+/// Issue 13 item 16: network errors said only "connection failed"; they name the host and
+/// the kind (refused, untrusted certificate, timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_names_the_host_and_kind_of_a_network_error() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cases = [
+            (
+                format!("http://127.0.0.1:{}/device", free_port()),
+                "connection refused",
+            ),
+            (
+                format!("https://localhost:{}/device", s.up.dovecot.imaps_port),
+                "certificate not trusted",
+            ),
+            (
+                format!(
+                    "http://127.0.0.1:{}/device",
+                    silent.local_addr().unwrap().port()
+                ),
+                "timed out",
+            ),
+        ];
+        for (device_url, kind) in cases {
+            let config = s
+                .config(
+                    &s.secret("post"),
+                    &account("alice", "refresh_token", ALICE),
+                    "",
+                )
+                .replace(&s.provider.device_url(), &device_url)
+                .replace("timeout: 5s", "timeout: 1s");
+            let (code, out, err) =
+                command(&config, &["authorize", "--account", "alice", "--device"]).await;
+            assert_eq!(code, Some(1), "{out}{err}");
+            let host = url::Url::parse(&device_url)
+                .unwrap()
+                .host_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                err.contains(&format!("{host}: {kind}")),
+                "{device_url}: {err}"
+            );
+        }
     })
     .await;
 }

@@ -144,7 +144,7 @@ fn client_tls(required: bool) -> Option<Arc<ClientTls>> {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let made = self_signed(&cert, &key);
         let config = made.then(|| {
-            mailgate::tls::server_config(&cert, &key).expect("the harness's own certificate")
+            mailgate::tls::server_config(&cert, &key, None).expect("the harness's own certificate")
         });
         let _ = std::fs::remove_dir_all(&dir);
         let config = config?;

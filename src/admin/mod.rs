@@ -73,14 +73,16 @@ pub struct AdminRuntime {
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
-        Self {
+    /// # Errors
+    /// No randomness for the onboarding page's CSRF token.
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Self, String> {
+        Ok(Self {
             throttle: AdminThrottle::new(metrics.clone()),
             metrics,
             health,
             current: RwLock::new(Arc::new(AdminRuntime::default())),
-            flows: onboarding::Flows::default(),
-        }
+            flows: onboarding::Flows::new()?,
+        })
     }
 
     /// Puts a reload's settings in place; requests under way finish with the old ones.

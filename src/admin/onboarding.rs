@@ -116,13 +116,20 @@ enum DeviceFlow {
     Failed(String),
 }
 
-impl Default for Flows {
-    fn default() -> Self {
-        Self {
-            csrf: Secret::new(jwt::random_id().unwrap_or_default()),
+impl Flows {
+    /// # Errors
+    /// The system's random source failed: without a CSRF token nobody can tell its forms apart
+    /// from another site's, so the start fails.
+    pub fn new() -> Result<Self, String> {
+        Self::with_csrf(jwt::random_id())
+    }
+
+    fn with_csrf(csrf: Result<String, String>) -> Result<Self, String> {
+        Ok(Self {
+            csrf: Secret::new(csrf.map_err(|error| format!("CSRF token: {error}"))?),
             pending: Mutex::new(HashMap::new()),
             devices: Arc::new(Mutex::new(Devices::default())),
-        }
+        })
     }
 }
 
@@ -583,4 +590,18 @@ fn encode(text: &str) -> String {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13 item 16: a failed random source left an empty CSRF token, which a form with an
+    /// empty `csrf` field matches.
+    #[test]
+    fn no_flows_without_randomness() {
+        let failed = Flows::with_csrf(Err("no randomness from the system".to_owned()));
+        assert!(failed.is_err());
+        assert!(!Flows::new().unwrap().csrf.expose().is_empty());
+    }
 }

@@ -144,7 +144,7 @@ fn admin_password(
 /// A readable certificate chain and private key (checked when files are read).
 pub(crate) fn check_certificate(files: &CertificateFiles, key: &str, problems: &mut Problems) {
     if problems.reads_files()
-        && let Err(error) = crate::tls::server_config(&files.cert_file, &files.key_file)
+        && let Err(error) = crate::tls::server_config(&files.cert_file, &files.key_file, None)
     {
         problems.add(key, error.to_string());
     }

@@ -8,12 +8,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::Secret;
 
 mod admin;
+mod schema;
 pub mod tokens;
+mod warnings;
 pub use tokens::*;
 
 /// RFC 9051 section 5.4 asks for an inactivity timer of at least 30 minutes once logged in.
@@ -79,8 +82,9 @@ pub const DEFAULT_MAX_LITERAL_SIZE: usize = 8_192;
 const LINE_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 512..=1_048_576;
 const MAX_LITERAL_SIZE_LIMIT: usize = 1_048_576;
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = schema::with_aliases)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub tokens: TokensConfig,
@@ -97,16 +101,19 @@ pub struct Config {
     /// After SIGTERM: how long mailgate still accepts connections while it reports not ready,
     /// so that load balancers and Kubernetes endpoints stop sending clients first.
     #[serde(default = "default_drain_delay", with = "duration")]
+    #[schemars(with = "String")]
     pub drain_delay: Duration,
     /// How long sessions may go on after the drain delay before they are closed.
     #[serde(default = "default_shutdown_grace", with = "duration")]
+    #[schemars(with = "String")]
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes; `0s` turns watching off (SIGHUP still reloads).
     #[serde(default = "default_config_watch_interval", with = "duration")]
+    #[schemars(with = "String")]
     pub config_watch_interval: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Imap,
@@ -122,22 +129,27 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Used in logs and metric labels.
     pub name: String,
     pub protocol: Protocol,
     #[serde(with = "listen_address")]
+    #[schemars(with = "String")]
     pub listen: SocketAddr,
     pub upstream: UpstreamConfig,
     #[serde(default = "default_pre_auth_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub pre_auth_timeout: Duration,
     #[serde(default = "default_pre_auth_lifetime", with = "duration")]
+    #[schemars(with = "String")]
     pub pre_auth_lifetime: Duration,
     #[serde(default = "default_login_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub login_timeout: Duration,
     #[serde(default = "default_idle_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub idle_timeout: Duration,
     /// Connections beyond this are greeted with a refusal and closed.
     #[serde(default = "default_max_connections")]
@@ -162,7 +174,7 @@ pub struct ListenerConfig {
 }
 
 /// TLS towards the clients of one listener.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsConfig {
     /// `implicit`: TLS from the first byte (993, 465); `starttls`: plain, upgraded by the
@@ -178,7 +190,7 @@ pub struct ClientTlsConfig {
 }
 
 /// How the upstream learns the client's address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ForwardClient {
     #[default]
@@ -191,7 +203,7 @@ pub enum ForwardClient {
     ProxyV2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     Implicit,
@@ -199,7 +211,7 @@ pub enum TlsMode {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MechanismSetting {
     #[default]
@@ -208,7 +220,7 @@ pub enum MechanismSetting {
     Oauthbearer,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub host: String,
@@ -223,6 +235,7 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub mechanism: MechanismSetting,
     #[serde(default = "default_connect_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// Connects (TCP plus an implicit-TLS handshake) under way at once to this upstream;
     /// more wait, within `connect_timeout`.
@@ -233,7 +246,7 @@ pub struct UpstreamConfig {
     pub forward_client: ForwardClient,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
     /// The user name is the account id; the password is not checked.
@@ -260,7 +273,7 @@ impl ClientAuthMode {
 }
 
 /// Mode `oauth2_password`: which provider's token endpoint checks passwords.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordGrantConfig {
     /// A name in `tokens.oauth2.providers`.
@@ -277,7 +290,7 @@ pub struct PasswordGrantConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
@@ -287,6 +300,7 @@ pub struct ClientAuthConfig {
     #[serde(default)]
     pub hash_workers: Option<usize>,
     #[serde(default = "default_hash_queue_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub hash_queue_timeout: Duration,
     /// Password checks one client address (IPv6: /64) may have waiting or running at once.
     #[serde(default = "default_checks_per_address")]
@@ -310,6 +324,7 @@ pub struct ClientAuthConfig {
     pub oauth2_password: Option<PasswordGrantConfig>,
     /// Delegated modes: how long a verified password is remembered; `0s`: never.
     #[serde(default = "default_remember", with = "duration")]
+    #[schemars(with = "String")]
     pub remember: Duration,
     /// Delegated modes: checks sent at once.
     #[serde(default = "default_delegated_checks")]
@@ -354,14 +369,17 @@ impl ClientAuthConfig {
 }
 
 /// The brute-force defence; see `client_auth::throttle`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ThrottleConfig {
     #[serde(default = "default_failure_delay", with = "duration")]
+    #[schemars(with = "String")]
     pub failure_delay: Duration,
     #[serde(default = "default_max_failure_delay", with = "duration")]
+    #[schemars(with = "String")]
     pub max_failure_delay: Duration,
     #[serde(default = "default_failure_window", with = "duration")]
+    #[schemars(with = "String")]
     pub window: Duration,
     /// `0` never blocks an address.
     #[serde(default = "default_block_address_after")]
@@ -387,10 +405,11 @@ impl Default for ThrottleConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     #[serde(with = "listen_address")]
+    #[schemars(with = "String")]
     pub listen: SocketAddr,
     /// Serve the admin endpoint over TLS (required for onboarding off loopback).
     #[serde(default)]
@@ -404,7 +423,7 @@ pub struct AdminConfig {
 }
 
 /// A certificate chain and its private key, PEM.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateFiles {
     pub cert_file: PathBuf,
@@ -413,7 +432,7 @@ pub struct CertificateFiles {
 
 /// The onboarding page: HTTP basic auth with `user` and a password from a file or the
 /// environment.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OnboardingConfig {
     #[serde(default = "default_onboarding_user")]
@@ -435,7 +454,7 @@ pub struct OnboardingConfig {
 /// The token service: HTTP basic auth, as the auth servers of other mailgates send it. Each
 /// of `clients` has its own password and the accounts it may fetch; `user` with a password
 /// from a file or the environment is one more client, which may fetch every account.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenServiceConfig {
     #[serde(default = "default_token_service_user")]
@@ -454,7 +473,7 @@ pub struct TokenServiceConfig {
 
 /// One client of the token service (a sidecar): its password and the OAuth2 accounts it may
 /// fetch tokens for (`*`: every account).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenServiceClient {
     #[serde(default)]
@@ -467,7 +486,7 @@ pub struct TokenServiceClient {
     pub accounts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -475,7 +494,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -1104,6 +1123,21 @@ fn default_connect_timeout() -> Duration {
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         T::deserialize(deserializer).map(Secret::new)
+    }
+}
+
+/// A secret is written in the file as its value is.
+impl<T: JsonSchema> JsonSchema for Secret<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Problems, duration, read_secret_file, serialize_url, with_password};
@@ -27,7 +28,7 @@ pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The store key is 32 bytes, base64 (`head -c 32 /dev/urandom | base64`).
 pub const STORE_KEY_BYTES: usize = 32;
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokensConfig {
     /// Accounts that no OAuth2 account matches go here; without it they are refused.
@@ -45,13 +46,15 @@ pub struct TokensConfig {
     pub end_sessions_on_revoke: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthServerConfig {
     /// `user:pass@` in the URL becomes HTTP basic auth.
     #[serde(serialize_with = "serialize_url")]
+    #[schemars(with = "String")]
     pub url: Secret<String>,
     #[serde(default = "default_auth_server_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Basic-auth password from a file (a Kubernetes Secret), overriding the URL's.
     #[serde(default)]
@@ -64,19 +67,22 @@ pub struct AuthServerConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     pub max_entries: u64,
     /// Lifetime of a token when the source gives none.
     #[serde(with = "duration")]
+    #[schemars(with = "String")]
     pub default_ttl: Duration,
     /// A token is never handed out closer than this to its expiry.
     #[serde(with = "duration")]
+    #[schemars(with = "String")]
     pub refresh_margin: Duration,
     /// Tokens of accounts used this recently are renewed in the background before they
     /// expire, so that logins never wait for a token source.
     #[serde(with = "duration")]
+    #[schemars(with = "String")]
     pub refresh_window: Duration,
 }
 
@@ -92,7 +98,7 @@ impl Default for CacheConfig {
 }
 
 /// mailgate's own OAuth2 client.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     /// Where refresh tokens are kept; needed by `refresh_token` accounts.
@@ -105,10 +111,11 @@ pub struct OAuth2Config {
     pub accounts: BTreeMap<String, AccountConfig>,
     /// Each request to a provider's endpoints.
     #[serde(default = "default_provider_timeout", with = "duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub dir: PathBuf,
@@ -121,7 +128,7 @@ pub struct StoreConfig {
     pub key: Option<Secret<Vec<u8>>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     Microsoft,
@@ -130,7 +137,7 @@ pub enum Preset {
 }
 
 /// How the client authenticates with a secret at the token endpoint (RFC 6749 2.3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuthMethod {
     #[default]
@@ -138,7 +145,7 @@ pub enum ClientAuthMethod {
     Basic,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateConfig {
     /// The certificate registered with the provider (PEM).
@@ -147,7 +154,7 @@ pub struct CertificateConfig {
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub preset: Preset,
@@ -194,7 +201,7 @@ pub struct ProviderConfig {
     pub service_account: Option<ServiceAccount>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Grant {
     /// App-only tokens with the client's own credentials (RFC 6749 4.4).
@@ -215,7 +222,7 @@ impl Grant {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     pub provider: String,

@@ -922,6 +922,50 @@ mod tests {
         );
     }
 
+    /// Issue 13 item 19: an echo split into words of 40 characters or fewer passed the
+    /// long-word redaction, and only the whole base64 message was replaced.
+    #[tokio::test]
+    async fn a_payload_echoed_in_short_words_is_redacted() {
+        // The message is base64 of "user=a@b.c\x01auth=Bearer SECRETTOKENabc123xyz\x01\x01".
+        let fragments = [
+            // The message's own base64 in 20-character words.
+            "dXNlcj1hQGIuYwFhdXRo",
+            "PUJlYXJlciBTRUNSRVRU",
+            "T0tFTmFiYzEyM3h5egEB",
+            // "earer SECRETTOKENabc123xyz\x01\x01", "TOKENabc", "ETTOKEN": encoded anew at the
+            // other two alignments, padded.
+            "ZWFyZXIgU0VDUkVUVE9LRU5hYmMxMjN4eXoBAQ==",
+            "VE9LRU5hYmM=",
+            "RVRUT0tFTg==",
+            // Plain pieces of the token.
+            "TOKENabc123xyz",
+            "SECRETTOKENa",
+        ];
+        let script = &[
+            "S: * OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n",
+            "C: (any)",
+            "S: M1 NO [AUTHENTICATIONFAILED] you sent dXNlcj1hQGIuYwFhdXRo PUJlYXJlciBTRUNSRVRU \
+             T0tFTmFiYzEyM3h5egEB ZWFyZXIgU0VDUkVUVE9LRU5hYmMxMjN4eXoBAQ== VE9LRU5hYmM= \
+             RVRUT0tFTg== TOKENabc123xyz SECRETTOKENa\r\n",
+        ];
+        let result = run(
+            MechanismSetting::Auto,
+            bearer("SECRETTOKENabc123xyz"),
+            script,
+        )
+        .await;
+        let Err(BackendError::Rejected(text)) = result else {
+            panic!("expected a rejection");
+        };
+        for fragment in fragments {
+            assert!(!text.contains(fragment), "{fragment} in {text}");
+        }
+        assert!(
+            text.starts_with("NO [AUTHENTICATIONFAILED] you sent [redacted]"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn a_short_password_echoed_in_a_refusal_is_redacted() {
         let script = &[

@@ -125,6 +125,19 @@ def test_default_values_install_and_notes_render():
     assert config["client_auth"]["accounts_file"] == "/var/run/secrets/mailgate/client-accounts/accounts.yaml"
 
 
+def test_default_listeners_require_starttls(mailgate_binary, tmp_path):
+    """Issue 13 item 20: the default listeners took passwords in clear on 0.0.0.0."""
+    result = rendered("defaults")
+    config = result.config()
+    for listener in config["listeners"]:
+        tls = listener["tls"]
+        assert tls["mode"] == "starttls" and tls["require"] is True, listener
+        assert tls["cert_file"] == "/var/run/secrets/mailgate/tls/tls.crt", listener
+    checked = mailgate_check(mailgate_binary, config, tmp_path)
+    assert checked.returncode == 0 and "warning" not in checked.stderr, checked.stderr
+    assert "kubectl -n mail create secret tls mg-mailgate-tls --cert=tls.crt --key=tls.key" in result.notes
+
+
 # --- the admin port ---------------------------------------------------------------------
 
 
@@ -436,6 +449,9 @@ def test_pod_runs_unprivileged(value_set):
         ({"networkPolicy": {"mail": {"fromNamespace": ["apps"]}}}, "fromNamespace"),
         ({"image": {"tags": "1.0"}}, "tags"),
         ({"podDisruptionBudget": {"maxUnavailabe": 1}}, "maxUnavailabe"),
+        # Issue 13 item 20: mailgate's own file was free-form here, so these crash-looped.
+        ({"config": {"log": {"levle": "debug"}}}, "levle"),
+        ({"config": {"client_auth": {"mode": "static", "throttle": {"windw": "1m"}}}}, "windw"),
     ],
 )
 def test_typo_in_values_fails(typo, where):
@@ -453,6 +469,9 @@ def test_typo_in_values_fails(typo, where):
         {"serviceMonitor": {"interval": "30 seconds"}},
         {"networkPolicy": {"mail": {"fromCIDRs": ["office"]}}},
         {"config": "listeners: []"},
+        {"config": {"client_auth": {"mode": "statc"}}},
+        {"config": {"listeners": [{"name": "imap", "protocol": "pop3", "listen": "0.0.0.0:1143",
+                                   "upstream": {"host": "mx", "port": 993, "tls": "implicit"}}]}},
     ],
 )
 def test_wrong_types_fail_the_schema(bad):

@@ -119,10 +119,12 @@ def test_listener_with_its_own_files_keeps_them():
 
 
 def test_tls_wiring_mistakes_are_refused():
-    render_fails(one_listener(listener("imaps", 1993, tls={"mode": "implicit"})),
-                 "config.listeners[0] (imaps) sets tls.mode implicit without cert_file and key_file",
-                 "tls.existingSecret")
-    render_fails(values_with({"tls": {"existingSecret": "mail-tls"}}),
+    # Without a Secret named, a TLS listener gets <fullname>-tls (to create, NOTES.txt says).
+    result = render(one_listener(listener("imaps", 1993, tls={"mode": "implicit"})))
+    volumes = {v["name"]: v for v in result.pod["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "mg-mailgate-tls"
+    assert "create secret tls mg-mailgate-tls" in result.notes
+    render_fails(one_listener(listener("imap", 1143), tls={"existingSecret": "mail-tls"}),
                  "the client TLS Secret mail-tls is mounted but no listener uses it")
     render_fails(one_listener(listener("imaps", 1993, tls={"mode": "implicit", "cert_file": "/a"}),
                               tls={"existingSecret": "mail-tls"}),

@@ -111,6 +111,8 @@ def test_stop_timeout_exceeds_mailgate_shutdown(config):
 def test_config_reads_secrets_from_credentials(config):
     loaded = {v.split(":", 1)[0] for v in values("LoadCredential")}
     paths = [config["tokens"]["auth_server"]["password_file"], config["client_auth"]["accounts_file"]]
+    for listener in config["listeners"]:
+        paths += [listener["tls"]["cert_file"], listener["tls"]["key_file"]]
     for path in paths:
         directory, _, name = path.rpartition("/")
         assert directory == CREDENTIALS_DIRECTORY, path
@@ -122,3 +124,29 @@ def test_config_reads_secrets_from_credentials(config):
 def test_example_config_uses_the_admin_key(config):
     assert "metrics" not in config
     assert config["admin"]["listen"].startswith("127.0.0.1:"), "keep the admin port off the network"
+
+
+# mailgate's default listeners[].max_connections (src/config/mod.rs).
+DEFAULT_MAX_CONNECTIONS = 20_000
+# Descriptors besides the sessions': the admin endpoint, token requests, files.
+SPARE_DESCRIPTORS = 1024
+
+
+def test_listeners_off_loopback_require_tls(config):
+    """Issue 13 item 20: the example took passwords in clear on 0.0.0.0."""
+    for listener in config["listeners"]:
+        if listener["listen"].startswith(("127.", "[::1]")):
+            continue
+        tls = listener.get("tls") or {}
+        assert tls.get("mode") in ("starttls", "implicit"), listener["name"]
+        assert tls.get("require", True) is True, listener["name"]
+
+
+def test_limits_cover_the_example_config(config):
+    """Issue 13 item 20: LimitNOFILE (65536) was below the example's 80,000 descriptors, and
+    nothing capped memory or threads."""
+    sessions = sum(l.get("max_connections", DEFAULT_MAX_CONNECTIONS) for l in config["listeners"])
+    # A client's socket and its upstream's.
+    assert int(value("LimitNOFILE")) >= 2 * sessions + SPARE_DESCRIPTORS
+    assert re.fullmatch(r"\d+[KMG]", value("MemoryMax")), value("MemoryMax")
+    assert int(value("TasksMax")) > 512, "room for tokio's blocking pool (512) and the workers"

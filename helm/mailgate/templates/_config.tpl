@@ -66,8 +66,9 @@ place.
 {{- end }}
 
 {{/*
-listeners[]: cert_file/key_file from the client TLS Secret for every listener
-whose tls.mode is implicit or starttls and that names no files; accept_proxy
+listeners[]: cert_file/key_file from the client TLS Secret (tls.existingSecret,
+else <fullname>-tls) for every listener whose tls.mode is implicit or starttls
+and that names no files; accept_proxy
 from proxyProtocol.fromCIDRs for every listener that does not set it.
 */}}
 {{- define "mailgate.config.listeners" -}}
@@ -82,9 +83,6 @@ from proxyProtocol.fromCIDRs for every listener that does not set it.
 {{- if and (kindIs "map" $tls) (has (toString (get $tls "mode")) (list "implicit" "starttls")) -}}
 {{- $files := list (hasKey $tls "cert_file") (hasKey $tls "key_file") -}}
 {{- if not (has true $files) -}}
-{{- if not $secret -}}
-{{- fail (printf "config.listeners[%d] (%v) sets tls.mode %v without cert_file and key_file: set tls.existingSecret or tls.certManager.enabled (the chart then fills them in)" $index $listener.name $tls.mode) -}}
-{{- end -}}
 {{- $_ := set $tls "cert_file" (printf "%s/tls.crt" $dir) -}}
 {{- $_ := set $tls "key_file" (printf "%s/tls.key" $dir) -}}
 {{- $used = true -}}

@@ -49,12 +49,28 @@ rotated password would never arrive.
 /var/lib/mailgate/tokens
 {{- end }}
 
-{{/* The client TLS Secret: tls.existingSecret, or cert-manager's; "" for none. */}}
+{{/*
+The client TLS Secret: tls.existingSecret, or <fullname>-tls (cert-manager's, or
+one to create) when cert-manager is on or a listener needs the chart's files;
+"" for none.
+*/}}
 {{- define "mailgate.tlsSecretName" -}}
 {{- if .Values.tls.existingSecret -}}
 {{- .Values.tls.existingSecret -}}
-{{- else if .Values.tls.certManager.enabled -}}
+{{- else if or .Values.tls.certManager.enabled (include "mailgate.listenersWantTlsFiles" .) -}}
 {{- printf "%s-tls" (include "mailgate.fullname" . | trunc 59 | trimSuffix "-") -}}
+{{- end -}}
+{{- end }}
+
+{{/* "true" when a listener sets tls.mode implicit or starttls and names neither file. */}}
+{{- define "mailgate.listenersWantTlsFiles" -}}
+{{- range $listener := .Values.config.listeners | default list -}}
+{{- if kindIs "map" $listener -}}
+{{- $tls := get $listener "tls" -}}
+{{- if and (kindIs "map" $tls) (has (toString (get $tls "mode")) (list "implicit" "starttls")) (not (hasKey $tls "cert_file")) (not (hasKey $tls "key_file")) -}}
+true
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
 

@@ -47,8 +47,6 @@ pub struct Pending {
 pub enum FlowError {
     #[error("{0}")]
     Setup(String),
-    #[error("the answer's state does not match the request: refused (a forged or stale redirect)")]
-    StateMismatch,
     #[error("the provider refused: {0}")]
     Denied(String),
     #[error("no answer in time")]
@@ -123,7 +121,7 @@ pub fn start(
 impl Pending {
     /// Whether `state` is the one this request sent (compared in constant time).
     pub fn state_matches(&self, state: &str) -> bool {
-        bool::from(self.state.expose().as_bytes().ct_eq(state.as_bytes()))
+        same_state(&self.state, state)
     }
 
     /// The `state` this request carries, for keeping pending requests by it.
@@ -153,19 +151,40 @@ impl Pending {
     }
 }
 
+fn same_state(expected: &Secret<String>, state: &str) -> bool {
+    bool::from(expected.expose().as_bytes().ct_eq(state.as_bytes()))
+}
+
 /// What came back to the redirect URL.
 #[derive(Debug)]
 enum Callback {
-    Code { code: Secret<String>, state: String },
-    Error(String),
+    /// RFC 6749 4.1.2 and 4.1.2.1: both answers carry the request's `state`; one without is
+    /// refused like one with another.
+    Code {
+        code: Secret<String>,
+        state: Option<String>,
+    },
+    Error {
+        error: String,
+        state: Option<String>,
+    },
 }
 
-/// Listens on the redirect URL (loopback only), waits for the provider's redirect, checks its
-/// `state` and returns the code.
+impl Callback {
+    fn state(&self) -> Option<&str> {
+        match self {
+            Callback::Code { state, .. } | Callback::Error { state, .. } => state.as_deref(),
+        }
+    }
+}
+
+/// Listens on the redirect URL (loopback only), waits for the provider's redirect with this
+/// request's `state` and returns the code. Redirects with another state (forged, or of an
+/// earlier run) get 400 and the wait goes on: anyone on the host can reach the listener.
 ///
 /// # Errors
-/// A redirect URL that is not loopback http, a port in use, a state mismatch, an error
-/// answer, or nothing within `timeout`.
+/// A redirect URL that is not loopback http, a port in use, an error answer, or nothing
+/// within `timeout`.
 pub async fn wait_for_code(
     pending: &Pending,
     timeout: Duration,
@@ -178,19 +197,18 @@ pub async fn wait_for_code(
     })?;
     let path = url.path().to_owned();
     let (sender, mut received) = mpsc::channel(1);
-    let server = tokio::spawn(serve_callback(listener, path, sender));
+    let server = tokio::spawn(serve_callback(
+        listener,
+        path,
+        pending.state.clone(),
+        sender,
+    ));
     let callback = tokio::time::timeout(timeout, received.recv()).await;
     server.abort();
     match callback {
         Err(_) | Ok(None) => Err(FlowError::TimedOut),
-        Ok(Some(Callback::Error(error))) => Err(FlowError::Denied(error)),
-        Ok(Some(Callback::Code { code, state })) => {
-            if pending.state_matches(&state) {
-                Ok(code)
-            } else {
-                Err(FlowError::StateMismatch)
-            }
-        }
+        Ok(Some(Callback::Error { error, .. })) => Err(FlowError::Denied(error)),
+        Ok(Some(Callback::Code { code, .. })) => Ok(code),
     }
 }
 
@@ -213,35 +231,29 @@ fn loopback_address(url: &url::Url) -> Result<SocketAddr, FlowError> {
 }
 
 /// Answers requests on the redirect listener until one reaches `path` with a code or an
-/// error; other paths (a browser's favicon) get 404.
-async fn serve_callback(listener: TcpListener, path: String, found: mpsc::Sender<Callback>) {
+/// error and the expected `state`; other paths (a browser's favicon) get 404, other states 400.
+async fn serve_callback(
+    listener: TcpListener,
+    path: String,
+    expected: Secret<String>,
+    found: mpsc::Sender<Callback>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (path, found) = (path.clone(), found.clone());
+        let (path, expected, found) = (path.clone(), expected.clone(), found.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
                 let callback = (request.uri().path() == path)
                     .then(|| parse_callback(request.uri().query().unwrap_or("")))
                     .flatten();
+                let (status, text, callback) = judge(callback, &expected);
                 let found = found.clone();
                 async move {
-                    let (status, text) = match callback {
-                        Some(callback) => {
-                            let text = match &callback {
-                                Callback::Code { .. } => {
-                                    "mailgate received the authorization; you can close this window."
-                                }
-                                Callback::Error(_) => {
-                                    "The provider did not authorize mailgate; see the terminal."
-                                }
-                            };
-                            let _ = found.send(callback).await;
-                            (200, text)
-                        }
-                        None => (404, "Not found"),
-                    };
+                    if let Some(callback) = callback {
+                        let _ = found.send(callback).await;
+                    }
                     let response = hyper::Response::builder()
                         .status(status)
                         .header("content-type", "text/plain; charset=utf-8")
@@ -255,6 +267,41 @@ async fn serve_callback(listener: TcpListener, path: String, found: mpsc::Sender
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The status and text for a request to the redirect listener, and the callback to act on:
+/// only one with this authorization's `state`.
+fn judge(
+    callback: Option<Callback>,
+    expected: &Secret<String>,
+) -> (u16, &'static str, Option<Callback>) {
+    match callback {
+        None => (404, "Not found", None),
+        Some(callback)
+            if !callback
+                .state()
+                .is_some_and(|state| same_state(expected, state)) =>
+        {
+            tracing::warn!(
+                "a redirect without this authorization's state was refused; still waiting"
+            );
+            (
+                400,
+                "This answer does not belong to the authorization mailgate is waiting for.",
+                None,
+            )
+        }
+        Some(callback @ Callback::Code { .. }) => (
+            200,
+            "mailgate received the authorization; you can close this window.",
+            Some(callback),
+        ),
+        Some(callback @ Callback::Error { .. }) => (
+            200,
+            "The provider did not authorize mailgate; see the terminal.",
+            Some(callback),
+        ),
     }
 }
 
@@ -274,8 +321,11 @@ fn parse_callback(query: &str) -> Option<Callback> {
         }
     }
     match (code, state, error) {
-        (_, _, Some(error)) => Some(Callback::Error(sanitize::for_log(&error))),
-        (Some(code), Some(state), None) => Some(Callback::Code { code, state }),
+        (_, state, Some(error)) => Some(Callback::Error {
+            error: sanitize::for_log(&error),
+            state,
+        }),
+        (Some(code), state, None) => Some(Callback::Code { code, state }),
         _ => None,
     }
 }
@@ -339,15 +389,37 @@ mod tests {
         match parse_callback("code=abc&state=xyz&session_state=1") {
             Some(Callback::Code { code, state }) => {
                 assert_eq!(code.expose(), "abc");
-                assert_eq!(state, "xyz");
+                assert_eq!(state.as_deref(), Some("xyz"));
             }
             other => panic!("{other:?}"),
         }
         match parse_callback("error=access_denied&error_description=User%20said%20no%1b&state=x") {
-            Some(Callback::Error(text)) => assert_eq!(text, "access_denied User said no\\u{1b}"),
+            Some(Callback::Error { error, state }) => {
+                assert_eq!(error, "access_denied User said no\\u{1b}");
+                assert_eq!(state.as_deref(), Some("x"));
+            }
             other => panic!("{other:?}"),
         }
         assert!(parse_callback("foo=bar").is_none());
+    }
+
+    /// Issue 13 item 16: a redirect with another state, or none, used to end the wait.
+    #[test]
+    fn only_the_expected_state_is_acted_on() {
+        let expected = Secret::new("right".to_owned());
+        for query in [
+            "code=abc&state=wrong",
+            "code=abc",
+            "error=access_denied&state=wrong",
+            "error=access_denied",
+        ] {
+            let (status, _, callback) = judge(parse_callback(query), &expected);
+            assert_eq!((status, callback.is_none()), (400, true), "{query}");
+        }
+        let (status, _, callback) = judge(parse_callback("code=abc&state=right"), &expected);
+        assert!(status == 200 && matches!(callback, Some(Callback::Code { .. })));
+        let (status, _, callback) = judge(parse_callback("foo=bar"), &expected);
+        assert!(status == 404 && callback.is_none());
     }
 
     #[test]
