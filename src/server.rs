@@ -790,7 +790,7 @@ fn listener_runtime(
         trusted_proxies,
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
-        max_connections_per_client: listener.max_connections_per_client,
+        max_connections_per_client: listener.max_connections_per_client(),
         labels: ListenerLabels {
             listener: listener.name.clone(),
         },

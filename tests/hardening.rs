@@ -112,6 +112,29 @@ async fn parallel_password_guessing_is_bounded_and_does_not_lock_others_out() {
     .await;
 }
 
+/// Connects to `address` and reads mailgate's first line; keeps the connection open.
+async fn greeted(address: SocketAddr) -> Option<(String, BufReader<TcpStream>)> {
+    let stream = TcpStream::connect(address).await.ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut first))
+        .await
+        .ok()?
+        .ok()?;
+    Some((first, reader))
+}
+
+/// `count` connections at once to `address`, each with its first line.
+async fn burst(address: SocketAddr, count: usize) -> Vec<Option<(String, BufReader<TcpStream>)>> {
+    let connections: Vec<_> = (0..count).map(|_| tokio::spawn(greeted(address))).collect();
+    // Every connection stays open until all have their first line.
+    let mut open = Vec::new();
+    for connection in connections {
+        open.push(connection.await.unwrap());
+    }
+    open
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_burst_never_gets_past_max_connections() {
     with_timeout(TEST_TIMEOUT, async {
@@ -122,25 +145,7 @@ async fn a_connection_burst_never_gets_past_max_connections() {
             "    protocol: imap\n    max_connections: 50\n",
         );
         let mailgate = Mailgate::start(&config).await;
-        let connections: Vec<_> = (0..400)
-            .map(|_| {
-                tokio::spawn(async move {
-                    let stream = TcpStream::connect(localhost(imap)).await.ok()?;
-                    let mut reader = BufReader::new(stream);
-                    let mut first = String::new();
-                    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut first))
-                        .await
-                        .ok()?
-                        .ok()?;
-                    Some((first, reader))
-                })
-            })
-            .collect();
-        // Every connection stays open until all have their first line.
-        let mut open = Vec::new();
-        for connection in connections {
-            open.push(connection.await.unwrap());
-        }
+        let open = burst(localhost(imap), 400).await;
         let greeted = open
             .iter()
             .flatten()
@@ -153,6 +158,35 @@ async fn a_connection_burst_never_gets_past_max_connections() {
             .count();
         assert_eq!(greeted, 50, "{}", mailgate.output());
         assert_eq!(greeted + refused, 400);
+    })
+    .await;
+}
+
+/// A sidecar's app is the one client of a loopback listener: the per-client limit meant for
+/// strangers on a network (500) does not cap it there (it refused half of 1,000 connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_listener_takes_more_than_500_connections_from_its_one_client() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let mailgate = Mailgate::start(&up.mailgate_config(imap, smtp)).await;
+        let open = burst(localhost(imap), 600).await;
+        let refused: Vec<_> = open
+            .iter()
+            .filter_map(|connection| connection.as_ref().map(|(first, _)| first))
+            .filter(|first| !first.starts_with("* OK"))
+            .collect();
+        let lost = open
+            .iter()
+            .filter(|connection| connection.is_none())
+            .count();
+        assert!(
+            refused.is_empty() && lost == 0,
+            "{lost} lost, {} refused: {:?}\n{}",
+            refused.len(),
+            refused.first(),
+            mailgate.output()
+        );
     })
     .await;
 }
