@@ -10,7 +10,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -22,7 +21,7 @@ use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
 use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::health::Health;
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::login::{
     Authenticator, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
 };
@@ -931,13 +930,18 @@ fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
 
 /// Tells a client over the connection limit to come back later, then closes. An implicit-TLS
 /// client could not read a plaintext goodbye, so it just sees the close.
-async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, runtime: &ListenerRuntime) {
+async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    runtime: &ListenerRuntime,
+) {
     if runtime.implicit_tls.is_some() {
         return;
     }
     let reply = closing_reply(runtime, Closing::TooManyConnections);
     let deadline = Instant::now() + GOODBYE_TIMEOUT;
-    let _ = write_all_by(&mut stream, &reply, deadline).await;
+    if write_all_by(&mut stream, &reply, deadline).await.is_ok() {
+        linger(&mut stream).await;
+    }
 }
 
 /// Logs in with the listener's configuration as it is at the moment of the login, so that a
@@ -1143,7 +1147,7 @@ async fn relay(
             let deadline = Instant::now() + GOODBYE_TIMEOUT;
             let _ = write_all_by(&mut handoff.client, &goodbye, deadline).await;
         }
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, handoff.client.shutdown()).await;
+        linger(&mut handoff.client).await;
     }
     let duration = started.elapsed();
     metrics

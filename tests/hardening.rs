@@ -469,3 +469,51 @@ async fn the_upstreams_own_smtp_completion_reaches_the_client() {
     })
     .await;
 }
+
+/// A client that pipelines commands through a small receive window and reads nothing yet:
+/// mailgate's replies wait in its send queue, the last error ends the session, and input the
+/// client sent after it is still unread. Closing at once would reset the connection and throw
+/// away the queued replies, goodbye included (the client got 1 KiB, then a reset); a lingering
+/// close lets everything arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_unread_input_still_reads_the_whole_goodbye() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let mailgate = Mailgate::start(&up.mailgate_config(imap, smtp)).await;
+        let cases = [
+            (
+                imap,
+                "a NOOP\r\n",
+                "a BOGUS\r\n",
+                "* BYE Too many invalid commands",
+            ),
+            (smtp, "NOOP\r\n", "BOGUS\r\n", "421 4.7.0"),
+        ];
+        for (port, filler, error, goodbye) in cases {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(1024).unwrap();
+            let stream = socket.connect(localhost(port)).await.unwrap();
+            let (mut reader, mut writer) = stream.into_split();
+            let input = [filler.repeat(300), error.repeat(10), "x".repeat(64 * 1024)].concat();
+            let sender = tokio::spawn(async move {
+                let _ = writer.write_all(input.as_bytes()).await;
+                writer
+            });
+            // mailgate answers and closes meanwhile; only then does the client read.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut said = Vec::new();
+            let read = reader.read_to_end(&mut said).await;
+            let said = String::from_utf8_lossy(&said);
+            let last = said.lines().last().unwrap_or_default();
+            assert!(
+                read.is_ok() && last.starts_with(goodbye) && said.ends_with("\r\n"),
+                "{read:?} after {} bytes ending {last:?}\n{}",
+                said.len(),
+                mailgate.output()
+            );
+            drop(sender.await.unwrap());
+        }
+    })
+    .await;
+}

@@ -15,7 +15,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::framer::Framer;
 use super::reply;
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
     Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
@@ -156,6 +156,7 @@ pub async fn serve<A: Authenticator>(
         };
         conn.send(&reply.text).await?;
         if reply.close {
+            linger(&mut conn.client).await;
             return Ok(None);
         }
     }
@@ -182,6 +183,7 @@ impl Conn<'_> {
     async fn goodbye<T>(&mut self, text: &str) -> io::Result<Option<T>> {
         let deadline = Instant::now() + GOODBYE_TIMEOUT;
         write_all_by(&mut self.client, text.as_bytes(), deadline).await?;
+        linger(&mut self.client).await;
         Ok(None)
     }
 

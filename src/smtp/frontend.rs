@@ -9,7 +9,7 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
     Authenticator, Credentials, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError,
@@ -140,6 +140,7 @@ pub async fn serve<A: Authenticator>(
                 Step::Close(bytes) => {
                     conn.out.extend(bytes);
                     conn.flush().await?;
+                    linger(&mut conn.client).await;
                     return Ok(None);
                 }
                 Step::Login(credentials) => {
@@ -219,6 +220,7 @@ impl Conn<'_> {
             .extend(reply::failure(failure, &self.settings.hostname).to_bytes());
         let deadline = Instant::now() + GOODBYE_TIMEOUT;
         write_all_by(&mut self.client, &self.out, deadline).await?;
+        linger(&mut self.client).await;
         Ok(None)
     }
 }
