@@ -19,7 +19,7 @@ use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
-use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::config::{Config, ForwardClient, ListenerConfig, Protocol, TlsMode};
 use crate::health::Health;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::login::{
@@ -30,7 +30,8 @@ use crate::proxy::{ListenerProxy, Shared};
 use crate::proxy_protocol::TrustedProxies;
 use crate::sanitize::Escaped;
 use crate::sessions::SessionRegistry;
-use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
+use crate::smtp::xclient_filter::XclientFilter;
+use crate::splice::{Boundary, Counters, SpliceEnd, Stop, Transferred, splice};
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::{GrantStates, OAuth2};
 use crate::token::sources::Sources;
@@ -900,6 +901,64 @@ async fn accept_loop(
     }
 }
 
+/// `forward_client: xclient`: the upstream believes XCLIENT from mailgate, so the client's
+/// own must not reach it ([`XclientFilter`]).
+fn guards_xclient(runtime: &ListenerRuntime) -> bool {
+    runtime.proxy.protocol == Protocol::Smtp
+        && runtime.proxy.connector.forward_client() == ForwardClient::Xclient
+}
+
+/// Whether the upstream's EHLO (as last probed) offers `keyword`.
+fn upstream_offers(runtime: &ListenerRuntime, keyword: &str) -> bool {
+    runtime.proxy.smtp_extensions().iter().any(|line| {
+        line.split_ascii_whitespace()
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case(keyword))
+    })
+}
+
+/// A logged-in session's splice and its end: the goodbye at a boundary, the lingering close.
+struct Spliced<'a> {
+    runtime: &'a ListenerRuntime,
+    counters: &'a Counters,
+    revoked: &'a crate::sessions::Registration,
+}
+
+impl Spliced<'_> {
+    async fn run<C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized>(
+        self,
+        client: &mut C,
+        upstream: &mut BoxedIo,
+        boundary: &mut dyn Boundary,
+        stop: Stop<impl std::future::Future<Output = ()>>,
+    ) -> (io::Result<SpliceEnd>, Transferred) {
+        let (end, moved) = splice(
+            client,
+            upstream,
+            self.runtime.idle_timeout,
+            self.counters,
+            boundary,
+            stop,
+        )
+        .await;
+        if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
+            // A goodbye inside a response would corrupt it: then the close says it all.
+            if at_boundary {
+                let why = if self.revoked.was_revoked() {
+                    Closing::Revoked
+                } else {
+                    Closing::ShuttingDown
+                };
+                let goodbye = closing_reply(self.runtime, why);
+                let deadline = Instant::now() + GOODBYE_TIMEOUT;
+                let _ = write_all_by(client, &goodbye, deadline).await;
+            }
+            linger(client).await;
+        }
+        (end, moved)
+    }
+}
+
 /// Why mailgate itself ends a session.
 #[derive(Clone, Copy)]
 enum Closing {
@@ -1126,29 +1185,28 @@ async fn relay(
         },
         flush_timeout: STOP_FLUSH_TIMEOUT,
     };
-    let (end, moved) = splice(
-        &mut handoff.client,
-        &mut handoff.upstream.io,
-        runtime.idle_timeout,
-        &counters,
-        boundary.as_mut(),
-        stop,
-    )
-    .await;
-    if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
-        // A goodbye inside a response would corrupt it: then the close says it all.
-        if at_boundary {
-            let why = if registration.was_revoked() {
-                Closing::Revoked
-            } else {
-                Closing::ShuttingDown
-            };
-            let goodbye = closing_reply(runtime, why);
-            let deadline = Instant::now() + GOODBYE_TIMEOUT;
-            let _ = write_all_by(&mut handoff.client, &goodbye, deadline).await;
-        }
-        linger(&mut handoff.client).await;
-    }
+    let upstream = &mut handoff.upstream.io;
+    let (end, moved) = if guards_xclient(runtime) {
+        let chunking = upstream_offers(runtime, "CHUNKING");
+        let mut client = XclientFilter::new(&mut handoff.client, chunking);
+        let session = Spliced {
+            runtime,
+            counters: &counters,
+            revoked: &registration,
+        };
+        session
+            .run(&mut client, upstream, boundary.as_mut(), stop)
+            .await
+    } else {
+        let session = Spliced {
+            runtime,
+            counters: &counters,
+            revoked: &registration,
+        };
+        session
+            .run(&mut handoff.client, upstream, boundary.as_mut(), stop)
+            .await
+    };
     let duration = started.elapsed();
     metrics
         .session_duration_seconds
