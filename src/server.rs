@@ -23,7 +23,8 @@ use crate::config::{Config, ForwardClient, ListenerConfig, Protocol, TlsMode};
 use crate::health::Health;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::login::{
-    Authenticator, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
+    Authenticator, Closing, FrontendSettings, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
+    Upstream,
 };
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
@@ -220,6 +221,10 @@ struct ListenerRuntime {
 /// A slot is taken before a session's task is spawned and moves into it, so the limits hold
 /// however fast connections arrive (a gauge read before the task runs would let a burst
 /// through). Counted here rather than with semaphores so that a reload can change them.
+///
+/// A full listener makes room by evicting its oldest session still before login, as Dovecot's
+/// login processes do: otherwise connections that never log in could hold every slot.
+/// Logged-in sessions are never evicted.
 #[derive(Default)]
 struct Slots {
     counts: std::sync::Mutex<SlotCounts>,
@@ -229,6 +234,16 @@ struct Slots {
 struct SlotCounts {
     open: usize,
     by_client: HashMap<std::net::IpAddr, usize>,
+    /// Sessions before login by admission number, so the first is the oldest.
+    before_login: std::collections::BTreeMap<u64, Evictable>,
+    admitted: u64,
+}
+
+/// What evicting a session before login takes: its counts, and the signal it waits on.
+struct Evictable {
+    client: Option<std::net::IpAddr>,
+    active: Gauge,
+    evict: oneshot::Sender<()>,
 }
 
 /// Why no slot was free.
@@ -237,52 +252,107 @@ enum Full {
     Client,
 }
 
-/// One session's place under the limits; frees it and lowers the gauge on drop.
+/// One session's place under the limits; frees it and lowers the gauge on drop, unless an
+/// eviction freed it already.
 struct Slot {
     slots: Arc<Slots>,
+    id: u64,
     /// The address group it counts against, once known.
     client: Option<std::net::IpAddr>,
     active: Gauge,
+    logged_in: bool,
+}
+
+/// A slot for a new connection, and whether an older one was evicted for it.
+struct Admission {
+    slot: Slot,
+    /// Completes when the session is evicted.
+    evicted: oneshot::Receiver<()>,
+    made_room: bool,
 }
 
 impl Slots {
     /// A slot for a connection from `peer`, counted against the client's address unless
     /// `client` is `None` (a load balancer's connection, counted once its header names the
-    /// client: [`Slot::charge_client`]).
+    /// client: [`Slot::charge_client`]). A full listener evicts its oldest session before login.
     fn try_take(
         self: &Arc<Self>,
         runtime: &ListenerRuntime,
         client: Option<std::net::IpAddr>,
         active: Gauge,
-    ) -> Result<Slot, Full> {
+    ) -> Result<Admission, Full> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.open >= runtime.max_connections {
-            return Err(Full::Listener);
-        }
-        let client = match client {
-            Some(client) => Some(counts.charge(client, runtime.max_connections_per_client)?),
-            None => None,
+        let client = client.map(crate::client_auth::throttle::address_group);
+        let made_room = counts.open >= runtime.max_connections;
+        let oldest = if made_room {
+            let (_, oldest) = counts
+                .before_login
+                .first_key_value()
+                .ok_or(Full::Listener)?;
+            Some(oldest.client)
+        } else {
+            None
         };
+        if let Some(group) = client {
+            // Evicting the client's own oldest connection keeps it within its share (on
+            // loopback the one client's share is the whole listener); anyone else's does not.
+            let freed = usize::from(oldest == Some(Some(group)));
+            if counts.of_client(group) - freed >= runtime.max_connections_per_client {
+                return Err(Full::Client);
+            }
+        }
+        if made_room && let Some((_, oldest)) = counts.before_login.pop_first() {
+            counts.release(oldest.client, &oldest.active);
+            let _ = oldest.evict.send(());
+        }
+        if let Some(group) = client {
+            *counts.by_client.entry(group).or_default() += 1;
+        }
         counts.open += 1;
+        counts.admitted += 1;
+        let id = counts.admitted;
+        let (evict, evicted) = oneshot::channel();
+        counts.before_login.insert(
+            id,
+            Evictable {
+                client,
+                active: active.clone(),
+                evict,
+            },
+        );
         active.inc();
-        Ok(Slot {
+        let slot = Slot {
             slots: self.clone(),
+            id,
             client,
             active,
+            logged_in: false,
+        };
+        Ok(Admission {
+            slot,
+            evicted,
+            made_room,
         })
     }
 }
 
 impl SlotCounts {
-    /// Counts one more connection of `client`'s address group, if under `limit`.
-    fn charge(&mut self, client: std::net::IpAddr, limit: usize) -> Result<std::net::IpAddr, Full> {
-        let group = crate::client_auth::throttle::address_group(client);
-        let of_client = self.by_client.entry(group).or_default();
-        if *of_client >= limit {
-            return Err(Full::Client);
+    fn of_client(&self, group: std::net::IpAddr) -> usize {
+        self.by_client.get(&group).copied().unwrap_or(0)
+    }
+
+    /// Frees one session's counts.
+    fn release(&mut self, client: Option<std::net::IpAddr>, active: &Gauge) {
+        self.open -= 1;
+        if let Some(client) = client
+            && let Some(of_client) = self.by_client.get_mut(&client)
+        {
+            *of_client -= 1;
+            if *of_client == 0 {
+                self.by_client.remove(&client);
+            }
         }
-        *of_client += 1;
-        Ok(group)
+        active.dec();
     }
 }
 
@@ -290,24 +360,40 @@ impl Slot {
     /// Counts the slot against `client` once a load balancer's header has named it.
     fn charge_client(&mut self, client: std::net::IpAddr, limit: usize) -> Result<(), Full> {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        self.client = Some(counts.charge(client, limit)?);
+        let group = crate::client_auth::throttle::address_group(client);
+        if counts.of_client(group) >= limit {
+            return Err(Full::Client);
+        }
+        // Evicted meanwhile: it counts for nothing any more.
+        let Some(evictable) = counts.before_login.get_mut(&self.id) else {
+            return Ok(());
+        };
+        evictable.client = Some(group);
+        *counts.by_client.entry(group).or_default() += 1;
+        self.client = Some(group);
         Ok(())
+    }
+
+    /// Whether a newer connection took this one's place.
+    fn is_evicted(&self) -> bool {
+        let counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
+        !self.logged_in && !counts.before_login.contains_key(&self.id)
+    }
+
+    /// The session has logged in: it can no longer be evicted. `false` if it was already.
+    fn log_in(&mut self) -> bool {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
+        self.logged_in = counts.before_login.remove(&self.id).is_some();
+        self.logged_in
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.open -= 1;
-        if let Some(client) = self.client
-            && let Some(of_client) = counts.by_client.get_mut(&client)
-        {
-            *of_client -= 1;
-            if *of_client == 0 {
-                counts.by_client.remove(&client);
-            }
+        if self.logged_in || counts.before_login.remove(&self.id).is_some() {
+            counts.release(self.client, &self.active);
         }
-        self.active.dec();
     }
 }
 
@@ -857,8 +943,8 @@ async fn accept_loop(
         // A load balancer's connections count against the client its header names.
         let behind_proxy = runtime.trusted_proxies.trusts(peer.ip());
         let client = (!behind_proxy).then_some(peer.ip());
-        let slot = match slots.try_take(&runtime, client, active) {
-            Ok(slot) => slot,
+        let admission = match slots.try_take(&runtime, client, active) {
+            Ok(admission) => admission,
             Err(full) => {
                 if matches!(full, Full::Client) {
                     tracing::debug!(client = %peer, "client at max_connections_per_client");
@@ -871,6 +957,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        if admission.made_room {
+            tracing::debug!(client = %peer, "listener full: the oldest session before login leaves");
+            metrics
+                .connections_evicted
+                .get_or_create(&runtime.labels)
+                .inc();
+        }
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
@@ -895,7 +988,7 @@ async fn accept_loop(
             live,
             metrics.clone(),
             sessions.clone(),
-            slot,
+            admission,
         );
         tokio::spawn(session.instrument(span));
     }
@@ -959,30 +1052,12 @@ impl Spliced<'_> {
     }
 }
 
-/// Why mailgate itself ends a session.
-#[derive(Clone, Copy)]
-enum Closing {
-    TooManyConnections,
-    ShuttingDown,
-    /// The account's token source refused it for good.
-    Revoked,
-}
-
 /// The protocol's untagged goodbye: IMAP `* BYE`, SMTP `421`.
 fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
-    match (runtime.proxy.protocol, closing) {
-        (Protocol::Imap, Closing::TooManyConnections) => {
-            imap::reply::too_many_connections().into_bytes()
-        }
-        (Protocol::Imap, Closing::ShuttingDown) => imap::reply::shutting_down().into_bytes(),
-        (Protocol::Imap, Closing::Revoked) => imap::reply::revoked().into_bytes(),
-        (Protocol::Smtp, closing) => {
-            let failure = match closing {
-                Closing::TooManyConnections => smtp::reply::Failure::TooManyConnections,
-                Closing::ShuttingDown => smtp::reply::Failure::ShuttingDown,
-                Closing::Revoked => smtp::reply::Failure::Revoked,
-            };
-            smtp::reply::failure(failure, &runtime.settings.hostname).to_bytes()
+    match runtime.proxy.protocol {
+        Protocol::Imap => imap::reply::closing(closing).into_bytes(),
+        Protocol::Smtp => {
+            smtp::reply::failure(closing.into(), &runtime.settings.hostname).to_bytes()
         }
     }
 }
@@ -1044,13 +1119,26 @@ async fn run_session(
     live: CurrentProxy,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
-    mut slot: Slot,
+    admission: Admission,
 ) {
     metrics.connections.get_or_create(&runtime.labels).inc();
     let started = Instant::now();
+    let Admission {
+        mut slot, evicted, ..
+    } = admission;
+    // A dropped sender means the session logged in or ended: no eviction then.
+    let evicted = async {
+        if evicted.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(evicted);
     let opened = tokio::select! {
+        // A connection that opens at once gets its front end's goodbye when evicted.
+        biased;
         opened = open(stream, peer, &runtime, &metrics, &mut slot) => opened,
         () = sessions.clone().closing() => None,
+        () = &mut evicted => None,
     };
     let Some(Opened {
         io: stream,
@@ -1066,7 +1154,13 @@ async fn run_session(
         local,
         ..runtime.settings.clone()
     };
-    let closing = sessions.clone().closing();
+    let shutdown = sessions.clone().closing();
+    let closing = async {
+        tokio::select! {
+            () = shutdown => Closing::ShuttingDown,
+            () = &mut evicted => Closing::TooManyConnections,
+        }
+    };
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
     let handoff = match runtime.proxy.protocol {
         Protocol::Imap => Box::pin(imap::frontend::serve(stream, &live, &settings, closing)).await,
@@ -1074,7 +1168,20 @@ async fn run_session(
     };
     drop((settings, live));
     match handoff {
+        Ok(Some(mut handoff)) if !slot.log_in() => {
+            // Evicted while its login finished: the room is gone.
+            let goodbye = closing_reply(&runtime, Closing::TooManyConnections);
+            let deadline = Instant::now() + GOODBYE_TIMEOUT;
+            if write_all_by(&mut handoff.client, &goodbye, deadline)
+                .await
+                .is_ok()
+            {
+                linger(&mut handoff.client).await;
+            }
+            tracing::info!(outcome = "evicted", "session closed");
+        }
         Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, sessions, started).await,
+        Ok(None) if slot.is_evicted() => tracing::info!(outcome = "evicted", "session closed"),
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),
         Err(error) => tracing::info!(outcome = "error_before_login", %error, "session closed"),
     }

@@ -18,6 +18,8 @@ use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, eventually, free_port,
 const ACCOUNT: &str = "acct1";
 const USER: &str = "alice@example.test";
 const RIGHT: &str = "correct horse";
+/// How long an effect of a close may take to show.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn localhost(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -135,6 +137,18 @@ async fn burst(address: SocketAddr, count: usize) -> Vec<Option<(String, BufRead
     open
 }
 
+/// Whether `reader` is told to leave (`* BYE [UNAVAILABLE] Too many connections`) within
+/// `wait`, its first line `first` included.
+async fn told_to_leave(first: &str, reader: &mut BufReader<TcpStream>, wait: Duration) -> bool {
+    let bye = "* BYE [UNAVAILABLE] Too many connections";
+    if first.starts_with(bye) {
+        return true;
+    }
+    let mut next = String::new();
+    let read = tokio::time::timeout(wait, reader.read_line(&mut next)).await;
+    matches!(read, Ok(Ok(_))) && next.starts_with(bye)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_burst_never_gets_past_max_connections() {
     with_timeout(TEST_TIMEOUT, async {
@@ -146,18 +160,80 @@ async fn a_connection_burst_never_gets_past_max_connections() {
         );
         let mailgate = Mailgate::start(&config).await;
         let open = burst(localhost(imap), 400).await;
-        let greeted = open
-            .iter()
+        assert!(open.iter().all(Option::is_some), "{}", mailgate.output());
+        // Each connection past 50 took the place of the oldest one not logged in: 50 stay.
+        let verdicts: Vec<_> = open
+            .into_iter()
             .flatten()
-            .filter(|(first, _)| first.starts_with("* OK"))
-            .count();
-        let refused = open
-            .iter()
-            .flatten()
-            .filter(|(first, _)| first.starts_with("* BYE [UNAVAILABLE] Too many connections"))
-            .count();
-        assert_eq!(greeted, 50, "{}", mailgate.output());
-        assert_eq!(greeted + refused, 400);
+            .map(|(first, mut reader)| {
+                tokio::spawn(async move {
+                    told_to_leave(&first, &mut reader, Duration::from_secs(5)).await
+                })
+            })
+            .collect();
+        let mut left = 0;
+        for verdict in verdicts {
+            left += usize::from(verdict.await.unwrap());
+        }
+        assert_eq!(400 - left, 50, "{}", mailgate.output());
+    })
+    .await;
+}
+
+/// A full listener admits a new client by closing its oldest connection that has not logged
+/// in, which is told why (as Dovecot's login processes do); a logged-in session is never the
+/// one. Before, the newcomer was refused, and idle connections could hold every slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_evicts_its_oldest_connection_before_login_never_a_logged_in_one() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            up.mailgate_config(imap, smtp).replace(
+                "    protocol: imap\n",
+                "    protocol: imap\n    max_connections: 3\n",
+            )
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let active = r#"mailgate_connections_active{listener="imap"}"#;
+        // The start-up check's connection is gone.
+        assert!(
+            eventually(WAIT, || async {
+                metric(&metrics(admin).await, active) == 0.0
+            })
+            .await
+        );
+        let mut logged_in = ImapClient::connect(localhost(imap)).await;
+        assert!(logged_in.login(ACCOUNT, RIGHT).await.is_ok());
+        let (_, mut oldest) = greeted(localhost(imap)).await.unwrap();
+        let (_, mut older) = greeted(localhost(imap)).await.unwrap();
+
+        let (first, _newcomer) = greeted(localhost(imap)).await.unwrap();
+        assert!(first.starts_with("* OK"), "newcomer refused: {first}");
+        assert!(
+            told_to_leave("", &mut oldest, WAIT).await,
+            "{}",
+            mailgate.output()
+        );
+        let mut rest = String::new();
+        assert_eq!(
+            oldest.read_line(&mut rest).await.unwrap(),
+            0,
+            "closed after it"
+        );
+        older.get_mut().write_all(b"a NOOP\r\n").await.unwrap();
+        let mut reply = String::new();
+        older.read_line(&mut reply).await.unwrap();
+        assert!(reply.starts_with("a OK"), "{reply}");
+        // The next newcomer takes the older one's place, never the logged-in session's.
+        let (first, _second) = greeted(localhost(imap)).await.unwrap();
+        assert!(first.starts_with("* OK"), "{first}");
+        assert!(told_to_leave("", &mut older, WAIT).await);
+        assert!(logged_in.command("NOOP").await.is_ok());
+        let series = r#"mailgate_connections_evicted_total{listener="imap"}"#;
+        assert_eq!(metric(&metrics(admin).await, series), 2.0);
     })
     .await;
 }
