@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -38,6 +37,9 @@ use crate::token::oauth2::{GrantStates, OAuth2};
 use crate::token::sources::Sources;
 use crate::upstream::Connector;
 use crate::{imap, smtp};
+
+mod slots;
+use slots::{Admission, Full, Slot, Slots};
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -215,186 +217,6 @@ struct ListenerRuntime {
     max_connections: usize,
     max_connections_per_client: usize,
     labels: ListenerLabels,
-}
-
-/// The sessions open on one listen address, in total and per client address (IPv6: /64).
-/// A slot is taken before a session's task is spawned and moves into it, so the limits hold
-/// however fast connections arrive (a gauge read before the task runs would let a burst
-/// through). Counted here rather than with semaphores so that a reload can change them.
-///
-/// A full listener makes room by evicting its oldest session still before login, as Dovecot's
-/// login processes do: otherwise connections that never log in could hold every slot.
-/// Logged-in sessions are never evicted.
-#[derive(Default)]
-struct Slots {
-    counts: std::sync::Mutex<SlotCounts>,
-}
-
-#[derive(Default)]
-struct SlotCounts {
-    open: usize,
-    by_client: HashMap<std::net::IpAddr, usize>,
-    /// Sessions before login by admission number, so the first is the oldest.
-    before_login: std::collections::BTreeMap<u64, Evictable>,
-    admitted: u64,
-}
-
-/// What evicting a session before login takes: its counts, and the signal it waits on.
-struct Evictable {
-    client: Option<std::net::IpAddr>,
-    active: Gauge,
-    evict: oneshot::Sender<()>,
-}
-
-/// Why no slot was free.
-enum Full {
-    Listener,
-    Client,
-}
-
-/// One session's place under the limits; frees it and lowers the gauge on drop, unless an
-/// eviction freed it already.
-struct Slot {
-    slots: Arc<Slots>,
-    id: u64,
-    /// The address group it counts against, once known.
-    client: Option<std::net::IpAddr>,
-    active: Gauge,
-    logged_in: bool,
-}
-
-/// A slot for a new connection, and whether an older one was evicted for it.
-struct Admission {
-    slot: Slot,
-    /// Completes when the session is evicted.
-    evicted: oneshot::Receiver<()>,
-    made_room: bool,
-}
-
-impl Slots {
-    /// A slot for a connection from `peer`, counted against the client's address unless
-    /// `client` is `None` (a load balancer's connection, counted once its header names the
-    /// client: [`Slot::charge_client`]). A full listener evicts its oldest session before login.
-    fn try_take(
-        self: &Arc<Self>,
-        runtime: &ListenerRuntime,
-        client: Option<std::net::IpAddr>,
-        active: Gauge,
-    ) -> Result<Admission, Full> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let client = client.map(crate::client_auth::throttle::address_group);
-        let made_room = counts.open >= runtime.max_connections;
-        let oldest = if made_room {
-            let (_, oldest) = counts
-                .before_login
-                .first_key_value()
-                .ok_or(Full::Listener)?;
-            Some(oldest.client)
-        } else {
-            None
-        };
-        if let Some(group) = client {
-            // Evicting the client's own oldest connection keeps it within its share (on
-            // loopback the one client's share is the whole listener); anyone else's does not.
-            let freed = usize::from(oldest == Some(Some(group)));
-            if counts.of_client(group) - freed >= runtime.max_connections_per_client {
-                return Err(Full::Client);
-            }
-        }
-        if made_room && let Some((_, oldest)) = counts.before_login.pop_first() {
-            counts.release(oldest.client, &oldest.active);
-            let _ = oldest.evict.send(());
-        }
-        if let Some(group) = client {
-            *counts.by_client.entry(group).or_default() += 1;
-        }
-        counts.open += 1;
-        counts.admitted += 1;
-        let id = counts.admitted;
-        let (evict, evicted) = oneshot::channel();
-        counts.before_login.insert(
-            id,
-            Evictable {
-                client,
-                active: active.clone(),
-                evict,
-            },
-        );
-        active.inc();
-        let slot = Slot {
-            slots: self.clone(),
-            id,
-            client,
-            active,
-            logged_in: false,
-        };
-        Ok(Admission {
-            slot,
-            evicted,
-            made_room,
-        })
-    }
-}
-
-impl SlotCounts {
-    fn of_client(&self, group: std::net::IpAddr) -> usize {
-        self.by_client.get(&group).copied().unwrap_or(0)
-    }
-
-    /// Frees one session's counts.
-    fn release(&mut self, client: Option<std::net::IpAddr>, active: &Gauge) {
-        self.open -= 1;
-        if let Some(client) = client
-            && let Some(of_client) = self.by_client.get_mut(&client)
-        {
-            *of_client -= 1;
-            if *of_client == 0 {
-                self.by_client.remove(&client);
-            }
-        }
-        active.dec();
-    }
-}
-
-impl Slot {
-    /// Counts the slot against `client` once a load balancer's header has named it.
-    fn charge_client(&mut self, client: std::net::IpAddr, limit: usize) -> Result<(), Full> {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let group = crate::client_auth::throttle::address_group(client);
-        if counts.of_client(group) >= limit {
-            return Err(Full::Client);
-        }
-        // Evicted meanwhile: it counts for nothing any more.
-        let Some(evictable) = counts.before_login.get_mut(&self.id) else {
-            return Ok(());
-        };
-        evictable.client = Some(group);
-        *counts.by_client.entry(group).or_default() += 1;
-        self.client = Some(group);
-        Ok(())
-    }
-
-    /// Whether a newer connection took this one's place.
-    fn is_evicted(&self) -> bool {
-        let counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        !self.logged_in && !counts.before_login.contains_key(&self.id)
-    }
-
-    /// The session has logged in: it can no longer be evicted. `false` if it was already.
-    fn log_in(&mut self) -> bool {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        self.logged_in = counts.before_login.remove(&self.id).is_some();
-        self.logged_in
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if self.logged_in || counts.before_login.remove(&self.id).is_some() {
-            counts.release(self.client, &self.active);
-        }
-    }
 }
 
 impl Server {
@@ -943,7 +765,8 @@ async fn accept_loop(
         // A load balancer's connections count against the client its header names.
         let behind_proxy = runtime.trusted_proxies.trusts(peer.ip());
         let client = (!behind_proxy).then_some(peer.ip());
-        let admission = match slots.try_take(&runtime, client, active) {
+        let limits = (runtime.max_connections, runtime.max_connections_per_client);
+        let admission = match slots.try_take(limits, client, active) {
             Ok(admission) => admission,
             Err(full) => {
                 if matches!(full, Full::Client) {
