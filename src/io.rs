@@ -1,12 +1,22 @@
-//! Stream plumbing: a boxed stream type (so STARTTLS can swap what is underneath) and
-//! [`PrefixedIo`], which replays bytes already read before the stream's own.
+//! Stream plumbing: a boxed stream type (so STARTTLS can swap what is underneath),
+//! [`PrefixedIo`], which replays bytes already read before the stream's own, writes with a
+//! deadline, and the lingering close that lets a goodbye arrive.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, timeout_at};
+
+/// How long a closing connection keeps reading what the client still sends. A client that
+/// reads its goodbye closes within a round trip; this bounds the rest (nginx lingers 5 s per
+/// read, 30 s in all, for HTTP bodies far larger than a pipeline of mail commands).
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much of it is read and thrown away: more than a client pipelines before it reads
+/// (RFC 2920 5: about one TCP window), little enough that a sender cannot keep mailgate busy.
+pub const LINGER_MAX_BYTES: usize = 256 * 1024;
 
 /// Any duplex byte stream a session can run over: TCP, TLS over TCP, or an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -32,6 +42,29 @@ pub async fn write_all_by<S: AsyncWrite + Unpin + ?Sized>(
     timeout_at(deadline, write)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
+}
+
+/// Ends a connection whose goodbye was just written, as nginx's `lingering_close` does: shuts
+/// down writing (the FIN follows the goodbye), then reads and discards what the client still
+/// sends until it closes too, [`LINGER_TIMEOUT`] passes or [`LINGER_MAX_BYTES`] were read. The
+/// caller drops the stream afterwards. Closing at once with client input unread makes the
+/// kernel reset the connection, and the reset throws away the part of the goodbye the client
+/// has not received yet.
+pub async fn linger<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S) {
+    let drain = async {
+        if io.shutdown().await.is_err() {
+            return;
+        }
+        let mut discard = [0u8; 4096];
+        let mut left = LINGER_MAX_BYTES;
+        while left > 0 {
+            match io.read(&mut discard).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = timeout_at(Instant::now() + LINGER_TIMEOUT, drain).await;
 }
 
 /// A stream whose first reads return `prefix`, then the inner stream's bytes.
@@ -131,6 +164,39 @@ mod tests {
         let mut all = String::new();
         io.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "hello world");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lingering_sends_the_end_and_stops_at_the_peers_close_or_the_bounds() {
+        // The peer closes after reading: the linger ends with it.
+        let (mut near, mut far) = tokio::io::duplex(64);
+        far.write_all(b"unread").await.unwrap();
+        let peer = tokio::spawn(async move {
+            let mut said = Vec::new();
+            far.read_to_end(&mut said).await.unwrap();
+            said
+        });
+        near.write_all(b"* BYE\r\n").await.unwrap();
+        let started = Instant::now();
+        linger(&mut near).await;
+        assert_eq!(peer.await.unwrap(), b"* BYE\r\n");
+        assert!(started.elapsed() < LINGER_TIMEOUT);
+        // A peer that never closes is given up on.
+        let (mut near, _far) = tokio::io::duplex(64);
+        let started = Instant::now();
+        linger(&mut near).await;
+        assert_eq!(started.elapsed(), LINGER_TIMEOUT);
+        // Nor may it keep mailgate reading.
+        let (mut near, mut far) = tokio::io::duplex(64 * 1024);
+        let flood = tokio::spawn(async move {
+            let chunk = [b'x'; 1024];
+            while far.write_all(&chunk).await.is_ok() {}
+        });
+        let started = Instant::now();
+        linger(&mut near).await;
+        assert!(started.elapsed() < LINGER_TIMEOUT);
+        drop(near);
+        flood.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

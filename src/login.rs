@@ -175,6 +175,17 @@ pub trait Authenticator: Send + Sync {
     fn smtp_extensions(&self) -> Vec<String>;
 }
 
+/// Why mailgate itself ends a session; each protocol has its goodbye for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// The listener is full: a refusal at connect, or a session before login closed to make
+    /// room for a newer one.
+    TooManyConnections,
+    ShuttingDown,
+    /// The account's token source refused it for good.
+    Revoked,
+}
+
 /// How long a goodbye (`* BYE`, `421`) may take to be written before the connection is just
 /// closed: the peer may be the reason the session ends.
 pub const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub connections: Family<ListenerLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_rejected: Family<ListenerLabels, Counter>,
+    pub connections_evicted: Family<ListenerLabels, Counter>,
     pub logins: Family<ListenerResultLabels, Counter>,
     pub token_requests: Family<TokenRequestLabels, Counter>,
     pub token_cache: Family<ResultLabels, Counter>,
@@ -138,6 +139,7 @@ impl Metrics {
             connections: Family::default(),
             connections_active: Family::default(),
             connections_rejected: Family::default(),
+            connections_evicted: Family::default(),
             logins: Family::default(),
             token_requests: Family::default(),
             token_cache: Family::default(),
@@ -203,6 +205,7 @@ impl Metrics {
         let _ = self.connections.get_or_create(&labels);
         let _ = self.connections_active.get_or_create(&labels);
         let _ = self.connections_rejected.get_or_create(&labels);
+        let _ = self.connections_evicted.get_or_create(&labels);
         let _ = self.session_duration_seconds.get_or_create(&labels);
         for result in std::iter::once("ok").chain(LoginError::ALL.iter().map(|e| e.label())) {
             let _ = self.logins.get_or_create(&ListenerResultLabels {
@@ -282,6 +285,11 @@ impl Metrics {
             "connections_rejected",
             "Client connections refused because the listener was at max_connections",
             self.connections_rejected.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Client connections closed before login to admit a new one when the listener was at max_connections",
+            self.connections_evicted.clone(),
         );
         registry.register("logins", "Client logins by result", self.logins.clone());
         registry.register(

@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -20,22 +18,28 @@ use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
-use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::config::{Config, ForwardClient, ListenerConfig, Protocol, TlsMode};
 use crate::frontend_settings::FrontendSettings;
 use crate::health::Health;
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
-use crate::login::{Authenticator, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
+use crate::login::{
+    Authenticator, Closing, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
+};
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
 use crate::proxy_protocol::TrustedProxies;
 use crate::sanitize::Escaped;
 use crate::sessions::SessionRegistry;
-use crate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
+use crate::smtp::xclient_filter::XclientFilter;
+use crate::splice::{Boundary, Counters, SpliceEnd, Stop, Transferred, splice};
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::{GrantStates, OAuth2};
 use crate::token::sources::Sources;
 use crate::upstream::Connector;
 use crate::{imap, smtp};
+
+mod slots;
+use slots::{Admission, Full, Slot, Slots};
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -223,101 +227,6 @@ struct ListenerRuntime {
     max_connections: usize,
     max_connections_per_client: usize,
     labels: ListenerLabels,
-}
-
-/// The sessions open on one listen address, in total and per client address (IPv6: /64).
-/// A slot is taken before a session's task is spawned and moves into it, so the limits hold
-/// however fast connections arrive (a gauge read before the task runs would let a burst
-/// through). Counted here rather than with semaphores so that a reload can change them.
-#[derive(Default)]
-struct Slots {
-    counts: std::sync::Mutex<SlotCounts>,
-}
-
-#[derive(Default)]
-struct SlotCounts {
-    open: usize,
-    by_client: HashMap<std::net::IpAddr, usize>,
-}
-
-/// Why no slot was free.
-enum Full {
-    Listener,
-    Client,
-}
-
-/// One session's place under the limits; frees it and lowers the gauge on drop.
-struct Slot {
-    slots: Arc<Slots>,
-    /// The address group it counts against, once known.
-    client: Option<std::net::IpAddr>,
-    active: Gauge,
-}
-
-impl Slots {
-    /// A slot for a connection from `peer`, counted against the client's address unless
-    /// `client` is `None` (a load balancer's connection, counted once its header names the
-    /// client: [`Slot::charge_client`]).
-    fn try_take(
-        self: &Arc<Self>,
-        runtime: &ListenerRuntime,
-        client: Option<std::net::IpAddr>,
-        active: Gauge,
-    ) -> Result<Slot, Full> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.open >= runtime.max_connections {
-            return Err(Full::Listener);
-        }
-        let client = match client {
-            Some(client) => Some(counts.charge(client, runtime.max_connections_per_client)?),
-            None => None,
-        };
-        counts.open += 1;
-        active.inc();
-        Ok(Slot {
-            slots: self.clone(),
-            client,
-            active,
-        })
-    }
-}
-
-impl SlotCounts {
-    /// Counts one more connection of `client`'s address group, if under `limit`.
-    fn charge(&mut self, client: std::net::IpAddr, limit: usize) -> Result<std::net::IpAddr, Full> {
-        let group = crate::client_auth::throttle::address_group(client);
-        let of_client = self.by_client.entry(group).or_default();
-        if *of_client >= limit {
-            return Err(Full::Client);
-        }
-        *of_client += 1;
-        Ok(group)
-    }
-}
-
-impl Slot {
-    /// Counts the slot against `client` once a load balancer's header has named it.
-    fn charge_client(&mut self, client: std::net::IpAddr, limit: usize) -> Result<(), Full> {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        self.client = Some(counts.charge(client, limit)?);
-        Ok(())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.open -= 1;
-        if let Some(client) = self.client
-            && let Some(of_client) = counts.by_client.get_mut(&client)
-        {
-            *of_client -= 1;
-            if *of_client == 0 {
-                counts.by_client.remove(&client);
-            }
-        }
-        self.active.dec();
-    }
 }
 
 impl Server {
@@ -806,7 +715,7 @@ fn listener_runtime(
         trusted_proxies,
         idle_timeout: listener.idle_timeout,
         max_connections: listener.max_connections,
-        max_connections_per_client: listener.max_connections_per_client,
+        max_connections_per_client: listener.max_connections_per_client(),
         labels: ListenerLabels {
             listener: listener.name.clone(),
         },
@@ -875,8 +784,9 @@ async fn accept_loop(
         // A load balancer's connections count against the client its header names.
         let behind_proxy = runtime.trusted_proxies.trusts(peer.ip());
         let client = (!behind_proxy).then_some(peer.ip());
-        let slot = match slots.try_take(&runtime, client, active) {
-            Ok(slot) => slot,
+        let limits = (runtime.max_connections, runtime.max_connections_per_client);
+        let admission = match slots.try_take(limits, client, active) {
+            Ok(admission) => admission,
             Err(full) => {
                 if matches!(full, Full::Client) {
                     tracing::debug!(client = %peer, "client at max_connections_per_client");
@@ -889,6 +799,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        if admission.made_room {
+            tracing::debug!(client = %peer, "listener full: the oldest session before login leaves");
+            metrics
+                .connections_evicted
+                .get_or_create(&runtime.labels)
+                .inc();
+        }
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
@@ -913,49 +830,94 @@ async fn accept_loop(
             live,
             metrics.clone(),
             sessions.clone(),
-            slot,
+            admission,
         );
         tokio::spawn(session.instrument(span));
     }
 }
 
-/// Why mailgate itself ends a session.
-#[derive(Clone, Copy)]
-enum Closing {
-    TooManyConnections,
-    ShuttingDown,
-    /// The account's token source refused it for good.
-    Revoked,
+/// `forward_client: xclient`: the upstream believes XCLIENT from mailgate, so the client's
+/// own must not reach it ([`XclientFilter`]).
+fn guards_xclient(runtime: &ListenerRuntime) -> bool {
+    runtime.proxy.protocol == Protocol::Smtp
+        && runtime.proxy.connector.forward_client() == ForwardClient::Xclient
+}
+
+/// Whether the upstream's EHLO (as last probed) offers `keyword`.
+fn upstream_offers(runtime: &ListenerRuntime, keyword: &str) -> bool {
+    runtime.proxy.smtp_extensions().iter().any(|line| {
+        line.split_ascii_whitespace()
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case(keyword))
+    })
+}
+
+/// A logged-in session's splice and its end: the goodbye at a boundary, the lingering close.
+struct Spliced<'a> {
+    runtime: &'a ListenerRuntime,
+    counters: &'a Counters,
+    revoked: &'a crate::sessions::Registration,
+}
+
+impl Spliced<'_> {
+    async fn run<C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized>(
+        self,
+        client: &mut C,
+        upstream: &mut BoxedIo,
+        boundary: &mut dyn Boundary,
+        stop: Stop<impl std::future::Future<Output = ()>>,
+    ) -> (io::Result<SpliceEnd>, Transferred) {
+        let (end, moved) = splice(
+            client,
+            upstream,
+            self.runtime.idle_timeout,
+            self.counters,
+            boundary,
+            stop,
+        )
+        .await;
+        if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
+            // A goodbye inside a response would corrupt it: then the close says it all.
+            if at_boundary {
+                let why = if self.revoked.was_revoked() {
+                    Closing::Revoked
+                } else {
+                    Closing::ShuttingDown
+                };
+                let goodbye = closing_reply(self.runtime, why);
+                let deadline = Instant::now() + GOODBYE_TIMEOUT;
+                let _ = write_all_by(client, &goodbye, deadline).await;
+            }
+            linger(client).await;
+        }
+        (end, moved)
+    }
 }
 
 /// The protocol's untagged goodbye: IMAP `* BYE`, SMTP `421`.
 fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
-    match (runtime.proxy.protocol, closing) {
-        (Protocol::Imap, Closing::TooManyConnections) => {
-            imap::reply::too_many_connections().into_bytes()
-        }
-        (Protocol::Imap, Closing::ShuttingDown) => imap::reply::shutting_down().into_bytes(),
-        (Protocol::Imap, Closing::Revoked) => imap::reply::revoked().into_bytes(),
-        (Protocol::Smtp, closing) => {
-            let failure = match closing {
-                Closing::TooManyConnections => smtp::reply::Failure::TooManyConnections,
-                Closing::ShuttingDown => smtp::reply::Failure::ShuttingDown,
-                Closing::Revoked => smtp::reply::Failure::Revoked,
-            };
-            smtp::reply::failure(failure, &runtime.settings.hostname).to_bytes()
+    match runtime.proxy.protocol {
+        Protocol::Imap => imap::reply::closing(closing).into_bytes(),
+        Protocol::Smtp => {
+            smtp::reply::failure(closing.into(), &runtime.settings.hostname).to_bytes()
         }
     }
 }
 
 /// Tells a client over the connection limit to come back later, then closes. An implicit-TLS
 /// client could not read a plaintext goodbye, so it just sees the close.
-async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, runtime: &ListenerRuntime) {
+async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    runtime: &ListenerRuntime,
+) {
     if runtime.implicit_tls.is_some() {
         return;
     }
     let reply = closing_reply(runtime, Closing::TooManyConnections);
     let deadline = Instant::now() + GOODBYE_TIMEOUT;
-    let _ = write_all_by(&mut stream, &reply, deadline).await;
+    if write_all_by(&mut stream, &reply, deadline).await.is_ok() {
+        linger(&mut stream).await;
+    }
 }
 
 /// Logs in with the listener's configuration as it is at the moment of the login, so that a
@@ -999,13 +961,26 @@ async fn run_session(
     live: CurrentProxy,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
-    mut slot: Slot,
+    admission: Admission,
 ) {
     metrics.connections.get_or_create(&runtime.labels).inc();
     let started = Instant::now();
+    let Admission {
+        mut slot, evicted, ..
+    } = admission;
+    // A dropped sender means the session logged in or ended: no eviction then.
+    let evicted = async {
+        if evicted.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(evicted);
     let opened = tokio::select! {
+        // A connection that opens at once gets its front end's goodbye when evicted.
+        biased;
         opened = open(stream, peer, &runtime, &metrics, &mut slot) => opened,
         () = sessions.clone().closing() => None,
+        () = &mut evicted => None,
     };
     let Some(Opened {
         io: stream,
@@ -1021,7 +996,13 @@ async fn run_session(
         local,
         ..runtime.settings.clone()
     };
-    let closing = sessions.clone().closing();
+    let shutdown = sessions.clone().closing();
+    let closing = async {
+        tokio::select! {
+            () = shutdown => Closing::ShuttingDown,
+            () = &mut evicted => Closing::TooManyConnections,
+        }
+    };
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
     let handoff = match runtime.proxy.protocol {
         Protocol::Imap => Box::pin(imap::frontend::serve(stream, &live, &settings, closing)).await,
@@ -1029,7 +1010,20 @@ async fn run_session(
     };
     drop((settings, live));
     match handoff {
+        Ok(Some(mut handoff)) if !slot.log_in() => {
+            // Evicted while its login finished: the room is gone.
+            let goodbye = closing_reply(&runtime, Closing::TooManyConnections);
+            let deadline = Instant::now() + GOODBYE_TIMEOUT;
+            if write_all_by(&mut handoff.client, &goodbye, deadline)
+                .await
+                .is_ok()
+            {
+                linger(&mut handoff.client).await;
+            }
+            tracing::info!(outcome = "evicted", "session closed");
+        }
         Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, sessions, started).await,
+        Ok(None) if slot.is_evicted() => tracing::info!(outcome = "evicted", "session closed"),
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),
         Err(error) => tracing::info!(outcome = "error_before_login", %error, "session closed"),
     }
@@ -1140,29 +1134,28 @@ async fn relay(
         },
         flush_timeout: STOP_FLUSH_TIMEOUT,
     };
-    let (end, moved) = splice(
-        &mut handoff.client,
-        &mut handoff.upstream.io,
-        runtime.idle_timeout,
-        &counters,
-        boundary.as_mut(),
-        stop,
-    )
-    .await;
-    if let Ok(SpliceEnd::Stopped { at_boundary }) = end {
-        // A goodbye inside a response would corrupt it: then the close says it all.
-        if at_boundary {
-            let why = if registration.was_revoked() {
-                Closing::Revoked
-            } else {
-                Closing::ShuttingDown
-            };
-            let goodbye = closing_reply(runtime, why);
-            let deadline = Instant::now() + GOODBYE_TIMEOUT;
-            let _ = write_all_by(&mut handoff.client, &goodbye, deadline).await;
-        }
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, handoff.client.shutdown()).await;
-    }
+    let upstream = &mut handoff.upstream.io;
+    let (end, moved) = if guards_xclient(runtime) {
+        let chunking = upstream_offers(runtime, "CHUNKING");
+        let mut client = XclientFilter::new(&mut handoff.client, chunking);
+        let session = Spliced {
+            runtime,
+            counters: &counters,
+            revoked: &registration,
+        };
+        session
+            .run(&mut client, upstream, boundary.as_mut(), stop)
+            .await
+    } else {
+        let session = Spliced {
+            runtime,
+            counters: &counters,
+            revoked: &registration,
+        };
+        session
+            .run(&mut handoff.client, upstream, boundary.as_mut(), stop)
+            .await
+    };
     let duration = started.elapsed();
     metrics
         .session_duration_seconds

@@ -511,3 +511,179 @@ async fn proxy_v2_sends_the_client_or_local_header_before_anything_else() {
         assert_eq!(header, [&signature[..], rest].concat());
     }
 }
+
+/// An SMTP upstream that believes XCLIENT and XFORWARD from anyone who reaches it (as Postfix
+/// does for `smtpd_authorized_xclient_hosts`), and records what it takes: `command: LINE`,
+/// `content: LINE` for DATA, `chunk: BYTES` for BDAT. Each reply comes 20 ms late, so that
+/// pipelined commands queue up behind it.
+struct Recorder {
+    port: u16,
+    taken: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = taken.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(recorded_session(stream, record.clone()));
+            }
+        });
+        Recorder { port, taken, task }
+    }
+
+    fn taken(&self) -> Vec<String> {
+        self.taken.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn recorded_session(
+    stream: TcpStream,
+    taken: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> Option<()> {
+    let record = |entry: String| taken.lock().unwrap().push(entry);
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(b"220 recorder ESMTP\r\n")
+        .await
+        .ok()?;
+    loop {
+        let mut line = Vec::new();
+        if stream.read_until(b'\n', &mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+        record(format!("command: {line}"));
+        let words: Vec<String> = line
+            .split_whitespace()
+            .map(str::to_ascii_uppercase)
+            .collect();
+        let reply = match words.first().map(String::as_str).unwrap_or_default() {
+            "EHLO" => "250-recorder\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-XCLIENT ADDR PORT NAME LOGIN\r\n250-XFORWARD ADDR NAME\r\n250 AUTH XOAUTH2\r\n".to_owned(),
+            "XCLIENT" => "220 recorder ESMTP\r\n".to_owned(),
+            "AUTH" => "235 2.7.0 Authentication successful\r\n".to_owned(),
+            "MAIL" | "RCPT" | "XFORWARD" | "NOOP" | "RSET" => "250 2.0.0 Ok\r\n".to_owned(),
+            "DATA" => {
+                stream.get_mut().write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await.ok()?;
+                loop {
+                    let mut content = Vec::new();
+                    stream.read_until(b'\n', &mut content).await.ok()?;
+                    let content = String::from_utf8_lossy(&content).trim_end().to_owned();
+                    if content == "." {
+                        break;
+                    }
+                    record(format!("content: {content}"));
+                }
+                "250 2.0.0 Ok: queued\r\n".to_owned()
+            }
+            "BDAT" => {
+                let mut chunk = vec![0u8; words.get(1)?.parse().ok()?];
+                stream.read_exact(&mut chunk).await.ok()?;
+                record(format!("chunk: {}", String::from_utf8_lossy(&chunk)));
+                format!("250 2.0.0 Ok: {} octets\r\n", chunk.len())
+            }
+            "QUIT" => {
+                stream.get_mut().write_all(b"221 2.0.0 Bye\r\n").await.ok()?;
+                return Some(());
+            }
+            _ => "502 5.5.2 Error: command not recognized\r\n".to_owned(),
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stream.get_mut().write_all(reply.as_bytes()).await.ok()?;
+    }
+}
+
+impl SmtpClient {
+    /// Sends `bytes` as they are and reads one reply for each of `replies` commands.
+    async fn pipeline(&mut self, bytes: &str, replies: usize) -> Vec<String> {
+        let stream = self.reader.get_mut();
+        stream.write_all(bytes.as_bytes()).await.expect("write");
+        let mut said = Vec::new();
+        for _ in 0..replies {
+            said.push(self.reply().await);
+        }
+        said
+    }
+}
+
+/// A logged-in client tries to speak for mailgate: XCLIENT pipelined right behind AUTH, XFORWARD
+/// between pipelined commands. Neither reaches the upstream that would believe it; each gets
+/// `502` in its place among the replies; mail still flows, DATA and BDAT content that looks like
+/// XCLIENT included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_xclient_never_reaches_an_upstream_that_trusts_mailgate() {
+    with_timeout(TEST_TIMEOUT, async {
+        let recorder = Recorder::start().await;
+        let auth = support::AuthServer::start(None).await;
+        auth.grant(ACCOUNT, USER);
+        let listen = SocketAddr::from((MAILGATE_IP, free_port()));
+        let config = format!(
+            "listeners:\n  - name: smtp\n    protocol: smtp\n    listen: \"{listen}\"\n    upstream: {{ host: 127.0.0.1, port: {}, tls: none, forward_client: xclient }}\ntokens:\n  auth_server:\n    url: \"{}\"\n",
+            recorder.port,
+            auth.url(),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        // Once the upstream's extensions are known, CHUNKING is relayed: BDAT is understood.
+        let probed = eventually(LOG_WAIT, || async {
+            let mut client = SmtpClient::connect_from(listen, CLIENT).await;
+            client.command("EHLO client.test").await.contains("CHUNKING")
+        })
+        .await;
+        assert!(probed, "{}", mailgate.output());
+
+        let mut client = SmtpClient::connect_from(listen, CLIENT).await;
+        client.command("EHLO client.test").await;
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{ACCOUNT}\0{PASSWORD}"));
+        let login = format!("AUTH PLAIN {plain}\r\nXCLIENT LOGIN=boss ADDR=6.6.6.6\r\n");
+        let said = client.pipeline(&login, 2).await;
+        assert!(said[0].starts_with("235"), "{said:?}\n{}", mailgate.output());
+        assert!(said[1].starts_with("502 5.5.1"), "{said:?}");
+        let transaction = "MAIL FROM:<a@example.test>\r\nxforward ADDR=6.6.6.6\r\nRCPT TO:<b@example.test>\r\nDATA\r\n";
+        let said = client.pipeline(transaction, 4).await;
+        let codes: Vec<&str> = said.iter().map(|reply| &reply[..3]).collect();
+        assert_eq!(codes, ["250", "502", "250", "354"], "{said:?}");
+        let message = "Subject: hello\r\n\r\nXCLIENT ADDR=7.7.7.7 is only text here\r\n.\r\n";
+        assert!(client.pipeline(message, 1).await[0].starts_with("250"));
+        let chunk = "XCLIENT ADDR=8.8.8.8\r\n";
+        let chunked = format!(
+            "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT {} LAST\r\n{chunk}QUIT\r\n",
+            chunk.len()
+        );
+        let said = client.pipeline(&chunked, 4).await;
+        let codes: Vec<&str> = said.iter().map(|reply| &reply[..3]).collect();
+        assert_eq!(codes, ["250", "250", "250", "221"], "{said:?}");
+
+        let taken = recorder.taken();
+        let spoofs: Vec<&String> = taken
+            .iter()
+            .filter(|entry| {
+                let entry = entry.to_ascii_uppercase();
+                entry.starts_with("COMMAND: XFORWARD") || entry.contains("6.6.6.6")
+            })
+            .collect();
+        assert!(spoofs.is_empty(), "{spoofs:?}");
+        let xclients: Vec<&String> = taken
+            .iter()
+            .filter(|entry| entry.starts_with("command: XCLIENT"))
+            .collect();
+        assert!(
+            xclients.len() == 1 && xclients[0].contains("ADDR=127.0.0.2"),
+            "only mailgate's own XCLIENT: {taken:?}"
+        );
+        assert!(taken.contains(&"content: XCLIENT ADDR=7.7.7.7 is only text here".to_owned()));
+        assert!(taken.contains(&format!("chunk: {chunk}")), "{taken:?}");
+    })
+    .await;
+}

@@ -18,6 +18,8 @@ use support::{Mailgate, TEST_TIMEOUT, TestUpstream, curl, eventually, free_port,
 const ACCOUNT: &str = "acct1";
 const USER: &str = "alice@example.test";
 const RIGHT: &str = "correct horse";
+/// How long an effect of a close may take to show.
+const WAIT: Duration = Duration::from_secs(10);
 
 fn localhost(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -167,6 +169,41 @@ async fn idle_hash_workers_give_their_memory_back() {
     .await;
 }
 
+/// Connects to `address` and reads mailgate's first line; keeps the connection open.
+async fn greeted(address: SocketAddr) -> Option<(String, BufReader<TcpStream>)> {
+    let stream = TcpStream::connect(address).await.ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut first))
+        .await
+        .ok()?
+        .ok()?;
+    Some((first, reader))
+}
+
+/// `count` connections at once to `address`, each with its first line.
+async fn burst(address: SocketAddr, count: usize) -> Vec<Option<(String, BufReader<TcpStream>)>> {
+    let connections: Vec<_> = (0..count).map(|_| tokio::spawn(greeted(address))).collect();
+    // Every connection stays open until all have their first line.
+    let mut open = Vec::new();
+    for connection in connections {
+        open.push(connection.await.unwrap());
+    }
+    open
+}
+
+/// Whether `reader` is told to leave (`* BYE [UNAVAILABLE] Too many connections`) within
+/// `wait`, its first line `first` included.
+async fn told_to_leave(first: &str, reader: &mut BufReader<TcpStream>, wait: Duration) -> bool {
+    let bye = "* BYE [UNAVAILABLE] Too many connections";
+    if first.starts_with(bye) {
+        return true;
+    }
+    let mut next = String::new();
+    let read = tokio::time::timeout(wait, reader.read_line(&mut next)).await;
+    matches!(read, Ok(Ok(_))) && next.starts_with(bye)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_burst_never_gets_past_max_connections() {
     with_timeout(TEST_TIMEOUT, async {
@@ -177,37 +214,110 @@ async fn a_connection_burst_never_gets_past_max_connections() {
             "    protocol: imap\n    max_connections: 50\n",
         );
         let mailgate = Mailgate::start(&config).await;
-        let connections: Vec<_> = (0..400)
-            .map(|_| {
+        let open = burst(localhost(imap), 400).await;
+        assert!(open.iter().all(Option::is_some), "{}", mailgate.output());
+        // Each connection past 50 took the place of the oldest one not logged in: 50 stay.
+        let verdicts: Vec<_> = open
+            .into_iter()
+            .flatten()
+            .map(|(first, mut reader)| {
                 tokio::spawn(async move {
-                    let stream = TcpStream::connect(localhost(imap)).await.ok()?;
-                    let mut reader = BufReader::new(stream);
-                    let mut first = String::new();
-                    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut first))
-                        .await
-                        .ok()?
-                        .ok()?;
-                    Some((first, reader))
+                    told_to_leave(&first, &mut reader, Duration::from_secs(5)).await
                 })
             })
             .collect();
-        // Every connection stays open until all have their first line.
-        let mut open = Vec::new();
-        for connection in connections {
-            open.push(connection.await.unwrap());
+        let mut left = 0;
+        for verdict in verdicts {
+            left += usize::from(verdict.await.unwrap());
         }
-        let greeted = open
+        assert_eq!(400 - left, 50, "{}", mailgate.output());
+    })
+    .await;
+}
+
+/// A full listener admits a new client by closing its oldest connection that has not logged
+/// in, which is told why (as Dovecot's login processes do); a logged-in session is never the
+/// one. Before, the newcomer was refused, and idle connections could hold every slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_evicts_its_oldest_connection_before_login_never_a_logged_in_one() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}admin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            up.mailgate_config(imap, smtp).replace(
+                "    protocol: imap\n",
+                "    protocol: imap\n    max_connections: 3\n",
+            )
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let active = r#"mailgate_connections_active{listener="imap"}"#;
+        // The start-up check's connection is gone.
+        assert!(
+            eventually(WAIT, || async {
+                metric(&metrics(admin).await, active) == 0.0
+            })
+            .await
+        );
+        let mut logged_in = ImapClient::connect(localhost(imap)).await;
+        assert!(logged_in.login(ACCOUNT, RIGHT).await.is_ok());
+        let (_, mut oldest) = greeted(localhost(imap)).await.unwrap();
+        let (_, mut older) = greeted(localhost(imap)).await.unwrap();
+
+        let (first, _newcomer) = greeted(localhost(imap)).await.unwrap();
+        assert!(first.starts_with("* OK"), "newcomer refused: {first}");
+        assert!(
+            told_to_leave("", &mut oldest, WAIT).await,
+            "{}",
+            mailgate.output()
+        );
+        let mut rest = String::new();
+        assert_eq!(
+            oldest.read_line(&mut rest).await.unwrap(),
+            0,
+            "closed after it"
+        );
+        older.get_mut().write_all(b"a NOOP\r\n").await.unwrap();
+        let mut reply = String::new();
+        older.read_line(&mut reply).await.unwrap();
+        assert!(reply.starts_with("a OK"), "{reply}");
+        // The next newcomer takes the older one's place, never the logged-in session's.
+        let (first, _second) = greeted(localhost(imap)).await.unwrap();
+        assert!(first.starts_with("* OK"), "{first}");
+        assert!(told_to_leave("", &mut older, WAIT).await);
+        assert!(logged_in.command("NOOP").await.is_ok());
+        let series = r#"mailgate_connections_evicted_total{listener="imap"}"#;
+        assert_eq!(metric(&metrics(admin).await, series), 2.0);
+    })
+    .await;
+}
+
+/// A sidecar's app is the one client of a loopback listener: the per-client limit meant for
+/// strangers on a network (500) does not cap it there (it refused half of 1,000 connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_listener_takes_more_than_500_connections_from_its_one_client() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let mailgate = Mailgate::start(&up.mailgate_config(imap, smtp)).await;
+        let open = burst(localhost(imap), 600).await;
+        let refused: Vec<_> = open
             .iter()
-            .flatten()
-            .filter(|(first, _)| first.starts_with("* OK"))
-            .count();
-        let refused = open
+            .filter_map(|connection| connection.as_ref().map(|(first, _)| first))
+            .filter(|first| !first.starts_with("* OK"))
+            .collect();
+        let lost = open
             .iter()
-            .flatten()
-            .filter(|(first, _)| first.starts_with("* BYE [UNAVAILABLE] Too many connections"))
+            .filter(|connection| connection.is_none())
             .count();
-        assert_eq!(greeted, 50, "{}", mailgate.output());
-        assert_eq!(greeted + refused, 400);
+        assert!(
+            refused.is_empty() && lost == 0,
+            "{lost} lost, {} refused: {:?}\n{}",
+            refused.len(),
+            refused.first(),
+            mailgate.output()
+        );
     })
     .await;
 }
@@ -723,6 +833,51 @@ async fn probes_are_answered_while_slow_clients_hold_the_admin_endpoint() {
             "{}",
             mailgate.output()
         );
+
+/// A client that pipelines commands through a small receive window and reads nothing yet:
+/// mailgate's replies wait in its send queue, the last error ends the session, and input the
+/// client sent after it is still unread. Closing at once would reset the connection and throw
+/// away the queued replies, goodbye included (the client got 1 KiB, then a reset); a lingering
+/// close lets everything arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_unread_input_still_reads_the_whole_goodbye() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let (imap, smtp) = (free_port(), free_port());
+        let mailgate = Mailgate::start(&up.mailgate_config(imap, smtp)).await;
+        let cases = [
+            (
+                imap,
+                "a NOOP\r\n",
+                "a BOGUS\r\n",
+                "* BYE Too many invalid commands",
+            ),
+            (smtp, "NOOP\r\n", "BOGUS\r\n", "421 4.7.0"),
+        ];
+        for (port, filler, error, goodbye) in cases {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(1024).unwrap();
+            let stream = socket.connect(localhost(port)).await.unwrap();
+            let (mut reader, mut writer) = stream.into_split();
+            let input = [filler.repeat(300), error.repeat(10), "x".repeat(64 * 1024)].concat();
+            let sender = tokio::spawn(async move {
+                let _ = writer.write_all(input.as_bytes()).await;
+                writer
+            });
+            // mailgate answers and closes meanwhile; only then does the client read.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut said = Vec::new();
+            let read = reader.read_to_end(&mut said).await;
+            let said = String::from_utf8_lossy(&said);
+            let last = said.lines().last().unwrap_or_default();
+            assert!(
+                read.is_ok() && last.starts_with(goodbye) && said.ends_with("\r\n"),
+                "{read:?} after {} bytes ending {last:?}\n{}",
+                said.len(),
+                mailgate.output()
+            );
+            drop(sender.await.unwrap());
+        }
     })
     .await;
 }

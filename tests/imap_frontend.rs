@@ -83,6 +83,7 @@ impl Client {
         let session = tokio::spawn(async move {
             let stop = async {
                 let _ = stopped.await;
+                mailgate::login::Closing::ShuttingDown
             };
             frontend::serve(
                 Box::new(server),

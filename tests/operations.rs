@@ -313,19 +313,57 @@ async fn reload_keeps_the_old_config_when_broken_and_adds_listeners_when_valid()
     .await;
 }
 
+/// A client greeted with `* OK` at `address`, once a slot is free (within [`WAIT`]).
+async fn admitted(address: SocketAddr) -> ImapClient {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let client = ImapClient::connect(address).await;
+        if client.greeting.starts_with("* OK") {
+            return client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            client.greeting
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The listener's connections outlive its name: a session from before the rename still holds
+/// its slot, so the one-connection limit refuses the next client until that session ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renaming_a_listener_keeps_its_socket() {
+async fn renaming_a_listener_keeps_its_socket_and_its_open_connections() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
         up.auth.grant(ACCOUNT, USER);
         let (imap, smtp, admin) = (free_port(), free_port(), free_port());
-        let original = config(&up, imap, smtp, admin, "config_watch_interval: 0s\n");
+        let original = config(&up, imap, smtp, admin, "config_watch_interval: 0s\n").replacen(
+            "    protocol: imap\n",
+            "    protocol: imap\n    max_connections: 1\n",
+            1,
+        );
         let mailgate = Mailgate::start(&original).await;
+        // The start-up probe's connection may hold the slot for a moment.
+        let mut held = admitted(localhost(imap)).await;
+        assert!(held.login(ACCOUNT, "pw").await.is_ok());
         let renamed = original.replacen("- name: imap\n", "- name: mailbox\n", 1);
         std::fs::write(mailgate.config_path(), renamed).unwrap();
         send_signal(mailgate.pid().unwrap(), "HUP");
         assert!(reloaded(admin, "ok").await, "{}", mailgate.output());
-        let mut client = ImapClient::connect(localhost(imap)).await;
+
+        let refused = ImapClient::connect(localhost(imap)).await;
+        assert!(
+            refused
+                .greeting
+                .starts_with("* BYE [UNAVAILABLE] Too many connections"),
+            "the rename forgot the open session: {}\n{}",
+            refused.greeting,
+            mailgate.output()
+        );
+        assert!(held.command("NOOP").await.is_ok(), "old session untouched");
+        drop(held);
+        let mut client = admitted(localhost(imap)).await;
         assert!(client.login(ACCOUNT, "pw").await.is_ok());
         let (_, text) = get(admin, "/metrics").await;
         let series = r#"mailgate_logins_total{listener="mailbox",result="ok"}"#;

@@ -96,6 +96,7 @@ impl Transcript {
         let session = tokio::spawn(async move {
             let stop = async {
                 let _ = stopped.await;
+                mailgate::login::Closing::ShuttingDown
             };
             frontend::serve(Box::new(server), shared.as_ref(), &settings, stop).await
         });

@@ -79,7 +79,7 @@ pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
             transcript
         };
         let session = async {
-            let stop = std::future::pending::<()>();
+            let stop = std::future::pending::<mailgate::login::Closing>();
             let outcome = serve(front_end, Box::new(server), &authenticator, &settings, stop).await;
             // Dropping the handoff closes the client's stream, which ends the read.
             drop(outcome);
@@ -95,7 +95,7 @@ async fn serve(
     client: BoxedIo,
     authenticator: &StandIn,
     settings: &FrontendSettings,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = mailgate::login::Closing>,
 ) -> std::io::Result<Option<Handoff<BoxedIo>>> {
     match front_end {
         FrontEnd::Imap => {

@@ -70,7 +70,8 @@ pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Per listener; each idle session costs a few KiB, so this bounds memory at tens of MiB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// One client address may hold this share of a listener: far more than a mail client uses,
-/// far less than all of it. A sidecar's app on loopback with more needs a higher value.
+/// far less than all of it. Not on loopback listeners: see
+/// [`ListenerConfig::max_connections_per_client`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 500;
 /// RFC 4954 4: an SMTP AUTH line (and each SASL response) may be 12288 octets; the same bound
 /// serves IMAP command lines before login, which hold at most a user name and a password.
@@ -155,8 +156,9 @@ pub struct ListenerConfig {
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Connections from one client address (IPv6: /64) beyond this are refused the same way.
-    #[serde(default = "default_max_connections_per_client")]
-    pub max_connections_per_client: usize,
+    /// Unset: see [`ListenerConfig::max_connections_per_client`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<usize>,
     /// Longest command line before login, CRLF included (SMTP commands other than AUTH keep
     /// RFC 5321's 512). Longer ones get `BAD` / `500 5.5.2` and are discarded.
     #[serde(default = "default_max_line_length")]
@@ -171,6 +173,21 @@ pub struct ListenerConfig {
     /// From these addresses the header is required; from others it is refused.
     #[serde(default)]
     pub accept_proxy: Vec<String>,
+}
+
+impl ListenerConfig {
+    /// The per-client limit in force. Unset, it guards against strangers on a network
+    /// ([`DEFAULT_MAX_CONNECTIONS_PER_CLIENT`]); a loopback listener without load balancers
+    /// has one client, the app beside mailgate (a sidecar), whose share is the whole listener.
+    pub fn max_connections_per_client(&self) -> usize {
+        let only_local_clients =
+            self.listen.ip().to_canonical().is_loopback() && self.accept_proxy.is_empty();
+        match self.max_connections_per_client {
+            Some(limit) => limit,
+            None if only_local_clients => self.max_connections,
+            None => DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        }
+    }
 }
 
 /// TLS towards the clients of one listener.
@@ -731,7 +748,7 @@ impl Config {
             if listener.max_connections == 0 {
                 problems.add(format!("{key}.max_connections"), "must be at least 1");
             }
-            if listener.max_connections_per_client == 0 {
+            if listener.max_connections_per_client == Some(0) {
                 problems.add(
                     format!("{key}.max_connections_per_client"),
                     "must be at least 1",
@@ -1053,9 +1070,6 @@ fn default_config_watch_interval() -> Duration {
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
-fn default_max_connections_per_client() -> usize {
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT
-}
 fn default_max_line_length() -> usize {
     DEFAULT_MAX_LINE_LENGTH
 }
@@ -1299,6 +1313,26 @@ tokens:
         assert_eq!(listener.upstream.mechanism, MechanismSetting::Auto);
         assert_eq!(config.tokens.cache.refresh_margin, DEFAULT_REFRESH_MARGIN);
         assert_eq!(config.client_auth.mode, ClientAuthMode::Any);
+    }
+
+    #[test]
+    fn the_per_client_limit_is_the_whole_listener_on_loopback_unless_set() {
+        let limit = |text: &str| check(text).unwrap().listeners[0].max_connections_per_client();
+        assert_eq!(limit(MINIMAL), DEFAULT_MAX_CONNECTIONS);
+        let remote = MINIMAL.replace("127.0.0.1:1143", "0.0.0.0:1143")
+            + "client_auth: { allow_remote: true }\n";
+        assert_eq!(limit(&remote), DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+        let listener = "    upstream: { host: mail.example, port: 143, tls: none }\n";
+        let balanced = MINIMAL.replace(
+            listener,
+            &format!("{listener}    accept_proxy: [\"127.0.0.1/32\"]\n"),
+        );
+        assert_eq!(limit(&balanced), DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+        let set = MINIMAL.replace(
+            listener,
+            &format!("{listener}    max_connections_per_client: 7\n"),
+        );
+        assert_eq!(limit(&set), 7);
     }
 
     #[test]

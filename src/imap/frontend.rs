@@ -16,10 +16,10 @@ use tokio::time::{Instant, timeout_at};
 use super::framer::Framer;
 use super::reply;
 use crate::frontend_settings::{FrontendSettings, TlsOffer};
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
-    Authenticator, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
+    Authenticator, Closing, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
@@ -31,7 +31,8 @@ use crate::secret::Secret;
 /// the login command replayed first from [`Handoff::client`]. Returns `Ok(None)` when the
 /// session ended: the client sent LOGOUT or closed the stream; it was silent for
 /// `settings.pre_auth_timeout` or did not log in within `settings.pre_auth_lifetime`; it sent
-/// too many bad commands or failed logins; or `stop` completed (mailgate is shutting down).
+/// too many bad commands or failed logins; or `stop` completed (mailgate is shutting down, or
+/// closes the session to make room: the goodbye says which).
 /// Each of those but the client's own close is answered with `* BYE`. A failed STARTTLS
 /// handshake ends the session too.
 ///
@@ -41,7 +42,7 @@ pub async fn serve<A: Authenticator>(
     client: BoxedIo,
     authenticator: &A,
     settings: &FrontendSettings,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = Closing>,
 ) -> io::Result<Option<Handoff<BoxedIo>>> {
     tokio::pin!(stop);
     let mut conn = Conn {
@@ -63,7 +64,7 @@ pub async fn serve<A: Authenticator>(
             let deadline = conn.deadline();
             let filled = tokio::select! {
                 filled = timeout_at(deadline, framer.fill(&mut conn.client)) => filled,
-                () = &mut stop => return conn.goodbye(&reply::shutting_down()).await,
+                why = &mut stop => return conn.goodbye(&reply::closing(why)).await,
             };
             match filled {
                 Ok(Ok(true)) => continue,
@@ -130,7 +131,7 @@ pub async fn serve<A: Authenticator>(
                 let lifetime_end = conn.lifetime_end;
                 let result = tokio::select! {
                     result = authenticator.login(request) => result,
-                    () = &mut stop => return conn.goodbye(&reply::shutting_down()).await,
+                    why = &mut stop => return conn.goodbye(&reply::closing(why)).await,
                     () = tokio::time::sleep_until(lifetime_end) => {
                         return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
                     }
@@ -156,6 +157,7 @@ pub async fn serve<A: Authenticator>(
         };
         conn.send(&reply.text).await?;
         if reply.close {
+            linger(&mut conn.client).await;
             return Ok(None);
         }
     }
@@ -182,6 +184,7 @@ impl Conn<'_> {
     async fn goodbye<T>(&mut self, text: &str) -> io::Result<Option<T>> {
         let deadline = Instant::now() + GOODBYE_TIMEOUT;
         write_all_by(&mut self.client, text.as_bytes(), deadline).await?;
+        linger(&mut self.client).await;
         Ok(None)
     }
 

@@ -2,7 +2,7 @@
 //! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
 
 use crate::frontend_settings::TlsOffer;
-use crate::login::LoginError;
+use crate::login::{Closing, LoginError};
 use crate::sanitize;
 use crate::sasl::{self, SaslError};
 
@@ -34,7 +34,17 @@ pub fn greeting(hostname: &str, offer: TlsOffer) -> String {
     format!("* OK [CAPABILITY {capabilities}] {hostname} mailgate ready\r\n")
 }
 
-/// Sent instead of a greeting when the listener is at its connection limit (RFC 9051 7.1.5).
+/// The goodbye for a session mailgate ends itself.
+pub fn closing(why: Closing) -> String {
+    match why {
+        Closing::TooManyConnections => too_many_connections(),
+        Closing::ShuttingDown => shutting_down(),
+        Closing::Revoked => revoked(),
+    }
+}
+
+/// Sent instead of a greeting when the listener is at its connection limit (RFC 9051 7.1.5),
+/// and to a session closed before login to make room.
 pub fn too_many_connections() -> String {
     bye("[UNAVAILABLE] Too many connections, try again later")
 }

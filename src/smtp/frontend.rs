@@ -10,10 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{Instant, timeout_at};
 
 use crate::frontend_settings::{FrontendSettings, TlsOffer};
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{
-    Authenticator, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
+    Authenticator, Closing, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
 };
 use crate::sanitize::Escaped;
 use crate::sasl::{self, SaslServer, SaslStep, ServerMechanism};
@@ -61,7 +61,7 @@ const FALLBACK_EXTENSIONS: &[&str] = &["PIPELINING", "8BITMIME", ENHANCED_STATUS
 ///
 /// Waits at most `settings.pre_auth_timeout` for each line and for each reply to be read, and
 /// ends the session when `settings.pre_auth_lifetime` passes or `stop` completes (mailgate is
-/// shutting down), with a `421` saying why. Bytes the client sent after the last line of a
+/// shutting down, or closes the session to make room), with a `421` saying why. Bytes the client sent after the last line of a
 /// successful AUTH exchange are replayed by the handoff's stream.
 ///
 /// Returns `Ok(None)` on QUIT, when the client closes, after a timeout, a stop, after too
@@ -73,7 +73,7 @@ pub async fn serve<A: Authenticator>(
     client: BoxedIo,
     authenticator: &A,
     settings: &FrontendSettings,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = Closing>,
 ) -> io::Result<Option<Handoff<BoxedIo>>> {
     tokio::pin!(stop);
     let hostname = settings.hostname.as_str();
@@ -96,7 +96,7 @@ pub async fn serve<A: Authenticator>(
             let deadline = conn.deadline();
             let read = tokio::select! {
                 read = read_more(&mut conn.client, &mut lines, deadline) => read?,
-                () = &mut stop => return conn.goodbye(Failure::ShuttingDown).await,
+                why = &mut stop => return conn.goodbye(why.into()).await,
             };
             match read {
                 Input::Data => continue,
@@ -140,6 +140,7 @@ pub async fn serve<A: Authenticator>(
                 Step::Close(bytes) => {
                     conn.out.extend(bytes);
                     conn.flush().await?;
+                    linger(&mut conn.client).await;
                     return Ok(None);
                 }
                 Step::Login(credentials) => {
@@ -154,7 +155,7 @@ pub async fn serve<A: Authenticator>(
                     let lifetime_end = conn.lifetime_end;
                     let result = tokio::select! {
                         result = authenticator.login(request) => result,
-                        () = &mut stop => return conn.goodbye(Failure::ShuttingDown).await,
+                        why = &mut stop => return conn.goodbye(why.into()).await,
                         () = tokio::time::sleep_until(lifetime_end) => {
                             return conn.goodbye(Failure::LifetimeOver).await;
                         }
@@ -219,6 +220,7 @@ impl Conn<'_> {
             .extend(reply::failure(failure, &self.settings.hostname).to_bytes());
         let deadline = Instant::now() + GOODBYE_TIMEOUT;
         write_all_by(&mut self.client, &self.out, deadline).await?;
+        linger(&mut self.client).await;
         Ok(None)
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::login::LoginError;
+use crate::login::{Closing, LoginError};
 use crate::sanitize;
 use crate::sasl::SaslError;
 
@@ -81,6 +81,16 @@ pub enum Failure {
     ShuttingDown,
     #[error("account access revoked")]
     Revoked,
+}
+
+impl From<Closing> for Failure {
+    fn from(why: Closing) -> Self {
+        match why {
+            Closing::TooManyConnections => Failure::TooManyConnections,
+            Closing::ShuttingDown => Failure::ShuttingDown,
+            Closing::Revoked => Failure::Revoked,
+        }
+    }
 }
 
 /// The one place deciding how a failure looks on the wire.
