@@ -833,6 +833,9 @@ async fn probes_are_answered_while_slow_clients_hold_the_admin_endpoint() {
             "{}",
             mailgate.output()
         );
+    })
+    .await;
+}
 
 /// A client that pipelines commands through a small receive window and reads nothing yet:
 /// mailgate's replies wait in its send queue, the last error ends the session, and input the
