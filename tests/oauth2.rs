@@ -342,6 +342,27 @@ async fn a_rotated_refresh_token_survives_a_restart() {
     .await;
 }
 
+/// Starts mailgate, has a login's refresh reach the provider (which the caller holds), and
+/// kills mailgate there with SIGKILL; the login's task.
+async fn killed_during_a_refresh(
+    s: &Setup,
+    config: &str,
+) -> tokio::task::JoinHandle<support::imap_client::Completion> {
+    let mut mailgate = Mailgate::start(config).await;
+    let address = s.imap_address();
+    let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.provider.held_requests() == 1
+        })
+        .await,
+        "the refresh never reached the provider"
+    );
+    send_signal(mailgate.pid().unwrap(), "KILL");
+    mailgate.wait_exit(Duration::from_secs(5)).await;
+    login
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_while_the_provider_answers_loses_no_token() {
     with_timeout(MINUTE, async {
@@ -352,19 +373,8 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
             "",
         );
         let first = s.onboarded(&config, "alice", ALICE).await;
-        let mut mailgate = Mailgate::start(&config).await;
         let hold = s.provider.hold();
-        let address = s.imap_address();
-        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                s.provider.held_requests() == 1
-            })
-            .await,
-            "the refresh never reached the provider"
-        );
-        send_signal(mailgate.pid().unwrap(), "KILL");
-        mailgate.wait_exit(Duration::from_secs(5)).await;
+        let login = killed_during_a_refresh(&s, &config).await;
         // The provider notices the closed connection on its own time: releasing the hold
         // before it has would answer a request nobody reads.
         let abandoned = eventually(Duration::from_secs(10), || async {
@@ -402,19 +412,8 @@ async fn a_kill_after_the_provider_rotated_needs_reauthorization_cleanly() {
             "",
         );
         let first = s.onboarded(&config, "alice", ALICE).await;
-        let mut mailgate = Mailgate::start(&config).await;
         let hold = s.provider.hold_answers();
-        let address = s.imap_address();
-        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                s.provider.held_requests() == 1
-            })
-            .await,
-            "the refresh never reached the provider"
-        );
-        send_signal(mailgate.pid().unwrap(), "KILL");
-        mailgate.wait_exit(Duration::from_secs(5)).await;
+        let login = killed_during_a_refresh(&s, &config).await;
         drop(hold);
         let _ = login.await;
         let requests = s.provider.token_requests();
