@@ -1066,6 +1066,56 @@ async fn a_reauthorization_without_rotation_is_not_undone_by_the_running_service
     a_reauthorization_is_what_the_service_redeems_next(false).await;
 }
 
+/// Two processes on one store never redeem the same refresh token: `test-login` waits for
+/// the service's refresh (the account's lease) and then redeems the token it rotated to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_waits_for_the_refresh_under_way_and_redeems_the_next_token() {
+    with_timeout(MINUTE, async {
+        let s = Setup::start().await;
+        let config = s.config(
+            &s.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            "",
+        );
+        s.onboarded(&config, "alice", ALICE).await;
+        let mailgate = Mailgate::start(&config).await;
+        let hold = s.provider.hold();
+        let address = s.imap_address();
+        let login = tokio::spawn(async move { imap_login(address, "alice").await.1 });
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                s.provider.held_requests() == 1
+            })
+            .await
+        );
+        let test_login = {
+            let config = config.clone();
+            tokio::spawn(async move {
+                command(&config, &["test-login", "alice", "--listener", "imap"]).await
+            })
+        };
+        // test-login waits for the lease: it sends nothing while the service's refresh runs.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(s.provider.held_requests(), 1);
+        drop(hold);
+        assert!(login.await.unwrap().is_ok(), "{}", mailgate.output());
+        let (code, report, err) = test_login.await.unwrap();
+        assert_eq!(code, Some(0), "{report}{err}");
+        let requests = s.provider.token_requests();
+        let redeemed: Vec<_> = requests
+            .iter()
+            .map(|r| (r.refresh_token.clone(), r.result.as_str()))
+            .collect();
+        assert_eq!(redeemed.len(), 2, "{redeemed:?}");
+        assert_ne!(redeemed[0].0, redeemed[1].0, "one token redeemed twice");
+        assert!(
+            redeemed.iter().all(|(_, result)| *result == "ok"),
+            "{redeemed:?}"
+        );
+    })
+    .await;
+}
+
 /// Makes a directory immutable (`chattr +i`: even root cannot create files in it) until
 /// dropped.
 struct Immutable(PathBuf);
