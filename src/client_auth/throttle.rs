@@ -183,7 +183,7 @@ impl Throttle {
 
     /// Counts a failure of `account` from `client`; returns how long the next login of the
     /// account or from the address will wait before its check.
-    pub fn failed(&self, client: Option<IpAddr>, account: &str) -> Duration {
+    fn failed(&self, client: Option<IpAddr>, account: &str) -> Duration {
         let mut failures = self.count(
             &self.accounts,
             self.account_key(account),
