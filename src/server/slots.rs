@@ -241,3 +241,34 @@ mod tests {
         assert_eq!(open(&slots), 2);
     }
 }
+
+#[cfg(test)]
+mod attacks {
+    use super::*;
+
+    const ONE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const TWO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    /// Behind a trusted load balancer the client is known only after the slot is taken: a
+    /// client at its share still evicts another client's connection, then is refused itself.
+    /// Repeated, it empties the listener of everyone else's logins in progress.
+    #[test]
+    fn attack_a_proxied_client_at_its_share_evicts_no_one_else() {
+        let slots = Arc::new(Slots::default());
+        let active = Gauge::default();
+        let take = |client| slots.try_take((2, 1), client, active.clone());
+        let mut other = take(None).ok().unwrap();
+        assert!(other.slot.charge_client(ONE, 1).is_ok());
+        let mut attacker = take(None).ok().unwrap();
+        assert!(attacker.slot.charge_client(TWO, 1).is_ok());
+        // TWO's next connection through the balancer: full, TWO at its share.
+        if let Ok(mut again) = take(None) {
+            assert!(again.slot.charge_client(TWO, 1).is_err());
+        }
+        assert!(
+            other.evicted.try_recv().is_err(),
+            "ONE's connection was evicted for TWO"
+        );
+        drop(attacker);
+    }
+}

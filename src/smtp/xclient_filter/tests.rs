@@ -171,3 +171,108 @@ async fn an_idle_refusal_goes_at_once_and_data_waits_for_its_reply() {
     let n = filter.read(&mut upstream_got).await.unwrap();
     assert_eq!(&upstream_got[..n], b"XCLIENT A=b\r\n");
 }
+
+// --- Attacks (branch attack-conns): each test asserts what must hold and fails today. ---
+
+/// Postfix's tokenizer (smtpd_token.c) splits on ISSPACE: vertical tab, form feed and CR are
+/// blanks too, before the verb and after it.
+#[test]
+fn attack_xclient_behind_other_ascii_blanks_is_dropped() {
+    for line in [
+        &b"\x0bXCLIENT ADDR=6.6.6.6 LOGIN=boss\r\n"[..],
+        b"\x0cXCLIENT ADDR=6.6.6.6 LOGIN=boss\r\n",
+        b"\rXCLIENT ADDR=6.6.6.6 LOGIN=boss\r\n",
+        b"XCLIENT\x0bADDR=6.6.6.6\x0bLOGIN=boss\r\n",
+        b"XFORWARD\x0cADDR=6.6.6.6\r\n",
+    ] {
+        let (passed, refusals, _) = filtered(false, &[line]);
+        assert_eq!(
+            passed,
+            b"",
+            "passed on: {:?}",
+            line.escape_ascii().to_string()
+        );
+        assert_eq!(refusals, [0]);
+    }
+}
+
+/// Postfix's smtp_get strips every CR before the LF, so `.\r\r\n` ends the message there;
+/// what follows is a command to it and must be one to the filter too.
+#[test]
+fn attack_a_dot_line_with_two_crs_ends_the_content() {
+    let mut accepted = commands_after_data_reply(b'3');
+    let mut refusals = VecDeque::new();
+    let mut input = b"Subject: x\r\n\r\nhi\r\n.\r\r\nXCLIENT ADDR=6.6.6.6 LOGIN=boss\r\n".to_vec();
+    let result = accepted.filter(&mut input, &mut refusals);
+    assert_eq!(&input[..result.kept], b"Subject: x\r\n\r\nhi\r\n.\r\r\n");
+    assert_eq!(refusals, [2]);
+}
+
+/// Postfix parses the BDAT size with off_cvt_string into an off_t: past i64::MAX it answers
+/// `501 5.5.4 Syntax: BDAT count [LAST]` and reads the next bytes as commands. The filter
+/// must not take them for a chunk.
+#[test]
+fn attack_a_bdat_size_past_off_t_is_no_chunk() {
+    let (passed, refusals, _) = filtered(
+        true,
+        &[b"BDAT 9223372036854775808\r\nXCLIENT ADDR=6.6.6.6 LOGIN=boss\r\n"],
+    );
+    assert_eq!(passed, b"BDAT 9223372036854775808\r\n");
+    assert_eq!(refusals, [1]);
+}
+
+/// With a plaintext upstream link that offers STARTTLS (Debian's Postfix does), a logged-in
+/// client's STARTTLS starts TLS between the client and the upstream through the splice, and
+/// the filter sees only ciphertext after it: XCLIENT LOGIN=... inside it goes through.
+#[test]
+fn attack_starttls_after_login_is_not_passed_on() {
+    let (passed, refusals, _) = filtered(false, &[b"STARTTLS\r\n"]);
+    assert_eq!(passed, b"", "STARTTLS reached the upstream");
+    assert_eq!(refusals, [0]);
+}
+
+/// MAX_WAITING_REFUSALS is checked only before a read: one read of short XCLIENT lines queues
+/// one refusal per 8 bytes (and 36 bytes of `out` each once due).
+#[tokio::test]
+async fn attack_one_read_cannot_queue_more_refusals_than_the_cap() {
+    let (client, near) = duplex(256 * 1024);
+    let mut filter = XclientFilter::new(near, false);
+    let (_client_read, mut client_write) = tokio::io::split(client);
+    let mut input = b"NOOP\r\n".to_vec();
+    input.extend(b"XCLIENT\n".repeat(10_000));
+    client_write.write_all(&input).await.unwrap();
+    // As large as the splice's read.
+    let mut upstream_got = vec![0u8; 128 * 1024];
+    let n = filter.read(&mut upstream_got).await.unwrap();
+    assert_eq!(&upstream_got[..n], b"NOOP\r\n");
+    assert!(
+        filter.refusals.len() <= MAX_WAITING_REFUSALS,
+        "{} refusals queued",
+        filter.refusals.len()
+    );
+}
+
+/// A goodbye written at a stop counts as the reply a refusal waits for, and the refusal then
+/// follows the 421 on the shutdown: the client hears a 502 after the server said it closes.
+#[tokio::test]
+async fn attack_nothing_follows_a_closing_421() {
+    let (client, near) = duplex(4096);
+    let mut filter = XclientFilter::new(near, false);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    client_write
+        .write_all(b"MAIL FROM:<a@b>\r\nXCLIENT ADDR=6.6.6.6\r\n")
+        .await
+        .unwrap();
+    let mut upstream_got = vec![0u8; 64];
+    let n = filter.read(&mut upstream_got).await.unwrap();
+    assert_eq!(&upstream_got[..n], b"MAIL FROM:<a@b>\r\n");
+    filter
+        .write_all(b"421 4.3.2 Service shutting down\r\n")
+        .await
+        .unwrap();
+    filter.shutdown().await.unwrap();
+    drop(filter);
+    let mut said = String::new();
+    client_read.read_to_string(&mut said).await.unwrap();
+    assert_eq!(said, "421 4.3.2 Service shutting down\r\n");
+}
