@@ -271,4 +271,34 @@ mod attacks {
         );
         drop(attacker);
     }
+
+    /// One address holding at most one connection at a time, far below its share, evicts
+    /// every other client's login in progress in turn by reconnecting: nothing protects a
+    /// connection that is already authenticating, however young.
+    #[test]
+    fn attack_one_address_reconnecting_does_not_evict_everyone_elses_logins() {
+        let slots = Arc::new(Slots::default());
+        let active = Gauge::default();
+        let take = |client| slots.try_take((3, 100), client, active.clone());
+        let mut logged_in = take(Some(ONE)).ok().unwrap();
+        assert!(logged_in.slot.log_in());
+        let mut users: Vec<_> = (3..5u8)
+            .map(|i| {
+                let user = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, i));
+                take(Some(user)).ok().unwrap()
+            })
+            .collect();
+        // Connect, get a slot by eviction, hang up at once; the next user fills the room;
+        // again.
+        drop(take(Some(TWO)).ok().unwrap());
+        let next = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 9));
+        let _newcomer = take(Some(next)).ok().unwrap();
+        drop(take(Some(TWO)).ok().unwrap());
+        let mut evicted = 0;
+        for user in &mut users {
+            evicted += usize::from(user.evicted.try_recv().is_ok());
+        }
+        assert_eq!(evicted, 0, "one address evicted {evicted} logins of others");
+        drop(logged_in);
+    }
 }
