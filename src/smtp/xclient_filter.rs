@@ -35,10 +35,25 @@ enum Mode {
     /// After DATA: nothing more is read until the upstream's reply number `reply` says whether
     /// content follows (RFC 5321 4.1.1.4: only after 354).
     AwaitingData { reply: u64 },
-    /// Message content, up to the line `.`. `head` holds the current line's first bytes.
-    Content { head: [u8; 2], len: u8 },
+    /// Message content, up to the line `.`.
+    Content { line: ContentLine },
     /// A BDAT chunk (RFC 3030 2): this many bytes of content, whatever they hold.
     Chunk { left: u64 },
+}
+
+/// How much of the current content line could still be the end of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentLine {
+    Start,
+    /// `.` and nothing but CRs after it so far.
+    Dot,
+    Other,
+}
+
+/// Blanks as Postfix's tokenizer sees them (ISSPACE but LF, which ends the line): before a
+/// verb and after it.
+fn is_blank(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\r' | 0x0b | 0x0c)
 }
 
 /// What the next bytes at a line start are.
@@ -97,6 +112,8 @@ impl Commands {
             let rest = &data[read..];
             let (take, keep) = match self.mode {
                 Mode::AwaitingData { .. } => break,
+                // Enough refusals wait: the rest is read once they are sent.
+                Mode::Command { in_line: false } if refusals.len() >= MAX_WAITING_REFUSALS => break,
                 Mode::Command { in_line: false } => match self.verdict(rest) {
                     Verdict::Undecided => break,
                     Verdict::Refuse => {
@@ -148,17 +165,19 @@ impl Commands {
         }
     }
 
-    /// At a line start: whether its verb is XCLIENT or XFORWARD. Leading blanks are skipped, as
-    /// Postfix's tokenizer does.
+    /// At a line start: whether its verb is XCLIENT or XFORWARD, or STARTTLS (TLS from the
+    /// client straight to the upstream would hide every later line from this filter, and
+    /// the upstream forgets the login at STARTTLS). Leading blanks are skipped, as Postfix's
+    /// tokenizer does.
     fn verdict(&self, rest: &[u8]) -> Verdict {
         let head = &rest[..rest.len().min(HEAD_MAX)];
         let start = head
             .iter()
-            .position(|b| !matches!(b, b' ' | b'\t'))
+            .position(|&b| !is_blank(b))
             .unwrap_or(head.len());
         let Some(length) = head[start..]
             .iter()
-            .position(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .position(|&b| is_blank(b) || b == b'\n')
         else {
             return if rest.len() >= HEAD_MAX {
                 Verdict::Refuse
@@ -168,7 +187,7 @@ impl Commands {
         };
         let verb = &head[start..start + length];
         let is = |name: &str| verb.eq_ignore_ascii_case(name.as_bytes());
-        if is("XCLIENT") || is("XFORWARD") {
+        if is("XCLIENT") || is("XFORWARD") || is("STARTTLS") {
             Verdict::Refuse
         } else if is("DATA") {
             Verdict::Pass(Kind::Data)
@@ -196,34 +215,26 @@ impl Commands {
     }
 
     /// Message content up to and including the line `.` (RFC 5321 4.1.1.4; like Postfix,
-    /// lines end at LF, a CR before it optional); returns the bytes taken.
+    /// lines end at LF and every CR before it is dropped, so `.\r\r\n` ends it too); returns
+    /// the bytes taken.
     fn content(&mut self, rest: &[u8]) -> usize {
-        let Mode::Content { mut head, mut len } = self.mode else {
+        let Mode::Content { mut line } = self.mode else {
             return 0;
         };
         for (i, &byte) in rest.iter().enumerate() {
-            if byte == b'\n' {
-                let dot = match len {
-                    1 => head[0] == b'.',
-                    2 => head == *b".\r",
-                    _ => false,
-                };
-                if dot {
+            line = match (line, byte) {
+                (ContentLine::Dot, b'\n') => {
                     // The message's own reply.
                     self.due += 1;
                     self.mode = Mode::Command { in_line: false };
                     return i + 1;
                 }
-                len = 0;
-            } else if usize::from(len) < head.len() {
-                head[usize::from(len)] = byte;
-                len += 1;
-            } else if len < u8::MAX {
-                // Longer than `.\r`: only the length matters now.
-                len = 3;
-            }
+                (_, b'\n') => ContentLine::Start,
+                (ContentLine::Start, b'.') | (ContentLine::Dot, b'\r') => ContentLine::Dot,
+                _ => ContentLine::Other,
+            };
         }
-        self.mode = Mode::Content { head, len };
+        self.mode = Mode::Content { line };
         rest.len()
     }
 
@@ -234,8 +245,7 @@ impl Commands {
         }
         self.mode = if code == b'3' {
             Mode::Content {
-                head: [0; 2],
-                len: 0,
+                line: ContentLine::Start,
             }
         } else {
             Mode::Command { in_line: false }
@@ -263,7 +273,11 @@ fn bdat_size(line: &[u8]) -> Option<u64> {
     if !size.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    size.parse().ok()
+    // Postfix reads the size into an off_t: a larger one is a syntax error to it, and what
+    // follows is read as commands.
+    size.parse::<i64>()
+        .ok()
+        .and_then(|size| u64::try_from(size).ok())
 }
 
 /// The upstream-to-client side: counts complete replies (RFC 5321 4.2.1: a reply ends with a
@@ -280,14 +294,16 @@ struct Replies {
 }
 
 impl Replies {
-    /// Follows `bytes`; calls `done(number, first digit)` for each reply that ends in them.
-    fn observe(&mut self, bytes: &[u8], mut done: impl FnMut(u64, u8)) {
+    /// Follows `bytes`; calls `done(number, first digit, closing)` for each reply that ends in
+    /// them, `closing` for a 421 (RFC 5321 3.8: the server closes the channel after it).
+    fn observe(&mut self, bytes: &[u8], mut done: impl FnMut(u64, u8, bool)) {
         for &byte in bytes {
             if byte == b'\n' {
                 let last = self.len < 4 || self.line[3] != b'-';
                 if last {
                     self.seen += 1;
-                    done(self.seen, self.code.take().unwrap_or(b'0'));
+                    let closing = self.len >= 3 && self.line[..3] == *b"421";
+                    done(self.seen, self.code.take().unwrap_or(b'0'), closing);
                 }
                 self.len = 0;
                 continue;
@@ -309,7 +325,7 @@ impl Replies {
         let mut offset = 0;
         for line in bytes.split_inclusive(|&b| b == b'\n') {
             offset += line.len();
-            probe.observe(line, |seen, _| {
+            probe.observe(line, |seen, _, _| {
                 if seen == number {
                     end = Some(offset);
                 }
@@ -337,6 +353,8 @@ pub struct XclientFilter<S> {
     out_written: usize,
     /// The reader, parked while DATA's reply or the refusals are awaited.
     reader: Option<Waker>,
+    /// A 421 went to the client: nothing may follow it, refusals included.
+    closed: bool,
 }
 
 impl<S> XclientFilter<S> {
@@ -351,6 +369,7 @@ impl<S> XclientFilter<S> {
             out: Vec::new(),
             out_written: 0,
             reader: None,
+            closed: false,
         }
     }
 
@@ -370,7 +389,9 @@ impl<S> XclientFilter<S> {
 impl<S: AsyncWrite + Unpin> XclientFilter<S> {
     /// Sends every refusal that is due (all replies before it are out) and flushes them.
     fn poll_refusals(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // `<=`: an unsolicited reply (a 421 before closing) counts too.
+        if self.closed {
+            self.refusals.clear();
+        }
         while self
             .refusals
             .front()
@@ -474,8 +495,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for XclientFilter<S> {
             .and_then(|&number| this.replies.end_of(buf, number))
             .unwrap_or(buf.len());
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..limit]))?;
-        let (commands, reader) = (&mut this.commands, &mut this.reader);
-        this.replies.observe(&buf[..n], |number, code| {
+        let (commands, reader, closed) = (&mut this.commands, &mut this.reader, &mut this.closed);
+        this.replies.observe(&buf[..n], |number, code, closing| {
+            *closed |= closing;
             if commands.data_reply(number, code)
                 && let Some(waker) = reader.take()
             {
