@@ -41,6 +41,17 @@ pub struct Upstream {
     /// The account whose token logged in, when the driver knows it: it differs from the
     /// user name the client gave when a password check maps one to the other.
     pub account: Option<String>,
+    /// SMTP with `forward_client: xclient`: the upstream takes XCLIENT from mailgate, so the
+    /// client's own must be kept from it for the rest of the session.
+    pub xclient_guard: Option<XclientGuard>,
+}
+
+/// What the client-side filter of an `xclient` session needs to know of this session's
+/// upstream, as its EHLO after mailgate's XCLIENT said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XclientGuard {
+    /// The upstream offers CHUNKING: it reads a BDAT chunk as content, not commands.
+    pub chunking: bool,
 }
 
 /// What the protocol backends report. Classified once in [`BackendError::is_rejection`].

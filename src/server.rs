@@ -18,7 +18,7 @@ use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
-use crate::config::{Config, ForwardClient, ListenerConfig, Protocol, TlsMode};
+use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
 use crate::frontend_settings::FrontendSettings;
 use crate::health::Health;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
@@ -836,22 +836,6 @@ async fn accept_loop(
     }
 }
 
-/// `forward_client: xclient`: the upstream believes XCLIENT from mailgate, so the client's
-/// own must not reach it ([`XclientFilter`]).
-fn guards_xclient(runtime: &ListenerRuntime) -> bool {
-    runtime.proxy.protocol == Protocol::Smtp
-        && runtime.proxy.connector.forward_client() == ForwardClient::Xclient
-}
-
-/// Whether the upstream's EHLO (as last probed) offers `keyword`.
-fn upstream_offers(runtime: &ListenerRuntime, keyword: &str) -> bool {
-    runtime.proxy.smtp_extensions().iter().any(|line| {
-        line.split_ascii_whitespace()
-            .next()
-            .is_some_and(|word| word.eq_ignore_ascii_case(keyword))
-    })
-}
-
 /// A logged-in session's splice and its end: the goodbye at a boundary, the lingering close.
 struct Spliced<'a> {
     runtime: &'a ListenerRuntime,
@@ -1135,9 +1119,10 @@ async fn relay(
         flush_timeout: STOP_FLUSH_TIMEOUT,
     };
     let upstream = &mut handoff.upstream.io;
-    let (end, moved) = if guards_xclient(runtime) {
-        let chunking = upstream_offers(runtime, "CHUNKING");
-        let mut client = XclientFilter::new(&mut handoff.client, chunking);
+    // Decided by the login itself: the configuration it ran with (a reload may have changed
+    // the listener's since) and this session's upstream EHLO after XCLIENT.
+    let (end, moved) = if let Some(guard) = handoff.upstream.xclient_guard {
+        let mut client = XclientFilter::new(&mut handoff.client, guard.chunking);
         let session = Spliced {
             runtime,
             counters: &counters,

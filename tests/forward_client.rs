@@ -524,13 +524,23 @@ struct Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
+        Recorder::start_with(false).await
+    }
+
+    /// With `chunking_after_xclient`, CHUNKING is offered only to a session that sent XCLIENT
+    /// (as Postfix may, per client address): the extension probe never sees it.
+    async fn start_with(chunking_after_xclient: bool) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = taken.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(recorded_session(stream, record.clone()));
+                tokio::spawn(recorded_session(
+                    stream,
+                    record.clone(),
+                    chunking_after_xclient,
+                ));
             }
         });
         Recorder { port, taken, task }
@@ -550,7 +560,9 @@ impl Drop for Recorder {
 async fn recorded_session(
     stream: TcpStream,
     taken: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    chunking_after_xclient: bool,
 ) -> Option<()> {
+    let mut xclient_seen = false;
     let record = |entry: String| taken.lock().unwrap().push(entry);
     let mut stream = BufReader::new(stream);
     stream
@@ -570,12 +582,28 @@ async fn recorded_session(
             .map(str::to_ascii_uppercase)
             .collect();
         let reply = match words.first().map(String::as_str).unwrap_or_default() {
-            "EHLO" => "250-recorder\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-XCLIENT ADDR PORT NAME LOGIN\r\n250-XFORWARD ADDR NAME\r\n250 AUTH XOAUTH2\r\n".to_owned(),
-            "XCLIENT" => "220 recorder ESMTP\r\n".to_owned(),
+            "EHLO" => {
+                let chunking = if xclient_seen || !chunking_after_xclient {
+                    "250-CHUNKING\r\n"
+                } else {
+                    ""
+                };
+                format!(
+                    "250-recorder\r\n250-PIPELINING\r\n{chunking}250-XCLIENT ADDR PORT NAME LOGIN\r\n250-XFORWARD ADDR NAME\r\n250 AUTH XOAUTH2\r\n"
+                )
+            }
+            "XCLIENT" => {
+                xclient_seen = true;
+                "220 recorder ESMTP\r\n".to_owned()
+            }
             "AUTH" => "235 2.7.0 Authentication successful\r\n".to_owned(),
             "MAIL" | "RCPT" | "XFORWARD" | "NOOP" | "RSET" => "250 2.0.0 Ok\r\n".to_owned(),
             "DATA" => {
-                stream.get_mut().write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await.ok()?;
+                stream
+                    .get_mut()
+                    .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await
+                    .ok()?;
                 loop {
                     let mut content = Vec::new();
                     stream.read_until(b'\n', &mut content).await.ok()?;
@@ -594,7 +622,11 @@ async fn recorded_session(
                 format!("250 2.0.0 Ok: {} octets\r\n", chunk.len())
             }
             "QUIT" => {
-                stream.get_mut().write_all(b"221 2.0.0 Bye\r\n").await.ok()?;
+                stream
+                    .get_mut()
+                    .write_all(b"221 2.0.0 Bye\r\n")
+                    .await
+                    .ok()?;
                 return Some(());
             }
             _ => "502 5.5.2 Error: command not recognized\r\n".to_owned(),
@@ -684,6 +716,45 @@ async fn a_clients_own_xclient_never_reaches_an_upstream_that_trusts_mailgate() 
         );
         assert!(taken.contains(&"content: XCLIENT ADDR=7.7.7.7 is only text here".to_owned()));
         assert!(taken.contains(&format!("chunk: {chunk}")), "{taken:?}");
+    })
+    .await;
+}
+
+/// Whether the upstream reads BDAT chunks as content is what it told this session after
+/// mailgate's XCLIENT, not what the extension probe (without XCLIENT) saw: otherwise a chunk
+/// would be scanned as commands and a line in it cut out of the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_chunks_follow_what_the_upstream_offered_this_session() {
+    with_timeout(TEST_TIMEOUT, async {
+        let recorder = Recorder::start_with(true).await;
+        let auth = support::AuthServer::start(None).await;
+        auth.grant(ACCOUNT, USER);
+        let listen = SocketAddr::from((MAILGATE_IP, free_port()));
+        let config = format!(
+            "listeners:\n  - name: smtp\n    protocol: smtp\n    listen: \"{listen}\"\n    upstream: {{ host: 127.0.0.1, port: {}, tls: none, forward_client: xclient }}\ntokens:\n  auth_server:\n    url: \"{}\"\n",
+            recorder.port,
+            auth.url(),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let mut client = SmtpClient::connect_from(listen, CLIENT).await;
+        client.command("EHLO client.test").await;
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{ACCOUNT}\0{PASSWORD}"));
+        let said = client.pipeline(&format!("AUTH PLAIN {plain}\r\n"), 1).await;
+        assert!(said[0].starts_with("235"), "{said:?}\n{}", mailgate.output());
+        let chunk = "XCLIENT ADDR=8.8.8.8 is a line of the message\r\n";
+        let chunked = format!(
+            "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nBDAT {} LAST\r\n{chunk}QUIT\r\n",
+            chunk.len()
+        );
+        let said = client.pipeline(&chunked, 4).await;
+        let codes: Vec<&str> = said.iter().map(|reply| &reply[..3]).collect();
+        assert_eq!(codes, ["250", "250", "250", "221"], "{said:?}");
+        assert!(
+            recorder.taken().contains(&format!("chunk: {chunk}")),
+            "{:?}",
+            recorder.taken()
+        );
     })
     .await;
 }

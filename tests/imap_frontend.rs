@@ -41,6 +41,7 @@ impl Authenticator for StandIn {
             io: Box::new(io),
             completion: COMPLETION.to_owned(),
             account: None,
+            xclient_guard: None,
         })
     }
 

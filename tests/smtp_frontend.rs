@@ -51,6 +51,7 @@ impl Authenticator for StandIn {
                     io: Box::new(near),
                     completion: UPSTREAM_COMPLETION.to_owned(),
                     account: None,
+                    xclient_guard: None,
                 })
             }
             "down" => Err(LoginError::UpstreamUnavailable),

@@ -239,6 +239,7 @@ impl Authenticator for StandIn {
             io: Box::new(io),
             completion: "OK [CAPABILITY IMAP4rev1] Logged in".to_owned(),
             account: None,
+            xclient_guard: None,
         })
     }
 

@@ -111,6 +111,7 @@ async fn log_in(
         io: connection.into_io(),
         completion: sanitize::for_wire(&completion),
         account: None,
+        xclient_guard: None,
     })
 }
 
@@ -688,6 +689,7 @@ mod tests {
             return Ok(Upstream {
                 io: Box::new(tokio::io::empty()),
                 account: None,
+                xclient_guard: None,
                 completion: format!(
                     "{}|{}",
                     upstream.completion,

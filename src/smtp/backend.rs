@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::io::{BoxedIo, PrefixedIo};
-use crate::login::{BackendError, Upstream, UpstreamAuth};
+use crate::login::{BackendError, Upstream, UpstreamAuth, XclientGuard};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
@@ -66,6 +66,10 @@ async fn log_in(
         extensions = sanitize::for_log(&extensions.join(", ")),
         "upstream EHLO extensions"
     );
+    let xclient_guard =
+        (connector.forward_client() == ForwardClient::Xclient).then(|| XclientGuard {
+            chunking: extension(&extensions, "CHUNKING").next().is_some(),
+        });
     let offered = auth_mechanisms(&extensions);
     let offers = |name: &str| offered.iter().any(|offer| offer == name);
     let target = (connector.host(), connector.port());
@@ -83,6 +87,7 @@ async fn log_in(
         completion: completion_line(&reply),
         io: connection.into_io(),
         account: None,
+        xclient_guard,
     })
 }
 
