@@ -884,3 +884,66 @@ async fn a_client_with_unread_input_still_reads_the_whole_goodbye() {
     })
     .await;
 }
+
+/// How many descriptors process `pid` has open.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Each refused connection lingered for up to 2 s whatever their number: one address at its
+/// limit held its connect rate times 2 s of descriptors (every one of a flood here). Lingering
+/// is capped process-wide; past the cap a refusal closes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_connections_lingers_on_no_more_than_the_cap() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp) = (free_port(), free_port());
+        let config = up.mailgate_config(imap, smtp).replace(
+            "    protocol: imap\n",
+            "    protocol: imap\n    max_connections: 1\n",
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let pid = mailgate.pid().unwrap();
+        // The one slot is logged in, so every newcomer is refused.
+        let mut logged_in = ImapClient::connect(localhost(imap)).await;
+        assert!(logged_in.login(ACCOUNT, RIGHT).await.is_ok());
+        let before = descriptors(pid);
+        let (most, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let sampler = tokio::spawn({
+            let (most, done) = (most.clone(), done.clone());
+            async move {
+                while !done.load(Ordering::Relaxed) {
+                    most.fetch_max(descriptors(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        // Refused clients that read their goodbye but never close: each refusal lingers.
+        let flood = burst(localhost(imap), 3 * mailgate::io::MAX_LINGERING).await;
+        most.fetch_max(descriptors(pid), Ordering::Relaxed);
+        done.store(true, Ordering::Relaxed);
+        sampler.await.unwrap();
+        let refused = flood
+            .iter()
+            .flatten()
+            .filter(|(first, _)| first.starts_with("* BYE [UNAVAILABLE] Too many connections"))
+            .count();
+        assert_eq!(refused, flood.len(), "{}", mailgate.output());
+        // Sockets accepted but not yet refused come on top of the cap: a generous margin.
+        let most = most.load(Ordering::Relaxed);
+        let bound = before + mailgate::io::MAX_LINGERING + 64;
+        assert!(
+            most <= bound,
+            "{most} descriptors open during the flood, {before} before"
+        );
+        drop(flood);
+        assert!(logged_in.command("NOOP").await.is_ok());
+    })
+    .await;
+}
