@@ -151,9 +151,13 @@ impl SlotCounts {
         self.by_client.get(&group).copied().unwrap_or(0)
     }
 
+    /// Sessions a load balancer's connection admitted over a full listener could evict; not
+    /// those admitted so themselves, which would let them admit each other without bound.
     fn evictable(&self) -> usize {
-        let evictable = self.before_login.values().filter(|e| !e.authenticating);
-        evictable.count()
+        let evictable = self.before_login.values();
+        evictable
+            .filter(|e| !e.authenticating && !e.owes_room)
+            .count()
     }
 
     /// The session to evict for a newcomer (never `newcomer` itself): the oldest of the address
@@ -386,6 +390,21 @@ mod eviction_abuse {
         assert_eq!((open(&slots), active.get()), (2, 2));
         drop((attacker, newcomer, other));
         assert_eq!((open(&slots), active.get()), (0, 0));
+    }
+
+    /// Connections from a load balancer to a full listener wait over the limit for their
+    /// headers: never more of them than there are sessions to evict.
+    #[test]
+    fn proxied_connections_held_over_a_full_listener_are_bounded() {
+        let slots = Arc::new(Slots::default());
+        let active = Gauge::default();
+        let take = |client| slots.try_take((2, 10), client, active.clone());
+        let _waiting: Vec<_> = (3..5u8).map(|i| take(user(i)).ok().unwrap()).collect();
+        let held: Vec<_> = (0..2).map(|_| take(None).ok().unwrap()).collect();
+        assert!(matches!(take(None), Err(Full::Listener)));
+        assert_eq!(open(&slots), 4);
+        drop(held);
+        assert_eq!(open(&slots), 2);
     }
 
     /// One address holding at most one connection at a time, far below its share, evicted
