@@ -12,7 +12,9 @@ use tokio::sync::oneshot;
 /// The sessions open on one listen address, in total and per client address (IPv6: /64).
 /// A slot is taken before a session's task is spawned and moves into it, so the limits hold
 /// however fast connections arrive (a gauge read before the task runs would let a burst
-/// through). Counted here rather than with semaphores so that a reload can change them.
+/// through). Counted here rather than with semaphores so that a reload can change them. A load
+/// balancer's connection to a full listener is the exception: it is held over the limit until
+/// its header names the client ([`Slots::try_take`]).
 ///
 /// A full listener makes room by evicting a session before login, as Dovecot's login
 /// processes do: otherwise connections that never log in could hold every slot. The victim is
