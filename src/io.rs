@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
 
 /// How long a closing connection keeps reading what the client still sends. A client that
@@ -17,6 +18,14 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of it is read and thrown away: more than a client pipelines before it reads
 /// (RFC 2920 5: about one TCP window), little enough that a sender cannot keep mailgate busy.
 pub const LINGER_MAX_BYTES: usize = 256 * 1024;
+
+/// How many connections may linger at once, in the whole process. Each holds a descriptor for
+/// up to [`LINGER_TIMEOUT`]: uncapped, one address refused in a loop would hold its connect rate
+/// times that, and run mailgate out of descriptors. Past the cap a connection closes at once,
+/// so only a flood risks a goodbye cut short; a few hundred covers ordinary bursts of refusals
+/// and evictions with little of a typical 1,024-descriptor limit.
+pub const MAX_LINGERING: usize = 256;
+static LINGERING: Semaphore = Semaphore::const_new(MAX_LINGERING);
 
 /// Any duplex byte stream a session can run over: TCP, TLS over TCP, or an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -49,8 +58,12 @@ pub async fn write_all_by<S: AsyncWrite + Unpin + ?Sized>(
 /// sends until it closes too, [`LINGER_TIMEOUT`] passes or [`LINGER_MAX_BYTES`] were read. The
 /// caller drops the stream afterwards. Closing at once with client input unread makes the
 /// kernel reset the connection, and the reset throws away the part of the goodbye the client
-/// has not received yet.
+/// has not received yet. Returns at once, for the caller to close, while [`MAX_LINGERING`]
+/// other connections linger.
 pub async fn linger<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S) {
+    let Ok(_lingering) = LINGERING.try_acquire() else {
+        return;
+    };
     let drain = async {
         if io.shutdown().await.is_err() {
             return;

@@ -39,7 +39,7 @@ use crate::upstream::Connector;
 use crate::{imap, smtp};
 
 mod slots;
-use slots::{Admission, Full, Slot, Slots};
+use slots::{Admission, Full, LoginMark, Slot, Slots};
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -788,23 +788,13 @@ async fn accept_loop(
         let admission = match slots.try_take(limits, client, active) {
             Ok(admission) => admission,
             Err(full) => {
-                if matches!(full, Full::Client) {
-                    tracing::debug!(client = %peer, "client at max_connections_per_client");
-                }
-                metrics
-                    .connections_rejected
-                    .get_or_create(&runtime.labels)
-                    .inc();
+                refused(&peer, &full, &runtime, &metrics);
                 tokio::spawn(async move { refuse(stream, &runtime).await });
                 continue;
             }
         };
         if admission.made_room {
-            tracing::debug!(client = %peer, "listener full: the oldest session before login leaves");
-            metrics
-                .connections_evicted
-                .get_or_create(&runtime.labels)
-                .inc();
+            evicted_for(&peer, &runtime, &metrics);
         }
         let _ = stream.set_nodelay(true);
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -822,6 +812,7 @@ async fn accept_loop(
         let live = CurrentProxy {
             listener: listener_handle.clone(),
             started_with: runtime.clone(),
+            login: admission.slot.login_mark(),
         };
         let session = run_session(
             stream,
@@ -834,6 +825,26 @@ async fn accept_loop(
         );
         tokio::spawn(session.instrument(span));
     }
+}
+
+/// Logs and counts a connection refused for want of a slot.
+fn refused(client: &SocketAddr, full: &Full, runtime: &ListenerRuntime, metrics: &Metrics) {
+    if matches!(full, Full::Client) {
+        tracing::debug!(%client, "client at max_connections_per_client");
+    }
+    metrics
+        .connections_rejected
+        .get_or_create(&runtime.labels)
+        .inc();
+}
+
+/// Logs and counts a session before login evicted to make room for `client`.
+fn evicted_for(client: &SocketAddr, runtime: &ListenerRuntime, metrics: &Metrics) {
+    tracing::debug!(%client, "listener full: a session before login leaves");
+    metrics
+        .connections_evicted
+        .get_or_create(&runtime.labels)
+        .inc();
 }
 
 /// A logged-in session's splice and its end: the goodbye at a boundary, the lingering close.
@@ -910,6 +921,8 @@ async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 struct CurrentProxy {
     listener: Arc<RwLock<Arc<ListenerRuntime>>>,
     started_with: Arc<ListenerRuntime>,
+    /// Keeps the session from being evicted while its login is under way.
+    login: LoginMark,
 }
 
 impl CurrentProxy {
@@ -930,7 +943,13 @@ impl CurrentProxy {
 
 impl Authenticator for CurrentProxy {
     async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
-        self.current().proxy.login(request).await
+        self.login.set(true);
+        let upstream = self.current().proxy.login(request).await;
+        // A failed login leaves the session where it was: waiting, so evictable.
+        if upstream.is_err() {
+            self.login.set(false);
+        }
+        upstream
     }
 
     fn smtp_extensions(&self) -> Vec<String> {
@@ -1047,17 +1066,17 @@ async fn open(
         };
         metrics.proxy_header(listener, result, 1);
         tracing::Span::current().record("client", tracing::field::display(client));
-        if slot
-            .charge_client(client.ip(), runtime.max_connections_per_client)
-            .is_err()
-        {
-            tracing::debug!(%client, "client at max_connections_per_client");
-            metrics
-                .connections_rejected
-                .get_or_create(&runtime.labels)
-                .inc();
-            refuse(io, runtime).await;
-            return None;
+        match slot.charge_client(client.ip(), runtime.max_connections_per_client) {
+            Ok(made_room) => {
+                if made_room {
+                    evicted_for(&client, runtime, metrics);
+                }
+            }
+            Err(full) => {
+                refused(&client, &full, runtime, metrics);
+                refuse(io, runtime).await;
+                return None;
+            }
         }
         if !header.rest.is_empty() {
             io = Box::new(PrefixedIo::new(header.rest, io));

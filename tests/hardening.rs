@@ -884,3 +884,100 @@ async fn a_client_with_unread_input_still_reads_the_whole_goodbye() {
     })
     .await;
 }
+
+/// How many descriptors process `pid` has open.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Each refused connection lingered for up to 2 s whatever their number: one address at its
+/// limit held its connect rate times 2 s of descriptors (every one of a flood here). Lingering
+/// is capped process-wide; past the cap a refusal closes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_connections_lingers_on_no_more_than_the_cap() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        up.auth.grant(ACCOUNT, USER);
+        let (imap, smtp) = (free_port(), free_port());
+        let config = up.mailgate_config(imap, smtp).replace(
+            "    protocol: imap\n",
+            "    protocol: imap\n    max_connections: 1\n",
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let pid = mailgate.pid().unwrap();
+        // The one slot is logged in, so every newcomer is refused.
+        let mut logged_in = ImapClient::connect(localhost(imap)).await;
+        assert!(logged_in.login(ACCOUNT, RIGHT).await.is_ok());
+        let before = descriptors(pid);
+        // Refused clients that read their goodbye but never close: each refusal lingers, and
+        // with every goodbye read none is still on its way to lingering.
+        let flood = burst(localhost(imap), 3 * mailgate::io::MAX_LINGERING).await;
+        let during = descriptors(pid);
+        let refused = flood
+            .iter()
+            .flatten()
+            .filter(|(first, _)| first.starts_with("* BYE [UNAVAILABLE] Too many connections"))
+            .count();
+        assert_eq!(refused, flood.len(), "{}", mailgate.output());
+        let bound = before + mailgate::io::MAX_LINGERING + 32;
+        assert!(
+            during <= bound,
+            "{during} descriptors open during the flood, {before} before"
+        );
+        drop(flood);
+        assert!(logged_in.command("NOOP").await.is_ok());
+    })
+    .await;
+}
+
+/// A full listener evicted its oldest connection before login even while that one's password
+/// check was under way: whoever reconnected in a loop cut everyone's logins off in turn. Now
+/// an idle newer connection goes instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_under_way_is_not_evicted_for_a_newcomer() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        // An auth server that takes the check and never answers; says when it has it.
+        let checks = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hole = checks.local_addr().unwrap().port();
+        let (taken, mut checking) = tokio::sync::mpsc::unbounded_channel();
+        let _auth = tokio::spawn(async move {
+            while let Ok((stream, _)) = checks.accept().await {
+                let _ = taken.send(stream);
+            }
+        });
+        let (imap, smtp, admin) = (free_port(), free_port(), free_port());
+        let config = format!(
+            "{}client_auth:\n  mode: auth_server\n  auth_server: {{ url: \"http://127.0.0.1:{hole}/check\", timeout: 25s }}\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\n",
+            up.mailgate_config(imap, smtp).replace(
+                "    protocol: imap\n",
+                "    protocol: imap\n    max_connections: 2\n    login_timeout: 20s\n",
+            )
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let active = r#"mailgate_connections_active{listener="imap"}"#;
+        assert!(
+            eventually(WAIT, || async {
+                metric(&metrics(admin).await, active) == 0.0
+            })
+            .await
+        );
+        let (_, mut logging_in) = greeted(localhost(imap)).await.unwrap();
+        let login = format!("a LOGIN {ACCOUNT} \"{RIGHT}\"\r\n");
+        logging_in.get_mut().write_all(login.as_bytes()).await.unwrap();
+        let _check = checking.recv().await.unwrap();
+        let (_, mut idle) = greeted(localhost(imap)).await.unwrap();
+
+        let (first, _newcomer) = greeted(localhost(imap)).await.unwrap();
+        assert!(first.starts_with("* OK"), "newcomer refused: {first}");
+        assert!(
+            told_to_leave("", &mut idle, WAIT).await,
+            "{}",
+            mailgate.output()
+        );
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(1), logging_in.read_line(&mut line));
+        assert!(read.await.is_err(), "the login under way was told {line:?}");
+    })
+    .await;
+}
