@@ -142,6 +142,16 @@ tokens:
         )
     }
 
+    /// The config most tests use: `alice` as the one `refresh_token` account, the client
+    /// secret sent in the form body, and `tail`.
+    fn alice_config(&self, tail: &str) -> String {
+        self.config(
+            &self.secret("post"),
+            &account("alice", "refresh_token", ALICE),
+            tail,
+        )
+    }
+
     /// The provider with a client secret sent as `method`.
     fn secret(&self, method: &str) -> String {
         format!(
@@ -273,11 +283,7 @@ async fn tokens_in_use_are_renewed_so_logins_never_wait_on_the_provider() {
         let s = Setup::start().await;
         s.provider
             .set_access_token_lifetime(Duration::from_secs(20));
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "  cache: { refresh_margin: 10s }\n",
-        );
+        let config = s.alice_config("  cache: { refresh_margin: 10s }\n");
         s.onboarded(&config, "alice", ALICE).await;
         let mailgate = Mailgate::start(&config).await;
         // A login every five seconds for a minute.
@@ -306,11 +312,7 @@ async fn tokens_in_use_are_renewed_so_logins_never_wait_on_the_provider() {
 async fn a_rotated_refresh_token_survives_a_restart() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         let first = s.onboarded(&config, "alice", ALICE).await;
         let trace = [("RUST_LOG", "trace")];
         let mut mailgate = Mailgate::start_with_env(&config, &trace).await;
@@ -367,11 +369,7 @@ async fn killed_during_a_refresh(
 async fn a_kill_while_the_provider_answers_loses_no_token() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         let first = s.onboarded(&config, "alice", ALICE).await;
         let hold = s.provider.hold();
         let login = killed_during_a_refresh(&s, &config).await;
@@ -406,11 +404,7 @@ async fn a_kill_while_the_provider_answers_loses_no_token() {
 async fn a_kill_after_the_provider_rotated_needs_reauthorization_cleanly() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         let first = s.onboarded(&config, "alice", ALICE).await;
         let hold = s.provider.hold_answers();
         let login = killed_during_a_refresh(&s, &config).await;
@@ -533,11 +527,7 @@ async fn invalid_grant_ends_that_accounts_sessions_and_spares_the_others() {
 async fn a_provider_outage_is_a_temporary_failure_until_it_recovers() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         s.onboarded(&config, "alice", ALICE).await;
         let mailgate = Mailgate::start(&config).await;
         s.provider.fail_next(1, 500, "server_error");
@@ -803,11 +793,7 @@ async fn authorize_device_waits_through_pending_and_slow_down() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
         s.provider.set_device_interval(1);
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         let mut run = Mailgate::spawn(
             &config,
             &["authorize", "--account", "alice", "--device"],
@@ -958,11 +944,7 @@ async fn a_token_rotated_by_another_process_is_picked_up_from_the_store() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
         s.provider.set_access_token_lifetime(Duration::from_secs(6));
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "  cache: { refresh_margin: 2s }\n",
-        );
+        let config = s.alice_config("  cache: { refresh_margin: 2s }\n");
         s.onboarded(&config, "alice", ALICE).await;
         let mailgate = Mailgate::start(&config).await;
         let (mut session, login) = imap_login(s.imap_address(), "alice").await;
@@ -1016,11 +998,7 @@ async fn a_reauthorization_is_what_the_service_redeems_next(rotation: bool) {
         let s = Setup::start().await;
         s.provider.set_rotation(rotation);
         s.provider.set_access_token_lifetime(Duration::from_secs(5));
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "  cache: { refresh_margin: 2s }\n",
-        );
+        let config = s.alice_config("  cache: { refresh_margin: 2s }\n");
         s.onboarded(&config, "alice", ALICE).await;
         let mailgate = Mailgate::start(&config).await;
         let (mut session, login) = imap_login(s.imap_address(), "alice").await;
@@ -1072,11 +1050,7 @@ async fn a_reauthorization_without_rotation_is_not_undone_by_the_running_service
 async fn a_second_process_waits_for_the_refresh_under_way_and_redeems_the_next_token() {
     with_timeout(MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         s.onboarded(&config, "alice", ALICE).await;
         let mailgate = Mailgate::start(&config).await;
         let hold = s.provider.hold();
@@ -1149,11 +1123,7 @@ async fn a_refused_store_write_is_retried_shown_and_done_at_shutdown() {
     with_timeout(2 * MINUTE, async {
         let s = Setup::start().await;
         s.provider.set_access_token_lifetime(Duration::from_secs(5));
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "  cache: { refresh_margin: 2s }\n",
-        );
+        let config = s.alice_config("  cache: { refresh_margin: 2s }\n");
         s.onboarded(&config, "alice", ALICE).await;
         let mut mailgate = Mailgate::start(&config).await;
         let unsaved =
@@ -1291,11 +1261,7 @@ async fn a_refused_client_configuration_is_a_permanent_misconfigured_failure() {
 async fn a_test_login_does_not_exit_with_a_rotated_token_the_store_refused() {
     with_timeout(2 * MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "",
-        );
+        let config = s.alice_config("");
         let first = s.onboarded(&config, "alice", ALICE).await;
         let immutable = Immutable::set(&s.path("tokens"));
         let mut run = Mailgate::spawn(&config, &["test-login", "alice", "--listener", "imap"], &[]);
@@ -1331,11 +1297,7 @@ async fn a_test_login_does_not_exit_with_a_rotated_token_the_store_refused() {
 async fn a_token_rotated_during_the_grace_period_is_written_before_exit() {
     with_timeout(2 * MINUTE, async {
         let s = Setup::start().await;
-        let config = s.config(
-            &s.secret("post"),
-            &account("alice", "refresh_token", ALICE),
-            "drain_delay: 0s\nshutdown_grace: 20s\n",
-        );
+        let config = s.alice_config("drain_delay: 0s\nshutdown_grace: 20s\n");
         s.onboarded(&config, "alice", ALICE).await;
         let mut mailgate = Mailgate::start(&config).await;
         let mut client = ImapClient::connect(s.imap_address()).await;
