@@ -34,10 +34,31 @@ return 0",
     )
 });
 
-/// A held lock; dropping it releases it (in the background).
+/// A held lock; dropping it releases it in the background, [`Held::release`] before it
+/// returns (a process about to exit must not leave its locks to run out).
 pub struct Held {
     /// Stops the renewal, which then releases the lock.
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    /// Releases the lock and waits until Redis has been told (within its deadline).
+    pub async fn release(self) {
+        let Held { stop, keeper } = self;
+        drop(stop);
+        let _ = keeper.await;
+    }
+
+    /// What stops the renewal when dropped, and the task that releases the lock then.
+    pub fn into_parts(
+        self,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        (self.stop, self.keeper)
+    }
 }
 
 /// Takes the lock `key` if nobody holds it.
@@ -54,8 +75,8 @@ pub async fn try_acquire(redis: &Arc<Redis>, key: &str) -> Result<Option<Held>, 
 /// The lock `key`, taken with `fence` (by a script that took it along with something else).
 pub fn hold(redis: &Arc<Redis>, key: &str, fence: u64) -> Held {
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    tokio::spawn(keep(redis.clone(), key.to_owned(), fence, stopped));
-    Held { _stop: stop }
+    let keeper = tokio::spawn(keep(redis.clone(), key.to_owned(), fence, stopped));
+    Held { stop, keeper }
 }
 
 /// Lua that takes lock `KEYS[lock]` with a fencing number from `KEYS[fence]` for

@@ -97,7 +97,10 @@ impl RedisStore {
         let held = lock::try_acquire(&self.redis, &self.redis.key("lease", account))
             .await
             .map_err(io)?;
-        Ok(held.map(Lease::new))
+        Ok(held.map(|held| {
+            let (stop, keeper) = held.into_parts();
+            Lease::released_by(stop, keeper)
+        }))
     }
 }
 

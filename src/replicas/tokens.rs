@@ -14,6 +14,7 @@ use super::{Redis, SharedError, lock};
 use crate::config::Protocol;
 use crate::login::UpstreamAuth;
 use crate::secret::Secret;
+use crate::token::cache::expiry_from_now;
 use crate::token::{Token, TokenError, TokenKey};
 
 /// How often a replica waiting for another's fetch looks again.
@@ -64,8 +65,8 @@ struct Sealed {
 
 /// What a claim found.
 pub enum Claim {
-    /// The shared token, with its lifetime from now.
-    Token(Token),
+    /// The shared token, with its lifetime from now, and its expiry (Unix ms).
+    Token(Token, u64),
     /// A token that does not open (sealed with another key): to be fetched anew.
     Unreadable,
     /// This replica fetches; the others wait until it stores the token or lets go.
@@ -89,6 +90,8 @@ impl SharedTokens {
     /// for all: `fetch` runs here only if this replica got the flight lock, and waits for the
     /// other's token otherwise (until `wait` has passed).
     ///
+    /// Returns the token and its expiry (Unix ms) as the replicas know it.
+    ///
     /// # Errors
     /// What `fetch` reported; [`TokenError::Unavailable`] when Redis failed or another
     /// replica's fetch took longer than `wait`.
@@ -98,7 +101,7 @@ impl SharedTokens {
         later_than: u64,
         wait: Duration,
         fetch: F,
-    ) -> Result<Token, TokenError>
+    ) -> Result<(Token, u64), TokenError>
     where
         F: AsyncFnOnce() -> Result<Token, TokenError>,
     {
@@ -106,17 +109,19 @@ impl SharedTokens {
         let mut later_than = later_than;
         loop {
             match self.claim(key, later_than).await.map_err(unavailable)? {
-                Claim::Token(token) => {
+                Claim::Token(token, expires_at) => {
                     self.redis.metrics.shared_token("hit");
-                    return Ok(token);
+                    return Ok((token, expires_at));
                 }
-                Claim::Fetch(_held) => {
+                Claim::Fetch(held) => {
                     self.redis.metrics.shared_token("fetched");
                     let token = fetch().await?;
-                    if let Err(error) = self.put(key, &token).await {
+                    let expires_at = expiry_from_now(token.lifetime.unwrap_or(self.margin * 2));
+                    if let Err(error) = self.put(key, &token, expires_at).await {
                         tracing::warn!(%error, "cannot share a fetched token with the other replicas");
                     }
-                    return Ok(token);
+                    held.release().await;
+                    return Ok((token, expires_at));
                 }
                 Claim::Unreadable => later_than = u64::MAX,
                 Claim::Busy if Instant::now() < deadline => {
@@ -145,8 +150,10 @@ impl SharedTokens {
             1 => Ok(expires_at
                 .parse()
                 .ok()
-                .and_then(|expires_at| self.open(key, expires_at, &value))
-                .map_or(Claim::Unreadable, Claim::Token)),
+                .and_then(|expires_at| Some((self.open(key, expires_at, &value)?, expires_at)))
+                .map_or(Claim::Unreadable, |(token, expires_at)| {
+                    Claim::Token(token, expires_at)
+                })),
             2 => {
                 let fence = std::str::from_utf8(&value)
                     .ok()
@@ -185,13 +192,12 @@ impl SharedTokens {
         })
     }
 
-    /// Shares `token` for as long as it may be handed out.
-    async fn put(&self, key: &TokenKey, token: &Token) -> Result<(), SharedError> {
-        let lifetime = token.lifetime.unwrap_or(self.margin * 2);
+    /// Shares `token`, which expires at `expires_at`, for as long as it may be handed out.
+    async fn put(&self, key: &TokenKey, token: &Token, expires_at: u64) -> Result<(), SharedError> {
+        let lifetime = Duration::from_millis(expires_at.saturating_sub(unix_millis()));
         let Some(shared_for) = lifetime.checked_sub(self.margin).filter(|d| !d.is_zero()) else {
             return Ok(());
         };
-        let expires_at = unix_millis() + millis(lifetime);
         let (kind, user, secret) = match &token.auth {
             UpstreamAuth::Bearer { user, token } => ("bearer", user, token),
             UpstreamAuth::Password { user, password } => ("password", user, password),

@@ -203,17 +203,23 @@ impl TokenCache {
     }
 
     /// A token for `key` expiring after `later_than` (Unix ms): from the other replicas
-    /// when they share one, else fetched here (once for all of them).
-    async fn fetch_newer(&self, key: &TokenKey, later_than: u64) -> Result<Token, TokenError> {
+    /// when they share one, else fetched here (once for all of them); with the expiry the
+    /// replicas know it by.
+    async fn fetch_newer(
+        &self,
+        key: &TokenKey,
+        later_than: u64,
+    ) -> Result<(Token, Option<u64>), TokenError> {
         match &self.shared {
             Some((shared, _)) if key.proof.is_none() => {
-                shared
+                let (token, expires_at) = shared
                     .get_or_fetch(key, later_than, SHARED_FETCH_WAIT, async || {
                         self.fetch(key).await
                     })
-                    .await
+                    .await?;
+                Ok((token, Some(expires_at)))
             }
-            _ => self.fetch(key).await,
+            _ => Ok((self.fetch(key).await?, None)),
         }
     }
 
@@ -258,7 +264,7 @@ impl TokenCache {
             .or_try_insert_with(async {
                 self.fetch_newer(&key, 0)
                     .await
-                    .map(|token| self.cached(token, self.now_ms(), None))
+                    .map(|(token, expires_at)| self.cached(token, self.now_ms(), None, expires_at))
             })
             .await;
         self.update_entry_gauge().await;
@@ -307,7 +313,7 @@ impl TokenCache {
             .entry_by_ref(key)
             .or_try_insert_with(async {
                 let token = grant.await?;
-                Ok(self.cached(token, self.now_ms(), Some(max_age)))
+                Ok(self.cached(token, self.now_ms(), Some(max_age), None))
             })
             .await;
         self.update_entry_gauge().await;
@@ -344,10 +350,16 @@ impl TokenCache {
         self.update_entry_gauge().await;
     }
 
-    fn cached(&self, token: Token, last_used: u64, max_age: Option<Duration>) -> Arc<Cached> {
-        let expires_at = token.lifetime.map(|lifetime| {
-            unix_millis().saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX))
-        });
+    /// A cache entry for `token`; `expires_at` is the expiry the replicas know it by, if it
+    /// came through them.
+    fn cached(
+        &self,
+        token: Token,
+        last_used: u64,
+        max_age: Option<Duration>,
+        expires_at: Option<u64>,
+    ) -> Arc<Cached> {
+        let expires_at = expires_at.or_else(|| token.lifetime.map(expiry_from_now));
         Arc::new(Cached {
             token,
             fetched: Instant::now(),
@@ -420,6 +432,11 @@ impl TokenCache {
     }
 }
 
+/// Unix milliseconds `lifetime` from now.
+pub fn expiry_from_now(lifetime: Duration) -> u64 {
+    unix_millis().saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The renewal task of one entry; ends when the entry is replaced or dropped, its account
 /// idle, the cache gone, or the source refuses the account for good.
 async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) {
@@ -438,9 +455,9 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
             .fetch_newer(&key, cached.expires_at.unwrap_or(0))
             .await
         {
-            Ok(token) => {
+            Ok((token, expires_at)) => {
                 let last_used = cached.last_used.load(Ordering::Relaxed);
-                let fresh = cache.cached(token, last_used, None);
+                let fresh = cache.cached(token, last_used, None, expires_at);
                 cache.entries.insert(key.clone(), fresh.clone()).await;
                 cache.metrics.refresh_ahead("ok");
                 cached = fresh;

@@ -343,25 +343,12 @@ impl OAuth2 {
             generation: 0,
         };
         let store = self.store.clone().ok_or("no token store configured")?;
-        let _lease = store::lease(&store, id, self.lease_wait)
+        let lease = store::lease(&store, id, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
-        // Under the lease nobody else redeems or writes: one read tells what to replace.
-        let mut tries = 0;
-        loop {
-            let expect = match self.load(id).await {
-                Ok(current) => Expect::after_reading(current.as_ref()),
-                Err(_) => Expect::Anything,
-            };
-            match self.swap(id, expect, record.clone()).await? {
-                Swap::Written(_) => break,
-                // Only a writer that ignores the lease (an older mailgate) gets here.
-                Swap::Conflict(_) if tries < 3 => tries += 1,
-                Swap::Conflict(_) => {
-                    return Err("the token store keeps changing; try again".to_owned());
-                }
-            }
-        }
+        let written = self.replace_record(id, record.clone()).await;
+        lease.release().await;
+        written?;
         // Whatever this process could not write is older than this authorization.
         self.clear_unsaved(account, &mut state);
         state.retry_after = None;
@@ -376,6 +363,23 @@ impl OAuth2 {
         }
         tracing::info!(account = id, "account authorized; refresh token stored");
         Ok(())
+    }
+
+    /// Writes `record` over whatever the store holds for `id` (a new authorization), under
+    /// the lease.
+    async fn replace_record(&self, id: &str, record: Stored) -> Result<(), String> {
+        // Under the lease nobody else redeems or writes: one read tells what to replace.
+        for _ in 0..4 {
+            let expect = match self.load(id).await {
+                Ok(current) => Expect::after_reading(current.as_ref()),
+                Err(_) => Expect::Anything,
+            };
+            // Only a writer that ignores the lease (an older mailgate) makes this conflict.
+            if let Swap::Written(_) = self.swap(id, expect, record.clone()).await? {
+                return Ok(());
+            }
+        }
+        Err("the token store keeps changing; try again".to_owned())
     }
 
     /// The providers of the accounts, each once.
@@ -516,13 +520,26 @@ impl OAuth2 {
         scope: Option<&str>,
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
-        let _lease =
+        let lease =
             store::lease(&store, id, self.lease_wait)
                 .await
                 .map_err(|error| match error {
                     StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
                     other => Failure::Store(other.to_string()),
                 })?;
+        let outcome = self.redeem_newest(id, account, state, scope).await;
+        lease.release().await;
+        outcome
+    }
+
+    /// [`OAuth2::refresh_grant`] under the lease.
+    async fn redeem_newest(
+        &self,
+        id: &str,
+        account: &Account,
+        state: &mut GrantState,
+        scope: Option<&str>,
+    ) -> Result<TokenAnswer, Failure> {
         let (token, replaces) = self.newest(id, account, state).await?;
         match refresh(&account.provider, &token, scope).await {
             Ok(answer) => {

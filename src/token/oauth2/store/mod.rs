@@ -117,15 +117,40 @@ pub enum Swap {
     Conflict(Option<Stored>),
 }
 
-/// The right to redeem one account's refresh token until dropped.
+/// The right to redeem one account's refresh token until dropped or released.
 pub struct Lease {
-    _held: Box<dyn Send + Sync>,
+    held: Box<dyn Send + Sync>,
+    /// Finishes the release once `held` is dropped (a backend that releases over the
+    /// network).
+    releasing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Lease {
+    /// A lease that ends when `held` is dropped.
     pub fn new(held: impl Send + Sync + 'static) -> Self {
         Self {
-            _held: Box::new(held),
+            held: Box::new(held),
+            releasing: None,
+        }
+    }
+
+    /// A lease that ends in `releasing` once `held` is dropped.
+    pub fn released_by(
+        held: impl Send + Sync + 'static,
+        releasing: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            held: Box::new(held),
+            releasing: Some(releasing),
+        }
+    }
+
+    /// Ends the lease and waits until the store knows: what a process that may exit next
+    /// must do, so that nobody waits for the lease to run out.
+    pub async fn release(self) {
+        drop(self.held);
+        if let Some(releasing) = self.releasing {
+            let _ = releasing.await;
         }
     }
 }
