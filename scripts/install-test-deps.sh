@@ -8,7 +8,8 @@
 # CA and a C compiler for ring. The tests add Chromium with chromedriver for the browser
 # tests, plus fonts with Arial/Helvetica metrics so pages and their screenshots look as they
 # would on a desktop (Debian's chromium packages; Ubuntu's are stubs for a snap, which does not
-# run here). Checks that Rust is new enough first. Idempotent: installs only what is missing.
+# run here), and redis-server for the replicas' shared state (the tests start their own; the
+# package's own service is not used). Checks that Rust is new enough first. Idempotent: installs only what is missing.
 # As root it uses apt-get; otherwise it lists what is missing and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" 
 fi
 
 demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
-test_only_packages=(chromium chromium-driver fonts-liberation)
+test_only_packages=(chromium chromium-driver fonts-liberation redis-server)
 
 case "${1:-}" in
     --demo) packages=("${demo_packages[@]}") ;;

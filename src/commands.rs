@@ -13,6 +13,7 @@ use crate::config::{Config, Grant, ListenerConfig, Protocol};
 use crate::health::Health;
 use crate::login::UpstreamAuth;
 use crate::metrics::Metrics;
+use crate::replicas::Redis;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
 use crate::token::oauth2::flows::{self, FlowError};
@@ -37,20 +38,38 @@ const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The loopback redirect URL suggested when none is configured (docs/configuration.md uses it).
 const EXAMPLE_REDIRECT_URL: &str = "http://localhost:8400/callback";
 
-fn oauth2(config: &Config) -> Result<Arc<OAuth2>, u8> {
+async fn oauth2(config: &Config) -> Result<Arc<OAuth2>, u8> {
     let Some(oauth2) = &config.tokens.oauth2 else {
         eprintln!("no tokens.oauth2 section in the configuration");
         return Err(EXIT_USAGE);
     };
-    OAuth2::new(oauth2, &Arc::default(), Arc::new(Metrics::new()), None).map_err(|error| {
-        eprintln!("cannot set up OAuth2: {error}");
-        EXIT_FAILED
-    })
+    let metrics = Arc::new(Metrics::new());
+    let redis = shared_state(config, &metrics)?;
+    OAuth2::new(oauth2, &Arc::default(), metrics, None, redis)
+        .await
+        .map_err(|error| {
+            eprintln!("cannot set up OAuth2: {error}");
+            EXIT_FAILED
+        })
+}
+
+/// The Redis replicas share, if the configuration names one.
+fn shared_state(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Arc<Redis>>, u8> {
+    config
+        .tokens
+        .shared
+        .as_ref()
+        .map(|shared| Redis::new(shared, metrics.clone(), None))
+        .transpose()
+        .map_err(|error| {
+            eprintln!("cannot set up the shared state: {error}");
+            EXIT_FAILED
+        })
 }
 
 /// `mailgate authorize --account ID [--device]`.
 pub async fn authorize(config: &Config, account: &str, device: bool) -> u8 {
-    let oauth2 = match oauth2(config) {
+    let oauth2 = match oauth2(config).await {
         Ok(oauth2) => oauth2,
         Err(code) => return code,
     };
@@ -143,9 +162,9 @@ async fn code_flow(
 }
 
 /// `mailgate accounts [--json]`.
-pub fn accounts(config: &Config, json: bool) -> u8 {
+pub async fn accounts(config: &Config, json: bool) -> u8 {
     let statuses = match &config.tokens.oauth2 {
-        Some(_) => match oauth2(config) {
+        Some(_) => match oauth2(config).await {
             Ok(oauth2) => oauth2.statuses(),
             Err(code) => return code,
         },
@@ -261,7 +280,7 @@ fn print_table(header: &[&str; 4], rows: &[[String; 4]]) {
 /// standard input). With `check`, the token is redeemed once, so a wrong or used token shows
 /// now rather than at the first login.
 pub async fn import(config: &Config, account: &str, file: &Path, check: bool) -> u8 {
-    let oauth2 = match oauth2(config) {
+    let oauth2 = match oauth2(config).await {
         Ok(oauth2) => oauth2,
         Err(code) => return code,
     };
@@ -431,13 +450,18 @@ pub async fn test_login(config: &Config, account: &str, listener: &str) -> u8 {
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Duration::from_secs(30)));
-    let sources = match Sources::new(&config.tokens, &Arc::default(), &metrics, &health) {
-        Ok(sources) => sources,
-        Err(error) => {
-            eprintln!("cannot set up the token sources: {error}");
-            return EXIT_FAILED;
-        }
+    let redis = match shared_state(config, &metrics) {
+        Ok(redis) => redis,
+        Err(code) => return code,
     };
+    let sources =
+        match Sources::new(&config.tokens, &Arc::default(), &metrics, &health, redis).await {
+            Ok(sources) => sources,
+            Err(error) => {
+                eprintln!("cannot set up the token sources: {error}");
+                return EXIT_FAILED;
+            }
+        };
     let source = match sources.oauth2.as_ref().and_then(|o| o.account(account)) {
         Some((provider, settings)) => {
             format!(

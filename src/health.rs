@@ -19,6 +19,8 @@ pub struct Health {
     token_source_refused: AtomicBool,
     /// An account's refresh token is held only in memory: the store refused the write.
     token_store_unwritten: AtomicBool,
+    /// The shared Redis did not answer its last call.
+    shared_state_unreachable: AtomicBool,
     /// The last readiness reported, to log each change once.
     last: Mutex<Option<Result<(), NotReady>>>,
     /// A probe of the token source is under way.
@@ -38,6 +40,8 @@ pub enum NotReady {
     TokenSourceRefuses,
     #[error("the token store cannot be written; a refresh token is held only in memory")]
     TokenStoreUnwritten,
+    #[error("the shared Redis does not answer; only logins with a cached token work")]
+    SharedStateUnreachable,
 }
 
 impl Health {
@@ -50,6 +54,7 @@ impl Health {
             freshness,
             token_source_refused: AtomicBool::new(false),
             token_store_unwritten: AtomicBool::new(false),
+            shared_state_unreachable: AtomicBool::new(false),
             last: Mutex::new(None),
             probing: AtomicBool::new(false),
         }
@@ -82,6 +87,11 @@ impl Health {
             .store(unwritten, Ordering::Relaxed);
     }
 
+    pub fn set_shared_state_reachable(&self, reachable: bool) {
+        self.shared_state_unreachable
+            .store(!reachable, Ordering::Relaxed);
+    }
+
     /// Whether the token source should be probed: it has not answered recently, or it
     /// refused mailgate (so a fixed password shows soon).
     pub fn token_source_needs_probe(&self) -> bool {
@@ -109,6 +119,8 @@ impl Health {
             Err(NotReady::TokenSourceSilent)
         } else if self.token_source_refused.load(Ordering::Relaxed) {
             Err(NotReady::TokenSourceRefuses)
+        } else if self.shared_state_unreachable.load(Ordering::Relaxed) {
+            Err(NotReady::SharedStateUnreachable)
         } else if self.token_store_unwritten.load(Ordering::Relaxed) {
             Err(NotReady::TokenStoreUnwritten)
         } else {

@@ -45,6 +45,7 @@ pub mod login;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod replicas;
 pub mod sanitize;
 pub mod sasl;
 pub mod secret;

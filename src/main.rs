@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         }
         Command::Accounts { json, action: None } => {
             run_command(&config, false, |config| async move {
-                commands::accounts(&config, json)
+                commands::accounts(&config, json).await
             })
         }
         Command::Accounts {

@@ -41,6 +41,17 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResultLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -124,6 +135,11 @@ pub struct Metrics {
     pub admin_connections_limited: Family<ReasonLabels, Counter>,
     pub client_tls_handshakes: Family<ListenerResultLabels, Counter>,
     pub proxy_headers: Family<ListenerResultLabels, Counter>,
+    pub redis_calls: Family<OpResultLabels, Counter>,
+    pub redis_call_seconds: Family<OpLabels, Histogram>,
+    pub redis_up: Gauge,
+    pub redis_locks_stolen: Counter,
+    pub shared_tokens: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +182,14 @@ impl Metrics {
             admin_connections_limited: Family::default(),
             client_tls_handshakes: Family::default(),
             proxy_headers: Family::default(),
+            redis_calls: Family::default(),
+            // 50 µs .. ~0.8 s: Redis answers in well under a millisecond when healthy.
+            redis_call_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 2.0, 15))
+            }),
+            redis_up: Gauge::default(),
+            redis_locks_stolen: Counter::default(),
+            shared_tokens: Family::default(),
         };
         let metrics = metrics.register_all();
         metrics.export_fixed_series();
@@ -413,6 +437,31 @@ impl Metrics {
             self.proxy_headers.clone(),
         );
         registry.register(
+            "redis_calls",
+            "Calls to the shared Redis (tokens.shared.redis), by operation and result (ok, refused, timeout, unreachable)",
+            self.redis_calls.clone(),
+        );
+        registry.register(
+            "redis_call_seconds",
+            "Time of calls to the shared Redis, by operation",
+            self.redis_call_seconds.clone(),
+        );
+        registry.register(
+            "redis_up",
+            "Whether the shared Redis answered the last call (1) or not (0)",
+            self.redis_up.clone(),
+        );
+        registry.register(
+            "redis_locks_stolen",
+            "Locks whose lease ran out while held, so another replica took them (a stalled holder)",
+            self.redis_locks_stolen.clone(),
+        );
+        registry.register(
+            "shared_tokens",
+            "Access tokens sought in Redis on a local cache miss, by result (hit, fetched, wait_timeout)",
+            self.shared_tokens.clone(),
+        );
+        registry.register(
             "login_blocks",
             "Client addresses or accounts blocked after too many failed logins, by scope",
             self.login_blocks.clone(),
@@ -489,6 +538,31 @@ impl Metrics {
 
     pub fn token_store_unsaved(&self, accounts: i64) {
         self.token_store_unsaved_accounts.set(accounts);
+    }
+
+    pub fn redis_call(&self, op: &'static str, result: &'static str, seconds: f64) {
+        self.redis_calls
+            .get_or_create(&OpResultLabels { op, result })
+            .inc();
+        self.redis_call_seconds
+            .get_or_create(&OpLabels { op })
+            .observe(seconds);
+    }
+
+    pub fn redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+    }
+
+    pub fn redis_lock_stolen(&self) {
+        self.redis_locks_stolen.inc();
+    }
+
+    /// `hit` (another replica's token), `fetched` (this replica fetched for all),
+    /// `wait_timeout`.
+    pub fn shared_token(&self, result: &'static str) {
+        self.shared_tokens
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn reauthorization_needed(&self) {

@@ -28,6 +28,7 @@ use crate::login::{
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{ListenerProxy, Shared};
 use crate::proxy_protocol::TrustedProxies;
+use crate::replicas::Redis;
 use crate::sanitize::Escaped;
 use crate::sessions::SessionRegistry;
 use crate::smtp::xclient_filter::XclientFilter;
@@ -246,7 +247,7 @@ impl Server {
             grants: Arc::new(GrantStates::default()),
             metrics,
         };
-        let (tokens, oauth2) = token_state(&config, &lasting)?;
+        let (tokens, oauth2) = token_state(&config, &lasting).await?;
         let shared = Shared {
             tokens,
             oauth2,
@@ -362,7 +363,7 @@ impl Server {
         let (tokens, oauth2) = if config.tokens == self.config.tokens {
             (self.shared.tokens.clone(), self.shared.oauth2.clone())
         } else {
-            token_state(&config, &self.lasting)?
+            token_state(&config, &self.lasting).await?
         };
         let shared = Shared {
             tokens,
@@ -644,28 +645,50 @@ fn open_file_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// The token cache in front of the sources `config` names, and its OAuth2 accounts.
-fn token_state(
+/// The token cache in front of the sources `config` names, and its OAuth2 accounts; with
+/// `tokens.shared`, both backed by the replicas' Redis.
+async fn token_state(
     config: &Config,
     lasting: &Lasting,
 ) -> Result<(Arc<TokenCache>, Option<Arc<OAuth2>>), StartError> {
     let metrics = &lasting.metrics;
-    let sources = Sources::new(&config.tokens, &lasting.grants, metrics, &lasting.health)
+    let redis = config
+        .tokens
+        .shared
+        .as_ref()
+        .map(|shared| Redis::new(shared, metrics.clone(), Some(lasting.health.clone())))
+        .transpose()
         .map_err(StartError::TokenSource)?;
+    let sources = Sources::new(
+        &config.tokens,
+        &lasting.grants,
+        metrics,
+        &lasting.health,
+        redis.clone(),
+    )
+    .await
+    .map_err(StartError::TokenSource)?;
     metrics.export_sources(sources.auth_server.is_some(), sources.oauth2.is_some());
     let oauth2 = sources.oauth2.clone();
     let end_sessions = config
         .tokens
         .end_sessions_on_revoke
         .then(|| lasting.registry.clone());
-    let tokens = TokenCache::new(
+    let mut tokens = TokenCache::new(
         &config.tokens.cache,
         Arc::new(sources),
         metrics.clone(),
         end_sessions,
     )
     .with_max_concurrent_fetches(config.tokens.max_concurrent_fetches);
-    Ok((Arc::new(tokens), oauth2))
+    if let Some(redis) = &redis {
+        tokens = tokens.shared_through(redis.clone());
+    }
+    let tokens = Arc::new(tokens);
+    if let Some(redis) = &redis {
+        tokens.follow_the_news(redis);
+    }
+    Ok((tokens, oauth2))
 }
 
 fn listener_runtime(

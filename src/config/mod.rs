@@ -658,6 +658,11 @@ impl Config {
                 }
             }
         }
+        if let Some(shared) = &self.tokens.shared {
+            add(&shared.key_file);
+            add(&shared.redis.password_file);
+            add(&shared.redis.ca_file);
+        }
         files
     }
 

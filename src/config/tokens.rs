@@ -27,6 +27,8 @@ pub const DEFAULT_REFRESH_WINDOW: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The store key is 32 bytes, base64 (`head -c 32 /dev/urandom | base64`).
 pub const STORE_KEY_BYTES: usize = 32;
+/// Redis answers in well under a millisecond on a healthy network: a second means it is not.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +46,55 @@ pub struct TokensConfig {
     /// End an account's open sessions when its source refuses it for good.
     #[serde(default = "default_true")]
     pub end_sessions_on_revoke: bool,
+    /// State shared by replicas: refresh tokens, refresh locks, access tokens, the
+    /// throttle and revocations. Without it each process keeps its own.
+    #[serde(default)]
+    pub shared: Option<SharedConfig>,
+}
+
+/// `tokens.shared`: where replicas keep what they share.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SharedConfig {
+    pub redis: RedisConfig,
+    /// The key sealing access tokens in Redis when there is no `tokens.oauth2.store` key
+    /// (32 random bytes, base64); with one, that key seals everything.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// The key read from `key_file`, `key_env` or the store's.
+    #[serde(skip)]
+    pub key: Option<Secret<Vec<u8>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT/DB` or `rediss://` (TLS); a password in the URL is never shown.
+    #[serde(serialize_with = "serialize_url")]
+    #[schemars(with = "String")]
+    pub url: Secret<String>,
+    /// TLS even with a `redis://` URL.
+    #[serde(default)]
+    pub tls: bool,
+    /// Extra trust roots (PEM) for a Redis with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// ACL user name (Redis 6+), overriding the URL's.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Put before every key, so several deployments can share one Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Every Redis call's deadline, connecting included.
+    #[serde(default = "default_redis_timeout", with = "duration")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -118,7 +169,9 @@ pub struct OAuth2Config {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    pub dir: PathBuf,
+    /// Needed unless `tokens.shared.redis` keeps the records.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
     #[serde(default)]
     pub key_file: Option<PathBuf>,
     #[serde(default)]
@@ -243,8 +296,17 @@ impl TokensConfig {
         if let Some(auth_server) = &mut self.auth_server {
             auth_server.resolve("tokens.auth_server", false, problems);
         }
+        let shared = self.shared.is_some();
         if let Some(oauth2) = &mut self.oauth2 {
-            oauth2.resolve(problems);
+            oauth2.resolve(problems, shared);
+        }
+        if let Some(config) = &mut self.shared {
+            let store_key = self
+                .oauth2
+                .as_ref()
+                .and_then(|oauth2| oauth2.store.as_ref())
+                .and_then(|store| store.key.clone());
+            config.resolve(store_key, problems);
         }
         let has_accounts = self.oauth2.as_ref().is_some_and(|o| !o.accounts.is_empty());
         if self.auth_server.is_none() && !has_accounts && !password_grants {
@@ -307,12 +369,12 @@ impl AuthServerConfig {
 }
 
 impl OAuth2Config {
-    fn resolve(&mut self, problems: &mut Problems) {
+    fn resolve(&mut self, problems: &mut Problems, shared: bool) {
         if self.timeout.is_zero() {
             problems.add("tokens.oauth2.timeout", "must be longer than 0s");
         }
         if let Some(store) = &mut self.store {
-            store.resolve(problems);
+            store.resolve(problems, shared);
         }
         for (name, provider) in &mut self.providers {
             provider.resolve(&format!("tokens.oauth2.providers.{name}"), problems);
@@ -378,31 +440,128 @@ impl OAuth2Config {
 }
 
 impl StoreConfig {
-    fn resolve(&mut self, problems: &mut Problems) {
-        let encoded = secret_from(
+    /// With `shared`, records live in Redis and `dir` is not needed.
+    fn resolve(&mut self, problems: &mut Problems, shared: bool) {
+        if self.key_file.is_none() && self.key_env.is_none() {
+            problems.add(
+                "tokens.oauth2.store",
+                "needs key_file or key_env (32 random bytes, base64); the key never goes in the YAML",
+            );
+        }
+        self.key = read_key(
             self.key_file.as_ref(),
             self.key_env.as_deref(),
             "tokens.oauth2.store.key",
             problems,
         );
-        match encoded {
-            None if self.key_file.is_none() && self.key_env.is_none() => problems.add(
-                "tokens.oauth2.store",
-                "needs key_file or key_env (32 random bytes, base64); the key never goes in the YAML",
+        match &self.dir {
+            Some(dir) if dir.as_os_str().is_empty() => {
+                problems.add("tokens.oauth2.store.dir", "must not be empty");
+            }
+            None if !shared => problems.add(
+                "tokens.oauth2.store.dir",
+                "required unless tokens.shared.redis keeps the refresh tokens",
             ),
-            None => {}
-            Some(encoded) => match decode_key(encoded.expose()) {
-                Some(key) => self.key = Some(key),
-                None => problems.add(
-                    "tokens.oauth2.store.key",
-                    "must be 32 bytes in base64, e.g. from: head -c 32 /dev/urandom | base64",
-                ),
-            },
-        }
-        if self.dir.as_os_str().is_empty() {
-            problems.add("tokens.oauth2.store.dir", "must not be empty");
+            _ => {}
         }
     }
+}
+
+impl SharedConfig {
+    /// The sealing key is the store's when there is one; else `key_file` / `key_env`.
+    fn resolve(&mut self, store_key: Option<Secret<Vec<u8>>>, problems: &mut Problems) {
+        let own = self.key_file.is_some() || self.key_env.is_some();
+        if own && store_key.is_some() {
+            problems.add(
+                "tokens.shared.key_file",
+                "tokens.oauth2.store's key seals the shared state too: remove this one",
+            );
+        }
+        self.key = match store_key {
+            Some(key) => Some(key),
+            None if own => read_key(
+                self.key_file.as_ref(),
+                self.key_env.as_deref(),
+                "tokens.shared.key",
+                problems,
+            ),
+            None => {
+                problems.add(
+                    "tokens.shared",
+                    "needs key_file or key_env (32 random bytes, base64) to seal the access tokens it shares, unless tokens.oauth2.store has a key",
+                );
+                None
+            }
+        };
+        self.redis.resolve(problems);
+    }
+}
+
+impl RedisConfig {
+    fn resolve(&mut self, problems: &mut Problems) {
+        let key = "tokens.shared.redis";
+        match url::Url::parse(self.url.expose()) {
+            Ok(url) if matches!(url.scheme(), "redis" | "rediss") && url.host().is_some() => {
+                let database = url.path().trim_start_matches('/');
+                if !database.is_empty() && database.parse::<u16>().is_err() {
+                    problems.add(format!("{key}.url"), "the path must be a database number");
+                }
+            }
+            Ok(url) if url.scheme() == "redis+unix" && url.path().len() > 1 => {}
+            // The URL may carry a password: never echo it.
+            _ => problems.add(
+                format!("{key}.url"),
+                "must be redis://HOST:PORT/DB, rediss://HOST:PORT/DB or redis+unix:///PATH",
+            ),
+        }
+        if let Some(password) = secret_from(
+            self.password_file.as_ref(),
+            self.password_env.as_deref(),
+            &format!("{key}.password"),
+            problems,
+        ) {
+            self.url = with_password(&self.url, password.expose());
+        }
+        if self
+            .username
+            .as_deref()
+            .is_some_and(|name| !is_usable_name(name))
+        {
+            problems.add(format!("{key}.username"), "must be a plain name");
+        }
+        if self
+            .key_prefix
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
+            problems.add(
+                format!("{key}.key_prefix"),
+                "must have no spaces or control characters",
+            );
+        }
+        if self.timeout.is_zero() {
+            problems.add(format!("{key}.timeout"), "must be longer than 0s");
+        }
+        check_ca_file(self.ca_file.as_ref(), &format!("{key}.ca_file"), problems);
+    }
+}
+
+/// A 32-byte key from `file` or `env`, base64; `None` (with a problem) when unreadable.
+fn read_key(
+    file: Option<&PathBuf>,
+    env: Option<&str>,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Secret<Vec<u8>>> {
+    let encoded = secret_from(file, env, key, problems)?;
+    let decoded = decode_key(encoded.expose());
+    if decoded.is_none() {
+        problems.add(
+            key,
+            "must be 32 bytes in base64, e.g. from: head -c 32 /dev/urandom | base64",
+        );
+    }
+    decoded
 }
 
 impl ProviderConfig {
@@ -546,6 +705,12 @@ fn default_max_concurrent_fetches() -> usize {
     DEFAULT_MAX_CONCURRENT_FETCHES
 }
 
+fn default_key_prefix() -> String {
+    "mailgate:".to_owned()
+}
+fn default_redis_timeout() -> Duration {
+    DEFAULT_REDIS_TIMEOUT
+}
 fn default_true() -> bool {
     true
 }

@@ -19,12 +19,17 @@ use tokio::time::Instant;
 use super::{MAX_LIFETIME, Token, TokenError, TokenKey, TokenSource};
 use crate::config::{CacheConfig, DEFAULT_MAX_CONCURRENT_FETCHES, Protocol};
 use crate::metrics::{CauseLabels, Metrics};
+use crate::replicas::Redis;
+use crate::replicas::news::{self, News};
+use crate::replicas::tokens::{SharedTokens, unix_millis};
 use crate::sessions::SessionRegistry;
 
 /// A background renewal that failed is tried again after this, doubling, up to the maximum,
 /// while the cached token is still good.
 const RENEWAL_RETRY_START: Duration = Duration::from_secs(2);
 const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long a replica waits for another replica's request for the same token.
+const SHARED_FETCH_WAIT: Duration = Duration::from_secs(30);
 
 /// A cached token and when it was last handed out.
 pub struct Cached {
@@ -34,6 +39,9 @@ pub struct Cached {
     last_used: AtomicU64,
     /// How long it may stay cached, whatever its lifetime (a password grant's token).
     max_age: Option<Duration>,
+    /// Unix milliseconds when it expires, if its source said: how replicas tell tokens
+    /// apart.
+    expires_at: Option<u64>,
 }
 
 impl Cached {
@@ -60,6 +68,8 @@ pub struct TokenCache {
     retired: std::sync::atomic::AtomicBool,
     /// Bounds the token requests in flight, renewals included.
     fetches: tokio::sync::Semaphore,
+    /// The replicas' Redis: a second level of tokens, and the news of accounts.
+    shared: Option<(SharedTokens, Arc<Redis>)>,
 }
 
 /// Per-entry lifetime: the token's own (or the default) minus the margin, so a token is
@@ -141,6 +151,75 @@ impl TokenCache {
             epoch: Instant::now(),
             retired: std::sync::atomic::AtomicBool::new(false),
             fetches: tokio::sync::Semaphore::new(DEFAULT_MAX_CONCURRENT_FETCHES),
+            shared: None,
+        }
+    }
+
+    /// Shares tokens with the other replicas through `redis`: a miss looks there first,
+    /// and one replica fetches for all.
+    pub fn shared_through(mut self, redis: Arc<Redis>) -> Self {
+        let tokens = SharedTokens::new(redis.clone(), self.refresh_margin);
+        self.shared = Some((tokens, redis));
+        self
+    }
+
+    /// Acts on the other replicas' news until this cache is retired or dropped: drops the
+    /// account's tokens, and for a revocation ends its sessions.
+    pub fn follow_the_news(self: &Arc<Self>, redis: &Arc<Redis>) {
+        let cache = Arc::downgrade(self);
+        news::listen(redis, move |news| {
+            let Some(cache) = cache.upgrade() else {
+                return false;
+            };
+            if cache.retired.load(Ordering::Relaxed) {
+                return false;
+            }
+            tokio::spawn(async move {
+                cache.forget_account(news.account()).await;
+                if let News::Revoked(account) = news {
+                    cache.revoked(&account);
+                }
+            });
+            true
+        });
+    }
+
+    /// Drops the account's tokens from the shared sources.
+    async fn forget_account(&self, account: &str) {
+        for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
+            self.entries
+                .invalidate(&TokenKey::shared(account, protocol))
+                .await;
+        }
+        self.update_entry_gauge().await;
+    }
+
+    /// Tells the other replicas (in the background: the login does not wait for it).
+    fn announce(&self, news: News) {
+        if let Some((_, redis)) = &self.shared {
+            let redis = redis.clone();
+            tokio::spawn(async move { news::announce(&redis, news).await });
+        }
+    }
+
+    /// A token for `key` expiring after `later_than` (Unix ms): from the other replicas
+    /// when they share one, else fetched here (once for all of them); with the expiry the
+    /// replicas know it by.
+    async fn fetch_newer(
+        &self,
+        key: &TokenKey,
+        later_than: u64,
+    ) -> Result<(Token, Option<u64>), TokenError> {
+        match &self.shared {
+            Some((shared, _)) if key.proof.is_none() => {
+                let (token, expires_at) = shared
+                    .get_or_fetch(key, later_than, SHARED_FETCH_WAIT, async || {
+                        self.fetch(key).await
+                    })
+                    .await?;
+                Ok((token, Some(expires_at)))
+            }
+            _ => Ok((self.fetch(key).await?, None)),
         }
     }
 
@@ -183,9 +262,9 @@ impl TokenCache {
             .entries
             .entry_by_ref(&key)
             .or_try_insert_with(async {
-                self.fetch(&key)
+                self.fetch_newer(&key, 0)
                     .await
-                    .map(|token| self.cached(token, self.now_ms(), None))
+                    .map(|(token, expires_at)| self.cached(token, self.now_ms(), None, expires_at))
             })
             .await;
         self.update_entry_gauge().await;
@@ -200,7 +279,7 @@ impl TokenCache {
             }
             Err(error) => {
                 if error.is_revocation() {
-                    self.revoked(&key.account);
+                    self.revoked_everywhere(&key.account);
                 }
                 Err((*error).clone())
             }
@@ -234,7 +313,7 @@ impl TokenCache {
             .entry_by_ref(key)
             .or_try_insert_with(async {
                 let token = grant.await?;
-                Ok(self.cached(token, self.now_ms(), Some(max_age)))
+                Ok(self.cached(token, self.now_ms(), Some(max_age), None))
             })
             .await;
         self.update_entry_gauge().await;
@@ -253,6 +332,12 @@ impl TokenCache {
     /// Drops `key`'s token after the upstream refused it, but only if the cache still holds
     /// that very token: another session may already have fetched a fresh one.
     pub async fn invalidate(&self, key: &TokenKey, refused: &Arc<Cached>) {
+        if let Some((shared, _)) = &self.shared
+            && let Some(expires_at) = refused.expires_at
+        {
+            shared.forget(key, expires_at).await;
+            self.announce(News::Replaced(key.account.clone()));
+        }
         self.entries
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
@@ -265,12 +350,22 @@ impl TokenCache {
         self.update_entry_gauge().await;
     }
 
-    fn cached(&self, token: Token, last_used: u64, max_age: Option<Duration>) -> Arc<Cached> {
+    /// A cache entry for `token`; `expires_at` is the expiry the replicas know it by, if it
+    /// came through them.
+    fn cached(
+        &self,
+        token: Token,
+        last_used: u64,
+        max_age: Option<Duration>,
+        expires_at: Option<u64>,
+    ) -> Arc<Cached> {
+        let expires_at = expires_at.or_else(|| token.lifetime.map(expiry_from_now));
         Arc::new(Cached {
             token,
             fetched: Instant::now(),
             last_used: AtomicU64::new(last_used),
             max_age,
+            expires_at,
         })
     }
 
@@ -287,6 +382,12 @@ impl TokenCache {
         if let Some(sessions) = &self.sessions {
             sessions.revoke(account);
         }
+    }
+
+    /// Ends the account's sessions here and, through the news, on every replica.
+    fn revoked_everywhere(&self, account: &str) {
+        self.revoked(account);
+        self.announce(News::Revoked(account.to_owned()));
     }
 
     /// Renews `cached` in the background before it leaves the cache, as long as its account
@@ -331,6 +432,11 @@ impl TokenCache {
     }
 }
 
+/// Unix milliseconds `lifetime` from now.
+pub fn expiry_from_now(lifetime: Duration) -> u64 {
+    unix_millis().saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The renewal task of one entry; ends when the entry is replaced or dropped, its account
 /// idle, the cache gone, or the source refuses the account for good.
 async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) {
@@ -345,10 +451,13 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
         {
             return;
         }
-        match cache.fetch(&key).await {
-            Ok(token) => {
+        match cache
+            .fetch_newer(&key, cached.expires_at.unwrap_or(0))
+            .await
+        {
+            Ok((token, expires_at)) => {
                 let last_used = cached.last_used.load(Ordering::Relaxed);
-                let fresh = cache.cached(token, last_used, None);
+                let fresh = cache.cached(token, last_used, None, expires_at);
                 cache.entries.insert(key.clone(), fresh.clone()).await;
                 cache.metrics.refresh_ahead("ok");
                 cached = fresh;
@@ -358,7 +467,7 @@ async fn renew(cache: Weak<TokenCache>, key: TokenKey, mut cached: Arc<Cached>) 
             Err(error) if error.is_revocation() => {
                 cache.metrics.refresh_ahead("refused");
                 cache.invalidate(&key, &cached).await;
-                cache.revoked(&key.account);
+                cache.revoked_everywhere(&key.account);
                 return;
             }
             Err(error) => {

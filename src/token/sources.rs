@@ -9,6 +9,7 @@ use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
 use crate::config::{Protocol, TokensConfig};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::replicas::Redis;
 
 pub struct Sources {
     pub oauth2: Option<Arc<OAuth2>>,
@@ -17,26 +18,28 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// The sources `config` describes.
+    /// The sources `config` describes; refresh tokens live in `redis` when given.
     ///
     /// # Errors
     /// An HTTP client or the token store cannot be set up.
-    pub fn new(
+    pub async fn new(
         config: &TokensConfig,
         grants: &Arc<GrantStates>,
         metrics: &Arc<Metrics>,
         health: &Arc<Health>,
+        redis: Option<Arc<Redis>>,
     ) -> Result<Self, String> {
         let auth_server = config
             .auth_server
             .as_ref()
             .map(|auth_server| AuthServer::new(auth_server, metrics.clone(), health.clone()))
             .transpose()?;
-        let oauth2 = config
-            .oauth2
-            .as_ref()
-            .map(|oauth2| OAuth2::new(oauth2, grants, metrics.clone(), Some(health.clone())))
-            .transpose()?;
+        let oauth2 = match &config.oauth2 {
+            Some(oauth2) => Some(
+                OAuth2::new(oauth2, grants, metrics.clone(), Some(health.clone()), redis).await?,
+            ),
+            None => None,
+        };
         Ok(Self {
             oauth2,
             auth_server,

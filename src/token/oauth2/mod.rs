@@ -27,6 +27,9 @@ use crate::config::{AccountConfig, Grant, OAuth2Config, Protocol};
 use crate::health::Health;
 use crate::login::UpstreamAuth;
 use crate::metrics::Metrics;
+use crate::replicas::Redis;
+use crate::replicas::news::{self, News};
+use crate::replicas::store::RedisStore;
 use crate::secret::Secret;
 use provider::{GRANT_CLIENT_CREDENTIALS, GRANT_REFRESH_TOKEN, GrantError, Provider, TokenAnswer};
 use store::file::FileStore;
@@ -214,6 +217,8 @@ pub struct OAuth2 {
     accounts: HashMap<String, Account>,
     grants: Arc<GrantStates>,
     store: Option<Arc<dyn TokenStore>>,
+    /// The replicas' shared state, told of new authorizations.
+    redis: Option<Arc<Redis>>,
     /// How long a grant waits for the store's lease.
     lease_wait: Duration,
     metrics: Arc<Metrics>,
@@ -225,13 +230,16 @@ pub struct OAuth2 {
 }
 
 impl OAuth2 {
+    /// The store is Redis when `redis` is given, else the file store.
+    ///
     /// # Errors
     /// A provider's HTTP client or the store cannot be set up.
-    pub fn new(
+    pub async fn new(
         config: &OAuth2Config,
         grants: &Arc<GrantStates>,
         metrics: Arc<Metrics>,
         health: Option<Arc<Health>>,
+        redis: Option<Arc<Redis>>,
     ) -> Result<Arc<Self>, String> {
         let mut providers = BTreeMap::new();
         for (name, provider) in &config.providers {
@@ -240,14 +248,19 @@ impl OAuth2 {
                 Arc::new(Provider::new(name, provider, config.timeout)?),
             );
         }
-        let store: Option<Arc<dyn TokenStore>> = match &config.store {
-            Some(store) => {
+        let store: Option<Arc<dyn TokenStore>> = match (&config.store, &redis) {
+            (Some(_), Some(redis)) => Some(Arc::new(RedisStore::new(redis.clone()))),
+            (Some(store), None) => {
                 let key = store.key.as_ref().ok_or("token store without a key")?;
+                let dir = store
+                    .dir
+                    .as_ref()
+                    .ok_or("token store without a directory")?;
                 Some(Arc::new(
-                    FileStore::open(&store.dir, key).map_err(|e| e.to_string())?,
+                    FileStore::open(dir, key).map_err(|e| e.to_string())?,
                 ))
             }
-            None => None,
+            (None, _) => None,
         };
         let mut accounts = HashMap::new();
         for (id, account) in &config.accounts {
@@ -277,13 +290,14 @@ impl OAuth2 {
             accounts,
             grants: grants.clone(),
             store,
+            redis,
             lease_wait: config.timeout + LEASE_EXTRA_WAIT,
             metrics,
             health,
             this: this.clone(),
             retrying: AtomicBool::new(false),
         });
-        oauth2.load_states();
+        oauth2.load_states().await;
         // A record the previous configuration could not write is retried by this one.
         oauth2.update_unsaved();
         Ok(oauth2)
@@ -329,25 +343,12 @@ impl OAuth2 {
             generation: 0,
         };
         let store = self.store.clone().ok_or("no token store configured")?;
-        let _lease = store::lease(&store, id, self.lease_wait)
+        let lease = store::lease(&store, id, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
-        // Under the lease nobody else redeems or writes: one read tells what to replace.
-        let mut tries = 0;
-        loop {
-            let expect = match self.load(id).await {
-                Ok(current) => Expect::after_reading(current.as_ref()),
-                Err(_) => Expect::Anything,
-            };
-            match self.swap(id, expect, record.clone()).await? {
-                Swap::Written(_) => break,
-                // Only a writer that ignores the lease (an older mailgate) gets here.
-                Swap::Conflict(_) if tries < 3 => tries += 1,
-                Swap::Conflict(_) => {
-                    return Err("the token store keeps changing; try again".to_owned());
-                }
-            }
-        }
+        let written = self.replace_record(id, record.clone()).await;
+        lease.release().await;
+        written?;
         // Whatever this process could not write is older than this authorization.
         self.clear_unsaved(account, &mut state);
         state.retry_after = None;
@@ -357,8 +358,28 @@ impl OAuth2 {
             status.last_error = None;
         }
         self.update_gauge();
+        if let Some(redis) = &self.redis {
+            news::announce(redis, News::Replaced(id.to_owned())).await;
+        }
         tracing::info!(account = id, "account authorized; refresh token stored");
         Ok(())
+    }
+
+    /// Writes `record` over whatever the store holds for `id` (a new authorization), under
+    /// the lease.
+    async fn replace_record(&self, id: &str, record: Stored) -> Result<(), String> {
+        // Under the lease nobody else redeems or writes: one read tells what to replace.
+        for _ in 0..4 {
+            let expect = match self.load(id).await {
+                Ok(current) => Expect::after_reading(current.as_ref()),
+                Err(_) => Expect::Anything,
+            };
+            // Only a writer that ignores the lease (an older mailgate) makes this conflict.
+            if let Swap::Written(_) = self.swap(id, expect, record.clone()).await? {
+                return Ok(());
+            }
+        }
+        Err("the token store keeps changing; try again".to_owned())
     }
 
     /// The providers of the accounts, each once.
@@ -402,19 +423,18 @@ impl OAuth2 {
     }
 
     /// Reads what the store says about every refresh-token account, so that the states are
-    /// right before the first login (blocking: called at start).
-    fn load_states(&self) {
+    /// right before the first login.
+    async fn load_states(&self) {
         for (id, account) in &self.accounts {
             if account.config.grant != Grant::RefreshToken {
                 continue;
             }
-            // Blocking, but only at start (and reload) and once per account.
-            let loaded = self.store.as_ref().map(|store| store.load(id));
+            let loaded = self.load(id).await;
             let mut status = lock(&account.status);
             match loaded {
-                Some(Ok(Some(stored))) => apply_stored(&mut status, &stored),
-                Some(Ok(None)) | None => status.state = AccountState::NeverAuthorized,
-                Some(Err(error)) => {
+                Ok(Some(stored)) => apply_stored(&mut status, &stored),
+                Ok(None) => status.state = AccountState::NeverAuthorized,
+                Err(error) => {
                     tracing::error!(account = id.as_str(), %error, "cannot read the token store");
                     status.state = AccountState::StoreError;
                     status.last_error = Some(error.to_string());
@@ -500,13 +520,26 @@ impl OAuth2 {
         scope: Option<&str>,
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
-        let _lease =
+        let lease =
             store::lease(&store, id, self.lease_wait)
                 .await
                 .map_err(|error| match error {
                     StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
                     other => Failure::Store(other.to_string()),
                 })?;
+        let outcome = self.redeem_newest(id, account, state, scope).await;
+        lease.release().await;
+        outcome
+    }
+
+    /// [`OAuth2::refresh_grant`] under the lease.
+    async fn redeem_newest(
+        &self,
+        id: &str,
+        account: &Account,
+        state: &mut GrantState,
+        scope: Option<&str>,
+    ) -> Result<TokenAnswer, Failure> {
         let (token, replaces) = self.newest(id, account, state).await?;
         match refresh(&account.provider, &token, scope).await {
             Ok(answer) => {
@@ -680,25 +713,20 @@ impl OAuth2 {
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {
-        let Some(store) = self.store.clone() else {
-            return Ok(None);
-        };
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.load(&id))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        match &self.store {
+            Some(store) => store.load(id).await.map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
     }
 
     async fn swap(&self, id: &str, expect: Expect, record: Stored) -> Result<Swap, String> {
-        let Some(store) = self.store.clone() else {
-            return Err("no token store configured".to_owned());
-        };
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.swap(&id, expect, record))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        match &self.store {
+            Some(store) => store
+                .swap(id, expect, record)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("no token store configured".to_owned()),
+        }
     }
 
     fn set_state(&self, account: &Account, state: AccountState, error: Option<String>) {

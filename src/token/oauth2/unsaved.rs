@@ -162,12 +162,13 @@ impl OAuth2 {
         if state.unsaved.is_none() {
             return;
         }
-        let Ok(_lease) = store::lease(&store, id, wait).await else {
+        let Ok(lease) = store::lease(&store, id, wait).await else {
             return;
         };
         if let Some(unsaved) = state.unsaved.take() {
             self.write(id, account, state, unsaved).await;
         }
+        lease.release().await;
     }
 
     /// Before the process exits: waits for the grants under way (their answers are written

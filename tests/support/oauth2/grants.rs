@@ -85,6 +85,11 @@ pub(super) fn refresh(
     match refresh.status {
         RefreshStatus::Active => {}
         RefreshStatus::Rotated => {
+            if st.settings.reuse_detection {
+                let grant = refresh.grant;
+                shared.revoke_grant(st, grant);
+                st.reuses_detected += 1;
+            }
             return Err(OAuthError::invalid_grant("refresh token already used"));
         }
         RefreshStatus::Revoked => return Err(OAuthError::invalid_grant("refresh token revoked")),

@@ -420,6 +420,17 @@ impl OAuthProvider {
         self.shared.lock().settings.delay = delay;
     }
 
+    /// Makes a rotated refresh token presented again revoke its whole family, as RFC 9700
+    /// section 4.14.2 asks of providers that rotate.
+    pub fn set_reuse_detection(&self, on: bool) {
+        self.shared.lock().settings.reuse_detection = on;
+    }
+
+    /// How many times a rotated refresh token was presented again.
+    pub fn reuses_detected(&self) -> usize {
+        self.shared.lock().reuses_detected
+    }
+
     /// Holds token requests until the guard is dropped: they are read but neither processed
     /// nor answered. A held request whose client disconnects is abandoned: nothing is issued,
     /// rotated or consumed, and it is logged with result `abandoned`. A request held longer
@@ -514,6 +525,27 @@ impl OAuthProvider {
             })
             .max_by_key(|(_, r)| r.seq)
             .map(|(token, _)| token.clone())
+    }
+
+    /// Every refresh token issued to `user` (rotated and revoked included).
+    pub fn refresh_tokens_issued(&self, user: &str) -> Vec<String> {
+        let st = self.shared.lock();
+        st.refresh_tokens
+            .iter()
+            .filter(|(_, r)| r.user == user)
+            .map(|(token, _)| token.clone())
+            .collect()
+    }
+
+    /// Revokes the grant family `token` (a refresh token, rotated or not) belongs to: every
+    /// token that descends from the same consent. Whether there was one.
+    pub fn revoke_family(&self, token: &str) -> bool {
+        let mut st = self.shared.lock();
+        let Some(grant) = st.refresh_tokens.get(token).map(|r| r.grant) else {
+            return false;
+        };
+        self.shared.revoke_grant(&mut st, grant);
+        true
     }
 
     /// Every access token issued to `user`, in issue order (expired and revoked included).

@@ -149,6 +149,9 @@ pub(super) struct Settings {
     pub hold_answers: bool,
     /// The next `.0` token requests answer status `.1` with error code `.2`.
     pub fail_next: Option<(usize, u16, String)>,
+    /// A rotated refresh token presented again revokes its whole family (RFC 9700 section
+    /// 4.14.2's reuse detection).
+    pub reuse_detection: bool,
 }
 
 impl Default for Settings {
@@ -162,6 +165,7 @@ impl Default for Settings {
             delay: Duration::ZERO,
             hold_answers: false,
             fail_next: None,
+            reuse_detection: false,
         }
     }
 }
@@ -276,6 +280,8 @@ pub(super) struct State {
     pub records: Vec<TokenRequestRecord>,
     pub next_grant: u64,
     pub seq: u64,
+    /// Rotated refresh tokens presented again.
+    pub reuses_detected: usize,
 }
 
 impl State {

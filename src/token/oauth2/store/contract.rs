@@ -1,5 +1,6 @@
 //! The store contract as one test suite, run against every backend: `one` and `other` are two
-//! handles on the same store, as two processes would hold them.
+//! handles on the same store, as two processes would hold them; `rekeyed` is a third with
+//! another key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,38 +24,55 @@ fn token(record: Option<Stored>) -> Option<String> {
         .map(|token| token.expose().clone())
 }
 
-pub async fn suite(one: &Arc<dyn TokenStore>, other: &Arc<dyn TokenStore>) {
-    absent_until_written(one.as_ref(), other.as_ref());
-    generations_grow_and_stale_writes_conflict(one.as_ref(), other.as_ref());
+pub async fn suite(
+    one: &Arc<dyn TokenStore>,
+    other: &Arc<dyn TokenStore>,
+    rekeyed: &Arc<dyn TokenStore>,
+) {
+    absent_until_written(one.as_ref(), other.as_ref()).await;
+    only_a_new_authorization_replaces_what_does_not_decrypt(one.as_ref(), rekeyed.as_ref()).await;
+    generations_grow_and_stale_writes_conflict(one.as_ref(), other.as_ref()).await;
     a_lease_excludes_other_holders(one, other).await;
 }
 
-fn absent_until_written(one: &dyn TokenStore, other: &dyn TokenStore) {
-    assert_eq!(one.load("absent").unwrap(), None);
-    let Swap::Written(generation) = one.swap("absent", Expect::Absent, record("rt-1")).unwrap()
+async fn absent_until_written(one: &dyn TokenStore, other: &dyn TokenStore) {
+    assert_eq!(one.load("absent").await.unwrap(), None);
+    let Swap::Written(generation) = one
+        .swap("absent", Expect::Absent, record("rt-1"))
+        .await
+        .unwrap()
     else {
         panic!("writing a new account conflicted");
     };
-    let seen = other.load("absent").unwrap().unwrap();
+    let seen = other.load("absent").await.unwrap().unwrap();
     assert_eq!(seen.generation, generation);
     assert_eq!(token(Some(seen)).as_deref(), Some("rt-1"));
     // Expecting no record where there is one writes nothing.
     assert!(matches!(
         other
             .swap("absent", Expect::Absent, record("rt-other"))
+            .await
             .unwrap(),
         Swap::Conflict(Some(_))
     ));
-    assert_eq!(token(one.load("absent").unwrap()).as_deref(), Some("rt-1"));
+    assert_eq!(
+        token(one.load("absent").await.unwrap()).as_deref(),
+        Some("rt-1")
+    );
 }
 
-fn generations_grow_and_stale_writes_conflict(one: &dyn TokenStore, other: &dyn TokenStore) {
-    let Swap::Written(first) = one.swap("cas", Expect::Absent, record("rt-1")).unwrap() else {
+async fn generations_grow_and_stale_writes_conflict(one: &dyn TokenStore, other: &dyn TokenStore) {
+    let Swap::Written(first) = one
+        .swap("cas", Expect::Absent, record("rt-1"))
+        .await
+        .unwrap()
+    else {
         panic!("writing a new account conflicted");
     };
     // Another process re-authorizes the account meanwhile.
     let Swap::Written(second) = other
         .swap("cas", Expect::Generation(first), record("rt-reauthorized"))
+        .await
         .unwrap()
     else {
         panic!("a write on the newest generation conflicted");
@@ -63,6 +81,7 @@ fn generations_grow_and_stale_writes_conflict(one: &dyn TokenStore, other: &dyn 
     // A decision taken on the first record is refused, and told what is there now.
     match one
         .swap("cas", Expect::Generation(first), record("rt-stale"))
+        .await
         .unwrap()
     {
         Swap::Conflict(Some(now)) => {
@@ -72,13 +91,13 @@ fn generations_grow_and_stale_writes_conflict(one: &dyn TokenStore, other: &dyn 
         other => panic!("a stale write was not refused: {other:?}"),
     }
     assert_eq!(
-        token(one.load("cas").unwrap()).as_deref(),
+        token(one.load("cas").await.unwrap()).as_deref(),
         Some("rt-reauthorized")
     );
     assert!(matches!(
         one.swap("cas", Expect::Anything, record("rt-forced"))
 
-            .unwrap(),
+            .await.unwrap(),
         Swap::Written(third) if third > second
     ));
 }
@@ -93,9 +112,46 @@ async fn a_lease_excludes_other_holders(one: &Arc<dyn TokenStore>, other: &Arc<d
     drop(lease(other, "free", Duration::ZERO).await.unwrap());
     // Writes do not need the lease: a holder's own swap goes through.
     assert!(matches!(
-        one.swap("leased", Expect::Absent, record("rt")).unwrap(),
+        one.swap("leased", Expect::Absent, record("rt"))
+            .await
+            .unwrap(),
         Swap::Written(_)
     ));
     drop(held);
-    drop(lease(other, "leased", Duration::ZERO).await.unwrap());
+    // A backend may release in the background: soon, not necessarily at once.
+    drop(
+        lease(other, "leased", Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+}
+
+async fn only_a_new_authorization_replaces_what_does_not_decrypt(
+    one: &dyn TokenStore,
+    rekeyed: &dyn TokenStore,
+) {
+    one.swap("rekeyed", Expect::Absent, record("rt-old-key"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rekeyed.load("rekeyed").await,
+        Err(StoreError::Undecryptable)
+    );
+    assert_eq!(
+        rekeyed
+            .swap("rekeyed", Expect::Absent, record("rt-new-key"))
+            .await,
+        Err(StoreError::Undecryptable)
+    );
+    assert!(matches!(
+        rekeyed
+            .swap("rekeyed", Expect::Anything, record("rt-new-key"))
+            .await
+            .unwrap(),
+        Swap::Written(_)
+    ));
+    assert_eq!(
+        token(rekeyed.load("rekeyed").await.unwrap()).as_deref(),
+        Some("rt-new-key")
+    );
 }

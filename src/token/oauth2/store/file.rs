@@ -11,26 +11,24 @@ use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use ring::rand::{SecureRandom as _, SystemRandom};
-
+use super::seal::Sealer;
 use super::{Expect, Lease, StoreError, Stored, Swap, TokenStore};
 use crate::secret::Secret;
+use crate::token::BoxFuture;
 
-/// Marks the file format, so a future format can be told apart.
-const MAGIC: &[u8; 4] = b"MGT1";
-const NONCE_BYTES: usize = 24;
-/// Bound to the account id so that files cannot be swapped between accounts.
-const AAD_PREFIX: &[u8] = b"mailgate token store v1\0";
-/// Files are small JSON; anything larger is not ours.
+/// Records are small JSON; anything larger is not ours.
 const MAX_FILE_BYTES: u64 = 64 * 1024;
 
-/// The store in one directory.
-pub struct FileStore {
+/// The store in one directory; its calls run on the blocking pool.
+#[derive(Clone)]
+pub struct FileStore(Arc<Files>);
+
+/// The directory and its blocking calls.
+pub struct Files {
     dir: PathBuf,
-    cipher: XChaCha20Poly1305,
+    sealer: Sealer,
 }
 
 impl FileStore {
@@ -41,17 +39,51 @@ impl FileStore {
     pub fn open(dir: &Path, key: &Secret<Vec<u8>>) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        let cipher = XChaCha20Poly1305::new_from_slice(key.expose())
-            .map_err(|_| StoreError::Io("the store key must be 32 bytes".to_owned()))?;
-        Ok(Self {
+        Ok(Self(Arc::new(Files {
             dir: dir.to_owned(),
-            cipher,
-        })
+            sealer: Sealer::new(key)?,
+        })))
+    }
+
+    /// Runs `call` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Files) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let files = self.0.clone();
+        tokio::task::spawn_blocking(move || call(&files))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?
     }
 }
 
 impl TokenStore for FileStore {
-    fn load(&self, account: &str) -> Result<Option<Stored>, StoreError> {
+    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        let account = account.to_owned();
+        Box::pin(self.blocking(move |files| files.load(&account)))
+    }
+
+    fn swap<'a>(
+        &'a self,
+        account: &'a str,
+        expect: Expect,
+        record: Stored,
+    ) -> BoxFuture<'a, Result<Swap, StoreError>> {
+        let account = account.to_owned();
+        Box::pin(self.blocking(move |files| files.swap(&account, expect, record)))
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        let account = account.to_owned();
+        Box::pin(self.blocking(move |files| files.try_lease(&account)))
+    }
+}
+
+impl Files {
+    pub fn load(&self, account: &str) -> Result<Option<Stored>, StoreError> {
         let path = self.path(account);
         let metadata = match fs::metadata(&path) {
             Ok(metadata) => metadata,
@@ -62,23 +94,7 @@ impl TokenStore for FileStore {
             return Err(StoreError::Corrupt);
         }
         let bytes = fs::read(&path).map_err(|e| io_error(&path, &e))?;
-        let sealed = bytes.strip_prefix(MAGIC).ok_or(StoreError::Corrupt)?;
-        if sealed.len() < NONCE_BYTES {
-            return Err(StoreError::Corrupt);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
-        let aad = aad(account);
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| StoreError::Undecryptable)?;
-        let plain = Secret::new(plain);
+        let plain = self.sealer.open(account, &bytes)?;
         serde_json::from_slice(plain.expose())
             .map(Some)
             .map_err(|_| StoreError::Corrupt)
@@ -86,7 +102,12 @@ impl TokenStore for FileStore {
 
     /// Reads, compares and writes under the account's lock file, so two processes' swaps
     /// never interleave.
-    fn swap(&self, account: &str, expect: Expect, mut record: Stored) -> Result<Swap, StoreError> {
+    pub fn swap(
+        &self,
+        account: &str,
+        expect: Expect,
+        mut record: Stored,
+    ) -> Result<Swap, StoreError> {
         let _lock = self.lock(account)?;
         let current = match self.load(account) {
             Ok(current) => current,
@@ -97,7 +118,7 @@ impl TokenStore for FileStore {
         if !expect.is_met_by(current.as_ref()) {
             return Ok(Swap::Conflict(current));
         }
-        record.generation = next_generation(current.as_ref());
+        record.generation = super::next_generation(current.as_ref().map(|c| c.generation));
         self.write(account, &record)?;
         Ok(Swap::Written(record.generation))
     }
@@ -112,9 +133,6 @@ impl TokenStore for FileStore {
             }
         }
     }
-}
-
-impl FileStore {
     /// Holds the account's write lock until the returned file is dropped (advisory `flock`:
     /// every mailgate process takes it before writing).
     fn lock(&self, account: &str) -> Result<fs::File, StoreError> {
@@ -141,26 +159,14 @@ impl FileStore {
 
     fn write(&self, account: &str, record: &Stored) -> Result<(), StoreError> {
         let plain = Secret::new(record.to_json());
-        let mut nonce = [0u8; NONCE_BYTES];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| StoreError::Io("no randomness from the system".to_owned()))?;
-        let aad = aad(account);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plain.expose(),
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| StoreError::Io("encryption failed".to_owned()))?;
+        let sealed = self.sealer.seal(account, plain.expose())?;
         let path = self.path(account);
-        let temp = self
-            .dir
-            .join(format!(".{}.{}.tmp", file_name(account), hex(&nonce[..8])));
-        let written = write_durably(&temp, &[MAGIC.as_slice(), &nonce, &ciphertext].concat())
+        let temp = self.dir.join(format!(
+            ".{}.{}.tmp",
+            file_name(account),
+            hex(&ring::digest::digest(&ring::digest::SHA256, &sealed).as_ref()[..8])
+        ));
+        let written = write_durably(&temp, &sealed)
             .and_then(|()| fs::rename(&temp, &path))
             .and_then(|()| fs::File::open(&self.dir)?.sync_all());
         if let Err(error) = written {
@@ -175,20 +181,6 @@ impl FileStore {
     }
 }
 
-/// One more than the current record's; after an unreadable record (whose generation is
-/// unknown) the clock's milliseconds, which no earlier write of this store reached.
-fn next_generation(current: Option<&Stored>) -> u64 {
-    match current {
-        Some(current) => current.generation + 1,
-        None => {
-            let millis = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(1));
-            millis.max(1)
-        }
-    }
-}
-
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
@@ -197,10 +189,6 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
-}
-
-fn aad(account: &str) -> Vec<u8> {
-    [AAD_PREFIX, account.as_bytes()].concat()
 }
 
 /// A readable, safe file name: letters, digits and `._@+-` kept, the rest as `%XX`; very
@@ -241,6 +229,11 @@ mod tests {
         Secret::new(vec![byte; 32])
     }
 
+    /// The store's blocking calls, for tests that look at its files.
+    fn files(dir: &Path, byte: u8) -> Arc<Files> {
+        FileStore::open(dir, &key(byte)).unwrap().0
+    }
+
     fn record(token: &str) -> Stored {
         Stored {
             refresh_token: Some(Secret::new(token.to_owned())),
@@ -254,15 +247,16 @@ mod tests {
     #[tokio::test]
     async fn the_file_store_keeps_the_contract() {
         let dir = tempfile::tempdir().unwrap();
-        let open =
-            || -> Arc<dyn TokenStore> { Arc::new(FileStore::open(dir.path(), &key(9)).unwrap()) };
-        contract::suite(&open(), &open()).await;
+        let open = |byte| -> Arc<dyn TokenStore> {
+            Arc::new(FileStore::open(dir.path(), &key(byte)).unwrap())
+        };
+        contract::suite(&open(9), &open(9), &open(10)).await;
     }
 
     #[test]
     fn a_record_round_trips_encrypted_and_private() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(&dir.path().join("tokens"), &key(7)).unwrap();
+        let store = files(&dir.path().join("tokens"), 7);
         assert_eq!(store.load("alice@contoso.com").unwrap(), None);
         let Swap::Written(first) = store
             .swap("alice@contoso.com", Expect::Absent, record("rt-secret-1"))
@@ -301,23 +295,12 @@ mod tests {
     #[test]
     fn records_from_before_generations_read_as_generation_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), &key(4)).unwrap();
+        let store = files(dir.path(), 4);
         let old =
             br#"{"refresh_token":"rt-old","refreshed_at":1700000000,"access_expires_at":null}"#;
-        let nonce = [0u8; NONCE_BYTES];
-        let sealed = store
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: old,
-                    aad: &aad("alice"),
-                },
-            )
-            .unwrap();
         fs::write(
             store.path("alice"),
-            [MAGIC.as_slice(), &nonce, &sealed].concat(),
+            store.sealer.seal("alice", old).unwrap(),
         )
         .unwrap();
         let loaded = store.load("alice").unwrap().unwrap();
@@ -343,9 +326,9 @@ mod tests {
     #[test]
     fn a_wrong_key_a_swapped_file_and_garbage_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), &key(1)).unwrap();
+        let store = files(dir.path(), 1);
         store.swap("alice", Expect::Absent, record("rt")).unwrap();
-        let other_key = FileStore::open(dir.path(), &key(2)).unwrap();
+        let other_key = files(dir.path(), 2);
         assert_eq!(other_key.load("alice"), Err(StoreError::Undecryptable));
         // Only an outright replacement goes over a record that does not decrypt.
         assert_eq!(

@@ -11,6 +11,7 @@
 //!   across the provider's answer, so two processes never redeem the same token.
 
 pub mod file;
+pub mod seal;
 
 #[cfg(test)]
 pub mod contract;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::secret::Secret;
+use crate::token::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -98,7 +100,7 @@ impl Expect {
         })
     }
 
-    fn is_met_by(self, current: Option<&Stored>) -> bool {
+    pub fn is_met_by(self, current: Option<&Stored>) -> bool {
         match self {
             Expect::Anything => true,
             other => other == Expect::after_reading(current),
@@ -115,40 +117,86 @@ pub enum Swap {
     Conflict(Option<Stored>),
 }
 
-/// The right to redeem one account's refresh token until dropped.
+/// The right to redeem one account's refresh token until dropped or released.
 pub struct Lease {
-    _held: Box<dyn Send + Sync>,
+    held: Box<dyn Send + Sync>,
+    /// Finishes the release once `held` is dropped (a backend that releases over the
+    /// network).
+    releasing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Lease {
+    /// A lease that ends when `held` is dropped.
     pub fn new(held: impl Send + Sync + 'static) -> Self {
         Self {
-            _held: Box::new(held),
+            held: Box::new(held),
+            releasing: None,
+        }
+    }
+
+    /// A lease that ends in `releasing` once `held` is dropped.
+    pub fn released_by(
+        held: impl Send + Sync + 'static,
+        releasing: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            held: Box::new(held),
+            releasing: Some(releasing),
+        }
+    }
+
+    /// Ends the lease and waits until the store knows: what a process that may exit next
+    /// must do, so that nobody waits for the lease to run out.
+    pub async fn release(self) {
+        drop(self.held);
+        if let Some(releasing) = self.releasing {
+            let _ = releasing.await;
         }
     }
 }
 
-/// The contract above; see [`file::FileStore`]. Calls may block on I/O: async callers run
-/// them on the blocking pool.
+/// The contract above; see [`file::FileStore`] and [`crate::replicas::store::RedisStore`].
 pub trait TokenStore: Send + Sync {
     /// The account's newest record; `None` if none was ever stored.
     ///
     /// # Errors
     /// The record cannot be read, does not decrypt, or is not a record.
-    fn load(&self, account: &str) -> Result<Option<Stored>, StoreError>;
+    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 
     /// Writes `record` as the next generation if the current record is what `expect` says;
     /// atomically and durably.
     ///
     /// # Errors
     /// Reading or writing failed; the old record is then untouched.
-    fn swap(&self, account: &str, expect: Expect, record: Stored) -> Result<Swap, StoreError>;
+    fn swap<'a>(
+        &'a self,
+        account: &'a str,
+        expect: Expect,
+        record: Stored,
+    ) -> BoxFuture<'a, Result<Swap, StoreError>>;
 
     /// The account's lease if nobody holds it now; `None` if somebody does.
     ///
     /// # Errors
     /// The lease cannot be taken for another reason than being held.
-    fn try_lease(&self, account: &str) -> Result<Option<Lease>, StoreError>;
+    fn try_lease<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>>;
+}
+
+/// One more than the current generation; after an unreadable record (whose generation is
+/// unknown) or none, the clock's milliseconds, which no earlier write reached.
+pub fn next_generation(current: Option<u64>) -> u64 {
+    match current {
+        Some(current) => current + 1,
+        None => {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(1));
+            millis.max(1)
+        }
+    }
 }
 
 /// How often a lease held elsewhere is tried again while waiting for it.
@@ -165,11 +213,7 @@ pub async fn lease(
 ) -> Result<Lease, StoreError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let (attempt, account) = (store.clone(), account.to_owned());
-        let taken = tokio::task::spawn_blocking(move || attempt.try_lease(&account))
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))??;
-        if let Some(lease) = taken {
+        if let Some(lease) = store.try_lease(account).await? {
             return Ok(lease);
         }
         if tokio::time::Instant::now() >= deadline {

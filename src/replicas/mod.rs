@@ -1,0 +1,265 @@
+//! What replicas share through Redis (`tokens.shared.redis`): refresh-token records and their
+//! leases ([`store`]), access tokens and the one fetch per account ([`tokens`]), and the news
+//! that an account was revoked or re-authorized ([`news`]).
+//!
+//! Every call has a deadline; a Redis that does not answer in time counts as down (a metric
+//! and readiness say so) and the caller falls back to what it holds locally or fails
+//! temporarily. Everything secret is sealed before it is sent: Redis never sees a token.
+
+mod lock;
+pub mod news;
+pub mod store;
+pub mod tokens;
+
+#[cfg(test)]
+pub mod testing;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, IntoConnectionInfo as _, ProtocolVersion};
+use tokio::time::Instant;
+
+use crate::config::SharedConfig;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::token::oauth2::store::seal::Sealer;
+
+/// How often the connection manager tries to reconnect before a call gives up; the next
+/// call starts again.
+const RECONNECT_TRIES: usize = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SharedError {
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis cannot be reached")]
+    Unreachable,
+    /// Redis answered with an error reply; its code only, since the text may quote what
+    /// was sent.
+    #[error("Redis refused the call ({0})")]
+    Refused(String),
+}
+
+/// One Redis, as the replicas share it.
+pub struct Redis {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    sealer: Sealer,
+    metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
+    /// The last call's outcome, to log each change once.
+    up: AtomicBool,
+    /// Random, per handle: tells this replica's own news apart.
+    replica: String,
+    /// The connection for news (pub/sub pushes), set up once.
+    pushes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+}
+
+impl Redis {
+    /// A handle on the Redis `config` names; it connects on first use and reconnects by
+    /// itself.
+    ///
+    /// # Errors
+    /// The URL, TLS settings or key are unusable (`mailgate check` has said so already).
+    pub fn new(
+        config: &SharedConfig,
+        metrics: Arc<Metrics>,
+        health: Option<Arc<Health>>,
+    ) -> Result<Arc<Self>, String> {
+        let redis = &config.redis;
+        let key = config
+            .key
+            .as_ref()
+            .ok_or("tokens.shared has no key to seal with")?;
+        let (client, pushes) = client(redis)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(redis.timeout))
+            .set_response_timeout(Some(redis.timeout))
+            .set_number_of_retries(RECONNECT_TRIES)
+            .set_max_delay(redis.timeout)
+            .set_push_sender(pushes.0)
+            .set_automatic_resubscription();
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
+        Ok(Arc::new(Self {
+            connection,
+            prefix: redis.key_prefix.clone(),
+            timeout: redis.timeout,
+            sealer: Sealer::new(key).map_err(|e| e.to_string())?,
+            metrics,
+            health,
+            up: AtomicBool::new(true),
+            replica: random_id()?,
+            pushes: std::sync::Mutex::new(Some(pushes.1)),
+        }))
+    }
+
+    /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix.
+    pub fn key(&self, space: &str, name: &str) -> String {
+        format!("{}{space}:{name}", self.prefix)
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Runs `command` within the deadline; `op` names it in metrics.
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn run<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        command: &redis::Cmd,
+    ) -> Result<T, SharedError> {
+        let mut connection = self.connection.clone();
+        self.timed(
+            op,
+            async move { command.query_async(&mut connection).await },
+        )
+        .await
+    }
+
+    /// Runs `invocation` of a Lua script within the deadline (`EVALSHA`, loading it once).
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn eval<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, SharedError> {
+        let mut connection = self.connection.clone();
+        self.timed(
+            op,
+            async move { invocation.invoke_async(&mut connection).await },
+        )
+        .await
+    }
+
+    /// Subscribes to `channel`; messages arrive on the receiver [`Redis::pushes`] hands out.
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), SharedError> {
+        let mut connection = self.connection.clone();
+        let channel = channel.to_owned();
+        self.timed(
+            "subscribe",
+            async move { connection.subscribe(&channel).await },
+        )
+        .await
+    }
+
+    /// The pushes of the subscriptions; only the first caller gets them.
+    pub fn pushes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>> {
+        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(classify(&error, self.timeout)),
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(SharedError::Timeout(_)) => "timeout",
+            Err(SharedError::Unreachable) => "unreachable",
+            Err(SharedError::Refused(_)) => "refused",
+        };
+        self.metrics
+            .redis_call(op, label, started.elapsed().as_secs_f64());
+        self.answered(matches!(result, Ok(_) | Err(SharedError::Refused(_))));
+        result
+    }
+
+    /// Records whether Redis answered, for readiness and the `up` gauge, logging changes.
+    fn answered(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Redis answers again");
+            } else {
+                tracing::warn!(
+                    "Redis does not answer: logins without a cached token fail temporarily"
+                );
+            }
+        }
+        self.metrics.redis_up(up);
+        if let Some(health) = &self.health {
+            health.set_shared_state_reachable(up);
+        }
+    }
+}
+
+fn random_id() -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 12];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "no randomness from the system".to_owned())?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn classify(error: &redis::RedisError, timeout: Duration) -> SharedError {
+    if error.is_timeout() {
+        return SharedError::Timeout(timeout);
+    }
+    match error.code() {
+        Some(code) => SharedError::Refused(crate::sanitize::for_log(code)),
+        None => SharedError::Unreachable,
+    }
+}
+
+type Pushes = (
+    tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+);
+
+/// The client for `config`: RESP3 (pushes carry the news), TLS with its CA file when asked.
+fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes), String> {
+    let mut url = url::Url::parse(config.url.expose())
+        .map_err(|_| "tokens.shared.redis.url is not a URL".to_owned())?;
+    if config.tls && url.scheme() == "redis" {
+        url.set_scheme("rediss")
+            .map_err(|()| "tokens.shared.redis.url cannot take TLS".to_owned())?;
+    }
+    let mut info = url
+        .as_str()
+        .into_connection_info()
+        .map_err(|_| "tokens.shared.redis.url is not a Redis URL".to_owned())?;
+    let mut settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    if let Some(username) = &config.username {
+        settings = settings.set_username(username);
+    }
+    info = info.set_redis_settings(settings);
+    let client = match &config.ca_file {
+        Some(path) if url.scheme() == "rediss" => {
+            let root_cert = std::fs::read(path).map_err(|error| {
+                format!("tokens.shared.redis.ca_file {}: {error}", path.display())
+            })?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+        }
+        _ => redis::Client::open(info),
+    }
+    .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
+    Ok((client, tokio::sync::mpsc::unbounded_channel()))
+}

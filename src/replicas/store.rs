@@ -1,0 +1,166 @@
+//! The token store in Redis: one hash per account (`gen`, and `record` sealed as the file
+//! store seals it), written by a compare-and-swap script; the lease is a [`lock`](super::lock)
+//! held across the provider's answer, so one replica at a time redeems an account's token.
+
+use std::sync::{Arc, LazyLock};
+
+use redis::Script;
+
+use super::{Redis, SharedError, lock};
+use crate::secret::Secret;
+use crate::token::BoxFuture;
+use crate::token::oauth2::store::{
+    Expect, Lease, StoreError, Stored, Swap, TokenStore, next_generation,
+};
+
+/// Writes `ARGV[3]` (the sealed record) if the hash's generation is what `ARGV[1]` / `ARGV[2]`
+/// expect, as the next generation (`ARGV[4]` when there is none); else answers what is there.
+static SWAP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local current = redis.call('HGET', KEYS[1], 'gen')
+local met = ARGV[1] == 'any' or (ARGV[1] == 'absent' and not current) or (ARGV[1] == 'gen' and current == ARGV[2])
+if not met then
+  return {0, current or '', redis.call('HGET', KEYS[1], 'record') or ''}
+end
+local next = current and (tonumber(current) + 1) or tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'gen', next, 'record', ARGV[3])
+return {1, tostring(next), ''}",
+    )
+});
+
+pub struct RedisStore {
+    redis: Arc<Redis>,
+}
+
+impl RedisStore {
+    pub fn new(redis: Arc<Redis>) -> Self {
+        Self { redis }
+    }
+
+    /// The record `sealed` for `account` as generation `generation`.
+    fn open(&self, account: &str, generation: u64, sealed: &[u8]) -> Result<Stored, StoreError> {
+        let plain = self.redis.sealer().open(account, sealed)?;
+        let mut record: Stored =
+            serde_json::from_slice(plain.expose()).map_err(|_| StoreError::Corrupt)?;
+        record.generation = generation;
+        Ok(record)
+    }
+
+    async fn load_record(&self, account: &str) -> Result<Option<Stored>, StoreError> {
+        let mut command = redis::cmd("HMGET");
+        command
+            .arg(self.redis.key("token", account))
+            .arg("gen")
+            .arg("record");
+        let (generation, sealed): (Option<String>, Option<Vec<u8>>) =
+            self.redis.run("token_load", &command).await.map_err(io)?;
+        match (generation, sealed) {
+            (Some(generation), Some(sealed)) => self
+                .open(account, parse_generation(&generation)?, &sealed)
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn swap_record(
+        &self,
+        account: &str,
+        expect: Expect,
+        record: Stored,
+    ) -> Result<Swap, StoreError> {
+        let plain = Secret::new(record.to_json());
+        let sealed = self.redis.sealer().seal(account, plain.expose())?;
+        let (kind, expected) = match expect {
+            Expect::Absent => ("absent", 0),
+            Expect::Generation(generation) => ("gen", generation),
+            Expect::Anything => ("any", 0),
+        };
+        let mut call = SWAP.key(self.redis.key("token", account));
+        call.arg(kind)
+            .arg(expected)
+            .arg(sealed)
+            .arg(next_generation(None));
+        let (written, generation, current): (u8, String, Vec<u8>) =
+            self.redis.eval("token_swap", &call).await.map_err(io)?;
+        if written == 1 {
+            return Ok(Swap::Written(parse_generation(&generation)?));
+        }
+        if generation.is_empty() {
+            return Ok(Swap::Conflict(None));
+        }
+        // As the file store: what is there must be readable to be told about.
+        let current = self.open(account, parse_generation(&generation)?, &current)?;
+        Ok(Swap::Conflict(Some(current)))
+    }
+
+    async fn try_lease_of(&self, account: &str) -> Result<Option<Lease>, StoreError> {
+        let held = lock::try_acquire(&self.redis, &self.redis.key("lease", account))
+            .await
+            .map_err(io)?;
+        Ok(held.map(|held| {
+            let (stop, keeper) = held.into_parts();
+            Lease::released_by(stop, keeper)
+        }))
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn load<'a>(&'a self, account: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(self.load_record(account))
+    }
+
+    fn swap<'a>(
+        &'a self,
+        account: &'a str,
+        expect: Expect,
+        record: Stored,
+    ) -> BoxFuture<'a, Result<Swap, StoreError>> {
+        Box::pin(self.swap_record(account, expect, record))
+    }
+
+    fn try_lease<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        Box::pin(self.try_lease_of(account))
+    }
+}
+
+fn parse_generation(text: &str) -> Result<u64, StoreError> {
+    text.parse().map_err(|_| StoreError::Corrupt)
+}
+
+fn io(error: SharedError) -> StoreError {
+    StoreError::Io(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::testing::RedisServer;
+    use crate::token::oauth2::store::contract;
+
+    #[tokio::test]
+    async fn the_redis_store_keeps_the_contract() {
+        let server = RedisServer::start();
+        let open = |byte| -> Arc<dyn TokenStore> { Arc::new(RedisStore::new(server.handle(byte))) };
+        contract::suite(&open(9), &open(9), &open(10)).await;
+    }
+
+    #[tokio::test]
+    async fn redis_holds_only_sealed_records() {
+        let server = RedisServer::start();
+        let store = RedisStore::new(server.handle(1));
+        let record = Stored {
+            refresh_token: Some(Secret::new("rt-very-secret".to_owned())),
+            refreshed_at: None,
+            access_expires_at: None,
+            refresh_expires_at: None,
+            generation: 0,
+        };
+        store.swap("alice", Expect::Absent, record).await.unwrap();
+        let dump = server.dump();
+        assert!(dump.contains("token:alice"), "{dump}");
+        assert!(!dump.contains("rt-very-secret"));
+    }
+}

@@ -1,0 +1,269 @@
+//! Access tokens shared by replicas: a second cache level behind each replica's own, one hash
+//! per token key (`exp`, the expiry in Unix milliseconds, and `token`, sealed), living until
+//! the token is within the refresh margin of its expiry. A miss takes the key's flight lock
+//! in the same round trip, so one replica fetches while the others wait for its token.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::Script;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{Redis, SharedError, lock};
+use crate::config::Protocol;
+use crate::login::UpstreamAuth;
+use crate::secret::Secret;
+use crate::token::cache::expiry_from_now;
+use crate::token::{Token, TokenError, TokenKey};
+
+/// How often a replica waiting for another's fetch looks again.
+const FLIGHT_POLL: Duration = Duration::from_millis(25);
+
+/// The shared token if it expires after `ARGV[2]`; else the flight lock (`{2, fence}`), or
+/// `{0, ''}` while another replica holds it.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "local exp = redis.call('HGET', KEYS[1], 'exp')
+if exp and tonumber(exp) > tonumber(ARGV[2]) then
+  return {{1, redis.call('HGET', KEYS[1], 'token'), exp}}
+end
+{}return {{2, tostring(fence), ''}}",
+        lock::acquire_lua(2, 3, 1, "{0, '', ''}")
+    ))
+});
+
+/// Stores a token unless a later-expiring one is there already.
+static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local exp = redis.call('HGET', KEYS[1], 'exp')
+if exp and tonumber(exp) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[1], 'token', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1",
+    )
+});
+
+/// Drops the token expiring at `ARGV[1]` (the one the upstream refused), not a newer one.
+static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('HGET', KEYS[1], 'exp') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0",
+    )
+});
+
+/// A token as sealed into Redis.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    user: String,
+    /// `bearer` or `password` (an auth server may hand out a password).
+    kind: String,
+    secret: String,
+    /// Whether the source said how long it lives (else the default lifetime applies).
+    lifetime_known: bool,
+}
+
+/// What a claim found.
+pub enum Claim {
+    /// The shared token, with its lifetime from now, and its expiry (Unix ms).
+    Token(Token, u64),
+    /// A token that does not open (sealed with another key): to be fetched anew.
+    Unreadable,
+    /// This replica fetches; the others wait until it stores the token or lets go.
+    Fetch(lock::Held),
+    /// Another replica is fetching.
+    Busy,
+}
+
+pub struct SharedTokens {
+    redis: Arc<Redis>,
+    /// A token is not shared closer than this to its expiry (the cache's refresh margin).
+    margin: Duration,
+}
+
+impl SharedTokens {
+    pub fn new(redis: Arc<Redis>, margin: Duration) -> Self {
+        Self { redis, margin }
+    }
+
+    /// A token for `key` expiring after `later_than` (Unix ms), fetched once by one replica
+    /// for all: `fetch` runs here only if this replica got the flight lock, and waits for the
+    /// other's token otherwise (until `wait` has passed).
+    ///
+    /// Returns the token and its expiry (Unix ms) as the replicas know it.
+    ///
+    /// # Errors
+    /// What `fetch` reported; [`TokenError::Unavailable`] when Redis failed or another
+    /// replica's fetch took longer than `wait`.
+    pub async fn get_or_fetch<F>(
+        &self,
+        key: &TokenKey,
+        later_than: u64,
+        wait: Duration,
+        fetch: F,
+    ) -> Result<(Token, u64), TokenError>
+    where
+        F: AsyncFnOnce() -> Result<Token, TokenError>,
+    {
+        let deadline = Instant::now() + wait;
+        let mut later_than = later_than;
+        loop {
+            match self.claim(key, later_than).await.map_err(unavailable)? {
+                Claim::Token(token, expires_at) => {
+                    self.redis.metrics.shared_token("hit");
+                    return Ok((token, expires_at));
+                }
+                Claim::Fetch(held) => {
+                    self.redis.metrics.shared_token("fetched");
+                    let token = fetch().await?;
+                    let expires_at = expiry_from_now(token.lifetime.unwrap_or(self.margin * 2));
+                    if let Err(error) = self.put(key, &token, expires_at).await {
+                        tracing::warn!(%error, "cannot share a fetched token with the other replicas");
+                    }
+                    held.release().await;
+                    return Ok((token, expires_at));
+                }
+                Claim::Unreadable => later_than = u64::MAX,
+                Claim::Busy if Instant::now() < deadline => {
+                    tokio::time::sleep(FLIGHT_POLL).await;
+                }
+                Claim::Busy => {
+                    self.redis.metrics.shared_token("wait_timeout");
+                    return Err(TokenError::Unavailable(
+                        "another replica's token request is taking too long".to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn claim(&self, key: &TokenKey, later_than: u64) -> Result<Claim, SharedError> {
+        let name = name(key);
+        let mut call = CLAIM.key(self.redis.key("access", &name));
+        call.key(self.redis.key("flight", &name))
+            .key(lock::fence_key(&self.redis))
+            .arg(lock::lease_millis())
+            .arg(later_than);
+        let (found, value, expires_at): (u8, Vec<u8>, String) =
+            self.redis.eval("token_claim", &call).await?;
+        match found {
+            1 => Ok(expires_at
+                .parse()
+                .ok()
+                .and_then(|expires_at| Some((self.open(key, expires_at, &value)?, expires_at)))
+                .map_or(Claim::Unreadable, |(token, expires_at)| {
+                    Claim::Token(token, expires_at)
+                })),
+            2 => {
+                let fence = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .ok_or_else(|| SharedError::Refused("bad fence".to_owned()))?;
+                Ok(Claim::Fetch(lock::hold(
+                    &self.redis,
+                    &self.redis.key("flight", &name),
+                    fence,
+                )))
+            }
+            _ => Ok(Claim::Busy),
+        }
+    }
+
+    /// The shared token in `sealed`, or `None` when it does not open (another key) or is
+    /// too close to its expiry to hand out.
+    fn open(&self, key: &TokenKey, expires_at: u64, sealed: &[u8]) -> Option<Token> {
+        let plain = self.redis.sealer().open(&aad(key), sealed).ok()?;
+        let token: Sealed = serde_json::from_slice(plain.expose()).ok()?;
+        let lifetime = Duration::from_millis(expires_at.checked_sub(unix_millis())?);
+        let auth = match token.kind.as_str() {
+            "bearer" => UpstreamAuth::Bearer {
+                user: token.user,
+                token: Secret::new(token.secret),
+            },
+            "password" => UpstreamAuth::Password {
+                user: token.user,
+                password: Secret::new(token.secret),
+            },
+            _ => return None,
+        };
+        Some(Token {
+            auth,
+            lifetime: token.lifetime_known.then_some(lifetime),
+        })
+    }
+
+    /// Shares `token`, which expires at `expires_at`, for as long as it may be handed out.
+    async fn put(&self, key: &TokenKey, token: &Token, expires_at: u64) -> Result<(), SharedError> {
+        let lifetime = Duration::from_millis(expires_at.saturating_sub(unix_millis()));
+        let Some(shared_for) = lifetime.checked_sub(self.margin).filter(|d| !d.is_zero()) else {
+            return Ok(());
+        };
+        let (kind, user, secret) = match &token.auth {
+            UpstreamAuth::Bearer { user, token } => ("bearer", user, token),
+            UpstreamAuth::Password { user, password } => ("password", user, password),
+        };
+        let plain = Secret::new(
+            serde_json::to_vec(&Sealed {
+                user: user.clone(),
+                kind: kind.to_owned(),
+                secret: secret.expose().clone(),
+                lifetime_known: token.lifetime.is_some(),
+            })
+            .map_err(|_| SharedError::Refused("encoding".to_owned()))?,
+        );
+        let sealed = self
+            .redis
+            .sealer()
+            .seal(&aad(key), plain.expose())
+            .map_err(|_| SharedError::Refused("sealing".to_owned()))?;
+        let mut call = PUT.key(self.redis.key("access", &name(key)));
+        call.arg(expires_at).arg(sealed).arg(millis(shared_for));
+        let _: u8 = self.redis.eval("token_put", &call).await?;
+        Ok(())
+    }
+
+    /// Drops the shared token of `key` that expires at `expires_at`, after the upstream
+    /// refused it.
+    pub async fn forget(&self, key: &TokenKey, expires_at: u64) {
+        let mut call = FORGET.key(self.redis.key("access", &name(key)));
+        call.arg(expires_at);
+        let _: Result<u8, _> = self.redis.eval("token_forget", &call).await;
+    }
+
+    /// Drops every shared token of `account` (revoked, or authorized anew).
+    pub async fn forget_account(&self, account: &str) {
+        let mut command = redis::cmd("DEL");
+        for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
+            command.arg(
+                self.redis
+                    .key("access", &name(&TokenKey::shared(account, protocol))),
+            );
+        }
+        let _: Result<u64, _> = self.redis.run("token_forget", &command).await;
+    }
+}
+
+/// The key's name in Redis: account and protocol (tokens a password got are never shared).
+fn name(key: &TokenKey) -> String {
+    let protocol = key.protocol.map_or("any", |protocol| protocol.name());
+    format!("{}:{protocol}", key.account)
+}
+
+/// Bound to the key, so a token cannot be moved to another account's entry.
+fn aad(key: &TokenKey) -> String {
+    format!("access token\0{}", name(key))
+}
+
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unavailable(error: SharedError) -> TokenError {
+    TokenError::Unavailable(format!("shared state: {error}"))
+}
