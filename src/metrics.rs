@@ -47,6 +47,11 @@ pub struct OpResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LockLabels {
+    pub lock: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
 }
@@ -140,6 +145,7 @@ pub struct Metrics {
     pub redis_up: Gauge,
     pub redis_locks_stolen: Counter,
     pub shared_tokens: Family<ResultLabels, Counter>,
+    pub lock_wait_seconds: Family<LockLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -190,6 +196,7 @@ impl Metrics {
             redis_up: Gauge::default(),
             redis_locks_stolen: Counter::default(),
             shared_tokens: Family::default(),
+            lock_wait_seconds: Family::new_with_constructor(latency_histogram),
         };
         let metrics = metrics.register_all();
         metrics.export_fixed_series();
@@ -457,6 +464,11 @@ impl Metrics {
             self.redis_locks_stolen.clone(),
         );
         registry.register(
+            "lock_wait_seconds",
+            "Time waited for a lock another holder had: lock=token_store_lease (an account's refresh, any process) or shared_token_flight (another replica fetching the same token)",
+            self.lock_wait_seconds.clone(),
+        );
+        registry.register(
             "shared_tokens",
             "Access tokens sought in Redis on a local cache miss, by result (hit, fetched, wait_timeout)",
             self.shared_tokens.clone(),
@@ -546,6 +558,12 @@ impl Metrics {
             .inc();
         self.redis_call_seconds
             .get_or_create(&OpLabels { op })
+            .observe(seconds);
+    }
+
+    pub fn lock_waited(&self, lock: &'static str, seconds: f64) {
+        self.lock_wait_seconds
+            .get_or_create(&LockLabels { lock })
             .observe(seconds);
     }
 

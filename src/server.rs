@@ -681,8 +681,13 @@ async fn token_state(
         end_sessions,
     )
     .with_max_concurrent_fetches(config.tokens.max_concurrent_fetches);
-    if let Some(redis) = &redis {
-        tokens = tokens.shared_through(redis.clone());
+    if let (Some(redis), Some(shared)) = (&redis, &config.tokens.shared) {
+        let key = shared.key.as_ref().ok_or_else(|| {
+            StartError::TokenSource("tokens.shared has no key to seal with".to_owned())
+        })?;
+        tokens = tokens
+            .shared_through(redis.clone(), key)
+            .map_err(StartError::TokenSource)?;
     }
     let tokens = Arc::new(tokens);
     if let Some(redis) = &redis {

@@ -5,260 +5,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use support::cluster::{ALICE, Cluster, log_in_and_out, logins_at_once};
 use support::imap_client::ImapClient;
-use support::oauth2::{ClientCredential, OAuthProvider};
 use support::process::send_signal;
-use support::redis::RedisServer;
-use support::{DovecotOptions, Mailgate, TestUpstream, curl, eventually, free_port, with_timeout};
+use support::{eventually, with_timeout};
 
 const MINUTES: Duration = Duration::from_secs(180);
-const CLIENT: &str = "mailgate";
-const CLIENT_SECRET: &str = "client-secret-9c2d";
-const SCOPE: &str = "mail offline_access";
-const ALICE: &str = "alice@example.test";
-
-/// Many logins of one user at once: Dovecot's per-user and per-process defaults raised.
-const DOVECOT_TUNING: &str = "
-protocol imap {
-  mail_max_userip_connections = 2000
-}
-service imap-login {
-  service_count = 0
-  client_limit = 1000
-}
-service imap {
-  service_count = 0
-  client_limit = 1000
-  process_limit = 20
-}
-default_client_limit = 5000
-";
-
-/// One replica's ports and, while it runs, its process.
-struct Replica {
-    imap: u16,
-    admin: u16,
-    process: Option<Mailgate>,
-}
-
-impl Replica {
-    fn imap_address(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.imap))
-    }
-}
-
-/// The shared parts and three replicas.
-struct Cluster {
-    up: TestUpstream,
-    provider: OAuthProvider,
-    redis: RedisServer,
-    dir: tempfile::TempDir,
-    replicas: Vec<Replica>,
-    accounts: Vec<String>,
-    /// Each account's refresh token as onboarded.
-    onboarded: Vec<String>,
-    tail: String,
-}
-
-impl Cluster {
-    /// The parts, with `accounts` (refresh-token accounts, all logging in as Alice) onboarded
-    /// into Redis; no replica runs yet.
-    async fn start(accounts: usize, tail: &str) -> Cluster {
-        let up = TestUpstream::start_with(&DovecotOptions {
-            tuning: DOVECOT_TUNING.to_owned(),
-            ..DovecotOptions::default()
-        })
-        .await;
-        let provider = OAuthProvider::start(&up.introspection).await;
-        provider.add_client(CLIENT, ClientCredential::Secret(CLIENT_SECRET.to_owned()));
-        provider.set_reuse_detection(true);
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("client-secret"), CLIENT_SECRET).unwrap();
-        std::fs::write(
-            dir.path().join("store-key"),
-            "bWFpbGdhdGUtdGVzdC1zdG9yZS1rZXktMzItYnl0ZXM=\n",
-        )
-        .unwrap();
-        let mut cluster = Cluster {
-            up,
-            provider,
-            redis: RedisServer::start().await,
-            dir,
-            replicas: (0..3)
-                .map(|_| Replica {
-                    imap: free_port(),
-                    admin: free_port(),
-                    process: None,
-                })
-                .collect(),
-            accounts: (0..accounts).map(|n| format!("user{n}")).collect(),
-            onboarded: Vec::new(),
-            tail: tail.to_owned(),
-        };
-        for account in cluster.accounts.clone() {
-            let token = cluster.onboard(&account).await;
-            cluster.onboarded.push(token);
-        }
-        cluster
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Replica `n`'s configuration: IMAP to Dovecot, refresh tokens and everything else in
-    /// Redis (no store directory).
-    fn config(&self, n: usize) -> String {
-        let replica = &self.replicas[n];
-        let listeners = self.up.mailgate_config(replica.imap, free_port());
-        let imap_only = listeners.split("  - name: smtp").next().unwrap();
-        let accounts: String = self
-            .accounts
-            .iter()
-            .map(|id| {
-                format!(
-                    "      {id}: {{ provider: local, grant: refresh_token, user: \"{ALICE}\" }}\n"
-                )
-            })
-            .collect();
-        format!(
-            r#"{imap_only}admin: {{ listen: "127.0.0.1:{admin}" }}
-tokens:
-  shared:
-    redis: {{ url: "{redis}", timeout: 500ms }}
-  oauth2:
-    timeout: 5s
-    store: {{ key_file: "{key}" }}
-    providers:
-      local:
-        preset: custom
-        token_url: "{token_url}"
-        client_id: {CLIENT}
-        client_secret_file: "{secret}"
-        scope: "{SCOPE}"
-    accounts:
-{accounts}{tail}"#,
-            admin = replica.admin,
-            redis = self.redis.url(),
-            key = self.path("store-key").display(),
-            secret = self.path("client-secret").display(),
-            token_url = self.provider.token_url(),
-            tail = self.tail,
-        )
-    }
-
-    /// A refresh token for `account` at the provider, imported into Redis as an operator
-    /// would (`mailgate accounts import`, with replica 0's configuration).
-    async fn onboard(&self, account: &str) -> String {
-        let token = self.provider.issue_refresh_token(CLIENT, ALICE, SCOPE);
-        let file = self.path(&format!("{account}.rt"));
-        std::fs::write(&file, format!("{token}\n")).unwrap();
-        let mut import = Mailgate::spawn(
-            &self.config(0),
-            &[
-                "accounts",
-                "import",
-                "--no-check",
-                "--account",
-                account,
-                "--refresh-token-file",
-                &file.display().to_string(),
-            ],
-            &[],
-        );
-        let code = import.wait_exit(Duration::from_secs(30)).await;
-        assert_eq!(code, Some(0), "{}", import.output());
-        token
-    }
-
-    async fn start_all(&mut self) {
-        for n in 0..self.replicas.len() {
-            self.start_replica(n).await;
-        }
-    }
-
-    async fn start_replica(&mut self, n: usize) {
-        let config = self.config(n);
-        self.replicas[n].process = Some(Mailgate::start(&config).await);
-    }
-
-    fn replica(&self, n: usize) -> &Mailgate {
-        self.replicas[n].process.as_ref().expect("running")
-    }
-
-    /// Every replica's output, for failure messages.
-    fn output(&self) -> String {
-        self.replicas
-            .iter()
-            .filter_map(|replica| replica.process.as_ref())
-            .map(Mailgate::output)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    }
-
-    async fn readyz(&self, n: usize) -> String {
-        curl(&[
-            "-w",
-            " %{http_code}",
-            &format!("http://127.0.0.1:{}/readyz", self.replicas[n].admin),
-        ])
-        .await
-        .stdout
-    }
-
-    async fn metrics(&self, n: usize) -> String {
-        curl(&[&format!(
-            "http://127.0.0.1:{}/metrics",
-            self.replicas[n].admin
-        )])
-        .await
-        .stdout
-    }
-
-    /// Refresh-token requests the provider got, and how many it answered with tokens.
-    fn refreshes(&self) -> (usize, usize) {
-        let requests: Vec<_> = self
-            .provider
-            .token_requests()
-            .into_iter()
-            .filter(|request| request.grant_type == "refresh_token")
-            .collect();
-        let granted = requests.iter().filter(|r| r.result == "ok").count();
-        (requests.len(), granted)
-    }
-}
-
-/// Logs `account` in on `address` and out again; the tagged LOGIN completion.
-async fn log_in_and_out(address: SocketAddr, account: &str) -> String {
-    let mut client = ImapClient::connect(address).await;
-    let login = client.login(account, "any-password").await;
-    if login.is_ok() {
-        client.command("LOGOUT").await;
-    }
-    login.tagged
-}
-
-/// `count` logins at once, spread over the replicas and `accounts`; the ones that failed.
-async fn logins_at_once(cluster: &Cluster, count: usize) -> Vec<String> {
-    let mut logins = tokio::task::JoinSet::new();
-    for n in 0..count {
-        let address = cluster.replicas[n % cluster.replicas.len()].imap_address();
-        let account = cluster.accounts[n % cluster.accounts.len()].clone();
-        logins.spawn(async move { (account.clone(), log_in_and_out(address, &account).await) });
-    }
-    let mut failed = Vec::new();
-    while let Some(done) = logins.join_next().await {
-        let (account, tagged) = done.unwrap();
-        if !tagged.contains(" OK ") {
-            failed.push(format!("{account}: {tagged}"));
-        }
-    }
-    failed
-}
 
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
@@ -269,7 +23,7 @@ fn metric(text: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_make_one_provider_request_per_account() {
     with_timeout(MINUTES, async {
-        let mut cluster = Cluster::start(10, "").await;
+        let mut cluster = Cluster::start(3, 10, "").await;
         cluster.start_all().await;
 
         let failed = logins_at_once(&cluster, 300).await;
@@ -320,7 +74,7 @@ async fn rotations_while_three_replicas_log_in_never_redeem_a_token_twice() {
         // Tokens live 3 s and are renewed 2 s before expiry: every round needs a refresh,
         // and the replicas' background renewals race the logins' fetches.
         let mut cluster =
-            Cluster::start(1, "  cache: { refresh_margin: 2s, default_ttl: 3s }\n").await;
+            Cluster::start(3, 1, "  cache: { refresh_margin: 2s, default_ttl: 3s }\n").await;
         cluster
             .provider
             .set_access_token_lifetime(Duration::from_secs(3));
@@ -354,7 +108,7 @@ async fn rotations_while_three_replicas_log_in_never_redeem_a_token_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
     with_timeout(MINUTES, async {
-        let mut cluster = Cluster::start(1, "").await;
+        let mut cluster = Cluster::start(3, 1, "").await;
         cluster.start_all().await;
         let hold = cluster.provider.hold();
         // Replica 0 takes the account's locks and waits for the provider...
@@ -396,7 +150,7 @@ async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover() {
     with_timeout(MINUTES, async {
-        let mut cluster = Cluster::start(2, "").await;
+        let mut cluster = Cluster::start(3, 2, "").await;
         cluster.start_all().await;
         // user0's token is cached on replica 0; user1 has none anywhere.
         let tagged = log_in_and_out(cluster.replicas[0].imap_address(), "user0").await;
@@ -461,7 +215,7 @@ async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_redis_costs_logins_no_more_than_its_deadline() {
     with_timeout(MINUTES, async {
-        let mut cluster = Cluster::start(2, "").await;
+        let mut cluster = Cluster::start(3, 2, "").await;
         cluster.start_all().await;
         let tagged = log_in_and_out(cluster.replicas[0].imap_address(), "user0").await;
         assert!(tagged.contains(" OK "), "{tagged}");
@@ -500,7 +254,7 @@ async fn a_frozen_redis_costs_logins_no_more_than_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalid_grant_on_one_replica_ends_the_accounts_sessions_on_all() {
     with_timeout(MINUTES, async {
-        let mut cluster = Cluster::start(2, "").await;
+        let mut cluster = Cluster::start(3, 2, "").await;
         cluster.start_all().await;
         let mut sessions = Vec::new();
         for n in 0..3 {

@@ -1,15 +1,14 @@
-//! What replicas share through Redis (`tokens.shared.redis`): refresh-token records and their
-//! leases ([`store`]), access tokens and the one fetch per account ([`tokens`]), and the news
-//! that an account was revoked or re-authorized ([`news`]).
+//! The Redis replicas share (`tokens.shared.redis`): the handle every call goes through, with
+//! a deadline, metrics and readiness; locks across replicas ([`lock`]); and news of accounts
+//! between them ([`news`]). What is kept there is decided above: refresh-token records
+//! (`token::oauth2::store::redis`), access tokens (`token::shared`), the throttle.
 //!
-//! Every call has a deadline; a Redis that does not answer in time counts as down (a metric
-//! and readiness say so) and the caller falls back to what it holds locally or fails
-//! temporarily. Everything secret is sealed before it is sent: Redis never sees a token.
+//! A Redis that does not answer in time counts as down (a metric and readiness say so); the
+//! caller falls back to what it holds locally or fails temporarily. Callers seal what is
+//! secret before it is sent: Redis never sees a token.
 
-mod lock;
+pub mod lock;
 pub mod news;
-pub mod store;
-pub mod tokens;
 
 #[cfg(test)]
 pub mod testing;
@@ -25,7 +24,6 @@ use tokio::time::Instant;
 use crate::config::SharedConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::token::oauth2::store::seal::Sealer;
 
 /// How often the connection manager tries to reconnect before a call gives up; the next
 /// call starts again.
@@ -48,7 +46,6 @@ pub struct Redis {
     connection: ConnectionManager,
     prefix: String,
     timeout: Duration,
-    sealer: Sealer,
     metrics: Arc<Metrics>,
     health: Option<Arc<Health>>,
     /// The last call's outcome, to log each change once.
@@ -64,17 +61,13 @@ impl Redis {
     /// itself.
     ///
     /// # Errors
-    /// The URL, TLS settings or key are unusable (`mailgate check` has said so already).
+    /// The URL or TLS settings are unusable (`mailgate check` has said so already).
     pub fn new(
         config: &SharedConfig,
         metrics: Arc<Metrics>,
         health: Option<Arc<Health>>,
     ) -> Result<Arc<Self>, String> {
         let redis = &config.redis;
-        let key = config
-            .key
-            .as_ref()
-            .ok_or("tokens.shared has no key to seal with")?;
         let (client, pushes) = client(redis)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.timeout))
@@ -89,7 +82,6 @@ impl Redis {
             connection,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
-            sealer: Sealer::new(key).map_err(|e| e.to_string())?,
             metrics,
             health,
             up: AtomicBool::new(true),
@@ -103,8 +95,8 @@ impl Redis {
         format!("{}{space}:{name}", self.prefix)
     }
 
-    pub fn sealer(&self) -> &Sealer {
-        &self.sealer
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Runs `command` within the deadline; `op` names it in metrics.
@@ -189,9 +181,7 @@ impl Redis {
             if up {
                 tracing::info!("Redis answers again");
             } else {
-                tracing::warn!(
-                    "Redis does not answer: logins without a cached token fail temporarily"
-                );
+                tracing::warn!("the shared Redis does not answer");
             }
         }
         self.metrics.redis_up(up);

@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Redis;
-use super::tokens::SharedTokens;
 use crate::config::is_usable_name;
 
 /// How long a replica waits before subscribing again after Redis refused.
@@ -39,14 +38,11 @@ struct Letter {
     news: News,
 }
 
-/// Drops the account's shared tokens and tells the other replicas.
-pub async fn announce(redis: &Arc<Redis>, news: News) {
-    SharedTokens::new(redis.clone(), Duration::ZERO)
-        .forget_account(news.account())
-        .await;
+/// Tells the other replicas.
+pub async fn publish(redis: &Redis, news: &News) {
     let letter = Letter {
         from: redis.replica.clone(),
-        news,
+        news: news.clone(),
     };
     let Ok(text) = serde_json::to_string(&letter) else {
         return;

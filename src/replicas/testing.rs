@@ -47,8 +47,8 @@ impl RedisServer {
         self.dir.path().join("redis.sock")
     }
 
-    /// A handle as one replica holds it, sealing with a key of `key_byte`s.
-    pub fn handle(&self, key_byte: u8) -> Arc<Redis> {
+    /// A handle as one replica holds it.
+    pub fn handle(&self) -> Arc<Redis> {
         let config = SharedConfig {
             redis: RedisConfig {
                 url: Secret::new(format!("redis+unix://{}", self.socket().display())),
@@ -62,7 +62,7 @@ impl RedisServer {
             },
             key_file: None,
             key_env: None,
-            key: Some(Secret::new(vec![key_byte; 32])),
+            key: Some(Secret::new(vec![7; 32])),
         };
         Redis::new(&config, Arc::new(Metrics::new()), None).unwrap()
     }

@@ -16,12 +16,13 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use tokio::time::Instant;
 
+use super::shared::{SharedTokens, unix_millis};
 use super::{MAX_LIFETIME, Token, TokenError, TokenKey, TokenSource};
 use crate::config::{CacheConfig, DEFAULT_MAX_CONCURRENT_FETCHES, Protocol};
 use crate::metrics::{CauseLabels, Metrics};
 use crate::replicas::Redis;
 use crate::replicas::news::{self, News};
-use crate::replicas::tokens::{SharedTokens, unix_millis};
+use crate::secret::Secret;
 use crate::sessions::SessionRegistry;
 
 /// A background renewal that failed is tried again after this, doubling, up to the maximum,
@@ -69,7 +70,7 @@ pub struct TokenCache {
     /// Bounds the token requests in flight, renewals included.
     fetches: tokio::sync::Semaphore,
     /// The replicas' Redis: a second level of tokens, and the news of accounts.
-    shared: Option<(SharedTokens, Arc<Redis>)>,
+    shared: Option<Arc<SharedTokens>>,
 }
 
 /// Per-entry lifetime: the token's own (or the default) minus the margin, so a token is
@@ -155,12 +156,22 @@ impl TokenCache {
         }
     }
 
-    /// Shares tokens with the other replicas through `redis`: a miss looks there first,
-    /// and one replica fetches for all.
-    pub fn shared_through(mut self, redis: Arc<Redis>) -> Self {
-        let tokens = SharedTokens::new(redis.clone(), self.refresh_margin);
-        self.shared = Some((tokens, redis));
-        self
+    /// Shares tokens with the other replicas through `redis`, sealed with `key`: a miss
+    /// looks there first, and one replica fetches for all.
+    ///
+    /// # Errors
+    /// The key is not 32 bytes.
+    pub fn shared_through(
+        mut self,
+        redis: Arc<Redis>,
+        key: &Secret<Vec<u8>>,
+    ) -> Result<Self, String> {
+        self.shared = Some(Arc::new(SharedTokens::new(
+            redis,
+            key,
+            self.refresh_margin,
+        )?));
+        Ok(self)
     }
 
     /// Acts on the other replicas' news until this cache is retired or dropped: drops the
@@ -196,9 +207,8 @@ impl TokenCache {
 
     /// Tells the other replicas (in the background: the login does not wait for it).
     fn announce(&self, news: News) {
-        if let Some((_, redis)) = &self.shared {
-            let redis = redis.clone();
-            tokio::spawn(async move { news::announce(&redis, news).await });
+        if let Some(shared) = self.shared.clone() {
+            tokio::spawn(async move { shared.announce(news).await });
         }
     }
 
@@ -211,7 +221,7 @@ impl TokenCache {
         later_than: u64,
     ) -> Result<(Token, Option<u64>), TokenError> {
         match &self.shared {
-            Some((shared, _)) if key.proof.is_none() => {
+            Some(shared) if key.proof.is_none() => {
                 let (token, expires_at) = shared
                     .get_or_fetch(key, later_than, SHARED_FETCH_WAIT, async || {
                         self.fetch(key).await
@@ -332,7 +342,7 @@ impl TokenCache {
     /// Drops `key`'s token after the upstream refused it, but only if the cache still holds
     /// that very token: another session may already have fetched a fresh one.
     pub async fn invalidate(&self, key: &TokenKey, refused: &Arc<Cached>) {
-        if let Some((shared, _)) = &self.shared
+        if let Some(shared) = &self.shared
             && let Some(expires_at) = refused.expires_at
         {
             shared.forget(key, expires_at).await;

@@ -4,6 +4,7 @@
 pub mod auth_server;
 pub mod cache;
 pub mod oauth2;
+pub mod shared;
 pub mod sources;
 
 use std::fmt;

@@ -13,7 +13,8 @@
 //! - [`mailgate`] runs the binary as a [`Mailgate`].
 //! - [`oauth2`] is an [`OAuthProvider`], a local OAuth2 authorization server whose tokens the
 //!   test Dovecot accepts.
-//! - [`redis`] runs a [`redis::RedisServer`] for the replicas' shared state.
+//! - [`redis`] runs a [`redis::RedisServer`] for the replicas' shared state; [`cluster`]
+//!   runs replicas on it.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
 //! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
 //!   output for them.
@@ -22,6 +23,7 @@
 
 pub mod browser;
 pub mod certs;
+pub mod cluster;
 pub mod dovecot;
 pub mod http;
 pub mod imap_client;

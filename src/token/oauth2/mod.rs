@@ -28,11 +28,10 @@ use crate::health::Health;
 use crate::login::UpstreamAuth;
 use crate::metrics::Metrics;
 use crate::replicas::Redis;
-use crate::replicas::news::{self, News};
-use crate::replicas::store::RedisStore;
 use crate::secret::Secret;
 use provider::{GRANT_CLIENT_CREDENTIALS, GRANT_REFRESH_TOKEN, GrantError, Provider, TokenAnswer};
 use store::file::FileStore;
+use store::redis::RedisStore;
 use store::{Expect, StoreError, Stored, Swap, TokenStore};
 
 use super::{BoxFuture, Token, TokenError, TokenKey, TokenSource};
@@ -249,7 +248,12 @@ impl OAuth2 {
             );
         }
         let store: Option<Arc<dyn TokenStore>> = match (&config.store, &redis) {
-            (Some(_), Some(redis)) => Some(Arc::new(RedisStore::new(redis.clone()))),
+            (Some(store), Some(redis)) => {
+                let key = store.key.as_ref().ok_or("token store without a key")?;
+                Some(Arc::new(
+                    RedisStore::new(redis.clone(), key).map_err(|e| e.to_string())?,
+                ))
+            }
             (Some(store), None) => {
                 let key = store.key.as_ref().ok_or("token store without a key")?;
                 let dir = store
@@ -343,7 +347,8 @@ impl OAuth2 {
             generation: 0,
         };
         let store = self.store.clone().ok_or("no token store configured")?;
-        let lease = store::lease(&store, id, self.lease_wait)
+        let lease = self
+            .lease(&store, id, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
         let written = self.replace_record(id, record.clone()).await;
@@ -359,7 +364,7 @@ impl OAuth2 {
         }
         self.update_gauge();
         if let Some(redis) = &self.redis {
-            news::announce(redis, News::Replaced(id.to_owned())).await;
+            super::shared::account_replaced(redis, id).await;
         }
         tracing::info!(account = id, "account authorized; refresh token stored");
         Ok(())
@@ -520,13 +525,13 @@ impl OAuth2 {
         scope: Option<&str>,
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
-        let lease =
-            store::lease(&store, id, self.lease_wait)
-                .await
-                .map_err(|error| match error {
-                    StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
-                    other => Failure::Store(other.to_string()),
-                })?;
+        let lease = self
+            .lease(&store, id, self.lease_wait)
+            .await
+            .map_err(|error| match error {
+                StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
+                other => Failure::Store(other.to_string()),
+            })?;
         let outcome = self.redeem_newest(id, account, state, scope).await;
         lease.release().await;
         outcome
@@ -710,6 +715,20 @@ impl OAuth2 {
         self.store
             .clone()
             .ok_or_else(|| Failure::Store("no token store configured".to_owned()))
+    }
+
+    /// The account's lease, waited for up to `wait` (the wait measured).
+    async fn lease(
+        &self,
+        store: &Arc<dyn TokenStore>,
+        id: &str,
+        wait: Duration,
+    ) -> Result<store::Lease, StoreError> {
+        let started = Instant::now();
+        let lease = store::lease(store, id, wait).await;
+        self.metrics
+            .lock_waited("token_store_lease", started.elapsed().as_secs_f64());
+        lease
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::store::{self, Swap};
+use super::store::Swap;
 use super::{Account, BACKOFF_START, GrantState, OAuth2, STORE_RETRY_MAX, Unsaved, lock};
 
 impl OAuth2 {
@@ -162,7 +162,7 @@ impl OAuth2 {
         if state.unsaved.is_none() {
             return;
         }
-        let Ok(lease) = store::lease(&store, id, wait).await else {
+        let Ok(lease) = self.lease(&store, id, wait).await else {
             return;
         };
         if let Some(unsaved) = state.unsaved.take() {

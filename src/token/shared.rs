@@ -10,12 +10,14 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Redis, SharedError, lock};
+use super::cache::expiry_from_now;
+use super::oauth2::store::seal::Sealer;
+use super::{Token, TokenError, TokenKey};
 use crate::config::Protocol;
 use crate::login::UpstreamAuth;
+use crate::replicas::news::{self, News};
+use crate::replicas::{Redis, SharedError, lock};
 use crate::secret::Secret;
-use crate::token::cache::expiry_from_now;
-use crate::token::{Token, TokenError, TokenKey};
 
 /// How often a replica waiting for another's fetch looks again.
 const FLIGHT_POLL: Duration = Duration::from_millis(25);
@@ -77,13 +79,20 @@ pub enum Claim {
 
 pub struct SharedTokens {
     redis: Arc<Redis>,
+    sealer: Sealer,
     /// A token is not shared closer than this to its expiry (the cache's refresh margin).
     margin: Duration,
 }
 
 impl SharedTokens {
-    pub fn new(redis: Arc<Redis>, margin: Duration) -> Self {
-        Self { redis, margin }
+    /// # Errors
+    /// The key is not 32 bytes.
+    pub fn new(redis: Arc<Redis>, key: &Secret<Vec<u8>>, margin: Duration) -> Result<Self, String> {
+        Ok(Self {
+            redis,
+            sealer: Sealer::new(key).map_err(|e| e.to_string())?,
+            margin,
+        })
     }
 
     /// A token for `key` expiring after `later_than` (Unix ms), fetched once by one replica
@@ -105,36 +114,55 @@ impl SharedTokens {
     where
         F: AsyncFnOnce() -> Result<Token, TokenError>,
     {
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let deadline = started + wait;
         let mut later_than = later_than;
-        loop {
+        let mut waited = false;
+        let result = loop {
             match self.claim(key, later_than).await.map_err(unavailable)? {
                 Claim::Token(token, expires_at) => {
-                    self.redis.metrics.shared_token("hit");
-                    return Ok((token, expires_at));
+                    self.redis.metrics().shared_token("hit");
+                    break Ok((token, expires_at));
                 }
                 Claim::Fetch(held) => {
-                    self.redis.metrics.shared_token("fetched");
-                    let token = fetch().await?;
-                    let expires_at = expiry_from_now(token.lifetime.unwrap_or(self.margin * 2));
-                    if let Err(error) = self.put(key, &token, expires_at).await {
-                        tracing::warn!(%error, "cannot share a fetched token with the other replicas");
-                    }
+                    self.redis.metrics().shared_token("fetched");
+                    let fetched = self.fetch_and_share(key, fetch).await;
                     held.release().await;
-                    return Ok((token, expires_at));
+                    break fetched;
                 }
                 Claim::Unreadable => later_than = u64::MAX,
                 Claim::Busy if Instant::now() < deadline => {
+                    waited = true;
                     tokio::time::sleep(FLIGHT_POLL).await;
                 }
                 Claim::Busy => {
-                    self.redis.metrics.shared_token("wait_timeout");
-                    return Err(TokenError::Unavailable(
+                    self.redis.metrics().shared_token("wait_timeout");
+                    break Err(TokenError::Unavailable(
                         "another replica's token request is taking too long".to_owned(),
                     ));
                 }
             }
+        };
+        if waited {
+            let seconds = started.elapsed().as_secs_f64();
+            self.redis
+                .metrics()
+                .lock_waited("shared_token_flight", seconds);
         }
+        result
+    }
+
+    /// `fetch`, then the token shared; with its expiry as the replicas know it.
+    async fn fetch_and_share<F>(&self, key: &TokenKey, fetch: F) -> Result<(Token, u64), TokenError>
+    where
+        F: AsyncFnOnce() -> Result<Token, TokenError>,
+    {
+        let token = fetch().await?;
+        let expires_at = expiry_from_now(token.lifetime.unwrap_or(self.margin * 2));
+        if let Err(error) = self.put(key, &token, expires_at).await {
+            tracing::warn!(%error, "cannot share a fetched token with the other replicas");
+        }
+        Ok((token, expires_at))
     }
 
     async fn claim(&self, key: &TokenKey, later_than: u64) -> Result<Claim, SharedError> {
@@ -172,7 +200,7 @@ impl SharedTokens {
     /// The shared token in `sealed`, or `None` when it does not open (another key) or is
     /// too close to its expiry to hand out.
     fn open(&self, key: &TokenKey, expires_at: u64, sealed: &[u8]) -> Option<Token> {
-        let plain = self.redis.sealer().open(&aad(key), sealed).ok()?;
+        let plain = self.sealer.open(&aad(key), sealed).ok()?;
         let token: Sealed = serde_json::from_slice(plain.expose()).ok()?;
         let lifetime = Duration::from_millis(expires_at.checked_sub(unix_millis())?);
         let auth = match token.kind.as_str() {
@@ -212,8 +240,7 @@ impl SharedTokens {
             .map_err(|_| SharedError::Refused("encoding".to_owned()))?,
         );
         let sealed = self
-            .redis
-            .sealer()
+            .sealer
             .seal(&aad(key), plain.expose())
             .map_err(|_| SharedError::Refused("sealing".to_owned()))?;
         let mut call = PUT.key(self.redis.key("access", &name(key)));
@@ -230,17 +257,27 @@ impl SharedTokens {
         let _: Result<u8, _> = self.redis.eval("token_forget", &call).await;
     }
 
-    /// Drops every shared token of `account` (revoked, or authorized anew).
-    pub async fn forget_account(&self, account: &str) {
-        let mut command = redis::cmd("DEL");
-        for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
-            command.arg(
-                self.redis
-                    .key("access", &name(&TokenKey::shared(account, protocol))),
-            );
-        }
-        let _: Result<u64, _> = self.redis.run("token_forget", &command).await;
+    /// Drops every shared token of the account `news` is about, then tells the other
+    /// replicas, which drop theirs (and for a revocation end its sessions).
+    pub async fn announce(&self, news: News) {
+        forget_account(&self.redis, news.account()).await;
+        news::publish(&self.redis, &news).await;
     }
+}
+
+/// Drops every shared token of `account`, then tells the other replicas: what a process
+/// without a token cache (a command) does after authorizing an account.
+pub async fn account_replaced(redis: &Redis, account: &str) {
+    forget_account(redis, account).await;
+    news::publish(redis, &News::Replaced(account.to_owned())).await;
+}
+
+async fn forget_account(redis: &Redis, account: &str) {
+    let mut command = redis::cmd("DEL");
+    for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
+        command.arg(redis.key("access", &name(&TokenKey::shared(account, protocol))));
+    }
+    let _: Result<u64, _> = redis.run("token_forget", &command).await;
 }
 
 /// The key's name in Redis: account and protocol (tokens a password got are never shared).

@@ -1,17 +1,16 @@
 //! The token store in Redis: one hash per account (`gen`, and `record` sealed as the file
-//! store seals it), written by a compare-and-swap script; the lease is a [`lock`](super::lock)
-//! held across the provider's answer, so one replica at a time redeems an account's token.
+//! store seals it), written by a compare-and-swap script; the lease is a replicas' lock held
+//! across the provider's answer, so one replica at a time redeems an account's token.
 
 use std::sync::{Arc, LazyLock};
 
 use redis::Script;
 
-use super::{Redis, SharedError, lock};
+use super::seal::Sealer;
+use super::{Expect, Lease, StoreError, Stored, Swap, TokenStore, next_generation};
+use crate::replicas::{Redis, SharedError, lock};
 use crate::secret::Secret;
 use crate::token::BoxFuture;
-use crate::token::oauth2::store::{
-    Expect, Lease, StoreError, Stored, Swap, TokenStore, next_generation,
-};
 
 /// Writes `ARGV[3]` (the sealed record) if the hash's generation is what `ARGV[1]` / `ARGV[2]`
 /// expect, as the next generation (`ARGV[4]` when there is none); else answers what is there.
@@ -30,16 +29,22 @@ return {1, tostring(next), ''}",
 
 pub struct RedisStore {
     redis: Arc<Redis>,
+    sealer: Sealer,
 }
 
 impl RedisStore {
-    pub fn new(redis: Arc<Redis>) -> Self {
-        Self { redis }
+    /// # Errors
+    /// The key is not 32 bytes.
+    pub fn new(redis: Arc<Redis>, key: &Secret<Vec<u8>>) -> Result<Self, StoreError> {
+        Ok(Self {
+            redis,
+            sealer: Sealer::new(key)?,
+        })
     }
 
     /// The record `sealed` for `account` as generation `generation`.
     fn open(&self, account: &str, generation: u64, sealed: &[u8]) -> Result<Stored, StoreError> {
-        let plain = self.redis.sealer().open(account, sealed)?;
+        let plain = self.sealer.open(account, sealed)?;
         let mut record: Stored =
             serde_json::from_slice(plain.expose()).map_err(|_| StoreError::Corrupt)?;
         record.generation = generation;
@@ -69,7 +74,7 @@ impl RedisStore {
         record: Stored,
     ) -> Result<Swap, StoreError> {
         let plain = Secret::new(record.to_json());
-        let sealed = self.redis.sealer().seal(account, plain.expose())?;
+        let sealed = self.sealer.seal(account, plain.expose())?;
         let (kind, expected) = match expect {
             Expect::Absent => ("absent", 0),
             Expect::Generation(generation) => ("gen", generation),
@@ -140,17 +145,21 @@ mod tests {
     use crate::replicas::testing::RedisServer;
     use crate::token::oauth2::store::contract;
 
+    fn store(server: &RedisServer, key_byte: u8) -> RedisStore {
+        RedisStore::new(server.handle(), &Secret::new(vec![key_byte; 32])).unwrap()
+    }
+
     #[tokio::test]
     async fn the_redis_store_keeps_the_contract() {
         let server = RedisServer::start();
-        let open = |byte| -> Arc<dyn TokenStore> { Arc::new(RedisStore::new(server.handle(byte))) };
+        let open = |byte| -> Arc<dyn TokenStore> { Arc::new(store(&server, byte)) };
         contract::suite(&open(9), &open(9), &open(10)).await;
     }
 
     #[tokio::test]
     async fn redis_holds_only_sealed_records() {
         let server = RedisServer::start();
-        let store = RedisStore::new(server.handle(1));
+        let store = store(&server, 1);
         let record = Stored {
             refresh_token: Some(Secret::new("rt-very-secret".to_owned())),
             refreshed_at: None,
