@@ -11,6 +11,7 @@
 //!   across the provider's answer, so two processes never redeem the same token.
 
 pub mod file;
+pub mod migrate;
 pub mod seal;
 
 #[cfg(test)]
