@@ -124,9 +124,7 @@ pub async fn migrate(config: &Config, to: Backend, choices: Choices) -> u8 {
         if outcome.as_ref().is_ok_and(Outcome::is_done) {
             done += 1;
         }
-        if to == Backend::Redis
-            && !choices.dry_run
-            && matches!(outcome, Ok(Outcome::Moved { .. }))
+        if to == Backend::Redis && !choices.dry_run && matches!(outcome, Ok(Outcome::Moved { .. }))
         {
             // Replicas already on Redis drop what they cached for the account.
             news::announce(&redis, News::Replaced(account.clone())).await;

@@ -385,6 +385,25 @@ mod tests {
         assert_eq!(store.load("dave"), Err(StoreError::Corrupt));
     }
 
+    #[tokio::test]
+    async fn records_of_other_accounts_are_listed_by_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), &key(5)).unwrap();
+        for account in ["alice", "old/friend", "bob"] {
+            store
+                .swap(account, Expect::Absent, record("rt"))
+                .await
+                .unwrap();
+        }
+        let _lease = store.try_lease("bob").await.unwrap();
+        let known = ["alice".to_owned(), "bob".to_owned()];
+        assert_eq!(store.others(&known).await.unwrap(), ["old%2Ffriend.token"]);
+        let missing = FileStore::at(&dir.path().join("none"), &key(5)).unwrap();
+        assert!(missing.others(&known).await.unwrap().is_empty());
+        assert_eq!(missing.load("alice").await, Ok(None));
+        assert!(!dir.path().join("none").exists());
+    }
+
     #[test]
     fn file_names_are_safe() {
         assert_eq!(file_name("a/../b"), "a%2F..%2Fb");
