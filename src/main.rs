@@ -105,10 +105,12 @@ enum AccountsAction {
 
 #[derive(Subcommand)]
 enum StoreAction {
-    /// Copy every refresh_token account's record between tokens.oauth2.store.dir and
-    /// tokens.shared.redis (the configuration names both), under each account's lease; prints
-    /// per account: moved, already there, conflict, unreadable. The source is left in place.
-    /// Exit 0 only if every account is at the destination.
+    /// Copy every refresh_token account's record between the file store and Redis.
+    ///
+    /// The configuration names both (tokens.oauth2.store.dir and tokens.shared.redis). Each
+    /// account is moved under its lease on both stores; the output says per account: moved,
+    /// already there, conflict, unreadable (never a token). The source is left in place.
+    /// Exit 0 only if every account is at the destination (or has no record to move).
     Migrate {
         /// The destination.
         #[arg(long, value_enum)]

@@ -1,19 +1,21 @@
 //! `mailgate store migrate --to redis|file`: copies every refresh-token record between the
 //! token store's directory and Redis, one line per account, never a token.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, shared_state};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, relative, shared_state};
 use crate::config::{Config, Grant, OAuth2Config};
 use crate::metrics::Metrics;
+use crate::replicas::Redis;
 use crate::replicas::news::{self, News};
 use crate::replicas::store::RedisStore;
 use crate::sanitize;
 use crate::secret::Secret;
 use crate::token::oauth2::lease_wait;
+use crate::token::oauth2::provider::unix_now;
 use crate::token::oauth2::store::file::FileStore;
-use crate::token::oauth2::store::migrate::{Migration, MoveError, Outcome};
+use crate::token::oauth2::store::migrate::{Conflict, Migration, MoveError, Outcome};
 use crate::token::oauth2::store::{StoreError, TokenStore};
 
 /// Where the records go.
@@ -30,6 +32,13 @@ impl Backend {
         match self {
             Backend::File => "the file store",
             Backend::Redis => "Redis",
+        }
+    }
+
+    fn other(self) -> Backend {
+        match self {
+            Backend::File => Backend::Redis,
+            Backend::Redis => Backend::File,
         }
     }
 
@@ -52,59 +61,12 @@ pub struct Choices {
 /// `mailgate store migrate --to BACKEND [--overwrite] [--dry-run]`: exit 0 when every
 /// `refresh_token` account is at the destination (or has no record to move).
 pub async fn migrate(config: &Config, to: Backend, choices: Choices) -> u8 {
-    let (oauth2, dir, key) = match file_store_settings(config) {
-        Ok(settings) => settings,
-        Err(reason) => {
-            eprintln!("store migrate needs both stores in the configuration: {reason}");
-            return EXIT_USAGE;
-        }
-    };
-    let redis = match shared_state(config, &Arc::new(Metrics::new())) {
-        Ok(Some(redis)) => redis,
-        Ok(None) => {
-            eprintln!(
-                "store migrate needs both stores in the configuration: tokens.shared.redis is not set"
-            );
-            return EXIT_USAGE;
-        }
+    let opened = match Opened::new(config, to, choices) {
+        Ok(opened) => opened,
         Err(code) => return code,
     };
-    let from = to_other(to);
-    if from == Backend::File && !dir.is_dir() {
-        eprintln!(
-            "tokens.oauth2.store.dir {} does not exist: there is nothing to migrate",
-            dir.display()
-        );
-        return EXIT_USAGE;
-    }
-    // The destination directory is created only when something is written to it.
-    let opened = if to == Backend::File && !choices.dry_run {
-        FileStore::open(dir, key)
-    } else {
-        FileStore::at(dir, key)
-    };
-    let file = match opened {
-        Ok(file) => file,
-        Err(error) => {
-            eprintln!("cannot open the token store: {error}");
-            return EXIT_FAILED;
-        }
-    };
+    let from = to.other();
     let accounts = refresh_token_accounts(config);
-    let (from_store, to_store): (Arc<dyn TokenStore>, Arc<dyn TokenStore>) = {
-        let redis_store = Arc::new(RedisStore::new(redis.clone()));
-        match to {
-            Backend::Redis => (Arc::new(file.clone()), redis_store),
-            Backend::File => (redis_store, Arc::new(file.clone())),
-        }
-    };
-    let migration = Migration {
-        from: from_store,
-        to: to_store,
-        overwrite: choices.overwrite,
-        dry_run: choices.dry_run,
-        lease_wait: lease_wait(oauth2),
-    };
     println!(
         "{} the refresh tokens of {} account{} from {} to {}; the source is left as it is.",
         if choices.dry_run {
@@ -114,12 +76,12 @@ pub async fn migrate(config: &Config, to: Backend, choices: Choices) -> u8 {
         },
         accounts.len(),
         if accounts.len() == 1 { "" } else { "s" },
-        from.place(dir),
-        to.place(dir),
+        from.place(&opened.dir),
+        to.place(&opened.dir),
     );
     let mut done = 0;
     for account in &accounts {
-        let outcome = migration.account(account).await;
+        let outcome = opened.migration.account(account).await;
         println!("{account}: {}", describe(&outcome, to, choices.dry_run));
         if outcome.as_ref().is_ok_and(Outcome::is_done) {
             done += 1;
@@ -127,13 +89,74 @@ pub async fn migrate(config: &Config, to: Backend, choices: Choices) -> u8 {
         if to == Backend::Redis && !choices.dry_run && matches!(outcome, Ok(Outcome::Moved { .. }))
         {
             // Replicas already on Redis drop what they cached for the account.
-            news::announce(&redis, News::Replaced(account.clone())).await;
+            news::announce(&opened.redis, News::Replaced(account.clone())).await;
         }
     }
     if from == Backend::File {
-        report_others(&file, &accounts).await;
+        report_others(&opened.file, &accounts).await;
     }
     summary(done, accounts.len(), to, choices.dry_run)
+}
+
+/// Both stores, as the configuration names them.
+struct Opened {
+    migration: Migration,
+    file: FileStore,
+    dir: PathBuf,
+    redis: Arc<Redis>,
+}
+
+impl Opened {
+    /// # Errors
+    /// The exit code, after saying why: a store is not configured (or the source directory
+    /// does not exist), or cannot be set up.
+    fn new(config: &Config, to: Backend, choices: Choices) -> Result<Self, u8> {
+        let (oauth2, dir, key) = file_store_settings(config).map_err(|reason| {
+            eprintln!("store migrate needs both stores in the configuration: {reason}");
+            EXIT_USAGE
+        })?;
+        let redis = shared_state(config, &Arc::new(Metrics::new()))?.ok_or_else(|| {
+            eprintln!(
+                "store migrate needs both stores in the configuration: tokens.shared.redis is not set"
+            );
+            EXIT_USAGE
+        })?;
+        if to == Backend::Redis && !dir.is_dir() {
+            eprintln!(
+                "tokens.oauth2.store.dir {} does not exist: there is nothing to migrate",
+                dir.display()
+            );
+            return Err(EXIT_USAGE);
+        }
+        // The destination directory is created only when something is written to it.
+        let file = if to == Backend::File && !choices.dry_run {
+            FileStore::open(dir, key)
+        } else {
+            FileStore::at(dir, key)
+        }
+        .map_err(|error| {
+            eprintln!("cannot open the token store: {error}");
+            EXIT_FAILED
+        })?;
+        let file_store: Arc<dyn TokenStore> = Arc::new(file.clone());
+        let redis_store: Arc<dyn TokenStore> = Arc::new(RedisStore::new(redis.clone()));
+        let (from, to) = match to {
+            Backend::Redis => (file_store, redis_store),
+            Backend::File => (redis_store, file_store),
+        };
+        Ok(Self {
+            migration: Migration {
+                from,
+                to,
+                overwrite: choices.overwrite,
+                dry_run: choices.dry_run,
+                lease_wait: lease_wait(oauth2),
+            },
+            file,
+            dir: dir.to_owned(),
+            redis,
+        })
+    }
 }
 
 /// The OAuth2 settings, the file store's directory and the key both stores seal with.
@@ -158,13 +181,6 @@ fn file_store_settings(
         .as_ref()
         .ok_or("tokens.oauth2.store has no key (key_file or key_env)")?;
     Ok((oauth2, dir, key))
-}
-
-fn to_other(to: Backend) -> Backend {
-    match to {
-        Backend::File => Backend::Redis,
-        Backend::Redis => Backend::File,
-    }
 }
 
 /// The configuration is the list: every `refresh_token` account, sorted.
@@ -192,11 +208,16 @@ fn describe(outcome: &Result<Outcome, MoveError>, to: Backend, dry_run: bool) ->
         }
         Ok(Outcome::AlreadyThere) => "already there".to_owned(),
         Ok(Outcome::NothingToMove) => "nothing to move (no record in the source)".to_owned(),
-        Ok(Outcome::Conflict(None)) => format!(
-            "conflict: {} holds another refresh token for it; left as it is (--overwrite replaces it)",
-            to.name()
+        Ok(Outcome::Conflict(Conflict::Differs {
+            source,
+            destination,
+        })) => format!(
+            "conflict: {} holds another refresh token ({}; the source's: {}); left as it is (--overwrite replaces it)",
+            to.name(),
+            redeemed(*destination),
+            redeemed(*source)
         ),
-        Ok(Outcome::Conflict(Some(error))) => format!(
+        Ok(Outcome::Conflict(Conflict::Unreadable(error))) => format!(
             "conflict: the record {} holds cannot be read ({error}); left as it is (--overwrite replaces it)",
             to.name()
         ),
@@ -204,6 +225,14 @@ fn describe(outcome: &Result<Outcome, MoveError>, to: Backend, dry_run: bool) ->
             format!("unreadable: {error}")
         }
         Err(error) => format!("not moved: {error}"),
+    }
+}
+
+/// When a record's token was last redeemed, as `accounts` says times.
+fn redeemed(at: Option<u64>) -> String {
+    match at {
+        Some(at) => format!("redeemed {}", relative(at, unix_now())),
+        None => "never redeemed".to_owned(),
     }
 }
 

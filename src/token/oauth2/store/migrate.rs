@@ -16,9 +16,21 @@ pub enum Outcome {
     AlreadyThere,
     /// The source holds no record for the account.
     NothingToMove,
-    /// The destination holds another refresh token, or (with the error) a record that cannot
-    /// be read; it is left as it is.
-    Conflict(Option<StoreError>),
+    /// The destination holds something else, left as it is.
+    Conflict(Conflict),
+}
+
+/// What the destination holds instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    /// Another refresh token. When each side's token was last redeemed (Unix seconds; `None`:
+    /// never, as imported), which tells the operator which one is in use.
+    Differs {
+        source: Option<u64>,
+        destination: Option<u64>,
+    },
+    /// A record that cannot be read.
+    Unreadable(StoreError),
 }
 
 impl Outcome {
@@ -77,10 +89,15 @@ impl Migration {
                 return Ok(Outcome::AlreadyThere);
             }
             Ok(Some(there)) if self.overwrite => (Expect::Generation(there.generation), true),
-            Ok(Some(_)) => return Ok(Outcome::Conflict(None)),
+            Ok(Some(there)) => {
+                return Ok(Outcome::Conflict(Conflict::Differs {
+                    source: record.refreshed_at,
+                    destination: there.refreshed_at,
+                }));
+            }
             Err(error @ (StoreError::Undecryptable | StoreError::Corrupt)) => {
                 if !self.overwrite {
-                    return Ok(Outcome::Conflict(Some(error)));
+                    return Ok(Outcome::Conflict(Conflict::Unreadable(error)));
                 }
                 (Expect::Anything, true)
             }
@@ -89,6 +106,7 @@ impl Migration {
         if self.dry_run {
             return Ok(Outcome::Moved { replaced });
         }
+        let source = record.refreshed_at;
         match self
             .to
             .swap(account, expect, record)
@@ -97,7 +115,10 @@ impl Migration {
         {
             Swap::Written(_) => Ok(Outcome::Moved { replaced }),
             // Under the lease only a writer that ignores it (an older mailgate) gets here.
-            Swap::Conflict(_) => Ok(Outcome::Conflict(None)),
+            Swap::Conflict(there) => Ok(Outcome::Conflict(Conflict::Differs {
+                source,
+                destination: there.and_then(|there| there.refreshed_at),
+            })),
         }
     }
 }
@@ -194,7 +215,13 @@ mod tests {
         put(&s.from, "alice", Some("rt-old")).await;
         put(&s.to, "alice", Some("rt-newer")).await;
         let outcome = migration(&s, false, false).account("alice").await;
-        assert_eq!(outcome, Ok(Outcome::Conflict(None)));
+        assert_eq!(
+            outcome,
+            Ok(Outcome::Conflict(Conflict::Differs {
+                source: Some(1_700_000_000),
+                destination: Some(1_700_000_000)
+            }))
+        );
         assert!(!outcome.unwrap().is_done());
         assert_eq!(
             token_at(&s.to, "alice").await,
@@ -222,7 +249,9 @@ mod tests {
         put(&s.to_other_key, "alice", Some("rt-foreign")).await;
         assert_eq!(
             migration(&s, false, false).account("alice").await,
-            Ok(Outcome::Conflict(Some(StoreError::Undecryptable)))
+            Ok(Outcome::Conflict(Conflict::Unreadable(
+                StoreError::Undecryptable
+            )))
         );
         assert_eq!(
             migration(&s, true, false).account("alice").await,
