@@ -43,9 +43,9 @@ impl Outcome {
 /// Why an account was not moved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoveError {
-    #[error("unreadable in the source: {0}")]
+    #[error("at the source: {0}")]
     Source(StoreError),
-    #[error("failed at the destination: {0}")]
+    #[error("at the destination: {0}")]
     Destination(StoreError),
 }
 
