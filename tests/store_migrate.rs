@@ -264,8 +264,8 @@ async fn records_move_to_redis_and_back_and_a_conflict_is_kept() {
         // Neither token was redeemed yet: the line says so, and how to replace it.
         assert_eq!(
             line(&out, "bob:"),
-            "bob: conflict: Redis holds another refresh token (never redeemed; the source's: \
-             never redeemed); left as it is (--overwrite replaces it)"
+            "bob: conflict: Redis holds another record (never redeemed; the source's: never \
+             redeemed); left as it is (--overwrite replaces it)"
         );
 
         let back = s.path("tokens-back");

@@ -16,7 +16,7 @@ use crate::token::oauth2::lease_wait;
 use crate::token::oauth2::provider::unix_now;
 use crate::token::oauth2::store::file::FileStore;
 use crate::token::oauth2::store::migrate::{Conflict, Migration, MoveError, Outcome};
-use crate::token::oauth2::store::{StoreError, TokenStore};
+use crate::token::oauth2::store::{StoreError, Stored, TokenStore};
 
 /// Where the records go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,10 +212,10 @@ fn describe(outcome: &Result<Outcome, MoveError>, to: Backend, dry_run: bool) ->
             source,
             destination,
         })) => format!(
-            "conflict: {} holds another refresh token ({}; the source's: {}); left as it is (--overwrite replaces it)",
+            "conflict: {} holds another record ({}; the source's: {}); left as it is (--overwrite replaces it)",
             to.name(),
-            redeemed(*destination),
-            redeemed(*source)
+            state(destination),
+            state(source)
         ),
         Ok(Outcome::Conflict(Conflict::Unreadable(error))) => format!(
             "conflict: the record {} holds cannot be read ({error}); left as it is (--overwrite replaces it)",
@@ -228,11 +228,13 @@ fn describe(outcome: &Result<Outcome, MoveError>, to: Backend, dry_run: bool) ->
     }
 }
 
-/// When a record's token was last redeemed, as `accounts` says times.
-fn redeemed(at: Option<u64>) -> String {
-    match at {
-        Some(at) => format!("redeemed {}", relative(at, unix_now())),
-        None => "never redeemed".to_owned(),
+/// What a record says of its token, times as `accounts` says them: enough to tell which of
+/// two records is in use.
+fn state(record: &Stored) -> String {
+    match (&record.refresh_token, record.refreshed_at) {
+        (None, _) => "needs re-authorization".to_owned(),
+        (Some(_), Some(at)) => format!("redeemed {}", relative(at, unix_now())),
+        (Some(_), None) => "never redeemed".to_owned(),
     }
 }
 

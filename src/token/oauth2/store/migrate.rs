@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Expect, StoreError, Swap, TokenStore, lease};
+use super::{Expect, StoreError, Stored, Swap, TokenStore, lease};
 
 /// What became, or with a dry run would become, of one account's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,11 +23,10 @@ pub enum Outcome {
 /// What the destination holds instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Conflict {
-    /// Another refresh token. When each side's token was last redeemed (Unix seconds; `None`:
-    /// never, as imported), which tells the operator which one is in use.
+    /// Another record: each side's, whose times tell the operator which one is in use.
     Differs {
-        source: Option<u64>,
-        destination: Option<u64>,
+        source: Box<Stored>,
+        destination: Box<Stored>,
     },
     /// A record that cannot be read.
     Unreadable(StoreError),
@@ -91,8 +90,8 @@ impl Migration {
             Ok(Some(there)) if self.overwrite => (Expect::Generation(there.generation), true),
             Ok(Some(there)) => {
                 return Ok(Outcome::Conflict(Conflict::Differs {
-                    source: record.refreshed_at,
-                    destination: there.refreshed_at,
+                    source: Box::new(record),
+                    destination: Box::new(there),
                 }));
             }
             Err(error @ (StoreError::Undecryptable | StoreError::Corrupt)) => {
@@ -106,26 +105,27 @@ impl Migration {
         if self.dry_run {
             return Ok(Outcome::Moved { replaced });
         }
-        let source = record.refreshed_at;
         match self
             .to
-            .swap(account, expect, record)
+            .swap(account, expect, record.clone())
             .await
             .map_err(MoveError::Destination)?
         {
             Swap::Written(_) => Ok(Outcome::Moved { replaced }),
             // Under the lease only a writer that ignores it (an older mailgate) gets here.
-            Swap::Conflict(there) => Ok(Outcome::Conflict(Conflict::Differs {
-                source,
-                destination: there.and_then(|there| there.refreshed_at),
+            Swap::Conflict(Some(there)) => Ok(Outcome::Conflict(Conflict::Differs {
+                source: Box::new(record),
+                destination: Box::new(there),
             })),
+            Swap::Conflict(None) => Err(MoveError::Destination(StoreError::Io(
+                "the record there was removed meanwhile; try again".to_owned(),
+            ))),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::Stored;
     use super::super::file::FileStore;
     use super::*;
     use crate::secret::Secret;
@@ -215,12 +215,17 @@ mod tests {
         put(&s.from, "alice", Some("rt-old")).await;
         put(&s.to, "alice", Some("rt-newer")).await;
         let outcome = migration(&s, false, false).account("alice").await;
+        let Ok(Outcome::Conflict(Conflict::Differs {
+            source,
+            destination,
+        })) = &outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(source.refresh_token, record(Some("rt-old")).refresh_token);
         assert_eq!(
-            outcome,
-            Ok(Outcome::Conflict(Conflict::Differs {
-                source: Some(1_700_000_000),
-                destination: Some(1_700_000_000)
-            }))
+            destination.refresh_token,
+            record(Some("rt-newer")).refresh_token
         );
         assert!(!outcome.unwrap().is_done());
         assert_eq!(
