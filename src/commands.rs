@@ -1,7 +1,7 @@
 //! The commands for people besides `serve` and `check`: authorizing an account, listing
 //! accounts, importing a refresh token, moving the tokens between stores ([`store`]), one
-//! test login with every step shown, and hashing a client password. Each prints for a person (or JSON for scripts) and returns the process
-//! exit code.
+//! test login with every step shown, and hashing a client password. Each prints for a person
+//! (or JSON for scripts) and returns the process exit code.
 
 use std::io::{IsTerminal as _, Read as _};
 use std::path::Path;
