@@ -1,5 +1,5 @@
 //! Where refresh tokens outlive the process: one record per account behind one contract that
-//! every backend keeps (the local [`file`] store today, a shared one for replicas later).
+//! every backend keeps: the local [`file`] store, or [`redis`] for replicas.
 //!
 //! The contract:
 //! - every record carries a generation, set by the store on each write;
@@ -11,6 +11,7 @@
 //!   across the provider's answer, so two processes never redeem the same token.
 
 pub mod file;
+pub mod migrate;
 pub mod redis;
 pub mod seal;
 
