@@ -1,6 +1,7 @@
 //! What replicas share through Redis (`tokens.shared.redis`): refresh-token records and their
-//! leases ([`store`]), access tokens and the one fetch per account ([`tokens`]), and the news
-//! that an account was revoked or re-authorized ([`news`]).
+//! leases ([`store`]), access tokens and the one fetch per account ([`tokens`]), the news
+//! that an account was revoked or re-authorized ([`news`]), and the throttle's failure counts
+//! and known addresses ([`throttle`]).
 //!
 //! Every call has a deadline; a Redis that does not answer in time counts as down (a metric
 //! and readiness say so) and the caller falls back to what it holds locally or fails
@@ -9,6 +10,7 @@
 mod lock;
 pub mod news;
 pub mod store;
+pub mod throttle;
 pub mod tokens;
 
 #[cfg(test)]
@@ -27,6 +29,8 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::token::oauth2::store::seal::Sealer;
 
+/// HKDF's salt for keys derived from the sealing key.
+const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
 /// How often the connection manager tries to reconnect before a call gives up; the next
 /// call starts again.
 const RECONNECT_TRIES: usize = 2;
@@ -49,6 +53,8 @@ pub struct Redis {
     prefix: String,
     timeout: Duration,
     sealer: Sealer,
+    /// What keys for other uses than sealing are derived from.
+    derivation: ring::hkdf::Prk,
     metrics: Arc<Metrics>,
     health: Option<Arc<Health>>,
     /// The last call's outcome, to log each change once.
@@ -90,6 +96,8 @@ impl Redis {
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
             sealer: Sealer::new(key).map_err(|e| e.to_string())?,
+            derivation: ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
+                .extract(key.expose()),
             metrics,
             health,
             up: AtomicBool::new(true),
@@ -105,6 +113,18 @@ impl Redis {
 
     pub fn sealer(&self) -> &Sealer {
         &self.sealer
+    }
+
+    /// An HMAC key for `label`'s use, derived from the sealing key (HKDF, RFC 5869): the same
+    /// in every replica, and telling nothing of the sealing key or of other labels' keys.
+    ///
+    /// # Errors
+    /// None in practice: HKDF refuses only outputs longer than 255 hashes.
+    pub fn derived_key(&self, label: &str) -> Result<ring::hmac::Key, String> {
+        self.derivation
+            .expand(&[label.as_bytes()], ring::hmac::HMAC_SHA256)
+            .map(ring::hmac::Key::from)
+            .map_err(|_| format!("cannot derive the key for {label}"))
     }
 
     /// Runs `command` within the deadline; `op` names it in metrics.

@@ -254,7 +254,7 @@ pub fn unix_millis() -> u64 {
         .map_or(0, millis)
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

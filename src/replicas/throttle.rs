@@ -1,0 +1,419 @@
+//! The throttle's counts as the replicas share them: failures per account, address and
+//! network are counters living the failure window after their last failure; a wrong password
+//! counted is a key named by its proof (so a retry on another replica counts once); an
+//! (account, address) pair that logged in is a key living as long as the throttle remembers
+//! it. Every name is a keyed hash under a key derived from the sealing key, so Redis holds
+//! no account id, address or password, nor anything to test guesses against.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::Script;
+use ring::hmac;
+
+use super::tokens::millis;
+use super::{Redis, SharedError};
+use crate::token::Proof;
+
+/// Label of the key that names the throttle's keys in Redis.
+const NAMES_LABEL: &str = "throttle names";
+/// Hash bytes kept in a name: 128 bits, no collisions in practice.
+const NAME_BYTES: usize = 16;
+
+/// Counts a wrong password unless its proof `KEYS[1]` was counted within the window
+/// (`ARGV[1]` ms; a retry keeps it that much longer): adds one to each counter `KEYS[2..]`,
+/// each then living the window, and answers their counts; answers nothing if counted before.
+static FAIL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return {}
+end
+local counts = {}
+for i = 2, #KEYS do
+  counts[i - 1] = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return counts",
+    )
+});
+
+/// Each key's value as a number (0 when absent) and its remaining milliseconds.
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local seen = {}
+for i, key in ipairs(KEYS) do
+  seen[i] = {tonumber(redis.call('GET', key) or '0'), redis.call('PTTL', key)}
+end
+return seen",
+    )
+});
+
+/// A counter as Redis holds it: its failures, and how much longer it lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub failures: u32,
+    pub lives: Duration,
+}
+
+/// A login's counters; those of the address and network are zero without an address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub account: Seen,
+    pub address: Seen,
+    pub network: Seen,
+}
+
+/// What Redis holds about a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    pub counts: Counts,
+    /// How much longer Redis remembers that the address logged in to the account, if it does.
+    pub known: Option<Duration>,
+}
+
+/// One login's keys in Redis.
+pub struct Subject {
+    account: String,
+    address: Option<AddressKeys>,
+}
+
+struct AddressKeys {
+    count: String,
+    network: String,
+    /// The (account, address) pair.
+    known: String,
+}
+
+impl Subject {
+    /// The counters, in the order of [`Counts`]' fields.
+    fn counters(&self) -> Vec<&str> {
+        let mut keys = vec![self.account.as_str()];
+        if let Some(address) = &self.address {
+            keys.extend([address.count.as_str(), address.network.as_str()]);
+        }
+        keys
+    }
+}
+
+pub struct SharedFailures {
+    redis: Arc<Redis>,
+    names: hmac::Key,
+    /// How long a counter lives after its last failure, and a counted proof after its last try.
+    window: Duration,
+    /// How long a pair that logged in is remembered.
+    known_for: Duration,
+}
+
+impl SharedFailures {
+    /// # Errors
+    /// No key could be derived for the names.
+    pub fn new(redis: Arc<Redis>, window: Duration, known_for: Duration) -> Result<Self, String> {
+        Ok(Self {
+            names: redis.derived_key(NAMES_LABEL)?,
+            redis,
+            window,
+            known_for,
+        })
+    }
+
+    /// The keys of a login of `account` (folded as the throttle counts it) from `address`
+    /// (the bytes of its address group and of its network).
+    pub fn subject(&self, account: &str, address: Option<(&[u8], &[u8])>) -> Subject {
+        let account_bytes = account.as_bytes();
+        Subject {
+            account: self.name("account", &[account_bytes]),
+            address: address.map(|(address, network)| AddressKeys {
+                count: self.name("address", &[address]),
+                network: self.name("network", &[network]),
+                known: self.name("known", &[account_bytes, address]),
+            }),
+        }
+    }
+
+    /// The counters of `subject` and whether its pair logged in before: one round trip.
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn read(&self, subject: &Subject) -> Result<Reading, SharedError> {
+        let mut keys = subject.counters();
+        if let Some(address) = &subject.address {
+            keys.push(&address.known);
+        }
+        let mut call = READ.prepare_invoke();
+        for key in keys {
+            call.key(key);
+        }
+        let seen: Vec<(u32, i64)> = self.redis.eval("throttle_check", &call).await?;
+        let mut seen = seen.into_iter().map(|(failures, millis)| Seen {
+            failures,
+            lives: Duration::from_millis(u64::try_from(millis).unwrap_or(0)),
+        });
+        let counts = counts(&mut seen);
+        let known = seen
+            .next()
+            .filter(|pair| pair.failures > 0)
+            .map(|pair| pair.lives);
+        Ok(Reading { counts, known })
+    }
+
+    /// Counts the wrong password `proof` stands for against `subject`, unless a replica
+    /// counted it within the window; the counts after it.
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn fail(
+        &self,
+        proof: &Proof,
+        subject: &Subject,
+    ) -> Result<Option<Counts>, SharedError> {
+        let mut call = FAIL.key(self.name("counted", &[&proof.0]));
+        for key in subject.counters() {
+            call.key(key);
+        }
+        call.arg(millis(self.window));
+        let after: Vec<u32> = self.redis.eval("throttle_fail", &call).await?;
+        if after.is_empty() {
+            return Ok(None);
+        }
+        let mut seen = after.into_iter().map(|failures| Seen {
+            failures,
+            lives: self.window,
+        });
+        Ok(Some(counts(&mut seen)))
+    }
+
+    /// Remembers that `subject`'s address logged in to its account.
+    ///
+    /// # Errors
+    /// Redis failed or did not answer in time.
+    pub async fn remember(&self, subject: &Subject) -> Result<(), SharedError> {
+        let Some(address) = &subject.address else {
+            return Ok(());
+        };
+        let mut command = redis::cmd("SET");
+        command
+            .arg(&address.known)
+            .arg("1")
+            .arg("PX")
+            .arg(millis(self.known_for));
+        self.redis.run("known_pair", &command).await
+    }
+
+    /// The Redis key of `identity` in `space` (each part length-prefixed, so that no two
+    /// differ only in where one part ends).
+    fn name(&self, space: &str, identity: &[&[u8]]) -> String {
+        let mut context = hmac::Context::with_key(&self.names);
+        for part in std::iter::once(space.as_bytes()).chain(identity.iter().copied()) {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        let hash: String = context.sign().as_ref()[..NAME_BYTES]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        self.redis.key("throttle", &format!("{space}:{hash}"))
+    }
+}
+
+/// The counters' values in `seen`, in the order [`Subject::counters`] gave them.
+fn counts(seen: &mut impl Iterator<Item = Seen>) -> Counts {
+    Counts {
+        account: seen.next().unwrap_or_default(),
+        address: seen.next().unwrap_or_default(),
+        network: seen.next().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::client_auth::throttle::{Scope, Throttle};
+    use crate::config::ThrottleConfig;
+    use crate::login::Credentials;
+    use crate::metrics::Metrics;
+    use crate::replicas::testing::RedisServer;
+    use crate::secret::Secret;
+
+    /// Each test's deadline: Redis calls have their own (2 s), this catches a hang.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// A replica's throttle, on its own handle of `server`, and its metrics.
+    fn replica(server: &RedisServer, block_address_after: u32) -> (Throttle, Arc<Metrics>) {
+        let config = ThrottleConfig {
+            block_address_after,
+            block_network_after: 0,
+            ..ThrottleConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let throttle = Throttle::new(&config, metrics.clone())
+            .unwrap()
+            .shared_through(server.handle(1))
+            .unwrap();
+        (throttle, metrics)
+    }
+
+    fn ip(text: &str) -> Option<IpAddr> {
+        Some(text.parse().unwrap())
+    }
+
+    fn credentials(account: &str, password: &str) -> Credentials {
+        Credentials {
+            account: account.into(),
+            password: Secret::new(password.into()),
+        }
+    }
+
+    async fn within_deadline(test: impl Future<Output = ()>) {
+        tokio::time::timeout(TEST_TIMEOUT, test)
+            .await
+            .expect("the test finished within its deadline");
+    }
+
+    #[tokio::test]
+    async fn failures_on_two_replicas_meet_one_budget() {
+        within_deadline(async {
+            let server = RedisServer::start();
+            let (a, a_metrics) = replica(&server, 4);
+            let (b, b_metrics) = replica(&server, 4);
+            for n in 0..4 {
+                let replica = if n % 2 == 0 { &a } else { &b };
+                assert!(replica.check(ip("192.0.2.1"), "alice").await.is_ok());
+                let guess = credentials("alice", &format!("guess {n}"));
+                replica.wrong_password(ip("192.0.2.1"), &guess).await;
+            }
+            let (restarted, _) = replica(&server, 4);
+            for replica in [&a, &b, &restarted] {
+                assert_eq!(
+                    replica.check(ip("192.0.2.1"), "carol").await,
+                    Err(Scope::Address)
+                );
+                assert_eq!(
+                    replica.check(ip("192.0.2.2"), "carol").await,
+                    Ok(Duration::ZERO)
+                );
+            }
+            // The account's four failures make its next login wait 1 s doubled three times.
+            assert_eq!(
+                restarted.check(ip("198.51.100.7"), "alice").await,
+                Ok(Duration::from_secs(8))
+            );
+            let announced = [a_metrics, b_metrics]
+                .iter()
+                .filter(|metrics| {
+                    metrics
+                        .encode()
+                        .contains("mailgate_login_blocks_total{scope=\"address\"} 1\n")
+                })
+                .count();
+            assert_eq!(announced, 1, "the block is announced by one replica");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_retried_on_every_replica_counts_once() {
+        within_deadline(async {
+            let server = RedisServer::start();
+            let replicas = [replica(&server, 2).0, replica(&server, 2).0];
+            for _ in 0..3 {
+                for (replica, account) in replicas.iter().zip(["bob", " BOB"]) {
+                    let stale = credentials(account, "last year's password");
+                    replica.wrong_password(ip("192.0.2.1"), &stale).await;
+                }
+            }
+            for replica in &replicas {
+                assert!(replica.check(ip("192.0.2.1"), "alice").await.is_ok());
+            }
+            let another = credentials("bob", "another");
+            replicas[1].wrong_password(ip("192.0.2.1"), &another).await;
+            assert_eq!(
+                replicas[0].check(ip("192.0.2.1"), "alice").await,
+                Err(Scope::Address)
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_known_address_is_spared_on_every_replica_and_after_a_restart() {
+        within_deadline(async {
+            let server = RedisServer::start();
+            let (a, _) = replica(&server, 2);
+            let (b, _) = replica(&server, 2);
+            a.succeeded(ip("192.0.2.1"), "alice").await;
+            for n in 0..2 {
+                let guess = credentials("bob", &format!("guess {n}"));
+                b.wrong_password(ip("192.0.2.1"), &guess).await;
+            }
+            let (restarted, _) = replica(&server, 2);
+            for replica in [&b, &restarted] {
+                assert_eq!(
+                    replica.check(ip("192.0.2.1"), "carol").await,
+                    Err(Scope::Address)
+                );
+                assert_eq!(
+                    replica.check(ip("192.0.2.1"), "Alice").await,
+                    Ok(Duration::ZERO)
+                );
+            }
+
+            // Warm now: the owner's next login asks Redis nothing, nor writes to it.
+            server.cli(&["CONFIG", "RESETSTAT"]);
+            assert_eq!(
+                restarted.check(ip("192.0.2.1"), "alice").await,
+                Ok(Duration::ZERO)
+            );
+            restarted.succeeded(ip("192.0.2.1"), "alice").await;
+            a.succeeded(ip("192.0.2.1"), "alice").await;
+            let stats = server.cli(&["INFO", "commandstats"]);
+            assert!(!stats.contains("cmdstat_eval"), "{stats}");
+            assert!(!stats.contains("cmdstat_set:"), "{stats}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn without_redis_the_throttle_goes_on_with_its_own_counts() {
+        within_deadline(async {
+            let server = RedisServer::start();
+            let (a, _) = replica(&server, 2);
+            let (b, _) = replica(&server, 2);
+            b.wrong_password(ip("192.0.2.1"), &credentials("bob", "one"))
+                .await;
+            assert_eq!(
+                a.check(ip("192.0.2.1"), "carol").await,
+                Ok(Duration::from_secs(1))
+            );
+            drop(server);
+
+            // The failure Redis counted before it went away still counts here.
+            a.wrong_password(ip("192.0.2.1"), &credentials("bob", "two"))
+                .await;
+            assert_eq!(a.check(ip("192.0.2.1"), "carol").await, Err(Scope::Address));
+            a.succeeded(ip("192.0.2.2"), "alice").await;
+            assert_eq!(a.check(ip("192.0.2.2"), "alice").await, Ok(Duration::ZERO));
+            assert_eq!(b.check(ip("192.0.2.3"), "carol").await, Ok(Duration::ZERO));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn redis_holds_no_account_address_or_password() {
+        within_deadline(async {
+            let server = RedisServer::start();
+            let (a, _) = replica(&server, 2);
+            let guess = credentials("alice.liddell", "hunter2-guess");
+            a.wrong_password(ip("203.0.113.77"), &guess).await;
+            a.succeeded(ip("203.0.113.77"), "alice.liddell").await;
+            let dump = server.dump();
+            assert!(dump.contains("test:throttle:known:"), "{dump}");
+            for clear in ["alice", "hunter2", "203.0.113"] {
+                assert!(!dump.contains(clear), "{clear} in {dump}");
+            }
+        })
+        .await;
+    }
+}
