@@ -13,6 +13,7 @@
 //! - [`mailgate`] runs the binary as a [`Mailgate`].
 //! - [`oauth2`] is an [`OAuthProvider`], a local OAuth2 authorization server whose tokens the
 //!   test Dovecot accepts.
+//! - [`redis`] runs a [`redis::RedisServer`] for the replicas' shared state.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
 //! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
 //!   output for them.
@@ -27,6 +28,7 @@ pub mod imap_client;
 pub mod mailgate;
 pub mod oauth2;
 pub mod process;
+pub mod redis;
 pub mod secrets;
 pub mod sink;
 
