@@ -340,28 +340,40 @@ impl Throttle {
             return;
         };
         let pair = (self.account_key(account), address);
-        let now = Instant::now();
-        let remembered = now + KNOWN_ADDRESS_TTL;
         let until = match &self.shared {
-            None => remembered,
-            Some(shared) => match self.known.get(&pair) {
-                Some(until) if until + KNOWN_RENEWAL > remembered => until,
-                held => {
-                    let folded: String = folded(account).collect();
-                    match shared
-                        .remember(&subject(shared, &folded, Some(address)))
-                        .await
-                    {
-                        Ok(()) => remembered,
-                        Err(error) => {
-                            tracing::debug!(%error, "throttle: a known address is remembered on this replica only");
-                            held.unwrap_or(now)
-                        }
-                    }
-                }
-            },
+            None => Instant::now() + KNOWN_ADDRESS_TTL,
+            Some(shared) => self.renewed(shared, pair, account).await,
         };
         self.known.insert(pair, until);
+    }
+
+    /// Until when Redis remembers `pair` of `account` after a login: as it did, unless the
+    /// pair is new here or Redis's copy is more than [`KNOWN_RENEWAL`] old; then written anew.
+    async fn renewed(
+        &self,
+        shared: &SharedFailures,
+        pair: (u64, AddressKey),
+        account: &str,
+    ) -> Instant {
+        let now = Instant::now();
+        let remembered = now + KNOWN_ADDRESS_TTL;
+        let held = self.known.get(&pair);
+        if let Some(until) = held
+            && until + KNOWN_RENEWAL > remembered
+        {
+            return until;
+        }
+        let folded: String = folded(account).collect();
+        match shared
+            .remember(&subject(shared, &folded, Some(pair.1)))
+            .await
+        {
+            Ok(()) => remembered,
+            Err(error) => {
+                tracing::debug!(%error, "throttle: a known address is remembered on this replica only");
+                held.unwrap_or(now)
+            }
+        }
     }
 
     /// How long a login refused by a block waits for its answer: slows a flood, no more.
