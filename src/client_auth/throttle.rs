@@ -502,6 +502,9 @@ fn reached(failures: u32, block_after: u32) -> bool {
 }
 
 #[cfg(test)]
+mod shared_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::secret::Secret;
