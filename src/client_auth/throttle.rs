@@ -34,9 +34,10 @@ use crate::token::Proof;
 const MAX_TRACKED: u64 = 100_000;
 /// How long a successful login makes its address known for that account.
 const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// How often at most a replica renews a known pair in Redis: once a day keeps the pairs of
-/// daily logins remembered, at one round trip a day.
-const KNOWN_RENEWAL: Duration = Duration::from_secs(24 * 3600);
+/// How old Redis's copy of a known pair gets before a login renews it: half its lifetime, so
+/// pairs in use stay remembered, and most logins after a rollout find their pair fresh enough
+/// to make no second round trip.
+const KNOWN_RENEWAL: Duration = Duration::from_secs(15 * 24 * 3600);
 /// Label of the key that proves wrong passwords in a throttle shared by replicas.
 const PROOFS_LABEL: &str = "throttle proofs";
 

@@ -151,6 +151,32 @@ async fn a_known_address_is_spared_on_every_replica_and_after_a_restart() {
 }
 
 #[tokio::test]
+async fn a_login_renews_a_known_address_redis_is_about_to_forget() {
+    within_deadline(async {
+        let server = RedisServer::start();
+        let (a, _) = replica(&server, 2);
+        a.succeeded(ip("192.0.2.1"), "alice").await;
+        let keys = server.cli(&["--scan", "--pattern", "test:throttle:known:*"]);
+        let key = keys.trim();
+        let thirty_days = 30 * 24 * 3600 * 1000;
+        let left =
+            |server: &RedisServer| -> u64 { server.cli(&["PTTL", key]).trim().parse().unwrap() };
+        assert!(left(&server) > thirty_days - 60_000);
+
+        // Twenty days later, on a replica that never saw alice: Redis's copy is renewed.
+        server.cli(&["PEXPIRE", key, &(10 * 24 * 3600 * 1000_u64).to_string()]);
+        let (restarted, _) = replica(&server, 2);
+        assert_eq!(
+            restarted.check(ip("192.0.2.1"), "alice").await,
+            Ok(Duration::ZERO)
+        );
+        restarted.succeeded(ip("192.0.2.1"), "alice").await;
+        assert!(left(&server) > thirty_days - 60_000);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn without_redis_the_throttle_goes_on_with_its_own_counts() {
     within_deadline(async {
         let server = RedisServer::start();
