@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{Redis, SharedError};
+use super::{Redis, SharedError, millis};
 
 /// How long a lock outlives a holder that stopped renewing it (killed, cut off).
 pub const LOCK_LEASE: Duration = Duration::from_secs(6);
@@ -128,8 +128,4 @@ async fn keep(
     let mut call = RELEASE.key(&key);
     call.arg(fence);
     let _: Result<u64, _> = redis.eval("lock_release", &call).await;
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

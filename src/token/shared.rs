@@ -16,7 +16,7 @@ use super::{Token, TokenError, TokenKey};
 use crate::config::Protocol;
 use crate::login::UpstreamAuth;
 use crate::replicas::news::{self, News};
-use crate::replicas::{Redis, SharedError, lock};
+use crate::replicas::{Redis, SharedError, lock, millis};
 use crate::secret::Secret;
 
 /// How often a replica waiting for another's fetch looks again.
@@ -257,6 +257,10 @@ impl SharedTokens {
         let _: Result<u8, _> = self.redis.eval("token_forget", &call).await;
     }
 
+    pub fn redis(&self) -> &Arc<Redis> {
+        &self.redis
+    }
+
     /// Drops every shared token of the account `news` is about, then tells the other
     /// replicas, which drop theirs (and for a revocation end its sessions).
     pub async fn announce(&self, news: News) {
@@ -295,10 +299,6 @@ pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, millis)
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn unavailable(error: SharedError) -> TokenError {
