@@ -9,8 +9,9 @@ import base64
 import re
 
 import pytest
+import yaml
 
-from conftest import mailgate_check
+from conftest import REPO, mailgate_check
 from test_chart import render, render_fails, rendered, values_with
 from test_facing_network import mounts, secret_file, volumes
 
@@ -140,6 +141,18 @@ def test_tls_with_a_sealing_key_passes_mailgate_check(mailgate_binary, tmp_path)
                                ca={"existingSecret": "redis-ca"}))
     files = {SHARED_KEY_FILE: KEY, PASSWORD_FILE: PASSWORD, CA_FILE: ca_certificate()}
     passes_mailgate_check(result, files, mailgate_binary, tmp_path)
+
+
+def test_the_demo_values_in_the_docs_install():
+    """docs/replicas.md's mailgate-values.yaml, on the chart's defaults."""
+    text = (REPO / "docs" / "replicas.md").read_text()
+    block = text.split("```yaml\n# mailgate-values.yaml")[1].split("```")[0]
+    demo = yaml.safe_load(block.split("\n", 1)[1])
+    result = render(demo)
+    assert result.deployment["spec"]["replicas"] == 3
+    assert not result.of_kind("PersistentVolumeClaim")
+    assert shared(result) == {"redis": {"url": URL, "password_file": PASSWORD_FILE}}
+    assert secret_file(result, PASSWORD_FILE) == ("redis", "redis-password")
 
 
 # --- refused -----------------------------------------------------------------------------
