@@ -20,7 +20,7 @@ from conftest import (
     validate,
 )
 
-# (e) is the defaults; (a) to (d) and (f) to (h) are files in tests/chart/values/.
+# (e) is the defaults; (a) to (d) and (f) to (i) are files in tests/chart/values/.
 VALUE_SETS = {
     "defaults": None,
     "sidecar-single-account": "sidecar-single-account",
@@ -30,6 +30,7 @@ VALUE_SETS = {
     "facing-network": "facing-network",
     "token-holder": "token-holder",
     "delegated-local": "delegated-local",
+    "replicas-redis": "replicas-redis",
 }
 
 # helm.sh/helm/v4/pkg/chart/common/support: lint message severities.
@@ -107,7 +108,17 @@ def test_renders_and_validates_strictly(value_set, kube_version):
     ]
 
 
-@pytest.mark.parametrize("value_set", VALUE_SETS)
+# `mailgate check --no-files` reads no key, so with an OAuth2 store it takes tokens.shared
+# for keyless and refuses it (src/config/tokens.rs, SharedConfig::resolve); test_replicas.py
+# checks that set with its files instead.
+NO_FILES_REFUSES = pytest.mark.xfail(
+    strict=True, reason="--no-files: the store's key is not read, so tokens.shared looks keyless")
+
+
+@pytest.mark.parametrize(
+    "value_set",
+    [pytest.param(name, marks=NO_FILES_REFUSES) if name == "replicas-redis" else name for name in VALUE_SETS],
+)
 def test_rendered_config_passes_mailgate_check(value_set, mailgate_binary, tmp_path):
     checked = mailgate_check(mailgate_binary, rendered(value_set).config(), tmp_path)
     assert checked.returncode == 0, checked.stderr
