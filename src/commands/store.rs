@@ -139,10 +139,11 @@ impl Opened {
             EXIT_FAILED
         })?;
         let file_store: Arc<dyn TokenStore> = Arc::new(file.clone());
-        let redis_store = RedisStore::new(redis.clone(), key).map_err(|error| {
-            eprintln!("cannot open the token store in Redis: {error}");
-            EXIT_FAILED
-        })?;
+        let redis_store =
+            RedisStore::new(redis.clone(), key, lease_wait(oauth2)).map_err(|error| {
+                eprintln!("cannot open the token store in Redis: {error}");
+                EXIT_FAILED
+            })?;
         let redis_store: Arc<dyn TokenStore> = Arc::new(redis_store);
         let (from, to) = match to {
             Backend::Redis => (file_store, redis_store),

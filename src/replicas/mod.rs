@@ -262,6 +262,9 @@ fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes)
     if let Some(username) = &config.username {
         settings = settings.set_username(username);
     }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
     info = info.set_redis_settings(settings);
     let client = match &config.ca_file {
         Some(path) if url.scheme() == "rediss" => {
@@ -280,4 +283,41 @@ fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes)
     }
     .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
     Ok((client, tokio::sync::mpsc::unbounded_channel()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::RedisServer;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_password_reaches_redis_even_over_a_unix_socket() {
+        let server = RedisServer::start_with(Some("redis-pass-q7"));
+        let ping = redis::cmd("PING");
+        let answer: String = server.handle().run("ping", &ping).await.unwrap();
+        assert_eq!(answer, "PONG");
+        let stranger = RedisServer::start();
+        assert!(stranger.handle().run::<String>("ping", &ping).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_answer_and_a_dead_redis_is_down() {
+        let server = RedisServer::start_with(Some("redis-pass-q7"));
+        let handle = server.handle();
+        let absent = redis::cmd("HGET").arg("nothing").arg("field").clone();
+        let nothing: Option<String> = handle.run("hget", &absent).await.unwrap();
+        assert_eq!(nothing, None);
+        let bad = redis::cmd("NOSUCHCOMMAND");
+        assert!(matches!(
+            handle.run::<String>("bad", &bad).await,
+            Err(SharedError::Refused(_))
+        ));
+        assert!(handle.up.load(Ordering::Relaxed));
+        drop(server);
+        assert!(matches!(
+            handle.run::<String>("ping", &redis::cmd("PING")).await,
+            Err(SharedError::Unreachable | SharedError::Timeout(_))
+        ));
+        assert!(!handle.up.load(Ordering::Relaxed));
+    }
 }

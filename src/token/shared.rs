@@ -21,6 +21,9 @@ use crate::secret::Secret;
 
 /// How often a replica waiting for another's fetch looks again.
 const FLIGHT_POLL: Duration = Duration::from_millis(25);
+/// How long a replica killed mid-fetch holds the others up; a fetch that outlasts it only
+/// costs one more fetch (the refresh itself is under the store's lease).
+const FLIGHT_LEASE: Duration = Duration::from_secs(6);
 
 /// The shared token if it expires after `ARGV[2]`; else the flight lock (`{2, fence}`), or
 /// `{0, ''}` while another replica holds it.
@@ -170,7 +173,7 @@ impl SharedTokens {
         let mut call = CLAIM.key(self.redis.key("access", &name));
         call.key(self.redis.key("flight", &name))
             .key(lock::fence_key(&self.redis))
-            .arg(lock::lease_millis())
+            .arg(millis(FLIGHT_LEASE))
             .arg(later_than);
         let (found, value, expires_at): (u8, Vec<u8>, String) =
             self.redis.eval("token_claim", &call).await?;
@@ -191,6 +194,7 @@ impl SharedTokens {
                     &self.redis,
                     &self.redis.key("flight", &name),
                     fence,
+                    FLIGHT_LEASE,
                 )))
             }
             _ => Ok(Claim::Busy),

@@ -108,17 +108,7 @@ def test_renders_and_validates_strictly(value_set, kube_version):
     ]
 
 
-# `mailgate check --no-files` reads no key, so with an OAuth2 store it takes tokens.shared
-# for keyless and refuses it (src/config/tokens.rs, SharedConfig::resolve); test_replicas.py
-# checks that set with its files instead.
-NO_FILES_REFUSES = pytest.mark.xfail(
-    strict=True, reason="--no-files: the store's key is not read, so tokens.shared looks keyless")
-
-
-@pytest.mark.parametrize(
-    "value_set",
-    [pytest.param(name, marks=NO_FILES_REFUSES) if name == "replicas-redis" else name for name in VALUE_SETS],
-)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_rendered_config_passes_mailgate_check(value_set, mailgate_binary, tmp_path):
     checked = mailgate_check(mailgate_binary, rendered(value_set).config(), tmp_path)
     assert checked.returncode == 0, checked.stderr

@@ -257,7 +257,8 @@ impl OAuth2 {
             (Some(store), Some(redis)) => {
                 let key = store.key.as_ref().ok_or("token store without a key")?;
                 Some(Arc::new(
-                    RedisStore::new(redis.clone(), key).map_err(|e| e.to_string())?,
+                    RedisStore::new(redis.clone(), key, lease_wait(config))
+                        .map_err(|e| e.to_string())?,
                 ))
             }
             (Some(store), None) => {

@@ -31,9 +31,9 @@ pub enum StoreError {
     #[error("token store I/O: {0}")]
     Io(String),
     /// Wrong key, or a file changed by someone else: the two cannot be told apart.
-    #[error("token store file does not decrypt (wrong store key, or a corrupted file)")]
+    #[error("a token store record does not decrypt (wrong store key, or a corrupted record)")]
     Undecryptable,
-    #[error("token store file is corrupted")]
+    #[error("a token store record is corrupted")]
     Corrupt,
     /// Another process held the account's lease for the whole wait.
     #[error("another process is renewing this account's token; try again")]
