@@ -1,7 +1,7 @@
 //! The commands for people besides `serve` and `check`: authorizing an account, listing
-//! accounts, importing a refresh token, one test login with every step shown, and hashing a
-//! client password. Each prints for a person (or JSON for scripts) and returns the process
-//! exit code.
+//! accounts, importing a refresh token, moving the tokens between stores ([`store`]), one
+//! test login with every step shown, and hashing a client password. Each prints for a person
+//! (or JSON for scripts) and returns the process exit code.
 
 use std::io::{IsTerminal as _, Read as _};
 use std::path::Path;
@@ -22,6 +22,8 @@ use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
 use crate::{imap, smtp};
+
+pub mod store;
 
 /// Exit codes, as `check` uses them.
 pub const EXIT_OK: u8 = 0;

@@ -5,7 +5,7 @@ use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use mailgate::commands;
 use mailgate::config::{Config, ConfigError, Files, LogFormat, Problem};
 use mailgate::server::{ConfigFile, Control, LogLevelHook};
@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         action: Option<AccountsAction>,
     },
+    /// Work on the refresh-token store as a whole.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Print the configuration file's JSON Schema (draft 7), for editors and the Helm chart's
     /// values.schema.json; needs no --config.
     ConfigSchema,
@@ -96,6 +101,35 @@ enum AccountsAction {
         #[arg(long)]
         no_check: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Copy every refresh_token account's record between the file store and Redis.
+    ///
+    /// The configuration names both (tokens.oauth2.store.dir and tokens.shared.redis). Each
+    /// account is moved under its lease on both stores; the output says per account: moved,
+    /// already there, conflict, unreadable (never a token). The source is left in place.
+    /// Exit 0 only if every account is at the destination (or has no record to move).
+    Migrate {
+        /// The destination.
+        #[arg(long, value_enum)]
+        to: StoreBackend,
+        /// Replace a destination record that holds another refresh token (or does not decrypt).
+        #[arg(long)]
+        overwrite: bool,
+        /// Say what would be done; take no lease and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreBackend {
+    /// Redis (tokens.shared.redis).
+    Redis,
+    /// The directory tokens.oauth2.store.dir.
+    File,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +167,21 @@ fn main() -> ExitCode {
             ..
         } => run_command(&config, false, |config| async move {
             commands::import(&config, &account, &refresh_token_file, !no_check).await
+        }),
+        Command::Store {
+            action:
+                StoreAction::Migrate {
+                    to,
+                    overwrite,
+                    dry_run,
+                },
+        } => run_command(&config, false, |config| async move {
+            let to = match to {
+                StoreBackend::Redis => commands::store::Backend::Redis,
+                StoreBackend::File => commands::store::Backend::File,
+            };
+            let choices = commands::store::Choices { overwrite, dry_run };
+            commands::store::migrate(&config, to, choices).await
         }),
         Command::ConfigSchema => config_schema(),
         Command::TestLogin { account, listener } => {

@@ -95,6 +95,7 @@ impl ListenerProxy {
         let wait = self
             .throttle
             .check(client, &request.credentials.account)
+            .await
             .map_err(|scope| {
                 tracing::warn!(
                     scope = scope.label(),
@@ -255,11 +256,13 @@ impl Authenticator for ListenerProxy {
         let client = request.client.map(|address| address.ip());
         let account = &request.credentials.account;
         match &result {
-            Ok(_) => self.throttle.succeeded(client, account),
+            Ok(_) => self.throttle.succeeded(client, account).await,
             // Guessing costs the next try its wait (see `authenticate`); other failures are
             // not the client's doing.
             Err(LoginError::BadCredentials) => {
-                self.throttle.wrong_password(client, &request.credentials);
+                self.throttle
+                    .wrong_password(client, &request.credentials)
+                    .await;
             }
             Err(LoginError::Throttled) => {
                 let delay = self.throttle.blocked_delay();

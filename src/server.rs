@@ -249,16 +249,13 @@ impl Server {
         };
         let (tokens, oauth2) = token_state(&config, &lasting).await?;
         let shared = Shared {
-            tokens,
             oauth2,
             client_auth: Arc::new(
                 ClientAuth::new(&config.client_auth, lasting.metrics.clone())
                     .map_err(StartError::ClientAuth)?,
             ),
-            throttle: Arc::new(
-                Throttle::new(&config.client_auth.throttle, lasting.metrics.clone())
-                    .map_err(StartError::ClientAuth)?,
-            ),
+            throttle: throttle(&config, &lasting.metrics, tokens.redis())?,
+            tokens,
             metrics: lasting.metrics.clone(),
         };
         let (open, all_closed) = mpsc::channel(1);
@@ -366,10 +363,10 @@ impl Server {
             token_state(&config, &self.lasting).await?
         };
         let shared = Shared {
-            tokens,
             oauth2,
             client_auth: self.client_auth_for(&config)?,
-            throttle: self.throttle_for(&config)?,
+            throttle: self.throttle_for(&config, &tokens)?,
+            tokens,
             metrics: self.lasting.metrics.clone(),
         };
         let mut prepared = Vec::new();
@@ -430,14 +427,19 @@ impl Server {
             .map_err(StartError::ClientAuth)
     }
 
-    /// Keeps the failure counts across a reload unless their rules changed.
-    fn throttle_for(&self, config: &Config) -> Result<Arc<Throttle>, StartError> {
-        if config.client_auth.throttle == self.config.client_auth.throttle {
+    /// Keeps the failure counts across a reload unless their rules, or where replicas share
+    /// them, changed.
+    fn throttle_for(
+        &self,
+        config: &Config,
+        tokens: &TokenCache,
+    ) -> Result<Arc<Throttle>, StartError> {
+        if config.client_auth.throttle == self.config.client_auth.throttle
+            && config.tokens.shared == self.config.tokens.shared
+        {
             return Ok(self.shared.throttle.clone());
         }
-        Throttle::new(&config.client_auth.throttle, self.lasting.metrics.clone())
-            .map(Arc::new)
-            .map_err(StartError::ClientAuth)
+        throttle(config, &self.lasting.metrics, tokens.redis())
     }
 
     fn spawn_listener(&self, tcp: TcpListener, runtime: Arc<ListenerRuntime>) -> RunningListener {
@@ -643,6 +645,22 @@ fn open_file_limit() -> Option<usize> {
         .lines()
         .find(|line| line.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The throttle `config` sets, counting with the other replicas through `redis` if shared.
+fn throttle(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    redis: Option<&Arc<Redis>>,
+) -> Result<Arc<Throttle>, StartError> {
+    let throttle = Throttle::new(&config.client_auth.throttle, metrics.clone())
+        .map_err(StartError::ClientAuth)?;
+    match redis {
+        Some(redis) => throttle.shared_through(redis.clone()),
+        None => Ok(throttle),
+    }
+    .map(Arc::new)
+    .map_err(StartError::ClientAuth)
 }
 
 /// The token cache in front of the sources `config` names, and its OAuth2 accounts; with

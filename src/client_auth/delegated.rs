@@ -154,7 +154,7 @@ impl Delegated {
         let _slot = self.slots.take().await.map_err(|o| self.overloaded(o))?;
         // Parallel guesses all passed the throttle before they queued: ask it again.
         throttle
-            .check(attempt.client, &attempt.credentials.account)
+            .check_here(attempt.client, &attempt.credentials.account)
             .map_err(CheckError::Blocked)?;
         let result = check.await;
         let label = match &result {

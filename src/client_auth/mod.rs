@@ -190,7 +190,7 @@ impl Hashes {
         let _turn = self.per_address.take(attempt.client).map_err(overloaded)?;
         let admitted = self.pool.admit().await.map_err(overloaded)?;
         throttle
-            .check(attempt.client, &credentials.account)
+            .check_here(attempt.client, &credentials.account)
             .map_err(CheckError::Blocked)?;
         let (hash, known) = match self.accounts.get(&credentials.account) {
             Some(hash) => (hash, true),

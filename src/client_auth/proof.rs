@@ -1,7 +1,7 @@
 //! Proofs of passwords: HMAC-SHA256 (RFC 2104) of the user name and the password under a key
-//! drawn at random when the check (or the throttle, for wrong passwords it counted) is built.
-//! What is remembered is never the password, and outside this process it cannot even be
-//! tested against guesses.
+//! drawn at random when the check (or the throttle, for wrong passwords it counted) is built,
+//! or, for a throttle the replicas share, derived from their sealing key. What is remembered
+//! is never the password, and without the key it cannot even be tested against guesses.
 
 use ring::hmac;
 use ring::rand::SystemRandom;
@@ -18,6 +18,11 @@ impl Prover {
         hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
             .map(Self)
             .map_err(|_| "no random key for remembering passwords".to_owned())
+    }
+
+    /// Proofs under `key`: equal wherever the key is the same.
+    pub fn keyed(key: hmac::Key) -> Self {
+        Self(key)
     }
 
     /// The proof of `credentials`: equal for equal user names and passwords, and only then.

@@ -1518,6 +1518,69 @@ tokens:
     }
 
     #[test]
+    fn the_shared_section_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, format!("{}\n", "QUFB".repeat(10) + "QUE=")).unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "redis-pass-5x1\n").unwrap();
+        let with_shared = |shared: &str| format!("{MINIMAL}  shared:\n{shared}");
+        let key = key.display();
+        let good = with_shared(&format!(
+            "    key_file: \"{key}\"\n    redis: {{ url: \"redis+unix:///run/redis.sock\", password_file: \"{}\" }}\n",
+            password.display()
+        ));
+        let config = check(&good).unwrap();
+        let redis = &config.tokens.shared.as_ref().unwrap().redis;
+        // The password goes to the connection: a socket's URL has no place for it.
+        assert_eq!(redis.url.expose(), "redis+unix:///run/redis.sock");
+        assert_eq!(
+            redis.password.as_ref().map(|p| p.expose().as_str()),
+            Some("redis-pass-5x1")
+        );
+        assert_eq!(
+            problem_keys(&with_shared("    redis: { url: \"redis://r:6379/0\" }\n")),
+            ["tokens.shared"]
+        );
+        let cases = [
+            (
+                "redis: { url: \"http://r:6379\" }",
+                "tokens.shared.redis.url",
+            ),
+            (
+                "redis: { url: \"redis://r:6379/x\" }",
+                "tokens.shared.redis.url",
+            ),
+            (
+                "redis: { url: \"redis+unix:///s\", tls: true }",
+                "tokens.shared.redis.tls",
+            ),
+            (
+                "redis: { url: \"redis://r:6379/0\", ca_file: /etc/ssl/ca.pem }",
+                "tokens.shared.redis.ca_file",
+            ),
+            (
+                "redis: { url: \"redis://r:6379/0\", timeout: 0s }",
+                "tokens.shared.redis.timeout",
+            ),
+        ];
+        for (redis, problem) in cases {
+            let text = with_shared(&format!("    key_file: \"{key}\"\n    {redis}\n"));
+            assert_eq!(problem_keys(&text), [problem], "{redis}");
+        }
+        // Without files (`check --no-files`) no key is read, so none is missing.
+        let store = oauth2_config(&format!(
+            "    store: {{ key_file: \"{key}\" }}\n    providers:\n      p: {{ preset: google, client_id: c }}\n    accounts:\n      a: {{ provider: p, grant: refresh_token, user: a@b }}\n  shared:\n    redis: {{ url: \"redis://r:6379/0\" }}\n"
+        ));
+        let mut config = Config::parse(&store).unwrap();
+        assert!(config.resolve_and_validate(Files::Skip).is_empty());
+        assert!(
+            check(&store).is_ok(),
+            "the store's key seals the shared state"
+        );
+    }
+
+    #[test]
     fn provider_endpoints_must_be_https_except_on_loopback() {
         assert!(tokens::check_endpoint("https://login.example/token").is_ok());
         assert!(tokens::check_endpoint("http://127.0.0.1:8080/token").is_ok());

@@ -78,7 +78,8 @@ pub struct RedisConfig {
     /// TLS even with a `redis://` URL.
     #[serde(default)]
     pub tls: bool,
-    /// Extra trust roots (PEM) for a Redis with a private CA.
+    /// The trust roots (PEM) for Redis's certificate, in place of the system's (a private
+    /// CA); with TLS only.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// ACL user name (Redis 6+), overriding the URL's.
@@ -88,6 +89,9 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub password_env: Option<String>,
+    /// The password read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
     /// Put before every key, so several deployments can share one Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -485,6 +489,8 @@ impl SharedConfig {
                 "tokens.shared.key",
                 problems,
             ),
+            // Keys are not read without files (`check --no-files`): nothing to say then.
+            None if !problems.reads_files() => None,
             None => {
                 problems.add(
                     "tokens.shared",
@@ -514,14 +520,14 @@ impl RedisConfig {
                 "must be redis://HOST:PORT/DB, rediss://HOST:PORT/DB or redis+unix:///PATH",
             ),
         }
-        if let Some(password) = secret_from(
+        // Set on the connection, not in the URL: a Unix socket's URL has no place for it.
+        self.password = secret_from(
             self.password_file.as_ref(),
             self.password_env.as_deref(),
             &format!("{key}.password"),
             problems,
-        ) {
-            self.url = with_password(&self.url, password.expose());
-        }
+        );
+        self.check_tls(problems);
         if self
             .username
             .as_deref()
@@ -542,7 +548,29 @@ impl RedisConfig {
         if self.timeout.is_zero() {
             problems.add(format!("{key}.timeout"), "must be longer than 0s");
         }
-        check_ca_file(self.ca_file.as_ref(), &format!("{key}.ca_file"), problems);
+    }
+
+    /// TLS is asked for by `rediss://` or `tls: true`, which a Unix socket cannot take; a CA
+    /// file without TLS would be ignored.
+    fn check_tls(&self, problems: &mut Problems) {
+        let scheme = url::Url::parse(self.url.expose())
+            .map(|url| url.scheme().to_owned())
+            .unwrap_or_default();
+        if self.tls && scheme == "redis+unix" {
+            problems.add(
+                "tokens.shared.redis.tls",
+                "a Unix socket (redis+unix://) takes no TLS",
+            );
+        }
+        let ca_file = self.ca_file.as_ref();
+        if self.tls || scheme == "rediss" {
+            check_ca_file(ca_file, "tokens.shared.redis.ca_file", problems);
+        } else if ca_file.is_some() {
+            problems.add(
+                "tokens.shared.redis.ca_file",
+                "only used with TLS: use a rediss:// URL or tls: true",
+            );
+        }
     }
 }
 

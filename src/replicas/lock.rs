@@ -1,19 +1,15 @@
-//! A lock across replicas: `SET NX PX` with a fencing number from a counter, renewed while
-//! held, released by compare-and-delete, so a holder that stalled past its lease can neither
-//! renew nor release the next holder's lock. A holder killed outright loses it when the
-//! lease runs out.
+//! A lock across replicas: `SET NX PX` with a fencing number from a counter, renewed every
+//! third of its lease while held, released by compare-and-delete, so a holder that stalled
+//! past its lease can neither renew nor release the next holder's lock. A holder killed or
+//! cut off from Redis loses it when the lease runs out: the lease must outlast what the
+//! holder does under it.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
-
-use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{Redis, SharedError};
-
-/// How long a lock outlives a holder that stopped renewing it (killed, cut off).
-pub const LOCK_LEASE: Duration = Duration::from_secs(6);
+use super::{Redis, SharedError, millis};
 
 static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{}return fence", acquire_lua(1, 2, 1, "0"))));
@@ -61,21 +57,32 @@ impl Held {
     }
 }
 
-/// Takes the lock `key` if nobody holds it.
+/// Takes the lock `key` for `lease` if nobody holds it.
 ///
 /// # Errors
 /// Redis failed or did not answer in time.
-pub async fn try_acquire(redis: &Arc<Redis>, key: &str) -> Result<Option<Held>, SharedError> {
+pub async fn try_acquire(
+    redis: &Arc<Redis>,
+    key: &str,
+    lease: Duration,
+) -> Result<Option<Held>, SharedError> {
     let mut call = ACQUIRE.key(key);
-    call.key(fence_key(redis)).arg(lease_millis());
+    call.key(fence_key(redis)).arg(millis(lease));
     let fence: u64 = redis.eval("lock", &call).await?;
-    Ok((fence != 0).then(|| hold(redis, key, fence)))
+    Ok((fence != 0).then(|| hold(redis, key, fence, lease)))
 }
 
-/// The lock `key`, taken with `fence` (by a script that took it along with something else).
-pub fn hold(redis: &Arc<Redis>, key: &str, fence: u64) -> Held {
+/// The lock `key`, taken with `fence` for `lease` (by a script that took it along with
+/// something else).
+pub fn hold(redis: &Arc<Redis>, key: &str, fence: u64, lease: Duration) -> Held {
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let keeper = tokio::spawn(keep(redis.clone(), key.to_owned(), fence, stopped));
+    let lock = Lock {
+        redis: redis.clone(),
+        key: key.to_owned(),
+        fence,
+        lease,
+    };
+    let keeper = tokio::spawn(lock.keep(stopped));
     Held { stop, keeper }
 }
 
@@ -96,40 +103,51 @@ pub fn fence_key(redis: &Redis) -> String {
     redis.key("fence", "locks")
 }
 
-/// The lease in the milliseconds scripts take.
-pub fn lease_millis() -> u64 {
-    millis(LOCK_LEASE)
-}
-
-/// Renews the lock every third of its lease until the holder drops it, then releases it.
-async fn keep(
+/// A lock held, as its keeper renews and releases it.
+struct Lock {
     redis: Arc<Redis>,
     key: String,
     fence: u64,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut renewing = true;
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            () = tokio::time::sleep(LOCK_LEASE / 3), if renewing => {
-                let mut call = RENEW.key(&key);
-                call.arg(fence).arg(millis(LOCK_LEASE));
-                let renewed: Result<u64, _> = redis.eval("lock_renew", &call).await;
-                if renewed == Ok(0) {
-                    // Our lease ran out and another replica holds the lock now.
-                    redis.metrics.redis_lock_stolen();
-                    tracing::warn!(lock = key.as_str(), "a lock lease ran out while held; another replica took it");
-                    renewing = false;
-                }
+    lease: Duration,
+}
+
+impl Lock {
+    /// Renews the lock every third of its lease until the holder lets go, then releases it.
+    async fn keep(self, mut stopped: tokio::sync::oneshot::Receiver<()>) {
+        let mut renewing = true;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                () = tokio::time::sleep(self.lease / 3), if renewing => renewing = self.renew().await,
+            }
+        }
+        let mut call = RELEASE.key(&self.key);
+        call.arg(self.fence);
+        let _: Result<u64, _> = self.redis.eval("lock_release", &call).await;
+    }
+
+    /// Whether to go on renewing: not once another holder has the lock.
+    async fn renew(&self) -> bool {
+        let mut call = RENEW.key(&self.key);
+        call.arg(self.fence).arg(millis(self.lease));
+        match self.redis.eval::<u64>("lock_renew", &call).await {
+            Ok(0) => {
+                self.redis.metrics.redis_lock_stolen();
+                tracing::warn!(
+                    lock = self.key.as_str(),
+                    "a lock's lease ran out while held; another holder has it now"
+                );
+                false
+            }
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(
+                    lock = self.key.as_str(),
+                    %error,
+                    "cannot renew a lock held; it runs out with its lease unless Redis answers again"
+                );
+                true
             }
         }
     }
-    let mut call = RELEASE.key(&key);
-    call.arg(fence);
-    let _: Result<u64, _> = redis.eval("lock_release", &call).await;
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

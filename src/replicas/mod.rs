@@ -1,7 +1,8 @@
 //! The Redis replicas share (`tokens.shared.redis`): the handle every call goes through, with
 //! a deadline, metrics and readiness; locks across replicas ([`lock`]); and news of accounts
 //! between them ([`news`]). What is kept there is decided above: refresh-token records
-//! (`token::oauth2::store::redis`), access tokens (`token::shared`), the throttle.
+//! (`token::oauth2::store::redis`), access tokens (`token::shared`), the throttle's counts
+//! (`client_auth::throttle`).
 //!
 //! A Redis that does not answer in time counts as down (a metric and readiness say so); the
 //! caller falls back to what it holds locally or fails temporarily. Callers seal what is
@@ -25,6 +26,8 @@ use crate::config::SharedConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
+/// HKDF's salt for keys derived from the sealing key.
+const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
 /// How often the connection manager tries to reconnect before a call gives up; the next
 /// call starts again.
 const RECONNECT_TRIES: usize = 2;
@@ -46,6 +49,8 @@ pub struct Redis {
     connection: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    /// What keys for other uses than sealing are derived from.
+    derivation: ring::hkdf::Prk,
     metrics: Arc<Metrics>,
     health: Option<Arc<Health>>,
     /// The last call's outcome, to log each change once.
@@ -61,13 +66,17 @@ impl Redis {
     /// itself.
     ///
     /// # Errors
-    /// The URL or TLS settings are unusable (`mailgate check` has said so already).
+    /// The URL, TLS settings or key are unusable (`mailgate check` has said so already).
     pub fn new(
         config: &SharedConfig,
         metrics: Arc<Metrics>,
         health: Option<Arc<Health>>,
     ) -> Result<Arc<Self>, String> {
         let redis = &config.redis;
+        let key = config
+            .key
+            .as_ref()
+            .ok_or("tokens.shared has no key to derive from")?;
         let (client, pushes) = client(redis)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.timeout))
@@ -82,6 +91,8 @@ impl Redis {
             connection,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
+            derivation: ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
+                .extract(key.expose()),
             metrics,
             health,
             up: AtomicBool::new(true),
@@ -97,6 +108,18 @@ impl Redis {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// An HMAC key for `label`'s use, derived from the sealing key (HKDF, RFC 5869): the same
+    /// in every replica, and telling nothing of the sealing key or of other labels' keys.
+    ///
+    /// # Errors
+    /// None in practice: HKDF refuses only outputs longer than 255 hashes.
+    pub fn derived_key(&self, label: &str) -> Result<ring::hmac::Key, String> {
+        self.derivation
+            .expand(&[label.as_bytes()], ring::hmac::HMAC_SHA256)
+            .map(ring::hmac::Key::from)
+            .map_err(|_| format!("cannot derive the key for {label}"))
     }
 
     /// Runs `command` within the deadline; `op` names it in metrics.
@@ -191,6 +214,11 @@ impl Redis {
     }
 }
 
+/// A duration in the milliseconds Redis takes (`PX`, `PEXPIRE`, scripts' arguments).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn random_id() -> Result<String, String> {
     use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 12];
@@ -234,6 +262,9 @@ fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes)
     if let Some(username) = &config.username {
         settings = settings.set_username(username);
     }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
     info = info.set_redis_settings(settings);
     let client = match &config.ca_file {
         Some(path) if url.scheme() == "rediss" => {
@@ -252,4 +283,41 @@ fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes)
     }
     .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
     Ok((client, tokio::sync::mpsc::unbounded_channel()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::RedisServer;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_password_reaches_redis_even_over_a_unix_socket() {
+        let server = RedisServer::start_with(Some("redis-pass-q7"));
+        let ping = redis::cmd("PING");
+        let answer: String = server.handle().run("ping", &ping).await.unwrap();
+        assert_eq!(answer, "PONG");
+        let stranger = RedisServer::start();
+        assert!(stranger.handle().run::<String>("ping", &ping).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_an_answer_and_a_dead_redis_is_down() {
+        let server = RedisServer::start_with(Some("redis-pass-q7"));
+        let handle = server.handle();
+        let absent = redis::cmd("HGET").arg("nothing").arg("field").clone();
+        let nothing: Option<String> = handle.run("hget", &absent).await.unwrap();
+        assert_eq!(nothing, None);
+        let bad = redis::cmd("NOSUCHCOMMAND");
+        assert!(matches!(
+            handle.run::<String>("bad", &bad).await,
+            Err(SharedError::Refused(_))
+        ));
+        assert!(handle.up.load(Ordering::Relaxed));
+        drop(server);
+        assert!(matches!(
+            handle.run::<String>("ping", &redis::cmd("PING")).await,
+            Err(SharedError::Unreachable | SharedError::Timeout(_))
+        ));
+        assert!(!handle.up.load(Ordering::Relaxed));
+    }
 }

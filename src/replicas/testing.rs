@@ -14,6 +14,7 @@ use crate::secret::Secret;
 pub struct RedisServer {
     child: Child,
     dir: tempfile::TempDir,
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -21,8 +22,19 @@ impl RedisServer {
     /// redis-server is not installed (scripts/install-test-deps.sh installs it) or does not
     /// come up within 10 s.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`RedisServer::start`], refusing clients without `password` (`requirepass`).
+    pub fn start_with(password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
+            .args(
+                password
+                    .map(|password| ["--requirepass", password])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--port", "0", "--save", "", "--appendonly", "no"])
             .args(["--rdbcompression", "no", "--unixsocketperm", "700"])
             .arg("--unixsocket")
@@ -33,7 +45,11 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (run scripts/install-test-deps.sh)");
-        let server = Self { child, dir };
+        let server = Self {
+            child,
+            dir,
+            password: password.map(str::to_owned),
+        };
         for _ in 0..500 {
             if server.cli(&["PING"]).trim() == "PONG" {
                 return server;
@@ -57,6 +73,7 @@ impl RedisServer {
                 username: None,
                 password_file: None,
                 password_env: None,
+                password: self.password.clone().map(Secret::new),
                 key_prefix: "test:".to_owned(),
                 timeout: Duration::from_secs(2),
             },
@@ -72,6 +89,12 @@ impl RedisServer {
         let output = Command::new("redis-cli")
             .arg("-s")
             .arg(self.socket())
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|password| ["-a", password.as_str()]),
+            )
+            .arg("--no-auth-warning")
             .args(command)
             .output()
             .expect("redis-cli");

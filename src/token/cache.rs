@@ -174,6 +174,11 @@ impl TokenCache {
         Ok(self)
     }
 
+    /// The replicas' Redis, when tokens are shared.
+    pub fn redis(&self) -> Option<&Arc<Redis>> {
+        self.shared.as_ref().map(|shared| shared.redis())
+    }
+
     /// Acts on the other replicas' news until this cache is retired or dropped: drops the
     /// account's tokens, and for a revocation ends its sessions.
     pub fn follow_the_news(self: &Arc<Self>, redis: &Arc<Redis>) {

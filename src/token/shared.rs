@@ -16,11 +16,14 @@ use super::{Token, TokenError, TokenKey};
 use crate::config::Protocol;
 use crate::login::UpstreamAuth;
 use crate::replicas::news::{self, News};
-use crate::replicas::{Redis, SharedError, lock};
+use crate::replicas::{Redis, SharedError, lock, millis};
 use crate::secret::Secret;
 
 /// How often a replica waiting for another's fetch looks again.
 const FLIGHT_POLL: Duration = Duration::from_millis(25);
+/// How long a replica killed mid-fetch holds the others up; a fetch that outlasts it only
+/// costs one more fetch (the refresh itself is under the store's lease).
+const FLIGHT_LEASE: Duration = Duration::from_secs(6);
 
 /// The shared token if it expires after `ARGV[2]`; else the flight lock (`{2, fence}`), or
 /// `{0, ''}` while another replica holds it.
@@ -170,7 +173,7 @@ impl SharedTokens {
         let mut call = CLAIM.key(self.redis.key("access", &name));
         call.key(self.redis.key("flight", &name))
             .key(lock::fence_key(&self.redis))
-            .arg(lock::lease_millis())
+            .arg(millis(FLIGHT_LEASE))
             .arg(later_than);
         let (found, value, expires_at): (u8, Vec<u8>, String) =
             self.redis.eval("token_claim", &call).await?;
@@ -191,6 +194,7 @@ impl SharedTokens {
                     &self.redis,
                     &self.redis.key("flight", &name),
                     fence,
+                    FLIGHT_LEASE,
                 )))
             }
             _ => Ok(Claim::Busy),
@@ -257,6 +261,10 @@ impl SharedTokens {
         let _: Result<u8, _> = self.redis.eval("token_forget", &call).await;
     }
 
+    pub fn redis(&self) -> &Arc<Redis> {
+        &self.redis
+    }
+
     /// Drops every shared token of the account `news` is about, then tells the other
     /// replicas, which drop theirs (and for a revocation end its sessions).
     pub async fn announce(&self, news: News) {
@@ -295,10 +303,6 @@ pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, millis)
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn unavailable(error: SharedError) -> TokenError {

@@ -154,10 +154,29 @@ def mailgate_binary() -> Path:
     return Path(json.loads(metadata.stdout)["target_directory"]) / "debug" / "mailgate"
 
 
-def mailgate_check(binary: Path, config: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    """`mailgate check --no-files` on a configuration: the files it names are the pod's,
-    not this machine's, so only their presence in the right keys is checked."""
+def mailgate_check(binary: Path, config: dict, tmp_path: Path,
+                   files: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mailgate check` on a configuration. Without `files`, `--no-files`: the files it
+    names are the pod's, not this machine's, so only their presence in the right keys is
+    checked. With `files` (the pod's path -> content), each is written below tmp_path and
+    the configuration points there, so mailgate reads them as the pod would."""
+    args = ["--no-files"]
+    if files is not None:
+        args = []
+        local = {pod: tmp_path / "pod" / pod.lstrip("/") for pod in files}
+        for pod, text in files.items():
+            local[pod].parent.mkdir(parents=True, exist_ok=True)
+            local[pod].write_text(text)
+
+        def moved(value):
+            if isinstance(value, dict):
+                return {k: moved(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [moved(v) for v in value]
+            return str(local[value]) if isinstance(value, str) and value in local else value
+
+        config = moved(config)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run([str(binary), "check", "--no-files", "--config", str(path)],
+    return subprocess.run([str(binary), "check", *args, "--config", str(path)],
                           capture_output=True, text=True, timeout=60)

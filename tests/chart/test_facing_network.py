@@ -68,7 +68,7 @@ def test_tls_listeners_get_the_secret_as_a_directory():
     assert mounts(result)["tls"] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
 
 
-@pytest.mark.parametrize("value_set", ["facing-network", "token-holder", "delegated-local", "defaults"])
+@pytest.mark.parametrize("value_set", ["facing-network", "token-holder", "delegated-local", "replicas-redis", "defaults"])
 def test_no_mount_uses_sub_path(value_set):
     result = rendered(value_set)
     for mount in result.container["volumeMounts"]:

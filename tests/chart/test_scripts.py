@@ -14,7 +14,8 @@ DEMO_PACKAGES = {
     "dovecot-core", "dovecot-imapd", "dovecot-submissiond", "dovecot-lmtpd",
     "curl", "openssl", "gcc", "libc6-dev",
 }
-BROWSER_PACKAGES = {"chromium", "chromium-driver", "fonts-liberation"}
+# Only the tests use these: Chromium for the browser tests, the Redis the replicas' tests start.
+TEST_ONLY_PACKAGES = {"chromium", "chromium-driver", "fonts-liberation", "redis-server"}
 
 STAND_INS = {
     "dpkg-query": "exit 1",
@@ -44,5 +45,5 @@ def test_the_demo_installs_only_what_it_uses(tmp_path):
     assert installed_by(tmp_path, "scripts/demo.sh") == DEMO_PACKAGES
 
 
-def test_the_tests_install_the_browser_too(tmp_path):
-    assert installed_by(tmp_path, "scripts/install-test-deps.sh") == DEMO_PACKAGES | BROWSER_PACKAGES
+def test_the_tests_install_the_browser_and_redis_too(tmp_path):
+    assert installed_by(tmp_path, "scripts/install-test-deps.sh") == DEMO_PACKAGES | TEST_ONLY_PACKAGES

@@ -75,6 +75,15 @@ impl RedisServer {
         }
     }
 
+    /// Kills it (SIGKILL): gone at once, as a crashed Redis; what the append-only file holds
+    /// comes back with [`RedisServer::run`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Freezes (`true`) or thaws it: connections are accepted by the kernel, nothing is
     /// answered.
     pub fn freeze(&self, frozen: bool) {

@@ -12,6 +12,7 @@ place.
 {{- include "mailgate.config.clientAuth" $step -}}
 {{- include "mailgate.config.listeners" $step -}}
 {{- include "mailgate.config.oauth2" $step -}}
+{{- include "mailgate.config.shared" $step -}}
 {{- include "mailgate.config.admin" $step -}}
 {{- toYaml $config -}}
 {{- end }}
@@ -101,8 +102,9 @@ from proxyProtocol.fromCIDRs for every listener that does not set it.
 {{- end }}
 
 {{/*
-tokens.oauth2: the store on the chart's volume with its key from a Secret, and
-the providers' client secrets, certificates and service-account keys.
+tokens.oauth2: the store on the chart's volume (in Redis with redis.url) with its
+key from a Secret, and the providers' client secrets, certificates and
+service-account keys.
 */}}
 {{- define "mailgate.config.oauth2" -}}
 {{- $root := .root -}}
@@ -110,9 +112,15 @@ the providers' client secrets, certificates and service-account keys.
 {{- $values := $root.Values.oauth2 -}}
 {{- $tokens := get $config "tokens" | default dict -}}
 {{- $oauth2 := get $tokens "oauth2" | default dict -}}
+{{- $shared := include "mailgate.sharedRedis" $root -}}
 {{- if $values.store.enabled -}}
 {{- $store := get $oauth2 "store" | default dict -}}
-{{- if not (hasKey $store "dir") -}}
+{{- if $shared -}}
+{{- /* The records live in Redis: mailgate needs no directory, the chart mounts no volume. */ -}}
+{{- if $values.store.existingClaim -}}
+{{- fail "oauth2.store.existingClaim is set, but with redis.url (or config.tokens.shared.redis) the refresh tokens live in Redis and no volume is mounted: drop it" -}}
+{{- end -}}
+{{- else if not (hasKey $store "dir") -}}
 {{- $_ := set $store "dir" (include "mailgate.storeDir" $root) -}}
 {{- else if not (hasPrefix (printf "%s/" (include "mailgate.stateDir" $root)) (toString $store.dir)) -}}
 {{- fail (printf "config.tokens.oauth2.store.dir %v is not on the store's volume: leave it out, or name a directory below %s" $store.dir (include "mailgate.stateDir" $root)) -}}
@@ -126,7 +134,7 @@ the providers' client secrets, certificates and service-account keys.
 {{- fail "oauth2.store.enabled needs the store key: set oauth2.store.key.existingSecret (32 random bytes, base64)" -}}
 {{- end -}}
 {{- $_ := set $oauth2 "store" $store -}}
-{{- else if hasKey $oauth2 "store" -}}
+{{- else if and (hasKey $oauth2 "store") (not $shared) -}}
 {{- /* A store the chart does not mount must be on a volume of the user's: the root file system is read-only. */ -}}
 {{- $dir := toString (get (get $oauth2 "store" | default dict) "dir") -}}
 {{- $mounted := false -}}
@@ -177,21 +185,88 @@ the providers' client secrets, certificates and service-account keys.
 {{- end }}
 
 {{/*
-A token store has one writer (values.yaml, oauth2.store): more replicas only
-with oauth2.store.sharedByReplicas, and then on a volume they can all mount.
-Checked while the configuration is assembled, so that it is reported before
-anything that follows from it (onboarding's own one-replica rule).
+A token store on files has one writer (values.yaml, oauth2.store): more replicas
+only with oauth2.store.sharedByReplicas, and then on a volume they can all
+mount. In Redis, replicas take turns through its lock: any number. Checked while
+the configuration is assembled, so that it is reported before anything that
+follows from it (onboarding's own one-replica rule).
 */}}
 {{- define "mailgate.checkStore" -}}
 {{- $store := .Values.oauth2.store -}}
-{{- if and (gt (int .Values.replicaCount) 1) (not $store.sharedByReplicas) -}}
-{{- fail (printf "replicaCount %v with an OAuth2 token store: mailgate has no lock between processes, so replicas sharing a store race each other's refresh-token rotations. Use replicaCount: 1 (scale mail traffic with a second release that uses this one's admin.tokenService as its auth server), or read oauth2.store.sharedByReplicas in values.yaml and set it" .Values.replicaCount) -}}
-{{- end -}}
-{{- if and $store.enabled $store.sharedByReplicas (not $store.existingClaim) (not (has "ReadWriteMany" $store.accessModes)) -}}
+{{- if include "mailgate.sharedRedis" . -}}
+{{- /* No volume and no one-writer rule. */ -}}
+{{- else if and (gt (int .Values.replicaCount) 1) (not $store.sharedByReplicas) -}}
+{{- fail (printf "replicaCount %v with an OAuth2 token store on files: mailgate has no lock between processes there, so replicas sharing a store race each other's refresh-token rotations. Use replicaCount: 1 (scale mail traffic with a second release that uses this one's admin.tokenService as its auth server), keep the store in Redis (redis.url, docs/replicas.md), or read oauth2.store.sharedByReplicas in values.yaml and set it" .Values.replicaCount) -}}
+{{- else if and $store.enabled $store.sharedByReplicas (not $store.existingClaim) (not (has "ReadWriteMany" $store.accessModes)) -}}
 {{- fail "oauth2.store.sharedByReplicas needs a volume every replica can mount: add ReadWriteMany to oauth2.store.accessModes (with a StorageClass that offers it), or give oauth2.store.existingClaim" -}}
 {{- end -}}
-{{- if and $store.enabled (not (get (.Values.podSecurityContext | default dict) "fsGroup")) -}}
+{{- if and (include "mailgate.storeVolume" .) (not (get (.Values.podSecurityContext | default dict) "fsGroup")) -}}
 {{- fail "oauth2.store.enabled needs podSecurityContext.fsGroup (65534): without it the volume is not writable by mailgate's user" -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+tokens.shared from redis: the URL and settings, the password, CA and sealing key
+as files from Secrets. The password never goes in the configuration itself
+(a ConfigMap), only the path of its file. Values given without redis.url are
+refused rather than ignored.
+*/}}
+{{- define "mailgate.config.shared" -}}
+{{- $root := .root -}}
+{{- $config := .config -}}
+{{- $values := $root.Values.redis -}}
+{{- $tokens := get $config "tokens" | default dict -}}
+{{- $url := toString $values.url -}}
+{{- $files := dict "password_file" (list $values.password "redis.password" "mailgate.redisPasswordFile") "ca_file" (list $values.ca "redis.ca" "mailgate.redisCaFile") -}}
+{{- if not $url -}}
+{{- $given := dict "redis.tls" $values.tls "redis.username" $values.username "redis.keyPrefix" $values.keyPrefix "redis.timeout" $values.timeout "redis.password.existingSecret" $values.password.existingSecret "redis.ca.existingSecret" $values.ca.existingSecret "redis.sealingKey.existingSecret" $values.sealingKey.existingSecret -}}
+{{- range $name := keys $given | sortAlpha -}}
+{{- if get $given $name -}}
+{{- fail (printf "%s is set but redis.url is not: set redis.url to share state through Redis, or drop %s" $name $name) -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- if hasKey $tokens "shared" -}}
+{{- fail "config.tokens.shared is set and redis.url too: give one" -}}
+{{- end -}}
+{{- /* The URL is not echoed: it may hold the very password this refuses. */ -}}
+{{- if or (regexMatch "^[^:/]+://[^/@]*:[^/@]*@" $url) (regexMatch "[?&]pass(word)?=" $url) -}}
+{{- fail "redis.url holds a password, which would end up in the ConfigMap: remove it from the URL and put it in a Secret named by redis.password.existingSecret" -}}
+{{- end -}}
+{{- $redis := dict "url" $url -}}
+{{- if $values.tls -}}
+{{- $_ := set $redis "tls" true -}}
+{{- end -}}
+{{- if and $values.ca.existingSecret (not (or $values.tls (hasPrefix "rediss://" $url))) -}}
+{{- fail "redis.ca.existingSecret is set but the connection to Redis is not TLS: use a rediss:// URL or redis.tls: true" -}}
+{{- end -}}
+{{- range $key, $wiring := $files -}}
+{{- if (index $wiring 0).existingSecret -}}
+{{- $_ := set $redis $key (include (index $wiring 2) $root) -}}
+{{- end -}}
+{{- end -}}
+{{- with $values.username -}}
+{{- $_ := set $redis "username" . -}}
+{{- end -}}
+{{- with $values.keyPrefix -}}
+{{- $_ := set $redis "key_prefix" . -}}
+{{- end -}}
+{{- with $values.timeout -}}
+{{- $_ := set $redis "timeout" . -}}
+{{- end -}}
+{{- $shared := dict "redis" $redis -}}
+{{- /* mailgate seals with the store's key when there is a store, and refuses a second key then. */ -}}
+{{- $hasStore := hasKey (get $tokens "oauth2" | default dict) "store" -}}
+{{- if $values.sealingKey.existingSecret -}}
+{{- if $hasStore -}}
+{{- fail "redis.sealingKey.existingSecret is set, but with an OAuth2 token store its key (oauth2.store.key) seals everything replicas share and mailgate refuses a second one: drop redis.sealingKey" -}}
+{{- end -}}
+{{- $_ := set $shared "key_file" (include "mailgate.sharedKeyFile" $root) -}}
+{{- else if not $hasStore -}}
+{{- fail "redis.url needs a key to seal the access tokens replicas share in Redis: set redis.sealingKey.existingSecret (a Secret with 32 random bytes, base64), or use an OAuth2 token store (oauth2.store), whose key seals everything" -}}
+{{- end -}}
+{{- $_ := set $tokens "shared" $shared -}}
+{{- $_ := set $config "tokens" $tokens -}}
 {{- end -}}
 {{- end }}
 
@@ -262,7 +337,22 @@ loopback; onboarding keeps its sign-ins in one process, so one replica.
 {{- if hasKey $oauth2 "store" }}true{{ end -}}
 {{- end }}
 
-{{/* "true" when the pods must not overlap: one writer on the token store. */}}
+{{/* "true" when the pods must not overlap: one writer on the token store's files. */}}
 {{- define "mailgate.singleWriter" -}}
-{{- if and (include "mailgate.hasStore" .) (not .Values.oauth2.store.sharedByReplicas) }}true{{ end -}}
+{{- if and (include "mailgate.hasStore" .) (not .Values.oauth2.store.sharedByReplicas) (not (include "mailgate.sharedRedis" .)) }}true{{ end -}}
+{{- end }}
+
+{{/*
+"true" when replicas share state through Redis: redis.url, or
+config.tokens.shared.redis given by hand.
+*/}}
+{{- define "mailgate.sharedRedis" -}}
+{{- $tokens := get .Values.config "tokens" | default dict -}}
+{{- $shared := get $tokens "shared" | default dict -}}
+{{- if or .Values.redis.url (hasKey $shared "redis") }}true{{ end -}}
+{{- end }}
+
+{{/* "true" when the chart mounts the token store's volume (files, not Redis). */}}
+{{- define "mailgate.storeVolume" -}}
+{{- if and .Values.oauth2.store.enabled (not (include "mailgate.sharedRedis" .)) }}true{{ end -}}
 {{- end }}

@@ -38,6 +38,15 @@ rotated password would never arrive.
 {{- define "mailgate.storeKeyFile" -}}
 /var/run/secrets/mailgate/store-key/key
 {{- end }}
+{{- define "mailgate.redisPasswordFile" -}}
+/var/run/secrets/mailgate/redis/password
+{{- end }}
+{{- define "mailgate.redisCaFile" -}}
+/var/run/secrets/mailgate/redis-ca/ca.crt
+{{- end }}
+{{- define "mailgate.sharedKeyFile" -}}
+/var/run/secrets/mailgate/shared-key/key
+{{- end }}
 {{- define "mailgate.oauth2Dir" -}}
 /var/run/secrets/mailgate/oauth2
 {{- end }}
@@ -135,6 +144,14 @@ Deployment renders each as a volume and a read-only mount. Files are 0440
 {{- if and .Values.oauth2.store.enabled .Values.oauth2.store.key.existingSecret -}}
 {{- $file := include "mailgate.storeKeyFile" . -}}
 {{- $mounts = append $mounts (dict "name" "store-key" "secretName" .Values.oauth2.store.key.existingSecret "mountPath" (dir $file) "items" (list (dict "key" .Values.oauth2.store.key.existingSecretKey "path" (base $file)))) -}}
+{{- end -}}
+{{- $redis := .Values.redis -}}
+{{- range $name, $secret := dict "redis-password" (list $redis.password "mailgate.redisPasswordFile") "redis-ca" (list $redis.ca "mailgate.redisCaFile") "shared-key" (list $redis.sealingKey "mailgate.sharedKeyFile") -}}
+{{- $values := index $secret 0 -}}
+{{- if $values.existingSecret -}}
+{{- $file := include (index $secret 1) $ -}}
+{{- $mounts = append $mounts (dict "name" $name "secretName" $values.existingSecret "mountPath" (dir $file) "items" (list (dict "key" $values.existingSecretKey "path" (base $file)))) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Volume names by position: provider names need not be DNS labels. */ -}}
 {{- range $index, $name := keys .Values.oauth2.providers | sortAlpha -}}

@@ -45,6 +45,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 const LEASE_EXTRA_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a process waits for an account's lease: a grant holding it ends within the
+/// provider's timeout.
+pub fn lease_wait(config: &OAuth2Config) -> Duration {
+    config.timeout + LEASE_EXTRA_WAIT
+}
+
 /// Where an account stands, as `mailgate accounts` and the metrics show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountState {
@@ -251,7 +257,8 @@ impl OAuth2 {
             (Some(store), Some(redis)) => {
                 let key = store.key.as_ref().ok_or("token store without a key")?;
                 Some(Arc::new(
-                    RedisStore::new(redis.clone(), key).map_err(|e| e.to_string())?,
+                    RedisStore::new(redis.clone(), key, lease_wait(config))
+                        .map_err(|e| e.to_string())?,
                 ))
             }
             (Some(store), None) => {
@@ -295,7 +302,7 @@ impl OAuth2 {
             grants: grants.clone(),
             store,
             redis,
-            lease_wait: config.timeout + LEASE_EXTRA_WAIT,
+            lease_wait: lease_wait(config),
             metrics,
             health,
             this: this.clone(),

@@ -39,10 +39,28 @@ impl FileStore {
     pub fn open(dir: &Path, key: &Secret<Vec<u8>>) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        Self::at(dir, key)
+    }
+
+    /// The store in `dir` as it is, for reading: a missing directory is an empty store (and
+    /// is not created).
+    ///
+    /// # Errors
+    /// The key is not 32 bytes.
+    pub fn at(dir: &Path, key: &Secret<Vec<u8>>) -> Result<Self, StoreError> {
         Ok(Self(Arc::new(Files {
             dir: dir.to_owned(),
             sealer: Sealer::new(key)?,
         })))
+    }
+
+    /// The record files (`NAME.token`) of none of `accounts`, by file name, sorted.
+    ///
+    /// # Errors
+    /// The directory cannot be read.
+    pub async fn others(&self, accounts: &[String]) -> Result<Vec<String>, StoreError> {
+        let accounts = accounts.to_vec();
+        self.blocking(move |files| files.others(&accounts)).await
     }
 
     /// Runs `call` on the blocking pool.
@@ -178,6 +196,26 @@ impl Files {
 
     fn path(&self, account: &str) -> PathBuf {
         self.dir.join(format!("{}.token", file_name(account)))
+    }
+
+    fn others(&self, accounts: &[String]) -> Result<Vec<String>, StoreError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(io_error(&self.dir, &error)),
+        };
+        let known: Vec<PathBuf> = accounts.iter().map(|account| self.path(account)).collect();
+        let mut others = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| io_error(&self.dir, &e))?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            // Lock and temporary files start with a dot; records never do (see file_name).
+            if name.ends_with(".token") && !name.starts_with('.') && !known.contains(&path) {
+                others.push(name.into_owned());
+            }
+        }
+        others.sort();
+        Ok(others)
     }
 }
 
@@ -345,6 +383,25 @@ mod tests {
         assert_eq!(store.load("carol"), Err(StoreError::Corrupt));
         fs::write(store.path("dave"), b"not ours").unwrap();
         assert_eq!(store.load("dave"), Err(StoreError::Corrupt));
+    }
+
+    #[tokio::test]
+    async fn records_of_other_accounts_are_listed_by_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), &key(5)).unwrap();
+        for account in ["alice", "old/friend", "bob"] {
+            store
+                .swap(account, Expect::Absent, record("rt"))
+                .await
+                .unwrap();
+        }
+        let _lease = store.try_lease("bob").await.unwrap();
+        let known = ["alice".to_owned(), "bob".to_owned()];
+        assert_eq!(store.others(&known).await.unwrap(), ["old%2Ffriend.token"]);
+        let missing = FileStore::at(&dir.path().join("none"), &key(5)).unwrap();
+        assert!(missing.others(&known).await.unwrap().is_empty());
+        assert_eq!(missing.load("alice").await, Ok(None));
+        assert!(!dir.path().join("none").exists());
     }
 
     #[test]

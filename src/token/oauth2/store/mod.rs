@@ -1,5 +1,5 @@
 //! Where refresh tokens outlive the process: one record per account behind one contract that
-//! every backend keeps (the local [`file`] store today, a shared one for replicas later).
+//! every backend keeps: the local [`file`] store, or [`redis`] for replicas.
 //!
 //! The contract:
 //! - every record carries a generation, set by the store on each write;
@@ -11,6 +11,7 @@
 //!   across the provider's answer, so two processes never redeem the same token.
 
 pub mod file;
+pub mod migrate;
 pub mod redis;
 pub mod seal;
 
@@ -30,9 +31,9 @@ pub enum StoreError {
     #[error("token store I/O: {0}")]
     Io(String),
     /// Wrong key, or a file changed by someone else: the two cannot be told apart.
-    #[error("token store file does not decrypt (wrong store key, or a corrupted file)")]
+    #[error("a token store record does not decrypt (wrong store key, or a corrupted record)")]
     Undecryptable,
-    #[error("token store file is corrupted")]
+    #[error("a token store record is corrupted")]
     Corrupt,
     /// Another process held the account's lease for the whole wait.
     #[error("another process is renewing this account's token; try again")]

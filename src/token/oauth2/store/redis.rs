@@ -3,6 +3,7 @@
 //! across the provider's answer, so one replica at a time redeems an account's token.
 
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use redis::Script;
 
@@ -30,15 +31,23 @@ return {1, tostring(next), ''}",
 pub struct RedisStore {
     redis: Arc<Redis>,
     sealer: Sealer,
+    /// How long a lease outlives a holder cut off from Redis: longer than a redemption may
+    /// take, so that it has ended (or failed) before another replica redeems.
+    lease: Duration,
 }
 
 impl RedisStore {
     /// # Errors
     /// The key is not 32 bytes.
-    pub fn new(redis: Arc<Redis>, key: &Secret<Vec<u8>>) -> Result<Self, StoreError> {
+    pub fn new(
+        redis: Arc<Redis>,
+        key: &Secret<Vec<u8>>,
+        lease: Duration,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             redis,
             sealer: Sealer::new(key)?,
+            lease,
         })
     }
 
@@ -99,7 +108,7 @@ impl RedisStore {
     }
 
     async fn try_lease_of(&self, account: &str) -> Result<Option<Lease>, StoreError> {
-        let held = lock::try_acquire(&self.redis, &self.redis.key("lease", account))
+        let held = lock::try_acquire(&self.redis, &self.redis.key("lease", account), self.lease)
             .await
             .map_err(io)?;
         Ok(held.map(|held| {
@@ -146,7 +155,8 @@ mod tests {
     use crate::token::oauth2::store::contract;
 
     fn store(server: &RedisServer, key_byte: u8) -> RedisStore {
-        RedisStore::new(server.handle(), &Secret::new(vec![key_byte; 32])).unwrap()
+        let lease = Duration::from_secs(6);
+        RedisStore::new(server.handle(), &Secret::new(vec![key_byte; 32]), lease).unwrap()
     }
 
     #[tokio::test]
