@@ -1,14 +1,16 @@
 //! Replicas on one Redis (`tokens.shared.redis`): for 1, 2 and 3 mailgate processes, logins
 //! per second under a burst of concurrent logins, the provider requests they cost, and the
-//! Redis commands per login (from Redis's own `INFO` count): for an account's first login
-//! anywhere, its first login on another replica, and logins with a warm local cache. A
-//! direct XOAUTH2 login to the same Dovecot is the baseline. Run via `bench/run.sh replicas`.
+//! Redis round trips per login (mailgate's `mailgate_redis_calls_total`, each script one):
+//! for an account's first login anywhere, its first login on another replica, and logins
+//! with a warm local cache. A direct XOAUTH2 login to the same Dovecot is the baseline. Run
+//! via `bench/run.sh replicas`.
 //!
 //! Only loopback is used; every loop is bounded in count and time.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -39,9 +41,9 @@ struct Row {
     replicas: usize,
     logins_per_second: f64,
     provider_requests: usize,
-    first_login: f64,
-    first_on_another: Option<f64>,
-    warm: f64,
+    first_login: Calls,
+    first_on_another: Option<Calls>,
+    warm: Calls,
 }
 
 async fn run() {
@@ -61,31 +63,40 @@ async fn run() {
         "mailgate replicas on one Redis (real Dovecot and redis-server on loopback, {ACCOUNTS} accounts, release build)"
     );
     println!(
-        "{:>8} {:>13} {:>8} {:>9} {:>19} {:>19} {:>12}",
-        "replicas", "logins/s", "ratio", "provider", "Redis cmds: first", "first elsewhere", "warm"
+        "{:>8} {:>10} {:>7} {:>9} {:>14} {:>16} {:>10}",
+        "replicas", "logins/s", "ratio", "provider", "Redis: first", "first elsewhere", "warm"
     );
     println!(
-        "{:>8} {:>13.0} {:>8} {:>9} {:>19} {:>19} {:>12}",
+        "{:>8} {:>10.0} {:>7} {:>9} {:>14} {:>16} {:>10}",
         "direct*", direct, "1.000", "-", "-", "-", "-"
     );
     for row in &rows {
         let elsewhere = row
             .first_on_another
-            .map_or("-".to_owned(), |n| format!("{n:.2}"));
+            .as_ref()
+            .map_or("-".to_owned(), |calls| format!("{:.2}", calls.per_login));
         println!(
-            "{:>8} {:>13.0} {:>8.3} {:>9} {:>19.2} {:>19} {:>12.3}",
+            "{:>8} {:>10.0} {:>7.3} {:>9} {:>14.2} {:>16} {:>10.3}",
             row.replicas,
             row.logins_per_second,
             row.logins_per_second / direct,
             row.provider_requests,
-            row.first_login,
+            row.first_login.per_login,
             elsewhere,
-            row.warm
+            row.warm.per_login
         );
     }
     println!(
-        "(logins/s: {BURST_LOGINS} connect+login+logout, {CONCURRENCY} at once, over all replicas; provider: refresh requests in all; Redis cmds per login)"
+        "(logins/s: {BURST_LOGINS} connect+login+logout, {CONCURRENCY} at once, over all replicas; provider: refresh requests in all; Redis: round trips per login)"
     );
+    if let Some(row) = rows.last() {
+        println!("round trips by operation, {} replicas:", row.replicas);
+        println!("  first anywhere:  {}", row.first_login.ops);
+        if let Some(calls) = &row.first_on_another {
+            println!("  first elsewhere: {}", calls.ops);
+        }
+        println!("  warm:            {}", row.warm.ops);
+    }
     println!(
         "(* direct: XOAUTH2 straight to Dovecot over plain IMAP; mailgate's own upstream connections use implicit TLS)"
     );
@@ -94,17 +105,17 @@ async fn run() {
 /// One mode's figures, on a cluster whose replicas run and have not served a login yet.
 async fn measure(cluster: &Cluster) -> Row {
     let replicas = cluster.replicas.len();
-    let before = commands(cluster).await;
+    let before = round_trips(cluster).await;
     for account in &cluster.accounts {
         expect_ok(log_in_and_out(cluster.replicas[0].imap_address(), account).await);
     }
-    let after_first = commands(cluster).await;
+    let after_first = round_trips(cluster).await;
     for replica in &cluster.replicas[1..] {
         for account in &cluster.accounts {
             expect_ok(log_in_and_out(replica.imap_address(), account).await);
         }
     }
-    let after_elsewhere = commands(cluster).await;
+    let after_elsewhere = round_trips(cluster).await;
     let started = Instant::now();
     burst(BURST_LOGINS, |n| {
         let address = cluster.replicas[n % replicas].imap_address();
@@ -113,16 +124,16 @@ async fn measure(cluster: &Cluster) -> Row {
     })
     .await;
     let logins_per_second = BURST_LOGINS as f64 / started.elapsed().as_secs_f64();
-    let after_warm = commands(cluster).await;
+    let after_warm = round_trips(cluster).await;
     let elsewhere_logins = ACCOUNTS * (replicas - 1);
     Row {
         replicas,
         logins_per_second,
         provider_requests: cluster.refreshes().0,
-        first_login: per_login(after_first - before, ACCOUNTS),
+        first_login: per_login(&before, &after_first, ACCOUNTS),
         first_on_another: (elsewhere_logins > 0)
-            .then(|| per_login(after_elsewhere - after_first, elsewhere_logins)),
-        warm: per_login(after_warm - after_elsewhere, BURST_LOGINS),
+            .then(|| per_login(&after_first, &after_elsewhere, elsewhere_logins)),
+        warm: per_login(&after_elsewhere, &after_warm, BURST_LOGINS),
     }
 }
 
@@ -173,16 +184,50 @@ fn expect_ok(tagged: String) {
     assert!(tagged.contains(" OK "), "login failed: {tagged}");
 }
 
-/// Commands Redis has processed so far, less the `INFO` asking for it.
-async fn commands(cluster: &Cluster) -> u64 {
-    let info = cluster.redis.cli(&["INFO", "stats"]).await;
-    info.lines()
-        .find_map(|line| line.strip_prefix("total_commands_processed:"))
-        .and_then(|count| count.trim().parse::<u64>().ok())
-        .expect("total_commands_processed in INFO stats")
-        .saturating_sub(1)
+/// Round trips to Redis so far, over all replicas, by operation (mailgate's own count: one
+/// per call, each script one).
+async fn round_trips(cluster: &Cluster) -> BTreeMap<String, f64> {
+    let mut calls = BTreeMap::new();
+    for n in 0..cluster.replicas.len() {
+        for line in cluster.metrics(n).await.lines() {
+            let Some(rest) = line.strip_prefix("mailgate_redis_calls_total{op=\"") else {
+                continue;
+            };
+            let (op, rest) = rest.split_once('"').expect("an op label");
+            let count: f64 = rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *calls.entry(op.to_owned()).or_insert(0.0) += count;
+        }
+    }
+    calls
 }
 
-fn per_login(commands: u64, logins: usize) -> f64 {
-    commands as f64 / logins as f64
+/// Round trips per login.
+struct Calls {
+    per_login: f64,
+    /// The operations, each with its calls per login.
+    ops: String,
+}
+
+/// What was called between two counts, per login.
+fn per_login(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    logins: usize,
+) -> Calls {
+    let mut ops = Vec::new();
+    for (op, count) in after {
+        let delta = count - before.get(op).copied().unwrap_or(0.0);
+        if delta > 0.0 {
+            ops.push(format!("{op} {:.2}", delta / logins as f64));
+        }
+    }
+    let total: f64 = after.values().sum::<f64>() - before.values().sum::<f64>();
+    Calls {
+        per_login: total / logins as f64,
+        ops: ops.join(", "),
+    }
 }
