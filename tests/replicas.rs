@@ -7,10 +7,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::cluster::{ALICE, Cluster, log_in_and_out, logins_at_once};
+use support::cluster::{ALICE, CLIENT, Cluster, log_in_and_out, logins_at_once};
 use support::imap_client::ImapClient;
 use support::process::send_signal;
-use support::{eventually, with_timeout};
+use support::{Mailgate, eventually, with_timeout};
 
 const MINUTES: Duration = Duration::from_secs(180);
 
@@ -287,6 +287,72 @@ async fn invalid_grant_on_one_replica_ends_the_accounts_sessions_on_all() {
         assert!(
             other.command("NOOP").await.is_ok(),
             "user1's session goes on"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_authorization_replaces_every_replicas_cached_token() {
+    with_timeout(MINUTES, async {
+        let mut cluster = Cluster::start(3, 1, "").await;
+        cluster.start_all().await;
+        for n in 0..3 {
+            let tagged = log_in_and_out(cluster.replicas[n].imap_address(), "user0").await;
+            assert!(tagged.contains(" OK "), "{tagged}");
+        }
+        assert_eq!(cluster.refreshes(), (1, 1));
+        let rotated = cluster
+            .provider
+            .current_refresh_token(ALICE, CLIENT)
+            .unwrap();
+
+        // The user consents again (device flow) while the replicas hold the old token.
+        cluster.provider.set_device_interval(1);
+        let mut authorize = Mailgate::spawn(
+            &cluster.config(0),
+            &["authorize", "--account", "user0", "--device"],
+            &[],
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                !cluster.provider.pending_user_codes().is_empty()
+            })
+            .await
+        );
+        let code = cluster.provider.pending_user_codes().pop().unwrap();
+        assert!(cluster.provider.approve_device(&code, ALICE));
+        assert_eq!(
+            authorize.wait_exit(Duration::from_secs(30)).await,
+            Some(0),
+            "{}",
+            authorize.output()
+        );
+
+        // Every replica dropped the old token: the next logins redeem the new grant, once.
+        for n in [1, 2, 0] {
+            assert!(
+                eventually(Duration::from_secs(10), || async {
+                    log_in_and_out(cluster.replicas[n].imap_address(), "user0")
+                        .await
+                        .contains(" OK ")
+                })
+                .await,
+                "{}",
+                cluster.output()
+            );
+        }
+        let redeemed: Vec<_> = cluster
+            .provider
+            .token_requests()
+            .into_iter()
+            .filter(|r| r.grant_type == "refresh_token")
+            .filter_map(|r| r.refresh_token)
+            .collect();
+        assert_eq!(redeemed.len(), 2, "{redeemed:?}\n{}", cluster.output());
+        assert!(
+            redeemed[1] != rotated && redeemed[1] != cluster.onboarded[0],
+            "the new grant's token was redeemed, not the old one's"
         );
     })
     .await;

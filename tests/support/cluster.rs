@@ -135,6 +135,7 @@ tokens:
       local:
         preset: custom
         token_url: "{token_url}"
+        device_url: "{device_url}"
         client_id: {CLIENT}
         client_secret_file: "{secret}"
         scope: "{SCOPE}"
@@ -145,6 +146,7 @@ tokens:
             key = self.path("store-key").display(),
             secret = self.path("client-secret").display(),
             token_url = self.provider.token_url(),
+            device_url = self.provider.device_url(),
             tail = self.tail,
         )
     }
