@@ -15,7 +15,7 @@ pub mod news;
 pub mod testing;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -55,6 +55,8 @@ pub struct Redis {
     health: Option<Arc<Health>>,
     /// The last call's outcome, to log each change once.
     up: AtomicBool,
+    /// How often Redis answered again after not answering.
+    recoveries: AtomicU64,
     /// Random, per handle: tells this replica's own news apart.
     replica: String,
     /// The connection for news (pub/sub pushes), set up once.
@@ -96,6 +98,7 @@ impl Redis {
             metrics,
             health,
             up: AtomicBool::new(true),
+            recoveries: AtomicU64::new(0),
             replica: random_id()?,
             pushes: std::sync::Mutex::new(Some(pushes.1)),
         }))
@@ -104,6 +107,11 @@ impl Redis {
     /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix.
     pub fn key(&self, space: &str, name: &str) -> String {
         format!("{}{space}:{name}", self.prefix)
+    }
+
+    /// How often Redis answered again after not answering, since the start.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::SeqCst)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -202,6 +210,7 @@ impl Redis {
     fn answered(&self, up: bool) {
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
+                self.recoveries.fetch_add(1, Ordering::SeqCst);
                 tracing::info!("Redis answers again");
             } else {
                 tracing::warn!("the shared Redis does not answer");

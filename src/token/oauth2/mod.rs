@@ -209,6 +209,8 @@ pub struct GrantState {
     /// When the unwritten record is tried again, and the wait after that.
     store_retry_after: Option<Instant>,
     store_backoff: Duration,
+    /// The account's lease, kept while the store has not taken the record.
+    lease: Option<store::Lease>,
 }
 
 /// A record the store did not take, and the generation it was meant to replace: it is the
@@ -232,6 +234,9 @@ pub struct OAuth2 {
     this: Weak<OAuth2>,
     /// That task is running.
     retrying: AtomicBool,
+    /// The times the shared Redis answered again after not answering, as last seen: an
+    /// unwritten record is written at once then, before another replica redeems.
+    seen_recoveries: std::sync::atomic::AtomicU64,
 }
 
 impl OAuth2 {
@@ -307,6 +312,7 @@ impl OAuth2 {
             health,
             this: this.clone(),
             retrying: AtomicBool::new(false),
+            seen_recoveries: std::sync::atomic::AtomicU64::new(0),
         });
         oauth2.load_states().await;
         // A record the previous configuration could not write is retried by this one.
@@ -355,14 +361,16 @@ impl OAuth2 {
         };
         let store = self.store.clone().ok_or("no token store configured")?;
         let lease = self
-            .lease(&store, id, self.lease_wait)
+            .lease(&store, id, &mut state, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
         let written = self.replace_record(id, record.clone()).await;
-        lease.release().await;
+        if written.is_ok() {
+            // Whatever this process could not write is older than this authorization.
+            self.clear_unsaved(account, &mut state);
+        }
+        Self::let_go(&mut state, lease).await;
         written?;
-        // Whatever this process could not write is older than this authorization.
-        self.clear_unsaved(account, &mut state);
         state.retry_after = None;
         {
             let mut status = lock(&account.status);
@@ -533,14 +541,14 @@ impl OAuth2 {
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
         let lease = self
-            .lease(&store, id, self.lease_wait)
+            .lease(&store, id, state, self.lease_wait)
             .await
             .map_err(|error| match error {
                 StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
                 other => Failure::Store(other.to_string()),
             })?;
         let outcome = self.redeem_newest(id, account, state, scope).await;
-        lease.release().await;
+        Self::let_go(state, lease).await;
         outcome
     }
 
@@ -724,18 +732,40 @@ impl OAuth2 {
             .ok_or_else(|| Failure::Store("no token store configured".to_owned()))
     }
 
-    /// The account's lease, waited for up to `wait` (the wait measured).
+    /// The account's lease: the one kept while a record is unwritten, or else taken, waited
+    /// for up to `wait` (the wait measured).
     async fn lease(
         &self,
         store: &Arc<dyn TokenStore>,
         id: &str,
+        state: &mut GrantState,
         wait: Duration,
     ) -> Result<store::Lease, StoreError> {
+        if let Some(kept) = state.lease.take() {
+            return Ok(kept);
+        }
         let started = Instant::now();
         let lease = store::lease(store, id, wait).await;
         self.metrics
             .lock_waited("token_store_lease", started.elapsed().as_secs_f64());
         lease
+    }
+
+    /// Ends the lease, unless the store has not taken a record yet: then it is kept, so that
+    /// no other process redeems the token that record replaces before it is written (it
+    /// renews itself, and goes with the record).
+    async fn let_go(state: &mut GrantState, lease: store::Lease) {
+        // Only a token is worth it: an unwritten "refused" must not hold up a new
+        // authorization from another process.
+        let holds_token = state
+            .unsaved
+            .as_ref()
+            .is_some_and(|unsaved| unsaved.record.refresh_token.is_some());
+        if holds_token {
+            state.lease = Some(lease);
+        } else {
+            lease.release().await;
+        }
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {
