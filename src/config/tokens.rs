@@ -78,6 +78,10 @@ pub struct RedisConfig {
     /// TLS even with a `redis://` URL.
     #[serde(default)]
     pub tls: bool,
+    /// A Redis Cluster, `url` one of its nodes (the others are found through it). Every key
+    /// then carries the prefix as a hash tag: all in one slot.
+    #[serde(default)]
+    pub cluster: bool,
     /// The trust roots (PEM) for Redis's certificate, in place of the system's (a private
     /// CA); with TLS only.
     #[serde(default)]
@@ -512,6 +516,9 @@ impl RedisConfig {
                 if !database.is_empty() && database.parse::<u16>().is_err() {
                     problems.add(format!("{key}.url"), "the path must be a database number");
                 }
+                if self.cluster && !matches!(database, "" | "0") {
+                    problems.add(format!("{key}.url"), "a cluster has only database 0");
+                }
             }
             Ok(url) if url.scheme() == "redis+unix" && url.path().len() > 1 => {}
             // The URL may carry a password: never echo it.
@@ -560,6 +567,12 @@ impl RedisConfig {
             problems.add(
                 "tokens.shared.redis.tls",
                 "a Unix socket (redis+unix://) takes no TLS",
+            );
+        }
+        if self.cluster && scheme == "redis+unix" {
+            problems.add(
+                "tokens.shared.redis.cluster",
+                "a cluster is reached over TCP: use a redis:// or rediss:// URL of one node",
             );
         }
         let ca_file = self.ca_file.as_ref();

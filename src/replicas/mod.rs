@@ -8,6 +8,7 @@
 //! caller falls back to what it holds locally or fails temporarily. Callers seal what is
 //! secret before it is sent: Redis never sees a token.
 
+mod link;
 pub mod lock;
 pub mod news;
 
@@ -18,19 +19,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, IntoConnectionInfo as _, ProtocolVersion};
+use redis::FromRedisValue;
 use tokio::time::Instant;
 
 use crate::config::SharedConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use link::Link;
 
 /// HKDF's salt for keys derived from the sealing key.
 const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
-/// How often the connection manager tries to reconnect before a call gives up; the next
-/// call starts again.
-const RECONNECT_TRIES: usize = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SharedError {
@@ -46,7 +44,7 @@ pub enum SharedError {
 
 /// One Redis, as the replicas share it.
 pub struct Redis {
-    connection: ConnectionManager,
+    link: Link,
     prefix: String,
     timeout: Duration,
     /// What keys for other uses than sealing are derived from.
@@ -79,18 +77,9 @@ impl Redis {
             .key
             .as_ref()
             .ok_or("tokens.shared has no key to derive from")?;
-        let (client, pushes) = client(redis)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(redis.timeout))
-            .set_response_timeout(Some(redis.timeout))
-            .set_number_of_retries(RECONNECT_TRIES)
-            .set_max_delay(redis.timeout)
-            .set_push_sender(pushes.0)
-            .set_automatic_resubscription();
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
+        let (pushes, pushed) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
-            connection,
+            link: Link::new(redis, pushes)?,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
             derivation: ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
@@ -100,13 +89,19 @@ impl Redis {
             up: AtomicBool::new(true),
             recoveries: AtomicU64::new(0),
             replica: random_id()?,
-            pushes: std::sync::Mutex::new(Some(pushes.1)),
+            pushes: std::sync::Mutex::new(Some(pushed)),
         }))
     }
 
-    /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix.
+    /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix. In a
+    /// cluster the prefix is a hash tag: every key in one slot, so that scripts may take
+    /// several.
     pub fn key(&self, space: &str, name: &str) -> String {
-        format!("{}{space}:{name}", self.prefix)
+        if self.link.is_cluster() {
+            format!("{{{}}}{space}:{name}", self.prefix)
+        } else {
+            format!("{}{space}:{name}", self.prefix)
+        }
     }
 
     /// How often Redis answered again after not answering, since the start.
@@ -139,11 +134,11 @@ impl Redis {
         op: &'static str,
         command: &redis::Cmd,
     ) -> Result<T, SharedError> {
-        let mut connection = self.connection.clone();
-        self.timed(
-            op,
-            async move { command.query_async(&mut connection).await },
-        )
+        self.timed(op, async move {
+            command
+                .query_async(&mut self.link.connection().await?)
+                .await
+        })
         .await
     }
 
@@ -156,11 +151,11 @@ impl Redis {
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SharedError> {
-        let mut connection = self.connection.clone();
-        self.timed(
-            op,
-            async move { invocation.invoke_async(&mut connection).await },
-        )
+        self.timed(op, async move {
+            invocation
+                .invoke_async(&mut self.link.connection().await?)
+                .await
+        })
         .await
     }
 
@@ -169,12 +164,9 @@ impl Redis {
     /// # Errors
     /// Redis failed or did not answer in time.
     pub async fn subscribe(&self, channel: &str) -> Result<(), SharedError> {
-        let mut connection = self.connection.clone();
-        let channel = channel.to_owned();
-        self.timed(
-            "subscribe",
-            async move { connection.subscribe(&channel).await },
-        )
+        self.timed("subscribe", async move {
+            self.link.connection().await?.subscribe(channel).await
+        })
         .await
     }
 
@@ -247,57 +239,35 @@ fn classify(error: &redis::RedisError, timeout: Duration) -> SharedError {
     }
 }
 
-type Pushes = (
-    tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
-    tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
-);
-
-/// The client for `config`: RESP3 (pushes carry the news), TLS with its CA file when asked.
-fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes), String> {
-    let mut url = url::Url::parse(config.url.expose())
-        .map_err(|_| "tokens.shared.redis.url is not a URL".to_owned())?;
-    if config.tls && url.scheme() == "redis" {
-        url.set_scheme("rediss")
-            .map_err(|()| "tokens.shared.redis.url cannot take TLS".to_owned())?;
-    }
-    let mut info = url
-        .as_str()
-        .into_connection_info()
-        .map_err(|_| "tokens.shared.redis.url is not a Redis URL".to_owned())?;
-    let mut settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    if let Some(username) = &config.username {
-        settings = settings.set_username(username);
-    }
-    if let Some(password) = &config.password {
-        settings = settings.set_password(password.expose());
-    }
-    info = info.set_redis_settings(settings);
-    let client = match &config.ca_file {
-        Some(path) if url.scheme() == "rediss" => {
-            let root_cert = std::fs::read(path).map_err(|error| {
-                format!("tokens.shared.redis.ca_file {}: {error}", path.display())
-            })?;
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-        }
-        _ => redis::Client::open(info),
-    }
-    .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
-    Ok((client, tokio::sync::mpsc::unbounded_channel()))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::testing::RedisServer;
+    use super::news::{self, News};
+    use super::testing::{RedisCluster, RedisServer};
     use super::*;
+
+    #[tokio::test]
+    async fn news_reach_the_other_replicas_through_a_cluster() {
+        let cluster = RedisCluster::start();
+        let (one, other) = (cluster.handle(), cluster.handle());
+        let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+        news::listen(&other, move |news| heard.send(news).is_ok());
+        let revoked = News::Revoked("alice@example.test".to_owned());
+        let delivered = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                news::publish(&one, &revoked).await;
+                if let Ok(Some(news)) =
+                    tokio::time::timeout(Duration::from_millis(200), hearing.recv()).await
+                {
+                    return news;
+                }
+            }
+        })
+        .await
+        .expect("the news arrived");
+        assert_eq!(delivered, revoked);
+        // Keys share one slot, so scripts may take several.
+        assert_eq!(one.key("lease", "alice"), "{test:}lease:alice");
+    }
 
     #[tokio::test]
     async fn a_password_reaches_redis_even_over_a_unix_socket() {

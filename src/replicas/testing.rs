@@ -1,5 +1,5 @@
 //! A real `redis-server` for unit tests, on a Unix socket in a temporary directory (no port to
-//! collide on), stopped when dropped.
+//! collide on), and a real three-node Redis Cluster on loopback ports; stopped when dropped.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -65,23 +65,8 @@ impl RedisServer {
 
     /// A handle as one replica holds it.
     pub fn handle(&self) -> Arc<Redis> {
-        let config = SharedConfig {
-            redis: RedisConfig {
-                url: Secret::new(format!("redis+unix://{}", self.socket().display())),
-                tls: false,
-                ca_file: None,
-                username: None,
-                password_file: None,
-                password_env: None,
-                password: self.password.clone().map(Secret::new),
-                key_prefix: "test:".to_owned(),
-                timeout: Duration::from_secs(2),
-            },
-            key_file: None,
-            key_env: None,
-            key: Some(Secret::new(vec![7; 32])),
-        };
-        Redis::new(&config, Arc::new(Metrics::new()), None).unwrap()
+        let url = format!("redis+unix://{}", self.socket().display());
+        handle(url, false, self.password.clone())
     }
 
     /// `redis-cli COMMAND...`'s output.
@@ -107,6 +92,129 @@ impl RedisServer {
         String::from_utf8_lossy(&std::fs::read(self.dir.path().join("dump.rdb")).unwrap())
             .into_owned()
     }
+}
+
+/// A handle as one replica holds it on the Redis at `url`.
+fn handle(url: String, cluster: bool, password: Option<String>) -> Arc<Redis> {
+    let config = SharedConfig {
+        redis: RedisConfig {
+            url: Secret::new(url),
+            tls: false,
+            cluster,
+            ca_file: None,
+            username: None,
+            password_file: None,
+            password_env: None,
+            password: password.map(Secret::new),
+            key_prefix: "test:".to_owned(),
+            timeout: Duration::from_secs(2),
+        },
+        key_file: None,
+        key_env: None,
+        key: Some(Secret::new(vec![7; 32])),
+    };
+    Redis::new(&config, Arc::new(Metrics::new()), None).unwrap()
+}
+
+/// Three masters, no replicas, every slot assigned.
+pub struct RedisCluster {
+    nodes: Vec<(Child, u16)>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// # Panics
+    /// redis-server or redis-cli is missing, or the cluster is not formed within 20 s.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for n in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(format!("node{n}"));
+            std::fs::create_dir(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (run scripts/install-test-deps.sh)");
+            nodes.push((child, port));
+        }
+        let cluster = Self { nodes, _dir: dir };
+        for (_, port) in &cluster.nodes {
+            wait_for(|| cli(*port, &["PING"]).trim() == "PONG");
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(_, port)| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(created.status.success(), "{created:?}");
+        for (_, port) in &cluster.nodes {
+            wait_for(|| cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+        }
+        cluster
+    }
+
+    /// A handle as one replica holds it, given the first node only.
+    pub fn handle(&self) -> Arc<Redis> {
+        handle(
+            format!("redis://127.0.0.1:{}/0", self.nodes[0].1),
+            true,
+            None,
+        )
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cli(port: u16, command: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(command)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn wait_for(ready: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis did not get ready");
+}
+
+/// A loopback port nobody listens on now (the kernel's choice).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap()
 }
 
 impl Drop for RedisServer {

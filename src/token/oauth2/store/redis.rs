@@ -151,7 +151,7 @@ fn io(error: SharedError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replicas::testing::RedisServer;
+    use crate::replicas::testing::{RedisCluster, RedisServer};
     use crate::token::oauth2::store::contract;
 
     fn store(server: &RedisServer, key_byte: u8) -> RedisStore {
@@ -163,6 +163,16 @@ mod tests {
     async fn the_redis_store_keeps_the_contract() {
         let server = RedisServer::start();
         let open = |byte| -> Arc<dyn TokenStore> { Arc::new(store(&server, byte)) };
+        contract::suite(&open(9), &open(9), &open(10)).await;
+    }
+
+    #[tokio::test]
+    async fn the_redis_store_keeps_the_contract_on_a_cluster() {
+        let cluster = RedisCluster::start();
+        let open = |byte| -> Arc<dyn TokenStore> {
+            let key = Secret::new(vec![byte; 32]);
+            Arc::new(RedisStore::new(cluster.handle(), &key, Duration::from_secs(6)).unwrap())
+        };
         contract::suite(&open(9), &open(9), &open(10)).await;
     }
 
