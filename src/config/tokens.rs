@@ -82,6 +82,11 @@ pub struct RedisConfig {
     /// then carries the prefix as a hash tag: all in one slot.
     #[serde(default)]
     pub cluster: bool,
+    /// The name Redis Sentinel knows the primary by; `url` then names a Sentinel, and the
+    /// primary it names is asked for again after a failover. The password and TLS settings
+    /// are the data nodes'.
+    #[serde(default)]
+    pub sentinel: Option<String>,
     /// The trust roots (PEM) for Redis's certificate, in place of the system's (a private
     /// CA); with TLS only.
     #[serde(default)]
@@ -567,6 +572,25 @@ impl RedisConfig {
             problems.add(
                 "tokens.shared.redis.tls",
                 "a Unix socket (redis+unix://) takes no TLS",
+            );
+        }
+        if self.cluster && self.sentinel.is_some() {
+            problems.add(
+                "tokens.shared.redis.sentinel",
+                "a cluster has no Sentinel: set cluster or sentinel, not both",
+            );
+        }
+        if self
+            .sentinel
+            .as_deref()
+            .is_some_and(|name| !is_usable_name(name))
+        {
+            problems.add("tokens.shared.redis.sentinel", "must be a plain name");
+        }
+        if self.sentinel.is_some() && scheme == "redis+unix" {
+            problems.add(
+                "tokens.shared.redis.sentinel",
+                "Sentinel is reached over TCP: use the redis:// URL of one Sentinel",
             );
         }
         if self.cluster && scheme == "redis+unix" {

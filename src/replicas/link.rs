@@ -1,14 +1,15 @@
 //! How the handle reaches Redis: one server (standalone, or a primary behind a Service)
-//! through the crate's reconnecting connection manager, or a Redis Cluster through its
-//! cluster connection (slots followed, nodes reconnected by the crate). Both speak RESP3, so
-//! subscriptions arrive as pushes, and both are set up lazily: a Redis that is down at start
+//! through the crate's reconnecting connection manager; the primary that Redis Sentinel
+//! names, asked again when it stops being one (a failover); or a Redis Cluster through its
+//! cluster connection (slots followed, nodes reconnected by the crate). All speak RESP3, so
+//! subscriptions arrive as pushes, and all are set up lazily: a Redis that is down at start
 //! is a temporary failure, not a refusal to start.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ConnectionInfo, IntoConnectionInfo as _, Pipeline, ProtocolVersion, RedisFuture};
-use redis::{RedisResult, TlsCertificates, Value};
+use redis::{ConnectionAddr, RedisResult, TlsCertificates, Value};
 
 use crate::config::RedisConfig;
 
@@ -20,7 +21,22 @@ pub type PushSender = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
 
 pub enum Link {
     Single(ConnectionManager),
+    Sentinel(Box<Sentinel>),
     Cluster(Box<Cluster>),
+}
+
+pub struct Sentinel {
+    /// Where a Sentinel answers.
+    sentinel: redis::Client,
+    /// The name it knows the primary by.
+    name: String,
+    /// How the primary is reached once named: the URL's credentials, database and TLS.
+    node: ConnectionInfo,
+    /// The primary's connection, until a call finds it is no longer the primary.
+    primary: tokio::sync::Mutex<Option<ConnectionManager>>,
+    manager: ConnectionManagerConfig,
+    /// Subscribed channels, subscribed again on the next primary.
+    channels: std::sync::Mutex<Vec<String>>,
 }
 
 pub struct Cluster {
@@ -39,11 +55,6 @@ impl Link {
         if config.cluster {
             return cluster(config, info, certificates, pushes);
         }
-        let client = match certificates {
-            Some(certificates) => redis::Client::build_with_tls(info, certificates),
-            None => redis::Client::open(info),
-        }
-        .map_err(setup_error)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -51,6 +62,14 @@ impl Link {
             .set_max_delay(config.timeout)
             .set_push_sender(pushes)
             .set_automatic_resubscription();
+        let client = match certificates {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates),
+            None => redis::Client::open(info),
+        }
+        .map_err(setup_error)?;
+        if let Some(primary) = &config.sentinel {
+            return sentinel(primary, client.get_connection_info().clone(), manager);
+        }
         ConnectionManager::new_lazy_with_config(client, manager)
             .map(Link::Single)
             .map_err(setup_error)
@@ -63,6 +82,7 @@ impl Link {
     pub async fn connection(&self) -> RedisResult<Connection> {
         match self {
             Link::Single(manager) => Ok(Connection::Single(manager.clone())),
+            Link::Sentinel(sentinel) => sentinel.primary().await.map(Connection::Single),
             Link::Cluster(cluster) => cluster
                 .connection
                 .get_or_try_init(|| cluster.client.get_async_connection())
@@ -70,6 +90,36 @@ impl Link {
                 .cloned()
                 .map(Connection::Cluster),
         }
+    }
+
+    /// After a failed call (`None`: no answer in time): with Sentinel, a primary that went
+    /// away, stopped answering or became a replica is asked for again by the next call.
+    pub async fn failed(&self, error: Option<&redis::RedisError>) {
+        let Link::Sentinel(sentinel) = self else {
+            return;
+        };
+        let moved = error.is_none_or(|error| {
+            error.code().is_some_and(|code| code == "READONLY")
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.is_io_error()
+                || error.is_timeout()
+        });
+        if moved {
+            *sentinel.primary.lock().await = None;
+        }
+    }
+
+    /// Subscribes `connection` to `channel`, and with Sentinel the next primary too.
+    pub async fn subscribe(&self, connection: &mut Connection, channel: &str) -> RedisResult<()> {
+        connection.subscribe(channel).await?;
+        if let Link::Sentinel(sentinel) = self {
+            let mut channels = sentinel.channels.lock().unwrap_or_else(|e| e.into_inner());
+            if !channels.iter().any(|known| known == channel) {
+                channels.push(channel.to_owned());
+            }
+        }
+        Ok(())
     }
 
     /// Whether keys must share one hash slot (multi-key scripts run on one node).
@@ -118,6 +168,79 @@ impl ConnectionLike for Connection {
             Connection::Cluster(cluster) => cluster.get_db(),
         }
     }
+}
+
+impl Sentinel {
+    /// The primary's connection: the one in use, or a new one to the primary the
+    /// Sentinels name now (subscribed to the channels the last one was).
+    async fn primary(&self) -> RedisResult<ConnectionManager> {
+        let mut primary = self.primary.lock().await;
+        if let Some(manager) = &*primary {
+            return Ok(manager.clone());
+        }
+        let client = self.ask_for_primary().await?;
+        let mut manager = ConnectionManager::new_lazy_with_config(client, self.manager.clone())?;
+        let channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for channel in channels {
+            manager.subscribe(&channel).await?;
+        }
+        *primary = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// A client for the primary the Sentinel names now (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
+    async fn ask_for_primary(&self) -> RedisResult<redis::Client> {
+        let mut sentinel = self.sentinel.get_multiplexed_async_connection().await?;
+        let named: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.name)
+            .query_async(&mut sentinel)
+            .await?;
+        let Some((host, port)) = named else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the Sentinel knows no primary by that name",
+            )));
+        };
+        let addr = match self.node.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        redis::Client::open(self.node.clone().set_addr(addr))
+    }
+}
+
+/// `url` names one Sentinel; the primary is reached with its credentials and TLS.
+fn sentinel(
+    primary_name: &str,
+    info: ConnectionInfo,
+    manager: ConnectionManagerConfig,
+) -> Result<Link, String> {
+    // The Sentinel itself is asked without the data nodes' credentials and database.
+    let sentinel_address = info
+        .clone()
+        .set_redis_settings(redis::RedisConnectionInfo::default());
+    Ok(Link::Sentinel(Box::new(Sentinel {
+        sentinel: redis::Client::open(sentinel_address).map_err(setup_error)?,
+        name: primary_name.to_owned(),
+        node: info,
+        primary: tokio::sync::Mutex::new(None),
+        manager,
+        channels: std::sync::Mutex::new(Vec::new()),
+    })))
 }
 
 fn cluster(

@@ -165,7 +165,8 @@ impl Redis {
     /// Redis failed or did not answer in time.
     pub async fn subscribe(&self, channel: &str) -> Result<(), SharedError> {
         self.timed("subscribe", async move {
-            self.link.connection().await?.subscribe(channel).await
+            let mut connection = self.link.connection().await?;
+            self.link.subscribe(&mut connection, channel).await
         })
         .await
     }
@@ -183,8 +184,14 @@ impl Redis {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(classify(&error, self.timeout)),
-            Err(_) => Err(SharedError::Timeout(self.timeout)),
+            Ok(Err(error)) => {
+                self.link.failed(Some(&error)).await;
+                Err(classify(&error, self.timeout))
+            }
+            Err(_) => {
+                self.link.failed(None).await;
+                Err(SharedError::Timeout(self.timeout))
+            }
         };
         let label = match &result {
             Ok(_) => "ok",

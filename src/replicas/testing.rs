@@ -1,5 +1,6 @@
 //! A real `redis-server` for unit tests, on a Unix socket in a temporary directory (no port to
-//! collide on), and a real three-node Redis Cluster on loopback ports; stopped when dropped.
+//! collide on); a real three-node Redis Cluster, and a primary with a replica watched by a
+//! Sentinel, on loopback ports; stopped when dropped.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -96,11 +97,21 @@ impl RedisServer {
 
 /// A handle as one replica holds it on the Redis at `url`.
 fn handle(url: String, cluster: bool, password: Option<String>) -> Arc<Redis> {
+    handle_with(url, cluster, None, password)
+}
+
+fn handle_with(
+    url: String,
+    cluster: bool,
+    sentinel: Option<String>,
+    password: Option<String>,
+) -> Arc<Redis> {
     let config = SharedConfig {
         redis: RedisConfig {
             url: Secret::new(url),
             tls: false,
             cluster,
+            sentinel,
             ca_file: None,
             username: None,
             password_file: None,
@@ -190,6 +201,103 @@ impl Drop for RedisCluster {
     }
 }
 
+/// A primary and its replica, watched by one Sentinel that knows the primary as `primary`.
+pub struct RedisSentinel {
+    processes: Vec<Child>,
+    primary: u16,
+    replica: u16,
+    sentinel: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    /// # Panics
+    /// redis-server is missing, or the Sentinel does not see both within 30 s.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (primary, replica, sentinel) = (free_port(), free_port(), free_port());
+        let server = |port: u16, extra: &[&str]| {
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(extra)
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (run scripts/install-test-deps.sh)")
+        };
+        let mut processes = vec![server(primary, &[])];
+        wait_for(|| cli(primary, &["PING"]).trim() == "PONG");
+        processes.push(server(
+            replica,
+            &["--replicaof", "127.0.0.1", &primary.to_string()],
+        ));
+        wait_for(|| cli(replica, &["INFO", "replication"]).contains("master_link_status:up"));
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {sentinel}\nbind 127.0.0.1\nsentinel monitor primary 127.0.0.1 {primary} 1\nsentinel down-after-milliseconds primary 2000\nsentinel failover-timeout primary 10000\n"
+            ),
+        )
+        .unwrap();
+        processes.push(
+            Command::new("redis-server")
+                .arg(&config)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel"),
+        );
+        let watched = Self {
+            processes,
+            primary,
+            replica,
+            sentinel,
+            _dir: dir,
+        };
+        wait_for(|| {
+            cli(sentinel, &["SENTINEL", "REPLICAS", "primary"]).contains(&replica.to_string())
+        });
+        watched
+    }
+
+    /// A handle as one replica holds it, given the Sentinel only.
+    pub fn handle(&self) -> Arc<Redis> {
+        let url = format!("redis://127.0.0.1:{}/0", self.sentinel);
+        handle_with(url, false, Some("primary".to_owned()), None)
+    }
+
+    /// Waits until the replica has what the primary was written, then has the Sentinel
+    /// promote it; returns once the Sentinel names it.
+    pub fn fail_over(&self) {
+        cli(self.primary, &["WAIT", "1", "5000"]);
+        // Refused (NOGOODSLAVE) until the Sentinel has heard from the replica itself.
+        wait_for(|| cli(self.sentinel, &["SENTINEL", "FAILOVER", "primary"]).starts_with("OK"));
+        let promoted = self.replica.to_string();
+        wait_for(|| {
+            cli(
+                self.sentinel,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "primary"],
+            )
+            .contains(&promoted)
+                && cli(self.replica, &["ROLE"]).starts_with("master")
+        });
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn cli(port: u16, command: &[&str]) -> String {
     let output = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -200,7 +308,7 @@ fn cli(port: u16, command: &[&str]) -> String {
 }
 
 fn wait_for(ready: impl Fn() -> bool) {
-    for _ in 0..1000 {
+    for _ in 0..1500 {
         if ready() {
             return;
         }

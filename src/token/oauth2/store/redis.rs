@@ -151,8 +151,18 @@ fn io(error: SharedError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replicas::testing::{RedisCluster, RedisServer};
+    use crate::replicas::testing::{RedisCluster, RedisSentinel, RedisServer};
     use crate::token::oauth2::store::contract;
+
+    fn record(token: &str) -> Stored {
+        Stored {
+            refresh_token: Some(Secret::new(token.to_owned())),
+            refreshed_at: None,
+            access_expires_at: None,
+            refresh_expires_at: None,
+            generation: 0,
+        }
+    }
 
     fn store(server: &RedisServer, key_byte: u8) -> RedisStore {
         let lease = Duration::from_secs(6);
@@ -174,6 +184,46 @@ mod tests {
             Arc::new(RedisStore::new(cluster.handle(), &key, Duration::from_secs(6)).unwrap())
         };
         contract::suite(&open(9), &open(9), &open(10)).await;
+    }
+
+    #[tokio::test]
+    async fn records_follow_the_primary_the_sentinel_names_through_a_failover() {
+        let watched = RedisSentinel::start();
+        let store = RedisStore::new(
+            watched.handle(),
+            &Secret::new(vec![5; 32]),
+            Duration::from_secs(6),
+        )
+        .unwrap();
+        let Swap::Written(first) = store
+            .swap("alice", Expect::Absent, record("rt-1"))
+            .await
+            .unwrap()
+        else {
+            panic!("the first write conflicted");
+        };
+        watched.fail_over();
+        // The old primary is a replica now: a write there is refused once, then the handle
+        // asks the Sentinel again.
+        let written = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match store
+                    .swap("alice", Expect::Generation(first), record("rt-2"))
+                    .await
+                {
+                    Ok(swap) => return swap,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await
+        .expect("a write on the new primary");
+        assert_eq!(written, Swap::Written(first + 1));
+        let loaded = store.load("alice").await.unwrap().unwrap();
+        assert_eq!(
+            loaded.refresh_token.map(|token| token.expose().clone()),
+            Some("rt-2".to_owned())
+        );
     }
 
     #[tokio::test]
