@@ -65,6 +65,12 @@ impl RedisServer {
 
     /// A handle as one replica holds it.
     pub fn handle(&self) -> Arc<Redis> {
+        self.handle_keyed(7)
+    }
+
+    /// A handle whose sealing key is 32 times `key_byte`: another deployment's, when it is
+    /// not 7.
+    pub fn handle_keyed(&self, key_byte: u8) -> Arc<Redis> {
         let config = SharedConfig {
             redis: RedisConfig {
                 url: Secret::new(format!("redis+unix://{}", self.socket().display())),
@@ -79,7 +85,7 @@ impl RedisServer {
             },
             key_file: None,
             key_env: None,
-            key: Some(Secret::new(vec![7; 32])),
+            key: Some(Secret::new(vec![key_byte; 32])),
         };
         Redis::new(&config, Arc::new(Metrics::new()), None).unwrap()
     }
