@@ -147,6 +147,50 @@ async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
     .await;
 }
 
+/// A token rotated while Redis was away stays with the replica that redeemed it, and so does
+/// the account's lease, until Redis takes the token: no other replica redeems the one it
+/// replaces meanwhile (which the provider would take for reuse, revoking the family).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_redis_missed_is_written_before_another_replica_redeems() {
+    with_timeout(MINUTES, async {
+        let mut cluster = Cluster::start(2, 1, "").await;
+        cluster.start_all().await;
+        let hold = cluster.provider.hold_answers();
+        let first = tokio::spawn(log_in_and_out(cluster.replicas[0].imap_address(), "user0"));
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                cluster.provider.held_requests() == 1
+            })
+            .await
+        );
+        // The provider rotates the token while Redis is away: replica 0 cannot write it.
+        cluster.redis.stop();
+        drop(hold);
+        let tagged = first.await.unwrap();
+        assert!(tagged.contains(" OK "), "{tagged}\n{}", cluster.output());
+        cluster.redis.run().await;
+
+        // Replica 1 has no token of its own: it must get the rotated one.
+        assert!(
+            eventually(Duration::from_secs(40), || async {
+                log_in_and_out(cluster.replicas[1].imap_address(), "user0")
+                    .await
+                    .contains(" OK ")
+            })
+            .await,
+            "{}",
+            cluster.output()
+        );
+        assert_eq!(
+            cluster.provider.reuses_detected(),
+            0,
+            "{}",
+            cluster.output()
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover() {
     with_timeout(MINUTES, async {
