@@ -256,6 +256,57 @@ async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover(
     .await;
 }
 
+/// How many replicas listen for the news.
+async fn subscribers(redis: &support::redis::RedisServer) -> Option<u32> {
+    redis
+        .cli(&["PUBSUB", "NUMSUB", "mailgate:news:accounts"])
+        .await
+        .lines()
+        .nth(1)
+        .and_then(|count| count.trim().parse().ok())
+}
+
+/// A replica that found Redis down and then has nothing to ask it (no login needs it) still
+/// finds out that it is back: it becomes ready again and hears the news again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_replica_recovers_readiness_and_news_after_a_redis_outage() {
+    with_timeout(MINUTES, async {
+        let mut cluster = Cluster::start(2, 1, "").await;
+        cluster.start_all().await;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                subscribers(&cluster.redis).await == Some(2)
+            })
+            .await
+        );
+
+        cluster.redis.stop();
+        let uncached = log_in_and_out(cluster.replicas[1].imap_address(), "user0").await;
+        assert!(uncached.contains("NO [UNAVAILABLE]"), "{uncached}");
+        assert!(cluster.readyz(1).await.ends_with(" 503"));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.redis.run().await;
+
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                cluster.readyz(1).await.ends_with(" 200")
+            })
+            .await,
+            "{}",
+            cluster.readyz(1).await
+        );
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                subscribers(&cluster.redis).await == Some(2)
+            })
+            .await,
+            "{:?}",
+            subscribers(&cluster.redis).await
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_redis_costs_logins_no_more_than_its_deadline() {
     with_timeout(MINUTES, async {

@@ -31,6 +31,9 @@ const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
 /// How often the connection manager tries to reconnect before a call gives up; the next
 /// call starts again.
 const RECONNECT_TRIES: usize = 2;
+/// How often a Redis that counts as down is asked again: a replica that no login makes call
+/// it must still find it back (readiness, and the news' subscription, renewed on reconnect).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SharedError {
@@ -59,6 +62,8 @@ pub struct Redis {
     replica: String,
     /// The connection for news (pub/sub pushes), set up once.
     pushes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+    /// Itself, for the task that watches a Redis that is down.
+    this: std::sync::Weak<Redis>,
 }
 
 impl Redis {
@@ -87,7 +92,8 @@ impl Redis {
             .set_automatic_resubscription();
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
-        Ok(Arc::new(Self {
+        let replica = random_id()?;
+        Ok(Arc::new_cyclic(|this| Self {
             connection,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
@@ -96,8 +102,9 @@ impl Redis {
             metrics,
             health,
             up: AtomicBool::new(true),
-            replica: random_id()?,
+            replica,
             pushes: std::sync::Mutex::new(Some(pushes.1)),
+            this: this.clone(),
         }))
     }
 
@@ -205,12 +212,33 @@ impl Redis {
                 tracing::info!("Redis answers again");
             } else {
                 tracing::warn!("the shared Redis does not answer");
+                self.watch();
             }
         }
         self.metrics.redis_up(up);
         if let Some(health) = &self.health {
             health.set_shared_state_reachable(up);
         }
+    }
+}
+
+impl Redis {
+    /// Pings Redis every [`WATCH_EVERY`] until it answers (or the handle is dropped).
+    fn watch(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let Some(redis) = this.upgrade() else { return };
+                if redis.up.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _: Result<String, _> = redis.run("ping", &redis::cmd("PING")).await;
+            }
+        });
     }
 }
 
@@ -320,4 +348,5 @@ mod tests {
         ));
         assert!(!handle.up.load(Ordering::Relaxed));
     }
+
 }

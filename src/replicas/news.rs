@@ -75,16 +75,18 @@ pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'stati
     };
     let weak = Arc::downgrade(redis);
     tokio::spawn(async move {
-        // Subscribed once, the connection manager subscribes again after each reconnect.
-        loop {
-            let Some(redis) = weak.upgrade() else { return };
-            if redis.subscribe(&channel(&redis)).await.is_ok() {
-                break;
-            }
-            drop(redis);
-            tokio::time::sleep(SUBSCRIBE_RETRY).await;
+        if !subscribe(&weak).await {
+            return;
         }
         while let Some(push) = pushes.recv().await {
+            // The connection manager subscribes again when it reconnects, but it reconnects
+            // only for a call, which a replica serving cached tokens may not make for long.
+            if push.kind == redis::PushKind::Disconnection {
+                if !subscribe(&weak).await {
+                    return;
+                }
+                continue;
+            }
             let Some(redis) = weak.upgrade() else { return };
             if let Some(news) = read(&redis, &push)
                 && !deliver(news)
@@ -93,6 +95,21 @@ pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'stati
             }
         }
     });
+}
+
+/// Subscribes to the news, trying again until Redis takes it; `false` once the handle is
+/// gone.
+async fn subscribe(weak: &std::sync::Weak<Redis>) -> bool {
+    loop {
+        let Some(redis) = weak.upgrade() else {
+            return false;
+        };
+        if redis.subscribe(&channel(&redis)).await.is_ok() {
+            return true;
+        }
+        drop(redis);
+        tokio::time::sleep(SUBSCRIBE_RETRY).await;
+    }
 }
 
 /// The news in a push, if it is another replica's letter on our channel.
