@@ -262,6 +262,15 @@ fn classify(error: &redis::RedisError, timeout: Duration) -> SharedError {
     }
     match error.code() {
         Some(code) => SharedError::Refused(crate::sanitize::for_log(code)),
+        // Redis answered, with something else than the call expects (another writer's value,
+        // a corrupted entry): that is no outage.
+        None if matches!(
+            error.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        ) =>
+        {
+            SharedError::Refused("an answer of another shape".to_owned())
+        }
         None => SharedError::Unreachable,
     }
 }
@@ -349,4 +358,17 @@ mod tests {
         assert!(!handle.up.load(Ordering::Relaxed));
     }
 
+    #[tokio::test]
+    async fn an_answer_of_another_shape_is_refused_not_down() {
+        let server = RedisServer::start();
+        let handle = server.handle();
+        // What another writer (or a corrupted entry) leaves where a number is expected.
+        server.cli(&["SET", "test:odd", "not a number"]);
+        let get = redis::cmd("GET").arg("test:odd").clone();
+        assert!(matches!(
+            handle.run::<u64>("get", &get).await,
+            Err(SharedError::Refused(_))
+        ));
+        assert!(handle.up.load(Ordering::Relaxed));
+    }
 }
