@@ -14,15 +14,20 @@ use crate::secret::Secret;
 use crate::token::BoxFuture;
 
 /// Writes `ARGV[3]` (the sealed record) if the hash's generation is what `ARGV[1]` / `ARGV[2]`
-/// expect, as the next generation (`ARGV[4]` when there is none); else answers what is there.
+/// expect, as the next generation (`ARGV[4]` when there is none, or none of ours); else
+/// answers what is there. Writing whatever is there replaces a value of another type too.
 static SWAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"local current = redis.call('HGET', KEYS[1], 'gen')
+        r"if ARGV[1] == 'any' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
+  redis.call('DEL', KEYS[1])
+end
+local current = redis.call('HGET', KEYS[1], 'gen')
 local met = ARGV[1] == 'any' or (ARGV[1] == 'absent' and not current) or (ARGV[1] == 'gen' and current == ARGV[2])
 if not met then
   return {0, current or '', redis.call('HGET', KEYS[1], 'record') or ''}
 end
-local next = current and (tonumber(current) + 1) or tonumber(ARGV[4])
+local known = current and #current <= 15 and string.match(current, '^%d+$') and tonumber(current)
+local next = known and (known + 1) or tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'gen', next, 'record', ARGV[3])
 return {1, tostring(next), ''}",
     )
@@ -181,5 +186,34 @@ mod tests {
         let dump = server.dump();
         assert!(dump.contains("token:alice"), "{dump}");
         assert!(!dump.contains("rt-very-secret"));
+    }
+
+    #[tokio::test]
+    async fn a_new_authorization_replaces_whatever_another_writer_left() {
+        let server = RedisServer::start();
+        let store = store(&server, 1);
+        let record = || Stored {
+            refresh_token: Some(Secret::new("rt-new".to_owned())),
+            refreshed_at: None,
+            access_expires_at: None,
+            refresh_expires_at: None,
+            generation: 0,
+        };
+        let spoilt: [&[&str]; 2] = [
+            &["HSET", "test:token:alice", "gen", "garbage", "record", "x"],
+            &["SET", "test:token:alice", "not a hash"],
+        ];
+        for spoil in spoilt {
+            server.cli(&["DEL", "test:token:alice"]);
+            server.cli(spoil);
+            assert!(store.load("alice").await.is_err(), "{spoil:?}");
+            let swapped = store.swap("alice", Expect::Anything, record()).await;
+            assert!(
+                matches!(swapped, Ok(Swap::Written(_))),
+                "{spoil:?}: {swapped:?}"
+            );
+            let loaded = store.load("alice").await.unwrap().unwrap();
+            assert_eq!(loaded.refresh_token.unwrap().expose(), "rt-new");
+        }
     }
 }
