@@ -25,13 +25,17 @@ const FLIGHT_POLL: Duration = Duration::from_millis(25);
 /// costs one more fetch (the refresh itself is under the store's lease).
 const FLIGHT_LEASE: Duration = Duration::from_secs(6);
 
+/// A sealed access token takes a few kilobytes; anything this much larger is not one.
+const MAX_SEALED_BYTES: usize = 64 * 1024;
+
 /// Lua: the expiry of the entry `key` as a number and as stored, if it is one of ours: an
-/// entry of another type, without a token, or whose expiry is no whole number of milliseconds
-/// (another writer's, a corrupted one) counts as absent and is written over.
-const EXPIRY_LUA: &str = "local function expiry(key)
-  if redis.call('TYPE', key).ok ~= 'hash' or redis.call('HEXISTS', key, 'token') == 0 then
-    return nil
-  end
+/// entry of another type, without a token or with one larger than `max` bytes, or whose expiry
+/// is no whole number of milliseconds (another writer's, a corrupted one) counts as absent and
+/// is written over.
+const EXPIRY_LUA: &str = "local function expiry(key, max)
+  if redis.call('TYPE', key).ok ~= 'hash' then return nil end
+  local size = redis.call('HSTRLEN', key, 'token')
+  if size == 0 or size > tonumber(max) then return nil end
   local exp = redis.call('HGET', key, 'exp')
   if exp and #exp <= 15 and string.match(exp, '^%d+$') then return tonumber(exp), exp end
 end
@@ -41,7 +45,7 @@ end
 /// `{0, ''}` while another replica holds it.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{EXPIRY_LUA}local exp, stored = expiry(KEYS[1])
+        "{EXPIRY_LUA}local exp, stored = expiry(KEYS[1], ARGV[3])
 if exp and exp > tonumber(ARGV[2]) then
   return {{1, redis.call('HGET', KEYS[1], 'token'), stored}}
 end
@@ -53,7 +57,7 @@ end
 /// Stores a token unless a later-expiring one is there already.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{EXPIRY_LUA}local exp = expiry(KEYS[1])
+        "{EXPIRY_LUA}local exp = expiry(KEYS[1], ARGV[4])
 if exp and exp >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'exp', ARGV[1], 'token', ARGV[2])
@@ -187,7 +191,8 @@ impl SharedTokens {
         call.key(self.redis.key("flight", &name))
             .key(lock::fence_key(&self.redis))
             .arg(millis(FLIGHT_LEASE))
-            .arg(later_than);
+            .arg(later_than)
+            .arg(MAX_SEALED_BYTES);
         let (found, value, expires_at): (u8, Vec<u8>, String) =
             self.redis.eval("token_claim", &call).await?;
         match found {
@@ -261,7 +266,10 @@ impl SharedTokens {
             .seal(&aad(key), plain.expose())
             .map_err(|_| SharedError::Refused("sealing".to_owned()))?;
         let mut call = PUT.key(self.redis.key("access", &name(key)));
-        call.arg(expires_at).arg(sealed).arg(millis(shared_for));
+        call.arg(expires_at)
+            .arg(sealed)
+            .arg(millis(shared_for))
+            .arg(MAX_SEALED_BYTES);
         let _: u8 = self.redis.eval("token_put", &call).await?;
         Ok(())
     }
@@ -348,12 +356,18 @@ mod tests {
         .unwrap();
         let key = TokenKey::shared("alice", None);
         let entry = "test:access:alice:any";
-        let spoilt: [&[&str]; 4] = [
+        let spoilt: [&[&str]; 5] = [
             &["SET", entry, "not a hash"],
             &["HSET", entry, "exp", "99999999999999"],
             &["HSET", entry, "exp", "soon", "token", "x"],
             // Later than any expiry a replica asks for: it must not be handed out forever.
             &["HSET", entry, "exp", "1e20", "token", "x"],
+            &[
+                "EVAL",
+                "redis.call('HSET', KEYS[1], 'exp', '99999999999999', 'token', string.rep('x', 8388608))",
+                "1",
+                entry,
+            ],
         ];
         for spoil in spoilt {
             server.cli(&["DEL", entry]);
