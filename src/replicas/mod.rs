@@ -29,6 +29,9 @@ use link::Link;
 
 /// HKDF's salt for keys derived from the sealing key.
 const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
+/// How often a Redis that counts as down is asked again: a replica that no login makes call
+/// it must still find it back (readiness, and the news' subscription, renewed on reconnect).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SharedError {
@@ -59,6 +62,8 @@ pub struct Redis {
     replica: String,
     /// The connection for news (pub/sub pushes), set up once.
     pushes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+    /// Itself, for the task that watches a Redis that is down.
+    this: std::sync::Weak<Redis>,
 }
 
 impl Redis {
@@ -78,8 +83,10 @@ impl Redis {
             .as_ref()
             .ok_or("tokens.shared has no key to derive from")?;
         let (pushes, pushed) = tokio::sync::mpsc::unbounded_channel();
-        Ok(Arc::new(Self {
-            link: Link::new(redis, pushes)?,
+        let link = Link::new(redis, pushes)?;
+        let replica = random_id()?;
+        Ok(Arc::new_cyclic(|this| Self {
+            link,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
             derivation: ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
@@ -88,8 +95,9 @@ impl Redis {
             health,
             up: AtomicBool::new(true),
             recoveries: AtomicU64::new(0),
-            replica: random_id()?,
+            replica,
             pushes: std::sync::Mutex::new(Some(pushed)),
+            this: this.clone(),
         }))
     }
 
@@ -213,12 +221,33 @@ impl Redis {
                 tracing::info!("Redis answers again");
             } else {
                 tracing::warn!("the shared Redis does not answer");
+                self.watch();
             }
         }
         self.metrics.redis_up(up);
         if let Some(health) = &self.health {
             health.set_shared_state_reachable(up);
         }
+    }
+}
+
+impl Redis {
+    /// Pings Redis every [`WATCH_EVERY`] until it answers (or the handle is dropped).
+    fn watch(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let Some(redis) = this.upgrade() else { return };
+                if redis.up.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _: Result<String, _> = redis.run("ping", &redis::cmd("PING")).await;
+            }
+        });
     }
 }
 
@@ -242,6 +271,15 @@ fn classify(error: &redis::RedisError, timeout: Duration) -> SharedError {
     }
     match error.code() {
         Some(code) => SharedError::Refused(crate::sanitize::for_log(code)),
+        // Redis answered, with something else than the call expects (another writer's value,
+        // a corrupted entry): that is no outage.
+        None if matches!(
+            error.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        ) =>
+        {
+            SharedError::Refused("an answer of another shape".to_owned())
+        }
         None => SharedError::Unreachable,
     }
 }
@@ -305,5 +343,19 @@ mod tests {
             Err(SharedError::Unreachable | SharedError::Timeout(_))
         ));
         assert!(!handle.up.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_another_shape_is_refused_not_down() {
+        let server = RedisServer::start();
+        let handle = server.handle();
+        // What another writer (or a corrupted entry) leaves where a number is expected.
+        server.cli(&["SET", "test:odd", "not a number"]);
+        let get = redis::cmd("GET").arg("test:odd").clone();
+        assert!(matches!(
+            handle.run::<u64>("get", &get).await,
+            Err(SharedError::Refused(_))
+        ));
+        assert!(handle.up.load(Ordering::Relaxed));
     }
 }

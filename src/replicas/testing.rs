@@ -66,8 +66,14 @@ impl RedisServer {
 
     /// A handle as one replica holds it.
     pub fn handle(&self) -> Arc<Redis> {
+        self.handle_keyed(7)
+    }
+
+    /// A handle whose sealing key is 32 times `key_byte`: another deployment's, when it is
+    /// not 7.
+    pub fn handle_keyed(&self, key_byte: u8) -> Arc<Redis> {
         let url = format!("redis+unix://{}", self.socket().display());
-        handle(url, false, self.password.clone())
+        handle_with(url, false, None, self.password.clone(), key_byte)
     }
 
     /// `redis-cli COMMAND...`'s output.
@@ -97,7 +103,7 @@ impl RedisServer {
 
 /// A handle as one replica holds it on the Redis at `url`.
 fn handle(url: String, cluster: bool, password: Option<String>) -> Arc<Redis> {
-    handle_with(url, cluster, None, password)
+    handle_with(url, cluster, None, password, 7)
 }
 
 fn handle_with(
@@ -105,6 +111,7 @@ fn handle_with(
     cluster: bool,
     sentinel: Option<String>,
     password: Option<String>,
+    key_byte: u8,
 ) -> Arc<Redis> {
     let config = SharedConfig {
         redis: RedisConfig {
@@ -122,7 +129,7 @@ fn handle_with(
         },
         key_file: None,
         key_env: None,
-        key: Some(Secret::new(vec![7; 32])),
+        key: Some(Secret::new(vec![key_byte; 32])),
     };
     Redis::new(&config, Arc::new(Metrics::new()), None).unwrap()
 }
@@ -268,7 +275,7 @@ impl RedisSentinel {
     /// A handle as one replica holds it, given the Sentinel only.
     pub fn handle(&self) -> Arc<Redis> {
         let url = format!("redis://127.0.0.1:{}/0", self.sentinel);
-        handle_with(url, false, Some("primary".to_owned()), None)
+        handle_with(url, false, Some("primary".to_owned()), None, 7)
     }
 
     /// Waits until the replica has what the primary was written, then has the Sentinel

@@ -202,6 +202,9 @@ pub struct AccountGrant {
 pub struct GrantState {
     /// A record from the provider's answer that the store has not taken yet.
     unsaved: Option<Unsaved>,
+    /// The lease, kept while `unsaved` holds a token this process redeemed: until the store
+    /// takes it, no other process may redeem the token it replaces (the store's newest).
+    kept_lease: Option<store::Lease>,
     /// After a failure that retrying soon will not fix: no request before this, and what
     /// logins get until then.
     retry_after: Option<(Instant, TokenError)>,
@@ -209,8 +212,6 @@ pub struct GrantState {
     /// When the unwritten record is tried again, and the wait after that.
     store_retry_after: Option<Instant>,
     store_backoff: Duration,
-    /// The account's lease, kept while the store has not taken the record.
-    lease: Option<store::Lease>,
 }
 
 /// A record the store did not take, and the generation it was meant to replace: it is the
@@ -235,7 +236,7 @@ pub struct OAuth2 {
     /// That task is running.
     retrying: AtomicBool,
     /// The times the shared Redis answered again after not answering, as last seen: an
-    /// unwritten record is written at once then, before another replica redeems.
+    /// unwritten record is written at once then, not after its backoff.
     seen_recoveries: std::sync::atomic::AtomicU64,
 }
 
@@ -361,7 +362,7 @@ impl OAuth2 {
         };
         let store = self.store.clone().ok_or("no token store configured")?;
         let lease = self
-            .lease(&store, id, &mut state, self.lease_wait)
+            .own_lease(&store, id, &mut state, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
         let written = self.replace_record(id, record.clone()).await;
@@ -369,7 +370,7 @@ impl OAuth2 {
             // Whatever this process could not write is older than this authorization.
             self.clear_unsaved(account, &mut state);
         }
-        Self::let_go(&mut state, lease).await;
+        self.let_go(&mut state, lease).await;
         written?;
         state.retry_after = None;
         {
@@ -541,14 +542,14 @@ impl OAuth2 {
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
         let lease = self
-            .lease(&store, id, state, self.lease_wait)
+            .own_lease(&store, id, state, self.lease_wait)
             .await
             .map_err(|error| match error {
                 StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
                 other => Failure::Store(other.to_string()),
             })?;
         let outcome = self.redeem_newest(id, account, state, scope).await;
-        Self::let_go(state, lease).await;
+        self.let_go(state, lease).await;
         outcome
     }
 
@@ -732,40 +733,47 @@ impl OAuth2 {
             .ok_or_else(|| Failure::Store("no token store configured".to_owned()))
     }
 
-    /// The account's lease: the one kept while a record is unwritten, or else taken, waited
-    /// for up to `wait` (the wait measured).
-    async fn lease(
+    /// The account's lease: the one this process kept, or else taken (waited for up to
+    /// `wait`).
+    async fn own_lease(
         &self,
         store: &Arc<dyn TokenStore>,
         id: &str,
         state: &mut GrantState,
         wait: Duration,
     ) -> Result<store::Lease, StoreError> {
-        if let Some(kept) = state.lease.take() {
-            return Ok(kept);
+        match state.kept_lease.take() {
+            Some(lease) => Ok(lease),
+            None => self.lease(store, id, wait).await,
         }
+    }
+
+    /// Releases `lease`, unless `state` holds a redeemed token the store has not taken: the
+    /// lease is kept with it then (and renewed, where the store renews leases).
+    async fn let_go(&self, state: &mut GrantState, lease: store::Lease) {
+        let redeemed = state
+            .unsaved
+            .as_ref()
+            .is_some_and(|unsaved| unsaved.record.refresh_token.is_some());
+        if redeemed {
+            state.kept_lease = Some(lease);
+        } else {
+            lease.release().await;
+        }
+    }
+
+    /// The account's lease, waited for up to `wait` (the wait measured).
+    async fn lease(
+        &self,
+        store: &Arc<dyn TokenStore>,
+        id: &str,
+        wait: Duration,
+    ) -> Result<store::Lease, StoreError> {
         let started = Instant::now();
         let lease = store::lease(store, id, wait).await;
         self.metrics
             .lock_waited("token_store_lease", started.elapsed().as_secs_f64());
         lease
-    }
-
-    /// Ends the lease, unless the store has not taken a record yet: then it is kept, so that
-    /// no other process redeems the token that record replaces before it is written (it
-    /// renews itself, and goes with the record).
-    async fn let_go(state: &mut GrantState, lease: store::Lease) {
-        // Only a token is worth it: an unwritten "refused" must not hold up a new
-        // authorization from another process.
-        let holds_token = state
-            .unsaved
-            .as_ref()
-            .is_some_and(|unsaved| unsaved.record.refresh_token.is_some());
-        if holds_token {
-            state.lease = Some(lease);
-        } else {
-            lease.release().await;
-        }
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, String> {

@@ -1,5 +1,7 @@
 //! Records the store did not take: kept in memory (the token stays usable), counted, shown as
-//! not ready, written again with backoff by a task, and settled before a process exits.
+//! not ready, written again with backoff by a task, and settled before a process exits. A
+//! redeemed token keeps the account's lease until written: the store's record names the token
+//! it replaced, which the provider must not see again from another process.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -72,8 +74,8 @@ impl OAuth2 {
 
     pub(super) fn clear_unsaved(&self, account: &Account, state: &mut GrantState) {
         state.unsaved = None;
-        // Kept for the record; it ends in the background.
-        state.lease = None;
+        // Dropped, it is released in the background.
+        state.kept_lease = None;
         state.store_retry_after = None;
         state.store_backoff = Duration::ZERO;
         if account.grant.unsaved.swap(false, Ordering::SeqCst) {
@@ -169,13 +171,13 @@ impl OAuth2 {
         if state.unsaved.is_none() {
             return;
         }
-        let Ok(lease) = self.lease(&store, id, state, wait).await else {
+        let Ok(lease) = self.own_lease(&store, id, state, wait).await else {
             return;
         };
         if let Some(unsaved) = state.unsaved.take() {
             self.write(id, account, state, unsaved).await;
         }
-        Self::let_go(state, lease).await;
+        self.let_go(state, lease).await;
     }
 
     /// Before the process exits: waits for the grants under way (their answers are written
