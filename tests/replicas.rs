@@ -147,6 +147,50 @@ async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
     .await;
 }
 
+/// A token rotated while Redis was away stays with the replica that redeemed it, and so does
+/// the account's lease, until Redis takes the token: no other replica redeems the one it
+/// replaces meanwhile (which the provider would take for reuse, revoking the family).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_redis_missed_is_written_before_another_replica_redeems() {
+    with_timeout(MINUTES, async {
+        let mut cluster = Cluster::start(2, 1, "").await;
+        cluster.start_all().await;
+        let hold = cluster.provider.hold_answers();
+        let first = tokio::spawn(log_in_and_out(cluster.replicas[0].imap_address(), "user0"));
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                cluster.provider.held_requests() == 1
+            })
+            .await
+        );
+        // The provider rotates the token while Redis is away: replica 0 cannot write it.
+        cluster.redis.stop();
+        drop(hold);
+        let tagged = first.await.unwrap();
+        assert!(tagged.contains(" OK "), "{tagged}\n{}", cluster.output());
+        cluster.redis.run().await;
+
+        // Replica 1 has no token of its own: it must get the rotated one.
+        assert!(
+            eventually(Duration::from_secs(40), || async {
+                log_in_and_out(cluster.replicas[1].imap_address(), "user0")
+                    .await
+                    .contains(" OK ")
+            })
+            .await,
+            "{}",
+            cluster.output()
+        );
+        assert_eq!(
+            cluster.provider.reuses_detected(),
+            0,
+            "{}",
+            cluster.output()
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover() {
     with_timeout(MINUTES, async {
@@ -207,6 +251,57 @@ async fn logins_with_a_cached_token_outlive_a_redis_outage_and_the_rest_recover(
                 "mailgate_redis_calls_total{op=\"token_claim\",result=\"timeout\"}"
             ) >= 1.0,
             "{text}"
+        );
+    })
+    .await;
+}
+
+/// How many replicas listen for the news.
+async fn subscribers(redis: &support::redis::RedisServer) -> Option<u32> {
+    redis
+        .cli(&["PUBSUB", "NUMSUB", "mailgate:news:accounts"])
+        .await
+        .lines()
+        .nth(1)
+        .and_then(|count| count.trim().parse().ok())
+}
+
+/// A replica that found Redis down and then has nothing to ask it (no login needs it) still
+/// finds out that it is back: it becomes ready again and hears the news again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_replica_recovers_readiness_and_news_after_a_redis_outage() {
+    with_timeout(MINUTES, async {
+        let mut cluster = Cluster::start(2, 1, "").await;
+        cluster.start_all().await;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                subscribers(&cluster.redis).await == Some(2)
+            })
+            .await
+        );
+
+        cluster.redis.stop();
+        let uncached = log_in_and_out(cluster.replicas[1].imap_address(), "user0").await;
+        assert!(uncached.contains("NO [UNAVAILABLE]"), "{uncached}");
+        assert!(cluster.readyz(1).await.ends_with(" 503"));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.redis.run().await;
+
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                cluster.readyz(1).await.ends_with(" 200")
+            })
+            .await,
+            "{}",
+            cluster.readyz(1).await
+        );
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                subscribers(&cluster.redis).await == Some(2)
+            })
+            .await,
+            "{:?}",
+            subscribers(&cluster.redis).await
         );
     })
     .await;

@@ -1563,6 +1563,22 @@ tokens:
                 "redis: { url: \"redis://r:6379/0\", timeout: 0s }",
                 "tokens.shared.redis.timeout",
             ),
+            (
+                "redis: { url: \"redis+unix:///s\", cluster: true }",
+                "tokens.shared.redis.cluster",
+            ),
+            (
+                "redis: { url: \"redis://r:6379/2\", cluster: true }",
+                "tokens.shared.redis.url",
+            ),
+            (
+                "redis: { url: \"redis://r:26379/0\", cluster: true, sentinel: primary }",
+                "tokens.shared.redis.sentinel",
+            ),
+            (
+                "redis: { url: \"redis+unix:///s\", sentinel: primary }",
+                "tokens.shared.redis.sentinel",
+            ),
         ];
         for (redis, problem) in cases {
             let text = with_shared(&format!("    key_file: \"{key}\"\n    {redis}\n"));

@@ -78,6 +78,15 @@ pub struct RedisConfig {
     /// TLS even with a `redis://` URL.
     #[serde(default)]
     pub tls: bool,
+    /// A Redis Cluster, `url` one of its nodes (the others are found through it). Every key
+    /// then carries the prefix as a hash tag: all in one slot.
+    #[serde(default)]
+    pub cluster: bool,
+    /// The name Redis Sentinel knows the primary by; `url` then names a Sentinel, and the
+    /// primary it names is asked for again after a failover. The password and TLS settings
+    /// are the data nodes'.
+    #[serde(default)]
+    pub sentinel: Option<String>,
     /// The trust roots (PEM) for Redis's certificate, in place of the system's (a private
     /// CA); with TLS only.
     #[serde(default)]
@@ -512,6 +521,9 @@ impl RedisConfig {
                 if !database.is_empty() && database.parse::<u16>().is_err() {
                     problems.add(format!("{key}.url"), "the path must be a database number");
                 }
+                if self.cluster && !matches!(database, "" | "0") {
+                    problems.add(format!("{key}.url"), "a cluster has only database 0");
+                }
             }
             Ok(url) if url.scheme() == "redis+unix" && url.path().len() > 1 => {}
             // The URL may carry a password: never echo it.
@@ -560,6 +572,31 @@ impl RedisConfig {
             problems.add(
                 "tokens.shared.redis.tls",
                 "a Unix socket (redis+unix://) takes no TLS",
+            );
+        }
+        if self.cluster && self.sentinel.is_some() {
+            problems.add(
+                "tokens.shared.redis.sentinel",
+                "a cluster has no Sentinel: set cluster or sentinel, not both",
+            );
+        }
+        if self
+            .sentinel
+            .as_deref()
+            .is_some_and(|name| !is_usable_name(name))
+        {
+            problems.add("tokens.shared.redis.sentinel", "must be a plain name");
+        }
+        if self.sentinel.is_some() && scheme == "redis+unix" {
+            problems.add(
+                "tokens.shared.redis.sentinel",
+                "Sentinel is reached over TCP: use the redis:// URL of one Sentinel",
+            );
+        }
+        if self.cluster && scheme == "redis+unix" {
+            problems.add(
+                "tokens.shared.redis.cluster",
+                "a cluster is reached over TCP: use a redis:// or rediss:// URL of one node",
             );
         }
         let ca_file = self.ca_file.as_ref();

@@ -88,10 +88,11 @@ pub fn hold(redis: &Arc<Redis>, key: &str, fence: u64, lease: Duration) -> Held 
 
 /// Lua that takes lock `KEYS[lock]` with a fencing number from `KEYS[fence]` for
 /// `ARGV[lease]` milliseconds, leaving the number in `fence`, or returns `when_held` when the
-/// lock is held; for scripts that take a lock along with something else.
+/// lock is held; for scripts that take a lock along with something else. A key without a
+/// lease is no holder's (`PTTL` -1): it is taken over rather than waited for forever.
 pub fn acquire_lua(lock: usize, fence: usize, lease: usize, when_held: &str) -> String {
     format!(
-        "if redis.call('EXISTS', KEYS[{lock}]) == 1 then return {when_held} end
+        "if redis.call('PTTL', KEYS[{lock}]) >= 0 then return {when_held} end
 local fence = redis.call('INCR', KEYS[{fence}])
 redis.call('SET', KEYS[{lock}], fence, 'PX', ARGV[{lease}])
 "
@@ -149,5 +150,36 @@ impl Lock {
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::testing::RedisServer;
+
+    #[tokio::test]
+    async fn a_lock_key_without_a_lease_does_not_block_forever() {
+        let server = RedisServer::start();
+        let redis = server.handle();
+        // No holder of ours leaves a lock without its lease: another writer's key, or one made
+        // persistent, would hold every replica off for good.
+        server.cli(&["SET", "test:lease:alice", "1"]);
+        let lease = Duration::from_secs(6);
+        let held = try_acquire(&redis, "test:lease:alice", lease)
+            .await
+            .unwrap();
+        assert!(held.is_some());
+        let again = try_acquire(&redis, "test:lease:alice", lease)
+            .await
+            .unwrap();
+        assert!(again.is_none(), "a lock with its lease is held");
+        held.unwrap().release().await;
+        assert!(
+            try_acquire(&redis, "test:lease:alice", lease)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! caller falls back to what it holds locally or fails temporarily. Callers seal what is
 //! secret before it is sent: Redis never sees a token.
 
+mod link;
 pub mod lock;
 pub mod news;
 
@@ -15,22 +16,22 @@ pub mod news;
 pub mod testing;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, IntoConnectionInfo as _, ProtocolVersion};
+use redis::FromRedisValue;
 use tokio::time::Instant;
 
 use crate::config::SharedConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use link::Link;
 
 /// HKDF's salt for keys derived from the sealing key.
 const DERIVATION_SALT: &[u8] = b"mailgate replicas v1";
-/// How often the connection manager tries to reconnect before a call gives up; the next
-/// call starts again.
-const RECONNECT_TRIES: usize = 2;
+/// How often a Redis that counts as down is asked again: a replica that no login makes call
+/// it must still find it back (readiness, and the news' subscription, renewed on reconnect).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SharedError {
@@ -46,7 +47,7 @@ pub enum SharedError {
 
 /// One Redis, as the replicas share it.
 pub struct Redis {
-    connection: ConnectionManager,
+    link: Link,
     prefix: String,
     timeout: Duration,
     /// What keys for other uses than sealing are derived from.
@@ -55,10 +56,14 @@ pub struct Redis {
     health: Option<Arc<Health>>,
     /// The last call's outcome, to log each change once.
     up: AtomicBool,
+    /// How often Redis answered again after not answering.
+    recoveries: AtomicU64,
     /// Random, per handle: tells this replica's own news apart.
     replica: String,
     /// The connection for news (pub/sub pushes), set up once.
     pushes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+    /// Itself, for the task that watches a Redis that is down.
+    this: std::sync::Weak<Redis>,
 }
 
 impl Redis {
@@ -77,18 +82,11 @@ impl Redis {
             .key
             .as_ref()
             .ok_or("tokens.shared has no key to derive from")?;
-        let (client, pushes) = client(redis)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(redis.timeout))
-            .set_response_timeout(Some(redis.timeout))
-            .set_number_of_retries(RECONNECT_TRIES)
-            .set_max_delay(redis.timeout)
-            .set_push_sender(pushes.0)
-            .set_automatic_resubscription();
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
-        Ok(Arc::new(Self {
-            connection,
+        let (pushes, pushed) = tokio::sync::mpsc::unbounded_channel();
+        let link = Link::new(redis, pushes)?;
+        let replica = random_id()?;
+        Ok(Arc::new_cyclic(|this| Self {
+            link,
             prefix: redis.key_prefix.clone(),
             timeout: redis.timeout,
             derivation: ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT)
@@ -96,14 +94,27 @@ impl Redis {
             metrics,
             health,
             up: AtomicBool::new(true),
-            replica: random_id()?,
-            pushes: std::sync::Mutex::new(Some(pushes.1)),
+            recoveries: AtomicU64::new(0),
+            replica,
+            pushes: std::sync::Mutex::new(Some(pushed)),
+            this: this.clone(),
         }))
     }
 
-    /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix.
+    /// The Redis key of `name` in `space` (`token`, `lease`, ...), under the prefix. In a
+    /// cluster the prefix is a hash tag: every key in one slot, so that scripts may take
+    /// several.
     pub fn key(&self, space: &str, name: &str) -> String {
-        format!("{}{space}:{name}", self.prefix)
+        if self.link.is_cluster() {
+            format!("{{{}}}{space}:{name}", self.prefix)
+        } else {
+            format!("{}{space}:{name}", self.prefix)
+        }
+    }
+
+    /// How often Redis answered again after not answering, since the start.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::SeqCst)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -131,11 +142,11 @@ impl Redis {
         op: &'static str,
         command: &redis::Cmd,
     ) -> Result<T, SharedError> {
-        let mut connection = self.connection.clone();
-        self.timed(
-            op,
-            async move { command.query_async(&mut connection).await },
-        )
+        self.timed(op, async move {
+            command
+                .query_async(&mut self.link.connection().await?)
+                .await
+        })
         .await
     }
 
@@ -148,11 +159,11 @@ impl Redis {
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SharedError> {
-        let mut connection = self.connection.clone();
-        self.timed(
-            op,
-            async move { invocation.invoke_async(&mut connection).await },
-        )
+        self.timed(op, async move {
+            invocation
+                .invoke_async(&mut self.link.connection().await?)
+                .await
+        })
         .await
     }
 
@@ -161,12 +172,10 @@ impl Redis {
     /// # Errors
     /// Redis failed or did not answer in time.
     pub async fn subscribe(&self, channel: &str) -> Result<(), SharedError> {
-        let mut connection = self.connection.clone();
-        let channel = channel.to_owned();
-        self.timed(
-            "subscribe",
-            async move { connection.subscribe(&channel).await },
-        )
+        self.timed("subscribe", async move {
+            let mut connection = self.link.connection().await?;
+            self.link.subscribe(&mut connection, channel).await
+        })
         .await
     }
 
@@ -183,8 +192,14 @@ impl Redis {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(classify(&error, self.timeout)),
-            Err(_) => Err(SharedError::Timeout(self.timeout)),
+            Ok(Err(error)) => {
+                self.link.failed(Some(&error)).await;
+                Err(classify(&error, self.timeout))
+            }
+            Err(_) => {
+                self.link.failed(None).await;
+                Err(SharedError::Timeout(self.timeout))
+            }
         };
         let label = match &result {
             Ok(_) => "ok",
@@ -202,15 +217,37 @@ impl Redis {
     fn answered(&self, up: bool) {
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
+                self.recoveries.fetch_add(1, Ordering::SeqCst);
                 tracing::info!("Redis answers again");
             } else {
                 tracing::warn!("the shared Redis does not answer");
+                self.watch();
             }
         }
         self.metrics.redis_up(up);
         if let Some(health) = &self.health {
             health.set_shared_state_reachable(up);
         }
+    }
+}
+
+impl Redis {
+    /// Pings Redis every [`WATCH_EVERY`] until it answers (or the handle is dropped).
+    fn watch(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let Some(redis) = this.upgrade() else { return };
+                if redis.up.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _: Result<String, _> = redis.run("ping", &redis::cmd("PING")).await;
+            }
+        });
     }
 }
 
@@ -234,61 +271,48 @@ fn classify(error: &redis::RedisError, timeout: Duration) -> SharedError {
     }
     match error.code() {
         Some(code) => SharedError::Refused(crate::sanitize::for_log(code)),
+        // Redis answered, with something else than the call expects (another writer's value,
+        // a corrupted entry): that is no outage.
+        None if matches!(
+            error.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        ) =>
+        {
+            SharedError::Refused("an answer of another shape".to_owned())
+        }
         None => SharedError::Unreachable,
     }
 }
 
-type Pushes = (
-    tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
-    tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
-);
-
-/// The client for `config`: RESP3 (pushes carry the news), TLS with its CA file when asked.
-fn client(config: &crate::config::RedisConfig) -> Result<(redis::Client, Pushes), String> {
-    let mut url = url::Url::parse(config.url.expose())
-        .map_err(|_| "tokens.shared.redis.url is not a URL".to_owned())?;
-    if config.tls && url.scheme() == "redis" {
-        url.set_scheme("rediss")
-            .map_err(|()| "tokens.shared.redis.url cannot take TLS".to_owned())?;
-    }
-    let mut info = url
-        .as_str()
-        .into_connection_info()
-        .map_err(|_| "tokens.shared.redis.url is not a Redis URL".to_owned())?;
-    let mut settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    if let Some(username) = &config.username {
-        settings = settings.set_username(username);
-    }
-    if let Some(password) = &config.password {
-        settings = settings.set_password(password.expose());
-    }
-    info = info.set_redis_settings(settings);
-    let client = match &config.ca_file {
-        Some(path) if url.scheme() == "rediss" => {
-            let root_cert = std::fs::read(path).map_err(|error| {
-                format!("tokens.shared.redis.ca_file {}: {error}", path.display())
-            })?;
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-        }
-        _ => redis::Client::open(info),
-    }
-    .map_err(|error| format!("tokens.shared.redis: {:?}", error.kind()))?;
-    Ok((client, tokio::sync::mpsc::unbounded_channel()))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::testing::RedisServer;
+    use super::news::{self, News};
+    use super::testing::{RedisCluster, RedisServer};
     use super::*;
+
+    #[tokio::test]
+    async fn news_reach_the_other_replicas_through_a_cluster() {
+        let cluster = RedisCluster::start();
+        let (one, other) = (cluster.handle(), cluster.handle());
+        let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+        news::listen(&other, move |news| heard.send(news).is_ok());
+        let revoked = News::Revoked("alice@example.test".to_owned());
+        let delivered = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                news::publish(&one, &revoked).await;
+                if let Ok(Some(news)) =
+                    tokio::time::timeout(Duration::from_millis(200), hearing.recv()).await
+                {
+                    return news;
+                }
+            }
+        })
+        .await
+        .expect("the news arrived");
+        assert_eq!(delivered, revoked);
+        // Keys share one slot, so scripts may take several.
+        assert_eq!(one.key("lease", "alice"), "{test:}lease:alice");
+    }
 
     #[tokio::test]
     async fn a_password_reaches_redis_even_over_a_unix_socket() {
@@ -319,5 +343,19 @@ mod tests {
             Err(SharedError::Unreachable | SharedError::Timeout(_))
         ));
         assert!(!handle.up.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_another_shape_is_refused_not_down() {
+        let server = RedisServer::start();
+        let handle = server.handle();
+        // What another writer (or a corrupted entry) leaves where a number is expected.
+        server.cli(&["SET", "test:odd", "not a number"]);
+        let get = redis::cmd("GET").arg("test:odd").clone();
+        assert!(matches!(
+            handle.run::<u64>("get", &get).await,
+            Err(SharedError::Refused(_))
+        ));
+        assert!(handle.up.load(Ordering::Relaxed));
     }
 }

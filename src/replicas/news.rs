@@ -1,10 +1,15 @@
 //! News between replicas over pub/sub: an account revoked (its sessions end everywhere), or
 //! its token replaced (a re-authorization, an import, a token the upstream refused), so
-//! every replica drops what it has cached and the next login gets the new one.
+//! every replica drops what it has cached and the next login gets the new one. Letters carry
+//! a proof under a key derived from the sealing key: one that lacks it (another deployment on
+//! the same prefix, anyone else who may publish) is not acted on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 
 use super::Redis;
@@ -12,6 +17,8 @@ use crate::config::is_usable_name;
 
 /// How long a replica waits before subscribing again after Redis refused.
 const SUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+/// Label of the key that proves letters.
+const PROOFS_LABEL: &str = "news proofs";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "news", content = "account", rename_all = "snake_case")]
@@ -36,13 +43,19 @@ struct Letter {
     from: String,
     #[serde(flatten)]
     news: News,
+    /// HMAC-SHA256 of the sender and the news, base64.
+    proof: String,
 }
 
 /// Tells the other replicas.
 pub async fn publish(redis: &Redis, news: &News) {
+    let Some(proof) = proof(redis, &redis.replica, news) else {
+        return;
+    };
     let letter = Letter {
         from: redis.replica.clone(),
         news: news.clone(),
+        proof,
     };
     let Ok(text) = serde_json::to_string(&letter) else {
         return;
@@ -62,16 +75,18 @@ pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'stati
     };
     let weak = Arc::downgrade(redis);
     tokio::spawn(async move {
-        // Subscribed once, the connection manager subscribes again after each reconnect.
-        loop {
-            let Some(redis) = weak.upgrade() else { return };
-            if redis.subscribe(&channel(&redis)).await.is_ok() {
-                break;
-            }
-            drop(redis);
-            tokio::time::sleep(SUBSCRIBE_RETRY).await;
+        if !subscribe(&weak).await {
+            return;
         }
         while let Some(push) = pushes.recv().await {
+            // The connection manager subscribes again when it reconnects, but it reconnects
+            // only for a call, which a replica serving cached tokens may not make for long.
+            if push.kind == redis::PushKind::Disconnection {
+                if !subscribe(&weak).await {
+                    return;
+                }
+                continue;
+            }
             let Some(redis) = weak.upgrade() else { return };
             if let Some(news) = read(&redis, &push)
                 && !deliver(news)
@@ -80,6 +95,21 @@ pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'stati
             }
         }
     });
+}
+
+/// Subscribes to the news, trying again until Redis takes it; `false` once the handle is
+/// gone.
+async fn subscribe(weak: &std::sync::Weak<Redis>) -> bool {
+    loop {
+        let Some(redis) = weak.upgrade() else {
+            return false;
+        };
+        if redis.subscribe(&channel(&redis)).await.is_ok() {
+            return true;
+        }
+        drop(redis);
+        tokio::time::sleep(SUBSCRIBE_RETRY).await;
+    }
 }
 
 /// The news in a push, if it is another replica's letter on our channel.
@@ -96,9 +126,80 @@ fn read(redis: &Redis, push: &redis::PushInfo) -> Option<News> {
     }
     let payload: Vec<u8> = redis::from_redis_value_ref(payload).ok()?;
     let letter: Letter = serde_json::from_slice(&payload).ok()?;
-    (letter.from != redis.replica && is_usable_name(letter.news.account())).then_some(letter.news)
+    (proven(redis, &letter)
+        && letter.from != redis.replica
+        && is_usable_name(letter.news.account()))
+    .then_some(letter.news)
+}
+
+/// The proof of `news` from `from`; `None` if no key could be derived.
+fn proof(redis: &Redis, from: &str, news: &News) -> Option<String> {
+    let key = redis.derived_key(PROOFS_LABEL).ok()?;
+    let tag = hmac::sign(&key, proven_text(from, news)?.as_bytes());
+    Some(STANDARD.encode(tag))
+}
+
+/// Whether `letter` carries its proof (checked in constant time).
+fn proven(redis: &Redis, letter: &Letter) -> bool {
+    let (Ok(key), Ok(tag)) = (
+        redis.derived_key(PROOFS_LABEL),
+        STANDARD.decode(&letter.proof),
+    ) else {
+        return false;
+    };
+    proven_text(&letter.from, &letter.news)
+        .is_some_and(|text| hmac::verify(&key, text.as_bytes(), &tag).is_ok())
+}
+
+/// What a letter's proof is over: its sender and its news.
+fn proven_text(from: &str, news: &News) -> Option<String> {
+    serde_json::to_string(&(from, news)).ok()
 }
 
 fn channel(redis: &Redis) -> String {
     redis.key("news", "accounts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::testing::RedisServer;
+
+    /// Listens on `redis`, forwarding what is delivered.
+    fn listener(redis: &Arc<Redis>) -> tokio::sync::mpsc::UnboundedReceiver<News> {
+        let (delivered, heard) = tokio::sync::mpsc::unbounded_channel();
+        listen(redis, move |news| delivered.send(news).is_ok());
+        heard
+    }
+
+    async fn subscribed(server: &RedisServer) {
+        for _ in 0..200 {
+            if server
+                .cli(&["PUBSUB", "NUMSUB", "test:news:accounts"])
+                .contains("\n1")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the listener never subscribed");
+    }
+
+    #[tokio::test]
+    async fn only_letters_sealed_with_the_deployments_key_are_acted_on() {
+        let server = RedisServer::start();
+        let ours = server.handle();
+        let mut heard = listener(&ours);
+        subscribed(&server).await;
+        // Another deployment on the same prefix, another key; and a bare forged letter.
+        publish(&server.handle_keyed(8), &News::Revoked("alice".to_owned())).await;
+        server.cli(&[
+            "PUBLISH",
+            "test:news:accounts",
+            r#"{"from":"x","news":"revoked","account":"carol"}"#,
+        ]);
+        publish(&server.handle(), &News::Revoked("bob".to_owned())).await;
+        let first = tokio::time::timeout(Duration::from_secs(5), heard.recv()).await;
+        assert_eq!(first.unwrap(), Some(News::Revoked("bob".to_owned())));
+    }
 }

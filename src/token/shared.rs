@@ -25,13 +25,29 @@ const FLIGHT_POLL: Duration = Duration::from_millis(25);
 /// costs one more fetch (the refresh itself is under the store's lease).
 const FLIGHT_LEASE: Duration = Duration::from_secs(6);
 
+/// A sealed access token takes a few kilobytes; anything this much larger is not one.
+const MAX_SEALED_BYTES: usize = 64 * 1024;
+
+/// Lua: the expiry of the entry `key` as a number and as stored, if it is one of ours: an
+/// entry of another type, without a token or with one larger than `max` bytes, or whose expiry
+/// is no whole number of milliseconds (another writer's, a corrupted one) counts as absent and
+/// is written over.
+const EXPIRY_LUA: &str = "local function expiry(key, max)
+  if redis.call('TYPE', key).ok ~= 'hash' then return nil end
+  local size = redis.call('HSTRLEN', key, 'token')
+  if size == 0 or size > tonumber(max) then return nil end
+  local exp = redis.call('HGET', key, 'exp')
+  if exp and #exp <= 15 and string.match(exp, '^%d+$') then return tonumber(exp), exp end
+end
+";
+
 /// The shared token if it expires after `ARGV[2]`; else the flight lock (`{2, fence}`), or
 /// `{0, ''}` while another replica holds it.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "local exp = redis.call('HGET', KEYS[1], 'exp')
-if exp and tonumber(exp) > tonumber(ARGV[2]) then
-  return {{1, redis.call('HGET', KEYS[1], 'token'), exp}}
+        "{EXPIRY_LUA}local exp, stored = expiry(KEYS[1], ARGV[3])
+if exp and exp > tonumber(ARGV[2]) then
+  return {{1, redis.call('HGET', KEYS[1], 'token'), stored}}
 end
 {}return {{2, tostring(fence), ''}}",
         lock::acquire_lua(2, 3, 1, "{0, '', ''}")
@@ -40,13 +56,14 @@ end
 
 /// Stores a token unless a later-expiring one is there already.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local exp = redis.call('HGET', KEYS[1], 'exp')
-if exp and tonumber(exp) >= tonumber(ARGV[1]) then return 0 end
+    Script::new(&format!(
+        "{EXPIRY_LUA}local exp = expiry(KEYS[1], ARGV[4])
+if exp and exp >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'exp', ARGV[1], 'token', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1",
-    )
+return 1"
+    ))
 });
 
 /// Drops the token expiring at `ARGV[1]` (the one the upstream refused), not a newer one.
@@ -174,7 +191,8 @@ impl SharedTokens {
         call.key(self.redis.key("flight", &name))
             .key(lock::fence_key(&self.redis))
             .arg(millis(FLIGHT_LEASE))
-            .arg(later_than);
+            .arg(later_than)
+            .arg(MAX_SEALED_BYTES);
         let (found, value, expires_at): (u8, Vec<u8>, String) =
             self.redis.eval("token_claim", &call).await?;
         match found {
@@ -248,7 +266,10 @@ impl SharedTokens {
             .seal(&aad(key), plain.expose())
             .map_err(|_| SharedError::Refused("sealing".to_owned()))?;
         let mut call = PUT.key(self.redis.key("access", &name(key)));
-        call.arg(expires_at).arg(sealed).arg(millis(shared_for));
+        call.arg(expires_at)
+            .arg(sealed)
+            .arg(millis(shared_for))
+            .arg(MAX_SEALED_BYTES);
         let _: u8 = self.redis.eval("token_put", &call).await?;
         Ok(())
     }
@@ -307,4 +328,69 @@ pub fn unix_millis() -> u64 {
 
 fn unavailable(error: SharedError) -> TokenError {
     TokenError::Unavailable(format!("shared state: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicas::testing::RedisServer;
+
+    fn bearer(secret: &str) -> Token {
+        Token {
+            auth: UpstreamAuth::Bearer {
+                user: "alice@example.test".to_owned(),
+                token: Secret::new(secret.to_owned()),
+            },
+            lifetime: Some(Duration::from_secs(3600)),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_another_writer_spoiled_is_fetched_over() {
+        let server = RedisServer::start();
+        let shared = SharedTokens::new(
+            server.handle(),
+            &Secret::new(vec![7; 32]),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let key = TokenKey::shared("alice", None);
+        let entry = "test:access:alice:any";
+        let spoilt: [&[&str]; 5] = [
+            &["SET", entry, "not a hash"],
+            &["HSET", entry, "exp", "99999999999999"],
+            &["HSET", entry, "exp", "soon", "token", "x"],
+            // Later than any expiry a replica asks for: it must not be handed out forever.
+            &["HSET", entry, "exp", "1e20", "token", "x"],
+            &[
+                "EVAL",
+                "redis.call('HSET', KEYS[1], 'exp', '99999999999999', 'token', string.rep('x', 8388608))",
+                "1",
+                entry,
+            ],
+        ];
+        for spoil in spoilt {
+            server.cli(&["DEL", entry]);
+            server.cli(spoil);
+            let got = tokio::time::timeout(
+                Duration::from_secs(5),
+                shared.get_or_fetch(&key, 0, Duration::from_secs(1), async || {
+                    Ok(bearer("at-fresh"))
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{spoil:?}: no answer"));
+            let (token, _) = got.unwrap_or_else(|error| panic!("{spoil:?}: {error}"));
+            assert!(
+                matches!(&token.auth, UpstreamAuth::Bearer { token, .. } if token.expose() == "at-fresh")
+            );
+            // Shared from then on: another replica gets it without fetching.
+            let again = shared
+                .get_or_fetch(&key, 0, Duration::from_secs(1), async || {
+                    Err(TokenError::Unavailable("fetched twice".to_owned()))
+                })
+                .await;
+            assert!(again.is_ok(), "{spoil:?}");
+        }
+    }
 }

@@ -202,6 +202,9 @@ pub struct AccountGrant {
 pub struct GrantState {
     /// A record from the provider's answer that the store has not taken yet.
     unsaved: Option<Unsaved>,
+    /// The lease, kept while `unsaved` holds a token this process redeemed: until the store
+    /// takes it, no other process may redeem the token it replaces (the store's newest).
+    kept_lease: Option<store::Lease>,
     /// After a failure that retrying soon will not fix: no request before this, and what
     /// logins get until then.
     retry_after: Option<(Instant, TokenError)>,
@@ -232,6 +235,9 @@ pub struct OAuth2 {
     this: Weak<OAuth2>,
     /// That task is running.
     retrying: AtomicBool,
+    /// The times the shared Redis answered again after not answering, as last seen: an
+    /// unwritten record is written at once then, not after its backoff.
+    seen_recoveries: std::sync::atomic::AtomicU64,
 }
 
 impl OAuth2 {
@@ -307,6 +313,7 @@ impl OAuth2 {
             health,
             this: this.clone(),
             retrying: AtomicBool::new(false),
+            seen_recoveries: std::sync::atomic::AtomicU64::new(0),
         });
         oauth2.load_states().await;
         // A record the previous configuration could not write is retried by this one.
@@ -355,14 +362,16 @@ impl OAuth2 {
         };
         let store = self.store.clone().ok_or("no token store configured")?;
         let lease = self
-            .lease(&store, id, self.lease_wait)
+            .own_lease(&store, id, &mut state, self.lease_wait)
             .await
             .map_err(|e| e.to_string())?;
         let written = self.replace_record(id, record.clone()).await;
-        lease.release().await;
+        if written.is_ok() {
+            // Whatever this process could not write is older than this authorization.
+            self.clear_unsaved(account, &mut state);
+        }
+        self.let_go(&mut state, lease).await;
         written?;
-        // Whatever this process could not write is older than this authorization.
-        self.clear_unsaved(account, &mut state);
         state.retry_after = None;
         {
             let mut status = lock(&account.status);
@@ -533,14 +542,14 @@ impl OAuth2 {
     ) -> Result<TokenAnswer, Failure> {
         let store = self.store()?;
         let lease = self
-            .lease(&store, id, self.lease_wait)
+            .own_lease(&store, id, state, self.lease_wait)
             .await
             .map_err(|error| match error {
                 StoreError::Busy => Failure::Grant(GrantError::Temporary(error.to_string())),
                 other => Failure::Store(other.to_string()),
             })?;
         let outcome = self.redeem_newest(id, account, state, scope).await;
-        lease.release().await;
+        self.let_go(state, lease).await;
         outcome
     }
 
@@ -722,6 +731,35 @@ impl OAuth2 {
         self.store
             .clone()
             .ok_or_else(|| Failure::Store("no token store configured".to_owned()))
+    }
+
+    /// The account's lease: the one this process kept, or else taken (waited for up to
+    /// `wait`).
+    async fn own_lease(
+        &self,
+        store: &Arc<dyn TokenStore>,
+        id: &str,
+        state: &mut GrantState,
+        wait: Duration,
+    ) -> Result<store::Lease, StoreError> {
+        match state.kept_lease.take() {
+            Some(lease) => Ok(lease),
+            None => self.lease(store, id, wait).await,
+        }
+    }
+
+    /// Releases `lease`, unless `state` holds a redeemed token the store has not taken: the
+    /// lease is kept with it then (and renewed, where the store renews leases).
+    async fn let_go(&self, state: &mut GrantState, lease: store::Lease) {
+        let redeemed = state
+            .unsaved
+            .as_ref()
+            .is_some_and(|unsaved| unsaved.record.refresh_token.is_some());
+        if redeemed {
+            state.kept_lease = Some(lease);
+        } else {
+            lease.release().await;
+        }
     }
 
     /// The account's lease, waited for up to `wait` (the wait measured).

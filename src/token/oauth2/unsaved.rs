@@ -1,5 +1,7 @@
 //! Records the store did not take: kept in memory (the token stays usable), counted, shown as
-//! not ready, written again with backoff by a task, and settled before a process exits.
+//! not ready, written again with backoff by a task, and settled before a process exits. A
+//! redeemed token keeps the account's lease until written: the store's record names the token
+//! it replaced, which the provider must not see again from another process.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -72,6 +74,8 @@ impl OAuth2 {
 
     pub(super) fn clear_unsaved(&self, account: &Account, state: &mut GrantState) {
         state.unsaved = None;
+        // Dropped, it is released in the background.
+        state.kept_lease = None;
         state.store_retry_after = None;
         state.store_backoff = Duration::ZERO;
         if account.grant.unsaved.swap(false, Ordering::SeqCst) {
@@ -129,6 +133,10 @@ impl OAuth2 {
     /// Writes the unwritten records whose retry time has come, skipping accounts whose grant
     /// is under way (it writes itself) or whose lease another process holds.
     async fn retry_due(&self) {
+        let recovered = self.redis.as_ref().is_some_and(|redis| {
+            let recoveries = redis.recoveries();
+            self.seen_recoveries.swap(recoveries, Ordering::SeqCst) != recoveries
+        });
         for (id, account) in &self.accounts {
             if !account.grant.unsaved.load(Ordering::SeqCst) {
                 continue;
@@ -136,9 +144,10 @@ impl OAuth2 {
             let Ok(mut state) = account.grant.state.try_lock() else {
                 continue;
             };
-            if state
-                .store_retry_after
-                .is_some_and(|after| Instant::now() < after)
+            if !recovered
+                && state
+                    .store_retry_after
+                    .is_some_and(|after| Instant::now() < after)
             {
                 continue;
             }
@@ -162,13 +171,13 @@ impl OAuth2 {
         if state.unsaved.is_none() {
             return;
         }
-        let Ok(lease) = self.lease(&store, id, wait).await else {
+        let Ok(lease) = self.own_lease(&store, id, state, wait).await else {
             return;
         };
         if let Some(unsaved) = state.unsaved.take() {
             self.write(id, account, state, unsaved).await;
         }
-        lease.release().await;
+        self.let_go(state, lease).await;
     }
 
     /// Before the process exits: waits for the grants under way (their answers are written

@@ -13,16 +13,38 @@ use crate::replicas::{Redis, SharedError, lock};
 use crate::secret::Secret;
 use crate::token::BoxFuture;
 
+/// A sealed record takes a few hundred bytes; anything this much larger is not one (the file
+/// store's bound), and is refused without being fetched.
+const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// The hash's generation and record, or nil when the record is larger than `ARGV[1]` bytes.
+static LOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('HSTRLEN', KEYS[1], 'record') > tonumber(ARGV[1]) then return false end
+return redis.call('HMGET', KEYS[1], 'gen', 'record')",
+    )
+});
+
 /// Writes `ARGV[3]` (the sealed record) if the hash's generation is what `ARGV[1]` / `ARGV[2]`
-/// expect, as the next generation (`ARGV[4]` when there is none); else answers what is there.
+/// expect, as the next generation (`ARGV[4]` when there is none, or none of ours); else
+/// answers what is there (its record only up to `ARGV[5]` bytes). Writing whatever is there
+/// replaces a value of another type too.
 static SWAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"local current = redis.call('HGET', KEYS[1], 'gen')
+        r"if ARGV[1] == 'any' and redis.call('TYPE', KEYS[1]).ok ~= 'hash' then
+  redis.call('DEL', KEYS[1])
+end
+local current = redis.call('HGET', KEYS[1], 'gen')
 local met = ARGV[1] == 'any' or (ARGV[1] == 'absent' and not current) or (ARGV[1] == 'gen' and current == ARGV[2])
 if not met then
-  return {0, current or '', redis.call('HGET', KEYS[1], 'record') or ''}
+  local record = ''
+  if redis.call('HSTRLEN', KEYS[1], 'record') <= tonumber(ARGV[5]) then
+    record = redis.call('HGET', KEYS[1], 'record') or ''
+  end
+  return {0, current or '', record}
 end
-local next = current and (tonumber(current) + 1) or tonumber(ARGV[4])
+local known = current and #current <= 15 and string.match(current, '^%d+$') and tonumber(current)
+local next = known and (known + 1) or tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'gen', next, 'record', ARGV[3])
 return {1, tostring(next), ''}",
     )
@@ -61,13 +83,11 @@ impl RedisStore {
     }
 
     async fn load_record(&self, account: &str) -> Result<Option<Stored>, StoreError> {
-        let mut command = redis::cmd("HMGET");
-        command
-            .arg(self.redis.key("token", account))
-            .arg("gen")
-            .arg("record");
-        let (generation, sealed): (Option<String>, Option<Vec<u8>>) =
-            self.redis.run("token_load", &command).await.map_err(io)?;
+        let mut call = LOAD.key(self.redis.key("token", account));
+        call.arg(MAX_RECORD_BYTES);
+        let found: Option<(Option<String>, Option<Vec<u8>>)> =
+            self.redis.eval("token_load", &call).await.map_err(io)?;
+        let (generation, sealed) = found.ok_or(StoreError::Corrupt)?;
         match (generation, sealed) {
             (Some(generation), Some(sealed)) => self
                 .open(account, parse_generation(&generation)?, &sealed)
@@ -93,7 +113,8 @@ impl RedisStore {
         call.arg(kind)
             .arg(expected)
             .arg(sealed)
-            .arg(next_generation(None));
+            .arg(next_generation(None))
+            .arg(MAX_RECORD_BYTES);
         let (written, generation, current): (u8, String, Vec<u8>) =
             self.redis.eval("token_swap", &call).await.map_err(io)?;
         if written == 1 {
@@ -151,8 +172,18 @@ fn io(error: SharedError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replicas::testing::RedisServer;
+    use crate::replicas::testing::{RedisCluster, RedisSentinel, RedisServer};
     use crate::token::oauth2::store::contract;
+
+    fn record(token: &str) -> Stored {
+        Stored {
+            refresh_token: Some(Secret::new(token.to_owned())),
+            refreshed_at: None,
+            access_expires_at: None,
+            refresh_expires_at: None,
+            generation: 0,
+        }
+    }
 
     fn store(server: &RedisServer, key_byte: u8) -> RedisStore {
         let lease = Duration::from_secs(6);
@@ -164,6 +195,56 @@ mod tests {
         let server = RedisServer::start();
         let open = |byte| -> Arc<dyn TokenStore> { Arc::new(store(&server, byte)) };
         contract::suite(&open(9), &open(9), &open(10)).await;
+    }
+
+    #[tokio::test]
+    async fn the_redis_store_keeps_the_contract_on_a_cluster() {
+        let cluster = RedisCluster::start();
+        let open = |byte| -> Arc<dyn TokenStore> {
+            let key = Secret::new(vec![byte; 32]);
+            Arc::new(RedisStore::new(cluster.handle(), &key, Duration::from_secs(6)).unwrap())
+        };
+        contract::suite(&open(9), &open(9), &open(10)).await;
+    }
+
+    #[tokio::test]
+    async fn records_follow_the_primary_the_sentinel_names_through_a_failover() {
+        let watched = RedisSentinel::start();
+        let store = RedisStore::new(
+            watched.handle(),
+            &Secret::new(vec![5; 32]),
+            Duration::from_secs(6),
+        )
+        .unwrap();
+        let Swap::Written(first) = store
+            .swap("alice", Expect::Absent, record("rt-1"))
+            .await
+            .unwrap()
+        else {
+            panic!("the first write conflicted");
+        };
+        watched.fail_over();
+        // The old primary is a replica now: a write there is refused once, then the handle
+        // asks the Sentinel again.
+        let written = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match store
+                    .swap("alice", Expect::Generation(first), record("rt-2"))
+                    .await
+                {
+                    Ok(swap) => return swap,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await
+        .expect("a write on the new primary");
+        assert_eq!(written, Swap::Written(first + 1));
+        let loaded = store.load("alice").await.unwrap().unwrap();
+        assert_eq!(
+            loaded.refresh_token.map(|token| token.expose().clone()),
+            Some("rt-2".to_owned())
+        );
     }
 
     #[tokio::test]
@@ -181,5 +262,75 @@ mod tests {
         let dump = server.dump();
         assert!(dump.contains("token:alice"), "{dump}");
         assert!(!dump.contains("rt-very-secret"));
+    }
+
+    /// Redis's count of bytes it sent to clients.
+    fn bytes_sent(server: &RedisServer) -> u64 {
+        let stats = server.cli(&["INFO", "stats"]);
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("total_net_output_bytes:"))
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_huge_record_is_refused_without_being_fetched() {
+        let server = RedisServer::start();
+        let store = store(&server, 1);
+        // 8 MiB where a record takes a few hundred bytes: another writer's, or a corruption.
+        server.cli(&[
+            "EVAL",
+            "redis.call('HSET', KEYS[1], 'gen', '1', 'record', string.rep('x', 8388608))",
+            "1",
+            "test:token:alice",
+        ]);
+        let before = bytes_sent(&server);
+        assert!(store.load("alice").await.is_err());
+        let swapped = store
+            .swap(
+                "alice",
+                Expect::Generation(0),
+                Stored {
+                    refresh_token: None,
+                    refreshed_at: None,
+                    access_expires_at: None,
+                    refresh_expires_at: None,
+                    generation: 0,
+                },
+            )
+            .await;
+        assert!(swapped.is_err());
+        let sent = bytes_sent(&server) - before;
+        assert!(sent < 1024 * 1024, "{sent} bytes sent");
+    }
+
+    #[tokio::test]
+    async fn a_new_authorization_replaces_whatever_another_writer_left() {
+        let server = RedisServer::start();
+        let store = store(&server, 1);
+        let record = || Stored {
+            refresh_token: Some(Secret::new("rt-new".to_owned())),
+            refreshed_at: None,
+            access_expires_at: None,
+            refresh_expires_at: None,
+            generation: 0,
+        };
+        let spoilt: [&[&str]; 2] = [
+            &["HSET", "test:token:alice", "gen", "garbage", "record", "x"],
+            &["SET", "test:token:alice", "not a hash"],
+        ];
+        for spoil in spoilt {
+            server.cli(&["DEL", "test:token:alice"]);
+            server.cli(spoil);
+            assert!(store.load("alice").await.is_err(), "{spoil:?}");
+            let swapped = store.swap("alice", Expect::Anything, record()).await;
+            assert!(
+                matches!(swapped, Ok(Swap::Written(_))),
+                "{spoil:?}: {swapped:?}"
+            );
+            let loaded = store.load("alice").await.unwrap().unwrap();
+            assert_eq!(loaded.refresh_token.unwrap().expose(), "rt-new");
+        }
     }
 }
