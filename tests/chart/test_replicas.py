@@ -118,6 +118,13 @@ def test_tls_ca_and_user():
                  "not TLS")
 
 
+def test_sentinel_and_cluster():
+    redis = shared(render(with_redis(url="redis://redis:26379/0", sentinel="mymaster")))["redis"]
+    assert redis == {"url": "redis://redis:26379/0", "sentinel": "mymaster"}
+    assert shared(render(with_redis(cluster=True)))["redis"] == {"url": URL, "cluster": True}
+    render_fails(values_with({"redis": {"sentinel": "mymaster"}}), "redis.sentinel is set but redis.url is not")
+
+
 def passes_mailgate_check(result, files: dict[str, str], binary, tmp_path) -> None:
     """mailgate reads the Secrets' files as the pod would, and takes the configuration."""
     config = result.config()

@@ -219,7 +219,7 @@ refused rather than ignored.
 {{- $url := toString $values.url -}}
 {{- $files := dict "password_file" (list $values.password "redis.password" "mailgate.redisPasswordFile") "ca_file" (list $values.ca "redis.ca" "mailgate.redisCaFile") -}}
 {{- if not $url -}}
-{{- $given := dict "redis.tls" $values.tls "redis.username" $values.username "redis.keyPrefix" $values.keyPrefix "redis.timeout" $values.timeout "redis.password.existingSecret" $values.password.existingSecret "redis.ca.existingSecret" $values.ca.existingSecret "redis.sealingKey.existingSecret" $values.sealingKey.existingSecret -}}
+{{- $given := dict "redis.tls" $values.tls "redis.sentinel" $values.sentinel "redis.cluster" $values.cluster "redis.username" $values.username "redis.keyPrefix" $values.keyPrefix "redis.timeout" $values.timeout "redis.password.existingSecret" $values.password.existingSecret "redis.ca.existingSecret" $values.ca.existingSecret "redis.sealingKey.existingSecret" $values.sealingKey.existingSecret -}}
 {{- range $name := keys $given | sortAlpha -}}
 {{- if get $given $name -}}
 {{- fail (printf "%s is set but redis.url is not: set redis.url to share state through Redis, or drop %s" $name $name) -}}
@@ -253,6 +253,12 @@ refused rather than ignored.
 {{- end -}}
 {{- with $values.timeout -}}
 {{- $_ := set $redis "timeout" . -}}
+{{- end -}}
+{{- with $values.sentinel -}}
+{{- $_ := set $redis "sentinel" . -}}
+{{- end -}}
+{{- if $values.cluster -}}
+{{- $_ := set $redis "cluster" true -}}
 {{- end -}}
 {{- $shared := dict "redis" $redis -}}
 {{- /* mailgate seals with the store's key when there is a store, and refuses a second key then. */ -}}
