@@ -203,15 +203,25 @@ impl Throttle {
             && !address.is_some_and(|address| self.known.contains_key(&(account_key, address)))
         {
             let folded: String = folded(account).collect();
-            match shared.read(&subject(shared, &folded, address)).await {
-                Ok(reading) => {
+            let subject = subject(shared, &folded, address);
+            let reading = if let Some(address) = address.filter(|_| shared.knows(&subject)) {
+                // Heard of from another replica: as if Redis had said so.
+                self.known
+                    .insert((account_key, address), Instant::now() + KNOWN_ADDRESS_TTL);
+                None
+            } else {
+                Some(shared.read(&subject).await)
+            };
+            match reading {
+                None => {}
+                Some(Ok(reading)) => {
                     self.learn(account_key, address, &reading.counts);
                     if let (Some(address), Some(lives)) = (address, reading.known) {
                         self.known
                             .insert((account_key, address), Instant::now() + lives);
                     }
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::debug!(%error, "throttle: deciding on this replica's counts")
                 }
             }

@@ -62,6 +62,8 @@ pub struct Redis {
     replica: String,
     /// The connection for news (pub/sub pushes), set up once.
     pushes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
+    /// Who the news go to.
+    listeners: std::sync::Mutex<Vec<news::Deliver>>,
     /// Itself, for the task that watches a Redis that is down.
     this: std::sync::Weak<Redis>,
 }
@@ -97,6 +99,7 @@ impl Redis {
             recoveries: AtomicU64::new(0),
             replica,
             pushes: std::sync::Mutex::new(Some(pushed)),
+            listeners: std::sync::Mutex::new(Vec::new()),
             this: this.clone(),
         }))
     }
@@ -177,6 +180,11 @@ impl Redis {
             self.link.subscribe(&mut connection, channel).await
         })
         .await
+    }
+
+    /// What listens to the news on this handle.
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Vec<news::Deliver>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The pushes of the subscriptions; only the first caller gets them.
@@ -295,7 +303,7 @@ mod tests {
         let cluster = RedisCluster::start();
         let (one, other) = (cluster.handle(), cluster.handle());
         let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
-        news::listen(&other, move |news| heard.send(news).is_ok());
+        news::listen(&other, move |news| heard.send(news.clone()).is_ok());
         let revoked = News::Revoked("alice@example.test".to_owned());
         let delivered = tokio::time::timeout(Duration::from_secs(10), async {
             loop {

@@ -27,15 +27,22 @@ pub enum News {
     Revoked(String),
     /// Its cached tokens are stale: dropped, the next login fetches anew.
     Replaced(String),
+    /// An (account, address) pair that logged in, by its name in Redis: the other replicas
+    /// need not ask Redis about it before its next login there.
+    Known(String),
 }
 
 impl News {
+    /// The account, or for [`News::Known`] the pair's name.
     pub fn account(&self) -> &str {
         match self {
-            News::Revoked(account) | News::Replaced(account) => account,
+            News::Revoked(account) | News::Replaced(account) | News::Known(account) => account,
         }
     }
 }
+
+/// What is done with a letter; `false` once its listener is gone.
+pub type Deliver = Box<dyn Fn(&News) -> bool + Send>;
 
 #[derive(Serialize, Deserialize)]
 struct Letter {
@@ -67,10 +74,12 @@ pub async fn publish(redis: &Redis, news: &News) {
     }
 }
 
-/// Delivers the other replicas' news to `deliver` until the handle's pushes end (the handle
-/// was dropped) or `deliver` says stop.
-pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'static) {
+/// Delivers the other replicas' news to `deliver` (and to every other listener of the
+/// handle) until the handle's pushes end (the handle was dropped) or `deliver` says stop.
+pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(&News) -> bool + Send + 'static) {
+    redis.listeners().push(Box::new(deliver));
     let Some(mut pushes) = redis.pushes() else {
+        // The first listener's task delivers to all.
         return;
     };
     let weak = Arc::downgrade(redis);
@@ -88,10 +97,8 @@ pub fn listen(redis: &Arc<Redis>, deliver: impl Fn(News) -> bool + Send + 'stati
                 continue;
             }
             let Some(redis) = weak.upgrade() else { return };
-            if let Some(news) = read(&redis, &push)
-                && !deliver(news)
-            {
-                return;
+            if let Some(news) = read(&redis, &push) {
+                redis.listeners().retain(|deliver| deliver(&news));
             }
         }
     });
@@ -168,7 +175,7 @@ mod tests {
     /// Listens on `redis`, forwarding what is delivered.
     fn listener(redis: &Arc<Redis>) -> tokio::sync::mpsc::UnboundedReceiver<News> {
         let (delivered, heard) = tokio::sync::mpsc::unbounded_channel();
-        listen(redis, move |news| delivered.send(news).is_ok());
+        listen(redis, move |news| delivered.send(news.clone()).is_ok());
         heard
     }
 

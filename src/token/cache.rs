@@ -190,10 +190,19 @@ impl TokenCache {
             if cache.retired.load(Ordering::Relaxed) {
                 return false;
             }
+            if let News::Known(_) = news {
+                return true;
+            }
+            let news = news.clone();
             tokio::spawn(async move {
-                cache.forget_account(news.account()).await;
-                if let News::Revoked(account) = news {
-                    cache.revoked(&account);
+                match news {
+                    News::Revoked(account) => {
+                        cache.forget_account(&account).await;
+                        cache.revoked(&account);
+                    }
+                    News::Replaced(account) | News::Known(account) => {
+                        cache.forget_account(&account).await;
+                    }
                 }
             });
             true

@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::Script;
 use ring::hmac;
 
+use crate::replicas::news::{self, News};
 use crate::replicas::{Redis, SharedError, millis};
 use crate::token::Proof;
 
@@ -18,6 +19,8 @@ use crate::token::Proof;
 const NAMES_LABEL: &str = "throttle names";
 /// Hash bytes kept in a name: 128 bits, no collisions in practice.
 const NAME_BYTES: usize = 16;
+/// Pairs known from the other replicas' news, at most (the least recently seen go first).
+const MAX_KNOWN_NAMES: u64 = 100_000;
 
 /// Counts a wrong password unless its proof `KEYS[1]` was counted within the window
 /// (`ARGV[1]` ms; a retry keeps it that much longer): adds one to each counter `KEYS[2..]`,
@@ -102,18 +105,41 @@ pub struct SharedFailures {
     window: Duration,
     /// How long a pair that logged in is remembered.
     known_for: Duration,
+    /// Pairs that logged in, by name, as this replica wrote them, read them, or heard of them
+    /// from the others: no need to ask Redis about them before a login.
+    known: moka::sync::Cache<String, ()>,
 }
 
 impl SharedFailures {
     /// # Errors
     /// No key could be derived for the names.
     pub fn new(redis: Arc<Redis>, window: Duration, known_for: Duration) -> Result<Self, String> {
+        let known = moka::sync::Cache::builder()
+            .max_capacity(MAX_KNOWN_NAMES)
+            .time_to_live(known_for)
+            .build();
+        let heard = known.clone();
+        news::listen(&redis, move |news| {
+            if let News::Known(name) = news {
+                heard.insert(name.clone(), ());
+            }
+            true
+        });
         Ok(Self {
             names: redis.derived_key(NAMES_LABEL)?,
             redis,
             window,
             known_for,
+            known,
         })
+    }
+
+    /// Whether `subject`'s pair logged in before, as far as this replica has heard.
+    pub fn knows(&self, subject: &Subject) -> bool {
+        subject
+            .address
+            .as_ref()
+            .is_some_and(|address| self.known.contains_key(&address.known))
     }
 
     /// The keys of a login of `account` (folded as the throttle counts it) from `address`
@@ -153,6 +179,9 @@ impl SharedFailures {
             .next()
             .filter(|pair| pair.failures > 0)
             .map(|pair| pair.lives);
+        if let (Some(_), Some(address)) = (known, &subject.address) {
+            self.known.insert(address.known.clone(), ());
+        }
         Ok(Reading { counts, known })
     }
 
@@ -182,7 +211,8 @@ impl SharedFailures {
         Ok(Some(counts(&mut seen)))
     }
 
-    /// Remembers that `subject`'s address logged in to its account.
+    /// Remembers that `subject`'s address logged in to its account, and tells the other
+    /// replicas (so that their first login of the pair need not ask Redis).
     ///
     /// # Errors
     /// Redis failed or did not answer in time.
@@ -196,7 +226,10 @@ impl SharedFailures {
             .arg("1")
             .arg("PX")
             .arg(millis(self.known_for));
-        self.redis.run("known_pair", &command).await
+        self.redis.run::<()>("known_pair", &command).await?;
+        self.known.insert(address.known.clone(), ());
+        news::publish(&self.redis, &News::Known(address.known.clone())).await;
+        Ok(())
     }
 
     /// The Redis key of `identity` in `space` (each part length-prefixed, so that no two

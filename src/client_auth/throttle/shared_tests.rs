@@ -151,6 +151,40 @@ async fn a_known_address_is_spared_on_every_replica_and_after_a_restart() {
 }
 
 #[tokio::test]
+async fn a_pair_known_on_one_replica_costs_the_others_no_round_trip() {
+    within_deadline(async {
+        let server = RedisServer::start();
+        let (a, _) = replica(&server, 2);
+        let (b, _) = replica(&server, 2);
+        // Both listen before a tells, as replicas running before the login do.
+        for _ in 0..250 {
+            if server
+                .cli(&["PUBSUB", "NUMSUB", "test:news:accounts"])
+                .contains("\n2")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.succeeded(ip("192.0.2.1"), "alice").await;
+        // Delivery on loopback takes well under this.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        assert_eq!(b.check(ip("192.0.2.1"), "alice").await, Ok(Duration::ZERO));
+        let asked = server.cli(&["INFO", "commandstats"]);
+        assert!(!asked.contains("cmdstat_eval"), "b asked Redis: {asked}");
+        // And b spares the owner the address's block it learns of afterwards.
+        for n in 0..2 {
+            let guess = credentials("bob", &format!("guess {n}"));
+            a.wrong_password(ip("192.0.2.1"), &guess).await;
+        }
+        assert_eq!(b.check(ip("192.0.2.1"), "carol").await, Err(Scope::Address));
+        assert_eq!(b.check(ip("192.0.2.1"), "alice").await, Ok(Duration::ZERO));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_login_renews_a_known_address_redis_is_about_to_forget() {
     within_deadline(async {
         let server = RedisServer::start();
