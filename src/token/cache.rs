@@ -211,10 +211,8 @@ impl TokenCache {
 
     /// Drops the account's tokens from the shared sources.
     async fn forget_account(&self, account: &str) {
-        for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
-            self.entries
-                .invalidate(&TokenKey::shared(account, protocol))
-                .await;
+        for key in TokenKey::every_shared(account) {
+            self.entries.invalidate(&key).await;
         }
         self.update_entry_gauge().await;
     }

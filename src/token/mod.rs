@@ -92,6 +92,13 @@ impl TokenKey {
             proof: None,
         }
     }
+
+    /// Every key a configured source may keep `account`'s tokens under: one for all
+    /// protocols, or one per protocol.
+    pub fn every_shared(account: &str) -> [Self; 3] {
+        [None, Some(Protocol::Imap), Some(Protocol::Smtp)]
+            .map(|protocol| Self::shared(account, protocol))
+    }
 }
 
 /// A keyed hash standing for a verified password (never the password itself): the key is

@@ -13,7 +13,6 @@ use tokio::time::Instant;
 use super::cache::expiry_from_now;
 use super::oauth2::store::seal::Sealer;
 use super::{Token, TokenError, TokenKey};
-use crate::config::Protocol;
 use crate::login::UpstreamAuth;
 use crate::replicas::news::{self, News};
 use crate::replicas::{Redis, SharedError, lock, millis};
@@ -303,8 +302,8 @@ pub async fn account_replaced(redis: &Redis, account: &str) {
 
 async fn forget_account(redis: &Redis, account: &str) {
     let mut command = redis::cmd("DEL");
-    for protocol in [None, Some(Protocol::Imap), Some(Protocol::Smtp)] {
-        command.arg(redis.key("access", &name(&TokenKey::shared(account, protocol))));
+    for key in TokenKey::every_shared(account) {
+        command.arg(redis.key("access", &name(&key)));
     }
     let _: Result<u64, _> = redis.run("token_forget", &command).await;
 }
