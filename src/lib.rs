@@ -34,6 +34,7 @@ pub mod client_tls;
 pub mod commands;
 pub mod config;
 pub mod forward;
+pub mod frontend;
 pub mod frontend_settings;
 pub mod health;
 pub mod http;

@@ -83,7 +83,7 @@ impl ListenerProxy {
             extensions: Arc::new(Mutex::new(Probe::Unknown)),
         };
         if protocol == Protocol::Smtp {
-            proxy.smtp_extensions();
+            proxy.upstream_capabilities();
         }
         proxy
     }
@@ -273,7 +273,7 @@ impl Authenticator for ListenerProxy {
         result
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         let mut probe = self.extensions.lock().unwrap_or_else(|e| e.into_inner());
         match &*probe {
             Probe::Known(extensions) => return extensions.clone(),

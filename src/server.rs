@@ -998,8 +998,8 @@ impl Authenticator for CurrentProxy {
         upstream
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
-        self.current().proxy.smtp_extensions()
+    fn upstream_capabilities(&self) -> Vec<String> {
+        self.current().proxy.upstream_capabilities()
     }
 }
 

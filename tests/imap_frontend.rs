@@ -45,7 +45,7 @@ impl Authenticator for StandIn {
         })
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         Vec::new()
     }
 }

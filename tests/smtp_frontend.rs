@@ -59,7 +59,7 @@ impl Authenticator for StandIn {
         }
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         UPSTREAM_EXTENSIONS
             .iter()
             .map(|s| (*s).to_owned())

@@ -243,7 +243,7 @@ impl Authenticator for StandIn {
         })
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         ["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"]
             .map(str::to_owned)
             .to_vec()

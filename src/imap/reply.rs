@@ -40,6 +40,8 @@ pub fn closing(why: Closing) -> String {
         Closing::TooManyConnections => too_many_connections(),
         Closing::ShuttingDown => shutting_down(),
         Closing::Revoked => revoked(),
+        Closing::IdleTimeout => bye(BYE_IDLE),
+        Closing::LifetimeOver => bye(BYE_LIFETIME),
     }
 }
 

@@ -113,7 +113,7 @@ pub async fn serve<A: Authenticator>(
             match step {
                 Step::Reply(bytes) => conn.out.extend(bytes),
                 Step::Ehlo => {
-                    let upstream = authenticator.smtp_extensions();
+                    let upstream = authenticator.upstream_capabilities();
                     let extensions = advertised_extensions(&upstream, session.tls);
                     conn.out.extend(reply::ehlo(hostname, &extensions));
                 }
