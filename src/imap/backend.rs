@@ -14,7 +14,7 @@ use imap_codec::imap_types::response::{
 use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
 use tokio::io::AsyncWriteExt;
 
-use super::framer::Framer;
+use crate::frontend::framer::Framer;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::io::{BoxedIo, PrefixedIo};

@@ -2,6 +2,5 @@
 
 pub mod backend;
 pub mod boundary;
-mod framer;
 pub mod frontend;
 pub mod reply;
