@@ -15,6 +15,7 @@ use crate::splice::Boundary;
 use crate::upstream::Connector;
 
 pub(crate) mod framer;
+pub(crate) mod lines;
 mod session;
 pub use session::serve;
 
