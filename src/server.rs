@@ -18,7 +18,8 @@ use crate::admin::{self, Admin, AdminRuntime};
 use crate::client_auth::ClientAuth;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
-use crate::config::{Config, ListenerConfig, Protocol, TlsMode};
+use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::driver::{LoginDriver, Shared};
 use crate::frontend_settings::FrontendSettings;
 use crate::health::Health;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
@@ -26,7 +27,6 @@ use crate::login::{
     Authenticator, Closing, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
 };
 use crate::metrics::{ListenerLabels, Metrics};
-use crate::proxy::{ListenerProxy, Shared};
 use crate::proxy_protocol::TrustedProxies;
 use crate::replicas::Redis;
 use crate::sanitize::Escaped;
@@ -37,7 +37,7 @@ use crate::token::cache::TokenCache;
 use crate::token::oauth2::{GrantStates, OAuth2};
 use crate::token::sources::Sources;
 use crate::upstream::Connector;
-use crate::{imap, smtp};
+use crate::{frontend, protocols};
 
 mod slots;
 use slots::{Admission, Full, LoginMark, Slot, Slots};
@@ -219,7 +219,7 @@ impl SessionHandle {
 
 /// One listener's fixed parts, shared by its sessions; replaced whole on reload.
 struct ListenerRuntime {
-    proxy: ListenerProxy,
+    driver: LoginDriver,
     settings: FrontendSettings,
     /// TLS from the first byte (implicit TLS); STARTTLS is in `settings`.
     implicit_tls: Option<Arc<ClientTls>>,
@@ -739,9 +739,9 @@ fn listener_runtime(
         }
     }
     Ok(ListenerRuntime {
-        proxy: ListenerProxy::new(
+        driver: LoginDriver::new(
             listener.name.clone(),
-            listener.protocol,
+            protocols::named(listener.protocol),
             connector,
             listener.login_timeout,
             shared,
@@ -783,7 +783,7 @@ fn client_tls(
     if tls.mode == TlsMode::None {
         return Ok(None);
     }
-    let alpn = crate::client_tls::alpn_id(listener.protocol);
+    let alpn = protocols::named(listener.protocol).alpn_id();
     let config = crate::tls::server_config(cert_file, key_file, Some(alpn)).map_err(|error| {
         StartError::ClientTls {
             name: listener.name.clone(),
@@ -849,13 +849,13 @@ async fn accept_loop(
             id,
             listener = %runtime.labels.listener,
             client = tracing::field::Empty,
-            upstream = %runtime.proxy.connector.labels().upstream,
+            upstream = %runtime.driver.connector.labels().upstream,
             account = tracing::field::Empty,
         );
         if !behind_proxy {
             span.record("client", tracing::field::display(peer));
         }
-        let live = CurrentProxy {
+        let live = CurrentLogin {
             listener: listener_handle.clone(),
             started_with: runtime.clone(),
             login: admission.slot.login_mark(),
@@ -937,12 +937,8 @@ impl Spliced<'_> {
 
 /// The protocol's untagged goodbye: IMAP `* BYE`, SMTP `421`.
 fn closing_reply(runtime: &ListenerRuntime, closing: Closing) -> Vec<u8> {
-    match runtime.proxy.protocol {
-        Protocol::Imap => imap::reply::closing(closing).into_bytes(),
-        Protocol::Smtp => {
-            smtp::reply::failure(closing.into(), &runtime.settings.hostname).to_bytes()
-        }
-    }
+    let hostname = &runtime.settings.hostname;
+    runtime.driver.protocol.goodbye(closing, hostname)
 }
 
 /// Tells a client over the connection limit to come back later, then closes. An implicit-TLS
@@ -964,14 +960,14 @@ async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 /// Logs in with the listener's configuration as it is at the moment of the login, so that a
 /// session opened before a reload (a rotated auth-server password, a new upstream) logs in
 /// with the new settings; the front end keeps the limits it started with.
-struct CurrentProxy {
+struct CurrentLogin {
     listener: Arc<RwLock<Arc<ListenerRuntime>>>,
     started_with: Arc<ListenerRuntime>,
     /// Keeps the session from being evicted while its login is under way.
     login: LoginMark,
 }
 
-impl CurrentProxy {
+impl CurrentLogin {
     fn current(&self) -> Arc<ListenerRuntime> {
         let current = self
             .listener
@@ -979,7 +975,7 @@ impl CurrentProxy {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         // A reload may have given the address another protocol: keep the session's own.
-        if current.proxy.protocol == self.started_with.proxy.protocol {
+        if current.driver.protocol.name() == self.started_with.driver.protocol.name() {
             current
         } else {
             self.started_with.clone()
@@ -987,10 +983,10 @@ impl CurrentProxy {
     }
 }
 
-impl Authenticator for CurrentProxy {
+impl Authenticator for CurrentLogin {
     async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
         self.login.set(true);
-        let upstream = self.current().proxy.login(request).await;
+        let upstream = self.current().driver.login(request).await;
         // A failed login leaves the session where it was: waiting, so evictable.
         if upstream.is_err() {
             self.login.set(false);
@@ -999,7 +995,7 @@ impl Authenticator for CurrentProxy {
     }
 
     fn upstream_capabilities(&self) -> Vec<String> {
-        self.current().proxy.upstream_capabilities()
+        self.current().driver.upstream_capabilities()
     }
 }
 
@@ -1007,7 +1003,7 @@ async fn run_session(
     stream: TcpStream,
     peer: SocketAddr,
     runtime: Arc<ListenerRuntime>,
-    live: CurrentProxy,
+    live: CurrentLogin,
     metrics: Arc<Metrics>,
     sessions: SessionHandle,
     admission: Admission,
@@ -1053,10 +1049,8 @@ async fn run_session(
         }
     };
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
-    let handoff = match runtime.proxy.protocol {
-        Protocol::Imap => Box::pin(imap::frontend::serve(stream, &live, &settings, closing)).await,
-        Protocol::Smtp => Box::pin(smtp::frontend::serve(stream, &live, &settings, closing)).await,
-    };
+    let dialogue = runtime.driver.protocol.dialogue(&settings);
+    let handoff = Box::pin(frontend::serve(stream, &live, dialogue, &settings, closing)).await;
     drop((settings, live));
     match handoff {
         Ok(Some(mut handoff)) if !slot.log_in() => {
@@ -1168,10 +1162,7 @@ async fn relay(
         client_to_upstream: metrics.bytes_counter(listener, "client_to_upstream"),
         upstream_to_client: metrics.bytes_counter(listener, "upstream_to_client"),
     };
-    let mut boundary: Box<dyn Boundary> = match runtime.proxy.protocol {
-        Protocol::Imap => Box::new(imap::boundary::ResponseBoundary::default()),
-        Protocol::Smtp => Box::new(smtp::boundary::ReplyBoundary::default()),
-    };
+    let mut boundary = runtime.driver.protocol.boundary();
     let registration = sessions.registry.clone().register(&account);
     let closing = sessions.closing();
     let stop = Stop {

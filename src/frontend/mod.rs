@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use crate::config::Protocol;
 use crate::forward::Origin;
 use crate::frontend_settings::FrontendSettings;
 use crate::login::{BackendError, Closing, Credentials, LoginError, Upstream, UpstreamAuth};
@@ -24,6 +25,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a listener needs of its protocol.
 pub trait MailProtocol: Send + Sync {
+    /// The protocol's name in the configuration, for token scopes and password checks.
+    fn name(&self) -> Protocol;
+
     /// A new session's dialogue before login.
     fn dialogue(&self, settings: &FrontendSettings) -> Box<dyn Dialogue>;
 
@@ -53,7 +57,9 @@ pub trait MailProtocol: Send + Sync {
         hostname: &'a str,
     ) -> Option<BoxFuture<'a, Result<Vec<String>, BackendError>>>;
 
-    /// The TLS ALPN protocol id towards clients (RFC 7301 registry).
+    /// The ALPN id a listener accepts. A client offering ALPN ids without it is refused, so
+    /// that a browser's `http/1.1` connection cannot be turned against a mail port (ALPACA, as
+    /// nginx's mail proxy refuses since 1.21.0).
     fn alpn_id(&self) -> &'static [u8];
 }
 

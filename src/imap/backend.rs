@@ -14,9 +14,9 @@ use imap_codec::imap_types::response::{
 use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
 use tokio::io::AsyncWriteExt;
 
-use crate::frontend::framer::Framer;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
+use crate::frontend::framer::Framer;
 use crate::io::{BoxedIo, PrefixedIo};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;

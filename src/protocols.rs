@@ -1,0 +1,15 @@
+//! The protocols mailgate speaks, chosen by their name in the configuration: the one place
+//! that knows them all. Everything else holds a [`MailProtocol`].
+
+use crate::config::Protocol;
+use crate::frontend::MailProtocol;
+use crate::imap::Imap;
+use crate::smtp::Smtp;
+
+/// The implementation of the protocol `name`.
+pub fn named(name: Protocol) -> &'static dyn MailProtocol {
+    match name {
+        Protocol::Imap => &Imap,
+        Protocol::Smtp => &Smtp,
+    }
+}
