@@ -8,10 +8,10 @@
 //! - [`client_tls`], [`proxy_protocol`]: what comes before a front end: TLS towards clients,
 //!   the PROXY header of a load balancer.
 //! - [`frontend`]: the seam a protocol plugs into ([`frontend::MailProtocol`],
-//!   [`frontend::Dialogue`]) and the one session loop before login.
+//!   [`frontend::Dialogue`]), the one session loop before login, the framers, and the
+//!   settings a front end works with (names, limits, the STARTTLS offer).
 //! - [`imap`], [`smtp`]: the protocols, each a dialogue (client side before auth), a backend
 //!   (upstream login), a reply table and a response boundary; [`protocols`] chooses one by name.
-//! - [`frontend_settings`]: names, limits and the STARTTLS offer a front end works with.
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
 //!   [`login::Authenticator`] trait the session loop calls).
 //! - [`driver`]: the login driver, the same for every protocol.
@@ -39,7 +39,6 @@ pub mod config;
 pub mod driver;
 pub mod forward;
 pub mod frontend;
-pub mod frontend_settings;
 pub mod health;
 pub mod http;
 pub mod imap;

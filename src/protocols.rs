@@ -3,13 +3,12 @@
 
 use crate::config::Protocol;
 use crate::frontend::MailProtocol;
-use crate::imap::Imap;
-use crate::smtp::Smtp;
+use crate::{imap, smtp};
 
 /// The implementation of the protocol `name`.
 pub fn named(name: Protocol) -> &'static dyn MailProtocol {
     match name {
-        Protocol::Imap => &Imap,
-        Protocol::Smtp => &Smtp,
+        Protocol::Imap => &imap::Imap,
+        Protocol::Smtp => &smtp::Smtp,
     }
 }

@@ -7,11 +7,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mailgate::client_tls::ClientTls;
-use mailgate::frontend_settings::FrontendSettings;
+use mailgate::config::Protocol;
+use mailgate::frontend::settings::FrontendSettings;
 use mailgate::io::BoxedIo;
-use mailgate::login::{Authenticator, Handoff, LoginError, LoginRequest, Upstream};
+use mailgate::login::{Authenticator, LoginError, LoginRequest, Upstream};
 use mailgate::metrics::Metrics;
-use mailgate::sanitize;
+use mailgate::{frontend, protocols, sanitize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 use tokio::runtime::Runtime;
 
@@ -39,12 +40,6 @@ pub fn network_runtime() -> &'static Runtime {
     })
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum FrontEnd {
-    Imap,
-    Smtp,
-}
-
 /// How the client's bytes are cut into writes, so that framing across reads is exercised.
 const CHUNK_SIZES: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, usize::MAX];
 
@@ -53,7 +48,7 @@ const RIGHT_PASSWORD: &str = "right";
 
 /// Runs one front-end session: the first two bytes pick the settings and the stand-in's
 /// answer, the rest is what the client sends (then it closes its side and reads everything).
-pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
+pub fn run_front_end(protocol: Protocol, data: &[u8]) {
     let [knobs, tls_knobs, client_bytes @ ..] = data else {
         return;
     };
@@ -80,7 +75,9 @@ pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
         };
         let session = async {
             let stop = std::future::pending::<mailgate::login::Closing>();
-            let outcome = serve(front_end, Box::new(server), &authenticator, &settings, stop).await;
+            let dialogue = protocols::named(protocol).dialogue(&settings);
+            let client: BoxedIo = Box::new(server);
+            let outcome = frontend::serve(client, &authenticator, dialogue, &settings, stop).await;
             // Dropping the handoff closes the client's stream, which ends the read.
             drop(outcome);
         };
@@ -88,23 +85,6 @@ pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
         transcript
     });
     check_transcript(&transcript, client_bytes.len());
-}
-
-async fn serve(
-    front_end: FrontEnd,
-    client: BoxedIo,
-    authenticator: &StandIn,
-    settings: &FrontendSettings,
-    stop: impl Future<Output = mailgate::login::Closing>,
-) -> std::io::Result<Option<Handoff<BoxedIo>>> {
-    match front_end {
-        FrontEnd::Imap => {
-            mailgate::imap::frontend::serve(client, authenticator, settings, stop).await
-        }
-        FrontEnd::Smtp => {
-            mailgate::smtp::frontend::serve(client, authenticator, settings, stop).await
-        }
-    }
 }
 
 /// Bit 3 of `knobs` picks tiny limits, so that the line and literal limits are met often;

@@ -122,10 +122,37 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol, in the order the documentation lists them.
+    pub const ALL: [Protocol; 2] = [Protocol::Imap, Protocol::Smtp];
+
+    /// The name in the configuration, in metrics and towards auth servers (`proto=`).
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Imap => "imap",
             Protocol::Smtp => "smtp",
+        }
+    }
+
+    /// The protocol called `name` in the configuration.
+    pub fn named(name: &str) -> Option<Protocol> {
+        Protocol::ALL
+            .into_iter()
+            .find(|protocol| protocol.name() == name)
+    }
+
+    /// Why an upstream of this protocol cannot be told the client's address with
+    /// `forward_client`, if it cannot: IMAP has `ID`, SMTP `XCLIENT`, any upstream may take a
+    /// PROXY v2 header.
+    fn refuses_forwarding(self, forward: ForwardClient) -> Option<&'static str> {
+        match (self, forward) {
+            (_, ForwardClient::None | ForwardClient::ProxyV2) => None,
+            (Protocol::Imap, ForwardClient::Id) | (Protocol::Smtp, ForwardClient::Xclient) => None,
+            (Protocol::Smtp, ForwardClient::Id) => {
+                Some("id is for IMAP listeners; SMTP uses xclient (or proxy_v2)")
+            }
+            (Protocol::Imap, ForwardClient::Xclient) => {
+                Some("xclient is for SMTP listeners; IMAP uses id (or proxy_v2)")
+            }
         }
     }
 }
@@ -786,16 +813,11 @@ impl Config {
                     "must be at least 1",
                 );
             }
-            match (upstream.forward_client, listener.protocol) {
-                (ForwardClient::Id, Protocol::Smtp) => problems.add(
-                    format!("{key}.upstream.forward_client"),
-                    "id is for IMAP listeners; SMTP uses xclient (or proxy_v2)",
-                ),
-                (ForwardClient::Xclient, Protocol::Imap) => problems.add(
-                    format!("{key}.upstream.forward_client"),
-                    "xclient is for SMTP listeners; IMAP uses id (or proxy_v2)",
-                ),
-                _ => {}
+            if let Some(reason) = listener
+                .protocol
+                .refuses_forwarding(upstream.forward_client)
+            {
+                problems.add(format!("{key}.upstream.forward_client"), reason);
             }
             for (j, network) in listener.accept_proxy.iter().enumerate() {
                 if network.parse::<ipnet::IpNet>().is_err()

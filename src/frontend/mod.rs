@@ -10,7 +10,7 @@ use std::pin::Pin;
 
 use crate::config::Protocol;
 use crate::forward::Origin;
-use crate::frontend_settings::FrontendSettings;
+use crate::frontend::settings::FrontendSettings;
 use crate::login::{BackendError, Closing, Credentials, LoginError, Upstream, UpstreamAuth};
 use crate::splice::Boundary;
 use crate::upstream::Connector;
@@ -18,6 +18,7 @@ use crate::upstream::Connector;
 pub(crate) mod framer;
 pub(crate) mod lines;
 mod session;
+pub mod settings;
 pub use session::serve;
 
 /// A boxed future, for the trait objects' async methods.

@@ -8,7 +8,7 @@ use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, timeout_at};
 
 use super::{Dialogue, Step};
-use crate::frontend_settings::FrontendSettings;
+use crate::frontend::settings::FrontendSettings;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::login::{Authenticator, Closing, Credentials, GOODBYE_TIMEOUT, Handoff, LoginRequest};
 use crate::sanitize::Escaped;

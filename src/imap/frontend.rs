@@ -13,8 +13,8 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use super::reply;
 use crate::frontend::framer::Framer;
+use crate::frontend::settings::{FrontendSettings, TlsOffer};
 use crate::frontend::{self, Dialogue, Step};
-use crate::frontend_settings::{FrontendSettings, TlsOffer};
 use crate::io::BoxedIo;
 use crate::limits::{Strikes, Verdict};
 use crate::login::{Authenticator, Closing, Credentials, Handoff, LoginError};

@@ -1,8 +1,8 @@
 //! IMAP: the client-facing front end before authentication and the upstream login.
 
 use crate::config::Protocol;
+use crate::frontend::settings::FrontendSettings;
 use crate::frontend::{BoxFuture, Dialogue, MailProtocol, OnBehalf};
-use crate::frontend_settings::FrontendSettings;
 use crate::login::{BackendError, Closing, Upstream, UpstreamAuth};
 use crate::splice::Boundary;
 use crate::upstream::Connector;

@@ -10,7 +10,7 @@ use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
 use crate::config::{Config, ListenerConfig, TlsMode};
 use crate::driver::{LoginDriver, Shared};
-use crate::frontend_settings::FrontendSettings;
+use crate::frontend::settings::FrontendSettings;
 use crate::login::Closing;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::protocols;

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::frontend;
-use crate::frontend_settings::FrontendSettings;
+use crate::frontend::settings::FrontendSettings;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
 use crate::login::{
     Authenticator, Closing, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,

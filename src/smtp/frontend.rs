@@ -8,8 +8,8 @@ use std::io;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 
 use crate::frontend::lines::{Line, LineBuffer};
+use crate::frontend::settings::{FrontendSettings, TlsOffer};
 use crate::frontend::{self, Dialogue, Step};
-use crate::frontend_settings::{FrontendSettings, TlsOffer};
 use crate::io::BoxedIo;
 use crate::limits::{Strikes, Verdict};
 use crate::login::{Authenticator, Closing, Credentials, Handoff, LoginError};

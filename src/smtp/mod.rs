@@ -2,8 +2,8 @@
 //! after it the reply boundary and the `xclient` mode's command filter.
 
 use crate::config::Protocol;
+use crate::frontend::settings::FrontendSettings;
 use crate::frontend::{BoxFuture, Dialogue, MailProtocol, OnBehalf};
-use crate::frontend_settings::FrontendSettings;
 use crate::login::{BackendError, Closing, Upstream, UpstreamAuth};
 use crate::splice::Boundary;
 use crate::upstream::Connector;
