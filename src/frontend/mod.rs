@@ -14,6 +14,7 @@ use crate::login::{BackendError, Closing, Credentials, LoginError, Upstream, Ups
 use crate::splice::Boundary;
 use crate::upstream::Connector;
 
+pub mod lines;
 mod session;
 pub use session::serve;
 
