@@ -1,0 +1,235 @@
+//! The POP3 upstream login against the real test Dovecot (oauth2 passdb checking tokens at the
+//! introspection server): XOAUTH2 and OAUTHBEARER over POP3S and after STLS, a password by
+//! AUTH PLAIN, a refused token, and the response boundary following a real session.
+
+mod support;
+
+use std::time::Duration;
+
+use mailgate::config::{
+    DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient, MechanismSetting, TlsMode, UpstreamConfig,
+};
+use mailgate::io::BoxedIo;
+use mailgate::login::{BackendError, UpstreamAuth};
+use mailgate::pop3::backend;
+use mailgate::pop3::boundary::ResponseBoundary;
+use mailgate::secret::Secret;
+use mailgate::splice::Boundary;
+use mailgate::upstream::Connector;
+use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
+use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const USER: &str = "alice@example.org";
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connector(up: &TestUpstream, tls: TlsMode, mechanism: MechanismSetting) -> Connector {
+    let port = match tls {
+        TlsMode::Implicit => up.dovecot.pop3s_port,
+        TlsMode::Starttls | TlsMode::None => up.dovecot.pop3_port,
+    };
+    Connector::new(&UpstreamConfig {
+        host: "127.0.0.1".to_owned(),
+        port,
+        tls,
+        ca_file: Some(up.ca.ca_pem()),
+        system_roots: false,
+        mechanism,
+        connect_timeout: STEP_TIMEOUT,
+        forward_client: ForwardClient::None,
+        max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+    })
+    .unwrap()
+}
+
+/// A token the introspection server vouches for, for `user`.
+fn token_for(up: &TestUpstream, user: &str) -> UpstreamAuth {
+    let token = mint_token();
+    up.introspection.add_token(&token, user);
+    UpstreamAuth::Bearer {
+        user: user.to_owned(),
+        token: Secret::new(token),
+    }
+}
+
+/// Sends `command` and reads one line of the answer.
+async fn command(io: &mut BufReader<BoxedIo>, command: &str) -> String {
+    io.get_mut().write_all(command.as_bytes()).await.unwrap();
+    read_line(io).await
+}
+
+async fn read_line(io: &mut BufReader<BoxedIo>) -> String {
+    let mut line = String::new();
+    tokio::time::timeout(STEP_TIMEOUT, io.read_line(&mut line))
+        .await
+        .expect("upstream answered in time")
+        .unwrap();
+    line
+}
+
+/// Logs in with `auth`, then checks the session is in the TRANSACTION state.
+async fn logs_in(up: &TestUpstream, tls: TlsMode, mechanism: MechanismSetting, auth: UpstreamAuth) {
+    let connector = connector(up, tls, mechanism);
+    let upstream = backend::login(&connector, &auth, None)
+        .await
+        .unwrap_or_else(|error| panic!("{error}\n{}", up.dovecot.log()));
+    assert!(
+        upstream.completion.starts_with("+OK"),
+        "{}",
+        upstream.completion
+    );
+    let mut io = BufReader::new(upstream.io);
+    assert!(command(&mut io, "STAT\r\n").await.starts_with("+OK 0 0"));
+    assert!(command(&mut io, "QUIT\r\n").await.starts_with("+OK"));
+}
+
+#[tokio::test]
+async fn xoauth2_over_pop3s() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let auth = token_for(&up, USER);
+        logs_in(&up, TlsMode::Implicit, MechanismSetting::Xoauth2, auth).await;
+        assert!(up.dovecot.log().contains("method=XOAUTH2"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oauthbearer_after_stls() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let auth = token_for(&up, USER);
+        logs_in(&up, TlsMode::Starttls, MechanismSetting::Oauthbearer, auth).await;
+        assert!(up.dovecot.log().contains("method=OAUTHBEARER"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn auto_picks_xoauth2_after_stls_and_a_password_uses_plain() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let auth = token_for(&up, USER);
+        logs_in(&up, TlsMode::Starttls, MechanismSetting::Auto, auth).await;
+        let password = UpstreamAuth::Password {
+            user: PASSWORD_USER.to_owned(),
+            password: Secret::new(PASSWORD_USER_SECRET.to_owned()),
+        };
+        logs_in(&up, TlsMode::Implicit, MechanismSetting::Auto, password).await;
+        let log = up.dovecot.log();
+        assert!(log.contains("method=XOAUTH2"), "{log}");
+        assert!(log.contains("method=PLAIN"), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_token_is_a_rejection_without_the_secret_for_either_mechanism() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        for (tls, mechanism) in [
+            (TlsMode::Implicit, MechanismSetting::Xoauth2),
+            (TlsMode::Starttls, MechanismSetting::Oauthbearer),
+        ] {
+            // Never given to the introspection server: Dovecot refuses it.
+            let token = mint_token();
+            let auth = UpstreamAuth::Bearer {
+                user: USER.to_owned(),
+                token: Secret::new(token.clone()),
+            };
+            let connector = connector(&up, tls, mechanism);
+            let error = backend::login(&connector, &auth, None).await.err().unwrap();
+            assert!(
+                matches!(error, BackendError::Rejected(_)),
+                "{mechanism:?}: {error:?}"
+            );
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains(&token), "{text}");
+        }
+    })
+    .await;
+}
+
+/// Delivers `message` (as on the wire: dot-stuffed, CRLF-terminated) to `user`'s maildrop
+/// through Dovecot's LMTP socket (RFC 2033).
+async fn deliver(up: &TestUpstream, user: &str, message: &str) {
+    let socket = UnixStream::connect(up.dovecot.dir().join("base/lmtp"))
+        .await
+        .unwrap();
+    let mut io = BufReader::new(socket);
+    let mut expect = async |send: &str, code: &str| {
+        if !send.is_empty() {
+            io.get_mut().write_all(send.as_bytes()).await.unwrap();
+        }
+        loop {
+            let mut line = String::new();
+            io.read_line(&mut line).await.unwrap();
+            assert!(line.starts_with(code), "{send:?}: {line:?}");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return;
+            }
+        }
+    };
+    expect("", "220").await;
+    expect("LHLO mailgate.test\r\n", "250").await;
+    expect("MAIL FROM:<sender@example.org>\r\n", "250").await;
+    expect(&format!("RCPT TO:<{user}>\r\n"), "250").await;
+    expect("DATA\r\n", "354").await;
+    expect(&format!("{message}.\r\n"), "250").await;
+    expect("QUIT\r\n", "221").await;
+}
+
+/// Reads from `io` into `boundary` until it is at a boundary; what was read.
+async fn until_boundary(io: &mut BoxedIo, boundary: &mut ResponseBoundary) -> String {
+    let mut read = Vec::new();
+    while !boundary.at_boundary() {
+        let mut chunk = [0u8; 7];
+        let n = tokio::time::timeout(STEP_TIMEOUT, io.read(&mut chunk))
+            .await
+            .expect("upstream answered in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "upstream closed after {:?}",
+            String::from_utf8_lossy(&read)
+        );
+        boundary.observe(&chunk[..n]);
+        read.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(read).unwrap()
+}
+
+#[tokio::test]
+async fn the_boundary_follows_pipelined_multi_line_responses_of_a_real_session() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        // Dot-stuffed on the wire both ways: stored as `.leading dot`.
+        let body = "Subject: hello\r\n\r\n..leading dot\r\nbye\r\n";
+        deliver(&up, USER, body).await;
+        let auth = token_for(&up, USER);
+        let connector = connector(&up, TlsMode::Implicit, MechanismSetting::Auto);
+        let mut upstream = backend::login(&connector, &auth, None).await.unwrap();
+        let mut boundary = ResponseBoundary::default();
+        assert!(boundary.at_boundary());
+        // Read in 7-byte pieces, so lines and the final `.` arrive split.
+        let commands = "STAT\r\nCAPA\r\nLIST\r\nUIDL 1\r\nRETR 1\r\nTOP 1 0\r\nRETR 9\r\n";
+        boundary.observe_request(commands.as_bytes());
+        upstream.io.write_all(commands.as_bytes()).await.unwrap();
+        let read = until_boundary(&mut upstream.io, &mut boundary).await;
+        assert!(read.starts_with("+OK 1 "), "{read}");
+        assert!(read.contains("\r\n..leading dot\r\nbye\r\n.\r\n"), "{read}");
+        assert!(read.ends_with("-ERR There's no message 9.\r\n"), "{read}");
+        let mut rest = [0u8; 1];
+        let more = tokio::time::timeout(Duration::from_millis(200), upstream.io.read(&mut rest));
+        assert!(more.await.is_err(), "more than the answers owed");
+        boundary.observe_request(b"QUIT\r\n");
+        upstream.io.write_all(b"QUIT\r\n").await.unwrap();
+        assert!(
+            until_boundary(&mut upstream.io, &mut boundary)
+                .await
+                .starts_with("+OK")
+        );
+    })
+    .await;
+}
