@@ -19,7 +19,8 @@ use mailgate::upstream::Connector;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::net::{TcpListener, UnixStream};
+use tokio::task::JoinHandle;
 
 const USER: &str = "alice@example.org";
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -230,6 +231,141 @@ async fn the_boundary_follows_pipelined_multi_line_responses_of_a_real_session()
                 .await
                 .starts_with("+OK")
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_too_long_for_the_auth_line_goes_after_the_challenge() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        let token = format!("{}-{}", mint_token(), "x".repeat(400));
+        up.introspection.add_token(&token, USER);
+        let auth = UpstreamAuth::Bearer {
+            user: USER.to_owned(),
+            token: Secret::new(token),
+        };
+        logs_in(&up, TlsMode::Implicit, MechanismSetting::Oauthbearer, auth).await;
+    })
+    .await;
+}
+
+// ---- against a scripted upstream, for what Dovecot does not show ----
+
+/// Serves one connection: reads a line for each `(prefix, answer)` whose prefix is `Some`
+/// (checking it starts so), then sends the answer; yields the lines read.
+async fn scripted(
+    script: Vec<(Option<&'static str>, &'static str)>,
+) -> (u16, JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let mut received = Vec::new();
+        for (prefix, answer) in script {
+            if let Some(prefix) = prefix {
+                let mut line = String::new();
+                stream.read_line(&mut line).await.unwrap();
+                assert!(line.starts_with(prefix), "{line:?} lacks {prefix:?}");
+                received.push(line.trim_end_matches("\r\n").to_owned());
+            }
+            stream.get_mut().write_all(answer.as_bytes()).await.unwrap();
+        }
+        received
+    });
+    (port, task)
+}
+
+fn plain_connector(port: u16, mechanism: MechanismSetting) -> Connector {
+    Connector::new(&UpstreamConfig {
+        host: "127.0.0.1".to_owned(),
+        port,
+        tls: TlsMode::None,
+        ca_file: None,
+        system_roots: false,
+        mechanism,
+        connect_timeout: STEP_TIMEOUT,
+        forward_client: ForwardClient::None,
+        max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+    })
+    .unwrap()
+}
+
+const CAPA: &str = "+OK\r\nUSER\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n";
+
+/// RFC 7628 3.2.3: the error challenge is acknowledged as the mechanism wants before the
+/// server sends its `-ERR`; the refusal's response code decides whether it is a rejection.
+async fn refused_after(
+    mechanism: MechanismSetting,
+    acknowledgement: &str,
+    refusal: &'static str,
+) -> BackendError {
+    let (port, server) = scripted(vec![
+        (None, "+OK ready\r\n"),
+        (Some("CAPA"), CAPA),
+        (Some("AUTH "), "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+        (Some(""), refusal),
+    ])
+    .await;
+    let auth = UpstreamAuth::Bearer {
+        user: USER.to_owned(),
+        token: Secret::new("tok-Zq81x-secret".to_owned()),
+    };
+    let error = backend::login(&plain_connector(port, mechanism), &auth, None)
+        .await
+        .err()
+        .unwrap();
+    let received = server.await.unwrap();
+    assert_eq!(received[2], acknowledgement);
+    assert!(
+        !format!("{error} {error:?}").contains("tok-Zq81x"),
+        "{error}"
+    );
+    error
+}
+
+#[tokio::test]
+async fn error_challenges_are_acknowledged_per_mechanism_and_refusals_classified() {
+    with_timeout(TEST_TIMEOUT, async {
+        let error = refused_after(
+            MechanismSetting::Xoauth2,
+            "",
+            "-ERR [AUTH] Authentication failed.\r\n",
+        )
+        .await;
+        assert!(matches!(error, BackendError::Rejected(_)), "{error:?}");
+        let error = refused_after(
+            MechanismSetting::Oauthbearer,
+            "AQ==",
+            "-ERR [SYS/TEMP] Try later, tok-Zq81x-secret\r\n",
+        )
+        .await;
+        assert!(matches!(error, BackendError::Protocol(_)), "{error:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_initial_response_too_long_for_the_auth_line_waits_for_the_challenge() {
+    with_timeout(TEST_TIMEOUT, async {
+        let (port, server) = scripted(vec![
+            (None, "+OK ready\r\n"),
+            (Some("CAPA"), CAPA),
+            (Some("AUTH XOAUTH2"), "+ \r\n"),
+            (Some(""), "+OK Logged in.\r\n"),
+        ])
+        .await;
+        let auth = UpstreamAuth::Bearer {
+            user: USER.to_owned(),
+            token: Secret::new("t".repeat(300)),
+        };
+        let connector = plain_connector(port, MechanismSetting::Auto);
+        let upstream = backend::login(&connector, &auth, None).await.unwrap();
+        assert_eq!(upstream.completion, "+OK Logged in.");
+        let received = server.await.unwrap();
+        assert_eq!(received[1], "AUTH XOAUTH2");
+        assert!(received[2].len() + 2 > backend::MAX_INITIAL_RESPONSE_LINE);
     })
     .await;
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mailgate::client_tls::ClientTls;
 use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
-use mailgate::frontend::{self, MailProtocol};
+use mailgate::frontend::{self, MailProtocol, Step};
 use mailgate::frontend_settings::FrontendSettings;
 use mailgate::io::BoxedIo;
 use mailgate::limits::{MAX_ERRORS, MAX_LOGIN_FAILURES};
@@ -513,4 +513,66 @@ async fn stls_required_refuses_logins_before_tls() {
         assert!(client.finish().await.is_some());
     })
     .await;
+}
+
+/// Pseudo-random bytes, biased towards command words and line ends, straight into the
+/// dialogue (no I/O): it never panics, every reply is whole lines, and it closes in time.
+#[test]
+fn hostile_bytes_never_panic_and_every_reply_is_whole_lines() {
+    const PIECES: [&[u8]; 12] = [
+        b"USER ", b"PASS ", b"AUTH ", b"PLAIN", b"LOGIN", b"CAPA", b"STLS", b"*", b"=", b"\r\n",
+        b"\n", b"\0\xff ",
+    ];
+    let settings = FrontendSettings {
+        hostname: "mx.test".to_owned(),
+        pre_auth_timeout: PRE_AUTH_TIMEOUT,
+        pre_auth_lifetime: PRE_AUTH_LIFETIME,
+        client: None,
+        starttls: None,
+        max_line_length: 64,
+        max_literal_size: 0,
+        local: None,
+    };
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let nothing = || Vec::new();
+    for _ in 0..200 {
+        let mut dialogue = Pop3.dialogue(&settings);
+        let mut closed = false;
+        for _ in 0..200 {
+            let piece = PIECES[(next() % PIECES.len() as u64) as usize];
+            let random = next().to_le_bytes();
+            dialogue.push(if next() % 4 == 0 { &random } else { piece });
+            while let Some(step) = dialogue.next_step(&nothing) {
+                let bytes = match step {
+                    Step::Reply(bytes) | Step::StartTls(bytes) => bytes,
+                    Step::Close(bytes) => {
+                        closed = true;
+                        bytes
+                    }
+                    Step::LogIn { .. } => match dialogue.login_failed(LoginError::BadCredentials) {
+                        Step::Reply(bytes) => bytes,
+                        Step::Close(bytes) => {
+                            closed = true;
+                            bytes
+                        }
+                        other => panic!("{other:?} after a failed login"),
+                    },
+                };
+                assert!(bytes.ends_with(b"\r\n"), "{bytes:?}");
+                assert!(!bytes[..bytes.len() - 2].contains(&b'\0'));
+                if closed {
+                    break;
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+    }
 }
