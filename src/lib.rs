@@ -7,8 +7,7 @@
 //! - [`server`]: listeners, accept loop, one task per connection.
 //! - [`client_tls`], [`proxy_protocol`]: what comes before a front end: TLS towards clients,
 //!   the PROXY header of a load balancer.
-//! - [`imap`], [`smtp`], [`pop3`]: protocol front ends (client side before auth) and backends
-//!   (upstream login).
+//! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
 //! - [`frontend_settings`]: names, limits and the STARTTLS offer a front end works with.
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
 //!   [`login::Authenticator`] trait front ends call).

@@ -199,7 +199,7 @@ impl Dialogue for Session {
     /// RFC 2595 4: the session starts over in the AUTHORIZATION state; whatever came in the
     /// clear after STLS is dropped.
     fn tls_started(&mut self) {
-        self.lines.clear();
+        self.lines = LineBuffer::new(self.lines.max_line());
         self.state = State::Command;
         self.tls = TlsOffer::None;
         self.tls_active = true;
