@@ -369,3 +369,38 @@ async fn an_initial_response_too_long_for_the_auth_line_waits_for_the_challenge(
     })
     .await;
 }
+
+#[tokio::test]
+async fn bytes_after_the_stls_answer_are_refused_not_read_as_if_encrypted() {
+    with_timeout(TEST_TIMEOUT, async {
+        let ca = support::TestCa::create().await;
+        let (port, _server) = scripted(vec![
+            (None, "+OK ready\r\n"),
+            (Some("CAPA"), "+OK\r\nSTLS\r\nSASL XOAUTH2\r\n.\r\n"),
+            (Some("STLS"), "+OK Begin TLS\r\n+OK Logged in.\r\n"),
+        ])
+        .await;
+        let connector = Connector::new(&UpstreamConfig {
+            host: "127.0.0.1".to_owned(),
+            port,
+            tls: TlsMode::Starttls,
+            ca_file: Some(ca.ca_pem()),
+            system_roots: false,
+            mechanism: MechanismSetting::Auto,
+            connect_timeout: STEP_TIMEOUT,
+            forward_client: ForwardClient::None,
+            max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+        })
+        .unwrap();
+        let auth = UpstreamAuth::Bearer {
+            user: USER.to_owned(),
+            token: Secret::new("tok".to_owned()),
+        };
+        let error = backend::login(&connector, &auth, None).await.err().unwrap();
+        assert!(
+            matches!(&error, BackendError::Protocol(text) if text.contains("after its STLS")),
+            "{error:?}"
+        );
+    })
+    .await;
+}

@@ -25,8 +25,9 @@ pub const MAX_INITIAL_RESPONSE_LINE: usize = 255;
 const MAX_RESPONSE_LINE: usize = 8192;
 /// A CAPA list longer than this is a broken upstream: real ones have about a dozen lines.
 const MAX_CAPABILITY_LINES: usize = 256;
-/// How long mailgate waits for any one command to be written and answered. Dovecot answers a
-/// refused token about 2 s late and up to 15 s under its auth penalty.
+/// How long mailgate waits for any one command to be written and answered, and for the STLS
+/// handshake. Dovecot answers a refused token about 2 s late and up to 15 s under its auth
+/// penalty.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the upstream at once.
 const READ_CHUNK: usize = 4096;
@@ -70,7 +71,10 @@ async fn log_in(
                 "upstream sent data after its STLS response".to_owned(),
             ));
         }
-        connection.io = connector.start_tls(connection.io).await?;
+        let handshake = connector.start_tls(connection.io);
+        connection.io = tokio::time::timeout(REPLY_TIMEOUT, handshake)
+            .await
+            .map_err(|_| timed_out())??;
         // RFC 2595 4: capabilities learnt before TLS are forgotten.
         capabilities = connection.capabilities().await?;
     }
