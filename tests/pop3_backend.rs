@@ -1,29 +1,37 @@
 //! The POP3 upstream login against the real test Dovecot (oauth2 passdb checking tokens at the
 //! introspection server): XOAUTH2 and OAUTHBEARER over POP3S and after STLS, a password by
-//! AUTH PLAIN, a refused token, and the response boundary following a real session.
+//! AUTH PLAIN, a refused token, the response boundary following a real session, and a client
+//! session through `frontend::serve` and the splice to Dovecot.
 
 mod support;
 
 use std::time::Duration;
 
+use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
 use mailgate::config::{
     DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient, MechanismSetting, TlsMode, UpstreamConfig,
 };
+use mailgate::frontend::{self, MailProtocol};
+use mailgate::frontend_settings::FrontendSettings;
 use mailgate::io::BoxedIo;
-use mailgate::login::{BackendError, UpstreamAuth};
-use mailgate::pop3::backend;
+use mailgate::login::{
+    Authenticator, BackendError, Closing, LoginError, LoginRequest, Upstream, UpstreamAuth,
+};
 use mailgate::pop3::boundary::ResponseBoundary;
+use mailgate::pop3::{Pop3, backend};
 use mailgate::secret::Secret;
-use mailgate::splice::Boundary;
+use mailgate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
 use mailgate::upstream::Connector;
+use prometheus_client::metrics::counter::Counter;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, duplex};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::JoinHandle;
 
 const USER: &str = "alice@example.org";
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const GREETING: &str = "+OK mx.test mailgate ready";
 
 fn connector(up: &TestUpstream, tls: TlsMode, mechanism: MechanismSetting) -> Connector {
     let port = match tls {
@@ -400,6 +408,103 @@ async fn bytes_after_the_stls_answer_are_refused_not_read_as_if_encrypted() {
         assert!(
             matches!(&error, BackendError::Protocol(text) if text.contains("after its STLS")),
             "{error:?}"
+        );
+    })
+    .await;
+}
+
+/// Logs every client in upstream with one token, whatever password it gave.
+struct ToDovecot {
+    connector: Connector,
+    token: String,
+}
+
+impl Authenticator for ToDovecot {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        let auth = UpstreamAuth::Bearer {
+            user: request.credentials.account,
+            token: Secret::new(self.token.clone()),
+        };
+        backend::login(&self.connector, &auth, None)
+            .await
+            .map_err(|_| LoginError::UpstreamRejected)
+    }
+
+    fn upstream_capabilities(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+#[tokio::test]
+async fn commands_pipelined_with_the_login_reach_the_real_upstream_through_the_splice() {
+    with_timeout(TEST_TIMEOUT, async {
+        let up = TestUpstream::start().await;
+        deliver(&up, USER, "Subject: pipelined\r\n\r\nhello\r\n").await;
+        let token = mint_token();
+        up.introspection.add_token(&token, USER);
+        let authenticator = ToDovecot {
+            connector: connector(&up, TlsMode::Starttls, MechanismSetting::Auto),
+            token,
+        };
+        let settings = FrontendSettings {
+            hostname: "mx.test".to_owned(),
+            pre_auth_timeout: STEP_TIMEOUT,
+            pre_auth_lifetime: TEST_TIMEOUT,
+            client: None,
+            starttls: None,
+            max_line_length: DEFAULT_MAX_LINE_LENGTH,
+            max_literal_size: 0,
+            local: None,
+        };
+        let (mut client, server) = duplex(64 * 1024);
+        // One write: the login and every command after it.
+        let commands = "STAT\r\nRETR 1\r\nQUIT\r\n";
+        client
+            .write_all(format!("USER {USER}\r\nPASS anything\r\n{commands}").as_bytes())
+            .await
+            .unwrap();
+        let dialogue = Pop3.dialogue(&settings);
+        let never = std::future::pending::<Closing>();
+        let handoff = frontend::serve(Box::new(server), &authenticator, dialogue, &settings, never)
+            .await
+            .unwrap()
+            .expect("logged in");
+        let mut upstream = handoff.upstream.io;
+        let mut session = handoff.client;
+        let splice = tokio::spawn(async move {
+            let counters = Counters {
+                client_to_upstream: Counter::default(),
+                upstream_to_client: Counter::default(),
+            };
+            let mut boundary = Pop3.boundary();
+            let stop = Stop {
+                signal: std::future::pending::<()>(),
+                flush_timeout: STEP_TIMEOUT,
+            };
+            splice(
+                &mut session,
+                &mut upstream,
+                STEP_TIMEOUT,
+                &counters,
+                boundary.as_mut(),
+                stop,
+            )
+            .await
+        });
+        let mut transcript = String::new();
+        client.read_to_string(&mut transcript).await.unwrap();
+        // The upstream closed after QUIT; the client follows.
+        drop(client);
+        let (result, _) = splice.await.unwrap();
+        assert_eq!(result.unwrap(), SpliceEnd::Closed);
+        let lines: Vec<&str> = transcript.split("\r\n").collect();
+        assert_eq!(lines[0], GREETING);
+        assert_eq!(lines[1], "+OK Send PASS");
+        assert!(lines[2].starts_with("+OK"), "{transcript}");
+        assert!(lines[3].starts_with("+OK 1 "), "{transcript}");
+        assert!(
+            transcript.contains("Subject: pipelined\r\n\r\nhello\r\n.\r\n+OK Logging out"),
+            "{transcript}"
         );
     })
     .await;
