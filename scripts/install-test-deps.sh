@@ -29,6 +29,8 @@ fi
 
 demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
 test_only_packages=(chromium chromium-driver fonts-liberation redis-server)
+# The test Dovecot serves POP3 too (tests/support/dovecot.rs).
+test_only_packages+=(dovecot-pop3d)
 
 case "${1:-}" in
     --demo) packages=("${demo_packages[@]}") ;;

@@ -47,6 +47,7 @@ pub mod jwt;
 pub mod limits;
 pub mod login;
 pub mod metrics;
+pub mod pop3;
 pub mod protocols;
 pub mod proxy_protocol;
 pub mod replicas;

@@ -3,12 +3,14 @@
 
 use crate::config::Protocol;
 use crate::frontend::MailProtocol;
-use crate::{imap, smtp};
+use crate::{imap, managesieve, pop3, smtp};
 
 /// The implementation of the protocol `name`.
 pub fn named(name: Protocol) -> &'static dyn MailProtocol {
     match name {
         Protocol::Imap => &imap::Imap,
         Protocol::Smtp => &smtp::Smtp,
+        Protocol::Pop3 => &pop3::Pop3,
+        Protocol::Managesieve => &managesieve::ManageSieve,
     }
 }

@@ -119,17 +119,26 @@ pub struct Config {
 pub enum Protocol {
     Imap,
     Smtp,
+    Pop3,
+    Managesieve,
 }
 
 impl Protocol {
     /// Every protocol, in the order the documentation lists them.
-    pub const ALL: [Protocol; 2] = [Protocol::Imap, Protocol::Smtp];
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Imap,
+        Protocol::Smtp,
+        Protocol::Pop3,
+        Protocol::Managesieve,
+    ];
 
     /// The name in the configuration, in metrics and towards auth servers (`proto=`).
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Imap => "imap",
             Protocol::Smtp => "smtp",
+            Protocol::Pop3 => "pop3",
+            Protocol::Managesieve => "managesieve",
         }
     }
 
@@ -142,7 +151,7 @@ impl Protocol {
 
     /// Why an upstream of this protocol cannot be told the client's address with
     /// `forward_client`, if it cannot: IMAP has `ID`, SMTP `XCLIENT`, any upstream may take a
-    /// PROXY v2 header.
+    /// PROXY v2 header. POP3 and ManageSieve have no command for it that Dovecot takes.
     fn refuses_forwarding(self, forward: ForwardClient) -> Option<&'static str> {
         match (self, forward) {
             (_, ForwardClient::None | ForwardClient::ProxyV2) => None,
@@ -152,6 +161,9 @@ impl Protocol {
             }
             (Protocol::Imap, ForwardClient::Xclient) => {
                 Some("xclient is for SMTP listeners; IMAP uses id (or proxy_v2)")
+            }
+            (Protocol::Pop3 | Protocol::Managesieve, _) => {
+                Some("POP3 and ManageSieve upstreams learn the client's address only from proxy_v2")
             }
         }
     }

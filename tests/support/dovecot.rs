@@ -87,6 +87,10 @@ pub struct Dovecot {
     pub imaps_haproxy_port: u16,
     /// Submission with STARTTLS after a PROXY header (`haproxy = yes`).
     pub submission_haproxy_port: u16,
+    /// POP3, plain with STLS offered.
+    pub pop3_port: u16,
+    /// POP3 over implicit TLS.
+    pub pop3s_port: u16,
 }
 
 impl Dovecot {
@@ -160,9 +164,10 @@ impl Dovecot {
             .to_owned();
         // The instance name prefixes every process title, so `pgrep -f` finds all of them.
         let instance_name = dir_name.clone();
-        let ports = free_ports(6);
+        let ports = free_ports(8);
         let (imap, imaps, submission, submissions) = (ports[0], ports[1], ports[2], ports[3]);
         let (imaps_haproxy, submission_haproxy) = (ports[4], ports[5]);
+        let (pop3, pop3s) = (ports[6], ports[7]);
 
         std::fs::write(
             root.join("dovecot-oauth2.conf.ext"),
@@ -196,7 +201,7 @@ base_dir = {r}/base
 state_dir = {r}/state
 log_path = {r}/dovecot.log
 listen = 127.0.0.1
-protocols = imap submission lmtp
+protocols = imap submission lmtp pop3
 hostname = mail.localhost
 auth_mechanisms = xoauth2 oauthbearer plain login
 auth_debug = yes
@@ -265,6 +270,19 @@ service lmtp {{
 submission_relay_host = {relay_ip}
 submission_relay_port = {relay_port}
 submission_relay_trusted = no
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {pop3s}
+    ssl = yes
+  }}
+}}
+# Dovecot 2.3 wants a UIDL format for POP3.
+pop3_uidl_format = %08Xu%08Xv
 {settings}{tuning}
 "#,
             cert = ca.cert_pem().display(),
@@ -301,6 +319,8 @@ submission_relay_trusted = no
             submissions_port: submissions,
             imaps_haproxy_port: imaps_haproxy,
             submission_haproxy_port: submission_haproxy,
+            pop3_port: pop3,
+            pop3s_port: pop3s,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         for port in [
@@ -310,6 +330,8 @@ submission_relay_trusted = no
             submissions,
             imaps_haproxy,
             submission_haproxy,
+            pop3,
+            pop3s,
         ] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             loop {
