@@ -43,6 +43,7 @@ pub mod io;
 pub mod jwt;
 pub mod limits;
 pub mod login;
+pub mod managesieve;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;

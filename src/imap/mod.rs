@@ -2,6 +2,6 @@
 
 pub mod backend;
 pub mod boundary;
-mod framer;
+pub(crate) mod framer;
 pub mod frontend;
 pub mod reply;
