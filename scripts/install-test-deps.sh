@@ -28,7 +28,7 @@ if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" 
 fi
 
 demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
-test_only_packages=(chromium chromium-driver fonts-liberation redis-server)
+test_only_packages=(chromium chromium-driver fonts-liberation redis-server dovecot-managesieved sieve-connect)
 
 case "${1:-}" in
     --demo) packages=("${demo_packages[@]}") ;;

@@ -87,6 +87,10 @@ pub struct Dovecot {
     pub imaps_haproxy_port: u16,
     /// Submission with STARTTLS after a PROXY header (`haproxy = yes`).
     pub submission_haproxy_port: u16,
+    /// ManageSieve, plain with STARTTLS offered.
+    pub sieve_port: u16,
+    /// ManageSieve over implicit TLS.
+    pub sieves_port: u16,
 }
 
 impl Dovecot {
@@ -160,9 +164,10 @@ impl Dovecot {
             .to_owned();
         // The instance name prefixes every process title, so `pgrep -f` finds all of them.
         let instance_name = dir_name.clone();
-        let ports = free_ports(6);
+        let ports = free_ports(8);
         let (imap, imaps, submission, submissions) = (ports[0], ports[1], ports[2], ports[3]);
         let (imaps_haproxy, submission_haproxy) = (ports[4], ports[5]);
+        let (sieve, sieves) = (ports[6], ports[7]);
 
         std::fs::write(
             root.join("dovecot-oauth2.conf.ext"),
@@ -196,7 +201,7 @@ base_dir = {r}/base
 state_dir = {r}/state
 log_path = {r}/dovecot.log
 listen = 127.0.0.1
-protocols = imap submission lmtp
+protocols = imap submission lmtp sieve
 hostname = mail.localhost
 auth_mechanisms = xoauth2 oauthbearer plain login
 auth_debug = yes
@@ -257,6 +262,20 @@ service submission-login {{
     haproxy = yes
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {sieve}
+  }}
+  inet_listener sieves {{
+    address = 127.0.0.1
+    port = {sieves}
+    ssl = yes
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0600
@@ -301,6 +320,8 @@ submission_relay_trusted = no
             submissions_port: submissions,
             imaps_haproxy_port: imaps_haproxy,
             submission_haproxy_port: submission_haproxy,
+            sieve_port: sieve,
+            sieves_port: sieves,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         for port in [
@@ -310,6 +331,8 @@ submission_relay_trusted = no
             submissions,
             imaps_haproxy,
             submission_haproxy,
+            sieve,
+            sieves,
         ] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             loop {
