@@ -53,10 +53,13 @@ async fn run(upstream: &mut Upstream, command: &str) -> String {
     let mut received = Vec::new();
     loop {
         let text = String::from_utf8_lossy(&received).into_owned();
-        if text.starts_with("OK") || text.contains("\r\nOK") || text.starts_with("NO") {
-            if text.ends_with("\r\n") {
-                return text;
-            }
+        let last = text
+            .trim_end_matches("\r\n")
+            .rsplit("\r\n")
+            .next()
+            .unwrap_or_default();
+        if text.ends_with("\r\n") && (last.starts_with("OK") || last.starts_with("NO")) {
+            return text;
         }
         let mut chunk = [0u8; 4096];
         let n = upstream.io.read(&mut chunk).await.unwrap();
