@@ -8,6 +8,7 @@
 use std::io;
 use std::time::Duration;
 
+use imap_codec::fragmentizer::FragmentInfo;
 use tokio::io::AsyncWriteExt;
 
 use super::syntax::{self, MAX_QUOTED, Token, quote};
@@ -143,7 +144,11 @@ async fn authenticate(
         }
         _ => response,
     };
-    expect_ok(response).map(|ok| completion(&ok))
+    if is_ok(&response) {
+        Ok(completion(&response))
+    } else {
+        Err(classify(&response))
+    }
 }
 
 /// A string argument: quoted, or a non-synchronizing literal when longer than a quoted string
@@ -160,11 +165,13 @@ fn is_ok(response: &[Token]) -> bool {
     matches!(response.first(), Some(Token::Atom(status)) if status.eq_ignore_ascii_case("OK"))
 }
 
+/// The response if it is `OK`; outside AUTHENTICATE anything else is a protocol error: a
+/// fresh token would not help.
 fn expect_ok(response: Vec<Token>) -> Result<Vec<Token>, BackendError> {
     if is_ok(&response) {
         Ok(response)
     } else {
-        Err(classify(&response))
+        Err(BackendError::Protocol(response_text(&response)))
     }
 }
 
@@ -265,7 +272,19 @@ impl Connection {
 
     async fn receive(&mut self) -> Result<Vec<Token>, BackendError> {
         loop {
-            while self.framer.progress().is_some() {
+            while let Some(fragment) = self.framer.progress() {
+                // Refused as announced, rather than read and dropped up to its length.
+                if let FragmentInfo::Line {
+                    announcement: Some(announcement),
+                    ..
+                } = fragment
+                    && announcement.length > MAX_RESPONSE
+                {
+                    return Err(BackendError::Protocol(format!(
+                        "upstream announced a literal of {} bytes",
+                        announcement.length
+                    )));
+                }
                 let fragmentizer = self.framer.fragmentizer();
                 if !fragmentizer.is_message_complete() {
                     continue;
