@@ -9,8 +9,9 @@ use std::time::Duration;
 use mailgate::config::{
     DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient, MechanismSetting, TlsMode, UpstreamConfig,
 };
+use mailgate::frontend::MailProtocol;
 use mailgate::login::{BackendError, Upstream, UpstreamAuth};
-use mailgate::managesieve::backend;
+use mailgate::managesieve::{ManageSieve, backend};
 use mailgate::secret::Secret;
 use mailgate::upstream::Connector;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
@@ -98,6 +99,18 @@ async fn xoauth2_over_starttls_then_scripts_are_managed() {
         );
         let listed = run(&mut session, "LISTSCRIPTS\r\n").await;
         assert!(listed.starts_with("\"mailgate\"\r\n"), "{listed}");
+        // The boundary follows Dovecot's GETSCRIPT answer: a literal, then OK.
+        let got = run(&mut session, "GETSCRIPT \"mailgate\"\r\n").await;
+        assert!(
+            got.starts_with(&format!("{{{}}}\r\n{script}", script.len())),
+            "{got}"
+        );
+        let ok = got.rfind("OK").unwrap();
+        let mut boundary = ManageSieve.boundary();
+        boundary.observe(&got.as_bytes()[..ok]);
+        assert!(!boundary.at_boundary());
+        boundary.observe(&got.as_bytes()[ok..]);
+        assert!(boundary.at_boundary());
         assert!(upstream.dovecot.log().contains("method=XOAUTH2"));
     })
     .await;

@@ -282,3 +282,6 @@ fn closing_if(text: String, verdict: Verdict) -> Step {
     };
     Step::Close((text + &reply::bye(None, bye)).into_bytes())
 }
+
+#[cfg(test)]
+mod tests;
