@@ -1,6 +1,7 @@
 //! mailgate's ManageSieve upstream login and capability probe against the real Dovecot
 //! (Pigeonhole's managesieve), over STARTTLS and implicit TLS, with tokens its oauth2 passdb
-//! checks at the test introspection server.
+//! checks at the test introspection server; `sieve-connect` through the front end and the
+//! backend together; and the backend against a scripted upstream for what Dovecot never does.
 
 mod support;
 
@@ -10,11 +11,20 @@ use mailgate::config::{
     DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient, MechanismSetting, TlsMode, UpstreamConfig,
 };
 use mailgate::frontend::MailProtocol;
-use mailgate::login::{BackendError, Upstream, UpstreamAuth};
+use std::sync::Arc;
+
+use mailgate::client_tls::ClientTls;
+use mailgate::frontend;
+use mailgate::frontend_settings::FrontendSettings;
+use mailgate::login::{
+    Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth,
+};
 use mailgate::managesieve::{ManageSieve, backend};
+use mailgate::metrics::Metrics;
 use mailgate::secret::Secret;
 use mailgate::upstream::Connector;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
+use support::process::run_command_with_input;
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -219,6 +229,134 @@ async fn probe_reads_the_capabilities_after_starttls() {
                 "{sasl}"
             );
         }
+    })
+    .await;
+}
+
+// ---- a real client through the front end and the backend ----
+
+/// The one password the stand-in for mailgate's credential check accepts.
+const CLIENT_PASSWORD: &str = "client-password-5e1";
+
+/// mailgate's login reduced to its ManageSieve parts: a password check, then the backend
+/// with the token the introspection server knows; the probed capabilities for the greeting.
+struct ToDovecot {
+    connector: Connector,
+    token: String,
+    capabilities: Vec<String>,
+}
+
+impl Authenticator for ToDovecot {
+    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+        let credentials = request.credentials;
+        if credentials.password.expose() != CLIENT_PASSWORD {
+            return Err(LoginError::BadCredentials);
+        }
+        let auth = UpstreamAuth::Bearer {
+            user: credentials.account,
+            token: Secret::new(self.token.clone()),
+        };
+        backend::login(&self.connector, &auth, None)
+            .await
+            .map_err(|_| LoginError::UpstreamUnavailable)
+    }
+
+    fn upstream_capabilities(&self) -> Vec<String> {
+        self.capabilities.clone()
+    }
+}
+
+/// Accepts clients on `listener`: each runs the ManageSieve dialogue with STARTTLS required,
+/// then is spliced to its upstream session.
+async fn accept_clients(listener: TcpListener, authenticator: Arc<ToDovecot>, tls: Arc<ClientTls>) {
+    let settings = FrontendSettings {
+        hostname: "mx.test".to_owned(),
+        pre_auth_timeout: Duration::from_secs(10),
+        pre_auth_lifetime: Duration::from_secs(30),
+        client: None,
+        starttls: Some(tls),
+        max_line_length: mailgate::config::DEFAULT_MAX_LINE_LENGTH,
+        max_literal_size: mailgate::config::DEFAULT_MAX_LITERAL_SIZE,
+        local: None,
+    };
+    loop {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (authenticator, settings) = (Arc::clone(&authenticator), settings.clone());
+        tokio::spawn(async move {
+            let dialogue = ManageSieve.dialogue(&settings);
+            let stop = std::future::pending();
+            let served = frontend::serve(
+                Box::new(tcp),
+                authenticator.as_ref(),
+                dialogue,
+                &settings,
+                stop,
+            );
+            if let Ok(Some(mut handoff)) = served.await {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut handoff.client, &mut handoff.upstream.io)
+                        .await;
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn sieve_connect_manages_scripts_through_mailgate() {
+    with_timeout(TEST_TIMEOUT, async {
+        let upstream = TestUpstream::start().await;
+        let token = mint_token();
+        upstream.introspection.add_token(&token, USER);
+        let port = upstream.dovecot.sieve_port;
+        let connector = connector(&upstream, port, TlsMode::Starttls, MechanismSetting::Auto);
+        let capabilities = backend::probe_capabilities(&connector).await.unwrap();
+        let authenticator = Arc::new(ToDovecot { connector, token, capabilities });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mailgate_port = listener.local_addr().unwrap().port().to_string();
+        let ca = &upstream.ca;
+        let alpn = ManageSieve.alpn_id();
+        let config = mailgate::tls::server_config(&ca.cert_pem(), &ca.key_pem(), Some(alpn));
+        let tls = ClientTls::new(config.unwrap(), true, "sieve", Arc::new(Metrics::new()));
+        let server = tokio::spawn(accept_clients(listener, authenticator, Arc::new(tls)));
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("filter.sieve");
+        let script = "require \"fileinto\";\r\nif header :contains \"subject\" \"x\" { fileinto \"X\"; }\r\n";
+        std::fs::write(&local, script).unwrap();
+        let downloaded = dir.path().join("back.sieve");
+        let ca = upstream.ca_path();
+        let sieve_connect = |action: &'static [&'static str]| {
+            let (mailgate_port, ca, local, downloaded) = (mailgate_port.clone(), ca.clone(), local.clone(), downloaded.clone());
+            async move {
+                let mut args = vec![
+                    "--server", "127.0.0.1", "--port", &mailgate_port, "--user", USER,
+                    "--passwordfd", "0", "--tlscafile", &ca, "--tlshostname", "localhost",
+                    "--authmech", "PLAIN", "--remotesieve", "mailgate",
+                ];
+                let local = local.display().to_string();
+                let downloaded = downloaded.display().to_string();
+                for arg in action {
+                    args.push(match *arg {
+                        "LOCAL" => &local,
+                        "DOWNLOADED" => &downloaded,
+                        other => other,
+                    });
+                }
+                let input = format!("{CLIENT_PASSWORD}\n");
+                let output = run_command_with_input("sieve-connect", &args, None, Some(input.as_bytes()), Duration::from_secs(20)).await;
+                assert!(output.success(), "{action:?}: {} {}", output.stdout, output.stderr);
+                output.stdout
+            }
+        };
+        sieve_connect(&["--upload", "--localsieve", "LOCAL"]).await;
+        sieve_connect(&["--activate"]).await;
+        let listed = sieve_connect(&["--list"]).await;
+        assert!(listed.contains("mailgate"), "{listed}");
+        sieve_connect(&["--download", "--localsieve", "DOWNLOADED"]).await;
+        assert_eq!(std::fs::read_to_string(&downloaded).unwrap(), script);
+        // SETACTIVE reached Dovecot: the active script is the one uploaded.
+        let active = upstream.dovecot.dir().join("mail").join(USER).join(".dovecot.sieve");
+        assert!(std::fs::read_link(&active).unwrap().ends_with("mailgate.sieve"));
+        server.abort();
     })
     .await;
 }
