@@ -22,8 +22,9 @@ use crate::sasl::{self, Exchange};
 use crate::secret::Secret;
 use crate::upstream::Connector;
 
-/// How long mailgate waits for any one upstream response, or to write a command. Dovecot
-/// delays a refusal by about 2 s and up to 15 s under its auth penalty.
+/// How long mailgate waits for any one upstream response, to write a command, or for the
+/// STARTTLS handshake. Dovecot delays a refusal by about 2 s and up to 15 s under its auth
+/// penalty.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most one upstream response may hold, literals included: far above any capability
 /// line or login answer, so only a broken or hostile upstream reaches it.
@@ -102,7 +103,11 @@ async fn open(
                 "upstream sent data after its STARTTLS response".to_owned(),
             ));
         }
-        connection = Connection::new(connector.start_tls(connection.io).await?);
+        let handshake = tokio::time::timeout(REPLY_TIMEOUT, connector.start_tls(connection.io));
+        let io = handshake.await.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, "upstream TLS handshake timed out")
+        })??;
+        connection = Connection::new(io);
         // RFC 5804 2.2: the server sends its capabilities again after the handshake, and
         // everything learnt before it is discarded.
         capabilities = connection.capabilities().await?;

@@ -11,13 +11,14 @@ use crate::frontend_settings::{FrontendSettings, TlsOffer};
 use crate::imap::framer::Framer;
 use crate::limits::{Strikes, Verdict};
 use crate::login::{Closing, Credentials, LoginError};
+use crate::sanitize;
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
 
 /// RFC 5804 2.1: a client cancels an exchange with a string holding only `*`.
 const CANCEL: &[u8] = b"*";
 
 /// One client session before login.
-pub struct Session {
+pub struct ManageSieveDialogue {
     framer: Framer,
     state: State,
     strikes: Strikes,
@@ -40,7 +41,7 @@ enum State {
     Authenticating(SaslServer),
 }
 
-impl Session {
+impl ManageSieveDialogue {
     pub fn new(settings: &FrontendSettings) -> Self {
         Self {
             framer: new_framer(settings.max_message_size()),
@@ -112,7 +113,8 @@ impl Session {
         let Some((name, arguments)) = command(&tokens) else {
             return self.refuse("Invalid command");
         };
-        tracing::debug!(command = %name, "ManageSieve command before authentication");
+        let logged = sanitize::for_log(&name);
+        tracing::debug!(command = %logged, "ManageSieve command before authentication");
         match (name.as_str(), arguments.as_slice()) {
             ("CAPABILITY", []) => Step::Reply(reply::capability(&upstream(), self.tls).into()),
             ("STARTTLS", []) if self.tls != TlsOffer::None => {
@@ -195,7 +197,7 @@ impl Session {
     }
 }
 
-impl Dialogue for Session {
+impl Dialogue for ManageSieveDialogue {
     fn greeting(&mut self, upstream: &dyn Fn() -> Vec<String>) -> Vec<u8> {
         reply::greeting(&upstream(), self.tls, &self.hostname).into_bytes()
     }

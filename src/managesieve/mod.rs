@@ -18,7 +18,7 @@ pub struct ManageSieve;
 
 impl MailProtocol for ManageSieve {
     fn dialogue(&self, settings: &FrontendSettings) -> Box<dyn Dialogue> {
-        Box::new(frontend::Session::new(settings))
+        Box::new(frontend::ManageSieveDialogue::new(settings))
     }
 
     fn goodbye(&self, why: Closing, _hostname: &str) -> Vec<u8> {

@@ -80,7 +80,7 @@ fn hostile_input_gets_well_formed_responses() {
     let mut random = Random(0x5eed_cafe_f00d_d00d);
     let upstream = || vec!["\"SIEVE\" \"fileinto\"".to_owned()];
     for _ in 0..3000 {
-        let mut session = Session::new(&settings());
+        let mut session = ManageSieveDialogue::new(&settings());
         assert_well_formed(&session.greeting(&upstream));
         let input: String = (0..random.below(40))
             .map(|_| PIECES[random.below(PIECES.len())])
