@@ -27,8 +27,8 @@ if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" 
     exit 1
 fi
 
-demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
-test_only_packages=(chromium chromium-driver fonts-liberation redis-server dovecot-managesieved sieve-connect)
+demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd dovecot-managesieved curl openssl gcc libc6-dev)
+test_only_packages=(chromium chromium-driver fonts-liberation redis-server sieve-connect)
 
 case "${1:-}" in
     --demo) packages=("${demo_packages[@]}") ;;
