@@ -47,7 +47,7 @@ impl MailProtocol for ManageSieve {
         Some(Box::pin(backend::probe_capabilities(connector)))
     }
 
-    /// The id in the RFC 7301 registry (registered with RFC 5804 as the reference).
+    /// Registered at IANA (RFC 7301's registry), beside `imap` and `pop3`.
     fn alpn_id(&self) -> &'static [u8] {
         b"managesieve"
     }
