@@ -46,6 +46,7 @@ pub mod io;
 pub mod jwt;
 pub mod limits;
 pub mod login;
+pub mod managesieve;
 pub mod metrics;
 pub mod pop3;
 pub mod protocols;

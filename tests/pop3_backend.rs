@@ -11,8 +11,8 @@ use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
 use mailgate::config::{
     DEFAULT_MAX_CONCURRENT_CONNECTS, ForwardClient, MechanismSetting, TlsMode, UpstreamConfig,
 };
-use mailgate::frontend::{self, MailProtocol};
 use mailgate::frontend::settings::FrontendSettings;
+use mailgate::frontend::{self, MailProtocol};
 use mailgate::io::BoxedIo;
 use mailgate::login::{
     Authenticator, BackendError, Closing, LoginError, LoginRequest, Upstream, UpstreamAuth,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use mailgate::client_tls::ClientTls;
 use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
-use mailgate::frontend::{self, MailProtocol, Step};
 use mailgate::frontend::settings::FrontendSettings;
+use mailgate::frontend::{self, MailProtocol, Step};
 use mailgate::io::BoxedIo;
 use mailgate::limits::{MAX_ERRORS, MAX_LOGIN_FAILURES};
 use mailgate::login::{Authenticator, Closing, Handoff, LoginError, LoginRequest, Upstream};

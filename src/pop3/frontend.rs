@@ -3,8 +3,8 @@
 //! AUTH PLAIN/LOGIN (RFC 5034).
 
 use crate::frontend::lines::{Line, LineBuffer};
-use crate::frontend::{Dialogue, Step};
 use crate::frontend::settings::{FrontendSettings, TlsOffer};
+use crate::frontend::{Dialogue, Step};
 use crate::limits::{Strikes, Verdict};
 use crate::login::{Closing, LoginError};
 use crate::pop3::reply::{self, Failure};

@@ -7,8 +7,8 @@ pub mod frontend;
 pub mod reply;
 
 use crate::config::Protocol;
-use crate::frontend::{BoxFuture, Dialogue, MailProtocol, OnBehalf};
 use crate::frontend::settings::FrontendSettings;
+use crate::frontend::{BoxFuture, Dialogue, MailProtocol, OnBehalf};
 use crate::login::{BackendError, Closing, Upstream, UpstreamAuth};
 use crate::splice::Boundary;
 use crate::upstream::Connector;

@@ -91,6 +91,10 @@ pub struct Dovecot {
     pub pop3_port: u16,
     /// POP3 over implicit TLS.
     pub pop3s_port: u16,
+    /// ManageSieve, plain with STARTTLS offered.
+    pub sieve_port: u16,
+    /// ManageSieve over implicit TLS.
+    pub sieves_port: u16,
 }
 
 impl Dovecot {
@@ -164,10 +168,11 @@ impl Dovecot {
             .to_owned();
         // The instance name prefixes every process title, so `pgrep -f` finds all of them.
         let instance_name = dir_name.clone();
-        let ports = free_ports(8);
+        let ports = free_ports(10);
         let (imap, imaps, submission, submissions) = (ports[0], ports[1], ports[2], ports[3]);
         let (imaps_haproxy, submission_haproxy) = (ports[4], ports[5]);
         let (pop3, pop3s) = (ports[6], ports[7]);
+        let (sieve, sieves) = (ports[8], ports[9]);
 
         std::fs::write(
             root.join("dovecot-oauth2.conf.ext"),
@@ -201,7 +206,7 @@ base_dir = {r}/base
 state_dir = {r}/state
 log_path = {r}/dovecot.log
 listen = 127.0.0.1
-protocols = imap submission lmtp pop3
+protocols = imap submission lmtp pop3 sieve
 hostname = mail.localhost
 auth_mechanisms = xoauth2 oauthbearer plain login
 auth_debug = yes
@@ -262,6 +267,20 @@ service submission-login {{
     haproxy = yes
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {sieve}
+  }}
+  inet_listener sieves {{
+    address = 127.0.0.1
+    port = {sieves}
+    ssl = yes
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0600
@@ -321,6 +340,8 @@ pop3_uidl_format = %08Xu%08Xv
             submission_haproxy_port: submission_haproxy,
             pop3_port: pop3,
             pop3s_port: pop3s,
+            sieve_port: sieve,
+            sieves_port: sieves,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         for port in [
@@ -332,6 +353,8 @@ pop3_uidl_format = %08Xu%08Xv
             submission_haproxy,
             pop3,
             pop3s,
+            sieve,
+            sieves,
         ] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             loop {
