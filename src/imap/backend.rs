@@ -12,12 +12,12 @@ use imap_codec::imap_types::response::{
     Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
 };
 use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
-use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -497,16 +497,18 @@ impl Connection {
         }
     }
 
+    /// Sends `bytes` (after a queued ID), giving up after [`RESPONSE_TIMEOUT`]: an upstream
+    /// that never reads must not hold the login.
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.announced = None;
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
         if let PipelinedId::Queued { tag, command } =
             std::mem::replace(&mut self.id, PipelinedId::None)
         {
-            self.io.write_all(command.as_bytes()).await?;
+            write_all_by(&mut self.io, command.as_bytes(), deadline).await?;
             self.id = PipelinedId::Sent { tag };
         }
-        self.io.write_all(bytes).await?;
-        self.io.flush().await?;
+        write_all_by(&mut self.io, bytes, deadline).await?;
         Ok(())
     }
 

@@ -103,11 +103,7 @@ async fn open(
                 "upstream sent data after its STARTTLS response".to_owned(),
             ));
         }
-        let handshake = tokio::time::timeout(REPLY_TIMEOUT, connector.start_tls(connection.io));
-        let io = handshake.await.map_err(|_| {
-            io::Error::new(io::ErrorKind::TimedOut, "upstream TLS handshake timed out")
-        })??;
-        connection = Connection::new(io);
+        connection = Connection::new(connector.start_tls(connection.io).await?);
         // RFC 5804 2.2: the server sends its capabilities again after the handshake, and
         // everything learnt before it is discarded.
         capabilities = connection.capabilities().await?;

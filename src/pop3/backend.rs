@@ -71,10 +71,7 @@ async fn log_in(
                 "upstream sent data after its STLS response".to_owned(),
             ));
         }
-        let handshake = connector.start_tls(connection.io);
-        connection.io = tokio::time::timeout(REPLY_TIMEOUT, handshake)
-            .await
-            .map_err(|_| timed_out())??;
+        connection.io = connector.start_tls(connection.io).await?;
         // RFC 2595 4: capabilities learnt before TLS are forgotten.
         capabilities = connection.capabilities().await?;
     }

@@ -27,7 +27,7 @@ enum State {
 /// taken, commands and SASL responses alike: RFC 2449 4 keeps commands to 255 octets, but
 /// holding a client to it gains nothing (the buffer is bounded either way) and would refuse
 /// the long passwords and initial responses real clients send.
-pub struct Session {
+pub struct Pop3Dialogue {
     lines: LineBuffer,
     state: State,
     strikes: Strikes,
@@ -37,7 +37,7 @@ pub struct Session {
     hostname: String,
 }
 
-impl Session {
+impl Pop3Dialogue {
     pub fn new(settings: &FrontendSettings) -> Self {
         Self {
             lines: LineBuffer::new(settings.max_line_length),
@@ -168,7 +168,7 @@ impl Session {
     }
 }
 
-impl Dialogue for Session {
+impl Dialogue for Pop3Dialogue {
     fn greeting(&mut self, _upstream: &dyn Fn() -> Vec<String>) -> Vec<u8> {
         reply::greeting(&self.hostname)
     }

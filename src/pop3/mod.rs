@@ -23,7 +23,7 @@ impl MailProtocol for Pop3 {
     }
 
     fn dialogue(&self, settings: &FrontendSettings) -> Box<dyn Dialogue> {
-        Box::new(frontend::Session::new(settings))
+        Box::new(frontend::Pop3Dialogue::new(settings))
     }
 
     fn goodbye(&self, why: Closing, hostname: &str) -> Vec<u8> {

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use smtp_proto::Response;
 use smtp_proto::response::parser::{MAX_RESPONSE_LENGTH, ResponseReceiver};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::io::{BoxedIo, PrefixedIo, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth, XclientGuard};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -306,9 +307,9 @@ impl Connection {
         }
     }
 
+    /// Sends `line` and reads the reply, each within [`REPLY_TIMEOUT`].
     async fn command(&mut self, line: &[u8]) -> Result<Response<String>, BackendError> {
-        self.io.write_all(line).await?;
-        self.io.flush().await?;
+        write_all_by(&mut self.io, line, Instant::now() + REPLY_TIMEOUT).await?;
         self.read_reply().await
     }
 
