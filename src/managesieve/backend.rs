@@ -45,12 +45,13 @@ pub async fn login(
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    log_in(connector, auth, origin)
+    unredacted_login(connector, auth, origin)
         .await
         .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
 }
 
-async fn log_in(
+/// The login's dialogue; its errors may still quote what was sent, so [`login`] redacts them.
+async fn unredacted_login(
     connector: &Connector,
     auth: &UpstreamAuth,
     origin: Option<&Origin>,

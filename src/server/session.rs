@@ -190,7 +190,7 @@ pub(super) async fn run_session(
     let handoff = Box::pin(frontend::serve(stream, &live, dialogue, &settings, closing)).await;
     drop((settings, live));
     match handoff {
-        Ok(Some(mut handoff)) if !slot.log_in() => {
+        Ok(Some(mut handoff)) if !slot.mark_logged_in() => {
             // Evicted while its login finished: the room is gone.
             let goodbye = runtime.goodbye(Closing::TooManyConnections);
             let deadline = Instant::now() + GOODBYE_TIMEOUT;

@@ -51,12 +51,13 @@ pub async fn login(
     helo: &str,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    log_in(connector, auth, helo, origin)
+    unredacted_login(connector, auth, helo, origin)
         .await
         .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
 }
 
-async fn log_in(
+/// The login's dialogue; its errors may still quote what was sent, so [`login`] redacts them.
+async fn unredacted_login(
     connector: &Connector,
     auth: &UpstreamAuth,
     helo: &str,
