@@ -48,7 +48,9 @@ pub struct Setup {
     pub failure: LoginError,
     /// STARTTLS offered with the CA's certificate; `true`: required.
     pub tls: Option<(Arc<TestCa>, bool)>,
+    /// The listener's `max_line_length`.
     pub max_line_length: usize,
+    /// The listener's `max_literal_size` (IMAP and ManageSieve literals).
     pub max_literal_size: usize,
 }
 
