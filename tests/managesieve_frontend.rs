@@ -3,23 +3,14 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use mailgate::client_tls::ClientTls;
-use mailgate::config::{DEFAULT_MAX_LINE_LENGTH, DEFAULT_MAX_LITERAL_SIZE};
-use mailgate::frontend::settings::FrontendSettings;
-use mailgate::frontend::{self, MailProtocol};
-use mailgate::io::BoxedIo;
+use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
 use mailgate::limits::{MAX_ERRORS, MAX_LOGIN_FAILURES};
-use mailgate::login::{Authenticator, Closing, Handoff, LoginError, LoginRequest, Upstream};
+use mailgate::login::LoginError;
 use mailgate::managesieve::ManageSieve;
-use mailgate::metrics::Metrics;
-use support::TestCa;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
-use tokio::task::JoinHandle;
+use support::transcript::{Client, Setup, pair, with_timeout};
+use tokio::io::AsyncReadExt;
 
 const COMPLETION: &str = "OK \"Logged in.\"";
 const NO_UPSTREAM: [&str; 5] = [
@@ -29,206 +20,58 @@ const NO_UPSTREAM: [&str; 5] = [
     "\"VERSION\" \"1.0\"",
     "OK \"mx.test ManageSieve ready\"",
 ];
-/// Every test gives up after this long instead of hanging.
-const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Accepts the password "right" for anyone and fails every other login with `failure`.
-struct StandIn {
-    failure: LoginError,
-    capabilities: Vec<String>,
-    seen: Mutex<Vec<(String, String)>>,
+/// A ManageSieve listener with the defaults; the stand-in refuses wrong passwords as bad
+/// credentials and the upstream announces nothing.
+fn managesieve() -> Setup {
+    Setup::new(&ManageSieve, COMPLETION)
 }
 
-impl Authenticator for StandIn {
-    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
-        let credentials = request.credentials;
-        let password = credentials.password.expose().clone();
-        if let Ok(mut seen) = self.seen.lock() {
-            seen.push((credentials.account, password.clone()));
-        }
-        if password != "right" {
-            return Err(self.failure);
-        }
-        let (io, _server) = duplex(64);
-        Ok(Upstream {
-            io: Box::new(io),
-            completion: COMPLETION.to_owned(),
-            account: None,
-            xclient_guard: None,
-        })
-    }
-
-    fn upstream_capabilities(&self) -> Vec<String> {
-        self.capabilities.clone()
-    }
+/// Starts a session as `setup` says and reads its greeting (no upstream capabilities).
+async fn greeted(setup: Setup) -> Client {
+    let mut client = Client::start(setup).await;
+    client.expect(&NO_UPSTREAM).await;
+    client
 }
 
-type Outcome = std::io::Result<Option<Handoff<BoxedIo>>>;
-
-/// How a session under test is set up.
-struct Setup {
-    failure: LoginError,
-    capabilities: Vec<String>,
-    /// STARTTLS offered (and whether required), with the CA the client trusts.
-    tls: Option<(Arc<TestCa>, bool)>,
-    max_literal_size: usize,
+/// Starts a session offering STARTTLS (`required`: before any login) and reads its greeting,
+/// which offers `sasl` as the mechanisms.
+async fn offering_tls(required: bool, sasl: &str) -> Client {
+    let mut client = Client::start(managesieve().with_tls(required).await).await;
+    client
+        .expect(&[
+            "\"IMPLEMENTATION\" \"mailgate\"",
+            &format!("\"SASL\" \"{sasl}\""),
+            "\"SIEVE\" \"\"",
+            "\"STARTTLS\"",
+            "\"VERSION\" \"1.0\"",
+            "OK \"mx.test ManageSieve ready\"",
+        ])
+        .await;
+    client
 }
 
-impl Default for Setup {
-    fn default() -> Self {
-        Self {
-            failure: LoginError::BadCredentials,
-            capabilities: Vec::new(),
-            tls: None,
-            max_literal_size: DEFAULT_MAX_LITERAL_SIZE,
-        }
-    }
+/// Runs the handshake after `OK` to STARTTLS and reads the capabilities sent again over TLS
+/// (RFC 5804 2.2).
+async fn starts_tls(client: &mut Client) {
+    client.start_tls().await;
+    client.expect(&NO_UPSTREAM[..4]).await;
+    client.expect(&["OK \"Capability completed\""]).await;
 }
 
-/// The client's end of a session under test.
-struct Client {
-    io: BoxedIo,
-    received: Vec<u8>,
-    session: JoinHandle<Outcome>,
-    authenticator: Arc<StandIn>,
-    /// Dropping it tells the session that mailgate is shutting down.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Client {
-    async fn start(setup: Setup) -> Self {
-        let (io, server) = duplex(64 * 1024);
-        let authenticator = Arc::new(StandIn {
-            failure: setup.failure,
-            capabilities: setup.capabilities,
-            seen: Mutex::new(Vec::new()),
-        });
-        let starttls = setup.tls.map(|(ca, required)| {
-            mailgate::tls::install_crypto_provider();
-            let config = mailgate::tls::server_config(
-                &ca.cert_pem(),
-                &ca.key_pem(),
-                Some(ManageSieve.alpn_id()),
-            )
-            .unwrap();
-            Arc::new(ClientTls::new(
-                config,
-                required,
-                "sieve",
-                Arc::new(Metrics::new()),
-            ))
-        });
-        let settings = FrontendSettings {
-            hostname: "mx.test".to_owned(),
-            pre_auth_timeout: Duration::from_secs(60),
-            pre_auth_lifetime: Duration::from_secs(300),
-            client: None,
-            starttls,
-            max_line_length: DEFAULT_MAX_LINE_LENGTH,
-            max_literal_size: setup.max_literal_size,
-            local: None,
-        };
-        let session_authenticator = Arc::clone(&authenticator);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let session = tokio::spawn(async move {
-            let stop = async {
-                let _ = stopped.await;
-                Closing::ShuttingDown
-            };
-            let dialogue = ManageSieve.dialogue(&settings);
-            frontend::serve(
-                Box::new(server),
-                session_authenticator.as_ref(),
-                dialogue,
-                &settings,
-                stop,
-            )
-            .await
-        });
-        Self {
-            io: Box::new(io),
-            received: Vec::new(),
-            session,
-            authenticator,
-            stop: Some(stop),
-        }
-    }
-
-    async fn send(&mut self, bytes: &str) {
-        self.io.write_all(bytes.as_bytes()).await.unwrap();
-    }
-
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(end) = self.received.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.received.drain(..end + 2).collect();
-                return String::from_utf8(line[..end].to_vec()).unwrap();
-            }
-            let mut chunk = [0u8; 1024];
-            let n = self.io.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "session closed; had {:?}", self.received);
-            self.received.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn expect(&mut self, lines: &[&str]) {
-        for line in lines {
-            assert_eq!(self.line().await, *line);
-        }
-    }
-
-    /// Sends `command` and expects exactly `replies`.
-    async fn exchange(&mut self, command: &str, replies: &[&str]) {
-        self.send(command).await;
-        self.expect(replies).await;
-    }
-
-    /// Runs the client side of the handshake after `OK` to STARTTLS.
-    async fn start_tls(&mut self, ca: &TestCa) {
-        assert!(self.received.is_empty(), "unread: {:?}", self.received);
-        let config = mailgate::tls::client_config(Some(&ca.ca_pem()), false).unwrap();
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let (plain, _) = duplex(1);
-        let io = std::mem::replace(&mut self.io, Box::new(plain));
-        self.io = Box::new(connector.connect(name, io).await.unwrap());
-    }
-
-    /// Waits for the session to end and returns its outcome, checking it sent nothing more.
-    async fn finish(mut self) -> Option<Handoff<BoxedIo>> {
-        let outcome = self.session.await.unwrap().unwrap();
-        if outcome.is_none() {
-            let mut rest = Vec::new();
-            self.io.read_to_end(&mut rest).await.unwrap();
-            self.received.extend_from_slice(&rest);
-        }
-        assert!(self.received.is_empty(), "unread: {:?}", self.received);
-        outcome
-    }
-
-    fn seen(&self) -> Vec<(String, String)> {
-        self.authenticator.seen.lock().unwrap().clone()
-    }
-}
-
-async fn with_timeout<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out");
+/// AUTHENTICATE PLAIN with `credentials` (`"\0account\0password"`) as a quoted initial
+/// response.
+fn authenticate_plain(credentials: &str) -> String {
+    format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", base64(credentials))
 }
 
 fn base64(text: &str) -> String {
     BASE64.encode(text)
 }
 
-fn pair(account: &str, password: &str) -> Vec<(String, String)> {
-    vec![(account.to_owned(), password.to_owned())]
-}
-
 /// Logs in with a PLAIN initial response sent as `argument` (`"..."` or a literal).
 async fn logs_in_with(argument: impl Fn(&str) -> String) {
-    let mut client = Client::start(Setup::default()).await;
-    client.expect(&NO_UPSTREAM).await;
+    let mut client = greeted(managesieve()).await;
     let command = format!(
         "AUTHENTICATE \"PLAIN\" {}\r\n",
         argument(&base64("\0alice\0right"))
@@ -241,8 +84,7 @@ async fn logs_in_with(argument: impl Fn(&str) -> String) {
 #[tokio::test]
 async fn greeting_capability_noop_logout() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
+        let mut client = greeted(managesieve()).await;
         client.send("capability\r\n").await;
         client.expect(&NO_UPSTREAM[..4]).await;
         client.expect(&["OK \"Capability completed\""]).await;
@@ -286,7 +128,7 @@ async fn greeting_relays_the_upstream_capabilities_validated() {
         ];
         let setup = Setup {
             capabilities: capabilities.iter().map(|line| line.to_string()).collect(),
-            ..Setup::default()
+            ..managesieve()
         };
         let mut client = Client::start(setup).await;
         client
@@ -327,8 +169,7 @@ async fn authenticate_plain_with_a_synchronizing_literal_gets_no_continuation() 
 #[tokio::test]
 async fn authenticate_login_with_string_responses() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
+        let mut client = greeted(managesieve()).await;
         client
             .exchange("AUTHENTICATE \"login\"\r\n", &["\"VXNlcm5hbWU6\""])
             .await;
@@ -351,8 +192,7 @@ async fn authenticate_login_with_string_responses() {
 #[tokio::test]
 async fn cancelled_authentication_leaves_the_session_usable() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
+        let mut client = greeted(managesieve()).await;
         client
             .exchange("AUTHENTICATE \"PLAIN\"\r\n", &["\"\""])
             .await;
@@ -382,12 +222,8 @@ async fn cancelled_authentication_leaves_the_session_usable() {
 #[tokio::test]
 async fn failed_logins_are_mapped_and_close_the_session_at_the_limit() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
-        let wrong = format!(
-            "AUTHENTICATE \"PLAIN\" \"{}\"\r\n",
-            base64("\0alice\0wrong")
-        );
+        let mut client = greeted(managesieve()).await;
+        let wrong = authenticate_plain("\0alice\0wrong");
         for _ in 1..MAX_LOGIN_FAILURES {
             client
                 .exchange(&wrong, &["NO \"Authentication failed\""])
@@ -404,12 +240,11 @@ async fn failed_logins_are_mapped_and_close_the_session_at_the_limit() {
             .await;
         assert!(client.finish().await.is_none());
 
-        let setup = Setup {
+        let mut client = greeted(Setup {
             failure: LoginError::TokenUnavailable,
-            ..Setup::default()
-        };
-        let mut client = Client::start(setup).await;
-        client.expect(&NO_UPSTREAM).await;
+            ..managesieve()
+        })
+        .await;
         client
             .exchange(
                 &wrong,
@@ -423,12 +258,11 @@ async fn failed_logins_are_mapped_and_close_the_session_at_the_limit() {
 #[tokio::test]
 async fn a_literal_too_large_is_read_past_and_refused() {
     with_timeout(async {
-        let setup = Setup {
+        let mut client = greeted(Setup {
             max_literal_size: 16,
-            ..Setup::default()
-        };
-        let mut client = Client::start(setup).await;
-        client.expect(&NO_UPSTREAM).await;
+            ..managesieve()
+        })
+        .await;
         // The literal's bytes look like commands; none of them is run.
         let literal = "LOGOUT\r\nLOGOUT\r\nLOGOUT\r\n";
         for announcement in ["+}", "}"] {
@@ -451,8 +285,7 @@ async fn a_literal_too_large_is_read_past_and_refused() {
 #[tokio::test]
 async fn too_many_errors_close_the_session() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
+        let mut client = greeted(managesieve()).await;
         for _ in 1..MAX_ERRORS {
             client
                 .exchange("HAVESPACE \"s\" \"1\"\r\n", &["NO \"Authenticate first\""])
@@ -475,22 +308,7 @@ async fn too_many_errors_close_the_session() {
 #[tokio::test]
 async fn starttls_sends_the_capabilities_again_and_drops_injected_commands() {
     with_timeout(async {
-        let ca = Arc::new(TestCa::create().await);
-        let setup = Setup {
-            tls: Some((Arc::clone(&ca), false)),
-            ..Setup::default()
-        };
-        let mut client = Client::start(setup).await;
-        client
-            .expect(&[
-                "\"IMPLEMENTATION\" \"mailgate\"",
-                "\"SASL\" \"PLAIN LOGIN\"",
-                "\"SIEVE\" \"\"",
-                "\"STARTTLS\"",
-                "\"VERSION\" \"1.0\"",
-                "OK \"mx.test ManageSieve ready\"",
-            ])
-            .await;
+        let mut client = offering_tls(false, "PLAIN LOGIN").await;
         // Sent in the clear with STARTTLS: must not be acted on after the handshake.
         client
             .exchange(
@@ -498,9 +316,7 @@ async fn starttls_sends_the_capabilities_again_and_drops_injected_commands() {
                 &["OK \"Begin TLS negotiation now\""],
             )
             .await;
-        client.start_tls(&ca).await;
-        client.expect(&NO_UPSTREAM[..4]).await;
-        client.expect(&["OK \"Capability completed\""]).await;
+        starts_tls(&mut client).await;
         client
             .exchange("NOOP\r\n", &["OK \"NOOP completed\""])
             .await;
@@ -513,36 +329,15 @@ async fn starttls_sends_the_capabilities_again_and_drops_injected_commands() {
 }
 
 async fn logs_in_over(client: &mut Client) {
-    let command = format!(
-        "AUTHENTICATE \"PLAIN\" \"{}\"\r\n",
-        base64("\0alice\0right")
-    );
+    let command = authenticate_plain("\0alice\0right");
     client.exchange(&command, &[COMPLETION]).await;
 }
 
 #[tokio::test]
 async fn required_tls_refuses_logins_before_it() {
     with_timeout(async {
-        let ca = Arc::new(TestCa::create().await);
-        let setup = Setup {
-            tls: Some((Arc::clone(&ca), true)),
-            ..Setup::default()
-        };
-        let mut client = Client::start(setup).await;
-        client
-            .expect(&[
-                "\"IMPLEMENTATION\" \"mailgate\"",
-                "\"SASL\" \"\"",
-                "\"SIEVE\" \"\"",
-                "\"STARTTLS\"",
-                "\"VERSION\" \"1.0\"",
-                "OK \"mx.test ManageSieve ready\"",
-            ])
-            .await;
-        let command = format!(
-            "AUTHENTICATE \"PLAIN\" \"{}\"\r\n",
-            base64("\0alice\0right")
-        );
+        let mut client = offering_tls(true, "").await;
+        let command = authenticate_plain("\0alice\0right");
         client
             .exchange(&command, &["NO (ENCRYPT-NEEDED) \"Log in after STARTTLS\""])
             .await;
@@ -550,9 +345,7 @@ async fn required_tls_refuses_logins_before_it() {
         client
             .exchange("STARTTLS\r\n", &["OK \"Begin TLS negotiation now\""])
             .await;
-        client.start_tls(&ca).await;
-        client.expect(&NO_UPSTREAM[..4]).await;
-        client.expect(&["OK \"Capability completed\""]).await;
+        starts_tls(&mut client).await;
         logs_in_over(&mut client).await;
         assert_eq!(client.seen(), pair("alice", "right"));
     })
@@ -562,13 +355,9 @@ async fn required_tls_refuses_logins_before_it() {
 #[tokio::test]
 async fn pipelined_commands_after_login_reach_the_upstream() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
+        let mut client = greeted(managesieve()).await;
         let pipelined = "LISTSCRIPTS\r\nPUTSCRIPT \"s\" {5+}\r\nkeep;\r\n";
-        let command = format!(
-            "AUTHENTICATE \"PLAIN\" \"{}\"\r\n{pipelined}",
-            base64("\0alice\0right")
-        );
+        let command = format!("{}{pipelined}", authenticate_plain("\0alice\0right"));
         client.exchange(&command, &[COMPLETION]).await;
         let mut handoff = client.finish().await.unwrap();
         let mut replayed = vec![0u8; pipelined.len()];
@@ -581,9 +370,8 @@ async fn pipelined_commands_after_login_reach_the_upstream() {
 #[tokio::test]
 async fn shutting_down_says_bye_trylater() {
     with_timeout(async {
-        let mut client = Client::start(Setup::default()).await;
-        client.expect(&NO_UPSTREAM).await;
-        client.stop.take();
+        let mut client = greeted(managesieve()).await;
+        client.shut_down();
         client
             .expect(&["BYE (TRYLATER) \"Server shutting down\""])
             .await;

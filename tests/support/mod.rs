@@ -16,6 +16,8 @@
 //! - [`redis`] runs a [`redis::RedisServer`] for the replicas' shared state; [`cluster`]
 //!   runs replicas on it.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
+//! - [`transcript`] runs one protocol's front-end session in memory for transcripts before
+//!   login, with a stand-in authenticator.
 //! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
 //!   output for them.
 // Not every test file uses every helper or re-export.
@@ -33,6 +35,7 @@ pub mod process;
 pub mod redis;
 pub mod secrets;
 pub mod sink;
+pub mod transcript;
 
 use std::future::Future;
 use std::time::Duration;
