@@ -151,7 +151,12 @@ async fn a_raw_client_puts_lists_activates_and_gets_a_script() {
                 && greeting.iter().any(|line| line.contains("Pigeonhole"))
         })
         .await;
-        assert!(relayed, "{}", s.mailgate.output());
+        assert!(
+            relayed,
+            "{}\nDOVECOT\n{}",
+            s.mailgate.output(),
+            s.up.dovecot.log()
+        );
 
         let mut client = LineClient::connect_tls(s.sieves.address(), &ca).await;
         response(&mut client).await;
