@@ -37,8 +37,8 @@ const GOOD_CONCURRENCY: usize = 20;
 const ACCOUNTS: usize = 10;
 /// Short, so that attackers are shed within seconds; the lifetime leaves good sessions room to
 /// log in on a loaded machine (the slowest login took 3.6 s from its connect with IMAP and SMTP
-/// listeners only; with POP3 and ManageSieve too, on two cores shared with two other builds,
-/// 5.7 to 8.6 s, and a megabyte line over TLS took 8 s to send).
+/// listeners only; with all eight, on two cores shared with two other builds, 5.5 s, and up to
+/// 10 s in runs where each listener had attackers of its own).
 const PRE_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 const PRE_AUTH_LIFETIME: Duration = Duration::from_secs(12);
 /// Allowance past a deadline for a loaded two-core machine to close the connection.
@@ -963,18 +963,22 @@ impl Attackers {
         self.attacks.spawn(repeat(self.stop.clone(), 1, attack));
     }
 
-    /// [`Attackers::spawn`] for `attack` on `pair[0]` and `pair[1]` in turns, each at least once.
-    fn spawn_in_turns<F, Fut>(&mut self, pair: [Target; 2], mut attack: F)
+    /// [`Attackers::spawn`] for `attack` on each of the listeners `names` in turns, each at
+    /// least once.
+    fn spawn_in_turns<F, Fut>(&mut self, s: &Setup, names: &[&str], mut attack: F)
     where
         F: FnMut(Target) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Shed> + Send + 'static,
     {
+        let targets: Vec<Target> = names.iter().map(|name| s.target(name)).collect();
+        let rounds = targets.len();
         let mut turn = 0;
         let in_turns = move || {
             turn += 1;
-            attack(pair[turn % 2])
+            attack(targets[turn % targets.len()])
         };
-        self.attacks.spawn(repeat(self.stop.clone(), 2, in_turns));
+        self.attacks
+            .spawn(repeat(self.stop.clone(), rounds, in_turns));
     }
 
     fn launch(&mut self, s: &Setup) {
@@ -984,31 +988,32 @@ impl Attackers {
             let mut rng = Rng(SEED + i);
             self.spawn(move || random_input(Rng(rng.next()), targets, hello.clone()));
         }
-        // One attacker per protocol and attack, taking the protocol's STARTTLS and implicit-TLS
-        // listeners in turns: every listener gets every attack, and the load stays what the
-        // bounds above were measured with (two cores, four listeners).
-        for pair in s.targets.chunks(2) {
-            let pair: [Target; 2] = pair.try_into().unwrap();
-            let protocol = pair[0].protocol;
+        // Two attackers per attack, each taking four listeners in turns (for literals, the
+        // listeners that have them): every listener gets every attack, and the load stays
+        // below what the bounds above were measured with (two cores, four listeners, one
+        // attacker each).
+        const HALVES: [&[&str]; 2] = [
+            &["imap", "imaps", "pop3", "pop3s"],
+            &["smtp", "smtps", "sieve", "sieves"],
+        ];
+        for names in HALVES {
             let tls = s.tls.clone();
-            self.spawn_in_turns(pair, move |t| megabyte_line(t, tls.clone()));
+            self.spawn_in_turns(s, names, move |t| megabyte_line(t, tls.clone()));
             let tls = s.tls.clone();
-            self.spawn_in_turns(pair, move |t| never_reads(t, tls.clone()));
+            self.spawn_in_turns(s, names, move |t| never_reads(t, tls.clone()));
             let tls = s.tls.clone();
-            self.spawn_in_turns(pair, move |t| slowloris(t, tls.clone(), false));
-            if protocol != Protocol::Pop3 {
-                let tls = s.tls.clone();
-                self.spawn_in_turns(pair, move |t| endless_literal(t, tls.clone(), false));
-            }
-            if matches!(protocol, Protocol::Imap | Protocol::ManageSieve) {
-                let tls = s.tls.clone();
-                self.spawn_in_turns(pair, move |t| endless_literal(t, tls.clone(), true));
-            }
+            self.spawn_in_turns(s, names, move |t| slowloris(t, tls.clone(), false));
         }
-        for names in [["imap", "pop3"], ["smtps", "sieves"]] {
-            let pair = names.map(|name| s.target(name));
+        const LITERALS: [&str; 4] = ["imap", "imaps", "sieve", "sieves"];
+        for names in [&LITERALS[..], &["smtp", "smtps"]] {
             let tls = s.tls.clone();
-            self.spawn_in_turns(pair, move |t| busy_talker(t, tls.clone()));
+            self.spawn_in_turns(s, names, move |t| endless_literal(t, tls.clone(), false));
+        }
+        let tls = s.tls.clone();
+        self.spawn_in_turns(s, &LITERALS, move |t| endless_literal(t, tls.clone(), true));
+        for names in [["imap", "pop3"], ["smtps", "sieves"]] {
+            let tls = s.tls.clone();
+            self.spawn_in_turns(s, &names, move |t| busy_talker(t, tls.clone()));
         }
         let (imap, tls) = (s.target("imap"), s.tls.clone());
         self.spawn(move || slowloris(imap, tls.clone(), true));
