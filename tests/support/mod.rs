@@ -255,9 +255,12 @@ tokens:
         // RFC 5321 4.5.2: dot-stuffed again on the wire.
         let stuffed = text
             .split_inclusive("\r\n")
-            .map(|line| match line.starts_with('.') {
-                true => format!(".{line}"),
-                false => line.to_owned(),
+            .map(|line| {
+                if line.starts_with('.') {
+                    format!(".{line}")
+                } else {
+                    line.to_owned()
+                }
             })
             .collect::<String>();
         for rcpt in &message.rcpts {
