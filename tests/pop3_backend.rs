@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, duplex};
-use tokio::net::{TcpListener, UnixStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 const USER: &str = "alice@example.org";
@@ -160,35 +160,6 @@ async fn a_refused_token_is_a_rejection_without_the_secret_for_either_mechanism(
     .await;
 }
 
-/// Delivers `message` (as on the wire: dot-stuffed, CRLF-terminated) to `user`'s maildrop
-/// through Dovecot's LMTP socket (RFC 2033).
-async fn deliver(up: &TestUpstream, user: &str, message: &str) {
-    let socket = UnixStream::connect(up.dovecot.dir().join("base/lmtp"))
-        .await
-        .unwrap();
-    let mut io = BufReader::new(socket);
-    let mut expect = async |send: &str, code: &str| {
-        if !send.is_empty() {
-            io.get_mut().write_all(send.as_bytes()).await.unwrap();
-        }
-        loop {
-            let mut line = String::new();
-            io.read_line(&mut line).await.unwrap();
-            assert!(line.starts_with(code), "{send:?}: {line:?}");
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return;
-            }
-        }
-    };
-    expect("", "220").await;
-    expect("LHLO mailgate.test\r\n", "250").await;
-    expect("MAIL FROM:<sender@example.org>\r\n", "250").await;
-    expect(&format!("RCPT TO:<{user}>\r\n"), "250").await;
-    expect("DATA\r\n", "354").await;
-    expect(&format!("{message}.\r\n"), "250").await;
-    expect("QUIT\r\n", "221").await;
-}
-
 /// Reads from `io` into `boundary` until it is at a boundary; what was read.
 async fn until_boundary(io: &mut BoxedIo, boundary: &mut ResponseBoundary) -> String {
     let mut read = Vec::new();
@@ -215,7 +186,7 @@ async fn the_boundary_follows_pipelined_multi_line_responses_of_a_real_session()
         let up = TestUpstream::start().await;
         // Dot-stuffed on the wire both ways: stored as `.leading dot`.
         let body = "Subject: hello\r\n\r\n..leading dot\r\nbye\r\n";
-        deliver(&up, USER, body).await;
+        up.dovecot.deliver(USER, body).await;
         let auth = token_for(&up, USER);
         let connector = connector(&up, TlsMode::Implicit, MechanismSetting::Auto);
         let mut upstream = backend::login(&connector, &auth, None).await.unwrap();
@@ -439,7 +410,9 @@ impl Authenticator for ToDovecot {
 async fn commands_pipelined_with_the_login_reach_the_real_upstream_through_the_splice() {
     with_timeout(TEST_TIMEOUT, async {
         let up = TestUpstream::start().await;
-        deliver(&up, USER, "Subject: pipelined\r\n\r\nhello\r\n").await;
+        up.dovecot
+            .deliver(USER, "Subject: pipelined\r\n\r\nhello\r\n")
+            .await;
         let token = mint_token();
         up.introspection.add_token(&token, USER);
         let authenticator = ToDovecot {

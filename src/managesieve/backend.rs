@@ -75,7 +75,7 @@ async fn unredacted_login(
 }
 
 /// Connects, reads the capabilities (again after STARTTLS when configured) and returns them
-/// as validated, re-quoted lines; then LOGOUTs. There is no client, so nothing is forwarded
+/// as validated, re-quoted lines; then sends LOGOUT without waiting for its answer. There is no client, so nothing is forwarded
 /// (`proxy_v2`: a LOCAL header).
 ///
 /// # Errors
@@ -83,8 +83,10 @@ async fn unredacted_login(
 pub async fn probe_capabilities(connector: &Connector) -> Result<Vec<String>, BackendError> {
     let (mut connection, capabilities) = open(connector, None).await?;
     // A polite goodbye; the capabilities are known already, so its failure does not matter.
-    if connection.command(b"LOGOUT\r\n").await.is_err() {
-        tracing::debug!("upstream did not answer LOGOUT");
+    // Its answer is not awaited: Dovecot 2.3's managesieve-login over implicit TLS at times
+    // never sends one, which held the capabilities back for the whole reply timeout.
+    if connection.send(b"LOGOUT\r\n").await.is_err() {
+        tracing::debug!("upstream did not take LOGOUT");
     }
     Ok(capabilities)
 }
@@ -241,6 +243,12 @@ impl Connection {
     }
 
     async fn command(&mut self, line: &[u8]) -> Result<Vec<Token>, BackendError> {
+        self.send(line).await?;
+        self.response().await
+    }
+
+    /// Writes `line` under [`REPLY_TIMEOUT`].
+    async fn send(&mut self, line: &[u8]) -> Result<(), BackendError> {
         let write = async {
             self.io.write_all(line).await?;
             self.io.flush().await
@@ -248,7 +256,7 @@ impl Connection {
         tokio::time::timeout(REPLY_TIMEOUT, write)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream write timed out"))??;
-        self.response().await
+        Ok(())
     }
 
     /// The capability lines up to the `OK` that ends them (RFC 5804 1.7), each quoted anew;

@@ -413,6 +413,36 @@ pop3_uidl_format = %08Xu%08Xv
         )
     }
 
+    /// Delivers `message` (as on the wire: dot-stuffed, CRLF-terminated) to `user`'s maildrop
+    /// through the LMTP socket (RFC 2033), as an MX hands over mail it received by SMTP.
+    pub async fn deliver(&self, user: &str, message: &str) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let socket = tokio::net::UnixStream::connect(self.dir().join("base/lmtp"))
+            .await
+            .expect("connect to LMTP");
+        let mut io = tokio::io::BufReader::new(socket);
+        let mut expect = async |send: &str, code: &str| {
+            if !send.is_empty() {
+                io.get_mut().write_all(send.as_bytes()).await.unwrap();
+            }
+            loop {
+                let mut line = String::new();
+                io.read_line(&mut line).await.unwrap();
+                assert!(line.starts_with(code), "{send:?}: {line:?}");
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return;
+                }
+            }
+        };
+        expect("", "220").await;
+        expect("LHLO mailgate.test\r\n", "250").await;
+        expect("MAIL FROM:<sender@example.org>\r\n", "250").await;
+        expect(&format!("RCPT TO:<{user}>\r\n"), "250").await;
+        expect("DATA\r\n", "354").await;
+        expect(&format!("{message}.\r\n"), "250").await;
+        expect("QUIT\r\n", "221").await;
+    }
+
     /// Unique per instance; every Dovecot process title starts with it.
     pub fn instance_name(&self) -> &str {
         &self.instance_name
