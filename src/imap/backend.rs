@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, PrefixedIo, write_all_by};
+use crate::io::{BoxedIo, replaying, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -515,12 +515,7 @@ impl Connection {
 
     /// The stream, replaying whatever the upstream sent after the last response we read.
     fn into_io(self) -> BoxedIo {
-        let rest = self.framer.into_unparsed();
-        if rest.is_empty() {
-            self.io
-        } else {
-            Box::new(PrefixedIo::new(rest, self.io))
-        }
+        replaying(self.framer.into_unparsed(), self.io)
     }
 }
 

@@ -15,7 +15,7 @@ use super::syntax::{self, MAX_QUOTED, Token, quote};
 use crate::config::TlsMode;
 use crate::forward::Origin;
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::io::{BoxedIo, replaying};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -321,12 +321,7 @@ impl Connection {
 
     /// The stream, replaying anything the upstream sent after the last response.
     fn into_io(self) -> BoxedIo {
-        let rest = self.framer.into_unparsed();
-        if rest.is_empty() {
-            self.io
-        } else {
-            Box::new(PrefixedIo::new(rest, self.io))
-        }
+        replaying(self.framer.into_unparsed(), self.io)
     }
 }
 

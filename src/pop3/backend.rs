@@ -5,11 +5,11 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::TlsMode;
 use crate::forward::Origin;
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::io::{BoxedIo, read_more, replaying};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -29,8 +29,6 @@ const MAX_CAPABILITY_LINES: usize = 256;
 /// handshake. Dovecot answers a refused token about 2 s late and up to 15 s under its auth
 /// penalty.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read from the upstream at once.
-const READ_CHUNK: usize = 4096;
 
 /// Logs in upstream and returns the authenticated stream with the upstream's `+OK` line as
 /// the completion, for the client. The client's address goes only in a PROXY v2 header
@@ -307,30 +305,13 @@ impl Connection {
                     "upstream line longer than {MAX_RESPONSE_LINE} bytes"
                 )));
             }
-            self.fill().await?;
+            read_more(&mut self.io, &mut self.buffer).await?;
         }
-    }
-
-    async fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let n = self.io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "upstream closed the connection",
-            ));
-        }
-        self.buffer.extend_from_slice(&chunk[..n]);
-        Ok(())
     }
 
     /// The stream, replaying anything the upstream sent after the last line read.
     fn into_io(self) -> BoxedIo {
-        if self.buffer.is_empty() {
-            self.io
-        } else {
-            Box::new(PrefixedIo::new(self.buffer, self.io))
-        }
+        replaying(self.buffer, self.io)
     }
 }
 
