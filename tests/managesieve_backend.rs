@@ -25,10 +25,10 @@ use mailgate::secret::Secret;
 use mailgate::upstream::Connector;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
 use support::process::run_command_with_input;
+use support::scripted::{plain_connector, scripted_upstream};
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 const USER: &str = "sieve-user@example.test";
 
@@ -363,48 +363,6 @@ async fn sieve_connect_manages_scripts_through_mailgate() {
 
 // ---- against a scripted upstream, for what Dovecot does not show ----
 
-/// One step of a fake upstream: read a client line starting with the prefix (if any), then
-/// send the text.
-type Script = Vec<(Option<&'static str>, &'static str)>;
-
-/// Serves one connection by `script`; yields the lines it read.
-async fn fake_upstream(script: Script) -> (u16, JoinHandle<Vec<String>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut reader = BufReader::new(read);
-        let mut received = Vec::new();
-        for (expect, reply) in script {
-            if let Some(prefix) = expect {
-                let mut line = String::new();
-                reader.read_line(&mut line).await.unwrap();
-                assert!(line.starts_with(prefix), "{line:?} lacks {prefix:?}");
-                received.push(line.trim_end_matches("\r\n").to_owned());
-            }
-            write.write_all(reply.as_bytes()).await.unwrap();
-        }
-        received
-    });
-    (port, task)
-}
-
-fn plain_connector(port: u16, mechanism: MechanismSetting) -> Connector {
-    Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls: TlsMode::None,
-        ca_file: None,
-        system_roots: false,
-        mechanism,
-        connect_timeout: Duration::from_secs(5),
-        max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
-        forward_client: ForwardClient::None,
-    })
-    .unwrap()
-}
-
 const CAPABILITIES: &str = "\"IMPLEMENTATION\" \"fake\"\r\n\"SASL\" \"XOAUTH2 OAUTHBEARER\"\r\n\
                             \"SIEVE\" {8}\r\nfileinto\r\n\"VERSION\" \"1.0\"\r\nOK\r\n";
 
@@ -415,7 +373,7 @@ async fn error_challenges_are_acknowledged_per_mechanism() {
             (MechanismSetting::Xoauth2, "\"\""),
             (MechanismSetting::Oauthbearer, "\"AQ==\""),
         ] {
-            let (port, upstream) = fake_upstream(vec![
+            let (port, upstream) = scripted_upstream(vec![
                 (None, CAPABILITIES),
                 (Some("AUTHENTICATE \""), "\"eyJzdGF0dXMiOiI0MDEifQ==\"\r\n"),
                 (Some(acknowledgement), "NO \"Authentication failed.\"\r\n"),
@@ -441,7 +399,7 @@ async fn temporary_and_unexpected_answers_are_not_rejections() {
         let bye = "BYE \"Disconnected for inactivity\"\r\n";
         let echo = "NO \"short-token refused\"\r\n";
         for (answer, temporary) in [(later, true), (bye, true), (echo, false)] {
-            let (port, _upstream) = fake_upstream(vec![
+            let (port, _upstream) = scripted_upstream(vec![
                 (None, CAPABILITIES),
                 (Some("AUTHENTICATE \"XOAUTH2\""), answer),
             ])
@@ -461,14 +419,14 @@ async fn temporary_and_unexpected_answers_are_not_rejections() {
 #[tokio::test]
 async fn huge_literals_are_refused_and_sasl_data_in_ok_is_kept() {
     with_timeout(TEST_TIMEOUT, async {
-        let (port, _upstream) = fake_upstream(vec![(None, "\"SIEVE\" {4000000000}\r\n")]).await;
+        let (port, _upstream) = scripted_upstream(vec![(None, "\"SIEVE\" {4000000000}\r\n")]).await;
         let error = backend::probe_capabilities(&plain_connector(port, MechanismSetting::Auto))
             .await
             .err()
             .unwrap();
         assert!(matches!(error, BackendError::Protocol(_)), "{error}");
 
-        let (port, _upstream) = fake_upstream(vec![
+        let (port, _upstream) = scripted_upstream(vec![
             (None, CAPABILITIES),
             (
                 Some("AUTHENTICATE"),

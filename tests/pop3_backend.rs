@@ -24,10 +24,9 @@ use mailgate::splice::{Boundary, Counters, SpliceEnd, Stop, splice};
 use mailgate::upstream::Connector;
 use prometheus_client::metrics::counter::Counter;
 use support::dovecot::{PASSWORD_USER, PASSWORD_USER_SECRET};
+use support::scripted::{plain_connector, scripted_upstream};
 use support::{TEST_TIMEOUT, TestUpstream, mint_token, with_timeout};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, duplex};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 const USER: &str = "alice@example.org";
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,46 +230,6 @@ async fn a_token_too_long_for_the_auth_line_goes_after_the_challenge() {
 
 // ---- against a scripted upstream, for what Dovecot does not show ----
 
-/// Serves one connection: reads a line for each `(prefix, answer)` whose prefix is `Some`
-/// (checking it starts so), then sends the answer; yields the lines read.
-async fn scripted(
-    script: Vec<(Option<&'static str>, &'static str)>,
-) -> (u16, JoinHandle<Vec<String>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut stream = BufReader::new(stream);
-        let mut received = Vec::new();
-        for (prefix, answer) in script {
-            if let Some(prefix) = prefix {
-                let mut line = String::new();
-                stream.read_line(&mut line).await.unwrap();
-                assert!(line.starts_with(prefix), "{line:?} lacks {prefix:?}");
-                received.push(line.trim_end_matches("\r\n").to_owned());
-            }
-            stream.get_mut().write_all(answer.as_bytes()).await.unwrap();
-        }
-        received
-    });
-    (port, task)
-}
-
-fn plain_connector(port: u16, mechanism: MechanismSetting) -> Connector {
-    Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls: TlsMode::None,
-        ca_file: None,
-        system_roots: false,
-        mechanism,
-        connect_timeout: STEP_TIMEOUT,
-        forward_client: ForwardClient::None,
-        max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
-    })
-    .unwrap()
-}
-
 const CAPA: &str = "+OK\r\nUSER\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n";
 
 /// RFC 7628 3.2.3: the error challenge is acknowledged as the mechanism wants before the
@@ -280,7 +239,7 @@ async fn refused_after(
     acknowledgement: &str,
     refusal: &'static str,
 ) -> BackendError {
-    let (port, server) = scripted(vec![
+    let (port, server) = scripted_upstream(vec![
         (None, "+OK ready\r\n"),
         (Some("CAPA"), CAPA),
         (Some("AUTH "), "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
@@ -328,7 +287,7 @@ async fn error_challenges_are_acknowledged_per_mechanism_and_refusals_classified
 #[tokio::test]
 async fn an_initial_response_too_long_for_the_auth_line_waits_for_the_challenge() {
     with_timeout(TEST_TIMEOUT, async {
-        let (port, server) = scripted(vec![
+        let (port, server) = scripted_upstream(vec![
             (None, "+OK ready\r\n"),
             (Some("CAPA"), CAPA),
             (Some("AUTH XOAUTH2"), "+ \r\n"),
@@ -353,7 +312,7 @@ async fn an_initial_response_too_long_for_the_auth_line_waits_for_the_challenge(
 async fn bytes_after_the_stls_answer_are_refused_not_read_as_if_encrypted() {
     with_timeout(TEST_TIMEOUT, async {
         let ca = support::TestCa::create().await;
-        let (port, _server) = scripted(vec![
+        let (port, _server) = scripted_upstream(vec![
             (None, "+OK ready\r\n"),
             (Some("CAPA"), "+OK\r\nSTLS\r\nSASL XOAUTH2\r\n.\r\n"),
             (Some("STLS"), "+OK Begin TLS\r\n+OK Logged in.\r\n"),

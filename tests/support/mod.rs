@@ -17,6 +17,7 @@
 //!   runs replicas on it.
 //! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark;
 //!   [`line_client`] a raw-line client for POP3 and ManageSieve, over TLS too.
+//! - [`scripted`] is an upstream that follows a script, for what real servers never do.
 //! - [`transcript`] runs one protocol's front-end session in memory for transcripts before
 //!   login, with a stand-in authenticator.
 //! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
@@ -35,6 +36,7 @@ pub mod mailgate;
 pub mod oauth2;
 pub mod process;
 pub mod redis;
+pub mod scripted;
 pub mod secrets;
 pub mod sink;
 pub mod transcript;
