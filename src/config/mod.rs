@@ -1484,6 +1484,26 @@ tokens:
     }
 
     #[test]
+    fn pop3_and_managesieve_upstreams_learn_the_client_only_from_proxy_v2() {
+        for protocol in ["pop3", "managesieve"] {
+            let listener = MINIMAL.replace("protocol: imap", &format!("protocol: {protocol}"));
+            for refused in ["id", "xclient"] {
+                let text = listener.replace(
+                    "tls: none }",
+                    &format!("tls: none, forward_client: {refused} }}"),
+                );
+                assert_eq!(
+                    problem_keys(&text),
+                    ["listeners[0].upstream.forward_client"],
+                    "{protocol} with {refused}"
+                );
+            }
+            let text = listener.replace("tls: none }", "tls: none, forward_client: proxy_v2 }");
+            assert!(check(&text).is_ok(), "{protocol} with proxy_v2");
+        }
+    }
+
+    #[test]
     fn log_level_must_be_a_filter() {
         let problems = check(&format!("{MINIMAL}log: {{ level: \"=nonsense[\" }}\n")).unwrap_err();
         assert_eq!(problems[0].key, "log.level");
