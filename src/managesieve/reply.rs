@@ -28,15 +28,17 @@ pub const BYE_TOO_MANY_ERRORS: &str = "Too many invalid commands";
 pub const BYE_TOO_MANY_FAILURES: &str = "Too many failed logins";
 
 /// The capability response (RFC 5804 1.7) without its `OK`: the upstream's relayed lines,
-/// validated and quoted anew, with mailgate's SASL and STARTTLS. Before TLS that a listener
-/// requires, SASL is empty (RFC 5804 1.7 allows it), so clients start TLS first.
+/// validated, stripped to printable ASCII and quoted anew, with mailgate's SASL and STARTTLS.
+/// Before TLS that a listener requires, SASL is empty (RFC 5804 1.7 allows it), so clients
+/// start TLS first.
 pub fn capabilities(upstream: &[String], offer: TlsOffer) -> String {
     let relayed = |name: &str| {
         upstream
             .iter()
             .filter_map(|line| syntax::capability(line))
             .find(|(found, _)| found == name)
-            .map(|(_, value)| value)
+            // Quoted strings may hold control characters (RFC 5804 4): not relayed.
+            .map(|(_, value)| sanitize::for_wire(&value))
     };
     let sasl = if offer == TlsOffer::Required {
         ""
@@ -216,6 +218,21 @@ mod tests {
             capabilities(&[], TlsOffer::Required),
             "\"IMPLEMENTATION\" \"mailgate\"\r\n\"SASL\" \"\"\r\n\"SIEVE\" \"\"\r\n\
              \"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n"
+        );
+    }
+
+    #[test]
+    fn relayed_capabilities_carry_no_control_characters() {
+        // Legal in a quoted string (RFC 5804 4 SAFE-CHAR), but a terminal escape or a
+        // backspace from the upstream must not reach clients.
+        let upstream = [
+            "\"IMPLEMENTATION\" \"Evil\u{1b}[2J\u{8}\u{7f}\tServer\"".to_owned(),
+            "\"SIEVE\" \"fileinto\u{7}\"".to_owned(),
+        ];
+        assert_eq!(
+            capabilities(&upstream, TlsOffer::None),
+            "\"IMPLEMENTATION\" \"Evil[2JServer\"\r\n\"SASL\" \"PLAIN LOGIN\"\r\n\
+             \"SIEVE\" \"fileinto\"\r\n\"VERSION\" \"1.0\"\r\n"
         );
     }
 }
