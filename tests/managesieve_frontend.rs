@@ -591,3 +591,23 @@ async fn shutting_down_says_bye_trylater() {
     })
     .await;
 }
+
+/// A client that floods CAPABILITY and never reads its replies cannot hold the session: the
+/// pending replies are given up at the idle deadline, not the (longer) lifetime.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_let_go_at_the_idle_deadline() {
+    let client = Client::start(Setup::default()).await;
+    let (_from_mailgate, mut to_mailgate) = tokio::io::split(client.io);
+    let flood = tokio::spawn(async move {
+        let commands = "CAPABILITY\r\n".repeat(100_000);
+        let _ = to_mailgate.write_all(commands.as_bytes()).await;
+        to_mailgate
+    });
+    let idle = Duration::from_secs(60);
+    let ended = tokio::time::timeout(idle * 2, client.session).await;
+    let outcome = ended
+        .expect("the session outlived its idle deadline")
+        .unwrap();
+    assert!(!matches!(outcome, Ok(Some(_))), "no login happened");
+    flood.abort();
+}

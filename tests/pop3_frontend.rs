@@ -576,3 +576,22 @@ fn hostile_bytes_never_panic_and_every_reply_is_whole_lines() {
         }
     }
 }
+
+/// A client that floods CAPA and never reads its replies cannot hold the session: the
+/// pending replies are given up at the idle deadline, not the (longer) lifetime.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_let_go_at_the_idle_deadline() {
+    let client = Client::start(Setup::refusing(LoginError::BadCredentials)).await;
+    let (_from_mailgate, mut to_mailgate) = tokio::io::split(client.io);
+    let flood = tokio::spawn(async move {
+        let commands = "CAPA\r\n".repeat(100_000);
+        let _ = to_mailgate.write_all(commands.as_bytes()).await;
+        to_mailgate
+    });
+    let ended = tokio::time::timeout(PRE_AUTH_TIMEOUT * 2, client.session).await;
+    let outcome = ended
+        .expect("the session outlived its idle deadline")
+        .unwrap();
+    assert!(!matches!(outcome, Ok(Some(_))), "no login happened");
+    flood.abort();
+}
