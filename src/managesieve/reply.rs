@@ -92,10 +92,12 @@ pub fn begin_tls() -> String {
     ok("Begin TLS negotiation now")
 }
 
-/// RFC 5804 2.13: NOOP's optional string comes back in a `TAG` response code.
+/// RFC 5804 2.13: NOOP's optional string comes back in a `TAG` response code; `None` for a
+/// tag with control characters, which quoted strings allow but clients must not get echoed.
 pub fn noop(tag: Option<&[u8]>) -> Option<String> {
     match tag {
         None => Some(ok("NOOP completed")),
+        Some(tag) if tag.iter().any(u8::is_ascii_control) => None,
         Some(tag) => Some(format!("OK (TAG {}) \"NOOP completed\"\r\n", quote(tag)?)),
     }
 }
@@ -218,6 +220,17 @@ mod tests {
             capabilities(&[], TlsOffer::Required),
             "\"IMPLEMENTATION\" \"mailgate\"\r\n\"SASL\" \"\"\r\n\"SIEVE\" \"\"\r\n\
              \"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n"
+        );
+    }
+
+    #[test]
+    fn noop_tags_with_control_characters_are_not_echoed() {
+        // Found by the managesieve_frontend fuzz target: the client's tag came back raw.
+        assert_eq!(noop(Some(b"a\x1a\"b")), None);
+        assert_eq!(noop(Some(b"a\tb")), None);
+        assert_eq!(
+            noop(Some(b"a\"b")).unwrap(),
+            "OK (TAG \"a\\\"b\") \"NOOP completed\"\r\n"
         );
     }
 
