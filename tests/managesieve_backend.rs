@@ -477,3 +477,29 @@ async fn the_probe_does_not_wait_for_the_answer_to_its_logout() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_endless_capability_response_is_refused() {
+    with_timeout(TEST_TIMEOUT, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Ten thousand capability lines, each valid and short: kept, they would all be
+        // relayed to every client.
+        let flood: String = (0..10_000)
+            .map(|n| format!("\"X-{n}\" \"value\"\r\n"))
+            .chain(["OK\r\n".to_owned()])
+            .collect();
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream.write_all(flood.as_bytes()).await;
+            let _ = stream.read_to_end(&mut Vec::new()).await;
+        });
+        let error = backend::probe_capabilities(&plain_connector(port, MechanismSetting::Auto))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(error, BackendError::Protocol(_)), "{error}");
+        upstream.await.unwrap();
+    })
+    .await;
+}

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use mailgate::config::DEFAULT_MAX_LINE_LENGTH;
@@ -378,4 +380,17 @@ async fn shutting_down_says_bye_trylater() {
         assert!(client.finish().await.is_none());
     })
     .await;
+}
+
+/// A client that floods CAPABILITY and never reads its replies cannot hold the session: the
+/// pending replies are given up at the idle deadline, not the (longer) lifetime.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_let_go_at_the_idle_deadline() {
+    // Twice the harness's 60 s `pre_auth_timeout`, well before its 300 s lifetime.
+    let client = Client::start(managesieve()).await;
+    let outcome = client
+        .flood_unread("CAPABILITY\r\n", Duration::from_secs(120))
+        .await;
+    let outcome = outcome.expect("the session outlived its idle deadline");
+    assert!(!matches!(outcome, Ok(Some(_))), "no login happened");
 }

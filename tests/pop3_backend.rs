@@ -441,3 +441,34 @@ async fn commands_pipelined_with_the_login_reach_the_real_upstream_through_the_s
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_endless_challenge_loop_and_a_ten_megabyte_capa_are_refused() {
+    with_timeout(TEST_TIMEOUT, async {
+        let auth = UpstreamAuth::Bearer {
+            user: USER.to_owned(),
+            token: Secret::new("tok-Zq81x-secret".to_owned()),
+        };
+        // Challenges after the acknowledgement are not answered again.
+        let (port, _server) = scripted_upstream(vec![
+            (None, "+OK ready\r\n"),
+            (Some("CAPA"), CAPA),
+            (Some("AUTH "), "+ \r\n"),
+            (Some(""), "+ \r\n"),
+            (Some(""), "+ \r\n"),
+        ])
+        .await;
+        let connector = plain_connector(port, MechanismSetting::Xoauth2);
+        let error = backend::login(&connector, &auth, None).await.err().unwrap();
+        assert!(matches!(error, BackendError::Protocol(_)), "{error}");
+
+        // Ten megabytes of capability lines: refused after a bounded number of them.
+        let capa = format!("+OK\r\n{}.\r\n", "X-JUNK\r\n".repeat(1_250_000)).leak();
+        let (port, _server) =
+            scripted_upstream(vec![(None, "+OK ready\r\n"), (Some("CAPA"), capa)]).await;
+        let connector = plain_connector(port, MechanismSetting::Xoauth2);
+        let error = backend::login(&connector, &auth, None).await.err().unwrap();
+        assert!(matches!(error, BackendError::Protocol(_)), "{error}");
+    })
+    .await;
+}

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use mailgate::frontend::{MailProtocol, Step};
 use mailgate::limits::{MAX_ERRORS, MAX_LOGIN_FAILURES};
 use mailgate::login::LoginError;
@@ -376,4 +378,17 @@ fn hostile_bytes_never_panic_and_every_reply_is_whole_lines() {
             }
         }
     }
+}
+
+/// A client that floods CAPA and never reads its replies cannot hold the session: the
+/// pending replies are given up at the idle deadline, not the (longer) lifetime.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_let_go_at_the_idle_deadline() {
+    // Twice the harness's 60 s `pre_auth_timeout`, well before its 300 s lifetime.
+    let client = Client::start(pop3()).await;
+    let outcome = client
+        .flood_unread("CAPA\r\n", Duration::from_secs(120))
+        .await;
+    let outcome = outcome.expect("the session outlived its idle deadline");
+    assert!(!matches!(outcome, Ok(Some(_))), "no login happened");
 }

@@ -54,6 +54,7 @@ pub fn run_front_end(protocol: Protocol, data: &[u8]) {
     };
     let (knobs, settings) = (*knobs, settings(*knobs, *tls_knobs));
     let authenticator = StandIn {
+        protocol,
         failure: LoginError::ALL[usize::from(knobs & 0b111) % LoginError::ALL.len()],
     };
     let chunk = CHUNK_SIZES[usize::from(knobs >> 5)];
@@ -84,7 +85,7 @@ pub fn run_front_end(protocol: Protocol, data: &[u8]) {
         let ((), (), transcript) = tokio::join!(write, session, read);
         transcript
     });
-    check_transcript(&transcript, client_bytes.len());
+    check_transcript(protocol, &transcript, client_bytes.len());
 }
 
 /// Bit 3 of `knobs` picks tiny limits, so that the line and literal limits are met often;
@@ -160,14 +161,21 @@ fn self_signed(cert: &Path, key: &Path) -> bool {
         .is_ok_and(|output| output.status.success())
 }
 
-/// Where TLS starts, the clear-text transcript ends: what follows the reply is TLS records.
-const TLS_STARTS: [&[u8]; 2] = [b"Begin TLS negotiation now\r\n", b"Ready to start TLS\r\n"];
+/// Where TLS starts, the clear-text transcript ends: what follows this reply is TLS records.
+fn tls_starts(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Imap => b"Begin TLS negotiation now\r\n",
+        Protocol::Smtp => b"Ready to start TLS\r\n",
+        Protocol::Pop3 => b"+OK Begin TLS negotiation\r\n",
+        Protocol::Managesieve => b"OK \"Begin TLS negotiation now\"\r\n",
+    }
+}
 
 /// Everything a front end sends is CRLF-terminated lines without other line breaks or
 /// control characters (a client's bytes echoed raw could forge replies), and a client cannot
 /// make it send much more than it sent.
-fn check_transcript(transcript: &[u8], sent: usize) {
-    let transcript = clear_text(transcript);
+fn check_transcript(protocol: Protocol, transcript: &[u8], sent: usize) {
+    let transcript = clear_text(transcript, tls_starts(protocol));
     assert!(
         transcript.is_empty() || transcript.ends_with(b"\r\n"),
         "unterminated reply: {:?}",
@@ -188,22 +196,17 @@ fn check_transcript(transcript: &[u8], sent: usize) {
     );
 }
 
-fn clear_text(transcript: &[u8]) -> &[u8] {
-    TLS_STARTS
-        .iter()
-        .filter_map(|marker| {
-            let at = transcript
-                .windows(marker.len())
-                .position(|w| w == *marker)?;
-            Some(at + marker.len())
-        })
-        .min()
-        .map_or(transcript, |end| &transcript[..end])
+fn clear_text<'a>(transcript: &'a [u8], marker: &[u8]) -> &'a [u8] {
+    transcript
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .map_or(transcript, |at| &transcript[..at + marker.len()])
 }
 
 /// Stands in for the password check, token source and upstream: accepts [`RIGHT_PASSWORD`]
-/// and fails every other login with `failure`.
+/// and fails every other login with `failure`; answers as `protocol`'s upstream would.
 struct StandIn {
+    protocol: Protocol,
     failure: LoginError,
 }
 
@@ -217,16 +220,33 @@ impl Authenticator for StandIn {
         let (io, _upstream) = duplex(64);
         Ok(Upstream {
             io: Box::new(io),
-            completion: "OK [CAPABILITY IMAP4rev1] Logged in".to_owned(),
+            completion: completion(self.protocol).to_owned(),
             account: None,
             xclient_guard: None,
         })
     }
 
     fn upstream_capabilities(&self) -> Vec<String> {
-        ["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"]
-            .map(str::to_owned)
-            .to_vec()
+        let lines: &[&str] = match self.protocol {
+            Protocol::Managesieve => &[
+                "\"IMPLEMENTATION\" \"Dovecot Pigeonhole\"",
+                "\"SIEVE\" \"fileinto reject envelope vacation\"",
+                "\"NOTIFY\" \"mailto\"",
+                "\"VERSION\" \"1.0\"",
+            ],
+            _ => &["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"],
+        };
+        lines.iter().copied().map(str::to_owned).collect()
+    }
+}
+
+/// What an upstream of `protocol` answers a login with, as the front end relays it.
+fn completion(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Imap => "OK [CAPABILITY IMAP4rev1] Logged in",
+        Protocol::Smtp => "235 2.7.0 Authentication successful",
+        Protocol::Pop3 => "+OK Logged in.",
+        Protocol::Managesieve => "OK \"Logged in.\"",
     }
 }
 

@@ -29,6 +29,9 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most one upstream response may hold, literals included: far above any capability
 /// line or login answer, so only a broken or hostile upstream reaches it.
 const MAX_RESPONSE: u32 = 64 * 1024;
+/// The most capability lines taken before the `OK`: Dovecot sends about ten; they are kept
+/// and relayed to every client, so an upstream must not send them without end.
+const MAX_CAPABILITY_LINES: usize = 256;
 
 /// Logs in upstream and returns the authenticated stream with the upstream's `OK` line, which
 /// the client gets as the answer to its AUTHENTICATE (RFC 5804 2.1: it may carry SASL data).
@@ -263,7 +266,7 @@ impl Connection {
     /// lines that are no capability are dropped, as they may be relayed to clients.
     async fn capabilities(&mut self) -> Result<Vec<String>, BackendError> {
         let mut lines = Vec::new();
-        loop {
+        for _ in 0..=MAX_CAPABILITY_LINES {
             let response = self.response().await?;
             match response.first() {
                 Some(Token::String(_)) => lines.extend(capability_line(&response)),
@@ -273,6 +276,9 @@ impl Connection {
                 }
             }
         }
+        Err(BackendError::Protocol(format!(
+            "capabilities longer than {MAX_CAPABILITY_LINES} lines"
+        )))
     }
 
     /// Reads one complete response line, literals included, under [`REPLY_TIMEOUT`].

@@ -28,15 +28,17 @@ pub const BYE_TOO_MANY_ERRORS: &str = "Too many invalid commands";
 pub const BYE_TOO_MANY_FAILURES: &str = "Too many failed logins";
 
 /// The capability response (RFC 5804 1.7) without its `OK`: the upstream's relayed lines,
-/// validated and quoted anew, with mailgate's SASL and STARTTLS. Before TLS that a listener
-/// requires, SASL is empty (RFC 5804 1.7 allows it), so clients start TLS first.
+/// validated, stripped to printable ASCII and quoted anew, with mailgate's SASL and STARTTLS.
+/// Before TLS that a listener requires, SASL is empty (RFC 5804 1.7 allows it), so clients
+/// start TLS first.
 pub fn capabilities(upstream: &[String], offer: TlsOffer) -> String {
     let relayed = |name: &str| {
         upstream
             .iter()
             .filter_map(|line| syntax::capability(line))
             .find(|(found, _)| found == name)
-            .map(|(_, value)| value)
+            // Quoted strings may hold control characters (RFC 5804 4): not relayed.
+            .map(|(_, value)| sanitize::for_wire(&value))
     };
     let sasl = if offer == TlsOffer::Required {
         ""
@@ -90,10 +92,12 @@ pub fn begin_tls() -> String {
     ok("Begin TLS negotiation now")
 }
 
-/// RFC 5804 2.13: NOOP's optional string comes back in a `TAG` response code.
+/// RFC 5804 2.13: NOOP's optional string comes back in a `TAG` response code; `None` for a
+/// tag with control characters, which quoted strings allow but clients must not get echoed.
 pub fn noop(tag: Option<&[u8]>) -> Option<String> {
     match tag {
         None => Some(ok("NOOP completed")),
+        Some(tag) if tag.iter().any(u8::is_ascii_control) => None,
         Some(tag) => Some(format!("OK (TAG {}) \"NOOP completed\"\r\n", quote(tag)?)),
     }
 }
@@ -216,6 +220,32 @@ mod tests {
             capabilities(&[], TlsOffer::Required),
             "\"IMPLEMENTATION\" \"mailgate\"\r\n\"SASL\" \"\"\r\n\"SIEVE\" \"\"\r\n\
              \"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n"
+        );
+    }
+
+    #[test]
+    fn noop_tags_with_control_characters_are_not_echoed() {
+        // Found by the managesieve_frontend fuzz target: the client's tag came back raw.
+        assert_eq!(noop(Some(b"a\x1a\"b")), None);
+        assert_eq!(noop(Some(b"a\tb")), None);
+        assert_eq!(
+            noop(Some(b"a\"b")).unwrap(),
+            "OK (TAG \"a\\\"b\") \"NOOP completed\"\r\n"
+        );
+    }
+
+    #[test]
+    fn relayed_capabilities_carry_no_control_characters() {
+        // Legal in a quoted string (RFC 5804 4 SAFE-CHAR), but a terminal escape or a
+        // backspace from the upstream must not reach clients.
+        let upstream = [
+            "\"IMPLEMENTATION\" \"Evil\u{1b}[2J\u{8}\u{7f}\tServer\"".to_owned(),
+            "\"SIEVE\" \"fileinto\u{7}\"".to_owned(),
+        ];
+        assert_eq!(
+            capabilities(&upstream, TlsOffer::None),
+            "\"IMPLEMENTATION\" \"Evil[2JServer\"\r\n\"SASL\" \"PLAIN LOGIN\"\r\n\
+             \"SIEVE\" \"fileinto\"\r\n\"VERSION\" \"1.0\"\r\n"
         );
     }
 }

@@ -252,6 +252,24 @@ impl Client {
     }
 
     /// Every account and password the stand-in was given, in order.
+    /// Writes `command` over and over and never reads, until the session ends or `limit`
+    /// passes; the session's outcome, `None` if it outlived `limit`.
+    pub async fn flood_unread(self, command: &str, limit: Duration) -> Option<Outcome> {
+        let Self {
+            io, session, stop, ..
+        } = self;
+        let (_from_mailgate, mut to_mailgate) = tokio::io::split(io);
+        let commands = command.repeat(100_000);
+        let flood = tokio::spawn(async move {
+            let _ = to_mailgate.write_all(commands.as_bytes()).await;
+            to_mailgate
+        });
+        let ended = tokio::time::timeout(limit, session).await;
+        flood.abort();
+        drop(stop);
+        ended.ok().map(|joined| joined.unwrap())
+    }
+
     pub fn seen(&self) -> Vec<(String, String)> {
         self.authenticator.seen.lock().unwrap().clone()
     }
