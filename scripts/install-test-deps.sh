@@ -27,8 +27,9 @@ if [ "$(printf '%s\n%s\n' "$required_rust" "$have_rust" | sort -V | head -n 1)" 
     exit 1
 fi
 
-demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd curl openssl gcc libc6-dev)
-test_only_packages=(chromium chromium-driver fonts-liberation redis-server)
+# The Dovecot the demo and the tests start serves POP3 and ManageSieve too.
+demo_packages=(dovecot-core dovecot-imapd dovecot-submissiond dovecot-lmtpd dovecot-pop3d dovecot-managesieved curl openssl gcc libc6-dev)
+test_only_packages=(chromium chromium-driver fonts-liberation redis-server sieve-connect)
 
 case "${1:-}" in
     --demo) packages=("${demo_packages[@]}") ;;

@@ -9,21 +9,8 @@ use rustls::AlertDescription;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Protocol;
 use crate::io::BoxedIo;
 use crate::metrics::Metrics;
-
-/// The ALPN id a listener of `protocol` accepts. A client offering ALPN ids without it is
-/// refused, so that a browser's `http/1.1` connection cannot be turned against a mail port
-/// (ALPACA, as nginx's mail proxy refuses since 1.21.0). `imap` is registered at IANA; SMTP
-/// has no id there, and its clients offer none, so `smtp` only lets a client that names the
-/// protocol through.
-pub fn alpn_id(protocol: Protocol) -> &'static [u8] {
-    match protocol {
-        Protocol::Imap => b"imap",
-        Protocol::Smtp => b"smtp",
-    }
-}
 
 /// One listener's TLS towards clients.
 pub struct ClientTls {

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use crate::client_auth::hash_pool::new_hash;
 use crate::config::{Config, Grant, ListenerConfig, Protocol};
+use crate::frontend::OnBehalf;
 use crate::health::Health;
 use crate::login::UpstreamAuth;
 use crate::metrics::Metrics;
+use crate::protocols;
 use crate::replicas::Redis;
 use crate::secret::Secret;
 use crate::token::auth_server::is_usable_token;
@@ -21,7 +23,6 @@ use crate::token::oauth2::{AccountState, AccountStatus, OAuth2, UNSAVED, span_in
 use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
-use crate::{imap, smtp};
 
 pub mod store;
 
@@ -554,11 +555,13 @@ async fn upstream_login(listener: &ListenerConfig, auth: &UpstreamAuth, hostname
             return EXIT_FAILED;
         }
     };
-    let result = match listener.protocol {
-        // No client: a proxy_v2 upstream gets a LOCAL header, id and xclient send nothing.
-        Protocol::Imap => imap::backend::login(&connector, auth, None).await,
-        Protocol::Smtp => smtp::backend::login(&connector, auth, hostname, None).await,
+    // No client: a proxy_v2 upstream gets a LOCAL header, id and xclient send nothing.
+    let on_behalf = OnBehalf {
+        helo: hostname,
+        origin: None,
     };
+    let protocol = protocols::named(listener.protocol);
+    let result = protocol.log_in_upstream(&connector, auth, on_behalf).await;
     match result {
         Ok(upstream) => {
             println!("   ok: the upstream answered: {}", upstream.completion);

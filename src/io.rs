@@ -34,6 +34,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 pub type BoxedIo = Box<dyn Io>;
 
+/// Bytes read from a peer at once by [`read_more`].
+const READ_CHUNK: usize = 4096;
+
+/// `io`, replaying `read_ahead` first: what a login read from the upstream past its last
+/// answer belongs to the client.
+pub fn replaying(read_ahead: Vec<u8>, io: BoxedIo) -> BoxedIo {
+    if read_ahead.is_empty() {
+        io
+    } else {
+        Box::new(PrefixedIo::new(read_ahead, io))
+    }
+}
+
+/// Reads once from `io` and appends what arrived to `buffer`.
+///
+/// # Errors
+/// The read fails, or `UnexpectedEof` when the peer closed the connection.
+pub async fn read_more(io: &mut BoxedIo, buffer: &mut Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = io.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the connection",
+        ));
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
 /// Writes all of `bytes` and flushes, giving up at `deadline`, so that a peer that never reads
 /// cannot hold a session (and its slot) forever.
 ///

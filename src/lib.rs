@@ -7,11 +7,14 @@
 //! - [`server`]: listeners, accept loop, one task per connection.
 //! - [`client_tls`], [`proxy_protocol`]: what comes before a front end: TLS towards clients,
 //!   the PROXY header of a load balancer.
-//! - [`imap`], [`smtp`]: protocol front ends (client side before auth) and backends (upstream login).
-//! - [`frontend_settings`]: names, limits and the STARTTLS offer a front end works with.
+//! - [`frontend`]: the seam a protocol plugs into ([`frontend::MailProtocol`],
+//!   [`frontend::Dialogue`]), the one session loop before login, the framers, and the
+//!   settings a front end works with (names, limits, the STARTTLS offer).
+//! - [`imap`], [`smtp`]: the protocols, each a dialogue (client side before auth), a backend
+//!   (upstream login), a reply table and a response boundary; [`protocols`] chooses one by name.
 //! - [`login`]: the vocabulary of a login (credentials, upstream auth, errors, the
-//!   [`login::Authenticator`] trait front ends call).
-//! - [`proxy`]: the protocol-independent login driver.
+//!   [`login::Authenticator`] trait the session loop calls).
+//! - [`driver`]: the login driver, the same for every protocol.
 //! - [`client_auth`]: checking client passwords (argon2 in a bounded pool, or delegated to an
 //!   auth server or an OAuth2 password grant, bounded too); brute-force defence.
 //! - [`limits`]: what a client may get wrong before authentication.
@@ -33,8 +36,9 @@ pub mod client_auth;
 pub mod client_tls;
 pub mod commands;
 pub mod config;
+pub mod driver;
 pub mod forward;
-pub mod frontend_settings;
+pub mod frontend;
 pub mod health;
 pub mod http;
 pub mod imap;
@@ -42,8 +46,10 @@ pub mod io;
 pub mod jwt;
 pub mod limits;
 pub mod login;
+pub mod managesieve;
 pub mod metrics;
-pub mod proxy;
+pub mod pop3;
+pub mod protocols;
 pub mod proxy_protocol;
 pub mod replicas;
 pub mod sanitize;

@@ -181,9 +181,10 @@ pub trait Authenticator: Send + Sync {
         request: LoginRequest,
     ) -> impl Future<Output = Result<Upstream, LoginError>> + Send;
 
-    /// SMTP: the upstream's EHLO extension lines (`SIZE 35882577`, `8BITMIME`, ...) when known.
-    /// Never waits on the upstream: empty while they are not known yet.
-    fn smtp_extensions(&self) -> Vec<String>;
+    /// What the upstream advertises for the front end to relay, when known (SMTP: its EHLO
+    /// extension lines such as `SIZE 35882577`; ManageSieve: its capabilities). Never waits
+    /// on the upstream: empty while they are not known yet.
+    fn upstream_capabilities(&self) -> Vec<String>;
 }
 
 /// Why mailgate itself ends a session; each protocol has its goodbye for it.
@@ -195,6 +196,10 @@ pub enum Closing {
     ShuttingDown,
     /// The account's token source refused it for good.
     Revoked,
+    /// Before login: the client was silent for `pre_auth_timeout`.
+    IdleTimeout,
+    /// Before login: `pre_auth_lifetime` passed without a login.
+    LifetimeOver,
 }
 
 /// How long a goodbye (`* BYE`, `421`) may take to be written before the connection is just

@@ -54,6 +54,9 @@ pub trait Boundary: Send {
     fn observe(&mut self, bytes: &[u8]);
     /// Whether the bytes seen so far end exactly between two responses.
     fn at_boundary(&self) -> bool;
+    /// Sees every chunk on its way to the upstream, in order, for protocols whose response
+    /// shape depends on the command (POP3's multi-line replies).
+    fn observe_request(&mut self, _bytes: &[u8]) {}
 }
 
 /// Bytes moved in each direction, for the session's closing log line.
@@ -130,7 +133,7 @@ where
             &mut *client,
             &mut *upstream,
             &counters.client_to_upstream,
-            &mut NoBoundary,
+            &mut Requests(&mut *boundary),
         )?;
         let down = inbound.poll(
             cx,
@@ -163,11 +166,13 @@ where
     (result, transferred)
 }
 
-/// For the client-to-upstream direction, whose boundaries do not matter.
-struct NoBoundary;
+/// The client-to-upstream direction, shown to the boundary as requests.
+struct Requests<'a>(&'a mut dyn Boundary);
 
-impl Boundary for NoBoundary {
-    fn observe(&mut self, _bytes: &[u8]) {}
+impl Boundary for Requests<'_> {
+    fn observe(&mut self, bytes: &[u8]) {
+        self.0.observe_request(bytes);
+    }
 
     fn at_boundary(&self) -> bool {
         true

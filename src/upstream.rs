@@ -185,15 +185,25 @@ impl Connector {
         Ok(())
     }
 
-    /// Runs the TLS handshake over `io`, after the protocol's STARTTLS exchange.
+    /// Runs the TLS handshake over `io`, after the protocol's STARTTLS exchange, within
+    /// `connect_timeout`: a server that stalls the handshake must not hold the login.
     ///
     /// # Errors
-    /// TLS is not configured for this upstream, or the handshake fails.
+    /// TLS is not configured for this upstream, or the handshake fails or times out.
     pub async fn start_tls(&self, io: BoxedIo) -> io::Result<BoxedIo> {
         let Some((connector, name)) = &self.tls else {
             return Err(io::Error::other("TLS is not configured for this upstream"));
         };
-        let stream = connector.connect(name.clone(), io).await.inspect_err(|_| {
+        let handshake = connector.connect(name.clone(), io);
+        let stream = tokio::time::timeout(self.config.connect_timeout, handshake)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream TLS handshake timed out",
+                ))
+            });
+        let stream = stream.inspect_err(|_| {
             if let Some(observer) = &self.observer {
                 observer
                     .metrics

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{DEFAULT_MAX_LINE_LENGTH, DEFAULT_MAX_LITERAL_SIZE};
-use mailgate::frontend_settings::FrontendSettings;
+use mailgate::frontend::settings::FrontendSettings;
 use mailgate::imap::frontend;
 use mailgate::io::BoxedIo;
 use mailgate::limits::MAX_ERRORS;
@@ -45,7 +45,7 @@ impl Authenticator for StandIn {
         })
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         Vec::new()
     }
 }

@@ -118,7 +118,7 @@ fn top_level_modules_import_each_other_without_cycles() {
         "the scan sees imports: {edges:?}"
     );
     assert!(
-        edges["proxy"].contains("imap"),
+        edges["protocols"].contains("imap"),
         "and grouped ones: {edges:?}"
     );
     if let Some(cycle) = find_cycle(&edges) {

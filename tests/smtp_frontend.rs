@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailgate::config::{MechanismSetting, TlsMode, UpstreamConfig};
-use mailgate::frontend_settings::FrontendSettings;
+use mailgate::frontend::settings::FrontendSettings;
 use mailgate::io::BoxedIo;
 use mailgate::login::{
     Authenticator, BackendError, Handoff, LoginError, LoginRequest, Upstream, UpstreamAuth,
@@ -59,7 +59,7 @@ impl Authenticator for StandIn {
         }
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
+    fn upstream_capabilities(&self) -> Vec<String> {
         UPSTREAM_EXTENSIONS
             .iter()
             .map(|s| (*s).to_owned())

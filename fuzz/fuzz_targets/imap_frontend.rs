@@ -2,6 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailgate_fuzz::{FrontEnd, run_front_end};
+use mailgate::config::Protocol;
+use mailgate_fuzz::run_front_end;
 
-fuzz_target!(|data: &[u8]| run_front_end(FrontEnd::Imap, data));
+fuzz_target!(|data: &[u8]| run_front_end(Protocol::Imap, data));

@@ -1,18 +1,22 @@
 //! The upstream side of a login against a hostile server: the server's bytes are the input.
 //! The first byte picks the protocol, STARTTLS, mechanism, client forwarding and whether a
-//! token or a password is sent; the rest is everything the server says, then it closes.
+//! token or a password is sent; the rest is everything the server says, then it closes. For
+//! protocols that probe what the upstream advertises (SMTP, ManageSieve), the same bytes also
+//! answer the probe; for ManageSieve, the greeting a client would be shown is checked.
 #![no_main]
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use mailgate::config::{ForwardClient, MechanismSetting, TlsMode, UpstreamConfig};
+use mailgate::config::{ForwardClient, MechanismSetting, Protocol, TlsMode, UpstreamConfig};
 use mailgate::forward::Origin;
+use mailgate::frontend::OnBehalf;
+use mailgate::frontend::settings::TlsOffer;
 use mailgate::login::{BackendError, UpstreamAuth};
-use mailgate::sasl;
 use mailgate::secret::Secret;
 use mailgate::upstream::Connector;
+use mailgate::{managesieve, protocols, sasl};
 use mailgate_fuzz::network_runtime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -72,10 +76,19 @@ async fn upstream() -> &'static Upstream {
     })
 }
 
+/// Bits 0 and 6 of the first byte: the first seeds (IMAP and SMTP only) keep their meaning.
+const PROTOCOLS: [Protocol; 4] = [
+    Protocol::Imap,
+    Protocol::Smtp,
+    Protocol::Pop3,
+    Protocol::Managesieve,
+];
+
 fuzz_target!(|data: &[u8]| {
     let Some((&knobs, script)) = data.split_first() else {
         return;
     };
+    let protocol = protocols::named(PROTOCOLS[usize::from(knobs & 1 | (knobs >> 5) & 0b10)]);
     network_runtime().block_on(async {
         let upstream = upstream().await;
         let connector = &upstream.connectors[usize::from(knobs >> 1) % upstream.connectors.len()];
@@ -91,29 +104,57 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         let origin = Origin::new("192.0.2.7:50000".parse().ok(), "127.0.0.1:993".parse().ok());
-        let server = async {
-            let (mut socket, _) = upstream.listener.accept().await.expect("accept");
-            let _ = socket.write_all(script).await;
-            let _ = socket.shutdown().await;
-            let mut heard = Vec::new();
-            let _ = socket.read_to_end(&mut heard).await;
+        let on_behalf = OnBehalf {
+            helo: "client.fuzz",
+            origin: origin.as_ref(),
         };
         let login = async {
-            let outcome = if knobs & 1 == 0 {
-                mailgate::imap::backend::login(connector, &auth, origin.as_ref()).await
-            } else {
-                mailgate::smtp::backend::login(connector, &auth, "client.fuzz", origin.as_ref())
-                    .await
-            };
-            match outcome {
+            match protocol.log_in_upstream(connector, &auth, on_behalf).await {
                 Ok(logged_in) => assert!(!logged_in.completion.contains(['\r', '\n'])),
                 Err(error) => assert_no_secret(&error, &auth),
             }
             // Dropping the connection ends the server's read.
         };
-        tokio::join!(server, login);
+        tokio::join!(serve(&upstream.listener, script), login);
+        if let Some(probe) = protocol.probe(connector, "mx.fuzz") {
+            let (_, found) = tokio::join!(serve(&upstream.listener, script), probe);
+            if let Ok(capabilities) = found
+                && protocol.name() == Protocol::Managesieve
+            {
+                check_relayed(&capabilities);
+            }
+        }
     });
 });
+
+/// Accepts one connection, says `script`, closes its side and reads until mailgate closes.
+async fn serve(listener: &TcpListener, script: &[u8]) {
+    let (mut socket, _) = listener.accept().await.expect("accept");
+    let _ = socket.write_all(script).await;
+    let _ = socket.shutdown().await;
+    let mut heard = Vec::new();
+    let _ = socket.read_to_end(&mut heard).await;
+}
+
+/// What a client is shown of an upstream's capabilities: CRLF lines of quoted strings, with
+/// mailgate's own SASL list the only one (a relayed `"SASL"` would offer what mailgate does
+/// not take).
+fn check_relayed(capabilities: &[String]) {
+    let greeting = managesieve::reply::greeting(capabilities, TlsOffer::Optional, "mx.fuzz");
+    let body = greeting
+        .strip_suffix("\r\n")
+        .expect("the greeting ends its line");
+    let mut sasl = 0;
+    for line in body.split("\r\n") {
+        assert!(
+            !line.chars().any(|c| c.is_ascii_control()),
+            "control character in {line:?}"
+        );
+        assert!(line.starts_with('"') || line.starts_with("OK "), "{line:?}");
+        sasl += usize::from(line.starts_with("\"SASL\" "));
+    }
+    assert_eq!(sasl, 1, "{greeting:?}");
+}
 
 /// An upstream may echo what it was sent; errors (which get logged) must not carry it.
 fn assert_no_secret(error: &BackendError, auth: &UpstreamAuth) {

@@ -7,11 +7,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mailgate::client_tls::ClientTls;
-use mailgate::frontend_settings::FrontendSettings;
+use mailgate::config::Protocol;
+use mailgate::frontend::settings::FrontendSettings;
 use mailgate::io::BoxedIo;
-use mailgate::login::{Authenticator, Handoff, LoginError, LoginRequest, Upstream};
+use mailgate::login::{Authenticator, LoginError, LoginRequest, Upstream};
 use mailgate::metrics::Metrics;
-use mailgate::sanitize;
+use mailgate::{frontend, protocols, sanitize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 use tokio::runtime::Runtime;
 
@@ -39,12 +40,6 @@ pub fn network_runtime() -> &'static Runtime {
     })
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum FrontEnd {
-    Imap,
-    Smtp,
-}
-
 /// How the client's bytes are cut into writes, so that framing across reads is exercised.
 const CHUNK_SIZES: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, usize::MAX];
 
@@ -53,12 +48,13 @@ const RIGHT_PASSWORD: &str = "right";
 
 /// Runs one front-end session: the first two bytes pick the settings and the stand-in's
 /// answer, the rest is what the client sends (then it closes its side and reads everything).
-pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
+pub fn run_front_end(protocol: Protocol, data: &[u8]) {
     let [knobs, tls_knobs, client_bytes @ ..] = data else {
         return;
     };
     let (knobs, settings) = (*knobs, settings(*knobs, *tls_knobs));
     let authenticator = StandIn {
+        protocol,
         failure: LoginError::ALL[usize::from(knobs & 0b111) % LoginError::ALL.len()],
     };
     let chunk = CHUNK_SIZES[usize::from(knobs >> 5)];
@@ -80,31 +76,16 @@ pub fn run_front_end(front_end: FrontEnd, data: &[u8]) {
         };
         let session = async {
             let stop = std::future::pending::<mailgate::login::Closing>();
-            let outcome = serve(front_end, Box::new(server), &authenticator, &settings, stop).await;
+            let dialogue = protocols::named(protocol).dialogue(&settings);
+            let client: BoxedIo = Box::new(server);
+            let outcome = frontend::serve(client, &authenticator, dialogue, &settings, stop).await;
             // Dropping the handoff closes the client's stream, which ends the read.
             drop(outcome);
         };
         let ((), (), transcript) = tokio::join!(write, session, read);
         transcript
     });
-    check_transcript(&transcript, client_bytes.len());
-}
-
-async fn serve(
-    front_end: FrontEnd,
-    client: BoxedIo,
-    authenticator: &StandIn,
-    settings: &FrontendSettings,
-    stop: impl Future<Output = mailgate::login::Closing>,
-) -> std::io::Result<Option<Handoff<BoxedIo>>> {
-    match front_end {
-        FrontEnd::Imap => {
-            mailgate::imap::frontend::serve(client, authenticator, settings, stop).await
-        }
-        FrontEnd::Smtp => {
-            mailgate::smtp::frontend::serve(client, authenticator, settings, stop).await
-        }
-    }
+    check_transcript(protocol, &transcript, client_bytes.len());
 }
 
 /// Bit 3 of `knobs` picks tiny limits, so that the line and literal limits are met often;
@@ -180,14 +161,21 @@ fn self_signed(cert: &Path, key: &Path) -> bool {
         .is_ok_and(|output| output.status.success())
 }
 
-/// Where TLS starts, the clear-text transcript ends: what follows the reply is TLS records.
-const TLS_STARTS: [&[u8]; 2] = [b"Begin TLS negotiation now\r\n", b"Ready to start TLS\r\n"];
+/// Where TLS starts, the clear-text transcript ends: what follows this reply is TLS records.
+fn tls_starts(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Imap => b"Begin TLS negotiation now\r\n",
+        Protocol::Smtp => b"Ready to start TLS\r\n",
+        Protocol::Pop3 => b"+OK Begin TLS negotiation\r\n",
+        Protocol::Managesieve => b"OK \"Begin TLS negotiation now\"\r\n",
+    }
+}
 
 /// Everything a front end sends is CRLF-terminated lines without other line breaks or
 /// control characters (a client's bytes echoed raw could forge replies), and a client cannot
 /// make it send much more than it sent.
-fn check_transcript(transcript: &[u8], sent: usize) {
-    let transcript = clear_text(transcript);
+fn check_transcript(protocol: Protocol, transcript: &[u8], sent: usize) {
+    let transcript = clear_text(transcript, tls_starts(protocol));
     assert!(
         transcript.is_empty() || transcript.ends_with(b"\r\n"),
         "unterminated reply: {:?}",
@@ -208,22 +196,17 @@ fn check_transcript(transcript: &[u8], sent: usize) {
     );
 }
 
-fn clear_text(transcript: &[u8]) -> &[u8] {
-    TLS_STARTS
-        .iter()
-        .filter_map(|marker| {
-            let at = transcript
-                .windows(marker.len())
-                .position(|w| w == *marker)?;
-            Some(at + marker.len())
-        })
-        .min()
-        .map_or(transcript, |end| &transcript[..end])
+fn clear_text<'a>(transcript: &'a [u8], marker: &[u8]) -> &'a [u8] {
+    transcript
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .map_or(transcript, |at| &transcript[..at + marker.len()])
 }
 
 /// Stands in for the password check, token source and upstream: accepts [`RIGHT_PASSWORD`]
-/// and fails every other login with `failure`.
+/// and fails every other login with `failure`; answers as `protocol`'s upstream would.
 struct StandIn {
+    protocol: Protocol,
     failure: LoginError,
 }
 
@@ -237,16 +220,33 @@ impl Authenticator for StandIn {
         let (io, _upstream) = duplex(64);
         Ok(Upstream {
             io: Box::new(io),
-            completion: "OK [CAPABILITY IMAP4rev1] Logged in".to_owned(),
+            completion: completion(self.protocol).to_owned(),
             account: None,
             xclient_guard: None,
         })
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
-        ["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"]
-            .map(str::to_owned)
-            .to_vec()
+    fn upstream_capabilities(&self) -> Vec<String> {
+        let lines: &[&str] = match self.protocol {
+            Protocol::Managesieve => &[
+                "\"IMPLEMENTATION\" \"Dovecot Pigeonhole\"",
+                "\"SIEVE\" \"fileinto reject envelope vacation\"",
+                "\"NOTIFY\" \"mailto\"",
+                "\"VERSION\" \"1.0\"",
+            ],
+            _ => &["SIZE 35882577", "8BITMIME", "PIPELINING", "CHUNKING"],
+        };
+        lines.iter().copied().map(str::to_owned).collect()
+    }
+}
+
+/// What an upstream of `protocol` answers a login with, as the front end relays it.
+fn completion(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Imap => "OK [CAPABILITY IMAP4rev1] Logged in",
+        Protocol::Smtp => "235 2.7.0 Authentication successful",
+        Protocol::Pop3 => "+OK Logged in.",
+        Protocol::Managesieve => "OK \"Logged in.\"",
     }
 }
 

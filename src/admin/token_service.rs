@@ -99,10 +99,10 @@ pub async fn respond(
         // What an auth server says to a readiness probe: up, but no account asked for.
         return plain(StatusCode::BAD_REQUEST, "account missing\n");
     };
-    let protocol = match param("proto") {
-        None | Some("imap") => Protocol::Imap,
-        Some("smtp") => Protocol::Smtp,
-        Some(_) => return plain(StatusCode::BAD_REQUEST, "proto must be imap or smtp\n"),
+    let protocol = match param("proto").map(Protocol::named) {
+        None => Protocol::Imap,
+        Some(Some(protocol)) => protocol,
+        Some(None) => return plain(StatusCode::BAD_REQUEST, "proto names no protocol\n"),
     };
     if !client.is_some_and(|client| client.may_fetch(account)) {
         // As for an account that does not exist: a client learns nothing of the others'.

@@ -119,13 +119,52 @@ pub struct Config {
 pub enum Protocol {
     Imap,
     Smtp,
+    Pop3,
+    Managesieve,
 }
 
 impl Protocol {
+    /// Every protocol, in the order the documentation lists them.
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Imap,
+        Protocol::Smtp,
+        Protocol::Pop3,
+        Protocol::Managesieve,
+    ];
+
+    /// The name in the configuration, in metrics and towards auth servers (`proto=`).
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Imap => "imap",
             Protocol::Smtp => "smtp",
+            Protocol::Pop3 => "pop3",
+            Protocol::Managesieve => "managesieve",
+        }
+    }
+
+    /// The protocol called `name` in the configuration.
+    pub fn named(name: &str) -> Option<Protocol> {
+        Protocol::ALL
+            .into_iter()
+            .find(|protocol| protocol.name() == name)
+    }
+
+    /// Why an upstream of this protocol cannot be told the client's address with
+    /// `forward_client`, if it cannot: IMAP has `ID`, SMTP `XCLIENT`, any upstream may take a
+    /// PROXY v2 header. POP3 and ManageSieve have no command for it that Dovecot takes.
+    fn refuses_forwarding(self, forward: ForwardClient) -> Option<&'static str> {
+        match (self, forward) {
+            (_, ForwardClient::None | ForwardClient::ProxyV2) => None,
+            (Protocol::Imap, ForwardClient::Id) | (Protocol::Smtp, ForwardClient::Xclient) => None,
+            (Protocol::Smtp, ForwardClient::Id) => {
+                Some("id is for IMAP listeners; SMTP uses xclient (or proxy_v2)")
+            }
+            (Protocol::Imap, ForwardClient::Xclient) => {
+                Some("xclient is for SMTP listeners; IMAP uses id (or proxy_v2)")
+            }
+            (Protocol::Pop3 | Protocol::Managesieve, _) => {
+                Some("POP3 and ManageSieve upstreams learn the client's address only from proxy_v2")
+            }
         }
     }
 }
@@ -786,16 +825,11 @@ impl Config {
                     "must be at least 1",
                 );
             }
-            match (upstream.forward_client, listener.protocol) {
-                (ForwardClient::Id, Protocol::Smtp) => problems.add(
-                    format!("{key}.upstream.forward_client"),
-                    "id is for IMAP listeners; SMTP uses xclient (or proxy_v2)",
-                ),
-                (ForwardClient::Xclient, Protocol::Imap) => problems.add(
-                    format!("{key}.upstream.forward_client"),
-                    "xclient is for SMTP listeners; IMAP uses id (or proxy_v2)",
-                ),
-                _ => {}
+            if let Some(reason) = listener
+                .protocol
+                .refuses_forwarding(upstream.forward_client)
+            {
+                problems.add(format!("{key}.upstream.forward_client"), reason);
             }
             for (j, network) in listener.accept_proxy.iter().enumerate() {
                 if network.parse::<ipnet::IpNet>().is_err()
@@ -1447,6 +1481,26 @@ tokens:
                 "listeners[0].tls",
             ]
         );
+    }
+
+    #[test]
+    fn pop3_and_managesieve_upstreams_learn_the_client_only_from_proxy_v2() {
+        for protocol in ["pop3", "managesieve"] {
+            let listener = MINIMAL.replace("protocol: imap", &format!("protocol: {protocol}"));
+            for refused in ["id", "xclient"] {
+                let text = listener.replace(
+                    "tls: none }",
+                    &format!("tls: none, forward_client: {refused} }}"),
+                );
+                assert_eq!(
+                    problem_keys(&text),
+                    ["listeners[0].upstream.forward_client"],
+                    "{protocol} with {refused}"
+                );
+            }
+            let text = listener.replace("tls: none }", "tls: none, forward_client: proxy_v2 }");
+            assert!(check(&text).is_ok(), "{protocol} with proxy_v2");
+        }
     }
 
     #[test]

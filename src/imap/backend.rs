@@ -12,12 +12,12 @@ use imap_codec::imap_types::response::{
     Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
 };
 use imap_codec::{CommandCodec, GreetingCodec, ResponseCodec};
-use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
-use super::framer::Framer;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::frontend::framer::Framer;
+use crate::io::{BoxedIo, replaying, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -52,12 +52,13 @@ pub async fn login(
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    log_in(connector, auth, origin)
+    unredacted_login(connector, auth, origin)
         .await
         .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
 }
 
-async fn log_in(
+/// The login's dialogue; its errors may still quote what was sent, so [`login`] redacts them.
+async fn unredacted_login(
     connector: &Connector,
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
@@ -497,27 +498,24 @@ impl Connection {
         }
     }
 
+    /// Sends `bytes` (after a queued ID), giving up after [`RESPONSE_TIMEOUT`]: an upstream
+    /// that never reads must not hold the login.
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.announced = None;
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
         if let PipelinedId::Queued { tag, command } =
             std::mem::replace(&mut self.id, PipelinedId::None)
         {
-            self.io.write_all(command.as_bytes()).await?;
+            write_all_by(&mut self.io, command.as_bytes(), deadline).await?;
             self.id = PipelinedId::Sent { tag };
         }
-        self.io.write_all(bytes).await?;
-        self.io.flush().await?;
+        write_all_by(&mut self.io, bytes, deadline).await?;
         Ok(())
     }
 
     /// The stream, replaying whatever the upstream sent after the last response we read.
     fn into_io(self) -> BoxedIo {
-        let rest = self.framer.into_unparsed();
-        if rest.is_empty() {
-            self.io
-        } else {
-            Box::new(PrefixedIo::new(rest, self.io))
-        }
+        replaying(self.framer.into_unparsed(), self.io)
     }
 }
 

@@ -10,31 +10,20 @@ use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
-use tokio::io::AsyncRead;
-use tokio::time::{Instant, timeout_at};
 
-use super::framer::Framer;
 use super::reply;
-use crate::frontend_settings::{FrontendSettings, TlsOffer};
-use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
+use crate::frontend::framer::Framer;
+use crate::frontend::settings::{FrontendSettings, TlsOffer};
+use crate::frontend::{self, Dialogue, Step};
+use crate::io::BoxedIo;
 use crate::limits::{Strikes, Verdict};
-use crate::login::{
-    Authenticator, Closing, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
-};
-use crate::sanitize::Escaped;
+use crate::login::{Authenticator, Closing, Credentials, Handoff, LoginError};
 use crate::sasl::{self, SaslError, SaslServer, SaslStep, ServerMechanism};
 use crate::secret::Secret;
 
-/// Runs the session until the client has logged in, logged out, closed, or was closed.
-///
-/// Returns `Ok(Some(_))` after a successful login, with everything the client pipelined after
-/// the login command replayed first from [`Handoff::client`]. Returns `Ok(None)` when the
-/// session ended: the client sent LOGOUT or closed the stream; it was silent for
-/// `settings.pre_auth_timeout` or did not log in within `settings.pre_auth_lifetime`; it sent
-/// too many bad commands or failed logins; or `stop` completed (mailgate is shutting down, or
-/// closes the session to make room: the goodbye says which).
-/// Each of those but the client's own close is answered with `* BYE`. A failed STARTTLS
-/// handshake ends the session too.
+/// Runs the session until the client has logged in, logged out, closed, or was closed; see
+/// [`crate::frontend::serve`], which this runs with IMAP's [`ImapDialogue`]. Every goodbye is
+/// a `* BYE`.
 ///
 /// # Errors
 /// Reading from or writing to the client failed, or a reply was not read in time.
@@ -44,174 +33,151 @@ pub async fn serve<A: Authenticator>(
     settings: &FrontendSettings,
     stop: impl Future<Output = Closing>,
 ) -> io::Result<Option<Handoff<BoxedIo>>> {
-    tokio::pin!(stop);
-    let mut conn = Conn {
-        client,
-        lifetime_end: settings.lifetime_end(),
-        settings,
-    };
-    let mut session = Session::new(settings.tls_offer());
-    conn.send(&reply::greeting(&settings.hostname, session.tls))
-        .await?;
-    let mut framer = new_framer(settings);
-    loop {
-        let Some(fragment) = framer.progress() else {
-            // `timeout_at` fires only while a read waits: a client that always has the next
-            // commands waiting would never meet its lifetime, so it is checked here too.
-            if Instant::now() >= conn.lifetime_end {
-                return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
+    let dialogue = Box::new(ImapDialogue::new(settings));
+    frontend::serve(client, authenticator, dialogue, settings, stop).await
+}
+
+/// An IMAP session before authentication: frames commands (lines plus literals), answers
+/// them, and asks for STARTTLS and logins.
+pub struct ImapDialogue {
+    framer: Framer,
+    session: Session,
+    hostname: String,
+    max_line_length: usize,
+    max_literal_size: usize,
+    /// The tag of the login under way, for its completion.
+    login_tag: String,
+}
+
+impl ImapDialogue {
+    pub fn new(settings: &FrontendSettings) -> Self {
+        Self {
+            framer: new_framer(settings.max_message_size()),
+            session: Session::new(settings.tls_offer()),
+            hostname: settings.hostname.clone(),
+            max_line_length: settings.max_line_length,
+            max_literal_size: settings.max_literal_size,
+            login_tag: String::new(),
+        }
+    }
+
+    fn max_message_size(&self) -> usize {
+        self.max_line_length.saturating_add(self.max_literal_size)
+    }
+
+    /// The next action for the fragments buffered, or `None` when a message is incomplete.
+    fn next_action(&mut self) -> Option<Action> {
+        loop {
+            let fragment = self.framer.progress()?;
+            let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
+                && fragment.range().len() > self.max_line_length;
+            if let Some(announcement) = literal_announcement(fragment) {
+                if let Some(reply) = self.accept_literal(announcement, line_too_long) {
+                    return Some(Action::Reply(reply));
+                }
+            } else if self.framer.fragmentizer().is_message_complete() {
+                let fragmentizer = self.framer.fragmentizer();
+                if line_too_long
+                    || fragmentizer.is_message_poisoned()
+                    || fragmentizer.is_max_message_size_exceeded()
+                {
+                    let tag = fragmentizer.decode_tag();
+                    let tag = tag.as_ref().map(AsRef::as_ref);
+                    return Some(self.session.refuse(tag, "Command too long").into());
+                }
+                return Some(self.session.on_message(fragmentizer));
             }
-            let deadline = conn.deadline();
-            let filled = tokio::select! {
-                filled = timeout_at(deadline, framer.fill(&mut conn.client)) => filled,
-                why = &mut stop => return conn.goodbye(&reply::closing(why)).await,
-            };
-            match filled {
-                Ok(Ok(true)) => continue,
-                Ok(Ok(false)) => return Ok(None),
-                Ok(Err(error)) => return Err(error),
-                Err(_elapsed) => return conn.goodbye(&conn.timed_out()).await,
+        }
+    }
+
+    /// Decides on a literal announced at the end of a line: `Some(reply)` to send, `None` to
+    /// read on. A synchronizing literal that would not fit (or follows a line too long) is
+    /// refused before the client sends it (RFC 9051 7.5), so its bytes never arrive and the
+    /// message can be skipped. A non-synchronizing one arrives anyway (RFC 7888 4): the message
+    /// is marked, read to its end (the `Fragmentizer` keeps at most its size limit) and refused
+    /// then.
+    fn accept_literal(
+        &mut self,
+        announcement: LiteralAnnouncement,
+        line_too_long: bool,
+    ) -> Option<Reply> {
+        let length = announcement.length as usize;
+        let fits = !line_too_long
+            && length <= self.max_literal_size
+            && self.framer.message_len().saturating_add(length) <= self.max_message_size();
+        match (announcement.mode, fits) {
+            (LiteralMode::NonSync, true) => return None,
+            (LiteralMode::NonSync, false) => {
+                self.framer.poison_message();
+                return None;
             }
-        };
-        let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
-            && fragment.range().len() > settings.max_line_length;
-        let action = if let Some(announcement) = literal_announcement(fragment) {
-            match accept_literal(
-                &mut framer,
-                announcement,
-                line_too_long,
-                &mut session,
-                settings,
-            ) {
-                Some(reply) => Action::Reply(reply),
-                None => continue,
+            (LiteralMode::Sync, true) => {
+                return Some(Reply::more(reply::CONTINUE_LITERAL.to_owned()));
             }
-        } else if framer.fragmentizer().is_message_complete() {
-            let fragmentizer = framer.fragmentizer();
-            if line_too_long
-                || fragmentizer.is_message_poisoned()
-                || fragmentizer.is_max_message_size_exceeded()
-            {
-                let tag = fragmentizer.decode_tag();
-                session
-                    .refuse(tag.as_ref().map(AsRef::as_ref), "Command too long")
-                    .into()
-            } else {
-                session.on_message(framer.fragmentizer())
-            }
-        } else {
-            continue;
-        };
-        let reply = match action {
-            Action::Reply(reply) => reply,
-            Action::StartTls { tag } => {
-                conn.send(&reply::begin_tls(&tag)).await?;
-                // Whatever came after STARTTLS was sent in the clear: it is never acted on
-                // (the CVE-2011-0411 class of injection).
-                framer = new_framer(settings);
-                let Some(tls) = &settings.starttls else {
-                    return Ok(None);
-                };
-                let deadline = conn.deadline();
-                let Some(client) = tls.accept(conn.client, deadline).await else {
-                    return Ok(None);
-                };
-                conn = Conn { client, ..conn };
-                session.tls = TlsOffer::None;
-                continue;
-            }
+            (LiteralMode::Sync, false) => {}
+        }
+        let tag = self.framer.fragmentizer().decode_tag();
+        let tag = tag.as_ref().map(|tag| tag.as_ref().to_owned());
+        self.framer.skip_message();
+        Some(self.session.refuse(tag.as_deref(), "Literal too large"))
+    }
+}
+
+impl Dialogue for ImapDialogue {
+    fn greeting(&mut self, _upstream: &dyn Fn() -> Vec<String>) -> Vec<u8> {
+        reply::greeting(&self.hostname, self.session.tls).into_bytes()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.framer.enqueue(bytes);
+    }
+
+    fn buffered(&self) -> usize {
+        self.framer.buffered()
+    }
+
+    fn max_pending(&self) -> usize {
+        self.max_message_size()
+    }
+
+    fn next_step(&mut self, _upstream: &dyn Fn() -> Vec<String>) -> Option<Step> {
+        Some(match self.next_action()? {
+            Action::Reply(Reply { text, close: false }) => Step::Reply(text.into_bytes()),
+            Action::Reply(Reply { text, close: true }) => Step::Close(text.into_bytes()),
+            Action::StartTls { tag } => Step::StartTls(reply::begin_tls(&tag).into_bytes()),
             Action::Login { tag, credentials } => {
-                let account = credentials.account.clone();
-                let request = LoginRequest {
+                self.login_tag = tag;
+                Step::LogIn {
                     credentials,
                     helo: None,
-                    client: settings.client,
-                    local: settings.local,
-                };
-                let lifetime_end = conn.lifetime_end;
-                let result = tokio::select! {
-                    result = authenticator.login(request) => result,
-                    why = &mut stop => return conn.goodbye(&reply::closing(why)).await,
-                    () = tokio::time::sleep_until(lifetime_end) => {
-                        return conn.goodbye(&reply::bye(reply::BYE_LIFETIME)).await;
-                    }
-                    () = hung_up(&mut conn.client, &mut framer, settings) => return Ok(None),
-                };
-                match result {
-                    Ok(upstream) => {
-                        conn.send(&format!("{tag} {}\r\n", upstream.completion))
-                            .await?;
-                        let client = PrefixedIo::new(framer.into_unparsed(), conn.client);
-                        return Ok(Some(Handoff {
-                            client,
-                            upstream,
-                            account,
-                        }));
-                    }
-                    Err(error) => {
-                        tracing::info!(account = %Escaped(&account), %error, "client login failed");
-                        session.on_login_failed(&tag, error)
-                    }
                 }
             }
-        };
-        conn.send(&reply.text).await?;
-        if reply.close {
-            linger(&mut conn.client).await;
-            return Ok(None);
+        })
+    }
+
+    fn tls_started(&mut self) {
+        self.framer = new_framer(self.max_message_size());
+        self.session.tls = TlsOffer::None;
+    }
+
+    fn logged_in(&mut self, completion: &str) -> Vec<u8> {
+        format!("{} {completion}\r\n", self.login_tag).into_bytes()
+    }
+
+    fn login_failed(&mut self, error: LoginError) -> Step {
+        match self.session.on_login_failed(&self.login_tag, error) {
+            Reply { text, close: false } => Step::Reply(text.into_bytes()),
+            Reply { text, close: true } => Step::Close(text.into_bytes()),
         }
     }
-}
 
-/// The client stream with the session's deadlines.
-struct Conn<'a> {
-    client: BoxedIo,
-    lifetime_end: Instant,
-    settings: &'a FrontendSettings,
-}
-
-impl Conn<'_> {
-    fn deadline(&self) -> Instant {
-        self.settings.next_deadline(self.lifetime_end)
+    fn goodbye(&self, why: Closing) -> Vec<u8> {
+        reply::closing(why).into_bytes()
     }
 
-    async fn send(&mut self, text: &str) -> io::Result<()> {
-        let deadline = self.deadline();
-        write_all_by(&mut self.client, text.as_bytes(), deadline).await
+    fn into_rest(self: Box<Self>) -> Vec<u8> {
+        self.framer.into_unparsed()
     }
-
-    /// Says why the session ends, briefly: the client may be the reason it ends.
-    async fn goodbye<T>(&mut self, text: &str) -> io::Result<Option<T>> {
-        let deadline = Instant::now() + GOODBYE_TIMEOUT;
-        write_all_by(&mut self.client, text.as_bytes(), deadline).await?;
-        linger(&mut self.client).await;
-        Ok(None)
-    }
-
-    fn timed_out(&self) -> String {
-        if Instant::now() >= self.lifetime_end {
-            reply::bye(reply::BYE_LIFETIME)
-        } else {
-            reply::bye(reply::BYE_IDLE)
-        }
-    }
-}
-
-/// Completes when the client hangs up while its login runs, so that the login (its password
-/// check, its token fetch) is dropped instead of finishing for no one. What the client
-/// pipelines meanwhile is kept for the upstream, up to one command's size; past that, reading
-/// waits for the login.
-async fn hung_up<S: AsyncRead + Unpin>(
-    client: &mut S,
-    framer: &mut Framer,
-    settings: &FrontendSettings,
-) {
-    while framer.buffered() < settings.max_message_size() {
-        if !matches!(framer.fill(client).await, Ok(true)) {
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 fn literal_announcement(fragment: FragmentInfo) -> Option<LiteralAnnouncement> {
@@ -222,41 +188,8 @@ fn literal_announcement(fragment: FragmentInfo) -> Option<LiteralAnnouncement> {
 }
 
 /// A framer bounded by the listener's limits; the limits are validated to fit in a `u32`.
-fn new_framer(settings: &FrontendSettings) -> Framer {
-    Framer::new(u32::try_from(settings.max_message_size()).unwrap_or(u32::MAX))
-}
-
-/// Decides on a literal announced at the end of a line: `Some(reply)` to send, `None` to read
-/// on. A synchronizing literal that would not fit (or follows a line too long) is refused
-/// before the client sends it (RFC 9051 7.5), so its bytes never arrive and the message can be
-/// skipped. A non-synchronizing one arrives anyway (RFC 7888 4): the message is marked, read to
-/// its end (the `Fragmentizer` keeps at most its size limit) and refused then.
-fn accept_literal(
-    framer: &mut Framer,
-    announcement: LiteralAnnouncement,
-    line_too_long: bool,
-    session: &mut Session,
-    settings: &FrontendSettings,
-) -> Option<Reply> {
-    let length = announcement.length as usize;
-    let fits = !line_too_long
-        && length <= settings.max_literal_size
-        && framer.message_len().saturating_add(length) <= settings.max_message_size();
-    match (announcement.mode, fits) {
-        (LiteralMode::NonSync, true) => return None,
-        (LiteralMode::NonSync, false) => {
-            framer.poison_message();
-            return None;
-        }
-        (LiteralMode::Sync, true) => {
-            return Some(Reply::more(reply::CONTINUE_LITERAL.to_owned()));
-        }
-        (LiteralMode::Sync, false) => {}
-    }
-    let tag = framer.fragmentizer().decode_tag();
-    let tag = tag.as_ref().map(|tag| tag.as_ref().to_owned());
-    framer.skip_message();
-    Some(session.refuse(tag.as_deref(), "Literal too large"))
+fn new_framer(max_message_size: usize) -> Framer {
+    Framer::new(u32::try_from(max_message_size).unwrap_or(u32::MAX))
 }
 
 /// What the session waits for next.

@@ -1,7 +1,7 @@
 //! Every reply the IMAP front end sends on its own, and the one mapping from failures to
 //! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
 
-use crate::frontend_settings::TlsOffer;
+use crate::frontend::settings::TlsOffer;
 use crate::login::{Closing, LoginError};
 use crate::sanitize;
 use crate::sasl::{self, SaslError};
@@ -40,6 +40,8 @@ pub fn closing(why: Closing) -> String {
         Closing::TooManyConnections => too_many_connections(),
         Closing::ShuttingDown => shutting_down(),
         Closing::Revoked => revoked(),
+        Closing::IdleTimeout => bye(BYE_IDLE),
+        Closing::LifetimeOver => bye(BYE_LIFETIME),
     }
 }
 

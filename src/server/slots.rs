@@ -263,8 +263,8 @@ impl Slot {
         !self.logged_in && !counts.before_login.contains_key(&self.id)
     }
 
-    /// The session has logged in: it can no longer be evicted. `false` if it was already.
-    pub(super) fn log_in(&mut self) -> bool {
+    /// The session has logged in: it can no longer be evicted. `false` if it was evicted first.
+    pub(super) fn mark_logged_in(&mut self) -> bool {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
         let Some(evictable) = counts.before_login.remove(&self.id) else {
             return false;
@@ -314,18 +314,18 @@ mod tests {
         let active = Gauge::default();
         let take = |client| slots.try_take((2, 10), client, active.clone());
         let mut logged_in = take(ONE).ok().unwrap();
-        assert!(logged_in.slot.log_in());
+        assert!(logged_in.slot.mark_logged_in());
         let mut waiting = take(TWO).ok().unwrap();
         let newcomer = take(TWO).ok().unwrap();
         assert!(newcomer.made_room);
         assert_eq!(waiting.evicted.try_recv(), Ok(()));
-        assert!(waiting.slot.is_evicted() && !waiting.slot.log_in());
+        assert!(waiting.slot.is_evicted() && !waiting.slot.mark_logged_in());
         assert_eq!((open(&slots), active.get()), (2, 2));
         drop(waiting);
         assert_eq!((open(&slots), active.get()), (2, 2));
         // Only logged-in sessions left after the newcomer's login: refused.
         let mut newcomer = newcomer;
-        assert!(newcomer.slot.log_in());
+        assert!(newcomer.slot.mark_logged_in());
         assert!(matches!(take(TWO), Err(Full::Listener)));
         assert_eq!(logged_in.evicted.try_recv().ok(), None);
         drop((logged_in, newcomer));
@@ -418,7 +418,7 @@ mod eviction_abuse {
         let active = Gauge::default();
         let take = |client| slots.try_take((3, 100), client, active.clone());
         let mut logged_in = take(Some(ONE)).ok().unwrap();
-        assert!(logged_in.slot.log_in());
+        assert!(logged_in.slot.mark_logged_in());
         let mut users: Vec<_> = (3..5u8).map(|i| take(user(i)).ok().unwrap()).collect();
         for user in &users {
             user.slot.login_mark().set(true);

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use smtp_proto::Response;
 use smtp_proto::response::parser::{MAX_RESPONSE_LENGTH, ResponseReceiver};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
-use crate::io::{BoxedIo, PrefixedIo};
+use crate::io::{BoxedIo, read_more, replaying, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth, XclientGuard};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -30,8 +30,6 @@ pub const MAX_INITIAL_RESPONSE_LINE: usize = 512;
 /// and up to 15 s under its auth penalty; RFC 5321 4.5.3.2 allows servers minutes, but a
 /// client waiting at a login prompt does not.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read from the upstream at once.
-const READ_CHUNK: usize = 4096;
 
 /// Logs in upstream and returns the authenticated stream with the final `235` reply. With
 /// `forward_client: xclient` and the client's `origin`, the upstream learns the client's
@@ -50,12 +48,13 @@ pub async fn login(
     helo: &str,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    log_in(connector, auth, helo, origin)
+    unredacted_login(connector, auth, helo, origin)
         .await
         .map_err(|error| error.without(&sasl::sent_forms(auth, None)))
 }
 
-async fn log_in(
+/// The login's dialogue; its errors may still quote what was sent, so [`login`] redacts them.
+async fn unredacted_login(
     connector: &Connector,
     auth: &UpstreamAuth,
     helo: &str,
@@ -306,9 +305,9 @@ impl Connection {
         }
     }
 
+    /// Sends `line` and reads the reply, each within [`REPLY_TIMEOUT`].
     async fn command(&mut self, line: &[u8]) -> Result<Response<String>, BackendError> {
-        self.io.write_all(line).await?;
-        self.io.flush().await?;
+        write_all_by(&mut self.io, line, Instant::now() + REPLY_TIMEOUT).await?;
         self.read_reply().await
     }
 
@@ -328,7 +327,9 @@ impl Connection {
             self.buffer.drain(..consumed);
             match result {
                 Ok(reply) => return Ok(reply),
-                Err(smtp_proto::Error::NeedsMoreData { .. }) => self.fill().await?,
+                Err(smtp_proto::Error::NeedsMoreData { .. }) => {
+                    read_more(&mut self.io, &mut self.buffer).await?
+                }
                 Err(smtp_proto::Error::ResponseTooLong) => {
                     return Err(BackendError::Protocol(format!(
                         "upstream reply longer than {MAX_RESPONSE_LENGTH} bytes"
@@ -343,26 +344,9 @@ impl Connection {
         }
     }
 
-    async fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let n = self.io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "upstream closed the connection",
-            ));
-        }
-        self.buffer.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
     /// The stream, replaying anything the upstream sent after the last reply.
     fn into_io(self) -> BoxedIo {
-        if self.buffer.is_empty() {
-            self.io
-        } else {
-            Box::new(PrefixedIo::new(self.buffer, self.io))
-        }
+        replaying(self.buffer, self.io)
     }
 }
 

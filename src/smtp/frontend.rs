@@ -6,16 +6,13 @@ use std::future::Future;
 use std::io;
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::{Instant, timeout_at};
 
-use crate::frontend_settings::{FrontendSettings, TlsOffer};
-use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
+use crate::frontend::lines::{Line, LineBuffer};
+use crate::frontend::settings::{FrontendSettings, TlsOffer};
+use crate::frontend::{self, Dialogue, Step};
+use crate::io::BoxedIo;
 use crate::limits::{Strikes, Verdict};
-use crate::login::{
-    Authenticator, Closing, Credentials, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest,
-};
-use crate::sanitize::Escaped;
+use crate::login::{Authenticator, Closing, Credentials, Handoff, LoginError};
 use crate::sasl::{self, SaslServer, SaslStep, ServerMechanism};
 use crate::secret::Secret;
 use crate::smtp::reply::{self, Failure};
@@ -24,8 +21,6 @@ use crate::smtp::reply::{self, Failure};
 pub const MAX_COMMAND_LINE: usize = 512;
 /// RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.
 const MAX_DOMAIN: usize = 255;
-/// Bytes read from the client at once; the line buffer holds at most this plus one line.
-const READ_CHUNK: usize = 4096;
 
 /// Extensions relayed from the upstream's EHLO. Anything else is dropped: AUTH and STARTTLS
 /// describe the upstream hop, REQUIRETLS (RFC 8689) would promise TLS on a hop mailgate does
@@ -57,15 +52,9 @@ const ENHANCED_STATUS_CODES: &str = "ENHANCEDSTATUSCODES";
 /// Offered when the upstream's extensions are unknown: only what mailgate honours itself.
 const FALLBACK_EXTENSIONS: &[&str] = &["PIPELINING", "8BITMIME", ENHANCED_STATUS_CODES];
 
-/// Runs the client session until it authenticates, quits, or is closed.
-///
-/// Waits at most `settings.pre_auth_timeout` for each line and for each reply to be read, and
-/// ends the session when `settings.pre_auth_lifetime` passes or `stop` completes (mailgate is
-/// shutting down, or closes the session to make room), with a `421` saying why. Bytes the client sent after the last line of a
-/// successful AUTH exchange are replayed by the handoff's stream.
-///
-/// Returns `Ok(None)` on QUIT, when the client closes, after a timeout, a stop, after too
-/// many errors or failed logins, and after a failed STARTTLS handshake.
+/// Runs the client session until it authenticates, quits, or is closed; see
+/// [`crate::frontend::serve`], which this runs with SMTP's [`SmtpDialogue`]. Every goodbye is
+/// a `421`.
 ///
 /// # Errors
 /// Reading from or writing to the client fails, or a write does not finish before the deadline.
@@ -75,153 +64,94 @@ pub async fn serve<A: Authenticator>(
     settings: &FrontendSettings,
     stop: impl Future<Output = Closing>,
 ) -> io::Result<Option<Handoff<BoxedIo>>> {
-    tokio::pin!(stop);
-    let hostname = settings.hostname.as_str();
-    let mut conn = Conn {
-        client,
-        out: reply::greeting(hostname),
-        lifetime_end: settings.lifetime_end(),
-        settings,
-    };
-    let mut session = Session::new(settings.tls_offer());
-    let mut lines = LineBuffer::new(settings.max_line_length);
-    loop {
-        let Some(line) = lines.next_line() else {
-            // `timeout_at` fires only while a read waits: a client that always has the next
-            // commands waiting would never meet its lifetime, so it is checked here too.
-            if Instant::now() >= conn.lifetime_end {
-                return conn.goodbye(Failure::LifetimeOver).await;
+    let dialogue = Box::new(SmtpDialogue::new(settings));
+    frontend::serve(client, authenticator, dialogue, settings, stop).await
+}
+
+/// An SMTP session before authentication: frames lines, answers commands, and asks for
+/// STARTTLS and logins.
+pub struct SmtpDialogue {
+    lines: LineBuffer,
+    session: Session,
+    hostname: String,
+}
+
+impl SmtpDialogue {
+    pub fn new(settings: &FrontendSettings) -> Self {
+        Self {
+            lines: LineBuffer::new(settings.max_line_length),
+            session: Session::new(settings.tls_offer()),
+            hostname: settings.hostname.clone(),
+        }
+    }
+
+    /// The session loop's step for what the session decided.
+    fn settle(&mut self, action: Action, upstream: &dyn Fn() -> Vec<String>) -> Step {
+        match action {
+            Action::Reply(bytes) => Step::Reply(bytes),
+            Action::Ehlo => {
+                let extensions = advertised_extensions(&upstream(), self.session.tls);
+                Step::Reply(reply::ehlo(&self.hostname, &extensions))
             }
-            conn.flush().await?;
-            let deadline = conn.deadline();
-            let read = tokio::select! {
-                read = read_more(&mut conn.client, &mut lines, deadline) => read?,
-                why = &mut stop => return conn.goodbye(why.into()).await,
-            };
-            match read {
-                Input::Data => continue,
-                Input::Closed => return Ok(None),
-                Input::TimedOut => return conn.goodbye(Failure::Timeout).await,
+            Action::StartTls => Step::StartTls(reply::ready_for_tls().to_bytes()),
+            Action::DiscardChunk { bytes, reply } => {
+                self.lines.discard(bytes);
+                Step::Reply(reply)
             }
-        };
-        let mut step = match line {
-            Line::Complete(line) => session.on_line(&line, hostname),
-            Line::TooLong => session.on_too_long(hostname),
-        };
-        // A failed login yields a further step, so steps are dispatched until one settles.
-        loop {
-            match step {
-                Step::Reply(bytes) => conn.out.extend(bytes),
-                Step::Ehlo => {
-                    let upstream = authenticator.smtp_extensions();
-                    let extensions = advertised_extensions(&upstream, session.tls);
-                    conn.out.extend(reply::ehlo(hostname, &extensions));
-                }
-                Step::StartTls => {
-                    conn.out.extend(reply::ready_for_tls().to_bytes());
-                    conn.flush().await?;
-                    // Whatever came after STARTTLS was sent in the clear: it is never acted
-                    // on (the CVE-2011-0411 class of injection).
-                    lines = LineBuffer::new(settings.max_line_length);
-                    let Some(tls) = &settings.starttls else {
-                        return Ok(None);
-                    };
-                    let deadline = conn.deadline();
-                    let Some(client) = tls.accept(conn.client, deadline).await else {
-                        return Ok(None);
-                    };
-                    conn = Conn { client, ..conn };
-                    session.tls_started();
-                }
-                Step::DiscardChunk { bytes, reply } => {
-                    lines.discard(bytes);
-                    conn.out.extend(reply);
-                }
-                Step::Close(bytes) => {
-                    conn.out.extend(bytes);
-                    conn.flush().await?;
-                    linger(&mut conn.client).await;
-                    return Ok(None);
-                }
-                Step::Login(credentials) => {
-                    conn.flush().await?;
-                    let account = credentials.account.clone();
-                    let request = LoginRequest {
-                        credentials,
-                        helo: session.helo_name(),
-                        client: settings.client,
-                        local: settings.local,
-                    };
-                    let lifetime_end = conn.lifetime_end;
-                    let result = tokio::select! {
-                        result = authenticator.login(request) => result,
-                        why = &mut stop => return conn.goodbye(why.into()).await,
-                        () = tokio::time::sleep_until(lifetime_end) => {
-                            return conn.goodbye(Failure::LifetimeOver).await;
-                        }
-                        () = hung_up(&mut conn.client, &mut lines) => return Ok(None),
-                    };
-                    match result {
-                        Ok(upstream) => {
-                            conn.out
-                                .extend(format!("{}\r\n", upstream.completion).into_bytes());
-                            conn.flush().await?;
-                            tracing::info!(account = %Escaped(&account), "client authenticated");
-                            return Ok(Some(Handoff {
-                                client: PrefixedIo::new(lines.into_rest(), conn.client),
-                                upstream,
-                                account,
-                            }));
-                        }
-                        Err(error) => {
-                            tracing::info!(account = %Escaped(&account), %error, "client login failed");
-                            step = session.on_login_failed(error, hostname);
-                            continue;
-                        }
-                    }
-                }
-            }
-            break;
+            Action::Login(credentials) => Step::LogIn {
+                credentials,
+                helo: self.session.helo_name(),
+            },
+            Action::Close(bytes) => Step::Close(bytes),
         }
     }
 }
 
-/// The client stream, the replies not yet sent, and the session's deadlines.
-struct Conn<'a> {
-    client: BoxedIo,
-    out: Vec<u8>,
-    lifetime_end: Instant,
-    settings: &'a FrontendSettings,
-}
-
-impl Conn<'_> {
-    fn deadline(&self) -> Instant {
-        self.settings.next_deadline(self.lifetime_end)
+impl Dialogue for SmtpDialogue {
+    fn greeting(&mut self, _upstream: &dyn Fn() -> Vec<String>) -> Vec<u8> {
+        reply::greeting(&self.hostname)
     }
 
-    /// Sends the pending replies, giving up at the deadline so a client that never reads
-    /// cannot pin the session.
-    async fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            let deadline = self.deadline();
-            write_all_by(&mut self.client, &self.out, deadline).await?;
-            self.out.clear();
-        }
-        Ok(())
+    fn push(&mut self, bytes: &[u8]) {
+        self.lines.push(bytes);
     }
 
-    /// Sends the pending replies and a `421` saying why the session ends, briefly.
-    async fn goodbye<T>(&mut self, failure: Failure) -> io::Result<Option<T>> {
-        let failure = match failure {
-            Failure::Timeout if Instant::now() >= self.lifetime_end => Failure::LifetimeOver,
-            failure => failure,
+    fn buffered(&self) -> usize {
+        self.lines.buffered()
+    }
+
+    fn max_pending(&self) -> usize {
+        self.lines.max_line()
+    }
+
+    fn next_step(&mut self, upstream: &dyn Fn() -> Vec<String>) -> Option<Step> {
+        let action = match self.lines.next_line()? {
+            Line::Complete(line) => self.session.on_line(&line, &self.hostname),
+            Line::TooLong => self.session.on_too_long(&self.hostname),
         };
-        self.out
-            .extend(reply::failure(failure, &self.settings.hostname).to_bytes());
-        let deadline = Instant::now() + GOODBYE_TIMEOUT;
-        write_all_by(&mut self.client, &self.out, deadline).await?;
-        linger(&mut self.client).await;
-        Ok(None)
+        Some(self.settle(action, upstream))
+    }
+
+    fn tls_started(&mut self) {
+        self.lines = LineBuffer::new(self.lines.max_line());
+        self.session.tls_started();
+    }
+
+    fn logged_in(&mut self, completion: &str) -> Vec<u8> {
+        format!("{completion}\r\n").into_bytes()
+    }
+
+    fn login_failed(&mut self, error: LoginError) -> Step {
+        let action = self.session.on_login_failed(error, &self.hostname);
+        self.settle(action, &Vec::new)
+    }
+
+    fn goodbye(&self, why: Closing) -> Vec<u8> {
+        reply::failure(why.into(), &self.hostname).to_bytes()
+    }
+
+    fn into_rest(self: Box<Self>) -> Vec<u8> {
+        self.lines.into_rest()
     }
 }
 
@@ -264,121 +194,6 @@ fn keyword(line: &str) -> String {
         .to_ascii_uppercase()
 }
 
-/// Completes when the client hangs up while its login runs, so that the login is dropped
-/// instead of finishing for no one. What the client pipelines meanwhile is kept for the
-/// upstream, up to one line's limit; past that, reading waits for the login.
-async fn hung_up<S: AsyncRead + Unpin>(client: &mut S, lines: &mut LineBuffer) {
-    let mut chunk = [0u8; READ_CHUNK];
-    while lines.buffered() < lines.max_line {
-        match client.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => lines.push(&chunk[..n]),
-        }
-    }
-    std::future::pending().await
-}
-
-enum Input {
-    Data,
-    Closed,
-    TimedOut,
-}
-
-async fn read_more<S: AsyncRead + Unpin>(
-    client: &mut S,
-    lines: &mut LineBuffer,
-    deadline: Instant,
-) -> io::Result<Input> {
-    let mut chunk = [0u8; READ_CHUNK];
-    match timeout_at(deadline, client.read(&mut chunk)).await {
-        Err(_) => Ok(Input::TimedOut),
-        Ok(Ok(0)) => Ok(Input::Closed),
-        Ok(Ok(n)) => {
-            lines.push(&chunk[..n]);
-            Ok(Input::Data)
-        }
-        Ok(Err(error)) => Err(error),
-    }
-}
-
-/// A framed client line.
-#[derive(Debug, PartialEq, Eq)]
-enum Line {
-    /// Up to and including the LF.
-    Complete(Vec<u8>),
-    /// A line longer than the limit, already discarded up to its LF.
-    TooLong,
-}
-
-/// Frames client input into lines without I/O, holding at most `max_line` bytes of an
-/// unfinished line plus one read. The limit bounds every line (RFC 4954 4 lets AUTH lines and
-/// SASL responses be longer than other commands), since the framer cannot know the verb
-/// before the line ends.
-struct LineBuffer {
-    max_line: usize,
-    buffer: Vec<u8>,
-    /// Inside an oversized line: drop everything up to the next LF.
-    overflowing: bool,
-    /// Bytes of a refused BDAT chunk still to drop (RFC 3030 2).
-    skip: usize,
-}
-
-impl LineBuffer {
-    fn new(max_line: usize) -> Self {
-        Self {
-            max_line,
-            buffer: Vec::new(),
-            overflowing: false,
-            skip: 0,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        self.buffer.extend_from_slice(bytes);
-    }
-
-    fn buffered(&self) -> usize {
-        self.buffer.len()
-    }
-
-    fn discard(&mut self, bytes: usize) {
-        self.skip = self.skip.saturating_add(bytes);
-    }
-
-    fn next_line(&mut self) -> Option<Line> {
-        if self.skip > 0 {
-            let n = self.skip.min(self.buffer.len());
-            self.buffer.drain(..n);
-            self.skip -= n;
-            if self.skip > 0 {
-                return None;
-            }
-        }
-        match self.buffer.iter().position(|&b| b == b'\n') {
-            Some(end) => {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                if std::mem::take(&mut self.overflowing) || line.len() > self.max_line {
-                    Some(Line::TooLong)
-                } else {
-                    Some(Line::Complete(line))
-                }
-            }
-            None => {
-                if self.overflowing || self.buffer.len() > self.max_line {
-                    self.overflowing = true;
-                    self.buffer.clear();
-                }
-                None
-            }
-        }
-    }
-
-    /// What the client sent after the last framed line.
-    fn into_rest(self) -> Vec<u8> {
-        self.buffer
-    }
-}
-
 /// Where the session is in the dialogue.
 #[derive(Default)]
 enum State {
@@ -389,8 +204,8 @@ enum State {
     Authenticating(SaslServer),
 }
 
-/// What the I/O loop does after a line.
-enum Step {
+/// What the session decided after a line.
+enum Action {
     Reply(Vec<u8>),
     /// Send the EHLO reply, which needs the upstream's extensions.
     Ehlo,
@@ -444,7 +259,7 @@ impl Session {
     }
 
     /// The one place where the state changes.
-    fn on_line(&mut self, line: &[u8], hostname: &str) -> Step {
+    fn on_line(&mut self, line: &[u8], hostname: &str) -> Action {
         match std::mem::take(&mut self.state) {
             State::Command => self.on_command(line, hostname),
             State::Authenticating(server) => match sasl_response(line) {
@@ -455,16 +270,16 @@ impl Session {
     }
 
     /// An oversized line also ends any SASL exchange in progress.
-    fn on_too_long(&mut self, hostname: &str) -> Step {
+    fn on_too_long(&mut self, hostname: &str) -> Action {
         self.state = State::Command;
         self.fail(Failure::LineTooLong, hostname)
     }
 
-    fn on_login_failed(&mut self, error: LoginError, hostname: &str) -> Step {
+    fn on_login_failed(&mut self, error: LoginError, hostname: &str) -> Action {
         self.refuse_login(Failure::Login(error), hostname)
     }
 
-    fn on_command(&mut self, line: &[u8], hostname: &str) -> Step {
+    fn on_command(&mut self, line: &[u8], hostname: &str) -> Action {
         // RFC 5321 2.3.8: no bare CR or other control characters in a command line.
         if line
             .strip_suffix(b"\n")
@@ -490,7 +305,7 @@ impl Session {
         let tls_first = self.tls == TlsOffer::Required;
         match request {
             Request::Ehlo { host } => self.on_helo(&host, true, hostname),
-            Request::StartTls if self.tls != TlsOffer::None => Step::StartTls,
+            Request::StartTls if self.tls != TlsOffer::None => Action::StartTls,
             Request::StartTls if self.tls_active => self.fail(Failure::TlsActive, hostname),
             // RFC 3207 4: with TLS required, only NOOP, EHLO, STARTTLS and QUIT come first.
             Request::Auth { .. }
@@ -507,9 +322,9 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.on_auth(mechanism, initial_response.as_bytes(), hostname),
-            Request::Noop { .. } | Request::Rset => Step::Reply(reply::ok().to_bytes()),
-            Request::Help { .. } => Step::Reply(reply::help().to_bytes()),
-            Request::Quit => Step::Close(reply::bye().to_bytes()),
+            Request::Noop { .. } | Request::Rset => Action::Reply(reply::ok().to_bytes()),
+            Request::Help { .. } => Action::Reply(reply::help().to_bytes()),
+            Request::Quit => Action::Close(reply::bye().to_bytes()),
             Request::Bdat { chunk_size, .. } => {
                 let failure = if tls_first {
                     Failure::StartTlsRequired
@@ -518,7 +333,7 @@ impl Session {
                 };
                 match self.fail(failure, hostname) {
                     // RFC 3030 2: a refused chunk is still read and thrown away.
-                    Step::Reply(reply) => Step::DiscardChunk {
+                    Action::Reply(reply) => Action::DiscardChunk {
                         bytes: chunk_size,
                         reply,
                     },
@@ -540,7 +355,7 @@ impl Session {
 
     /// EHLO and HELO: the name is repeated upstream, so it must be one (RFC 5321 4.1.1.1: a
     /// domain or an address literal, never empty or with spaces).
-    fn on_helo(&mut self, name: &str, extended: bool, hostname: &str) -> Step {
+    fn on_helo(&mut self, name: &str, extended: bool, hostname: &str) -> Action {
         if name.is_empty()
             || name.len() > MAX_DOMAIN
             || name.chars().any(|c| c.is_control() || c.is_whitespace())
@@ -552,13 +367,13 @@ impl Session {
             extended,
         });
         if extended {
-            Step::Ehlo
+            Action::Ehlo
         } else {
-            Step::Reply(reply::helo(hostname))
+            Action::Reply(reply::helo(hostname))
         }
     }
 
-    fn on_auth(&mut self, mechanism: u64, initial_response: &[u8], hostname: &str) -> Step {
+    fn on_auth(&mut self, mechanism: u64, initial_response: &[u8], hostname: &str) -> Action {
         // RFC 4954 4: AUTH is an ESMTP command, so it needs a prior EHLO.
         if !self.helo.as_ref().is_some_and(|helo| helo.extended) {
             return self.fail(Failure::BadSequence, hostname);
@@ -580,13 +395,13 @@ impl Session {
     }
 
     /// Goes on with an AUTH exchange: a challenge, a login, or a refusal.
-    fn sasl(&mut self, step: SaslStep, hostname: &str) -> Step {
+    fn sasl(&mut self, step: SaslStep, hostname: &str) -> Action {
         match step {
             SaslStep::Challenge { server, challenge } => {
                 self.state = State::Authenticating(server);
-                Step::Reply(reply::challenge(&sasl::encode_challenge(challenge)))
+                Action::Reply(reply::challenge(&sasl::encode_challenge(challenge)))
             }
-            SaslStep::Done(Ok(credentials)) => Step::Login(credentials),
+            SaslStep::Done(Ok(credentials)) => Action::Login(credentials),
             // A message that does not decode is a protocol error; a refused identity is a
             // failed login (RFC 4954 6).
             SaslStep::Done(Err(error)) if reply::is_malformed(error) => {
@@ -597,24 +412,24 @@ impl Session {
     }
 
     /// Counts a failed login; past the limit the reply is followed by `421` and the end.
-    fn refuse_login(&mut self, failure: Failure, hostname: &str) -> Step {
+    fn refuse_login(&mut self, failure: Failure, hostname: &str) -> Action {
         let refusal = reply::failure(failure, hostname).to_bytes();
         match self.strikes.login_failed() {
-            Verdict::Continue => Step::Reply(refusal),
+            Verdict::Continue => Action::Reply(refusal),
             _ => {
                 let mut bytes = refusal;
                 bytes.extend(reply::failure(Failure::TooManyAuthFailures, hostname).to_bytes());
-                Step::Close(bytes)
+                Action::Close(bytes)
             }
         }
     }
 
     /// Counts an error; past the limit the reply is `421` and the session ends
     /// (RFC 5321 3.8 lets a server send 421 in place of any reply).
-    fn fail(&mut self, failure: Failure, hostname: &str) -> Step {
+    fn fail(&mut self, failure: Failure, hostname: &str) -> Action {
         match self.strikes.error() {
-            Verdict::Continue => Step::Reply(reply::failure(failure, hostname).to_bytes()),
-            _ => Step::Close(reply::failure(Failure::TooManyErrors, hostname).to_bytes()),
+            Verdict::Continue => Action::Reply(reply::failure(failure, hostname).to_bytes()),
+            _ => Action::Close(reply::failure(Failure::TooManyErrors, hostname).to_bytes()),
         }
     }
 }
@@ -632,13 +447,13 @@ fn sasl_response(line: &[u8]) -> Result<Secret<Vec<u8>>, Failure> {
 mod tests {
     use super::*;
 
-    fn reply_text(step: Step) -> String {
+    fn reply_text(step: Action) -> String {
         match step {
-            Step::Reply(bytes) | Step::Close(bytes) => String::from_utf8(bytes).unwrap(),
-            Step::DiscardChunk { reply, .. } => String::from_utf8(reply).unwrap(),
-            Step::Ehlo => "EHLO".to_owned(),
-            Step::StartTls => "STARTTLS".to_owned(),
-            Step::Login(credentials) => format!("LOGIN {}", credentials.account),
+            Action::Reply(bytes) | Action::Close(bytes) => String::from_utf8(bytes).unwrap(),
+            Action::DiscardChunk { reply, .. } => String::from_utf8(reply).unwrap(),
+            Action::Ehlo => "EHLO".to_owned(),
+            Action::StartTls => "STARTTLS".to_owned(),
+            Action::Login(credentials) => format!("LOGIN {}", credentials.account),
         }
     }
 
@@ -649,49 +464,6 @@ mod tests {
             "EHLO"
         );
         session
-    }
-
-    #[test]
-    fn frames_lines_and_keeps_the_rest() {
-        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
-        lines.push(b"NOOP\r\nMAIL FROM:<a>\r\nRCPT");
-        assert_eq!(
-            lines.next_line(),
-            Some(Line::Complete(b"NOOP\r\n".to_vec()))
-        );
-        assert_eq!(
-            lines.next_line(),
-            Some(Line::Complete(b"MAIL FROM:<a>\r\n".to_vec()))
-        );
-        assert_eq!(lines.next_line(), None);
-        assert_eq!(lines.into_rest(), b"RCPT");
-    }
-
-    #[test]
-    fn oversized_line_is_dropped_to_its_end() {
-        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
-        lines.push(&vec![b'x'; crate::config::DEFAULT_MAX_LINE_LENGTH + 1]);
-        assert_eq!(lines.next_line(), None);
-        assert!(lines.buffer.is_empty());
-        lines.push(b"xxxx\r\nNOOP\r\n");
-        assert_eq!(lines.next_line(), Some(Line::TooLong));
-        assert_eq!(
-            lines.next_line(),
-            Some(Line::Complete(b"NOOP\r\n".to_vec()))
-        );
-    }
-
-    #[test]
-    fn discards_a_refused_chunk() {
-        let mut lines = LineBuffer::new(crate::config::DEFAULT_MAX_LINE_LENGTH);
-        lines.discard(5);
-        lines.push(b"ab");
-        assert_eq!(lines.next_line(), None);
-        lines.push(b"cdeNOOP\r\n");
-        assert_eq!(
-            lines.next_line(),
-            Some(Line::Complete(b"NOOP\r\n".to_vec()))
-        );
     }
 
     #[test]
@@ -727,7 +499,7 @@ mod tests {
             assert!(reply_text(session.on_line(b"BOGUS\r\n", "mx")).starts_with("500 5.5.2"));
         }
         match session.on_line(b"BOGUS\r\n", "mx") {
-            Step::Close(bytes) => assert!(bytes.starts_with(b"421 4.7.0")),
+            Action::Close(bytes) => assert!(bytes.starts_with(b"421 4.7.0")),
             _ => panic!("expected close"),
         }
     }

@@ -89,6 +89,8 @@ impl From<Closing> for Failure {
             Closing::TooManyConnections => Failure::TooManyConnections,
             Closing::ShuttingDown => Failure::ShuttingDown,
             Closing::Revoked => Failure::Revoked,
+            Closing::IdleTimeout => Failure::Timeout,
+            Closing::LifetimeOver => Failure::LifetimeOver,
         }
     }
 }

@@ -95,9 +95,11 @@ impl TokenKey {
 
     /// Every key a configured source may keep `account`'s tokens under: one for all
     /// protocols, or one per protocol.
-    pub fn every_shared(account: &str) -> [Self; 3] {
-        [None, Some(Protocol::Imap), Some(Protocol::Smtp)]
+    pub fn every_shared(account: &str) -> Vec<Self> {
+        let every = std::iter::once(None).chain(Protocol::ALL.map(Some));
+        every
             .map(|protocol| Self::shared(account, protocol))
+            .collect()
     }
 }
 

@@ -421,6 +421,42 @@ def test_network_policy_defaults_to_the_release_namespace():
     assert namespaces_of(peer) == ["monitoring"]
 
 
+def test_pop3_and_managesieve_listeners_get_ports_and_policy(mailgate_binary, tmp_path):
+    """Issue 15: POP3 (110 with STLS, 995 implicit) and ManageSieve (4190) listeners are
+    served, admitted and checked like IMAP and SMTP ones."""
+    m365 = {"host": "outlook.office365.com", "port": 995, "tls": "implicit", "mechanism": "xoauth2"}
+    listeners = [
+        {"name": "pop3", "protocol": "pop3", "listen": "0.0.0.0:1110",
+         "tls": {"mode": "starttls", "require": True}, "upstream": m365},
+        {"name": "pop3s", "protocol": "pop3", "listen": "0.0.0.0:1995",
+         "tls": {"mode": "implicit"}, "upstream": m365},
+        {"name": "sieve", "protocol": "managesieve", "listen": "0.0.0.0:14190",
+         "tls": {"mode": "starttls", "require": True},
+         "upstream": {"host": "sieve.example.net", "port": 4190, "tls": "starttls"}},
+    ]
+    ports = [
+        {"name": "pop3", "port": 110, "targetPort": 1110},
+        {"name": "pop3s", "port": 995, "targetPort": 1995},
+        {"name": "sieve", "port": 4190, "targetPort": 14190},
+    ]
+    result = render(values_with({"config": {"listeners": listeners}, "service": {"ports": ports},
+                                 "networkPolicy": {"enabled": True}}))
+    # The Service targets the container ports by name.
+    service = result.one("Service", "mg-mailgate")["spec"]["ports"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service] == [
+        ("pop3", 110, "pop3"), ("pop3s", 995, "pop3s"), ("sieve", 4190, "sieve")]
+    container = {p["name"]: p["containerPort"] for p in result.container["ports"]}
+    assert {name: container.get(name) for name in ("pop3", "pop3s", "sieve")} == {
+        "pop3": 1110, "pop3s": 1995, "sieve": 14190}
+    mail, _ = ingress_rules(result)
+    assert [p["port"] for p in mail["ports"]] == mail_ports(result) == [1110, 1995, 14190]
+    config = result.config()
+    assert [listener["protocol"] for listener in config["listeners"]] == ["pop3", "pop3", "managesieve"]
+    checked = mailgate_check(mailgate_binary, config, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "configuration is valid" in checked.stderr + checked.stdout
+
+
 # --- the pod's hardening -----------------------------------------------------------------
 
 
@@ -471,7 +507,8 @@ def test_typo_in_values_fails(typo, where):
         {"networkPolicy": {"mail": {"fromCIDRs": ["office"]}}},
         {"config": "listeners: []"},
         {"config": {"client_auth": {"mode": "statc"}}},
-        {"config": {"listeners": [{"name": "imap", "protocol": "pop3", "listen": "0.0.0.0:1143",
+        # pop3 and managesieve are protocols since issue 15; pop4 is none.
+        {"config": {"listeners": [{"name": "imap", "protocol": "pop4", "listen": "0.0.0.0:1143",
                                    "upstream": {"host": "mx", "port": 993, "tls": "implicit"}}]}},
     ],
 )

@@ -12,10 +12,13 @@ from conftest import REPO
 
 DEMO_PACKAGES = {
     "dovecot-core", "dovecot-imapd", "dovecot-submissiond", "dovecot-lmtpd",
-    "curl", "openssl", "gcc", "libc6-dev",
+    "dovecot-pop3d", "dovecot-managesieved", "curl", "openssl", "gcc", "libc6-dev",
 }
-# Only the tests use these: Chromium for the browser tests, the Redis the replicas' tests start.
-TEST_ONLY_PACKAGES = {"chromium", "chromium-driver", "fonts-liberation", "redis-server"}
+# Only the tests use these: Chromium for the browser tests, the Redis the replicas' tests start,
+# sieve-connect as a real ManageSieve client.
+TEST_ONLY_PACKAGES = {
+    "chromium", "chromium-driver", "fonts-liberation", "redis-server", "sieve-connect",
+}
 
 STAND_INS = {
     "dpkg-query": "exit 1",

@@ -87,6 +87,14 @@ pub struct Dovecot {
     pub imaps_haproxy_port: u16,
     /// Submission with STARTTLS after a PROXY header (`haproxy = yes`).
     pub submission_haproxy_port: u16,
+    /// POP3, plain with STLS offered.
+    pub pop3_port: u16,
+    /// POP3 over implicit TLS.
+    pub pop3s_port: u16,
+    /// ManageSieve, plain with STARTTLS offered.
+    pub sieve_port: u16,
+    /// ManageSieve over implicit TLS.
+    pub sieves_port: u16,
 }
 
 impl Dovecot {
@@ -160,9 +168,11 @@ impl Dovecot {
             .to_owned();
         // The instance name prefixes every process title, so `pgrep -f` finds all of them.
         let instance_name = dir_name.clone();
-        let ports = free_ports(6);
+        let ports = free_ports(10);
         let (imap, imaps, submission, submissions) = (ports[0], ports[1], ports[2], ports[3]);
         let (imaps_haproxy, submission_haproxy) = (ports[4], ports[5]);
+        let (pop3, pop3s) = (ports[6], ports[7]);
+        let (sieve, sieves) = (ports[8], ports[9]);
 
         std::fs::write(
             root.join("dovecot-oauth2.conf.ext"),
@@ -196,7 +206,7 @@ base_dir = {r}/base
 state_dir = {r}/state
 log_path = {r}/dovecot.log
 listen = 127.0.0.1
-protocols = imap submission lmtp
+protocols = imap submission lmtp pop3 sieve
 hostname = mail.localhost
 auth_mechanisms = xoauth2 oauthbearer plain login
 auth_debug = yes
@@ -257,6 +267,20 @@ service submission-login {{
     haproxy = yes
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {sieve}
+  }}
+  inet_listener sieves {{
+    address = 127.0.0.1
+    port = {sieves}
+    ssl = yes
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
 service lmtp {{
   unix_listener lmtp {{
     mode = 0600
@@ -265,6 +289,19 @@ service lmtp {{
 submission_relay_host = {relay_ip}
 submission_relay_port = {relay_port}
 submission_relay_trusted = no
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {pop3s}
+    ssl = yes
+  }}
+}}
+# Dovecot 2.3 wants a UIDL format for POP3.
+pop3_uidl_format = %08Xu%08Xv
 {settings}{tuning}
 "#,
             cert = ca.cert_pem().display(),
@@ -301,6 +338,10 @@ submission_relay_trusted = no
             submissions_port: submissions,
             imaps_haproxy_port: imaps_haproxy,
             submission_haproxy_port: submission_haproxy,
+            pop3_port: pop3,
+            pop3s_port: pop3s,
+            sieve_port: sieve,
+            sieves_port: sieves,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         for port in [
@@ -310,6 +351,10 @@ submission_relay_trusted = no
             submissions,
             imaps_haproxy,
             submission_haproxy,
+            pop3,
+            pop3s,
+            sieve,
+            sieves,
         ] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             loop {
@@ -366,6 +411,36 @@ submission_relay_trusted = no
             read("dovecot.stderr"),
             read("dovecot.stdout")
         )
+    }
+
+    /// Delivers `message` (as on the wire: dot-stuffed, CRLF-terminated) to `user`'s maildrop
+    /// through the LMTP socket (RFC 2033), as an MX hands over mail it received by SMTP.
+    pub async fn deliver(&self, user: &str, message: &str) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let socket = tokio::net::UnixStream::connect(self.dir().join("base/lmtp"))
+            .await
+            .expect("connect to LMTP");
+        let mut io = tokio::io::BufReader::new(socket);
+        let mut expect = async |send: &str, code: &str| {
+            if !send.is_empty() {
+                io.get_mut().write_all(send.as_bytes()).await.unwrap();
+            }
+            loop {
+                let mut line = String::new();
+                io.read_line(&mut line).await.unwrap();
+                assert!(line.starts_with(code), "{send:?}: {line:?}");
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return;
+                }
+            }
+        };
+        expect("", "220").await;
+        expect("LHLO mailgate.test\r\n", "250").await;
+        expect("MAIL FROM:<sender@example.org>\r\n", "250").await;
+        expect(&format!("RCPT TO:<{user}>\r\n"), "250").await;
+        expect("DATA\r\n", "354").await;
+        expect(&format!("{message}.\r\n"), "250").await;
+        expect("QUIT\r\n", "221").await;
     }
 
     /// Unique per instance; every Dovecot process title starts with it.

@@ -15,7 +15,11 @@
 //!   test Dovecot accepts.
 //! - [`redis`] runs a [`redis::RedisServer`] for the replicas' shared state; [`cluster`]
 //!   runs replicas on it.
-//! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark.
+//! - [`imap_client`] is a raw-line IMAP client for transcripts and the benchmark;
+//!   [`line_client`] a raw-line client for POP3 and ManageSieve, over TLS too.
+//! - [`scripted`] is an upstream that follows a script, for what real servers never do.
+//! - [`transcript`] runs one protocol's front-end session in memory for transcripts before
+//!   login, with a stand-in authenticator.
 //! - [`secrets`] remembers every password and token a test uses; [`Mailgate`] checks its
 //!   output for them.
 // Not every test file uses every helper or re-export.
@@ -27,12 +31,15 @@ pub mod cluster;
 pub mod dovecot;
 pub mod http;
 pub mod imap_client;
+pub mod line_client;
 pub mod mailgate;
 pub mod oauth2;
 pub mod process;
 pub mod redis;
+pub mod scripted;
 pub mod secrets;
 pub mod sink;
+pub mod transcript;
 
 use std::future::Future;
 use std::time::Duration;
@@ -77,6 +84,14 @@ where
     }
 }
 
+/// The value of one series (`name{labels}`) in a Prometheus text exposition; `-1` when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
 /// Writes `files` the way Kubernetes mounts a Secret: `NAME -> ..data/NAME`, `..data ->
 /// ..GENERATION`. A new generation swaps every file at once by renaming `..data`, as the
 /// kubelet does when a Secret (a cert-manager certificate, a password) is rotated.
@@ -95,6 +110,62 @@ pub fn kubernetes_secret(dir: &std::path::Path, generation: &str, files: &[(&str
         if std::fs::symlink_metadata(&link).is_err() {
             std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
         }
+    }
+}
+
+/// One mailgate listener in front of the test Dovecot, for [`TestUpstream::config_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct Listener {
+    pub name: &'static str,
+    /// `imap`, `smtp`, `pop3` or `managesieve`.
+    pub protocol: &'static str,
+    pub port: u16,
+    /// The client-facing TLS mode (`implicit`, or `starttls` with `require: true`) with the
+    /// test CA's certificate; `None`: plain.
+    pub client_tls: Option<&'static str>,
+    pub upstream_port: u16,
+    /// `implicit` or `starttls`, as `upstream_port` speaks.
+    pub upstream_tls: &'static str,
+    /// `auto`, `xoauth2` or `oauthbearer`.
+    pub mechanism: &'static str,
+}
+
+impl Listener {
+    /// 127.0.0.1 at this listener's port.
+    pub fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The listener's entry under `listeners:`.
+    fn yaml(&self, up: &TestUpstream) -> String {
+        let tls = match self.client_tls {
+            Some(mode) => format!(
+                "    tls:\n      mode: {mode}\n      require: true\n      cert_file: \"{}\"\n      key_file: \"{}\"\n",
+                up.ca.cert_pem().display(),
+                up.ca.key_pem().display(),
+            ),
+            None => String::new(),
+        };
+        format!(
+            r#"  - name: {name}
+    protocol: {protocol}
+    listen: "127.0.0.1:{port}"
+{tls}    upstream:
+      host: 127.0.0.1
+      port: {upstream_port}
+      tls: {upstream_tls}
+      ca_file: "{ca}"
+      system_roots: false
+      mechanism: {mechanism}
+"#,
+            name = self.name,
+            protocol = self.protocol,
+            port = self.port,
+            upstream_port = self.upstream_port,
+            upstream_tls = self.upstream_tls,
+            ca = up.ca_path(),
+            mechanism = self.mechanism,
+        )
     }
 }
 
@@ -165,6 +236,41 @@ tokens:
             submission = self.dovecot.submission_port,
             url = self.auth.url_with_credentials(),
         )
+    }
+
+    /// A mailgate config with `listeners`, tokens from the auth server at `token_url` (a dead
+    /// address makes the token source unreachable) and the admin endpoint on `admin_port`.
+    pub fn config_with(&self, listeners: &[Listener], token_url: &str, admin_port: u16) -> String {
+        let mut text = String::from("listeners:\n");
+        for listener in listeners {
+            text.push_str(&listener.yaml(self));
+        }
+        text.push_str(&format!(
+            "tokens:\n  auth_server:\n    url: \"{token_url}\"\n    timeout: 5s\n\
+             admin:\n  listen: \"127.0.0.1:{admin_port}\"\n"
+        ));
+        text
+    }
+
+    /// Hands a message the sink received (by SMTP, through mailgate and Dovecot's submission
+    /// relay) to Dovecot's LMTP for each of its recipients, as an MX would: mail submitted
+    /// through mailgate lands in the maildrops POP3 reads.
+    pub async fn deliver_received(&self, message: &ReceivedMessage) {
+        let text = message.data_str();
+        // RFC 5321 4.5.2: dot-stuffed again on the wire.
+        let stuffed = text
+            .split_inclusive("\r\n")
+            .map(|line| {
+                if line.starts_with('.') {
+                    format!(".{line}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<String>();
+        for rcpt in &message.rcpts {
+            self.dovecot.deliver(rcpt, &stuffed).await;
+        }
     }
 
     /// The CA path as a string, ready for `curl --cacert` or a mailgate `ca_file`.

@@ -16,14 +16,15 @@ use crate::token::auth_server::is_usable_token;
 use crate::token::lifetime_from_secs;
 
 const MICROSOFT_LOGIN: &str = "https://login.microsoftonline.com";
-/// App-only (client credentials) access to Exchange Online's IMAP and SMTP.
+/// App-only (client credentials) access to Exchange Online's IMAP, POP3 and SMTP.
 const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
-/// Delegated access to one user's mailbox, with a refresh token.
-const MICROSOFT_DELEGATED_SCOPE: &str = "https://outlook.office365.com/IMAP.AccessAsUser.All https://outlook.office365.com/SMTP.Send offline_access";
+/// Delegated access to one user's mailbox, with a refresh token. Exchange grants POP3 only
+/// with its own scope; it has no ManageSieve.
+const MICROSOFT_DELEGATED_SCOPE: &str = "https://outlook.office365.com/IMAP.AccessAsUser.All https://outlook.office365.com/POP.AccessAsUser.All https://outlook.office365.com/SMTP.Send offline_access";
 const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 const GOOGLE_DEVICE_URL: &str = "https://oauth2.googleapis.com/device/code";
-/// Gmail's one scope for IMAP and SMTP.
+/// Gmail's one scope for IMAP, POP3 and SMTP.
 const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 /// Descriptions from providers are shown to operators; they are foreign text and may be long.
 const MAX_DESCRIPTION: usize = 300;
@@ -474,6 +475,12 @@ mod tests {
                 .scope(None, Grant::RefreshToken)
                 .unwrap()
                 .contains("IMAP.AccessAsUser.All")
+        );
+        assert!(
+            microsoft
+                .scope(None, Grant::RefreshToken)
+                .unwrap()
+                .contains("https://outlook.office365.com/POP.AccessAsUser.All")
         );
         let google = provider("google");
         assert_eq!(google.token_url, "https://oauth2.googleapis.com/token");

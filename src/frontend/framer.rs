@@ -1,5 +1,6 @@
-//! Framing IMAP messages (lines plus literals) with imap-codec's `Fragmentizer`, while keeping
-//! an exact account of the bytes it has not consumed yet so they can be handed on.
+//! Framing messages of lines plus literals (IMAP, ManageSieve) with imap-codec's
+//! `Fragmentizer`, while keeping an exact account of the bytes it has not consumed yet so they
+//! can be handed on.
 
 use std::io;
 

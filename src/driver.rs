@@ -1,5 +1,6 @@
-//! The protocol-independent driver: client credentials -> brute-force check -> password check
-//! -> token -> upstream login (with one retry on a refused token) -> an authenticated upstream.
+//! The login driver, the same for every protocol: client credentials -> brute-force check ->
+//! password check -> token -> upstream login (with one retry on a refused token) -> an
+//! authenticated upstream.
 //!
 //! Front ends talk to it through [`Authenticator`], so their transcript tests can run over
 //! in-memory streams with a stand-in.
@@ -11,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::client_auth::throttle::Throttle;
 use crate::client_auth::{Accepted, Attempt, ClientAuth};
-use crate::config::Protocol;
 use crate::forward::Origin;
+use crate::frontend::{MailProtocol, OnBehalf};
 use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
 use crate::metrics::Metrics;
 use crate::sanitize::Escaped;
@@ -20,12 +21,11 @@ use crate::token::cache::{Cached, TokenCache};
 use crate::token::oauth2::OAuth2;
 use crate::token::{TokenError, TokenKey};
 use crate::upstream::Connector;
-use crate::{imap, smtp};
 
-/// How long the background probe of an SMTP upstream's extensions may take.
-const EXTENSION_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long after a failed probe the next EHLO may start another.
-const EXTENSION_PROBE_RETRY: Duration = Duration::from_secs(60);
+/// How long the background probe of what an upstream advertises may take.
+const CAPABILITY_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after a failed probe the next session may start another.
+const CAPABILITY_PROBE_RETRY: Duration = Duration::from_secs(60);
 
 /// What every listener shares.
 pub struct Shared {
@@ -37,22 +37,24 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// The [`Authenticator`] of one listener: its upstream, the shared token cache and client check.
-pub struct ListenerProxy {
+/// The [`Authenticator`] of one listener: its protocol and upstream, the shared token cache
+/// and client check.
+pub struct LoginDriver {
     pub listener: String,
-    pub protocol: Protocol,
+    pub protocol: &'static dyn MailProtocol,
     pub connector: Connector,
     login_timeout: Duration,
     tokens: Arc<TokenCache>,
     client_auth: Arc<ClientAuth>,
     throttle: Arc<Throttle>,
     metrics: Arc<Metrics>,
-    /// Name mailgate gives in EHLO when probing the upstream's extensions.
+    /// Name mailgate gives in EHLO when probing an SMTP upstream.
     hostname: String,
-    extensions: Arc<Mutex<Probe>>,
+    capabilities: Arc<Mutex<Probe>>,
 }
 
-/// What is known of an SMTP upstream's EHLO extensions.
+/// What is known of what the upstream advertises (SMTP's EHLO extensions, ManageSieve's
+/// capabilities).
 enum Probe {
     Unknown,
     Running,
@@ -60,17 +62,18 @@ enum Probe {
     Failed(Instant),
 }
 
-impl ListenerProxy {
-    /// For an SMTP listener, starts reading the upstream's extensions in the background.
+impl LoginDriver {
+    /// For a protocol that relays what its upstream advertises, starts reading it in the
+    /// background.
     pub fn new(
         listener: String,
-        protocol: Protocol,
+        protocol: &'static dyn MailProtocol,
         connector: Connector,
         login_timeout: Duration,
         shared: &Shared,
         hostname: String,
     ) -> Self {
-        let proxy = Self {
+        let driver = Self {
             listener,
             protocol,
             connector,
@@ -80,12 +83,10 @@ impl ListenerProxy {
             throttle: shared.throttle.clone(),
             metrics: shared.metrics.clone(),
             hostname,
-            extensions: Arc::new(Mutex::new(Probe::Unknown)),
+            capabilities: Arc::new(Mutex::new(Probe::Unknown)),
         };
-        if protocol == Protocol::Smtp {
-            proxy.smtp_extensions();
-        }
-        proxy
+        driver.upstream_capabilities();
+        driver
     }
 
     /// Every step of a login but the bookkeeping around it: the throttle's wait, then the
@@ -131,7 +132,7 @@ impl ListenerProxy {
         let attempt = Attempt {
             credentials: &request.credentials,
             client: request.client.map(|address| address.ip()),
-            protocol: self.protocol,
+            protocol: self.protocol.name(),
         };
         self.client_auth
             .verify(&attempt, &self.throttle, &self.tokens)
@@ -185,7 +186,7 @@ impl ListenerProxy {
             Accepted::Account(account) => account,
         };
         self.tokens
-            .get(&account, self.protocol)
+            .get(&account, self.protocol.name())
             .await
             .map_err(|error| {
                 tracing::warn!(account = %Escaped(&account), %error, "no token");
@@ -206,13 +207,14 @@ impl ListenerProxy {
         let started = Instant::now();
         let origin = Origin::new(request.client, request.local);
         let origin = origin.as_ref();
-        let outcome = match self.protocol {
-            Protocol::Imap => imap::backend::login(&self.connector, auth, origin).await,
-            Protocol::Smtp => {
-                let helo = request.helo.as_deref().unwrap_or(&self.hostname);
-                smtp::backend::login(&self.connector, auth, helo, origin).await
-            }
+        let on_behalf = OnBehalf {
+            helo: request.helo.as_deref().unwrap_or(&self.hostname),
+            origin,
         };
+        let outcome = self
+            .protocol
+            .log_in_upstream(&self.connector, auth, on_behalf)
+            .await;
         self.metrics
             .upstream_auth_seconds
             .get_or_create(&self.connector.labels())
@@ -220,25 +222,30 @@ impl ListenerProxy {
         outcome
     }
 
-    /// Starts a probe of the upstream's EHLO extensions in the background.
+    /// Starts a probe of what the upstream advertises in the background.
     fn start_probe(&self) {
+        let protocol = self.protocol;
         let connector = self.connector.clone();
         let hostname = self.hostname.clone();
-        let extensions = self.extensions.clone();
+        let capabilities = self.capabilities.clone();
         tokio::spawn(async move {
-            let probe = smtp::backend::probe_extensions(&connector, &hostname);
-            let outcome = match tokio::time::timeout(EXTENSION_PROBE_TIMEOUT, probe).await {
+            let Some(probe) = protocol.probe(&connector, &hostname) else {
+                // Nothing to relay: known to be nothing.
+                *capabilities.lock().unwrap_or_else(|e| e.into_inner()) = Probe::Known(Vec::new());
+                return;
+            };
+            let outcome = match tokio::time::timeout(CAPABILITY_PROBE_TIMEOUT, probe).await {
                 Ok(Ok(found)) => Probe::Known(found),
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot read the upstream's SMTP extensions");
+                    tracing::warn!(%error, "cannot read what the upstream advertises");
                     Probe::Failed(Instant::now())
                 }
                 Err(_) => {
-                    tracing::warn!("the upstream's SMTP extensions did not arrive in time");
+                    tracing::warn!("what the upstream advertises did not arrive in time");
                     Probe::Failed(Instant::now())
                 }
             };
-            *extensions.lock().unwrap_or_else(|e| e.into_inner()) = outcome;
+            *capabilities.lock().unwrap_or_else(|e| e.into_inner()) = outcome;
         });
     }
 }
@@ -248,7 +255,7 @@ fn unavailable(error: &BackendError) -> LoginError {
     LoginError::UpstreamUnavailable
 }
 
-impl Authenticator for ListenerProxy {
+impl Authenticator for LoginDriver {
     async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
         let result = self.authenticate(&request).await;
         let label = result.as_ref().map_or_else(|error| error.label(), |_| "ok");
@@ -273,12 +280,12 @@ impl Authenticator for ListenerProxy {
         result
     }
 
-    fn smtp_extensions(&self) -> Vec<String> {
-        let mut probe = self.extensions.lock().unwrap_or_else(|e| e.into_inner());
+    fn upstream_capabilities(&self) -> Vec<String> {
+        let mut probe = self.capabilities.lock().unwrap_or_else(|e| e.into_inner());
         match &*probe {
-            Probe::Known(extensions) => return extensions.clone(),
+            Probe::Known(capabilities) => return capabilities.clone(),
             Probe::Running => return Vec::new(),
-            Probe::Failed(at) if at.elapsed() < EXTENSION_PROBE_RETRY => return Vec::new(),
+            Probe::Failed(at) if at.elapsed() < CAPABILITY_PROBE_RETRY => return Vec::new(),
             Probe::Unknown | Probe::Failed(_) => {}
         }
         *probe = Probe::Running;
