@@ -4,7 +4,7 @@
 
 use std::io;
 
-use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer};
+use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes read from the peer per read call. Reads happen only when the `Fragmentizer` has consumed
@@ -24,7 +24,68 @@ pub(crate) struct Framer {
     message_position: usize,
 }
 
+/// What a client may send in one message before login: its longest line and literal, and
+/// both together (the listener's `max_line_length` and `max_literal_size`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientLimits {
+    pub(crate) max_line: usize,
+    pub(crate) max_literal: usize,
+}
+
+impl ClientLimits {
+    pub(crate) fn max_message(self) -> usize {
+        self.max_line.saturating_add(self.max_literal)
+    }
+}
+
+/// The next thing a client's message holds, judged against its [`ClientLimits`].
+#[derive(Debug)]
+pub(crate) enum Framed {
+    /// A literal announced at the end of a line; `fits` when neither it, nor the line before
+    /// it, nor the message so far passes a limit. The protocol decides what comes next.
+    Literal {
+        announcement: LiteralAnnouncement,
+        fits: bool,
+    },
+    /// A complete message; `refused` when its last line, a literal or the whole passed a
+    /// limit (or the message was marked with [`Framer::poison_message`]).
+    Message { refused: bool },
+}
+
 impl Framer {
+    /// A framer for a client's messages: one holds at most `limits.max_message()` bytes (the
+    /// limits are validated to fit in a `u32`).
+    pub(crate) fn for_client(limits: ClientLimits) -> Self {
+        Self::new(u32::try_from(limits.max_message()).unwrap_or(u32::MAX))
+    }
+
+    /// The next literal announcement or complete message from bytes already received; `None`
+    /// when more bytes are needed.
+    pub(crate) fn next_framed(&mut self, limits: ClientLimits) -> Option<Framed> {
+        loop {
+            let fragment = self.progress()?;
+            let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
+                && fragment.range().len() > limits.max_line;
+            if let FragmentInfo::Line {
+                announcement: Some(announcement),
+                ..
+            } = fragment
+            {
+                let length = announcement.length as usize;
+                let fits = !line_too_long
+                    && length <= limits.max_literal
+                    && self.message_len().saturating_add(length) <= limits.max_message();
+                return Some(Framed::Literal { announcement, fits });
+            }
+            if self.fragmentizer.is_message_complete() {
+                let refused = line_too_long
+                    || self.fragmentizer.is_message_poisoned()
+                    || self.fragmentizer.is_max_message_size_exceeded();
+                return Some(Framed::Message { refused });
+            }
+        }
+    }
+
     pub(crate) fn new(max_message_size: u32) -> Self {
         Self {
             fragmentizer: Fragmentizer::new(max_message_size),

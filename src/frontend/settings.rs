@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client_tls::ClientTls;
+use crate::frontend::framer::ClientLimits;
 
 /// Names and limits a front end works with before authentication.
 #[derive(Debug, Clone)]
@@ -35,9 +36,12 @@ pub struct FrontendSettings {
 }
 
 impl FrontendSettings {
-    /// IMAP: the most one command (line plus literals) may hold.
-    pub fn max_message_size(&self) -> usize {
-        self.max_line_length.saturating_add(self.max_literal_size)
+    /// The limits on one message of a protocol with literals (IMAP, ManageSieve).
+    pub(crate) fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            max_line: self.max_line_length,
+            max_literal: self.max_literal_size,
+        }
     }
 
     /// What the session offers before the client starts TLS.

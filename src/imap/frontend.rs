@@ -5,14 +5,14 @@
 use std::future::Future;
 use std::io;
 
-use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
+use imap_codec::fragmentizer::{Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use super::reply;
-use crate::frontend::framer::Framer;
+use crate::frontend::framer::{ClientLimits, Framed, Framer};
 use crate::frontend::settings::{FrontendSettings, TlsOffer};
 use crate::frontend::{self, Dialogue, Step};
 use crate::io::BoxedIo;
@@ -43,8 +43,7 @@ pub struct ImapDialogue {
     framer: Framer,
     session: Session,
     hostname: String,
-    max_line_length: usize,
-    max_literal_size: usize,
+    limits: ClientLimits,
     /// The tag of the login under way, for its completion.
     login_tag: String,
 }
@@ -52,40 +51,31 @@ pub struct ImapDialogue {
 impl ImapDialogue {
     pub fn new(settings: &FrontendSettings) -> Self {
         Self {
-            framer: new_framer(settings.max_message_size()),
+            framer: Framer::for_client(settings.client_limits()),
             session: Session::new(settings.tls_offer()),
             hostname: settings.hostname.clone(),
-            max_line_length: settings.max_line_length,
-            max_literal_size: settings.max_literal_size,
+            limits: settings.client_limits(),
             login_tag: String::new(),
         }
-    }
-
-    fn max_message_size(&self) -> usize {
-        self.max_line_length.saturating_add(self.max_literal_size)
     }
 
     /// The next action for the fragments buffered, or `None` when a message is incomplete.
     fn next_action(&mut self) -> Option<Action> {
         loop {
-            let fragment = self.framer.progress()?;
-            let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
-                && fragment.range().len() > self.max_line_length;
-            if let Some(announcement) = literal_announcement(fragment) {
-                if let Some(reply) = self.accept_literal(announcement, line_too_long) {
-                    return Some(Action::Reply(reply));
+            match self.framer.next_framed(self.limits)? {
+                Framed::Literal { announcement, fits } => {
+                    if let Some(reply) = self.accept_literal(announcement, fits) {
+                        return Some(Action::Reply(reply));
+                    }
                 }
-            } else if self.framer.fragmentizer().is_message_complete() {
-                let fragmentizer = self.framer.fragmentizer();
-                if line_too_long
-                    || fragmentizer.is_message_poisoned()
-                    || fragmentizer.is_max_message_size_exceeded()
-                {
-                    let tag = fragmentizer.decode_tag();
+                Framed::Message { refused: true } => {
+                    let tag = self.framer.fragmentizer().decode_tag();
                     let tag = tag.as_ref().map(AsRef::as_ref);
                     return Some(self.session.refuse(tag, "Command too long").into());
                 }
-                return Some(self.session.on_message(fragmentizer));
+                Framed::Message { refused: false } => {
+                    return Some(self.session.on_message(self.framer.fragmentizer()));
+                }
             }
         }
     }
@@ -96,15 +86,7 @@ impl ImapDialogue {
     /// message can be skipped. A non-synchronizing one arrives anyway (RFC 7888 4): the message
     /// is marked, read to its end (the `Fragmentizer` keeps at most its size limit) and refused
     /// then.
-    fn accept_literal(
-        &mut self,
-        announcement: LiteralAnnouncement,
-        line_too_long: bool,
-    ) -> Option<Reply> {
-        let length = announcement.length as usize;
-        let fits = !line_too_long
-            && length <= self.max_literal_size
-            && self.framer.message_len().saturating_add(length) <= self.max_message_size();
+    fn accept_literal(&mut self, announcement: LiteralAnnouncement, fits: bool) -> Option<Reply> {
         match (announcement.mode, fits) {
             (LiteralMode::NonSync, true) => return None,
             (LiteralMode::NonSync, false) => {
@@ -137,7 +119,7 @@ impl Dialogue for ImapDialogue {
     }
 
     fn max_pending(&self) -> usize {
-        self.max_message_size()
+        self.limits.max_message()
     }
 
     fn next_step(&mut self, _upstream: &dyn Fn() -> Vec<String>) -> Option<Step> {
@@ -156,7 +138,7 @@ impl Dialogue for ImapDialogue {
     }
 
     fn tls_started(&mut self) {
-        self.framer = new_framer(self.max_message_size());
+        self.framer = Framer::for_client(self.limits);
         self.session.tls = TlsOffer::None;
     }
 
@@ -178,18 +160,6 @@ impl Dialogue for ImapDialogue {
     fn into_rest(self: Box<Self>) -> Vec<u8> {
         self.framer.into_unparsed()
     }
-}
-
-fn literal_announcement(fragment: FragmentInfo) -> Option<LiteralAnnouncement> {
-    match fragment {
-        FragmentInfo::Line { announcement, .. } => announcement,
-        FragmentInfo::Literal { .. } => None,
-    }
-}
-
-/// A framer bounded by the listener's limits; the limits are validated to fit in a `u32`.
-fn new_framer(max_message_size: usize) -> Framer {
-    Framer::new(u32::try_from(max_message_size).unwrap_or(u32::MAX))
 }
 
 /// What the session waits for next.

@@ -2,11 +2,9 @@
 //! CAPABILITY, STARTTLS, AUTHENTICATE PLAIN/LOGIN with strings or literals, NOOP and LOGOUT.
 //! A [`Dialogue`]: no I/O, [`crate::frontend::serve`] runs it.
 
-use imap_codec::fragmentizer::FragmentInfo;
-
 use super::reply;
 use super::syntax::{self, Token};
-use crate::frontend::framer::Framer;
+use crate::frontend::framer::{ClientLimits, Framed, Framer};
 use crate::frontend::settings::{FrontendSettings, TlsOffer};
 use crate::frontend::{Dialogue, Step};
 use crate::limits::{Strikes, Verdict};
@@ -27,9 +25,7 @@ pub struct ManageSieveDialogue {
     /// RFC 5804 2.2: after TLS the server sends its capabilities again, unasked.
     announce: bool,
     hostname: String,
-    max_line_length: usize,
-    max_literal_size: usize,
-    max_message_size: usize,
+    limits: ClientLimits,
 }
 
 /// What the session waits for next.
@@ -44,52 +40,31 @@ enum State {
 impl ManageSieveDialogue {
     pub fn new(settings: &FrontendSettings) -> Self {
         Self {
-            framer: new_framer(settings.max_message_size()),
+            framer: Framer::for_client(settings.client_limits()),
             state: State::Command,
             strikes: Strikes::default(),
             tls: settings.tls_offer(),
             announce: false,
             hostname: settings.hostname.clone(),
-            max_line_length: settings.max_line_length,
-            max_literal_size: settings.max_literal_size,
-            max_message_size: settings.max_message_size(),
+            limits: settings.client_limits(),
         }
     }
 
     /// Frames the next complete message; `Some(None)` when it was too long or malformed.
     fn next_message(&mut self) -> Option<Option<Vec<Token>>> {
         loop {
-            let fragment = self.framer.progress()?;
-            let line_too_long = matches!(fragment, FragmentInfo::Line { .. })
-                && fragment.range().len() > self.max_line_length;
-            if let FragmentInfo::Line {
-                announcement: Some(announcement),
-                ..
-            } = fragment
-            {
-                // RFC 5804 4: no continuation is sent for either `{n+}` or `{n}`; the
-                // client sends the literal at once, so one too large is read to the end of
-                // its message (the `Fragmentizer` keeps at most its limit) and refused then.
-                let length = announcement.length as usize;
-                let fits = !line_too_long
-                    && length <= self.max_literal_size
-                    && self.framer.message_len().saturating_add(length) <= self.max_message_size;
-                if !fits {
-                    self.framer.poison_message();
+            match self.framer.next_framed(self.limits)? {
+                // RFC 5804 4: no continuation is sent for either `{n+}` or `{n}`; the client
+                // sends the literal at once, so one too large is read to the end of its
+                // message (the `Fragmentizer` keeps at most its limit) and refused then.
+                Framed::Literal { fits: false, .. } => self.framer.poison_message(),
+                Framed::Literal { fits: true, .. } => {}
+                Framed::Message { refused: true } => return Some(None),
+                Framed::Message { refused: false } => {
+                    let message = self.framer.fragmentizer().message_bytes();
+                    return Some(syntax::tokenize(message));
                 }
-                continue;
             }
-            let fragmentizer = self.framer.fragmentizer();
-            if !fragmentizer.is_message_complete() {
-                continue;
-            }
-            if line_too_long
-                || fragmentizer.is_message_poisoned()
-                || fragmentizer.is_max_message_size_exceeded()
-            {
-                return Some(None);
-            }
-            return Some(syntax::tokenize(fragmentizer.message_bytes()));
         }
     }
 
@@ -211,7 +186,7 @@ impl Dialogue for ManageSieveDialogue {
     }
 
     fn max_pending(&self) -> usize {
-        self.max_message_size
+        self.limits.max_message()
     }
 
     fn next_step(&mut self, upstream: &dyn Fn() -> Vec<String>) -> Option<Step> {
@@ -232,7 +207,7 @@ impl Dialogue for ManageSieveDialogue {
 
     fn tls_started(&mut self) {
         // Whatever came after STARTTLS was sent in the clear: it is never acted on.
-        self.framer = new_framer(self.max_message_size);
+        self.framer = Framer::for_client(self.limits);
         self.state = State::Command;
         self.tls = TlsOffer::None;
         self.announce = true;
@@ -268,11 +243,6 @@ fn command(tokens: &[Token]) -> Option<(String, Vec<&[u8]>)> {
         })
         .collect::<Option<Vec<_>>>()?;
     Some((name.to_ascii_uppercase(), arguments))
-}
-
-/// A framer bounded by the listener's limits, which are validated to fit in a `u32`.
-fn new_framer(max_message_size: usize) -> Framer {
-    Framer::new(u32::try_from(max_message_size).unwrap_or(u32::MAX))
 }
 
 /// `text`, followed by `BYE` and the end of the session when the strikes say so.
