@@ -58,6 +58,21 @@ pub trait MailProtocol: Send + Sync {
         hostname: &'a str,
     ) -> Option<BoxFuture<'a, Result<Vec<String>, BackendError>>>;
 
+    /// The health check of one server of a pool: opens a session as a login would (connect,
+    /// TLS, greeting, capabilities) and closes it. By default only the connection is opened.
+    ///
+    /// # Errors
+    /// The server cannot be reached, or its TLS or greeting fails.
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        _hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            connector.connect(None).await.map(drop).map_err(BackendError::Io)
+        })
+    }
+
     /// The ALPN id a listener accepts. A client offering ALPN ids without it is refused, so
     /// that a browser's `http/1.1` connection cannot be turned against a mail port (ALPACA, as
     /// nginx's mail proxy refuses since 1.21.0).
