@@ -602,15 +602,13 @@ mod tests {
     ) -> (Connector, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = UpstreamConfig {
-            host: "127.0.0.1".to_owned(),
-            port: listener.local_addr().unwrap().port(),
-            tls,
             ca_file: None,
             system_roots: tls != TlsMode::None,
             mechanism,
             connect_timeout: Duration::from_secs(5),
             forward_client,
             max_concurrent_connects: crate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
+            ..UpstreamConfig::new("127.0.0.1".to_owned(), listener.local_addr().unwrap().port(), tls)
         };
         (Connector::new(&config).unwrap(), listener)
     }

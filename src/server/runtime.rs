@@ -19,7 +19,7 @@ use crate::replicas::Redis;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
 use crate::token::sources::Sources;
-use crate::upstream::Connector;
+use crate::backends::Pool;
 
 use super::{Lasting, StartError};
 
@@ -145,12 +145,19 @@ pub(super) fn listener_runtime(
     shared: &Shared,
     config: &Config,
 ) -> Result<ListenerRuntime, StartError> {
-    let connector = Connector::new(&listener.upstream)
-        .map_err(|error| StartError::Upstream {
-            name: listener.name.clone(),
-            reason: error.to_string(),
-        })?
-        .with_metrics(shared.metrics.clone());
+    let protocol = protocols::named(listener.protocol);
+    let pool = Pool::new(
+        &listener.name,
+        protocol,
+        &listener.upstream,
+        &config.hostname,
+        &shared.backends,
+        &shared.metrics,
+    )
+    .map_err(|error| StartError::Upstream {
+        name: listener.name.clone(),
+        reason: error.to_string(),
+    })?;
     shared.metrics.export_listener(&listener.name);
     let client_tls = client_tls(listener, &shared.metrics)?;
     let (implicit_tls, starttls) = match listener.tls.as_ref().map(|tls| tls.mode) {
@@ -167,8 +174,8 @@ pub(super) fn listener_runtime(
     Ok(ListenerRuntime {
         driver: LoginDriver::new(
             listener.name.clone(),
-            protocols::named(listener.protocol),
-            connector,
+            protocol,
+            pool,
             listener.login_timeout,
             shared,
             config.hostname.clone(),
