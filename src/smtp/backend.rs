@@ -221,11 +221,14 @@ fn classify(reply: &Response<String>) -> BackendError {
     }
 }
 
+/// The reply to a command other than AUTH, if it has `code`. Any other reply is a protocol
+/// error, `5xx` included: a refused greeting (`421`, `554`), EHLO or STARTTLS says nothing of
+/// the credentials, so a fresh token would not help.
 fn expect(reply: Response<String>, code: u16) -> Result<Response<String>, BackendError> {
     if reply.code == code {
         Ok(reply)
     } else {
-        Err(classify(&reply))
+        Err(BackendError::Protocol(reply_text(&reply)))
     }
 }
 
