@@ -88,8 +88,9 @@ async fn unredacted_login(
 pub async fn probe_capabilities(connector: &Connector) -> Result<Vec<String>, BackendError> {
     let (mut connection, capabilities) = open(connector, None).await?;
     // A polite goodbye; the capabilities are known already, so its answer does not matter.
-    // It is not awaited: Dovecot 2.3's managesieve-login over implicit TLS at times never
-    // sends one, which held the capabilities back for the whole reply timeout.
+    // It is not awaited, only the close, and that briefly: Dovecot 2.3's managesieve-login
+    // over implicit TLS at times never answers, which held the capabilities back for the
+    // whole reply timeout.
     say_goodbye(&mut connection.io, b"LOGOUT\r\n").await;
     Ok(capabilities)
 }
