@@ -27,6 +27,8 @@ const HOSTNAME: &str = "mailgate.test";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long Dovecot may take to write a session's last log line after closing it.
 const LOG_WAIT: Duration = Duration::from_secs(10);
+/// How Dovecot's login processes log a session that ended with LOGOUT or QUIT before any login.
+const LOGGED_OUT: &str = "Disconnected: Aborted login by logging out (no auth attempts";
 
 /// A connector to `port` on loopback, trusting `ca` (else the system's roots) for TLS.
 fn connector(
@@ -50,6 +52,7 @@ fn connector(
     .unwrap()
 }
 
+/// The four protocols.
 fn all() -> [&'static dyn MailProtocol; 4] {
     [&Imap, &Smtp, &Pop3, &ManageSieve]
 }
@@ -64,9 +67,6 @@ fn protocols(up: &TestUpstream) -> [(&'static dyn MailProtocol, u16, u16); 4] {
         (&ManageSieve, dovecot.sieve_port, dovecot.sieves_port),
     ]
 }
-
-/// How Dovecot's login processes log a session that ended with LOGOUT or QUIT before any login.
-const LOGGED_OUT: &str = "Disconnected: Aborted login by logging out (no auth attempts";
 
 #[tokio::test]
 async fn every_protocol_is_healthy_over_plain_starttls_and_implicit_tls_without_logging_in() {
