@@ -209,7 +209,6 @@ impl LoginDriver {
         request: &LoginRequest,
     ) -> Result<Placed, Failure> {
         let named = token.token.server.as_ref();
-        let named = named.map(|server| (server.host.as_str(), server.port));
         let mut unreachable = Vec::new();
         loop {
             let avoid: Vec<&str> = unreachable.iter().map(String::as_str).collect();

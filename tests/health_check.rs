@@ -39,15 +39,13 @@ fn connector(
 ) -> Connector {
     mailgate::tls::install_crypto_provider();
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls,
         ca_file: ca.map(TestCa::ca_pem),
         system_roots: ca.is_none(),
         mechanism: MechanismSetting::Auto,
         connect_timeout: CONNECT_TIMEOUT,
         forward_client,
         max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, tls)
     })
     .unwrap()
 }

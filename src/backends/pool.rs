@@ -13,6 +13,7 @@ use crate::config::{Routing, UpstreamConfig};
 use crate::frontend::MailProtocol;
 use crate::metrics::{BackendLabels, Metrics};
 use crate::tls::TlsError;
+use crate::token::ServerAddress;
 use crate::upstream::Connector;
 
 use super::health::{self, Checked, HealthView, Outcome, ServerHealth};
@@ -27,6 +28,8 @@ pub struct Server {
     pub name: String,
     pub weight: u32,
     pub connector: Connector,
+    /// Its address as a token source's answer would name it (see [`ServerAddress::new`]).
+    address: Option<ServerAddress>,
     /// `None` for a listener's only server: nothing to route around it.
     health: Option<Arc<ServerHealth>>,
 }
@@ -111,6 +114,7 @@ impl Pool {
                 backends.health_of(listener, &server, config, checked)
             });
             servers.push(Arc::new(Server {
+                address: ServerAddress::new(&server.host, server.port).ok(),
                 name: server.name,
                 weight: server.weight,
                 connector,
@@ -178,7 +182,7 @@ impl Pool {
     pub async fn route(
         &self,
         account: &str,
-        named: Option<(&str, u16)>,
+        named: Option<&ServerAddress>,
         avoid: &[&str],
     ) -> Result<Lease, RouteError> {
         let key = account_key(account);
@@ -211,7 +215,7 @@ impl Pool {
         &self,
         state: &State,
         key: &str,
-        named: Option<(&str, u16)>,
+        named: Option<&ServerAddress>,
         avoid: &[&str],
     ) -> Result<Decision, RouteError> {
         let usable = |server: &Arc<Server>| {
@@ -227,8 +231,8 @@ impl Pool {
             .filter(|open| self.server(&open.server).is_some())
             .collect();
         let chosen_by_source = match named {
-            Some((host, port)) if self.routing == Routing::FromTokenSource => {
-                Some(self.named_by_source(host, port)?)
+            Some(named) if self.routing == Routing::FromTokenSource => {
+                Some(self.named_by_source(named)?)
             }
             _ => None,
         };
@@ -258,15 +262,17 @@ impl Pool {
         Ok(Decision::Go(target))
     }
 
-    fn named_by_source(&self, host: &str, port: u16) -> Result<Arc<Server>, RouteError> {
+    fn named_by_source(&self, named: &ServerAddress) -> Result<Arc<Server>, RouteError> {
         self.servers
             .iter()
-            .find(|server| {
-                server.connector.host().eq_ignore_ascii_case(host) && server.connector.port() == port
-            })
+            .find(|server| server.address.as_ref() == Some(named))
             .cloned()
             .ok_or_else(|| {
-                RouteError::OutsidePool(format!("{}:{port}", crate::sanitize::Escaped(host)))
+                RouteError::OutsidePool(format!(
+                    "{}:{}",
+                    crate::sanitize::Escaped(&named.host),
+                    named.port
+                ))
             })
     }
 
