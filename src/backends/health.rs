@@ -101,7 +101,8 @@ impl ServerHealth {
         if let Outcome::Failed(error) = outcome {
             state.last_error = Some(error.chars().take(MAX_ERROR_CHARS).collect());
         }
-        if passed == !state.down {
+        let as_known = passed != state.down;
+        if as_known {
             state.streak = 0;
             return None;
         }

@@ -104,7 +104,8 @@ impl Pool {
         let is_pool = config.is_pool();
         let mut servers = Vec::new();
         for server in config.server_list() {
-            let connector = Connector::new(&config.for_server(&server))?.with_metrics(metrics.clone());
+            let connector =
+                Connector::new(&config.for_server(&server))?.with_metrics(metrics.clone());
             let health = is_pool.then(|| {
                 let checked = Checked {
                     protocol,
@@ -191,19 +192,19 @@ impl Pool {
             let released = self.backends.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            let decision = {
+            let elsewhere = {
                 let mut state = self.backends.lock();
                 match self.decide(&state, &key, named, avoid)? {
                     Decision::Go(server) => {
-                        return Ok(self
-                            .backends
-                            .open_lease(&mut state, key, &self.listener, server));
+                        return Ok(self.backends.open_lease(
+                            &mut state,
+                            key,
+                            &self.listener,
+                            server,
+                        ));
                     }
-                    wait => wait,
+                    Decision::Wait(elsewhere) => elsewhere,
                 }
-            };
-            let Decision::Wait(elsewhere) = decision else {
-                unreachable!("returned above");
             };
             if tokio::time::timeout_at(deadline, released).await.is_err() {
                 return Err(RouteError::StillOpen(elsewhere));
@@ -303,7 +304,11 @@ impl Pool {
         fn weighted(server: &Arc<Server>) -> (&str, u32) {
             (server.name.as_str(), server.weight)
         }
-        let candidates: Vec<_> = self.servers.iter().filter(|server| usable(server)).collect();
+        let candidates: Vec<_> = self
+            .servers
+            .iter()
+            .filter(|server| usable(server))
+            .collect();
         let best = ring::best(key, candidates.iter().map(|server| weighted(server)))
             .map(|index| candidates[index].clone())
             .ok_or(RouteError::NoServer)?;
@@ -365,5 +370,174 @@ impl Backends {
             }
         });
         health
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{ServerConfig, TlsMode};
+    use crate::health::Health;
+
+    /// A pool of servers nobody listens on. Checks run at once, then hourly: one failure
+    /// each, short of `fall`, so their health is as the test records it.
+    fn pool_of(names: &[&str], adjust: impl FnOnce(&mut UpstreamConfig)) -> Arc<Pool> {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::new(Duration::from_secs(30)));
+        let backends = Arc::new(Backends::new(metrics.clone(), health));
+        pool_in(&backends, names, adjust)
+    }
+
+    fn pool_in(
+        backends: &Arc<Backends>,
+        names: &[&str],
+        adjust: impl FnOnce(&mut UpstreamConfig),
+    ) -> Arc<Pool> {
+        let mut config = UpstreamConfig::new(String::new(), 0, TlsMode::None);
+        config.servers = names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| ServerConfig {
+                name: (*name).to_owned(),
+                host: "127.0.0.1".to_owned(),
+                port: 9 + u16::try_from(index).unwrap(),
+                weight: 1,
+            })
+            .collect();
+        config.health.interval = Duration::from_secs(3600);
+        config.health.fall = 3;
+        adjust(&mut config);
+        let protocol = crate::protocols::named(crate::config::Protocol::Imap);
+        let metrics = backends.metrics.clone();
+        Pool::new(
+            "imap",
+            protocol,
+            &config,
+            "mailgate.test",
+            backends,
+            &metrics,
+        )
+        .unwrap()
+    }
+
+    fn preferred(pool: &Pool, account: &str) -> String {
+        let servers = pool.servers.iter().map(|s| (s.name.as_str(), s.weight));
+        pool.servers[ring::best(account, servers).unwrap()]
+            .name
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn an_account_stays_where_its_sessions_are_until_they_end() {
+        let pool = pool_of(&["a", "b", "c"], |_| {});
+        let first = preferred(&pool, "alice");
+        // Its first choice could not be reached: it opened elsewhere.
+        let elsewhere = pool.route("alice", None, &[&first]).await.unwrap();
+        assert_ne!(elsewhere.server().name, first);
+        let again = pool.route("ALICE", None, &[]).await.unwrap();
+        assert_eq!(again.server().name, elsewhere.server().name);
+        drop((elsewhere, again));
+        let back = pool.route("alice", None, &[]).await.unwrap();
+        assert_eq!(back.server().name, first);
+    }
+
+    #[tokio::test]
+    async fn a_drained_servers_sessions_end_before_the_account_moves() {
+        let pool = pool_of(&["a", "b", "c"], |_| {});
+        let first = preferred(&pool, "bob");
+        let open = pool.route("bob", None, &[]).await.unwrap();
+        pool.backends
+            .drain(&first, Duration::from_secs(3600))
+            .unwrap();
+        let moving = pool.route("bob", None, &[]);
+        tokio::pin!(moving);
+        tokio::select! {
+            _ = &mut moving => panic!("moved while a session was open on the drained server"),
+            () = open.ended() => {}
+        }
+        drop(open);
+        let moved = moving.await.unwrap();
+        assert_ne!(moved.server().name, first);
+        assert_eq!(pool.backends.undrain(&first), Ok(true));
+    }
+
+    #[tokio::test]
+    async fn a_down_server_leaves_the_ring_and_only_its_accounts_move() {
+        let pool = pool_of(&["a", "b", "c"], |_| {});
+        let down = pool.server("b").unwrap().clone();
+        for _ in 0..3 {
+            pool.connect_failed(&down, &std::io::Error::other("refused"));
+        }
+        assert!(!down.is_up());
+        for n in 0..200 {
+            let account = format!("user{n}");
+            let lease = pool.route(&account, None, &[]).await.unwrap();
+            let first = preferred(&pool, &account);
+            if first == "b" {
+                assert_ne!(lease.server().name, "b");
+            } else {
+                assert_eq!(lease.server().name, first);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_source_may_only_name_a_server_of_the_pool() {
+        let pool = pool_of(&["a", "b"], |config| {
+            config.routing = Routing::FromTokenSource;
+        });
+        let b = ServerAddress::new("127.0.0.1", 10).unwrap();
+        let lease = pool.route("carol", Some(&b), &[]).await.unwrap();
+        assert_eq!(lease.server().name, "b");
+        let outside = ServerAddress::new("mail.elsewhere.example", 143).unwrap();
+        assert!(matches!(
+            pool.route("dave", Some(&outside), &[]).await,
+            Err(RouteError::OutsidePool(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn static_routes_win_and_the_rest_go_to_the_fallback() {
+        let pool = pool_of(&["a", "b", "c"], |config| {
+            config.routing = Routing::Static;
+            config.routes.insert("erin".to_owned(), "c".to_owned());
+            config.fallback = Some("a".to_owned());
+        });
+        assert_eq!(
+            pool.route("erin", None, &[]).await.unwrap().server().name,
+            "c"
+        );
+        assert_eq!(
+            pool.route("frank", None, &[]).await.unwrap().server().name,
+            "a"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_move_is_kept_in_the_routes_file_and_ends_sessions_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.yaml");
+        let pool = pool_of(&["a", "b", "c"], |config| {
+            config.routes_file = Some(file.clone());
+        });
+        let first = preferred(&pool, "gina");
+        let target = ["a", "b", "c"]
+            .into_iter()
+            .find(|name| *name != first)
+            .unwrap();
+        let open = pool.route("gina", None, &[]).await.unwrap();
+        assert_eq!(pool.backends.move_account("Gina", target), Ok(1));
+        assert!(open.was_ended());
+        drop(open);
+        let moved = pool.route("gina", None, &[]).await.unwrap();
+        assert_eq!(moved.server().name, target);
+        let kept = crate::config::pool::read_routes(&file).unwrap();
+        assert_eq!(kept.get("gina").map(String::as_str), Some(target));
+        assert!(matches!(
+            pool.backends.move_account("gina", "nowhere"),
+            Err(crate::backends::OperationError::NoSuchServer(_))
+        ));
     }
 }
