@@ -10,17 +10,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backends::{Backends, Lease, Pool, RouteError};
 use crate::client_auth::throttle::Throttle;
 use crate::client_auth::{Accepted, Attempt, ClientAuth};
 use crate::forward::Origin;
 use crate::frontend::{MailProtocol, OnBehalf};
-use crate::login::{Authenticator, BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
+use crate::login::{BackendError, LoginError, LoginRequest, Upstream, UpstreamAuth};
 use crate::metrics::Metrics;
 use crate::sanitize::Escaped;
 use crate::token::cache::{Cached, TokenCache};
 use crate::token::oauth2::OAuth2;
 use crate::token::{TokenError, TokenKey};
-use crate::upstream::Connector;
 
 /// How long the background probe of what an upstream advertises may take.
 const CAPABILITY_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,14 +35,15 @@ pub struct Shared {
     pub client_auth: Arc<ClientAuth>,
     pub throttle: Arc<Throttle>,
     pub metrics: Arc<Metrics>,
+    pub backends: Arc<Backends>,
 }
 
-/// The [`Authenticator`] of one listener: its protocol and upstream, the shared token cache
-/// and client check.
+/// The logins of one listener: its protocol and pool of servers, the shared token cache and
+/// client check.
 pub struct LoginDriver {
     pub listener: String,
     pub protocol: &'static dyn MailProtocol,
-    pub connector: Connector,
+    pub pool: Arc<Pool>,
     login_timeout: Duration,
     tokens: Arc<TokenCache>,
     client_auth: Arc<ClientAuth>,
@@ -68,7 +69,7 @@ impl LoginDriver {
     pub fn new(
         listener: String,
         protocol: &'static dyn MailProtocol,
-        connector: Connector,
+        pool: Arc<Pool>,
         login_timeout: Duration,
         shared: &Shared,
         hostname: String,
@@ -76,7 +77,7 @@ impl LoginDriver {
         let driver = Self {
             listener,
             protocol,
-            connector,
+            pool,
             login_timeout,
             tokens: shared.tokens.clone(),
             client_auth: shared.client_auth.clone(),
@@ -91,7 +92,7 @@ impl LoginDriver {
 
     /// Every step of a login but the bookkeeping around it: the throttle's wait, then the
     /// password check, token and upstream login within one `login_timeout`.
-    async fn authenticate(&self, request: &LoginRequest) -> Result<Upstream, LoginError> {
+    async fn authenticate(&self, request: &LoginRequest) -> Result<Placed, LoginError> {
         let client = request.client.map(|address| address.ip());
         let wait = self
             .throttle
@@ -152,15 +153,15 @@ impl LoginDriver {
         &self,
         request: &LoginRequest,
         accepted: Accepted,
-    ) -> Result<Upstream, LoginError> {
+    ) -> Result<Placed, LoginError> {
         let (key, token) = self.token(accepted.clone()).await?;
-        match self.upstream_login(&token.token.auth, request).await {
-            Ok(upstream) => return Ok(of_account(upstream, &key)),
-            Err(error) if error.is_rejection() => {
+        match self.upstream_login(&key.account, &token, request).await {
+            Ok(placed) => return Ok(placed),
+            Err(Failure::Backend(error)) if error.is_rejection() => {
                 tracing::info!(%error, "token refused upstream; fetching a new one");
                 self.tokens.invalidate(&key, &token).await;
             }
-            Err(error) => return Err(unavailable(&error)),
+            Err(failure) => return Err(failure.into_login_error()),
         }
         let accepted = match accepted {
             // Only the client's password gets another token: a fresh grant, checked again.
@@ -168,14 +169,14 @@ impl LoginDriver {
             account @ Accepted::Account(_) => account,
         };
         let (key, token) = self.token(accepted).await?;
-        match self.upstream_login(&token.token.auth, request).await {
-            Ok(upstream) => Ok(of_account(upstream, &key)),
-            Err(error) if error.is_rejection() => {
+        match self.upstream_login(&key.account, &token, request).await {
+            Ok(placed) => Ok(placed),
+            Err(Failure::Backend(error)) if error.is_rejection() => {
                 tracing::warn!(%error, "upstream login refused");
                 self.tokens.invalidate(&key, &token).await;
                 Err(LoginError::UpstreamRejected)
             }
-            Err(error) => Err(unavailable(&error)),
+            Err(failure) => Err(failure.into_login_error()),
         }
     }
 
@@ -199,8 +200,57 @@ impl LoginDriver {
             })
     }
 
+    /// Routes `account` to its server and logs in there; a server that cannot be reached
+    /// counts against its health, and the login goes to the account's next choice once.
     async fn upstream_login(
         &self,
+        account: &str,
+        token: &Cached,
+        request: &LoginRequest,
+    ) -> Result<Placed, Failure> {
+        let named = token.token.server.as_ref();
+        let mut unreachable = Vec::new();
+        loop {
+            let avoid: Vec<&str> = unreachable.iter().map(String::as_str).collect();
+            let lease = self
+                .pool
+                .route(account, named, &avoid)
+                .await
+                .map_err(Failure::Route)?;
+            let server = lease.server().clone();
+            let outcome = self
+                .log_in_on(&server.connector, &token.token.auth, request)
+                .await;
+            self.metrics.backend_login(
+                &self.listener,
+                &server.name,
+                match &outcome {
+                    Ok(_) => "ok",
+                    Err(error) if error.is_rejection() => LoginError::UpstreamRejected.label(),
+                    Err(_) => LoginError::UpstreamUnavailable.label(),
+                },
+            );
+            match outcome {
+                Ok(upstream) => {
+                    return Ok(Placed {
+                        upstream,
+                        account: account.to_owned(),
+                        lease,
+                    });
+                }
+                Err(BackendError::Io(error)) if self.pool.is_pool() && unreachable.is_empty() => {
+                    tracing::warn!(server = %server.name, %error, "backend unreachable; trying the account's next choice");
+                    self.pool.connect_failed(&server, &error);
+                    unreachable.push(server.name.clone());
+                }
+                Err(error) => return Err(Failure::Backend(error)),
+            }
+        }
+    }
+
+    async fn log_in_on(
+        &self,
+        connector: &crate::upstream::Connector,
         auth: &UpstreamAuth,
         request: &LoginRequest,
     ) -> Result<Upstream, BackendError> {
@@ -213,11 +263,11 @@ impl LoginDriver {
         };
         let outcome = self
             .protocol
-            .log_in_upstream(&self.connector, auth, on_behalf)
+            .log_in_upstream(connector, auth, on_behalf)
             .await;
         self.metrics
             .upstream_auth_seconds
-            .get_or_create(&self.connector.labels())
+            .get_or_create(&connector.labels())
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
@@ -225,7 +275,7 @@ impl LoginDriver {
     /// Starts a probe of what the upstream advertises in the background.
     fn start_probe(&self) {
         let protocol = self.protocol;
-        let connector = self.connector.clone();
+        let connector = self.pool.any_connector().clone();
         let hostname = self.hostname.clone();
         let capabilities = self.capabilities.clone();
         tokio::spawn(async move {
@@ -250,13 +300,46 @@ impl LoginDriver {
     }
 }
 
-fn unavailable(error: &BackendError) -> LoginError {
-    tracing::warn!(%error, "upstream login failed");
-    LoginError::UpstreamUnavailable
+/// Why an upstream login failed: at the server, or before one was found.
+enum Failure {
+    Backend(BackendError),
+    Route(RouteError),
 }
 
-impl Authenticator for LoginDriver {
-    async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
+impl Failure {
+    fn into_login_error(self) -> LoginError {
+        match self {
+            Failure::Backend(error) => {
+                tracing::warn!(%error, "upstream login failed");
+                LoginError::UpstreamUnavailable
+            }
+            Failure::Route(error @ RouteError::OutsidePool(_)) => {
+                tracing::warn!(%error, "login refused: the token source may not send it there");
+                LoginError::Misconfigured
+            }
+            Failure::Route(error) => {
+                tracing::warn!(%error, "no server for the login");
+                LoginError::UpstreamUnavailable
+            }
+        }
+    }
+}
+
+/// A login done: the upstream, the account whose token logged in (it differs from the user
+/// name the client gave when a password check maps one to the other), and its place on its
+/// server, held for the session.
+pub struct Placed {
+    pub upstream: Upstream,
+    pub account: String,
+    pub lease: Lease,
+}
+
+impl LoginDriver {
+    /// Logs `request` in, with the bookkeeping around it: metrics and the throttle's counts.
+    ///
+    /// # Errors
+    /// The login failed; the front end answers the client as the error says.
+    pub async fn login(&self, request: LoginRequest) -> Result<Placed, LoginError> {
         let result = self.authenticate(&request).await;
         let label = result.as_ref().map_or_else(|error| error.label(), |_| "ok");
         self.metrics.login(&self.listener, label);
@@ -280,7 +363,8 @@ impl Authenticator for LoginDriver {
         result
     }
 
-    fn upstream_capabilities(&self) -> Vec<String> {
+    /// What the upstream advertises, as far as known yet: the first call starts a probe.
+    pub fn upstream_capabilities(&self) -> Vec<String> {
         let mut probe = self.capabilities.lock().unwrap_or_else(|e| e.into_inner());
         match &*probe {
             Probe::Known(capabilities) => return capabilities.clone(),
@@ -292,13 +376,5 @@ impl Authenticator for LoginDriver {
         drop(probe);
         self.start_probe();
         Vec::new()
-    }
-}
-
-/// Notes whose token logged in, so that the session is ended with that account.
-fn of_account(upstream: Upstream, key: &TokenKey) -> Upstream {
-    Upstream {
-        account: Some(key.account.clone()),
-        ..upstream
     }
 }

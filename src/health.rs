@@ -21,6 +21,8 @@ pub struct Health {
     token_store_unwritten: AtomicBool,
     /// The shared Redis did not answer its last call.
     shared_state_unreachable: AtomicBool,
+    /// A listener's pool has no server up.
+    no_backend_up: AtomicBool,
     /// The last readiness reported, to log each change once.
     last: Mutex<Option<Result<(), NotReady>>>,
     /// A probe of the token source is under way.
@@ -42,6 +44,8 @@ pub enum NotReady {
     TokenStoreUnwritten,
     #[error("the shared Redis does not answer; only logins with a cached token work")]
     SharedStateUnreachable,
+    #[error("no server of a listener's pool is up")]
+    NoBackendUp,
 }
 
 impl Health {
@@ -55,6 +59,7 @@ impl Health {
             token_source_refused: AtomicBool::new(false),
             token_store_unwritten: AtomicBool::new(false),
             shared_state_unreachable: AtomicBool::new(false),
+            no_backend_up: AtomicBool::new(false),
             last: Mutex::new(None),
             probing: AtomicBool::new(false),
         }
@@ -94,6 +99,10 @@ impl Health {
 
     /// Whether the token source should be probed: it has not answered recently, or it
     /// refused mailgate (so a fixed password shows soon).
+    pub fn set_no_backend_up(&self, stranded: bool) {
+        self.no_backend_up.store(stranded, Ordering::Relaxed);
+    }
+
     pub fn token_source_needs_probe(&self) -> bool {
         !self.token_source_fresh() || self.token_source_refused.load(Ordering::Relaxed)
     }
@@ -119,6 +128,8 @@ impl Health {
             Err(NotReady::TokenSourceSilent)
         } else if self.token_source_refused.load(Ordering::Relaxed) {
             Err(NotReady::TokenSourceRefuses)
+        } else if self.no_backend_up.load(Ordering::Relaxed) {
+            Err(NotReady::NoBackendUp)
         } else if self.shared_state_unreachable.load(Ordering::Relaxed) {
             Err(NotReady::SharedStateUnreachable)
         } else if self.token_store_unwritten.load(Ordering::Relaxed) {

@@ -110,6 +110,21 @@ pub async fn linger<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S) {
     let _ = timeout_at(Instant::now() + LINGER_TIMEOUT, drain).await;
 }
 
+/// Ends a session mailgate opened on its own behalf (a probe, a health check): writes
+/// `goodbye` (`LOGOUT`, `QUIT`) within [`LINGER_TIMEOUT`], then [`linger`]s, so that the server
+/// answers and closes first and logs a clean logout rather than a dropped connection. Its
+/// answer is not read: the session has served its purpose either way.
+pub async fn say_goodbye<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S, goodbye: &[u8]) {
+    if write_all_by(io, goodbye, Instant::now() + LINGER_TIMEOUT)
+        .await
+        .is_err()
+    {
+        tracing::debug!("upstream did not take the goodbye");
+        return;
+    }
+    linger(io).await;
+}
+
 /// A stream whose first reads return `prefix`, then the inner stream's bytes.
 ///
 /// Front ends read ahead of the login command; whatever the client pipelined after it

@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backends;
 pub mod client_auth;
 pub mod client_tls;
 pub mod commands;

@@ -72,6 +72,25 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+/// A server of a listener's pool: bounded by the configuration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub listener: String,
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendResultLabels {
+    pub listener: String,
+    pub server: String,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForwardLabels {
     pub upstream: String,
@@ -146,6 +165,12 @@ pub struct Metrics {
     pub redis_locks_stolen: Counter,
     pub shared_tokens: Family<ResultLabels, Counter>,
     pub lock_wait_seconds: Family<LockLabels, Histogram>,
+    pub backend_sessions: Family<BackendLabels, Gauge>,
+    pub backend_logins: Family<BackendResultLabels, Counter>,
+    pub backend_up: Family<BackendLabels, Gauge>,
+    pub backend_check_seconds: Family<BackendLabels, Histogram>,
+    pub backend_rerouted_logins: Family<BackendLabels, Counter>,
+    pub backend_draining: Family<ServerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -197,6 +222,12 @@ impl Metrics {
             redis_locks_stolen: Counter::default(),
             shared_tokens: Family::default(),
             lock_wait_seconds: Family::new_with_constructor(latency_histogram),
+            backend_sessions: Family::default(),
+            backend_logins: Family::default(),
+            backend_up: Family::default(),
+            backend_check_seconds: Family::new_with_constructor(latency_histogram),
+            backend_rerouted_logins: Family::default(),
+            backend_draining: Family::default(),
         };
         let metrics = metrics.register_all();
         metrics.export_fixed_series();
@@ -469,6 +500,36 @@ impl Metrics {
             self.lock_wait_seconds.clone(),
         );
         registry.register(
+            "backend_sessions",
+            "Sessions open (and logins under way) on each server of a listener's pool",
+            self.backend_sessions.clone(),
+        );
+        registry.register(
+            "backend_logins",
+            "Logins routed to each server of a listener's pool, by result (ok or the failure label of mailgate_logins_total)",
+            self.backend_logins.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "Whether each server of a pool takes logins by its health checks (1) or not (0)",
+            self.backend_up.clone(),
+        );
+        registry.register(
+            "backend_check_seconds",
+            "Time taken by a server's health check (connect, TLS, greeting, capabilities)",
+            self.backend_check_seconds.clone(),
+        );
+        registry.register(
+            "backend_rerouted_logins",
+            "Logins that went elsewhere than their server's by rendezvous hashing (down or drained), by that server: users moved",
+            self.backend_rerouted_logins.clone(),
+        );
+        registry.register(
+            "backend_draining",
+            "Whether a server is drained by the operator (1): no new logins",
+            self.backend_draining.clone(),
+        );
+        registry.register(
             "shared_tokens",
             "Access tokens sought in Redis on a local cache miss, by result (hit, fetched, wait_timeout)",
             self.shared_tokens.clone(),
@@ -479,6 +540,26 @@ impl Metrics {
             self.login_blocks.clone(),
         );
         self
+    }
+
+    /// Counts a login on a server of a pool.
+    pub fn backend_login(&self, listener: &str, server: &str, result: &'static str) {
+        self.backend_logins
+            .get_or_create(&BackendResultLabels {
+                listener: listener.to_owned(),
+                server: server.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Marks `server` drained or not.
+    pub fn backend_draining(&self, server: &str, draining: bool) {
+        self.backend_draining
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .set(i64::from(draining));
     }
 
     pub fn login(&self, listener: &str, result: &'static str) {

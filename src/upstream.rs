@@ -239,15 +239,13 @@ mod tests {
             }
         });
         let config = UpstreamConfig {
-            host: "127.0.0.1".to_owned(),
-            port,
-            tls: TlsMode::Implicit,
             ca_file: None,
             system_roots: true,
             mechanism: MechanismSetting::Auto,
             connect_timeout: Duration::from_millis(500),
             max_concurrent_connects: 1,
             forward_client: ForwardClient::None,
+            ..UpstreamConfig::new("127.0.0.1".to_owned(), port, TlsMode::Implicit)
         };
         let connector = Connector::new(&config).unwrap();
         let watch = async {

@@ -395,15 +395,13 @@ async fn xclient_not_offered_is_counted_and_warned_once_and_the_login_works() {
 
 fn connector(port: u16, forward_client: ForwardClient) -> Connector {
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls: TlsMode::None,
         ca_file: None,
         system_roots: false,
         mechanism: MechanismSetting::Auto,
         connect_timeout: Duration::from_secs(5),
         forward_client,
         max_concurrent_connects: mailgate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, TlsMode::None)
     })
     .unwrap()
 }

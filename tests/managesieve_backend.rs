@@ -40,15 +40,13 @@ fn connector(
 ) -> Connector {
     mailgate::tls::install_crypto_provider();
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls,
         ca_file: Some(upstream.ca.ca_pem()),
         system_roots: false,
         mechanism,
         connect_timeout: Duration::from_secs(5),
         max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
         forward_client: ForwardClient::None,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, tls)
     })
     .unwrap()
 }

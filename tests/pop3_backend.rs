@@ -38,15 +38,13 @@ fn connector(up: &TestUpstream, tls: TlsMode, mechanism: MechanismSetting) -> Co
         TlsMode::Starttls | TlsMode::None => up.dovecot.pop3_port,
     };
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls,
         ca_file: Some(up.ca.ca_pem()),
         system_roots: false,
         mechanism,
         connect_timeout: STEP_TIMEOUT,
         forward_client: ForwardClient::None,
         max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, tls)
     })
     .unwrap()
 }
@@ -319,15 +317,13 @@ async fn bytes_after_the_stls_answer_are_refused_not_read_as_if_encrypted() {
         ])
         .await;
         let connector = Connector::new(&UpstreamConfig {
-            host: "127.0.0.1".to_owned(),
-            port,
-            tls: TlsMode::Starttls,
             ca_file: Some(ca.ca_pem()),
             system_roots: false,
             mechanism: MechanismSetting::Auto,
             connect_timeout: STEP_TIMEOUT,
             forward_client: ForwardClient::None,
             max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
+            ..UpstreamConfig::new("127.0.0.1".to_owned(), port, TlsMode::Starttls)
         })
         .unwrap();
         let auth = UpstreamAuth::Bearer {

@@ -477,15 +477,13 @@ async fn fake_upstream(script: Script) -> (u16, JoinHandle<Vec<String>>) {
 
 fn connector(port: u16, mechanism: MechanismSetting) -> Connector {
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls: TlsMode::None,
         ca_file: None,
         system_roots: false,
         mechanism,
         connect_timeout: STEP_TIMEOUT,
         forward_client: mailgate::config::ForwardClient::None,
         max_concurrent_connects: mailgate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, TlsMode::None)
     })
     .unwrap()
 }

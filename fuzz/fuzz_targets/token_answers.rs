@@ -4,9 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use mailgate::login::UpstreamAuth;
-use mailgate::token::MAX_LIFETIME;
 use mailgate::token::auth_server::{self, is_usable_token, is_usable_user};
 use mailgate::token::oauth2::provider;
+use mailgate::token::{MAX_LIFETIME, ServerAddress};
 
 fuzz_target!(|data: &[u8]| {
     let secrets = secrets_in(data);
@@ -17,6 +17,10 @@ fuzz_target!(|data: &[u8]| {
                     .lifetime
                     .is_none_or(|lifetime| lifetime <= MAX_LIFETIME)
             );
+            // A server named is already in canonical form.
+            assert!(token.server.as_ref().is_none_or(|server| {
+                ServerAddress::new(&server.host, server.port).as_ref() == Ok(server)
+            }));
             match &token.auth {
                 UpstreamAuth::Bearer { user, token } => {
                     assert!(is_usable_user(user) && is_usable_token(token.expose()));

@@ -56,15 +56,13 @@ async fn upstream() -> &'static Upstream {
         for mechanism in MECHANISMS {
             for forward_client in FORWARDS {
                 let config = UpstreamConfig {
-                    host: "localhost".to_owned(),
-                    port,
-                    tls,
                     ca_file: None,
                     system_roots: true,
                     mechanism,
                     connect_timeout: Duration::from_secs(5),
                     max_concurrent_connects: 1,
                     forward_client,
+                    ..UpstreamConfig::new("localhost".to_owned(), port, tls)
                 };
                 connectors.push(Connector::new(&config).expect("connector"));
             }

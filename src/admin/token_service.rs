@@ -4,6 +4,7 @@
 //! other for a rotating one.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
@@ -12,7 +13,7 @@ use crate::config::{Protocol, TokenServiceConfig};
 use crate::login::UpstreamAuth;
 use crate::sanitize::Escaped;
 use crate::secret::Secret;
-use crate::token::TokenError;
+use crate::token::{Token, TokenError};
 
 const REALM: &str = "mailgate token service";
 
@@ -134,7 +135,7 @@ pub async fn respond(
     }
     match tokens.get(account, protocol).await {
         Ok((_, cached)) => {
-            let UpstreamAuth::Bearer { user, token } = &cached.token.auth else {
+            let Some(body) = body(&cached.token, cached.remaining()) else {
                 return answer(
                     admin,
                     client_name,
@@ -143,10 +144,6 @@ pub async fn respond(
                     plain(StatusCode::SERVICE_UNAVAILABLE, "no bearer token\n"),
                 );
             };
-            let mut body = serde_json::json!({ "user": user, "accessToken": token.expose() });
-            if let Some(remaining) = cached.remaining() {
-                body["expiresIn"] = remaining.as_secs().into();
-            }
             let mut ok = reply(StatusCode::OK, "application/json", body.to_string());
             ok.headers_mut().insert(
                 hyper::header::CACHE_CONTROL,
@@ -179,6 +176,28 @@ pub async fn respond(
     }
 }
 
+/// The answer for a bearer `token` valid for `remaining` (`None` for a password). The server
+/// the token's source named goes along, so that a mailgate asking this one routes the account
+/// to the same backend.
+fn body(token: &Token, remaining: Option<Duration>) -> Option<serde_json::Value> {
+    let UpstreamAuth::Bearer {
+        user,
+        token: secret,
+    } = &token.auth
+    else {
+        return None;
+    };
+    let mut body = serde_json::json!({ "user": user, "accessToken": secret.expose() });
+    if let Some(remaining) = remaining {
+        body["expiresIn"] = remaining.as_secs().into();
+    }
+    if let Some(server) = &token.server {
+        body["host"] = server.host.clone().into();
+        body["port"] = server.port.into();
+    }
+    Some(body)
+}
+
 /// Counts and logs an answer, like a login.
 fn answer(admin: &Admin, client: &str, account: &str, result: &'static str, reply: Reply) -> Reply {
     admin.metrics.token_service(result);
@@ -189,4 +208,50 @@ fn answer(admin: &Admin, client: &str, account: &str, result: &'static str, repl
         "token service request"
     );
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::ServerAddress;
+    use crate::token::auth_server::parse_answer;
+
+    fn bearer(server: Option<ServerAddress>) -> Token {
+        Token {
+            auth: UpstreamAuth::Bearer {
+                user: "alice@example.test".to_owned(),
+                token: Secret::new("at-1".to_owned()),
+            },
+            lifetime: Some(Duration::from_secs(3600)),
+            server,
+        }
+    }
+
+    /// A mailgate reading this answer gets the same token, lifetime and server.
+    #[test]
+    fn the_answer_carries_what_the_token_does() {
+        let remaining = Some(Duration::from_secs(600));
+        for server in [None, Some(ServerAddress::new("2001:db8::7", 993).unwrap())] {
+            let answer = body(&bearer(server.clone()), remaining).unwrap();
+            assert_eq!(answer.get("host").is_some(), server.is_some(), "{answer}");
+            let read = parse_answer(answer.to_string().as_bytes()).unwrap();
+            assert_eq!(read.server, server);
+            assert_eq!(read.lifetime, remaining);
+            assert!(
+                matches!(&read.auth, UpstreamAuth::Bearer { user, token } if user == "alice@example.test" && token.expose() == "at-1")
+            );
+        }
+    }
+
+    #[test]
+    fn a_password_is_not_handed_out() {
+        let password = Token {
+            auth: UpstreamAuth::Password {
+                user: "alice".to_owned(),
+                password: Secret::new("pw".to_owned()),
+            },
+            ..bearer(None)
+        };
+        assert!(body(&password, None).is_none());
+    }
 }

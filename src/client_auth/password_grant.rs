@@ -49,6 +49,7 @@ impl PasswordGrant {
                     token: answer.access_token,
                 },
                 lifetime: answer.expires_in,
+                server: None,
             }),
             Err(GrantError::InvalidGrant(_)) => Err(CheckError::Refused),
             Err(error) => Err(CheckError::Unavailable(without(

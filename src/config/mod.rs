@@ -12,8 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::Secret;
+pub use pool::{HealthConfig, Routing, ServerConfig};
 
 mod admin;
+pub mod pool;
 mod schema;
 pub mod tokens;
 mod warnings;
@@ -279,8 +281,28 @@ pub enum MechanismSetting {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// One server. A pool names `servers` instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub port: u16,
+    /// A pool: each account's logins go to one of these (docs/backends.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerConfig>,
+    #[serde(default)]
+    pub routing: Routing,
+    /// Account to server name; the account's logins go there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, String>,
+    /// More routes, a YAML map of account to server name: watched, and where
+    /// `mailgate backends move` keeps the routes it sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_file: Option<PathBuf>,
+    /// With `routing: static`: the server of the accounts without a route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    #[serde(default)]
+    pub health: HealthConfig,
     pub tls: TlsMode,
     /// Extra trust roots (PEM).
     #[serde(default)]
@@ -654,6 +676,7 @@ impl Config {
         let mut add = |path: &Option<PathBuf>| files.extend(path.iter().cloned());
         for listener in &self.listeners {
             add(&listener.upstream.ca_file);
+            add(&listener.upstream.routes_file);
             if let Some(tls) = &listener.tls {
                 add(&tls.cert_file);
                 add(&tls.key_file);
@@ -732,6 +755,10 @@ impl Config {
                 "hostname",
                 "must be a host name: 1-253 characters of a-z, A-Z, 0-9, '.' and '-'",
             );
+        }
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            let key = format!("listeners[{i}].upstream");
+            listener.upstream.resolve_pool(&key, &mut problems);
         }
         self.validate_listeners(&mut problems);
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -813,12 +840,6 @@ impl Config {
                 }
             }
             let upstream = &listener.upstream;
-            if upstream.host.trim().is_empty() {
-                problems.add(format!("{key}.upstream.host"), "must not be empty");
-            }
-            if upstream.port == 0 {
-                problems.add(format!("{key}.upstream.port"), "must not be 0");
-            }
             if upstream.max_concurrent_connects == 0 {
                 problems.add(
                     format!("{key}.upstream.max_concurrent_connects"),
@@ -1068,6 +1089,11 @@ fn is_host_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
+/// Whether `port` is unset (serde's `skip_serializing_if`).
+fn is_zero(port: &u16) -> bool {
+    *port == 0
 }
 
 fn is_label_safe(name: &str) -> bool {

@@ -58,6 +58,19 @@ pub trait MailProtocol: Send + Sync {
         hostname: &'a str,
     ) -> Option<BoxFuture<'a, Result<Vec<String>, BackendError>>>;
 
+    /// The health check of one server of a pool: opens a session as a login would (connect,
+    /// TLS, greeting, capabilities; SMTP's EHLO names `hostname`) without authenticating, and
+    /// ends it politely (`LOGOUT`, `QUIT`) so that the server logs a clean disconnect.
+    ///
+    /// # Errors
+    /// The server cannot be reached, its TLS fails, or its greeting is a refusal
+    /// ([`BackendError::Protocol`], with the server's text made safe to log).
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+
     /// The ALPN id a listener accepts. A client offering ALPN ids without it is refused, so
     /// that a browser's `http/1.1` connection cannot be turned against a mail port (ALPACA, as
     /// nginx's mail proxy refuses since 1.21.0).

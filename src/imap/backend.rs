@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, replaying, write_all_by};
+use crate::io::{BoxedIo, replaying, say_goodbye, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -63,22 +63,7 @@ async fn unredacted_login(
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    let mut connection = Connection::new(connector.connect(origin).await?);
-    let mut capabilities = connection.greeting().await?;
-    if connector.tls_mode() == TlsMode::Starttls {
-        let plain = connection.starttls().await?;
-        connection = Connection::new(connector.start_tls(plain).await?);
-        // RFC 9051 6.2.1: capabilities learnt before TLS must be forgotten.
-        capabilities = None;
-    }
-    let capabilities = match capabilities {
-        Some(capabilities) => capabilities,
-        None => connection.capability().await?,
-    };
-    tracing::debug!(
-        capabilities = sanitize::for_log(&capabilities.0.join(" ")),
-        "upstream capabilities"
-    );
+    let (mut connection, capabilities) = open(connector, origin).await?;
     if let Some(origin) = origin.filter(|_| connector.forward_client() == ForwardClient::Id) {
         // RFC 2971 3: servers that take ID say so in CAPABILITY; others would answer BAD.
         if capabilities.has("ID") {
@@ -114,6 +99,44 @@ async fn unredacted_login(
         account: None,
         xclient_guard: None,
     })
+}
+
+/// Opens a session as a login would, without a client (`proxy_v2`: a LOCAL header), and ends
+/// it with `LOGOUT`: the health check of a pool's server. Nothing authenticates.
+///
+/// # Errors
+/// As for [`login`]: connect, TLS or a read fails, or the greeting is not `OK`.
+pub async fn check_health(connector: &Connector) -> Result<(), BackendError> {
+    let (mut connection, _) = open(connector, None).await?;
+    let tag = connection.next_tag();
+    say_goodbye(&mut connection.io, format!("{tag} LOGOUT\r\n").as_bytes()).await;
+    Ok(())
+}
+
+/// The part of a session shared by [`login`] and [`check_health`]: connects, reads the
+/// greeting, starts TLS when configured and learns the capabilities (from the greeting, else
+/// by CAPABILITY).
+async fn open(
+    connector: &Connector,
+    origin: Option<&Origin>,
+) -> Result<(Connection, Capabilities), BackendError> {
+    let mut connection = Connection::new(connector.connect(origin).await?);
+    let mut capabilities = connection.greeting().await?;
+    if connector.tls_mode() == TlsMode::Starttls {
+        let plain = connection.starttls().await?;
+        connection = Connection::new(connector.start_tls(plain).await?);
+        // RFC 9051 6.2.1: capabilities learnt before TLS must be forgotten.
+        capabilities = None;
+    }
+    let capabilities = match capabilities {
+        Some(capabilities) => capabilities,
+        None => connection.capability().await?,
+    };
+    tracing::debug!(
+        capabilities = sanitize::for_log(&capabilities.0.join(" ")),
+        "upstream capabilities"
+    );
+    Ok((connection, capabilities))
 }
 
 /// Capability names as the upstream advertised them.
@@ -602,15 +625,17 @@ mod tests {
     ) -> (Connector, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = UpstreamConfig {
-            host: "127.0.0.1".to_owned(),
-            port: listener.local_addr().unwrap().port(),
-            tls,
             ca_file: None,
             system_roots: tls != TlsMode::None,
             mechanism,
             connect_timeout: Duration::from_secs(5),
             forward_client,
             max_concurrent_connects: crate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
+            ..UpstreamConfig::new(
+                "127.0.0.1".to_owned(),
+                listener.local_addr().unwrap().port(),
+                tls,
+            )
         };
         (Connector::new(&config).unwrap(), listener)
     }

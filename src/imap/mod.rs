@@ -49,6 +49,14 @@ impl MailProtocol for Imap {
         None
     }
 
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        _hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(backend::check_health(connector))
+    }
+
     /// Registered at IANA (RFC 7301's registry).
     fn alpn_id(&self) -> &'static [u8] {
         b"imap"

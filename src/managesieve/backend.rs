@@ -15,7 +15,7 @@ use super::syntax::{self, MAX_QUOTED, Token, quote};
 use crate::config::TlsMode;
 use crate::forward::Origin;
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, replaying};
+use crate::io::{BoxedIo, replaying, say_goodbye};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -78,19 +78,20 @@ async fn unredacted_login(
 }
 
 /// Connects, reads the capabilities (again after STARTTLS when configured) and returns them
-/// as validated, re-quoted lines; then sends LOGOUT without waiting for its answer. There is no client, so nothing is forwarded
-/// (`proxy_v2`: a LOCAL header).
+/// as validated, re-quoted lines; then sends LOGOUT. There is no client, so nothing is
+/// forwarded (`proxy_v2`: a LOCAL header). Also the health check of a pool's server: nothing
+/// authenticates.
 ///
 /// # Errors
-/// As for [`login`], except that no authentication is attempted.
+/// As for [`login`], except that no authentication is attempted: a greeting that does not
+/// end in `OK` (`BYE`, `NO`) is an error.
 pub async fn probe_capabilities(connector: &Connector) -> Result<Vec<String>, BackendError> {
     let (mut connection, capabilities) = open(connector, None).await?;
-    // A polite goodbye; the capabilities are known already, so its failure does not matter.
-    // Its answer is not awaited: Dovecot 2.3's managesieve-login over implicit TLS at times
-    // never sends one, which held the capabilities back for the whole reply timeout.
-    if connection.send(b"LOGOUT\r\n").await.is_err() {
-        tracing::debug!("upstream did not take LOGOUT");
-    }
+    // A polite goodbye; the capabilities are known already, so its answer does not matter.
+    // It is not awaited, only the close, and that briefly: Dovecot 2.3's managesieve-login
+    // over implicit TLS at times never answers, which held the capabilities back for the
+    // whole reply timeout.
+    say_goodbye(&mut connection.io, b"LOGOUT\r\n").await;
     Ok(capabilities)
 }
 

@@ -52,6 +52,15 @@ impl MailProtocol for ManageSieve {
         Some(Box::pin(backend::probe_capabilities(connector)))
     }
 
+    /// The probe's session, its capabilities unused.
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        _hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move { backend::probe_capabilities(connector).await.map(drop) })
+    }
+
     /// Registered at IANA (RFC 7301's registry), beside `imap` and `pop3`.
     fn alpn_id(&self) -> &'static [u8] {
         b"managesieve"

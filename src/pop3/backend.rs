@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::TlsMode;
 use crate::forward::Origin;
-use crate::io::{BoxedIo, read_more, replaying};
+use crate::io::{BoxedIo, read_more, replaying, say_goodbye};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -59,25 +59,7 @@ async fn unredacted_login(
     auth: &UpstreamAuth,
     origin: Option<&Origin>,
 ) -> Result<Upstream, BackendError> {
-    let mut connection = Connection::new(connector.connect(origin).await?);
-    expect_ok(&connection.read_line().await?)?;
-    let mut capabilities = connection.capabilities().await?;
-    if connector.tls_mode() == TlsMode::Starttls {
-        expect_ok(&connection.command(b"STLS\r\n").await?)?;
-        // RFC 2595 4: bytes before the handshake must not be read as if they came after it.
-        if !connection.buffer.is_empty() {
-            return Err(BackendError::Protocol(
-                "upstream sent data after its STLS response".to_owned(),
-            ));
-        }
-        connection.io = connector.start_tls(connection.io).await?;
-        // RFC 2595 4: capabilities learnt before TLS are forgotten.
-        capabilities = connection.capabilities().await?;
-    }
-    tracing::debug!(
-        capabilities = sanitize::for_log(&capabilities.join(", ")),
-        "upstream capabilities"
-    );
+    let (mut connection, capabilities) = open(connector, origin).await?;
     let offered = sasl_mechanisms(&capabilities);
     let offers = |name: &str| offered.iter().any(|offer| offer == name);
     let target = (connector.host(), connector.port());
@@ -97,6 +79,47 @@ async fn unredacted_login(
         account: None,
         xclient_guard: None,
     })
+}
+
+/// Opens a session as a login would, without a client (`proxy_v2`: a LOCAL header), and ends
+/// it with `QUIT`: the health check of a pool's server. Nothing authenticates, so the session
+/// never reaches the UPDATE state (RFC 1939 6) and the maildrop is untouched.
+///
+/// # Errors
+/// As for [`login`]: connect, TLS or a read fails, or the greeting is `-ERR`.
+pub async fn check_health(connector: &Connector) -> Result<(), BackendError> {
+    let (mut connection, _) = open(connector, None).await?;
+    say_goodbye(&mut connection.io, b"QUIT\r\n").await;
+    Ok(())
+}
+
+/// The part of a session shared by [`login`] and [`check_health`]: connects, reads the
+/// greeting and the capabilities, and starts TLS when configured (reading the capabilities
+/// again after it).
+async fn open(
+    connector: &Connector,
+    origin: Option<&Origin>,
+) -> Result<(Connection, Vec<String>), BackendError> {
+    let mut connection = Connection::new(connector.connect(origin).await?);
+    expect_ok(&connection.read_line().await?)?;
+    let mut capabilities = connection.capabilities().await?;
+    if connector.tls_mode() == TlsMode::Starttls {
+        expect_ok(&connection.command(b"STLS\r\n").await?)?;
+        // RFC 2595 4: bytes before the handshake must not be read as if they came after it.
+        if !connection.buffer.is_empty() {
+            return Err(BackendError::Protocol(
+                "upstream sent data after its STLS response".to_owned(),
+            ));
+        }
+        connection.io = connector.start_tls(connection.io).await?;
+        // RFC 2595 4: capabilities learnt before TLS are forgotten.
+        capabilities = connection.capabilities().await?;
+    }
+    tracing::debug!(
+        capabilities = sanitize::for_log(&capabilities.join(", ")),
+        "upstream capabilities"
+    );
+    Ok((connection, capabilities))
 }
 
 /// Upper-cased mechanism names from the `SASL` capability (RFC 2449 6.3).

@@ -53,6 +53,14 @@ impl MailProtocol for Pop3 {
         None
     }
 
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        _hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(backend::check_health(connector))
+    }
+
     /// RFC 7301's registry (RFC 8314 7) names POP3 `pop3`.
     fn alpn_id(&self) -> &'static [u8] {
         b"pop3"

@@ -136,7 +136,8 @@ async fn accept_loop(
             id,
             listener = %runtime.labels.listener,
             client = tracing::field::Empty,
-            upstream = %runtime.driver.connector.labels().upstream,
+            upstream = tracing::field::Empty,
+            server = tracing::field::Empty,
             account = tracing::field::Empty,
         );
         if !behind_proxy {
@@ -146,6 +147,7 @@ async fn accept_loop(
             listener: listener_handle.clone(),
             started_with: runtime.clone(),
             login: admission.slot.login_mark(),
+            lease: std::sync::Mutex::new(None),
         };
         let session = run_session(
             stream,

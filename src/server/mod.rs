@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::Admin;
+use crate::backends::Backends;
 use crate::client_auth::ClientAuth;
 use crate::config::Config;
 use crate::driver::Shared;
@@ -164,6 +165,8 @@ struct Lasting {
     registry: Arc<SessionRegistry>,
     /// OAuth2 grant states by account.
     grants: Arc<GrantStates>,
+    /// Where accounts have sessions open, drains and moves.
+    backends: Arc<Backends>,
 }
 
 impl Server {
@@ -174,6 +177,7 @@ impl Server {
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::new(TOKEN_SOURCE_FRESHNESS));
+        let lasting_health = health.clone();
         let lasting = Lasting {
             admin: Arc::new(
                 Admin::new(metrics.clone(), health.clone()).map_err(StartError::Admin)?,
@@ -181,6 +185,7 @@ impl Server {
             health,
             registry: Arc::new(SessionRegistry::new(metrics.clone())),
             grants: Arc::new(GrantStates::default()),
+            backends: Arc::new(Backends::new(metrics.clone(), lasting_health.clone())),
             metrics,
         };
         let (tokens, oauth2) = token_state(&config, &lasting).await?;
@@ -193,6 +198,7 @@ impl Server {
             throttle: throttle(&config, &lasting.metrics, tokens.redis())?,
             tokens,
             metrics: lasting.metrics.clone(),
+            backends: lasting.backends.clone(),
         };
         let (open, all_closed) = mpsc::channel(1);
         let (close_now, _) = watch::channel(false);

@@ -134,6 +134,7 @@ impl Server {
             throttle: self.throttle_for(&config, &tokens)?,
             tokens,
             metrics: self.lasting.metrics.clone(),
+            backends: self.lasting.backends.clone(),
         };
         let mut prepared = Vec::new();
         for listener in &config.listeners {

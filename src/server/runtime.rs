@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{self, AdminRuntime};
+use crate::backends::Pool;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
 use crate::config::{Config, ListenerConfig, TlsMode};
@@ -19,7 +20,6 @@ use crate::replicas::Redis;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
 use crate::token::sources::Sources;
-use crate::upstream::Connector;
 
 use super::{Lasting, StartError};
 
@@ -145,12 +145,19 @@ pub(super) fn listener_runtime(
     shared: &Shared,
     config: &Config,
 ) -> Result<ListenerRuntime, StartError> {
-    let connector = Connector::new(&listener.upstream)
-        .map_err(|error| StartError::Upstream {
-            name: listener.name.clone(),
-            reason: error.to_string(),
-        })?
-        .with_metrics(shared.metrics.clone());
+    let protocol = protocols::named(listener.protocol);
+    let pool = Pool::new(
+        &listener.name,
+        protocol,
+        &listener.upstream,
+        &config.hostname,
+        &shared.backends,
+        &shared.metrics,
+    )
+    .map_err(|error| StartError::Upstream {
+        name: listener.name.clone(),
+        reason: error.to_string(),
+    })?;
     shared.metrics.export_listener(&listener.name);
     let client_tls = client_tls(listener, &shared.metrics)?;
     let (implicit_tls, starttls) = match listener.tls.as_ref().map(|tls| tls.mode) {
@@ -167,8 +174,8 @@ pub(super) fn listener_runtime(
     Ok(ListenerRuntime {
         driver: LoginDriver::new(
             listener.name.clone(),
-            protocols::named(listener.protocol),
-            connector,
+            protocol,
+            pool,
             listener.login_timeout,
             shared,
             config.hostname.clone(),

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::backends::Lease;
 use crate::frontend;
 use crate::frontend::settings::FrontendSettings;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
@@ -102,6 +103,8 @@ pub(super) struct CurrentLogin {
     pub(super) started_with: Arc<ListenerRuntime>,
     /// Keeps the session from being evicted while its login is under way.
     pub(super) login: LoginMark,
+    /// The logged-in session's place on its server, for the splice to hold.
+    pub(super) lease: std::sync::Mutex<Option<Lease>>,
 }
 
 impl CurrentLogin {
@@ -123,12 +126,17 @@ impl CurrentLogin {
 impl Authenticator for CurrentLogin {
     async fn login(&self, request: LoginRequest) -> Result<Upstream, LoginError> {
         self.login.set(true);
-        let upstream = self.current().driver.login(request).await;
+        let placed = self.current().driver.login(request).await;
         // A failed login leaves the session where it was: waiting, so evictable.
-        if upstream.is_err() {
+        if placed.is_err() {
             self.login.set(false);
         }
-        upstream
+        let placed = placed?;
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(placed.lease);
+        Ok(Upstream {
+            account: Some(placed.account),
+            ..placed.upstream
+        })
     }
 
     fn upstream_capabilities(&self) -> Vec<String> {
@@ -188,7 +196,8 @@ pub(super) async fn run_session(
     // Boxed so the front end's state is freed before the long splice, not kept in this task.
     let dialogue = runtime.driver.protocol.dialogue(&settings);
     let handoff = Box::pin(frontend::serve(stream, &live, dialogue, &settings, closing)).await;
-    drop((settings, live));
+    let lease = live.lease.into_inner().unwrap_or_else(|e| e.into_inner());
+    drop(settings);
     match handoff {
         Ok(Some(mut handoff)) if !slot.mark_logged_in() => {
             // Evicted while its login finished: the room is gone.
@@ -202,7 +211,13 @@ pub(super) async fn run_session(
             }
             tracing::info!(outcome = "evicted", "session closed");
         }
-        Ok(Some(handoff)) => relay(handoff, &runtime, &metrics, sessions, started).await,
+        Ok(Some(handoff)) => {
+            let Some(lease) = lease else {
+                tracing::error!("logged in without a place on a server");
+                return;
+            };
+            relay(handoff, lease, &runtime, &metrics, sessions, started).await;
+        }
         Ok(None) if slot.is_evicted() => tracing::info!(outcome = "evicted", "session closed"),
         Ok(None) => tracing::info!(outcome = "closed_before_login", "session closed"),
         Err(error) => tracing::info!(outcome = "error_before_login", %error, "session closed"),
@@ -276,6 +291,7 @@ struct Opened {
 
 async fn relay(
     mut handoff: Handoff<BoxedIo>,
+    lease: Lease,
     runtime: &ListenerRuntime,
     metrics: &Metrics,
     sessions: SessionHandle,
@@ -288,7 +304,14 @@ async fn relay(
         .account
         .take()
         .unwrap_or_else(|| handoff.account.clone());
-    tracing::Span::current().record("account", tracing::field::display(Escaped(&account)));
+    let span = tracing::Span::current();
+    span.record("account", tracing::field::display(Escaped(&account)));
+    let server = lease.server();
+    span.record("server", tracing::field::display(&server.name));
+    span.record(
+        "upstream",
+        tracing::field::display(server.connector.labels().upstream),
+    );
     if account != handoff.account {
         tracing::info!(user = %Escaped(&handoff.account), "logged in");
     } else {
@@ -307,6 +330,7 @@ async fn relay(
             tokio::select! {
                 () = closing => {}
                 () = registration.revoked() => {}
+                () = lease.ended() => {}
             }
         },
         flush_timeout: STOP_FLUSH_TIMEOUT,

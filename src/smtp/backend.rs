@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
-use crate::io::{BoxedIo, read_more, replaying, write_all_by};
+use crate::io::{BoxedIo, read_more, replaying, say_goodbye, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth, XclientGuard};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -92,19 +92,19 @@ async fn unredacted_login(
 
 /// Connects, reads the greeting, says EHLO (again after STARTTLS when configured) and returns
 /// the extension lines as sent, without the host name line; then QUITs. There is no client,
-/// so nothing is forwarded (`proxy_v2`: a LOCAL header).
+/// so nothing is forwarded (`proxy_v2`: a LOCAL header). Also the health check of a pool's
+/// server: nothing authenticates.
 ///
 /// # Errors
-/// As for [`login`], except that no authentication is attempted.
+/// As for [`login`], except that no authentication is attempted: a greeting other than `220`
+/// (`421`, `554`) is an error.
 pub async fn probe_extensions(
     connector: &Connector,
     helo: &str,
 ) -> Result<Vec<String>, BackendError> {
     let (mut connection, extensions) = open(connector, helo, None).await?;
-    // A polite goodbye; the extensions are already known, so its failure does not matter.
-    if connection.command(b"QUIT\r\n").await.is_err() {
-        tracing::debug!("upstream did not answer QUIT");
-    }
+    // A polite goodbye; the extensions are already known, so its answer does not matter.
+    say_goodbye(&mut connection.io, b"QUIT\r\n").await;
     Ok(extensions)
 }
 
@@ -221,11 +221,14 @@ fn classify(reply: &Response<String>) -> BackendError {
     }
 }
 
+/// The reply to a command other than AUTH, if it has `code`. Any other reply is a protocol
+/// error, `5xx` included: a refused greeting (`421`, `554`), EHLO or STARTTLS says nothing of
+/// the credentials, so a fresh token would not help.
 fn expect(reply: Response<String>, code: u16) -> Result<Response<String>, BackendError> {
     if reply.code == code {
         Ok(reply)
     } else {
-        Err(classify(&reply))
+        Err(BackendError::Protocol(reply_text(&reply)))
     }
 }
 

@@ -57,6 +57,19 @@ impl MailProtocol for Smtp {
         Some(Box::pin(backend::probe_extensions(connector, hostname)))
     }
 
+    /// The probe's session, its extensions unused.
+    fn check_health<'a>(
+        &'a self,
+        connector: &'a Connector,
+        hostname: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            backend::probe_extensions(connector, hostname)
+                .await
+                .map(drop)
+        })
+    }
+
     /// SMTP has no id in the IANA registry, and its clients offer none, so `smtp` only lets
     /// a client that names the protocol through.
     fn alpn_id(&self) -> &'static [u8] {

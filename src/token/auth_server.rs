@@ -1,6 +1,7 @@
 //! The authentication-server token source (EmailEngine `authServer` contract):
 //! `GET <url>?account=<id>&proto=imap|smtp` answers `{"user", "accessToken"}` (or `"pass"`),
-//! optionally with `expiresIn` (seconds) or `expires` (RFC 3339). See docs/auth-server.md.
+//! optionally with `expiresIn` (seconds) or `expires` (RFC 3339), and with `host` and `port`
+//! naming the account's backend. See docs/auth-server.md.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{
-    BoxFuture, MAX_LIFETIME, Token, TokenError, TokenKey, TokenSource, lifetime_from_secs,
+    BoxFuture, MAX_LIFETIME, ServerAddress, Token, TokenError, TokenKey, TokenSource,
+    lifetime_from_secs,
 };
 use crate::config::AuthServerConfig;
 use crate::health::Health;
@@ -35,6 +37,9 @@ struct Answer {
     pass: Option<Secret<String>>,
     expires_in: Option<u64>,
     expires: Option<String>,
+    host: Option<String>,
+    /// Wider than a port, so that an out-of-range one is refused with a reason.
+    port: Option<u64>,
 }
 
 impl AuthServer {
@@ -174,7 +179,26 @@ pub fn parse_answer(body: &[u8]) -> Result<Token, TokenError> {
         (None, Some(expires)) => Some(lifetime_until(&expires)?),
         (None, None) => None,
     };
-    Ok(Token { auth, lifetime })
+    let server = server(answer.host.as_deref(), answer.port)?;
+    Ok(Token {
+        auth,
+        lifetime,
+        server,
+    })
+}
+
+/// The backend an answer names: `host` and `port` together, or neither (like nginx's
+/// `Auth-Server` and `Auth-Port`).
+fn server(host: Option<&str>, port: Option<u64>) -> Result<Option<ServerAddress>, TokenError> {
+    let unusable = |reason: &str| TokenError::Unavailable(format!("answer's {reason}"));
+    match (host, port) {
+        (None, None) => Ok(None),
+        (Some(host), Some(port)) => {
+            let port = u16::try_from(port).map_err(|_| unusable("port is above 65535"))?;
+            ServerAddress::new(host, port).map(Some).map_err(unusable)
+        }
+        _ => Err(unusable("host and port come only together")),
+    }
 }
 
 /// Longest user name accepted from a token source: RFC 5321 4.5.3.1 allows 64 + 1 + 255.
@@ -267,6 +291,110 @@ mod tests {
         ] {
             let error = parse_answer(body).unwrap_err();
             assert!(matches!(error, TokenError::Unavailable(_)), "{body:?}");
+        }
+    }
+
+    fn server_of(fields: &str) -> Result<Option<ServerAddress>, TokenError> {
+        parse_answer(format!(r#"{{"user":"a","accessToken":"secret-x",{fields}}}"#).as_bytes())
+            .map(|token| token.server)
+    }
+
+    #[test]
+    fn an_answer_may_name_its_server() {
+        let named = |host: &str, port| Ok(Some(ServerAddress::new(host, port).unwrap()));
+        assert_eq!(
+            parse_answer(br#"{"user":"a","pass":"p"}"#).unwrap().server,
+            None
+        );
+        assert_eq!(server_of(r#""host":null,"port":null"#), Ok(None));
+        for (fields, host, port) in [
+            (
+                r#""host":"imap2.example.test","port":143"#,
+                "imap2.example.test",
+                143,
+            ),
+            (
+                r#""host":"IMAP2.Example.TEST","port":993"#,
+                "imap2.example.test",
+                993,
+            ),
+            (r#""host":"dovecot-0","port":65535"#, "dovecot-0", 65535),
+            (
+                r#""host":"mail_backend_1.internal","port":1"#,
+                "mail_backend_1.internal",
+                1,
+            ),
+            (r#""host":"127.0.0.1","port":143"#, "127.0.0.1", 143),
+            (r#""host":"::1","port":143"#, "::1", 143),
+            (r#""host":"[::1]","port":143"#, "::1", 143),
+            (
+                r#""host":"[2001:DB8:0:0::7]","port":143"#,
+                "2001:db8::7",
+                143,
+            ),
+        ] {
+            assert_eq!(server_of(fields), named(host, port), "{fields}");
+            assert_eq!(named(host, port).unwrap().unwrap().host, host, "canonical");
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_be_one_makes_the_answer_unusable() {
+        let long_label = "a".repeat(64);
+        let long_name = ["abcdefghij"; 24].join(".");
+        let hostile = [
+            r#""host":"imap.example.test""#.to_owned(),
+            r#""port":143"#.to_owned(),
+            r#""host":"imap.example.test","port":null"#.to_owned(),
+            r#""host":"imap.example.test","port":0"#.to_owned(),
+            r#""host":"imap.example.test","port":65536"#.to_owned(),
+            r#""host":"imap.example.test","port":18446744073709551616"#.to_owned(),
+            r#""host":"imap.example.test","port":-1"#.to_owned(),
+            r#""host":"imap.example.test","port":143.5"#.to_owned(),
+            r#""host":"imap.example.test","port":"143""#.to_owned(),
+            r#""host":143,"port":143"#.to_owned(),
+            format!(r#""host":"{long_label}.example","port":143"#),
+            format!(r#""host":"{long_name}","port":143"#),
+        ];
+        let hosts = [
+            "",
+            " ",
+            "imap.example.test ",
+            r"imap\u0000.example",
+            r"imap.example.test\r\nX-Evil: 1",
+            r"imap.example.test\u0001secret-x",
+            "evil.example/path",
+            "user@evil.example",
+            "evil.example:25",
+            "[evil.example]",
+            "[127.0.0.1]",
+            "[::1",
+            "::1]",
+            "fe80::1%eth0",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "127.1",
+            "0x7f000001",
+            "010.0.0.1",
+            "imap.example.test.",
+            ".example",
+            "imap..example",
+            "-imap.example",
+            "imap-.example",
+            "imäp.example",
+            r"imap\u200b.example",
+        ];
+        let hostile = hostile.into_iter().chain(
+            hosts
+                .iter()
+                .map(|host| format!(r#""host":"{host}","port":143"#)),
+        );
+        for fields in hostile {
+            let error = server_of(&fields).unwrap_err();
+            assert!(matches!(error, TokenError::Unavailable(_)), "{fields}");
+            assert!(!error.to_string().contains("secret-x"), "{error}");
+            assert!(!error.to_string().contains("evil"), "{error}");
         }
     }
 

@@ -552,6 +552,7 @@ mod tests {
                         token: Secret::new(format!("token-{n}")),
                     },
                     lifetime: self.1,
+                    server: None,
                 })
             })
         }
@@ -683,6 +684,7 @@ mod renewal_tests {
                         token: Secret::new("t".into()),
                     },
                     lifetime: Some(Duration::from_secs(2)),
+                    server: None,
                 })
             })
         }

@@ -9,6 +9,7 @@ pub mod sources;
 
 use std::fmt;
 use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -31,6 +32,72 @@ pub struct Token {
     pub auth: UpstreamAuth,
     /// Remaining lifetime when fetched; `None` means the source did not say.
     pub lifetime: Option<Duration>,
+    /// The backend the token source chose for this account, if it named one.
+    pub server: Option<ServerAddress>,
+}
+
+/// A backend as a token source names it, in canonical form so that equal servers compare
+/// equal: a DNS name in lower case, or an IP address in its standard text form (IPv6 without
+/// brackets, as `upstream.host` writes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Longest host name: RFC 1035 2.3.4 allows 255 octets on the wire, 253 in text.
+const MAX_HOST_LENGTH: usize = 253;
+/// Longest label of a host name (RFC 1035 2.3.4).
+const MAX_LABEL_LENGTH: usize = 63;
+
+impl ServerAddress {
+    /// `host` and `port` checked and made canonical. `host` is a DNS name or an IP address;
+    /// an IPv6 address may be in brackets (`[::1]`, as in a URL).
+    ///
+    /// # Errors
+    /// Port 0, or a host that is neither (the reason names no part of it).
+    pub fn new(host: &str, port: u16) -> Result<Self, &'static str> {
+        if port == 0 {
+            return Err("port 0 names no server");
+        }
+        let host = canonical_host(host).ok_or("host is neither a DNS name nor an IP address")?;
+        Ok(Self { host, port })
+    }
+}
+
+fn canonical_host(host: &str) -> Option<String> {
+    if !(1..=MAX_HOST_LENGTH).contains(&host.len()) {
+        return None;
+    }
+    let ip = match host
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        Some(inner) => Some(IpAddr::V6(inner.parse::<Ipv6Addr>().ok()?)),
+        None => host.parse::<IpAddr>().ok(),
+    };
+    match ip {
+        // Neither "any address" nor a group is one server.
+        Some(ip) if ip.is_unspecified() || ip.is_multicast() => None,
+        Some(ip) => Some(ip.to_string()),
+        None => is_dns_name(host).then(|| host.to_ascii_lowercase()),
+    }
+}
+
+/// Labels of letters, digits, `-` (not at either end) and `_` (found in internal names),
+/// the last starting with a letter: RFC 1123 2.1 keeps a name from looking like a number,
+/// and the resolver would read `127.1` or `0x7f000001` as an IPv4 address.
+fn is_dns_name(host: &str) -> bool {
+    let labels_fit = host.split('.').all(|label| {
+        (1..=MAX_LABEL_LENGTH).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    let last = host.rsplit('.').next().unwrap_or_default();
+    labels_fit && last.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::cache::expiry_from_now;
 use super::oauth2::store::seal::Sealer;
-use super::{Token, TokenError, TokenKey};
+use super::{ServerAddress, Token, TokenError, TokenKey};
 use crate::login::UpstreamAuth;
 use crate::replicas::news::{self, News};
 use crate::replicas::{Redis, SharedError, lock, millis};
@@ -82,6 +82,10 @@ struct Sealed {
     secret: String,
     /// Whether the source said how long it lives (else the default lifetime applies).
     lifetime_known: bool,
+    /// The backend the source named, as `[host, port]`; absent from records written before
+    /// sources could name one, and from tokens without one (so those read the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server: Option<(String, u16)>,
 }
 
 /// What a claim found.
@@ -235,9 +239,16 @@ impl SharedTokens {
             },
             _ => return None,
         };
+        // Checked again: the record is sealed, but what it holds stays canonical only if
+        // every way in checks it.
+        let server = match token.server {
+            Some((host, port)) => Some(ServerAddress::new(&host, port).ok()?),
+            None => None,
+        };
         Some(Token {
             auth,
             lifetime: token.lifetime_known.then_some(lifetime),
+            server,
         })
     }
 
@@ -257,6 +268,10 @@ impl SharedTokens {
                 kind: kind.to_owned(),
                 secret: secret.expose().clone(),
                 lifetime_known: token.lifetime.is_some(),
+                server: token
+                    .server
+                    .as_ref()
+                    .map(|server| (server.host.clone(), server.port)),
             })
             .map_err(|_| SharedError::Refused("encoding".to_owned()))?,
         );
@@ -341,18 +356,68 @@ mod tests {
                 token: Secret::new(secret.to_owned()),
             },
             lifetime: Some(Duration::from_secs(3600)),
+            server: None,
+        }
+    }
+
+    fn shared(server: &RedisServer) -> SharedTokens {
+        SharedTokens::new(
+            server.handle(),
+            &Secret::new(vec![7; 32]),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    /// The server a source named reaches the other replicas with the token.
+    #[tokio::test]
+    async fn a_token_keeps_its_server_across_replicas() {
+        let server = RedisServer::start();
+        let (fetching, other) = (shared(&server), shared(&server));
+        let named = Some(ServerAddress::new("::1", 1143).unwrap());
+        for (account, chosen) in [("alice", named), ("bob", None)] {
+            let key = TokenKey::shared(account, None);
+            let token = Token {
+                server: chosen.clone(),
+                ..bearer("at-1")
+            };
+            fetching
+                .get_or_fetch(&key, 0, Duration::from_secs(1), async || Ok(token))
+                .await
+                .unwrap();
+            let (got, _) = other
+                .get_or_fetch(&key, 0, Duration::from_secs(1), async || {
+                    Err(TokenError::Unavailable("fetched twice".to_owned()))
+                })
+                .await
+                .unwrap();
+            assert_eq!(got.server, chosen, "{account}");
+        }
+    }
+
+    /// A record sealed before tokens had a server reads as one without; one whose server
+    /// is no server does not open.
+    #[tokio::test]
+    async fn records_without_a_server_read_and_bad_servers_do_not() {
+        let server = RedisServer::start();
+        let shared = shared(&server);
+        let key = TokenKey::shared("alice", None);
+        let expires_at = unix_millis() + 3_600_000;
+        let old = r#"{"user":"alice","kind":"bearer","secret":"at-1","lifetime_known":true}"#;
+        let sealed = shared.sealer.seal(&aad(&key), old.as_bytes()).unwrap();
+        let token = shared.open(&key, expires_at, &sealed).unwrap();
+        assert_eq!(token.server, None);
+        for bad in [r#"["imap.example.test",0]"#, r#"["evil/path",143]"#] {
+            let record = old.replace('}', &format!(r#","server":{bad}}}"#));
+            let sealed = shared.sealer.seal(&aad(&key), record.as_bytes()).unwrap();
+            assert!(shared.open(&key, expires_at, &sealed).is_none(), "{bad}");
         }
     }
 
     #[tokio::test]
     async fn an_entry_another_writer_spoiled_is_fetched_over() {
         let server = RedisServer::start();
-        let shared = SharedTokens::new(
-            server.handle(),
-            &Secret::new(vec![7; 32]),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let shared = shared(&server);
         let key = TokenKey::shared("alice", None);
         let entry = "test:access:alice:any";
         let spoilt: [&[&str]; 5] = [

@@ -41,15 +41,13 @@ pub async fn scripted_upstream(script: Script) -> (u16, JoinHandle<Vec<String>>)
 /// A connector to a plain upstream on loopback `port` (no TLS, no forwarding).
 pub fn plain_connector(port: u16, mechanism: MechanismSetting) -> Connector {
     Connector::new(&UpstreamConfig {
-        host: "127.0.0.1".to_owned(),
-        port,
-        tls: TlsMode::None,
         ca_file: None,
         system_roots: false,
         mechanism,
         connect_timeout: Duration::from_secs(5),
         max_concurrent_connects: DEFAULT_MAX_CONCURRENT_CONNECTS,
         forward_client: ForwardClient::None,
+        ..UpstreamConfig::new("127.0.0.1".to_owned(), port, TlsMode::None)
     })
     .unwrap()
 }

@@ -654,6 +654,7 @@ impl OAuth2 {
                 token: answer.access_token,
             },
             lifetime: answer.expires_in,
+            server: None,
         }
     }
 

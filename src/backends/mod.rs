@@ -1,0 +1,427 @@
+//! Pools of backend servers, what Dovecot's director did: which server an account's login goes
+//! to ([`pool`]), the servers' [`health`], and what is known across listeners and reloads
+//! ([`Backends`]): where each account has sessions open, the operator's drains and moves.
+//!
+//! The rule that keeps an account on one backend: while an account has a session open on a
+//! server of a pool, its new logins go there too; when that server cannot take them (down,
+//! drained, or another was chosen for the account), its sessions there are ended first.
+
+pub mod health;
+pub mod pool;
+mod ring;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::config::pool::{account_key, read_routes};
+use crate::health::Health;
+use crate::metrics::{BackendLabels, Metrics};
+use crate::sanitize::Escaped;
+use health::ServerHealth;
+pub use pool::{Pool, RouteError, Server};
+
+/// How long a drain waits for its sessions to end by themselves, unless told otherwise.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(60);
+
+/// What every pool shares: open sessions by account, drains, moves, and the pools themselves.
+pub struct Backends {
+    state: Mutex<State>,
+    /// Told whenever a session leaves, for logins waiting for an account's sessions to end.
+    released: Notify,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The sessions (and logins under way) of each account, by [`account_key`].
+    open: HashMap<String, Vec<Open>>,
+    /// Drained servers by name.
+    drains: HashMap<String, Drain>,
+    /// Routes set at runtime (`mailgate backends move`), by account key.
+    moves: BTreeMap<String, String>,
+    /// The current pool of each listener.
+    pools: BTreeMap<String, Weak<Pool>>,
+    /// Every server health a pool has named, by (listener, server, host, port): kept while a
+    /// pool names it, so that a reload keeps what the checks found.
+    checks: HashMap<(String, String, String, u16), Weak<ServerHealth>>,
+}
+
+struct Open {
+    id: u64,
+    listener: String,
+    server: String,
+    end: Arc<End>,
+}
+
+struct Drain {
+    id: u64,
+    since: SystemTime,
+    grace: Duration,
+}
+
+/// A session's end signal.
+#[derive(Default)]
+struct End {
+    ended: AtomicBool,
+    notify: Notify,
+}
+
+impl End {
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// A session's (or a login's) place on its server; leaves on drop.
+pub struct Lease {
+    backends: Arc<Backends>,
+    account: String,
+    id: u64,
+    server: Arc<Server>,
+    labels: BackendLabels,
+    end: Arc<End>,
+}
+
+impl Lease {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// Completes when the operator or the pool ends the session (kick, drain, move).
+    pub async fn ended(&self) {
+        if !self.was_ended() {
+            self.end.notify.notified().await;
+        }
+    }
+
+    pub fn was_ended(&self) -> bool {
+        self.end.ended.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.backends.lock();
+        if let Some(sessions) = state.open.get_mut(&self.account) {
+            sessions.retain(|open| open.id != self.id);
+            if sessions.is_empty() {
+                state.open.remove(&self.account);
+            }
+        }
+        drop(state);
+        self.backends
+            .metrics
+            .backend_sessions
+            .get_or_create(&self.labels)
+            .dec();
+        self.backends.released.notify_waiters();
+    }
+}
+
+/// Why an operation on the backends was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperationError {
+    #[error("no pool has a server named {0:?}")]
+    NoSuchServer(String),
+    #[error(
+        "nowhere to keep the route: no pool with server {0:?} has a routes_file (or tokens.shared)"
+    )]
+    NowhereToKeep(String),
+    #[error("cannot write the routes file {0}: {1}")]
+    Unwritten(PathBuf, String),
+}
+
+/// One server of one listener's pool, as `mailgate backends` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerStatus {
+    pub listener: String,
+    pub server: String,
+    pub address: String,
+    pub weight: u32,
+    /// `up`, `down` or `draining`.
+    pub state: &'static str,
+    pub sessions: usize,
+    pub users: usize,
+    #[serde(flatten)]
+    pub health: health::HealthView,
+    /// Seconds since the Unix epoch when the drain began, and its grace.
+    pub drained_since: Option<u64>,
+    pub drain_grace_seconds: Option<u64>,
+}
+
+impl Backends {
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Self {
+            state: Mutex::default(),
+            released: Notify::new(),
+            next_id: AtomicU64::new(0),
+            metrics,
+            health,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `pool` its listener's current one (at start and on reload).
+    pub fn adopt(&self, pool: &Arc<Pool>) {
+        let mut state = self.lock();
+        state
+            .pools
+            .insert(pool.listener().to_owned(), Arc::downgrade(pool));
+        state.pools.retain(|_, pool| pool.strong_count() > 0);
+        state.checks.retain(|_, health| health.strong_count() > 0);
+        drop(state);
+        self.health_changed();
+    }
+
+    /// Readiness: not ready while a pool has no server up.
+    fn health_changed(&self) {
+        let pools = self.pools();
+        let stranded = pools
+            .iter()
+            .filter(|pool| pool.is_pool() && !pool.any_up())
+            .map(|pool| pool.listener().to_owned())
+            .collect::<Vec<_>>();
+        if !stranded.is_empty() {
+            tracing::warn!(listeners = ?stranded, "no server of the pool is up");
+        }
+        self.health.set_no_backend_up(!stranded.is_empty());
+    }
+
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        self.lock()
+            .pools
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    fn is_drained(&self, state: &State, server: &str) -> bool {
+        state.drains.contains_key(server)
+    }
+
+    /// Records a session (or login) of `account` on `server`.
+    fn open_lease(
+        self: &Arc<Self>,
+        state: &mut State,
+        account: String,
+        listener: &str,
+        server: Arc<Server>,
+    ) -> Lease {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let end = Arc::new(End::default());
+        state.open.entry(account.clone()).or_default().push(Open {
+            id,
+            listener: listener.to_owned(),
+            server: server.name.clone(),
+            end: end.clone(),
+        });
+        let labels = BackendLabels {
+            listener: listener.to_owned(),
+            server: server.name.clone(),
+        };
+        self.metrics.backend_sessions.get_or_create(&labels).inc();
+        Lease {
+            backends: self.clone(),
+            account,
+            id,
+            server,
+            labels,
+            end,
+        }
+    }
+
+    /// Ends every session of `account`; returns how many there were.
+    pub fn kick(&self, account: &str) -> usize {
+        let state = self.lock();
+        let sessions = state.open.get(&account_key(account)).map_or(0, |sessions| {
+            sessions.iter().for_each(|open| open.end.end());
+            sessions.len()
+        });
+        tracing::info!(account = %Escaped(account), sessions, "sessions of the account ended");
+        sessions
+    }
+
+    /// No new logins on `server`; after `grace`, its sessions are ended.
+    ///
+    /// # Errors
+    /// No pool has such a server.
+    pub fn drain(self: &Arc<Self>, server: &str, grace: Duration) -> Result<(), OperationError> {
+        self.known_server(server)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let drain = Drain {
+            id,
+            since: SystemTime::now(),
+            grace,
+        };
+        self.lock().drains.insert(server.to_owned(), drain);
+        self.metrics.backend_draining(server, true);
+        tracing::info!(server, grace = %humantime::format_duration(grace), "backend drained: no new logins");
+        let backends = Arc::downgrade(self);
+        let server = server.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(backends) = backends.upgrade() {
+                backends.end_drained(&server, id);
+            }
+        });
+        Ok(())
+    }
+
+    /// Ends the sessions on `server` if the drain `id` is still in force.
+    fn end_drained(&self, server: &str, id: u64) {
+        let state = self.lock();
+        if state.drains.get(server).is_none_or(|drain| drain.id != id) {
+            return;
+        }
+        let ended = state
+            .open
+            .values()
+            .flatten()
+            .filter(|open| open.server == server)
+            .inspect(|open| open.end.end())
+            .count();
+        tracing::info!(
+            server,
+            sessions = ended,
+            "drain's grace over: sessions ended"
+        );
+    }
+
+    /// Lets `server` take logins again; returns whether it was drained.
+    ///
+    /// # Errors
+    /// No pool has such a server.
+    pub fn undrain(&self, server: &str) -> Result<bool, OperationError> {
+        self.known_server(server)?;
+        let was = self.lock().drains.remove(server).is_some();
+        self.metrics.backend_draining(server, false);
+        tracing::info!(server, was_drained = was, "backend undrained");
+        Ok(was)
+    }
+
+    /// Routes `account` to `server` from now on, kept in the routes files of the pools that
+    /// have the server, and ends its sessions elsewhere; returns how many were ended.
+    ///
+    /// # Errors
+    /// No pool has such a server, none keeps routes, or a routes file cannot be written.
+    pub fn move_account(&self, account: &str, server: &str) -> Result<usize, OperationError> {
+        let pools = self.pools_with(server)?;
+        let files: std::collections::BTreeSet<PathBuf> = pools
+            .iter()
+            .filter_map(|pool| pool.routes_file().map(PathBuf::from))
+            .collect();
+        if files.is_empty() {
+            return Err(OperationError::NowhereToKeep(server.to_owned()));
+        }
+        let key = account_key(account);
+        for file in &files {
+            keep_route(file, &key, server)
+                .map_err(|reason| OperationError::Unwritten(file.clone(), reason))?;
+        }
+        let mut state = self.lock();
+        state.moves.insert(key.clone(), server.to_owned());
+        let ended = state
+            .open
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|open| open.server != server)
+            .inspect(|open| open.end.end())
+            .count();
+        drop(state);
+        tracing::info!(account = %Escaped(account), server, sessions_ended = ended, "account moved");
+        Ok(ended)
+    }
+
+    fn known_server(&self, server: &str) -> Result<(), OperationError> {
+        self.pools_with(server).map(drop)
+    }
+
+    fn pools_with(&self, server: &str) -> Result<Vec<Arc<Pool>>, OperationError> {
+        let pools: Vec<_> = self
+            .pools()
+            .into_iter()
+            .filter(|pool| pool.is_pool() && pool.server(server).is_some())
+            .collect();
+        if pools.is_empty() {
+            return Err(OperationError::NoSuchServer(server.to_owned()));
+        }
+        Ok(pools)
+    }
+
+    /// Every server of every pool, for `mailgate backends`.
+    pub fn status(&self) -> Vec<ServerStatus> {
+        let pools = self.pools();
+        let state = self.lock();
+        let mut found = Vec::new();
+        for pool in pools.iter().filter(|pool| pool.is_pool()) {
+            for server in pool.servers() {
+                let on_server =
+                    |open: &&Open| open.server == server.name && open.listener == pool.listener();
+                let sessions = state.open.values().flatten().filter(on_server).count();
+                let users = state
+                    .open
+                    .values()
+                    .filter(|sessions| sessions.iter().any(|open| on_server(&open)))
+                    .count();
+                let drain = state.drains.get(&server.name);
+                let health = server.health_view();
+                let server_state = match (drain, health.up) {
+                    (Some(_), _) => "draining",
+                    (None, true) => "up",
+                    (None, false) => "down",
+                };
+                found.push(ServerStatus {
+                    listener: pool.listener().to_owned(),
+                    server: server.name.clone(),
+                    address: format!("{}:{}", server.connector.host(), server.connector.port()),
+                    weight: server.weight,
+                    state: server_state,
+                    sessions,
+                    users,
+                    health,
+                    drained_since: drain.and_then(|drain| {
+                        drain
+                            .since
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()
+                            .map(|since| since.as_secs())
+                    }),
+                    drain_grace_seconds: drain.map(|drain| drain.grace.as_secs()),
+                });
+            }
+        }
+        found
+    }
+}
+
+/// Writes `account: server` into the routes file, keeping its other routes: to a temporary
+/// file first, renamed over it, so that a reader never sees half a file.
+fn keep_route(file: &std::path::Path, account: &str, server: &str) -> Result<(), String> {
+    let mut routes = if file.exists() {
+        read_routes(file)?
+    } else {
+        BTreeMap::new()
+    };
+    routes.insert(account.to_owned(), server.to_owned());
+    let mut text = String::from("# Account: server. `mailgate backends move` writes here.\n");
+    for (account, server) in &routes {
+        // JSON strings are YAML strings: quoting and escaping solved once.
+        let quote = |text: &str| serde_json::to_string(text).unwrap_or_default();
+        text.push_str(&format!("{}: {}\n", quote(account), quote(server)));
+    }
+    let partial = file.with_extension("partial");
+    std::fs::write(&partial, text).map_err(|e| e.to_string())?;
+    std::fs::rename(&partial, file).map_err(|e| e.to_string())
+}
