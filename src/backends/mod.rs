@@ -46,8 +46,9 @@ struct State {
     drains: HashMap<String, Drain>,
     /// Routes set at runtime (`mailgate backends move`), by account key.
     moves: BTreeMap<String, String>,
-    /// The current pool of each listener.
-    pools: BTreeMap<String, Weak<Pool>>,
+    /// Every pool built, oldest first: a listener's newest live one is current (a failed
+    /// reload drops its new pools, and the ones in use before are current again).
+    pools: Vec<Weak<Pool>>,
     /// Every server health a pool has named, by (listener, server, host, port): kept while a
     /// pool names it, so that a reload keeps what the checks found.
     checks: HashMap<(String, String, String, u16), Weak<ServerHealth>>,
@@ -172,13 +173,11 @@ impl Backends {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `pool` its listener's current one (at start and on reload).
+    /// Makes `pool` its listener's current one (at start and on reload) while it lives.
     pub fn adopt(&self, pool: &Arc<Pool>) {
         let mut state = self.lock();
-        state
-            .pools
-            .insert(pool.listener().to_owned(), Arc::downgrade(pool));
-        state.pools.retain(|_, pool| pool.strong_count() > 0);
+        state.pools.retain(|pool| pool.strong_count() > 0);
+        state.pools.push(Arc::downgrade(pool));
         state.checks.retain(|_, health| health.strong_count() > 0);
         drop(state);
         self.health_changed();
@@ -198,12 +197,13 @@ impl Backends {
         self.health.set_no_backend_up(!stranded.is_empty());
     }
 
+    /// The current pool of each listener.
     fn pools(&self) -> Vec<Arc<Pool>> {
-        self.lock()
-            .pools
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect()
+        let mut current: BTreeMap<String, Arc<Pool>> = BTreeMap::new();
+        for pool in self.lock().pools.iter().filter_map(Weak::upgrade) {
+            current.insert(pool.listener().to_owned(), pool);
+        }
+        current.into_values().collect()
     }
 
     fn is_drained(&self, state: &State, server: &str) -> bool {
