@@ -1,7 +1,7 @@
 //! Proves the Dovecot fixture a backend pool needs (issue 16), without mailgate: three
-//! instances at once, each logging only the accounts it served; one stopped (its ports refuse,
-//! its sessions end) and started again on the same ports with the same mail; logins by every
-//! protocol read from the log, and the open sessions from the instance's anvil.
+//! instances at once, each logging only the accounts it served; one killed or stopped (its
+//! ports refuse, its sessions end) and started again on the same ports with the same mail;
+//! logins by every protocol read from the log, and the open sessions from the instance's anvil.
 
 mod support;
 
@@ -186,6 +186,18 @@ async fn a_stopped_dovecot_refuses_then_starts_again_on_its_ports_with_its_mail(
             "{:?}",
             dovecot.logins()
         );
+        for other in [&pool.dovecots[0], &pool.dovecots[2]] {
+            assert!(eventually(SETTLE, async || other.logins() == [user]).await);
+        }
+
+        // Dovecot's own shutdown (SIGTERM) frees the same ports for another start.
+        pool.dovecots[1].stop_gracefully();
+        let goodbye = pop3.line().await;
+        assert!(goodbye.contains("shutting down"), "{goodbye}");
+        assert!(pop3.closed().await, "the session outlived its server");
+        assert!(all_refuse(ports).await);
+        pool.dovecots[1].start_again().await;
+        pool.log_in(&pool.dovecots[1], Protocol::Imap, user).await;
     })
     .await;
 }

@@ -573,28 +573,35 @@ pop3_uidl_format = %08Xu%08Xv
     /// it early lets a test check the cleanup, or fail a backend ([`Dovecot::start_again`]).
     /// The master gets SIGKILL, then every process it left too: idle children would exit by
     /// themselves (measured: about 30 ms), but a mail process serving a client only after
-    /// about 10 s. The log process is spared, so that it writes what the others already said;
-    /// it leaves after them. Mail and log survive (maildir is safe against crashes).
+    /// about 10 s. Mail and log survive (maildir is safe against crashes).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            let logger = pgrep(&format!("{}/log", self.instance_name));
-            for pid in self.processes() {
-                if !logger.contains(&pid) {
-                    send_signal(pid, "KILL");
-                }
-            }
+            self.signal_leftovers("KILL");
             self.wait_for_children();
         }
     }
 
-    /// Stops the master with SIGTERM (Dovecot's own shutdown), SIGKILL after 10 s, then waits
-    /// for every process of this instance to be gone.
+    /// Stops the master with SIGTERM (Dovecot's own shutdown), SIGKILL after 10 s, then sends
+    /// SIGTERM to the mail processes it left (each says goodbye to its client, e.g. IMAP
+    /// `* BYE Server shutting down.`) and waits for every process of this instance to be gone.
     pub fn stop_gracefully(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, STOP_GRACE);
+            self.signal_leftovers("TERM");
             self.wait_for_children();
+        }
+    }
+
+    /// Sends `signal` to every process of this instance but the log process, which is spared
+    /// so that it writes what the others said; it leaves after them.
+    fn signal_leftovers(&self, signal: &str) {
+        let logger = pgrep(&format!("{}/log", self.instance_name));
+        for pid in self.processes() {
+            if !logger.contains(&pid) {
+                send_signal(pid, signal);
+            }
         }
     }
 
