@@ -206,7 +206,8 @@ enum Protocol {
 async fn logins(protocol: Protocol, address: SocketAddr, accounts: &[String]) {
     for batch in accounts.chunks(BATCH) {
         let mut tasks = tokio::task::JoinSet::new();
-        for account in batch.iter().cloned() {
+        for account in batch {
+            let account = account.clone();
             tasks.spawn(async move {
                 match protocol {
                     Protocol::Imap => {
