@@ -21,6 +21,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The pool's server names, in the order of the Dovecots.
 const SERVERS: [&str; 3] = ["dc1", "dc2", "dc3"];
+/// The server that is stopped and started again.
+const STOPPED: usize = 1;
 const ACCOUNTS: usize = 50;
 /// Logins at once: well under Dovecot's default 100 IMAP processes per instance.
 const BATCH: usize = 25;
@@ -187,6 +189,13 @@ fn rendezvous<'a>(account: &str, servers: &[&'a str]) -> &'a str {
     servers[index]
 }
 
+/// The servers but [`STOPPED`].
+fn still_up() -> Vec<&'static str> {
+    let mut servers = SERVERS.to_vec();
+    servers.remove(STOPPED);
+    servers
+}
+
 /// Logs `account` in by IMAP through `address`; the open session and the tagged answer.
 async fn imap_login(address: SocketAddr, account: &str) -> (ImapClient, String) {
     let mut client = ImapClient::connect(address).await;
@@ -320,91 +329,100 @@ async fn accounts_stay_on_their_rendezvous_server_through_failover_and_return() 
             }
         }
 
-        // dc2 stopped: its accounts' next login goes to their next choice at once.
-        let stopped = 1;
-        pool.dovecots[stopped].stop();
-        let rest = [SERVERS[0], SERVERS[2]];
-        let mark = pool.mark();
-        logins(Protocol::Imap, first.imap, &accounts).await;
-        let landed = pool.landed(&mark, ACCOUNTS).await;
-        let mut moved = Vec::new();
-        for account in &accounts {
-            let expected = match home[account.as_str()] {
-                server if server == SERVERS[stopped] => {
-                    moved.push(account.clone());
-                    rendezvous(account, &rest)
-                }
-                server => server,
-            };
-            assert_eq!(
-                landed[account.as_str()],
-                BTreeSet::from([expected]),
-                "{account}"
-            );
-        }
-        assert!(
-            first.marked(SERVERS[stopped], 0.0).await,
-            "dc2 not marked down"
-        );
-        assert_eq!(first.get("/readyz").await.0, "200");
-
-        // Restarted: an account with a session open on its second server stays there until
-        // that session ends; one without goes home as soon as the probes let it.
-        let (kept, others) = moved.split_first().expect("dc2 had accounts");
-        let (mut open, answer) = imap_login(first.imap, kept).await;
-        assert!(answer.contains(" OK"), "{answer}");
-        pool.dovecots[stopped].start_again().await;
-        assert!(
-            first.marked(SERVERS[stopped], 1.0).await,
-            "dc2 not marked up"
-        );
-        let mark = pool.mark();
-        logins(Protocol::Imap, first.imap, std::slice::from_ref(kept)).await;
-        logins(Protocol::Imap, first.imap, others).await;
-        let landed = pool.landed(&mark, moved.len()).await;
-        let away = rendezvous(kept, &rest);
-        assert_eq!(landed[kept.as_str()], BTreeSet::from([away]), "{kept}");
-        for account in others {
-            assert_eq!(landed[account.as_str()], BTreeSet::from([SERVERS[stopped]]));
-        }
-        // A client closes once the server said BYE; mailgate's splice waits for that close.
-        open.command("LOGOUT").await;
-        drop(open);
-        assert!(
-            eventually(SETTLE, async || {
-                first
-                    .imap_metric("mailgate_backend_sessions", away, "")
-                    .await
-                    == 0.0
-            })
-            .await,
-            "the session on {away} did not end"
-        );
-        let mark = pool.mark();
-        logins(Protocol::Imap, first.imap, std::slice::from_ref(kept)).await;
-        let landed = pool.landed(&mark, 1).await;
-        assert_eq!(landed[kept.as_str()], BTreeSet::from([SERVERS[stopped]]));
-
-        // All stopped: logins fail for now, and the probes make mailgate unready.
-        for dovecot in &mut pool.dovecots {
-            dovecot.stop();
-        }
-        let (_, answer) = imap_login(first.imap, &accounts[0]).await;
-        assert!(answer.contains(" NO [UNAVAILABLE]"), "{answer}");
-        assert!(
-            eventually(SETTLE, async || first.get("/readyz").await.0 == "503").await,
-            "still ready"
-        );
-        let (_, body) = first.get("/readyz").await;
-        assert!(
-            body.contains("no server of a listener's pool is up"),
-            "{body}"
-        );
-        let (_, answer) = imap_login(first.imap, &accounts[1]).await;
-        assert!(answer.contains(" NO [UNAVAILABLE]"), "{answer}");
-        drop((first.mailgate, second.mailgate));
+        let moved = fail_over(&mut pool, &first, &home).await;
+        come_back(&mut pool, &first, &moved).await;
+        all_down(&mut pool, &first, &accounts).await;
     })
     .await;
+}
+
+/// The server [`STOPPED`] killed: its accounts' next login goes to their next choice at once,
+/// no other account moves, the probes mark it down and mailgate stays ready. The moved accounts.
+async fn fail_over(pool: &mut Backends, gate: &Gate, home: &BTreeMap<&str, &str>) -> Vec<String> {
+    let accounts = accounts();
+    pool.dovecots[STOPPED].stop();
+    let mark = pool.mark();
+    logins(Protocol::Imap, gate.imap, &accounts).await;
+    let landed = pool.landed(&mark, ACCOUNTS).await;
+    let mut moved = Vec::new();
+    for account in &accounts {
+        let expected = match home[account.as_str()] {
+            server if server == SERVERS[STOPPED] => {
+                moved.push(account.clone());
+                rendezvous(account, &still_up())
+            }
+            server => server,
+        };
+        assert_eq!(
+            landed[account.as_str()],
+            BTreeSet::from([expected]),
+            "{account}"
+        );
+    }
+    assert!(
+        gate.marked(SERVERS[STOPPED], 0.0).await,
+        "dc2 not marked down"
+    );
+    assert_eq!(gate.get("/readyz").await.0, "200");
+    moved
+}
+
+/// [`STOPPED`] restarted: an account with a session open on its second server stays there
+/// until that session ends; one without goes home as soon as the probes let it.
+async fn come_back(pool: &mut Backends, gate: &Gate, moved: &[String]) {
+    let (kept, others) = moved.split_first().expect("dc2 had accounts");
+    let (mut open, answer) = imap_login(gate.imap, kept).await;
+    assert!(answer.contains(" OK"), "{answer}");
+    pool.dovecots[STOPPED].start_again().await;
+    assert!(
+        gate.marked(SERVERS[STOPPED], 1.0).await,
+        "dc2 not marked up"
+    );
+    let mark = pool.mark();
+    logins(Protocol::Imap, gate.imap, std::slice::from_ref(kept)).await;
+    logins(Protocol::Imap, gate.imap, others).await;
+    let landed = pool.landed(&mark, moved.len()).await;
+    let away = rendezvous(kept, &still_up());
+    assert_eq!(landed[kept.as_str()], BTreeSet::from([away]), "{kept}");
+    for account in others {
+        assert_eq!(landed[account.as_str()], BTreeSet::from([SERVERS[STOPPED]]));
+    }
+    // A client closes once the server said BYE; mailgate's splice waits for that close.
+    open.command("LOGOUT").await;
+    drop(open);
+    assert!(
+        eventually(SETTLE, async || {
+            gate.imap_metric("mailgate_backend_sessions", away, "")
+                .await
+                == 0.0
+        })
+        .await,
+        "the session on {away} did not end"
+    );
+    let mark = pool.mark();
+    logins(Protocol::Imap, gate.imap, std::slice::from_ref(kept)).await;
+    let landed = pool.landed(&mark, 1).await;
+    assert_eq!(landed[kept.as_str()], BTreeSet::from([SERVERS[STOPPED]]));
+}
+
+/// Every server stopped: logins fail for now, and the probes make mailgate unready.
+async fn all_down(pool: &mut Backends, gate: &Gate, accounts: &[String]) {
+    for dovecot in &mut pool.dovecots {
+        dovecot.stop();
+    }
+    let (_, answer) = imap_login(gate.imap, &accounts[0]).await;
+    assert!(answer.contains(" NO [UNAVAILABLE]"), "{answer}");
+    assert!(
+        eventually(SETTLE, async || gate.get("/readyz").await.0 == "503").await,
+        "still ready"
+    );
+    let (_, body) = gate.get("/readyz").await;
+    assert!(
+        body.contains("no server of a listener's pool is up"),
+        "{body}"
+    );
+    let (_, answer) = imap_login(gate.imap, &accounts[1]).await;
+    assert!(answer.contains(" NO [UNAVAILABLE]"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,7 +452,8 @@ async fn servers_named_by_the_token_source_or_the_routes() {
             by_source.mailgate.assert_not_logged(&token);
         }
 
-        // Static routes: a routed account on its server, every other on the fallback.
+        // Static routes (an account in any case): a routed account on its server, every
+        // other on the fallback.
         let routed = accounts
             .iter()
             .find(|a| rendezvous(a, &SERVERS) != SERVERS[2])
@@ -446,8 +465,10 @@ async fn servers_named_by_the_token_source_or_the_routes() {
             .cloned()
             .collect();
         let routing = format!(
-            "      routing: static\n      routes: {{\"{routed}\": {}}}\n      fallback: {}\n",
-            SERVERS[2], SERVERS[0]
+            "      routing: static\n      routes: {{\"{}\": {}}}\n      fallback: {}\n",
+            routed.to_uppercase(),
+            SERVERS[2],
+            SERVERS[0]
         );
         let by_routes = pool.gate(&routing).await;
         pool.grant(std::slice::from_ref(routed));
