@@ -8,7 +8,7 @@
 
 pub mod health;
 pub mod pool;
-mod ring;
+pub mod ring;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
