@@ -237,9 +237,12 @@ impl Pool {
             }
             _ => None,
         };
+        // An ended session still open (its goodbye under way) holds no account: the login
+        // waits for it below instead.
         let current = open_here
-            .first()
-            .and_then(|open| self.server(&open.server))
+            .iter()
+            .filter(|open| !open.end.ended.load(std::sync::atomic::Ordering::Acquire))
+            .find_map(|open| self.server(&open.server))
             .filter(|server| usable(server));
         let target = match (chosen_by_source, current) {
             (Some(server), _) if !usable(&server) => {
@@ -461,6 +464,30 @@ mod tests {
         let moved = moving.await.unwrap();
         assert_ne!(moved.server().name, first);
         assert_eq!(pool.backends.undrain(&first), Ok(true));
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_still_open_does_not_hold_its_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.yaml");
+        let pool = pool_of(&["a", "b", "c"], |config| {
+            config.routes_file = Some(file.clone());
+        });
+        let first = preferred(&pool, "hal");
+        let target = ["a", "b", "c"]
+            .into_iter()
+            .find(|name| *name != first)
+            .unwrap();
+        let open = pool.route("hal", None, &[]).await.unwrap();
+        pool.backends.move_account("hal", target).unwrap();
+        let moving = pool.route("hal", None, &[]);
+        tokio::pin!(moving);
+        tokio::select! {
+            _ = &mut moving => panic!("logged in before the ended session closed"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        drop(open);
+        assert_eq!(moving.await.unwrap().server().name, target);
     }
 
     #[tokio::test]
