@@ -291,7 +291,11 @@ impl Backends {
             .filter(|open| open.server == server)
             .inspect(|open| open.end.end())
             .count();
-        tracing::info!(server, sessions = ended, "drain's grace over: sessions ended");
+        tracing::info!(
+            server,
+            sessions = ended,
+            "drain's grace over: sessions ended"
+        );
     }
 
     /// Lets `server` take logins again; returns whether it was drained.
@@ -363,9 +367,8 @@ impl Backends {
         let mut found = Vec::new();
         for pool in pools.iter().filter(|pool| pool.is_pool()) {
             for server in pool.servers() {
-                let on_server = |open: &&Open| {
-                    open.server == server.name && open.listener == pool.listener()
-                };
+                let on_server =
+                    |open: &&Open| open.server == server.name && open.listener == pool.listener();
                 let sessions = state.open.values().flatten().filter(on_server).count();
                 let users = state
                     .open

@@ -104,7 +104,8 @@ impl Pool {
         let is_pool = config.is_pool();
         let mut servers = Vec::new();
         for server in config.server_list() {
-            let connector = Connector::new(&config.for_server(&server))?.with_metrics(metrics.clone());
+            let connector =
+                Connector::new(&config.for_server(&server))?.with_metrics(metrics.clone());
             let health = is_pool.then(|| {
                 let checked = Checked {
                     protocol,
@@ -195,9 +196,12 @@ impl Pool {
                 let mut state = self.backends.lock();
                 match self.decide(&state, &key, named, avoid)? {
                     Decision::Go(server) => {
-                        return Ok(self
-                            .backends
-                            .open_lease(&mut state, key, &self.listener, server));
+                        return Ok(self.backends.open_lease(
+                            &mut state,
+                            key,
+                            &self.listener,
+                            server,
+                        ));
                     }
                     wait => wait,
                 }
@@ -303,7 +307,11 @@ impl Pool {
         fn weighted(server: &Arc<Server>) -> (&str, u32) {
             (server.name.as_str(), server.weight)
         }
-        let candidates: Vec<_> = self.servers.iter().filter(|server| usable(server)).collect();
+        let candidates: Vec<_> = self
+            .servers
+            .iter()
+            .filter(|server| usable(server))
+            .collect();
         let best = ring::best(key, candidates.iter().map(|server| weighted(server)))
             .map(|index| candidates[index].clone())
             .ok_or(RouteError::NoServer)?;
