@@ -1730,6 +1730,17 @@ tokens:
     }
 
     #[test]
+    fn backend_operations_need_a_login_and_tls_off_loopback() {
+        let text = format!(
+            "{MINIMAL}admin:\n  listen: \"0.0.0.0:9090\"\n  backends: {{ user: \"a:b\" }}\n"
+        );
+        assert_eq!(
+            problem_keys(&text),
+            ["admin.backends.user", "admin.backends", "admin.tls"]
+        );
+    }
+
+    #[test]
     fn listen_addresses_say_what_the_rule_is() {
         let reason = |listen: &str| {
             check(&MINIMAL.replace("127.0.0.1:1143", listen)).unwrap_err()[0]
