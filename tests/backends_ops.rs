@@ -206,6 +206,35 @@ async fn operator_drains_kicks_and_moves_an_account() {
         let (_client, fourth) = pool.log_in().await;
         assert_eq!(fourth, target);
 
+        // The page: a drain by its form needs the CSRF token the page carries.
+        let login = format!("admin:{PASSWORD}");
+        let page_url = format!("http://127.0.0.1:{}/backends/page", pool.admin_port);
+        let page = curl(&["-u", &login, &page_url]).await.stdout;
+        assert!(page.contains("id=\"drain-imap-b\""), "{page}");
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a CSRF token");
+        let drain = format!("{page_url}/drain");
+        let forged = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-u",
+            &login,
+            "-d",
+            "server=b",
+            &drain,
+        ])
+        .await;
+        assert_eq!(forged.stdout, "403");
+        let csrf_field = format!("csrf={csrf}");
+        let done = curl(&["-u", &login, "-d", "server=b", "-d", &csrf_field, &drain]).await;
+        assert!(done.stdout.contains("id=\"undrain-imap-b\""), "{done:?}");
+        pool.ok(&["undrain", "b"]).await;
+
         // Refusals: an unknown server, a wrong password.
         let unknown = pool.backends(&["drain", "nosuch"]).await;
         assert_eq!(unknown.status, Some(64), "{unknown:?}");

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode, header};
 
+use super::onboarding::Flows;
 use super::throttle::AdminThrottle;
-use super::{AdminRequest, Reply, check_basic_auth, reply};
+use super::{AdminRequest, Reply, backends_page, check_basic_auth, reply};
 use crate::backends::{Backends, DEFAULT_DRAIN_GRACE, OperationError};
 use crate::config::BackendsAdminConfig;
 use crate::sanitize::{Escaped, is_hidden};
@@ -225,15 +226,20 @@ pub fn perform(backends: &Arc<Backends>, user: &str, action: &Action) -> Reply {
     }
 }
 
-/// Serves `/backends` (GET: the status) and `/backends/ACTION` (POST).
+/// Serves `/backends` (GET: the status), `/backends/ACTION` (POST) and the page for a
+/// browser ([`backends_page`]).
 pub async fn respond(
     request: &AdminRequest,
     settings: &Settings,
     backends: &Arc<Backends>,
     throttle: &AdminThrottle,
+    flows: &Flows,
 ) -> Reply {
     if let Err(refused) = settings.authorize(request, throttle).await {
         return *refused;
+    }
+    if request.path.starts_with(backends_page::PATH) {
+        return backends_page::respond(request, settings.user(), backends, flows);
     }
     match (&request.method, request.path.strip_prefix("/backends")) {
         (&Method::GET, Some("" | "/")) => json(StatusCode::OK, &backends.status()),

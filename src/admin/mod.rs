@@ -4,6 +4,7 @@
 
 mod admission;
 pub mod backends;
+mod backends_page;
 pub mod onboarding;
 pub mod throttle;
 pub mod token_service;
@@ -224,7 +225,7 @@ async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin, shar
         },
         path if path == "/backends" || path.starts_with("/backends/") => match &runtime.backends {
             Some((settings, backends)) => {
-                backends::respond(&request, settings, backends, &admin.throttle).await
+                backends::respond(&request, settings, backends, &admin.throttle, &admin.flows).await
             }
             None => not_found(),
         },
