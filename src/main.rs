@@ -71,7 +71,8 @@ enum Command {
         /// JSON for scripts.
         #[arg(long, global = true)]
         json: bool,
-        /// Trust this CA file for the admin endpoint's certificate (default: admin.tls.cert_file).
+        /// Trust this CA file for the admin endpoint's certificate (default: the certificates in
+        /// admin.tls.cert_file).
         #[arg(long, global = true)]
         ca_file: Option<PathBuf>,
         #[command(subcommand)]

@@ -303,3 +303,56 @@ admin:
     })
     .await;
 }
+
+/// Over `admin.tls`, the command trusts the certificates of the endpoint's certificate file
+/// (here the chain with its CA), or `--ca-file`.
+#[tokio::test]
+async fn the_command_speaks_https_to_a_tls_endpoint() {
+    with_timeout(TEST_TIMEOUT, async {
+        let ca = TestCa::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, PASSWORD).unwrap();
+        let chain = dir.path().join("chain.pem");
+        let pem = |path: PathBuf| std::fs::read_to_string(path).unwrap();
+        std::fs::write(&chain, pem(ca.cert_pem()) + &pem(ca.ca_pem())).unwrap();
+        let [imap_port, admin_port] = free_ports(2)[..] else {
+            unreachable!()
+        };
+        let config = format!(
+            r#"listeners:
+  - name: imap
+    protocol: imap
+    listen: "127.0.0.1:{imap_port}"
+    upstream: {{ host: 127.0.0.1, port: 1, tls: none }}
+tokens:
+  auth_server: {{ url: "http://127.0.0.1:1/token" }}
+admin:
+  listen: "127.0.0.1:{admin_port}"
+  tls: {{ cert_file: "{cert}", key_file: "{key}" }}
+  backends: {{ password_file: "{password}" }}
+"#,
+            cert = chain.display(),
+            key = ca.key_pem().display(),
+            password = password.display(),
+        );
+        let mailgate = Mailgate::start(&config).await;
+        let config_path = mailgate.config_path();
+        let binary = Mailgate::binary();
+        let ca_file = ca.ca_pem();
+        let run = async |extra: &[&str]| {
+            let mut args = vec!["--config", config_path.to_str().unwrap(), "backends"];
+            args.extend_from_slice(extra);
+            run_command(binary.to_str().unwrap(), &args, None, SETTLE).await
+        };
+        let with_ca = run(&["--ca-file", ca_file.to_str().unwrap()]).await;
+        assert!(with_ca.success(), "{with_ca:?}");
+        assert!(
+            with_ca.stdout.contains("No listener has a pool"),
+            "{with_ca:?}"
+        );
+        let with_cert = run(&[]).await;
+        assert!(with_cert.success(), "{with_cert:?}");
+    })
+    .await;
+}
