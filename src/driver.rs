@@ -218,7 +218,9 @@ impl LoginDriver {
                 .await
                 .map_err(Failure::Route)?;
             let server = lease.server().clone();
-            let outcome = self.log_in_on(&server.connector, &token.token.auth, request).await;
+            let outcome = self
+                .log_in_on(&server.connector, &token.token.auth, request)
+                .await;
             self.metrics.backend_login(
                 &self.listener,
                 &server.name,

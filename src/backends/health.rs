@@ -101,7 +101,7 @@ impl ServerHealth {
         if let Outcome::Failed(error) = outcome {
             state.last_error = Some(error.chars().take(MAX_ERROR_CHARS).collect());
         }
-        if passed == !state.down {
+        if passed != state.down {
             state.streak = 0;
             return None;
         }

@@ -631,7 +631,11 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             forward_client,
             max_concurrent_connects: crate::config::DEFAULT_MAX_CONCURRENT_CONNECTS,
-            ..UpstreamConfig::new("127.0.0.1".to_owned(), listener.local_addr().unwrap().port(), tls)
+            ..UpstreamConfig::new(
+                "127.0.0.1".to_owned(),
+                listener.local_addr().unwrap().port(),
+                tls,
+            )
         };
         (Connector::new(&config).unwrap(), listener)
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{self, AdminRuntime};
+use crate::backends::Pool;
 use crate::client_auth::throttle::Throttle;
 use crate::client_tls::ClientTls;
 use crate::config::{Config, ListenerConfig, TlsMode};
@@ -19,7 +20,6 @@ use crate::replicas::Redis;
 use crate::token::cache::TokenCache;
 use crate::token::oauth2::OAuth2;
 use crate::token::sources::Sources;
-use crate::backends::Pool;
 
 use super::{Lasting, StartError};
 

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::backends::Lease;
 use crate::frontend;
 use crate::frontend::settings::FrontendSettings;
 use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
@@ -18,7 +19,6 @@ use crate::login::{
 };
 use crate::metrics::Metrics;
 use crate::sanitize::Escaped;
-use crate::backends::Lease;
 use crate::sessions::SessionRegistry;
 use crate::smtp::xclient_filter::XclientFilter;
 use crate::splice::{Boundary, Counters, SpliceEnd, Stop, Transferred, splice};
