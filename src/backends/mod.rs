@@ -432,12 +432,23 @@ impl Backends {
             .count()
     }
 
-    /// Each account with a session open here, and the server of its first.
+    /// Each account with a session open here on a pool, and the server of its first.
     fn open_servers(&self) -> Vec<(String, String)> {
+        let pooled: Vec<String> = self
+            .pools()
+            .iter()
+            .filter(|pool| pool.is_pool())
+            .map(|pool| pool.listener().to_owned())
+            .collect();
         self.lock()
             .open
             .iter()
-            .filter_map(|(key, sessions)| Some((key.clone(), sessions.first()?.server.clone())))
+            .filter_map(|(key, sessions)| {
+                let first = sessions
+                    .iter()
+                    .find(|open| pooled.contains(&open.listener))?;
+                Some((key.clone(), first.server.clone()))
+            })
             .collect()
     }
 

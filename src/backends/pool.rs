@@ -205,7 +205,8 @@ impl Pool {
         avoid: &[&str],
     ) -> Result<Lease, RouteError> {
         let key = account_key(account);
-        let Some(shared) = self.backends.shared() else {
+        // A listener's only server has nothing to agree on.
+        let Some(shared) = self.backends.shared().filter(|_| self.is_pool) else {
             return self.route_here(&key, named, avoid, None).await;
         };
         let assigned = shared.assigned(&key).await;

@@ -216,3 +216,20 @@ async fn without_an_answer_from_redis_logins_route_here() {
     assert!(backends.drain("s1", Duration::ZERO).await.is_err());
     assert!(replica(None).0.move_account(ACCOUNT, "s1").await.is_err());
 }
+
+#[tokio::test]
+async fn a_replica_with_a_session_open_keeps_the_assignment() {
+    let server = RedisServer::start();
+    let (backends, pool) = replica(Some(&server.handle()));
+    let session = route(&pool).await;
+    let key = format!("test:backend-account:{KEY}");
+    server.cli(&["DEL", &key]);
+    let shared = backends.shared().unwrap();
+    backends.renew_assignments(&shared).await;
+    assert_eq!(server.cli(&["GET", &key]).trim(), session.server().name);
+    server.cli(&["PEXPIRE", &key, "1000"]);
+    backends.renew_assignments(&shared).await;
+    let left: u64 = server.cli(&["PTTL", &key]).trim().parse().unwrap();
+    assert!(left > 1000, "renewed to the full lifetime, not {left} ms");
+    assert!(!session.was_ended());
+}
