@@ -301,8 +301,9 @@ impl Backends {
             .insert(server.to_owned(), Drain { id, since, grace });
         self.metrics.backend_draining(server, true);
         tracing::info!(server, grace = %humantime::format_duration(grace), "backend drained: no new logins");
-        let left = (since + grace)
-            .duration_since(SystemTime::now())
+        let left = drain
+            .end()
+            .and_then(|end| end.duration_since(SystemTime::now()).ok())
             .unwrap_or_default();
         let backends = Arc::downgrade(self);
         let server = server.to_owned();

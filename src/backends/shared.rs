@@ -63,7 +63,16 @@ impl SharedDrain {
     }
 
     pub fn since(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_millis(self.since_ms)
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_millis(self.since_ms))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// When its grace is over; `None` past what the clock can count (another writer's).
+    pub fn end(&self) -> Option<SystemTime> {
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_millis(self.since_ms))?
+            .checked_add(self.grace())
     }
 
     pub fn grace(&self) -> Duration {

@@ -177,6 +177,16 @@ async fn a_replica_starting_reads_the_drains_in_force() {
         draining(&late_backends, "s2")
     })
     .await;
+    // What another writer left there is not a drain.
+    server.cli(&["HSET", "test:backends:drains", "s1", "not json"]);
+    // A drain begun at the end of time drains, and is no reason to fail.
+    let end_of_time = format!(r#"{{"since_ms":{0},"grace_ms":{0}}}"#, u64::MAX);
+    server.cli(&["HSET", "test:backends:drains", "s3", &end_of_time]);
+    late_backends
+        .sync_drains(&late_backends.shared().unwrap())
+        .await;
+    assert!(!draining(&late_backends, "s1"));
+    assert!(draining(&late_backends, "s2") && draining(&late_backends, "s3"));
 }
 
 #[tokio::test]
