@@ -119,22 +119,22 @@ impl Action {
     }
 
     /// Does it; the answer's fields besides the action.
-    fn run(&self, backends: &Arc<Backends>) -> Result<serde_json::Value, OperationError> {
+    async fn run(&self, backends: &Arc<Backends>) -> Result<serde_json::Value, OperationError> {
         Ok(match self {
             Self::Drain { server, grace } => {
-                backends.drain(server, *grace)?;
+                backends.drain(server, *grace).await?;
                 serde_json::json!({ "server": server, "grace_seconds": grace.as_secs() })
             }
             Self::Undrain { server } => {
-                let was = backends.undrain(server)?;
+                let was = backends.undrain(server).await?;
                 serde_json::json!({ "server": server, "was_drained": was })
             }
             Self::Kick { account } => {
-                let ended = backends.kick(account);
+                let ended = backends.kick(account).await;
                 serde_json::json!({ "account": account, "sessions_ended": ended })
             }
             Self::Move { account, server } => {
-                let ended = backends.move_account(account, server)?;
+                let ended = backends.move_account(account, server).await?;
                 serde_json::json!({ "account": account, "server": server, "sessions_ended": ended })
             }
         })
@@ -197,8 +197,8 @@ pub fn fields(request: &AdminRequest) -> Result<BTreeMap<String, String>, BadInp
 }
 
 /// Does `action` for the operator `user` and logs it; the JSON answer.
-pub fn perform(backends: &Arc<Backends>, user: &str, action: &Action) -> Reply {
-    let result = action.run(backends);
+pub async fn perform(backends: &Arc<Backends>, user: &str, action: &Action) -> Reply {
+    let result = action.run(backends).await;
     let outcome = match &result {
         Ok(_) => "ok".to_owned(),
         Err(error) => error.to_string(),
@@ -220,6 +220,8 @@ pub fn perform(backends: &Arc<Backends>, user: &str, action: &Action) -> Reply {
                 OperationError::NoSuchServer(_) => StatusCode::NOT_FOUND,
                 OperationError::NowhereToKeep(_) => StatusCode::CONFLICT,
                 OperationError::Unwritten(..) => StatusCode::INTERNAL_SERVER_ERROR,
+                // Redis is down: try again when it answers.
+                OperationError::Unshared(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             error_reply(code, &error.to_string())
         }
@@ -239,14 +241,14 @@ pub async fn respond(
         return *refused;
     }
     if request.path.starts_with(backends_page::PATH) {
-        return backends_page::respond(request, settings.user(), backends, flows);
+        return backends_page::respond(request, settings.user(), backends, flows).await;
     }
     match (&request.method, request.path.strip_prefix("/backends")) {
         (&Method::GET, Some("" | "/")) => json(StatusCode::OK, &backends.status()),
         (&Method::POST, Some(path)) if path.starts_with('/') => {
             let action = fields(request).and_then(|form| Action::parse(&path[1..], &form));
             match action {
-                Ok(action) => perform(backends, settings.user(), &action),
+                Ok(action) => perform(backends, settings.user(), &action).await,
                 Err(bad) => error_reply(StatusCode::BAD_REQUEST, &bad.0),
             }
         }

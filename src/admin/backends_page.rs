@@ -19,7 +19,7 @@ pub const PATH: &str = "/backends/page";
 
 /// Serves the page (GET) and its forms (POST `PATH/ACTION`): after an action, back to the
 /// page with its result above the table.
-pub fn respond(
+pub async fn respond(
     request: &AdminRequest,
     user: &str,
     backends: &Arc<Backends>,
@@ -35,7 +35,7 @@ pub fn respond(
             }
             let result = match Action::parse(&action[1..], &form) {
                 Ok(action) => {
-                    let answer = perform(backends, user, &action);
+                    let answer = perform(backends, user, &action).await;
                     let ok = answer.status().is_success();
                     (ok, if ok { "done" } else { "refused" }.to_owned())
                 }
