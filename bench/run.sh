@@ -5,6 +5,8 @@
 #   bench/run.sh            # one mailgate: throughput, login latency, idle sessions
 #   bench/run.sh replicas   # 1, 2 and 3 replicas on one Redis: logins/s, provider requests,
 #                           # Redis commands per login
+#   bench/run.sh pool       # warm login latency (p50, p99) through a pool of 3 backends
+#                           # against one server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh

@@ -24,6 +24,7 @@ use crate::token::sources::Sources;
 use crate::token::{TokenError, TokenSource};
 use crate::upstream::Connector;
 
+pub mod backends;
 pub mod store;
 
 /// Exit codes, as `check` uses them.
@@ -255,14 +256,15 @@ fn relative(at: u64, now: u64) -> String {
     }
 }
 
-fn print_table(header: &[&str; 4], rows: &[[String; 4]]) {
+/// Columns padded to their widest cell; the last one as it is.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 4]| {
+    let line = |cells: [&str; N]| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -275,7 +277,7 @@ fn print_table(header: &[&str; 4], rows: &[[String; 4]]) {
     };
     line(*header);
     for row in rows {
-        line([&row[0], &row[1], &row[2], &row[3]]);
+        line(row.each_ref().map(String::as_str));
     }
 }
 

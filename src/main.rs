@@ -65,6 +65,19 @@ enum Command {
         #[command(subcommand)]
         action: Option<AccountsAction>,
     },
+    /// The servers of the listeners' pools (status, sessions, drains), and the operator's
+    /// actions on them, through the running process's admin endpoint (`admin.backends`).
+    Backends {
+        /// JSON for scripts.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Trust this CA file for the admin endpoint's certificate (default: the certificates in
+        /// admin.tls.cert_file).
+        #[arg(long, global = true)]
+        ca_file: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<BackendsAction>,
+    },
     /// Work on the refresh-token store as a whole.
     Store {
         #[command(subcommand)]
@@ -101,6 +114,24 @@ enum AccountsAction {
         #[arg(long)]
         no_check: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BackendsAction {
+    /// No new logins on SERVER; its sessions end after the grace.
+    Drain {
+        server: String,
+        /// How long its sessions may go on, e.g. 30s (default 60s).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Let SERVER take logins again.
+    Undrain { server: String },
+    /// End every session of ACCOUNT (its next login is routed afresh).
+    Kick { account: String },
+    /// Route ACCOUNT to SERVER from now on (kept in the pools' routes_file) and end its
+    /// sessions elsewhere.
+    Move { account: String, server: String },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +214,18 @@ fn main() -> ExitCode {
             let choices = commands::store::Choices { overwrite, dry_run };
             commands::store::migrate(&config, to, choices).await
         }),
+        Command::Backends {
+            json,
+            ca_file,
+            action,
+        } => run_command(&config, false, |config| async move {
+            let request = backends_request(action);
+            let options = commands::backends::Options {
+                json,
+                ca_file: ca_file.as_deref(),
+            };
+            commands::backends::run(&config, &request, &options).await
+        }),
         Command::ConfigSchema => config_schema(),
         Command::TestLogin { account, listener } => {
             run_command(&config, true, |config| async move {
@@ -191,6 +234,17 @@ fn main() -> ExitCode {
         }
         // Needs no configuration, but one given (MAILGATE_CONFIG) does no harm.
         Command::HashPassword => ExitCode::from(commands::hash_password()),
+    }
+}
+
+fn backends_request(action: Option<BackendsAction>) -> commands::backends::Request {
+    use commands::backends::Request;
+    match action {
+        None => Request::Status,
+        Some(BackendsAction::Drain { server, grace }) => Request::Drain { server, grace },
+        Some(BackendsAction::Undrain { server }) => Request::Undrain { server },
+        Some(BackendsAction::Kick { account }) => Request::Kick { account },
+        Some(BackendsAction::Move { account, server }) => Request::Move { account, server },
     }
 }
 

@@ -206,6 +206,7 @@ fn shipped_examples_pass_check_without_their_secret_files() {
     for example in [
         "deploy/config.example.yaml",
         "deploy/config.dovecot.yaml",
+        "deploy/config.pool.yaml",
         "deploy/systemd/mailgate.yaml",
     ] {
         examples.push(root.join(example).display().to_string());

@@ -1,8 +1,10 @@
 //! The admin HTTP endpoint: `GET /metrics` (Prometheus text), `/healthz`, `/readyz`; with
 //! `admin.onboarding`, the [`onboarding`] page; with `admin.token_service`, the
-//! [`token_service`]. Optionally over TLS, whose certificate a reload can replace.
+//! [`token_service`]; with `admin.backends`, the [`backends`] operations. Optionally over TLS, whose certificate a reload can replace.
 
 mod admission;
+pub mod backends;
+mod backends_page;
 pub mod onboarding;
 pub mod throttle;
 pub mod token_service;
@@ -23,6 +25,7 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::backends::Backends;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -70,6 +73,8 @@ pub struct AdminRuntime {
     pub token_service: Option<token_service::Settings>,
     pub oauth2: Option<Arc<OAuth2>>,
     pub tokens: Option<Arc<TokenCache>>,
+    /// The operator's login for `/backends`, and what it works on.
+    pub backends: Option<(backends::Settings, Arc<Backends>)>,
 }
 
 impl Admin {
@@ -216,6 +221,12 @@ async fn respond(request: Request<Incoming>, client: IpAddr, admin: &Admin, shar
         "/metrics" | "/healthz" | "/readyz" => status_page(&request, admin),
         "/token" => match &runtime.token_service {
             Some(settings) => token_service::respond(&request, settings, &runtime, admin).await,
+            None => not_found(),
+        },
+        path if path == "/backends" || path.starts_with("/backends/") => match &runtime.backends {
+            Some((settings, backends)) => {
+                backends::respond(&request, settings, backends, &admin.throttle, &admin.flows).await
+            }
             None => not_found(),
         },
         _ => match &runtime.onboarding {

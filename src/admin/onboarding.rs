@@ -124,6 +124,16 @@ impl Flows {
         Self::with_csrf(jwt::random_id())
     }
 
+    /// The token every form carries.
+    pub(super) fn csrf(&self) -> &str {
+        self.csrf.expose()
+    }
+
+    /// Whether a form's `csrf` field is the token.
+    pub(super) fn csrf_matches(&self, token: Option<&str>) -> bool {
+        token.is_some_and(|token| bool::from(token.as_bytes().ct_eq(self.csrf.expose().as_bytes())))
+    }
+
     fn with_csrf(csrf: Result<String, String>) -> Result<Self, String> {
         Ok(Self {
             csrf: Secret::new(csrf.map_err(|error| format!("CSRF token: {error}"))?),
@@ -155,7 +165,10 @@ pub async fn respond(
     };
     let reply = match (&request.method, request.path.as_str()) {
         (&Method::GET, "/") => see_other("/accounts"),
-        (&Method::GET, "/accounts") => accounts(request, settings, &oauth2, flows),
+        (&Method::GET, "/accounts") => {
+            let backends = runtime.backends.is_some();
+            accounts(request, settings, &oauth2, flows, backends)
+        }
         (&Method::POST, "/accounts/connect") => match form_account(request, flows, &oauth2) {
             Ok(account) => connect(settings, &oauth2, flows, &account),
             Err(refused) => *refused,
@@ -197,11 +210,21 @@ fn secured(mut reply: Reply, settings: &Settings) -> Reply {
     reply
 }
 
-fn accounts(request: &AdminRequest, settings: &Settings, oauth2: &OAuth2, flows: &Flows) -> Reply {
+/// The accounts' table; `backends`: a link to the backends' page (its own login).
+fn accounts(
+    request: &AdminRequest,
+    settings: &Settings,
+    oauth2: &OAuth2,
+    flows: &Flows,
+    backends: bool,
+) -> Reply {
     let authorized = query_param(&request.query, "authorized")
         .filter(|account| oauth2.account(account).is_some());
     let now = crate::token::oauth2::provider::unix_now();
     let body = html! {
+        @if backends {
+            nav { a href=(super::backends_page::PATH) { "Backends" } }
+        }
         @if let Some(account) = &authorized {
             p.notice.ok { "Authorized " strong { (account) } ": its refresh token is in the token store." }
         }
@@ -238,7 +261,7 @@ fn action_form(action: &str, account: &str, flows: &Flows, label: &str, id: &str
     html! {
         form method="post" action=(action) {
             input type="hidden" name="account" value=(account);
-            input type="hidden" name="csrf" value=(flows.csrf.expose());
+            input type="hidden" name="csrf" value=(flows.csrf());
             button type="submit" id=(format!("{id}-{account}")) { (label) }
         }
     }
@@ -281,9 +304,7 @@ fn form_account(
             .find(|(key, _)| key == name)
             .map(|(_, v)| v.as_str())
     };
-    let csrf_ok = field("csrf")
-        .is_some_and(|token| bool::from(token.as_bytes().ct_eq(flows.csrf.expose().as_bytes())));
-    if !csrf_ok {
+    if !flows.csrf_matches(field("csrf")) {
         tracing::warn!(client = %request.client, "onboarding form without a valid CSRF token refused");
         return Err(Box::new(plain(
             StatusCode::FORBIDDEN,

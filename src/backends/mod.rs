@@ -5,10 +5,13 @@
 //! The rule that keeps an account on one backend: while an account has a session open on a
 //! server of a pool, its new logins go there too; when that server cannot take them (down,
 //! drained, or another was chosen for the account), its sessions there are ended first.
+//! With the replicas' Redis, the account's server, drains and moves are [`shared`] with the
+//! other replicas.
 
 pub mod health;
 pub mod pool;
-mod ring;
+pub mod ring;
+pub mod shared;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -24,6 +27,7 @@ use crate::metrics::{BackendLabels, Metrics};
 use crate::sanitize::Escaped;
 use health::ServerHealth;
 pub use pool::{Pool, RouteError, Server};
+use shared::{SharedDrain, SharedState};
 
 /// How long a drain waits for its sessions to end by themselves, unless told otherwise.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(60);
@@ -36,6 +40,8 @@ pub struct Backends {
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The state shared with the other replicas, with `tokens.shared`.
+    shared: Mutex<Option<Arc<SharedState>>>,
 }
 
 #[derive(Default)]
@@ -46,8 +52,9 @@ struct State {
     drains: HashMap<String, Drain>,
     /// Routes set at runtime (`mailgate backends move`), by account key.
     moves: BTreeMap<String, String>,
-    /// The current pool of each listener.
-    pools: BTreeMap<String, Weak<Pool>>,
+    /// Every pool built, oldest first: a listener's newest live one is current (a failed
+    /// reload drops its new pools, and the ones in use before are current again).
+    pools: Vec<Weak<Pool>>,
     /// Every server health a pool has named, by (listener, server, host, port): kept while a
     /// pool names it, so that a reload keeps what the checks found.
     checks: HashMap<(String, String, String, u16), Weak<ServerHealth>>,
@@ -137,6 +144,8 @@ pub enum OperationError {
     NowhereToKeep(String),
     #[error("cannot write the routes file {0}: {1}")]
     Unwritten(PathBuf, String),
+    #[error("the other replicas cannot be told: {0}")]
+    Unshared(crate::replicas::SharedError),
 }
 
 /// One server of one listener's pool, as `mailgate backends` shows it.
@@ -165,6 +174,7 @@ impl Backends {
             next_id: AtomicU64::new(0),
             metrics,
             health,
+            shared: Mutex::default(),
         }
     }
 
@@ -172,13 +182,11 @@ impl Backends {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `pool` its listener's current one (at start and on reload).
+    /// Makes `pool` its listener's current one (at start and on reload) while it lives.
     pub fn adopt(&self, pool: &Arc<Pool>) {
         let mut state = self.lock();
-        state
-            .pools
-            .insert(pool.listener().to_owned(), Arc::downgrade(pool));
-        state.pools.retain(|_, pool| pool.strong_count() > 0);
+        state.pools.retain(|pool| pool.strong_count() > 0);
+        state.pools.push(Arc::downgrade(pool));
         state.checks.retain(|_, health| health.strong_count() > 0);
         drop(state);
         self.health_changed();
@@ -198,12 +206,13 @@ impl Backends {
         self.health.set_no_backend_up(!stranded.is_empty());
     }
 
+    /// The current pool of each listener.
     fn pools(&self) -> Vec<Arc<Pool>> {
-        self.lock()
-            .pools
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect()
+        let mut current: BTreeMap<String, Arc<Pool>> = BTreeMap::new();
+        for pool in self.lock().pools.iter().filter_map(Weak::upgrade) {
+            current.insert(pool.listener().to_owned(), pool);
+        }
+        current.into_values().collect()
     }
 
     fn is_drained(&self, state: &State, server: &str) -> bool {
@@ -241,8 +250,18 @@ impl Backends {
         }
     }
 
-    /// Ends every session of `account`; returns how many there were.
-    pub fn kick(&self, account: &str) -> usize {
+    /// Ends every session of `account`, here and (through the news) on the other replicas;
+    /// returns how many there were here.
+    pub async fn kick(&self, account: &str) -> usize {
+        let sessions = self.end_sessions(account);
+        if let Some(shared) = self.shared() {
+            shared.kick(&account_key(account)).await;
+        }
+        sessions
+    }
+
+    /// Ends every session of `account` on this replica; returns how many there were.
+    fn end_sessions(&self, account: &str) -> usize {
         let state = self.lock();
         let sessions = state.open.get(&account_key(account)).map_or(0, |sessions| {
             sessions.iter().for_each(|open| open.end.end());
@@ -252,30 +271,66 @@ impl Backends {
         sessions
     }
 
-    /// No new logins on `server`; after `grace`, its sessions are ended.
+    /// No new logins on `server`, on every replica; after `grace`, its sessions are ended.
     ///
     /// # Errors
-    /// No pool has such a server.
-    pub fn drain(self: &Arc<Self>, server: &str, grace: Duration) -> Result<(), OperationError> {
+    /// No pool has such a server, or the other replicas cannot be told.
+    pub async fn drain(
+        self: &Arc<Self>,
+        server: &str,
+        grace: Duration,
+    ) -> Result<(), OperationError> {
         self.known_server(server)?;
+        let drain = SharedDrain::new(SystemTime::now(), grace);
+        if let Some(shared) = self.shared() {
+            shared
+                .set_drain(server, Some(drain))
+                .await
+                .map_err(OperationError::Unshared)?;
+        }
+        self.start_drain(server, drain);
+        Ok(())
+    }
+
+    /// Drains `server` here, its grace counted from when the drain began (on any replica).
+    fn start_drain(self: &Arc<Self>, server: &str, drain: SharedDrain) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let drain = Drain {
-            id,
-            since: SystemTime::now(),
-            grace,
-        };
-        self.lock().drains.insert(server.to_owned(), drain);
+        let (since, grace) = (drain.since(), drain.grace());
+        self.lock()
+            .drains
+            .insert(server.to_owned(), Drain { id, since, grace });
         self.metrics.backend_draining(server, true);
         tracing::info!(server, grace = %humantime::format_duration(grace), "backend drained: no new logins");
+        let left = drain
+            .end()
+            .and_then(|end| end.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
         let backends = Arc::downgrade(self);
         let server = server.to_owned();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
+            tokio::time::sleep(left).await;
             if let Some(backends) = backends.upgrade() {
                 backends.end_drained(&server, id);
             }
         });
-        Ok(())
+    }
+
+    /// Makes `drains` (as Redis keeps them) the drains of this replica's servers.
+    fn apply_drains(self: &Arc<Self>, drains: &HashMap<String, SharedDrain>) {
+        let local: HashMap<String, SharedDrain> = self
+            .lock()
+            .drains
+            .iter()
+            .map(|(server, drain)| (server.clone(), SharedDrain::new(drain.since, drain.grace)))
+            .collect();
+        for (server, drain) in drains {
+            if local.get(server) != Some(drain) && self.known_server(server).is_ok() {
+                self.start_drain(server, *drain);
+            }
+        }
+        for server in local.keys().filter(|server| !drains.contains_key(*server)) {
+            self.stop_drain(server);
+        }
     }
 
     /// Ends the sessions on `server` if the drain `id` is still in force.
@@ -298,30 +353,45 @@ impl Backends {
         );
     }
 
-    /// Lets `server` take logins again; returns whether it was drained.
+    /// Lets `server` take logins again, on every replica; returns whether it was drained
+    /// here.
     ///
     /// # Errors
-    /// No pool has such a server.
-    pub fn undrain(&self, server: &str) -> Result<bool, OperationError> {
+    /// No pool has such a server, or the other replicas cannot be told.
+    pub async fn undrain(&self, server: &str) -> Result<bool, OperationError> {
         self.known_server(server)?;
+        if let Some(shared) = self.shared() {
+            shared
+                .set_drain(server, None)
+                .await
+                .map_err(OperationError::Unshared)?;
+        }
+        Ok(self.stop_drain(server))
+    }
+
+    /// Lets `server` take logins again here; returns whether it was drained.
+    fn stop_drain(&self, server: &str) -> bool {
         let was = self.lock().drains.remove(server).is_some();
         self.metrics.backend_draining(server, false);
         tracing::info!(server, was_drained = was, "backend undrained");
-        Ok(was)
+        was
     }
 
     /// Routes `account` to `server` from now on, kept in the routes files of the pools that
-    /// have the server, and ends its sessions elsewhere; returns how many were ended.
+    /// have the server and in the replicas' Redis, and ends its sessions elsewhere (on every
+    /// replica); returns how many were ended here.
     ///
     /// # Errors
-    /// No pool has such a server, none keeps routes, or a routes file cannot be written.
-    pub fn move_account(&self, account: &str, server: &str) -> Result<usize, OperationError> {
+    /// No pool has such a server, nothing keeps routes, a routes file cannot be written, or
+    /// the other replicas cannot be told.
+    pub async fn move_account(&self, account: &str, server: &str) -> Result<usize, OperationError> {
         let pools = self.pools_with(server)?;
         let files: std::collections::BTreeSet<PathBuf> = pools
             .iter()
             .filter_map(|pool| pool.routes_file().map(PathBuf::from))
             .collect();
-        if files.is_empty() {
+        let shared = self.shared();
+        if files.is_empty() && shared.is_none() {
             return Err(OperationError::NowhereToKeep(server.to_owned()));
         }
         let key = account_key(account);
@@ -329,19 +399,71 @@ impl Backends {
             keep_route(file, &key, server)
                 .map_err(|reason| OperationError::Unwritten(file.clone(), reason))?;
         }
-        let mut state = self.lock();
-        state.moves.insert(key.clone(), server.to_owned());
-        let ended = state
+        if let Some(shared) = shared {
+            shared
+                .set_move(&key, server)
+                .await
+                .map_err(OperationError::Unshared)?;
+        }
+        Ok(self.apply_move(&key, Some(server)))
+    }
+
+    /// Routes the account (by key) to `server` here (`None`: as configured) and ends its
+    /// sessions elsewhere; returns how many were ended.
+    fn apply_move(&self, key: &str, server: Option<&str>) -> usize {
+        let Some(server) = server else {
+            self.lock().moves.remove(key);
+            return 0;
+        };
+        self.lock().moves.insert(key.to_owned(), server.to_owned());
+        let ended = self.end_sessions_off(key, server);
+        tracing::info!(account = %Escaped(key), server, sessions_ended = ended, "account moved");
+        ended
+    }
+
+    /// Ends the account's (by key) sessions on other servers than `server`; returns how many.
+    fn end_sessions_off(&self, key: &str, server: &str) -> usize {
+        self.lock()
             .open
-            .get(&key)
+            .get(key)
             .into_iter()
             .flatten()
             .filter(|open| open.server != server)
             .inspect(|open| open.end.end())
-            .count();
-        drop(state);
-        tracing::info!(account = %Escaped(account), server, sessions_ended = ended, "account moved");
-        Ok(ended)
+            .count()
+    }
+
+    /// Each account with a session open here on a pool, and the server of its first.
+    fn open_servers(&self) -> Vec<(String, String)> {
+        let pooled: Vec<String> = self
+            .pools()
+            .iter()
+            .filter(|pool| pool.is_pool())
+            .map(|pool| pool.listener().to_owned())
+            .collect();
+        self.lock()
+            .open
+            .iter()
+            .filter_map(|(key, sessions)| {
+                let first = sessions
+                    .iter()
+                    .find(|open| pooled.contains(&open.listener))?;
+                Some((key.clone(), first.server.clone()))
+            })
+            .collect()
+    }
+
+    /// Whether `server` is up, undrained and in the pool of one of the account's sessions.
+    fn can_take(&self, key: &str, server: &str) -> bool {
+        let pools = self.pools();
+        let state = self.lock();
+        state.open.get(key).into_iter().flatten().any(|open| {
+            pools
+                .iter()
+                .filter(|pool| pool.listener() == open.listener)
+                .filter_map(|pool| pool.server(server))
+                .any(|found| found.is_up() && !self.is_drained(&state, server))
+        })
     }
 
     fn known_server(&self, server: &str) -> Result<(), OperationError> {

@@ -166,6 +166,22 @@ impl Pool {
         &up.unwrap_or(&self.servers[0]).connector
     }
 
+    /// Has the checks find `name` up or down, as its next checks would.
+    #[cfg(test)]
+    pub fn set_up(&self, name: &str, up: bool) {
+        let health = self.server(name).and_then(|server| server.health.clone());
+        let health = health.expect("a server of the pool");
+        while health.is_up() != up {
+            let outcome = if up {
+                Outcome::Passed
+            } else {
+                Outcome::Failed("told so".to_owned())
+            };
+            health.record(outcome);
+        }
+        self.backends.health_changed();
+    }
+
     /// A login connect to `server` failed: it counts as a failed check.
     pub fn connect_failed(&self, server: &Server, error: &std::io::Error) {
         if let Some(health) = &server.health
@@ -176,7 +192,9 @@ impl Pool {
     }
 
     /// Chooses `account`'s server and takes a place there; `named` is the token source's
-    /// choice, `avoid` the servers this login already failed to reach.
+    /// choice, `avoid` the servers this login already failed to reach. With the replicas'
+    /// Redis, the server it assigns the account to counts as the account's current one, and
+    /// a server chosen here is assigned to it unless another replica was first.
     ///
     /// # Errors
     /// No server can take the login (see [`RouteError`]).
@@ -187,6 +205,51 @@ impl Pool {
         avoid: &[&str],
     ) -> Result<Lease, RouteError> {
         let key = account_key(account);
+        // A listener's only server has nothing to agree on.
+        let Some(shared) = self.backends.shared().filter(|_| self.is_pool) else {
+            return self.route_here(&key, named, avoid, None).await;
+        };
+        let assigned = shared.assigned(&key).await;
+        let lease = self
+            .route_here(&key, named, avoid, assigned.as_deref())
+            .await?;
+        let chosen = lease.server().name.as_str();
+        // An assignment to a server of this pool that the login did not go to was unusable
+        // here: the account moves, on every replica.
+        let overwrite = assigned
+            .as_deref()
+            .is_some_and(|name| name != chosen && self.server(name).is_some());
+        match shared.claim(&key, chosen, overwrite).await {
+            Some(winner) if winner != chosen && self.usable_now(&winner, avoid) => {
+                drop(lease);
+                self.route_here(&key, named, avoid, Some(&winner)).await
+            }
+            _ => Ok(lease),
+        }
+    }
+
+    /// Whether the server named `name` is of this pool and can take a login now.
+    fn usable_now(&self, name: &str, avoid: &[&str]) -> bool {
+        let state = self.backends.lock();
+        self.server(name)
+            .is_some_and(|server| self.usable(&state, server, avoid))
+    }
+
+    fn usable(&self, state: &State, server: &Server, avoid: &[&str]) -> bool {
+        server.is_up()
+            && !self.backends.is_drained(state, &server.name)
+            && !avoid.contains(&server.name.as_str())
+    }
+
+    /// [`Pool::route`] on what this replica knows, and `assigned`, the server the replicas'
+    /// Redis has for the account.
+    async fn route_here(
+        &self,
+        key: &str,
+        named: Option<&ServerAddress>,
+        avoid: &[&str],
+        assigned: Option<&str>,
+    ) -> Result<Lease, RouteError> {
         let deadline = tokio::time::Instant::now() + MOVE_WAIT;
         loop {
             let released = self.backends.released.notified();
@@ -194,11 +257,11 @@ impl Pool {
             released.as_mut().enable();
             let elsewhere = {
                 let mut state = self.backends.lock();
-                match self.decide(&state, &key, named, avoid)? {
+                match self.decide(&state, key, named, avoid, assigned)? {
                     Decision::Go(server) => {
                         return Ok(self.backends.open_lease(
                             &mut state,
-                            key,
+                            key.to_owned(),
                             &self.listener,
                             server,
                         ));
@@ -218,12 +281,9 @@ impl Pool {
         key: &str,
         named: Option<&ServerAddress>,
         avoid: &[&str],
+        assigned: Option<&str>,
     ) -> Result<Decision, RouteError> {
-        let usable = |server: &Arc<Server>| {
-            server.is_up()
-                && !self.backends.is_drained(state, &server.name)
-                && !avoid.contains(&server.name.as_str())
-        };
+        let usable = |server: &Arc<Server>| self.usable(state, server, avoid);
         let open_here: Vec<_> = state
             .open
             .get(key)
@@ -237,10 +297,19 @@ impl Pool {
             }
             _ => None,
         };
-        let current = open_here
-            .first()
-            .and_then(|open| self.server(&open.server))
-            .filter(|server| usable(server));
+        // The replicas' assignment first: another replica may have sessions open there. An
+        // ended session still open (its goodbye under way) holds no account: the login waits
+        // for it below instead.
+        let current = assigned
+            .and_then(|name| self.server(name))
+            .filter(|server| usable(server))
+            .or_else(|| {
+                open_here
+                    .iter()
+                    .filter(|open| !open.end.ended.load(std::sync::atomic::Ordering::Acquire))
+                    .find_map(|open| self.server(&open.server))
+                    .filter(|server| usable(server))
+            });
         let target = match (chosen_by_source, current) {
             (Some(server), _) if !usable(&server) => {
                 return Err(RouteError::ServerUnavailable(server.name.clone()));
@@ -450,6 +519,7 @@ mod tests {
         let open = pool.route("bob", None, &[]).await.unwrap();
         pool.backends
             .drain(&first, Duration::from_secs(3600))
+            .await
             .unwrap();
         let moving = pool.route("bob", None, &[]);
         tokio::pin!(moving);
@@ -460,7 +530,31 @@ mod tests {
         drop(open);
         let moved = moving.await.unwrap();
         assert_ne!(moved.server().name, first);
-        assert_eq!(pool.backends.undrain(&first), Ok(true));
+        assert_eq!(pool.backends.undrain(&first).await, Ok(true));
+    }
+
+    #[tokio::test]
+    async fn an_ended_session_still_open_does_not_hold_its_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.yaml");
+        let pool = pool_of(&["a", "b", "c"], |config| {
+            config.routes_file = Some(file.clone());
+        });
+        let first = preferred(&pool, "hal");
+        let target = ["a", "b", "c"]
+            .into_iter()
+            .find(|name| *name != first)
+            .unwrap();
+        let open = pool.route("hal", None, &[]).await.unwrap();
+        pool.backends.move_account("hal", target).await.unwrap();
+        let moving = pool.route("hal", None, &[]);
+        tokio::pin!(moving);
+        tokio::select! {
+            _ = &mut moving => panic!("logged in before the ended session closed"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        drop(open);
+        assert_eq!(moving.await.unwrap().server().name, target);
     }
 
     #[tokio::test]
@@ -528,7 +622,7 @@ mod tests {
             .find(|name| *name != first)
             .unwrap();
         let open = pool.route("gina", None, &[]).await.unwrap();
-        assert_eq!(pool.backends.move_account("Gina", target), Ok(1));
+        assert_eq!(pool.backends.move_account("Gina", target).await, Ok(1));
         assert!(open.was_ended());
         drop(open);
         let moved = pool.route("gina", None, &[]).await.unwrap();
@@ -536,7 +630,7 @@ mod tests {
         let kept = crate::config::pool::read_routes(&file).unwrap();
         assert_eq!(kept.get("gina").map(String::as_str), Some(target));
         assert!(matches!(
-            pool.backends.move_account("gina", "nowhere"),
+            pool.backends.move_account("gina", "nowhere").await,
             Err(crate::backends::OperationError::NoSuchServer(_))
         ));
     }

@@ -2,7 +2,9 @@
 //! and their secrets, read once from files or the environment.
 
 use super::tokens::{check_endpoint, secret_from};
-use super::{AdminConfig, CertificateFiles, OAuth2Config, Problems, TokenServiceConfig};
+use super::{
+    AdminConfig, BackendsAdminConfig, CertificateFiles, OAuth2Config, Problems, TokenServiceConfig,
+};
 use crate::secret::Secret;
 
 impl AdminConfig {
@@ -35,13 +37,35 @@ impl AdminConfig {
         if let Some(service) = &mut self.token_service {
             service.resolve(oauth2, problems);
         }
-        let serves_secrets = self.onboarding.is_some() || self.token_service.is_some();
+        if let Some(backends) = &mut self.backends {
+            backends.resolve(problems);
+        }
+        let serves_secrets =
+            self.onboarding.is_some() || self.token_service.is_some() || self.backends.is_some();
         if serves_secrets && !loopback && self.tls.is_none() {
             problems.add(
                 "admin.tls",
-                "the onboarding page and the token service handle passwords and tokens: off loopback they need admin.tls",
+                "the onboarding page, the token service and the backend operations handle passwords and tokens: off loopback they need admin.tls",
             );
         }
+    }
+}
+
+impl BackendsAdminConfig {
+    fn resolve(&mut self, problems: &mut Problems) {
+        let key = "admin.backends";
+        if self.user.is_empty() || self.user.contains(':') {
+            problems.add(
+                format!("{key}.user"),
+                "a basic-auth user name: not empty, no ':'",
+            );
+        }
+        self.password = admin_password(
+            self.password_file.as_ref(),
+            self.password_env.as_deref(),
+            key,
+            problems,
+        );
     }
 }
 

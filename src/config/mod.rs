@@ -498,6 +498,26 @@ pub struct AdminConfig {
     /// The token service (`/token`): other mailgates use this one as their auth server.
     #[serde(default)]
     pub token_service: Option<TokenServiceConfig>,
+    /// The backend operations (`/backends`, `mailgate backends`): status, drain, undrain,
+    /// kick and move.
+    #[serde(default)]
+    pub backends: Option<BackendsAdminConfig>,
+}
+
+/// The login of the backend operations: HTTP basic auth with `user` and a password from a
+/// file or the environment (`mailgate backends` reads it from the same place).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackendsAdminConfig {
+    #[serde(default = "default_onboarding_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Read from `password_file` or `password_env`.
+    #[serde(skip)]
+    pub password: Option<Secret<String>>,
 }
 
 /// A certificate chain and its private key, PEM.
@@ -694,6 +714,9 @@ impl Config {
             }
             if let Some(onboarding) = &admin.onboarding {
                 add(&onboarding.password_file);
+            }
+            if let Some(backends) = &admin.backends {
+                add(&backends.password_file);
             }
             if let Some(service) = &admin.token_service {
                 add(&service.password_file);
@@ -1704,6 +1727,17 @@ tokens:
             "{MINIMAL}metrics:\n  listen: \"127.0.0.1:9090\"\n  onboarding: {{ password_env: MAILGATE_TEST_NO_SUCH_VARIABLE }}\n"
         );
         assert_eq!(problem_keys(&text), ["admin.onboarding.password_env"]);
+    }
+
+    #[test]
+    fn backend_operations_need_a_login_and_tls_off_loopback() {
+        let text = format!(
+            "{MINIMAL}admin:\n  listen: \"0.0.0.0:9090\"\n  backends: {{ user: \"a:b\" }}\n"
+        );
+        assert_eq!(
+            problem_keys(&text),
+            ["admin.backends.user", "admin.backends", "admin.tls"]
+        );
     }
 
     #[test]

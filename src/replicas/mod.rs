@@ -120,6 +120,12 @@ impl Redis {
         self.recoveries.load(Ordering::SeqCst)
     }
 
+    /// Whether the last call was answered: a caller that can do without Redis need not
+    /// wait for one that does not answer (it is asked again in the background).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

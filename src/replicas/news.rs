@@ -1,6 +1,7 @@
 //! News between replicas over pub/sub: an account revoked (its sessions end everywhere), or
 //! its token replaced (a re-authorization, an import, a token the upstream refused), so
-//! every replica drops what it has cached and the next login gets the new one. Letters carry
+//! every replica drops what it has cached and the next login gets the new one; and the
+//! operator's kicks, moves and drains of backends (`backends::shared`). Letters carry
 //! a proof under a key derived from the sealing key: one that lacks it (another deployment on
 //! the same prefix, anyone else who may publish) is not acted on.
 
@@ -30,13 +31,25 @@ pub enum News {
     /// An (account, address) pair that logged in, by its name in Redis: the other replicas
     /// need not ask Redis about it before its next login there.
     Known(String),
+    /// Ended by the operator (`mailgate backends kick`): its sessions end everywhere.
+    Kicked(String),
+    /// Moved by the operator to another backend: its route is read again from Redis.
+    Moved(String),
+    /// The operator drained or undrained this backend server: the drains are read again.
+    Drains(String),
 }
 
 impl News {
-    /// The account, or for [`News::Known`] the pair's name.
+    /// The account, or for [`News::Known`] the pair's name, for [`News::Drains`] the
+    /// server's.
     pub fn account(&self) -> &str {
         match self {
-            News::Revoked(account) | News::Replaced(account) | News::Known(account) => account,
+            News::Revoked(name)
+            | News::Replaced(name)
+            | News::Known(name)
+            | News::Kicked(name)
+            | News::Moved(name)
+            | News::Drains(name) => name,
         }
     }
 }

@@ -147,6 +147,8 @@ impl Server {
             prepared.push((listener.listen, runtime, tcp));
         }
         let admin = self.prepare_admin(&config).await?;
+        // Routing shares the tokens' Redis: the backends follow it when it changes.
+        self.lasting.backends.shared_through(shared.tokens.redis());
 
         let mut running = std::mem::take(&mut self.listeners);
         for (address, runtime, tcp) in prepared {

@@ -37,7 +37,7 @@ pub(super) struct ListenerRuntime {
 }
 
 /// The admin endpoint's settings for `config`: TLS, the onboarding page and the token
-/// service over the shared OAuth2 accounts and token cache.
+/// service over the shared OAuth2 accounts and token cache, the backend operations.
 pub(super) fn admin_runtime(
     config: &Config,
     shared: &Shared,
@@ -70,6 +70,11 @@ pub(super) fn admin_runtime(
             .map(admin::token_service::Settings::new),
         oauth2: shared.oauth2.clone(),
         tokens: Some(shared.tokens.clone()),
+        backends: admin
+            .backends
+            .as_ref()
+            .and_then(admin::backends::Settings::new)
+            .map(|settings| (settings, shared.backends.clone())),
     })
 }
 

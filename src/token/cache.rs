@@ -190,7 +190,7 @@ impl TokenCache {
             if cache.retired.load(Ordering::Relaxed) {
                 return false;
             }
-            if let News::Known(_) = news {
+            if !matches!(news, News::Revoked(_) | News::Replaced(_)) {
                 return true;
             }
             let news = news.clone();
@@ -200,9 +200,7 @@ impl TokenCache {
                         cache.forget_account(&account).await;
                         cache.revoked(&account);
                     }
-                    News::Replaced(account) | News::Known(account) => {
-                        cache.forget_account(&account).await;
-                    }
+                    _ => cache.forget_account(news.account()).await,
                 }
             });
             true

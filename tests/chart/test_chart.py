@@ -20,7 +20,7 @@ from conftest import (
     validate,
 )
 
-# (e) is the defaults; (a) to (d) and (f) to (i) are files in tests/chart/values/.
+# (e) is the defaults; (a) to (d) and (f) to (j) are files in tests/chart/values/.
 VALUE_SETS = {
     "defaults": None,
     "sidecar-single-account": "sidecar-single-account",
@@ -31,6 +31,7 @@ VALUE_SETS = {
     "token-holder": "token-holder",
     "delegated-local": "delegated-local",
     "replicas-redis": "replicas-redis",
+    "backend-pool": "backend-pool",
 }
 
 # helm.sh/helm/v4/pkg/chart/common/support: lint message severities.

@@ -4,8 +4,12 @@
 //! make it trust a peer to name the client (IMAP `ID`, `XCLIENT`, PROXY headers) and keep its
 //! auth-failure penalty.
 //!
-//! Everything lives in a temp dir (config, base_dir, state, log, mail); the master runs in the
-//! foreground as our child and is killed on drop, after which its children exit by themselves.
+//! Everything lives in a temp dir (config, base_dir, state, log, mail), on ports of its own,
+//! under an instance name of its own, so that several run at once as a pool of backends
+//! ([`Dovecot::start_several`]). The master runs in the foreground as our child and is killed
+//! on drop with everything it started. A test may stop one and start it again on the same
+//! ports and mail ([`Dovecot::start_again`]), and ask who logged in ([`Dovecot::logins`]) or
+//! is still connected ([`Dovecot::sessions`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use super::certs::TestCa;
-use super::process::{free_ports, pgrep, send_signal, stop_child, wait_for_port};
+use super::process::{free_ports, pgrep, run_command, send_signal, stop_child, wait_for_port};
 
 /// How long the ports may take to accept connections (measured: about 25 ms).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -22,6 +26,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long children may linger after the master is gone before they are killed.
 const CHILDREN_GRACE: Duration = Duration::from_secs(5);
+/// How long `doveadm who` may take (it asks the instance's anvil over a local socket).
+const DOVEADM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Starts retried when a chosen port was taken by someone else in the meantime.
 const START_ATTEMPTS: usize = 3;
 /// The uid/gid mail processes run as (Dovecot refuses root): nobody/nogroup on Debian.
@@ -139,7 +145,57 @@ impl Dovecot {
         panic!("Dovecot did not start after {START_ATTEMPTS} attempts: {last_error}");
     }
 
+    /// Starts `count` independent instances (own temp dir, ports, mail, log and instance
+    /// name each) that share `ca`, the token check and the relay, as a pool of backends.
+    pub async fn start_several(
+        count: usize,
+        ca: &TestCa,
+        introspection_url: &str,
+        relay: SocketAddr,
+        options: &DovecotOptions,
+    ) -> Vec<Dovecot> {
+        let mut started = Vec::with_capacity(count);
+        for _ in 0..count {
+            started.push(Self::start_with(ca, introspection_url, relay, options).await);
+        }
+        started
+    }
+
     async fn try_start(
+        ca: &TestCa,
+        introspection_url: &str,
+        relay: SocketAddr,
+        options: &DovecotOptions,
+    ) -> Result<Dovecot, String> {
+        let mut dovecot = Self::configure(ca, introspection_url, relay, options)?;
+        dovecot.launch(Instant::now() + START_TIMEOUT).await?;
+        Ok(dovecot)
+    }
+
+    /// Starts this instance again after [`Dovecot::stop`] or [`Dovecot::stop_gracefully`]
+    /// (stopping it first if it still runs), with the same configuration: same ports, mail,
+    /// state and log. Waits until every port accepts.
+    ///
+    /// # Panics
+    /// When it does not come up within 15 s (the message carries its log).
+    pub async fn start_again(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.launch(deadline).await {
+                Ok(()) => return,
+                // A port of ours may be held for a moment by someone else.
+                Err(_) if Instant::now() < deadline => {
+                    self.stop();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("Dovecot did not start again: {e}"),
+            }
+        }
+    }
+
+    /// Writes the configuration into a fresh temp dir, on ports chosen for it; starts nothing.
+    fn configure(
         ca: &TestCa,
         introspection_url: &str,
         relay: SocketAddr,
@@ -311,25 +367,11 @@ pop3_uidl_format = %08Xu%08Xv
             settings = options.settings(),
             tuning = options.tuning,
         );
-        let config_path = root.join("dovecot.conf");
-        std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
-
-        let stdout = std::fs::File::create(root.join("dovecot.stdout"))
-            .map_err(|e| format!("stdout file: {e}"))?;
-        let stderr = std::fs::File::create(root.join("dovecot.stderr"))
-            .map_err(|e| format!("stderr file: {e}"))?;
-        let child = std::process::Command::new("dovecot")
-            .arg("-F")
-            .arg("-c")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("spawn dovecot (run scripts/install-test-deps.sh): {e}"))?;
-        let mut dovecot = Dovecot {
+        std::fs::write(root.join("dovecot.conf"), config)
+            .map_err(|e| format!("write config: {e}"))?;
+        Ok(Dovecot {
             dir,
-            child: Some(child),
+            child: None,
             instance_name,
             ca_pem: ca.ca_pem(),
             imap_port: imap,
@@ -342,40 +384,72 @@ pop3_uidl_format = %08Xu%08Xv
             pop3s_port: pop3s,
             sieve_port: sieve,
             sieves_port: sieves,
+        })
+    }
+
+    /// Runs the master from the written configuration (its output appended to
+    /// `dovecot.stdout`/`dovecot.stderr`) and waits until every port accepts.
+    ///
+    /// # Errors
+    /// When the master exits (e.g. a port is taken) or a port does not accept by `deadline`.
+    async fn launch(&mut self, deadline: Instant) -> Result<(), String> {
+        let output = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir().join(name))
+                .map_err(|e| format!("{name}: {e}"))
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        for port in [
-            imap,
-            imaps,
-            submission,
-            submissions,
-            imaps_haproxy,
-            submission_haproxy,
-            pop3,
-            pop3s,
-            sieve,
-            sieves,
-        ] {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let child = std::process::Command::new("dovecot")
+            .arg("-F")
+            .arg("-c")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(output("dovecot.stdout")?)
+            .stderr(output("dovecot.stderr")?)
+            .spawn()
+            .map_err(|e| format!("spawn dovecot (run scripts/install-test-deps.sh): {e}"))?;
+        self.child = Some(child);
+        for port in self.ports() {
             loop {
-                if let Some(status) = dovecot.child.as_mut().and_then(|c| c.try_wait().ok()?) {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
                     return Err(format!(
                         "dovecot exited with {status}\n{}",
-                        dovecot.diagnostics()
+                        self.diagnostics()
                     ));
                 }
-                if wait_for_port(addr, Duration::from_millis(200)).await {
+                if wait_for_port(Self::addr(port), Duration::from_millis(200)).await {
                     break;
                 }
                 if Instant::now() >= deadline {
                     return Err(format!(
                         "port {port} not accepting after {START_TIMEOUT:?}\n{}",
-                        dovecot.diagnostics()
+                        self.diagnostics()
                     ));
                 }
             }
         }
-        Ok(dovecot)
+        Ok(())
+    }
+
+    /// Every port this instance listens on.
+    pub fn ports(&self) -> [u16; 10] {
+        [
+            self.imap_port,
+            self.imaps_port,
+            self.submission_port,
+            self.submissions_port,
+            self.imaps_haproxy_port,
+            self.submission_haproxy_port,
+            self.pop3_port,
+            self.pop3s_port,
+            self.sieve_port,
+            self.sieves_port,
+        ]
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir().join("dovecot.conf")
     }
 
     /// `127.0.0.1:PORT` for a port of this instance.
@@ -399,6 +473,47 @@ pop3_uidl_format = %08Xu%08Xv
     /// The whole Dovecot log so far (auth_debug is on: it says why a token was refused).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The accounts that logged in on this instance by IMAP, POP3, submission or ManageSieve,
+    /// oldest first, one entry per login, across restarts: the `user=<...>` of each
+    /// `PROTO-login: Info: Login:` line in the log. A login shows here a moment after the
+    /// client saw its success (the log process writes it), so wait for it with
+    /// [`eventually`](super::eventually).
+    pub fn logins(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(login_user)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The protocols (`imap`, `pop3`, `submission`, `sieve`) of `user`'s open sessions on this
+    /// instance, one entry per session, as `doveadm who` reads them from the instance's anvil.
+    /// A session shows a moment after its login succeeded and leaves a moment after it ends.
+    /// Empty when the instance is stopped.
+    pub async fn sessions(&self, user: &str) -> Vec<String> {
+        let config = self.config_path();
+        let config = config.to_str().expect("UTF-8 temp dir");
+        let out = run_command(
+            "doveadm",
+            &["-c", config, "who", "-1", user],
+            None,
+            DOVEADM_TIMEOUT,
+        )
+        .await;
+        if !out.success() {
+            return Vec::new();
+        }
+        // `username proto pid ip`, after a header line; the mask may match other users too.
+        out.stdout
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut columns = line.split_whitespace();
+                (columns.next()? == user).then(|| columns.next().map(str::to_owned))?
+            })
+            .collect()
     }
 
     /// The log plus whatever the master wrote to stdout/stderr (for failure messages).
@@ -453,25 +568,40 @@ pop3_uidl_format = %08Xu%08Xv
         pgrep(&self.instance_name)
     }
 
-    /// Kills the master (SIGKILL) and waits until every process of this instance is gone
-    /// (blocking, bounded). Called by `Drop`; calling it early lets a test check the cleanup.
-    /// Children notice the master's death through their status pipe and exit on their own
-    /// (measured: about 30 ms, against about 1.1 s for a SIGTERM shutdown); nothing under the
-    /// temp dir needs to survive, so there is no reason to wait for a graceful stop.
+    /// Kills the instance as a crash would and waits until every process of it is gone
+    /// (blocking, bounded); its ports refuse connections afterwards. Called by `Drop`; calling
+    /// it early lets a test check the cleanup, or fail a backend ([`Dovecot::start_again`]).
+    /// The master gets SIGKILL, then every process it left too: idle children would exit by
+    /// themselves (measured: about 30 ms), but a mail process serving a client only after
+    /// about 10 s. Mail and log survive (maildir is safe against crashes).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.signal_leftovers("KILL");
             self.wait_for_children();
         }
     }
 
-    /// Stops the master with SIGTERM (Dovecot's own shutdown), SIGKILL after 10 s, then waits
-    /// for every process of this instance to be gone.
+    /// Stops the master with SIGTERM (Dovecot's own shutdown), SIGKILL after 10 s, then sends
+    /// SIGTERM to the mail processes it left (each says goodbye to its client, e.g. IMAP
+    /// `* BYE Server shutting down.`) and waits for every process of this instance to be gone.
     pub fn stop_gracefully(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, STOP_GRACE);
+            self.signal_leftovers("TERM");
             self.wait_for_children();
+        }
+    }
+
+    /// Sends `signal` to every process of this instance but the log process, which is spared
+    /// so that it writes what the others said; it leaves after them.
+    fn signal_leftovers(&self, signal: &str) {
+        let logger = pgrep(&format!("{}/log", self.instance_name));
+        for pid in self.processes() {
+            if !logger.contains(&pid) {
+                send_signal(pid, signal);
+            }
         }
     }
 
@@ -492,6 +622,12 @@ pop3_uidl_format = %08Xu%08Xv
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// The account of a login process's `Login: user=<ACCOUNT>, method=...` line.
+fn login_user(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once("-login: Info: Login: user=<")?;
+    rest.split_once(">,").map(|(user, _)| user)
 }
 
 impl Drop for Dovecot {
