@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hyper::header::{self, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Method, StatusCode};
 use maud::{DOCTYPE, Markup, html};
 
 use super::backends::{Action, fields, perform};
-use super::onboarding::Flows;
+use super::onboarding::{Flows, secured_with};
 use super::{AdminRequest, Reply, plain, reply};
 use crate::backends::Backends;
 
@@ -107,22 +107,8 @@ fn account_form(action: &str, with_server: bool, csrf: &Markup) -> Markup {
     }
 }
 
-/// Nothing cached, framed or sent on as a Referer; no script, forms only to this endpoint.
-fn secured(mut reply: Reply) -> Reply {
-    let headers = reply.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
-    );
-    reply
+/// No script, forms only to this endpoint (see [`secured_with`]).
+fn secured(reply: Reply) -> Reply {
+    let policy = "default-src 'none'; form-action 'self'; frame-ancestors 'none'";
+    secured_with(reply, Some(HeaderValue::from_static(policy)))
 }

@@ -192,7 +192,13 @@ pub async fn respond(
 
 /// Nothing from these pages is cached, framed, or sent on as a Referer (the callback URL
 /// carries a code).
-fn secured(mut reply: Reply, settings: &Settings) -> Reply {
+fn secured(reply: Reply, settings: &Settings) -> Reply {
+    secured_with(reply, HeaderValue::from_str(&settings.policy).ok())
+}
+
+/// The headers of every admin page for a browser: nothing cached, framed or sent on as a
+/// Referer, and the content security `policy`.
+pub(super) fn secured_with(mut reply: Reply, policy: Option<HeaderValue>) -> Reply {
     let headers = reply.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
@@ -204,7 +210,7 @@ fn secured(mut reply: Reply, settings: &Settings) -> Reply {
         HeaderValue::from_static("nosniff"),
     );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    if let Ok(policy) = HeaderValue::from_str(&settings.policy) {
+    if let Some(policy) = policy {
         headers.insert(header::CONTENT_SECURITY_POLICY, policy);
     }
     reply
