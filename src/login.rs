@@ -196,11 +196,18 @@ pub enum Closing {
     ShuttingDown,
     /// The account's token source refused it for good.
     Revoked,
+    /// The operator ended the session on its backend (drain, kick, move): a new login goes
+    /// where the account is routed now.
+    Moved,
     /// Before login: the client was silent for `pre_auth_timeout`.
     IdleTimeout,
     /// Before login: `pre_auth_lifetime` passed without a login.
     LifetimeOver,
 }
+
+/// The goodbye's text for [`Closing::Moved`], the same in every protocol.
+pub const MOVED: &str =
+    "Session ended by the operator (server drained or account moved); log in again";
 
 /// How long a goodbye (`* BYE`, `421`) may take to be written before the connection is just
 /// closed: the peer may be the reason the session ends.

@@ -132,10 +132,11 @@ admin:
         (client, landed().unwrap())
     }
 
-    /// Reads until mailgate's `* BYE` (the session was ended), then waits until mailgate
-    /// counts no session of the account; panics if the connection closes without a BYE.
+    /// Reads until mailgate's `* BYE` saying the operator moved the session, then waits until
+    /// mailgate counts no session of the account; panics if the connection closes without it.
     async fn expect_end(&self, client: &mut ImapClient) {
-        while !client.line().await.starts_with("* BYE") {}
+        let goodbye = format!("* BYE {}", mailgate::login::MOVED);
+        while client.line().await.trim_end() != goodbye {}
         let gone = eventually(SETTLE, async || {
             let status: serde_json::Value =
                 serde_json::from_str(&self.ok(&["--json"]).await).unwrap();

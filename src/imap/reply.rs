@@ -2,7 +2,7 @@
 //! `NO`/`BAD`/`BYE` (response codes from RFC 5530).
 
 use crate::frontend::settings::TlsOffer;
-use crate::login::{Closing, LoginError};
+use crate::login::{Closing, LoginError, MOVED};
 use crate::sanitize;
 use crate::sasl::{self, SaslError};
 
@@ -40,6 +40,7 @@ pub fn closing(why: Closing) -> String {
         Closing::TooManyConnections => too_many_connections(),
         Closing::ShuttingDown => shutting_down(),
         Closing::Revoked => revoked(),
+        Closing::Moved => bye(MOVED),
         Closing::IdleTimeout => bye(BYE_IDLE),
         Closing::LifetimeOver => bye(BYE_LIFETIME),
     }

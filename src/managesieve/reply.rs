@@ -4,7 +4,7 @@
 
 use super::syntax::{self, quote};
 use crate::frontend::settings::TlsOffer;
-use crate::login::{Closing, LoginError};
+use crate::login::{Closing, LoginError, MOVED};
 use crate::sanitize;
 use crate::sasl::{self, SaslError};
 
@@ -154,6 +154,7 @@ pub fn closing(why: Closing) -> String {
         }
         Closing::ShuttingDown => bye(Some("TRYLATER"), "Server shutting down"),
         Closing::Revoked => bye(None, "Access to this account was revoked; log in again"),
+        Closing::Moved => bye(Some("TRYLATER"), MOVED),
         Closing::IdleTimeout => bye(None, "Autologout; idle too long"),
         Closing::LifetimeOver => bye(None, "Autologout; too long without logging in"),
     }

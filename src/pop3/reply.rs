@@ -2,7 +2,7 @@
 //! failure into an `-ERR` with its response code (RFC 2449 8, RFC 3206).
 
 use crate::frontend::settings::TlsOffer;
-use crate::login::{Closing, LoginError};
+use crate::login::{Closing, LoginError, MOVED};
 use crate::sanitize;
 use crate::sasl::SaslError;
 
@@ -115,6 +115,7 @@ pub fn goodbye(why: Closing, hostname: &str) -> Vec<u8> {
         Closing::ShuttingDown => (SYS_TEMP, "Service shutting down"),
         // The account is refused for good: a retry would fail the same way.
         Closing::Revoked => (AUTH, "Access to this account was revoked"),
+        Closing::Moved => (SYS_TEMP, MOVED),
         Closing::IdleTimeout => (SYS_TEMP, "Timeout"),
         Closing::LifetimeOver => (SYS_TEMP, "Too long without authenticating"),
     };

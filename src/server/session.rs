@@ -58,6 +58,7 @@ struct Spliced<'a> {
     runtime: &'a ListenerRuntime,
     counters: &'a Counters,
     revoked: &'a crate::sessions::Registration,
+    lease: &'a Lease,
 }
 
 impl Spliced<'_> {
@@ -82,6 +83,8 @@ impl Spliced<'_> {
             if at_boundary {
                 let why = if self.revoked.was_revoked() {
                     Closing::Revoked
+                } else if self.lease.was_ended() {
+                    Closing::Moved
                 } else {
                     Closing::ShuttingDown
                 };
@@ -344,6 +347,7 @@ async fn relay(
             runtime,
             counters: &counters,
             revoked: &registration,
+            lease: &lease,
         };
         session
             .run(&mut client, upstream, boundary.as_mut(), stop)
@@ -353,6 +357,7 @@ async fn relay(
             runtime,
             counters: &counters,
             revoked: &registration,
+            lease: &lease,
         };
         session
             .run(&mut handoff.client, upstream, boundary.as_mut(), stop)
@@ -365,6 +370,7 @@ async fn relay(
         .observe(duration.as_secs_f64());
     let outcome = match &end {
         Ok(_) if registration.was_revoked() => "revoked",
+        Ok(_) if lease.was_ended() => "moved",
         Ok(end) => end.label(),
         Err(_) => "io_error",
     };

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::login::{Closing, LoginError};
+use crate::login::{Closing, LoginError, MOVED};
 use crate::sanitize;
 use crate::sasl::SaslError;
 
@@ -81,6 +81,8 @@ pub enum Failure {
     ShuttingDown,
     #[error("account access revoked")]
     Revoked,
+    #[error("session moved by the operator")]
+    Moved,
 }
 
 impl From<Closing> for Failure {
@@ -89,6 +91,7 @@ impl From<Closing> for Failure {
             Closing::TooManyConnections => Failure::TooManyConnections,
             Closing::ShuttingDown => Failure::ShuttingDown,
             Closing::Revoked => Failure::Revoked,
+            Closing::Moved => Failure::Moved,
             Closing::IdleTimeout => Failure::Timeout,
             Closing::LifetimeOver => Failure::LifetimeOver,
         }
@@ -172,6 +175,7 @@ pub fn failure(failure: Failure, hostname: &str) -> Reply {
             "4.7.0",
             format!("{hostname} Access to this account was revoked"),
         ),
+        Failure::Moved => Reply::new(421, "4.3.2", format!("{hostname} {MOVED}")),
     }
 }
 
