@@ -110,19 +110,21 @@ pub async fn linger<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S) {
     let _ = timeout_at(Instant::now() + LINGER_TIMEOUT, drain).await;
 }
 
-/// Ends a session mailgate opened on its own behalf (a probe, a health check): writes
-/// `goodbye` (`LOGOUT`, `QUIT`) within [`LINGER_TIMEOUT`], then [`linger`]s, so that the server
-/// answers and closes first and logs a clean logout rather than a dropped connection. Its
-/// answer is not read: the session has served its purpose either way.
-pub async fn say_goodbye<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(io: &mut S, goodbye: &[u8]) {
-    if write_all_by(io, goodbye, Instant::now() + LINGER_TIMEOUT)
+/// Ends a session with its last words: writes `goodbye` (a refusal, `* BYE`, `LOGOUT`,
+/// `QUIT`) within `timeout`, then [`linger`]s, so that the peer reads it and closes first (a
+/// server then logs a clean logout rather than a dropped connection). No answer is read; a
+/// peer that does not take the goodbye is just closed.
+pub async fn say_goodbye<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    io: &mut S,
+    goodbye: &[u8],
+    timeout: Duration,
+) {
+    if write_all_by(io, goodbye, Instant::now() + timeout)
         .await
-        .is_err()
+        .is_ok()
     {
-        tracing::debug!("upstream did not take the goodbye");
-        return;
+        linger(io).await;
     }
-    linger(io).await;
 }
 
 /// A stream whose first reads return `prefix`, then the inner stream's bytes.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, replaying, say_goodbye, write_all_by};
+use crate::io::{BoxedIo, LINGER_TIMEOUT, replaying, say_goodbye, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -109,7 +109,12 @@ async fn unredacted_login(
 pub async fn check_health(connector: &Connector) -> Result<(), BackendError> {
     let (mut connection, _) = open(connector, None).await?;
     let tag = connection.next_tag();
-    say_goodbye(&mut connection.io, format!("{tag} LOGOUT\r\n").as_bytes()).await;
+    say_goodbye(
+        &mut connection.io,
+        format!("{tag} LOGOUT\r\n").as_bytes(),
+        LINGER_TIMEOUT,
+    )
+    .await;
     Ok(())
 }
 

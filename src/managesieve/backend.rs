@@ -15,7 +15,7 @@ use super::syntax::{self, MAX_QUOTED, Token, quote};
 use crate::config::TlsMode;
 use crate::forward::Origin;
 use crate::frontend::framer::Framer;
-use crate::io::{BoxedIo, replaying, say_goodbye};
+use crate::io::{BoxedIo, LINGER_TIMEOUT, replaying, say_goodbye};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -91,7 +91,7 @@ pub async fn probe_capabilities(connector: &Connector) -> Result<Vec<String>, Ba
     // It is not awaited, only the close, and that briefly: Dovecot 2.3's managesieve-login
     // over implicit TLS at times never answers, which held the capabilities back for the
     // whole reply timeout.
-    say_goodbye(&mut connection.io, b"LOGOUT\r\n").await;
+    say_goodbye(&mut connection.io, b"LOGOUT\r\n", LINGER_TIMEOUT).await;
     Ok(capabilities)
 }
 

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::TlsMode;
 use crate::forward::Origin;
-use crate::io::{BoxedIo, read_more, replaying, say_goodbye};
+use crate::io::{BoxedIo, LINGER_TIMEOUT, read_more, replaying, say_goodbye};
 use crate::login::{BackendError, Upstream, UpstreamAuth};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -89,7 +89,7 @@ async fn unredacted_login(
 /// As for [`login`]: connect, TLS or a read fails, or the greeting is `-ERR`.
 pub async fn check_health(connector: &Connector) -> Result<(), BackendError> {
     let (mut connection, _) = open(connector, None).await?;
-    say_goodbye(&mut connection.io, b"QUIT\r\n").await;
+    say_goodbye(&mut connection.io, b"QUIT\r\n", LINGER_TIMEOUT).await;
     Ok(())
 }
 

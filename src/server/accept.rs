@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{Config, ListenerConfig};
-use crate::io::{linger, write_all_by};
+use crate::io::say_goodbye;
 use crate::login::{Closing, GOODBYE_TIMEOUT};
 use crate::metrics::Metrics;
 
@@ -197,10 +196,7 @@ pub(super) async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unp
         return;
     }
     let reply = runtime.goodbye(Closing::TooManyConnections);
-    let deadline = Instant::now() + GOODBYE_TIMEOUT;
-    if write_all_by(&mut stream, &reply, deadline).await.is_ok() {
-        linger(&mut stream).await;
-    }
+    say_goodbye(&mut stream, &reply, GOODBYE_TIMEOUT).await;
 }
 
 /// Every session holds two descriptors (client and upstream): say so at start when the

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::backends::Lease;
 use crate::frontend;
 use crate::frontend::settings::FrontendSettings;
-use crate::io::{BoxedIo, PrefixedIo, linger, write_all_by};
+use crate::io::{BoxedIo, PrefixedIo, linger, say_goodbye, write_all_by};
 use crate::login::{
     Authenticator, Closing, GOODBYE_TIMEOUT, Handoff, LoginError, LoginRequest, Upstream,
 };
@@ -205,13 +205,7 @@ pub(super) async fn run_session(
         Ok(Some(mut handoff)) if !slot.mark_logged_in() => {
             // Evicted while its login finished: the room is gone.
             let goodbye = runtime.goodbye(Closing::TooManyConnections);
-            let deadline = Instant::now() + GOODBYE_TIMEOUT;
-            if write_all_by(&mut handoff.client, &goodbye, deadline)
-                .await
-                .is_ok()
-            {
-                linger(&mut handoff.client).await;
-            }
+            say_goodbye(&mut handoff.client, &goodbye, GOODBYE_TIMEOUT).await;
             tracing::info!(outcome = "evicted", "session closed");
         }
         Ok(Some(handoff)) => {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::{ForwardClient, TlsMode};
 use crate::forward::{Forwarded, Origin};
-use crate::io::{BoxedIo, read_more, replaying, say_goodbye, write_all_by};
+use crate::io::{BoxedIo, LINGER_TIMEOUT, read_more, replaying, say_goodbye, write_all_by};
 use crate::login::{BackendError, Upstream, UpstreamAuth, XclientGuard};
 use crate::sanitize;
 use crate::sasl::{self, Exchange};
@@ -104,7 +104,7 @@ pub async fn probe_extensions(
 ) -> Result<Vec<String>, BackendError> {
     let (mut connection, extensions) = open(connector, helo, None).await?;
     // A polite goodbye; the extensions are already known, so its answer does not matter.
-    say_goodbye(&mut connection.io, b"QUIT\r\n").await;
+    say_goodbye(&mut connection.io, b"QUIT\r\n", LINGER_TIMEOUT).await;
     Ok(extensions)
 }
 
